@@ -1,0 +1,505 @@
+"""
+Real processes for the end-to-end suite: an upstream ``docker-registry``,
+``skopeo`` and the mirror itself under ``twistd``.
+
+Everything binds 127.0.0.1.  Every wait is a bounded poll, and every process
+started here is stopped by its owner (terminate, bounded wait, kill).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+LOCALHOST = "127.0.0.1"
+REGISTRY_BINARY = "/usr/bin/docker-registry"
+SKOPEO_BINARY = "/usr/bin/skopeo"
+
+POLL_INTERVAL = 0.05
+REGISTRY_START_TIMEOUT = 10.0
+MIRROR_START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+SKOPEO_TIMEOUT = 120.0
+
+
+class HarnessError(AssertionError):
+    """The test environment itself misbehaved (a process failed to start...)."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOCALHOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((LOCALHOST, port)) != 0
+
+
+def poll_until(
+    condition: Callable[[], bool],
+    *,
+    timeout: float,
+    describe: Callable[[], str],
+    interval: float = POLL_INTERVAL,
+) -> None:
+    """Call *condition* every *interval* until true; at most *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / interval) + 1):
+        if condition():
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    if condition():
+        return
+    raise HarnessError(f"gave up after {timeout:.1f}s: {describe()}")
+
+
+def stop_process(
+    process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT
+) -> None:
+    """SIGTERM, wait up to *timeout*, then SIGKILL and reap."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)
+
+
+# -- plain HTTP ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def error_codes(self) -> list[str]:
+        """The ``code`` of each entry of an OCI error body."""
+        return [entry["code"] for entry in self.json()["errors"]]
+
+
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    headers: Mapping[str, str] | None = None,
+    *,
+    timeout: float = 10.0,
+) -> Response:
+    """
+    One request to 127.0.0.1:*port*, sending *path* byte for byte (no
+    normalisation of ``..`` or percent-escapes).
+    """
+    connection = http.client.HTTPConnection(LOCALHOST, port, timeout=timeout)
+    try:
+        connection.request(method, path, headers=dict(headers or {}))
+        response = connection.getresponse()
+        body = response.read()
+        return Response(response.status, response.headers, body)
+    finally:
+        connection.close()
+
+
+def responds_ok(port: int, path: str = "/v2/") -> bool:
+    try:
+        return http_request(port, "GET", path, timeout=1.0).status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+# -- the upstream registry ------------------------------------------------------
+
+_REGISTRY_CONFIG = """\
+version: 0.1
+log:
+  level: info
+  formatter: text
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: {storage}
+  delete:
+    enabled: false
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: {host}:{port}
+  secret: regmirror-e2e-not-a-secret
+  headers:
+    X-Content-Type-Options: [nosniff]
+health:
+  storagedriver:
+    enabled: false
+"""
+
+
+class RegistryProcess:
+    """
+    A CNCF distribution registry on 127.0.0.1 with filesystem storage.
+
+    Its access log (stdout) and its own log (stderr) go to separate files, so
+    that :meth:`count_requests` sees only access-log lines.
+    """
+
+    def __init__(self, storage: Path, workdir: Path) -> None:
+        self.storage = storage
+        self.workdir = workdir
+        self.port = free_port()
+        self.config_path = workdir / "registry.yml"
+        self.access_log_path = workdir / "registry-access.log"
+        self.log_path = workdir / "registry.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._files: list[IO[bytes]] = []
+
+    @property
+    def host(self) -> str:
+        return f"{LOCALHOST}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(
+            _REGISTRY_CONFIG.format(
+                storage=self.storage, host=LOCALHOST, port=self.port
+            )
+        )
+        stdout = self.access_log_path.open("ab")
+        stderr = self.log_path.open("ab")
+        self._files = [stdout, stderr]
+        self._process = subprocess.Popen(
+            [REGISTRY_BINARY, "serve", str(self.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=self.workdir,
+        )
+        try:
+            poll_until(
+                self._ready,
+                timeout=REGISTRY_START_TIMEOUT,
+                describe=lambda: f"registry on {self.host} not ready:\n{self.log()}",
+            )
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ready(self) -> bool:
+        assert self._process is not None
+        if self._process.poll() is not None:
+            raise HarnessError(
+                f"registry exited with {self._process.returncode}:\n{self.log()}"
+            )
+        return responds_ok(self.port)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            stop_process(self._process)
+        for f in self._files:
+            f.close()
+        self._files = []
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def log(self) -> str:
+        return (
+            self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        )
+
+    def access_log(self) -> list[str]:
+        if not self.access_log_path.exists():
+            return []
+        return self.access_log_path.read_text(errors="replace").splitlines()
+
+    def count_requests(self, method: str, path_pattern: str) -> int:
+        """
+        Count access-log lines for *method* on a path fully matching the
+        regular expression *path_pattern* (query strings are ignored).
+        """
+        line = re.compile(
+            rf'"{re.escape(method)} ({path_pattern})(\?\S*)? HTTP/1\.[01]"'
+        )
+        return sum(1 for entry in self.access_log() if line.search(entry))
+
+    def count_blob_gets(self, digest: str) -> int:
+        """How many times any repository's blob *digest* was fetched with GET."""
+        return self.count_requests("GET", rf"/v2/\S+/blobs/{re.escape(digest)}")
+
+
+# -- skopeo ---------------------------------------------------------------------
+
+
+class Skopeo:
+    """``skopeo`` with a permissive policy and no system registries config."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.policy_path = workdir / "policy.json"
+        self.policy_path.write_text(
+            json.dumps({"default": [{"type": "insecureAcceptAnything"}]})
+        )
+        self.registries_conf = workdir / "registries.conf"
+        self.registries_conf.write_text("")
+        self.registries_d = workdir / "registries.d"
+        self.registries_d.mkdir(exist_ok=True)
+        self.tmpdir = workdir / "tmp"
+        self.tmpdir.mkdir(exist_ok=True)
+
+    def run(self, *args: str, timeout: float = SKOPEO_TIMEOUT) -> bytes:
+        command = [
+            SKOPEO_BINARY,
+            "--policy",
+            str(self.policy_path),
+            "--registries.d",
+            str(self.registries_d),
+            "--tmpdir",
+            str(self.tmpdir),
+            *args,
+        ]
+        env = {
+            **os.environ,
+            "CONTAINERS_REGISTRIES_CONF": str(self.registries_conf),
+            "NO_PROXY": "*",
+        }
+        for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+            env.pop(proxy, None)
+        result = subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            env=env,
+        )
+        if result.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(command)} exited with {result.returncode}:\n"
+                f"{result.stderr.decode(errors='replace')}"
+            )
+        return result.stdout
+
+    def push_layout(
+        self, layout: Path, tag: str, registry_host: str, name: str
+    ) -> None:
+        """Push ``oci:layout:tag`` to ``registry_host/name:tag`` bit for bit."""
+        self.run(
+            "copy",
+            "--quiet",
+            "--all",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+            f"oci:{layout}:{tag}",
+            f"docker://{registry_host}/{name}:{tag}",
+        )
+
+    def pull(
+        self,
+        registry_host: str,
+        reference: str,
+        destination: Path,
+        tag: str,
+        *,
+        all_platforms: bool = False,
+        extra: Sequence[str] = (),
+    ) -> None:
+        """
+        Copy ``registry_host/reference`` (``name:tag`` or ``name@digest``) to
+        the OCI layout *destination* under *tag*, without changing any byte.
+        """
+        if destination.exists():
+            shutil.rmtree(destination)
+        self.run(
+            "copy",
+            "--quiet",
+            *(["--all"] if all_platforms else []),
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            "--dest-oci-accept-uncompressed-layers",
+            *extra,
+            f"docker://{registry_host}/{reference}",
+            f"oci:{destination}:{tag}",
+        )
+
+    def inspect_raw(self, registry_host: str, reference: str) -> bytes:
+        return self.run(
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            f"docker://{registry_host}/{reference}",
+        )
+
+
+# -- the mirror -----------------------------------------------------------------
+
+
+def mirror_config(port: int, upstream_url: str, *, tag_ttl: str = "0s") -> str:
+    """The INI configuration of a mirror with one upstream for docker.io."""
+    return f"""\
+[server]
+listen = tcp:{port}:interface={LOCALHOST}
+
+[cache]
+directory = cache
+tag_ttl = {tag_ttl}
+
+[upstream:origin]
+url = {upstream_url}
+connect_timeout = 2s
+response_timeout = 10s
+idle_timeout = 10s
+
+[namespace:docker.io]
+upstreams = origin
+origin = origin
+default = true
+aliases = index.docker.io registry-1.docker.io
+"""
+
+
+def twistd_command(config_path: Path, log_path: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "twisted",
+        "--nodaemon",
+        "--pidfile=",
+        f"--logfile={log_path}",
+        "regmirror",
+        "-c",
+        str(config_path),
+    ]
+
+
+class MirrorProcess:
+    """``twistd regmirror`` in its own directory, with its log in a file."""
+
+    def __init__(self, workdir: Path, config_text: str, port: int) -> None:
+        self.workdir = workdir
+        self.port = port
+        self.config_path = workdir / "mirror.ini"
+        self.log_path = workdir / "twistd.log"
+        self.output_path = workdir / "twistd.out"
+        self.cache_dir = workdir / "cache"
+        self._config_text = config_text
+        self._process: subprocess.Popen[bytes] | None = None
+        self._output: IO[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"{LOCALHOST}:{self.port}"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self._config_text)
+        self._output = self.output_path.open("ab")
+        self._process = subprocess.Popen(
+            twistd_command(self.config_path, self.log_path),
+            stdin=subprocess.DEVNULL,
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+        )
+        try:
+            poll_until(
+                self._ready,
+                timeout=MIRROR_START_TIMEOUT,
+                describe=lambda: f"mirror on {self.host} not ready:\n{self.log()}",
+            )
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ready(self) -> bool:
+        assert self._process is not None
+        if self._process.poll() is not None:
+            raise HarnessError(
+                f"mirror exited with {self._process.returncode}:\n{self.log()}"
+            )
+        return responds_ok(self.port)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            stop_process(self._process)
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._process is None else self._process.poll()
+
+    def log(self) -> str:
+        """The twistd log file and anything printed to stdout/stderr."""
+        parts = []
+        for path in (self.log_path, self.output_path):
+            if path.exists():
+                parts.append(f"--- {path.name} ---\n{path.read_text(errors='replace')}")
+        return "\n".join(parts)
+
+    def log_lines(self) -> list[str]:
+        if not self.log_path.exists():
+            return []
+        return self.log_path.read_text(errors="replace").splitlines()
+
+    def request(
+        self, method: str, path: str, headers: Mapping[str, str] | None = None
+    ) -> Response:
+        return http_request(self.port, method, path, headers)
+
+    def cache_listing(self) -> set[str]:
+        """Every file and directory under the cache directory, relative to it."""
+        if not self.cache_dir.exists():
+            return set()
+        return {
+            str(path.relative_to(self.cache_dir)) for path in self.cache_dir.rglob("*")
+        }
+
+
+def run_mirror_to_exit(
+    workdir: Path, config_text: str, *, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``twistd regmirror`` with a config expected to make it exit."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "mirror.ini"
+    config_path.write_text(config_text)
+    return subprocess.run(
+        twistd_command(config_path, workdir / "twistd.log"),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=workdir,
+    )
