@@ -389,11 +389,17 @@ aliases = index.docker.io registry-1.docker.io
 """
 
 
+# ``python -m twisted`` is the newer ``twist`` runner, which has no --nodaemon,
+# --pidfile or --logfile; twistd itself has no ``__main__``, hence ``-c``.
+_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.exit(run())"
+
+
 def twistd_command(config_path: Path, log_path: Path) -> list[str]:
+    """``twistd regmirror -c CONFIG`` in the foreground, run by this Python."""
     return [
         sys.executable,
-        "-m",
-        "twisted",
+        "-c",
+        _TWISTD,
         "--nodaemon",
         "--pidfile=",
         f"--logfile={log_path}",

@@ -1,0 +1,67 @@
+"""
+Starting ``twistd regmirror`` with a bad configuration file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .harness import free_port, mirror_config, port_is_free, run_mirror_to_exit
+
+pytestmark = pytest.mark.e2e
+
+_UPSTREAM = "http://127.0.0.1:9"  # never contacted: the config is refused first
+
+
+def _ftp_upstream(port: int) -> str:
+    return mirror_config(port, _UPSTREAM).replace(
+        "[upstream:origin]", "[upstream:x]\nurl = ftp://x\n\n[upstream:origin]"
+    )
+
+
+def _missing_upstream(port: int) -> str:
+    return mirror_config(port, _UPSTREAM).replace(
+        "upstreams = origin", "upstreams = origin missing"
+    )
+
+
+def _listen_not_a_port(port: int) -> str:
+    return mirror_config(port, _UPSTREAM).replace(
+        f"listen = tcp:{port}:interface=127.0.0.1", "listen = tcp:notaport"
+    )
+
+
+@pytest.mark.parametrize(
+    ("make_config", "where"),
+    [
+        (_ftp_upstream, "[upstream:x] url"),
+        (_missing_upstream, "[namespace:docker.io] upstreams"),
+        (_listen_not_a_port, "[server] listen"),
+    ],
+    ids=["ftp-upstream-url", "missing-upstream", "listen-not-a-port"],
+)
+def test_bad_config_exits_with_one_line_naming_file_section_key(
+    tmp_path: Path, make_config: Callable[[int], str], where: str
+) -> None:
+    """
+    A bad config makes ``twistd regmirror`` exit non-zero, printing one line
+    on stderr that names the file, the section and the key, without ever
+    listening.
+    """
+    port = free_port()
+    config_text = make_config(port)
+    assert config_text != mirror_config(port, _UPSTREAM)
+    result = run_mirror_to_exit(tmp_path, config_text)
+    config_path = str(tmp_path / "mirror.ini")
+    output = (
+        f"exit {result.returncode}\nstderr:\n{result.stderr}\nstdout:\n{result.stdout}"
+    )
+    assert result.returncode != 0, output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert config_path in lines[0], output
+    assert where in lines[0], output
+    assert port_is_free(port)
