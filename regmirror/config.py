@@ -1,0 +1,404 @@
+"""
+The INI configuration file, read into frozen values.
+
+The format's stable core is described in ``shared/CONFIG.md`` and README.rst.
+Every error is a :class:`ConfigError` whose text is one line naming the file,
+the section and the key.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from attrs import frozen
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A problem in the configuration file, located by file, section and key."""
+
+    def __init__(
+        self, path: str, section: str | None, key: str | None, message: str
+    ) -> None:
+        self.path = path
+        self.section = section
+        self.key = key
+        self.message = message
+        where = path
+        if section is not None:
+            where += f": [{section}]"
+        if key is not None:
+            where += f" {key}"
+        super().__init__(f"{where}: {message}")
+
+
+@frozen
+class UpstreamConfig:
+    """One upstream registry endpoint (``[upstream:NAME]``)."""
+
+    name: str
+    url: str
+    connect_timeout: float = 10.0
+    response_timeout: float = 30.0
+    idle_timeout: float = 60.0
+
+
+@frozen
+class NamespaceConfig:
+    """One registry the mirror serves (``[namespace:NAME]``)."""
+
+    name: str
+    upstreams: tuple[str, ...]
+    origin: str
+    default: bool = False
+    aliases: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    #: one-word repository names get ``library/`` (Docker Hub's convention)
+    library: bool = False
+
+
+DEFAULT_LISTEN: tuple[str, ...] = ("tcp:5000",)
+
+
+@frozen
+class ServerConfig:
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    workers: int = 1
+
+
+@frozen
+class CacheConfig:
+    directory: str
+    tag_ttl: float = 60.0
+
+
+@frozen
+class Config:
+    path: str
+    server: ServerConfig
+    cache: CacheConfig
+    upstreams: dict[str, UpstreamConfig]
+    namespaces: tuple[NamespaceConfig, ...]
+
+    @property
+    def default_namespace(self) -> NamespaceConfig:
+        return next(ns for ns in self.namespaces if ns.default)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, None: 1}
+for _i, _p in enumerate("kmgt", start=1):
+    _SIZE_UNITS[f"{_p}b"] = 1000**_i
+    _SIZE_UNITS[f"{_p}ib"] = 1024**_i
+_HOSTNAME = re.compile(
+    r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*"
+    r"(?::[0-9]{1,5})?"
+)
+_SECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Keywords of Twisted's ssl:/tls: endpoint strings that name files.
+_ENDPOINT_FILE_KEYS = frozenset(
+    {"privateKey", "certKey", "extraCertChain", "caCertsDir", "dhParameters"}
+)
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``5m``, ``2h``, ``7d``, ``250ms``; a bare number is seconds."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 5m, 2h, 7d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_size(text: str) -> int:
+    """``512MiB``, ``50GiB``, ``1TB``; a bare number is bytes."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 50GiB, 1TB)")
+    unit = match.group(2).lower() if match.group(2) else None
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true or false)")
+
+
+def parse_hostname(text: str) -> str:
+    """A registry host name, optionally with a port, lower-cased."""
+    lowered = text.strip().lower()
+    if _HOSTNAME.fullmatch(lowered) is None or len(lowered) > 253:
+        raise ValueError(f"not a host name: {text!r}")
+    return lowered
+
+
+def parse_upstream_url(text: str) -> str:
+    """An ``http(s)://host[:port]`` URL with no path, query or credentials."""
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"URL must start with http:// or https://: {text!r}")
+    if not parts.hostname:
+        raise ValueError(f"URL has no host: {text!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials do not belong in the URL")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"URL must name only scheme, host and port: {text!r}")
+    try:
+        parts.port  # noqa: B018  (raises for a bad port)
+    except ValueError:
+        raise ValueError(f"URL has a bad port: {text!r}") from None
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def resolve_endpoint_paths(description: str, base: str) -> str:
+    """
+    Make the file names in a Twisted endpoint string absolute, relative to
+    *base*, so that ``certKey=cert.pem`` means the file next to the config.
+    """
+    pieces = re.split(r"(?<!\\):", description)
+    for index, piece in enumerate(pieces[1:], start=1):
+        key, equals, value = piece.partition("=")
+        if equals and key in _ENDPOINT_FILE_KEYS and value:
+            path = value.replace("\\:", ":")
+            if not os.path.isabs(path):
+                path = os.path.join(base, path)
+            pieces[index] = f"{key}={path.replace(':', chr(92) + ':')}"
+    return ":".join(pieces)
+
+
+class _Reader:
+    """Reads one section's keys, turning every problem into a ConfigError."""
+
+    def __init__(self, path: str, parser: configparser.ConfigParser, section: str):
+        self.path = path
+        self.section = section
+        self.values = dict(parser.items(section))
+        self.used: set[str] = set()
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        return ConfigError(self.path, self.section, key, message)
+
+    def get(
+        self,
+        key: str,
+        convert: Callable[[str], T],
+        default: T | None = None,
+        required: bool = False,
+    ) -> T:
+        self.used.add(key)
+        raw = self.values.get(key)
+        if raw is None or raw.strip() == "":
+            if required:
+                raise self.error(key, "is required")
+            return default  # type: ignore[return-value]
+        try:
+            return convert(raw)
+        except ValueError as e:
+            raise self.error(key, str(e)) from None
+
+    def reject(self, key: str, message: str) -> None:
+        if key in self.values:
+            raise self.error(key, message)
+
+    def finish(self) -> None:
+        for key in self.values:
+            if key not in self.used:
+                raise self.error(key, "unknown key")
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+def _list_of(convert: Callable[[str], T]) -> Callable[[str], tuple[T, ...]]:
+    def parse(text: str) -> tuple[T, ...]:
+        return tuple(convert(word) for word in text.split())
+
+    return parse
+
+
+def _positive(convert: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = convert(text)
+        if value <= 0:
+            raise ValueError(f"must be greater than zero: {text!r}")
+        return value
+
+    return parse
+
+
+_UNSUPPORTED_SECTIONS = {
+    "access": "client access control is not implemented in this version",
+    "cluster": "clustering is not implemented in this version",
+}
+
+
+def load(path: str) -> Config:
+    """
+    Read and validate the configuration file at *path*.
+
+    :raises ConfigError: for any problem, naming file, section and key.
+    """
+    path = os.path.abspath(path)
+    base = os.path.dirname(path)
+    parser = configparser.ConfigParser(interpolation=None, default_section="\x00")
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError(path, None, None, f"cannot read: {e.strerror}") from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(path, e.section, e.option, "given twice") from None
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(path, e.section, None, "section given twice") from None
+    except configparser.Error as e:
+        message = str(e).splitlines()[0]
+        raise ConfigError(path, None, None, message) from None
+
+    upstreams: dict[str, UpstreamConfig] = {}
+    namespace_sections: list[tuple[str, _Reader]] = []
+    server = ServerConfig()
+    cache: CacheConfig | None = None
+
+    for section in parser.sections():
+        kind, colon, name = section.partition(":")
+        reader = _Reader(path, parser, section)
+        if colon and kind in ("upstream", "namespace"):
+            if kind == "upstream" and _SECTION_NAME.fullmatch(name) is None:
+                raise reader.error(None, f"bad upstream name {name!r}")
+            if kind == "upstream":
+                upstreams[name] = _upstream(reader, name)
+            else:
+                namespace_sections.append((name, reader))
+        elif section == "server":
+            server = _server(reader, base)
+        elif section == "cache":
+            cache = _cache(reader, base)
+        elif section in _UNSUPPORTED_SECTIONS:
+            raise reader.error(None, _UNSUPPORTED_SECTIONS[section])
+        else:
+            raise reader.error(None, "unknown section")
+
+    if cache is None:
+        raise ConfigError(path, "cache", "directory", "is required")
+    namespaces = tuple(
+        _namespace(reader, name, upstreams) for name, reader in namespace_sections
+    )
+    _check_namespaces(path, namespaces)
+    return Config(path, server, cache, upstreams, namespaces)
+
+
+def _server(reader: _Reader, base: str) -> ServerConfig:
+    listen: tuple[str, ...] = tuple(
+        resolve_endpoint_paths(desc, base)
+        for desc in reader.get("listen", _words, DEFAULT_LISTEN)
+    )
+    workers = reader.get("workers", int, 1)
+    if workers != 1:
+        raise reader.error("workers", "only workers = 1 is supported in this version")
+    reader.finish()
+    return ServerConfig(listen=listen, workers=workers)
+
+
+def _cache(reader: _Reader, base: str) -> CacheConfig:
+    directory = reader.get("directory", str, required=True).strip()
+    directory = os.path.normpath(os.path.join(base, directory))
+    tag_ttl = reader.get("tag_ttl", parse_duration, 60.0)
+    reader.reject("max_size", "a size limit is not implemented in this version")
+    reader.finish()
+    return CacheConfig(directory=directory, tag_ttl=tag_ttl)
+
+
+def _upstream(reader: _Reader, name: str) -> UpstreamConfig:
+    positive = _positive(parse_duration)
+    upstream = UpstreamConfig(
+        name=name,
+        url=reader.get("url", parse_upstream_url, required=True),
+        connect_timeout=reader.get("connect_timeout", positive, 10.0),
+        response_timeout=reader.get("response_timeout", positive, 30.0),
+        idle_timeout=reader.get("idle_timeout", positive, 60.0),
+    )
+    reader.finish()
+    return upstream
+
+
+def _namespace(
+    reader: _Reader, name: str, upstreams: dict[str, UpstreamConfig]
+) -> NamespaceConfig:
+    try:
+        name = parse_hostname(name)
+    except ValueError as e:
+        raise reader.error(
+            None, f"namespace must be a registry host name: {e}"
+        ) from None
+    listed = reader.get("upstreams", _words, required=True)
+    for upstream in listed:
+        if upstream not in upstreams:
+            raise reader.error("upstreams", f"no [upstream:{upstream}] section")
+    if len(set(listed)) != len(listed):
+        raise reader.error("upstreams", "an upstream is listed twice")
+    origin = reader.get("origin", str, listed[-1]).strip()
+    if origin not in listed:
+        raise reader.error("origin", f"{origin!r} is not in this namespace's upstreams")
+    aliases: tuple[str, ...] = reader.get("aliases", _list_of(parse_hostname), ())
+    namespace = NamespaceConfig(
+        name=name,
+        upstreams=listed,
+        origin=origin,
+        default=reader.get("default", parse_bool, False),
+        aliases=aliases,
+        hosts=reader.get("hosts", _list_of(parse_hostname), tuple[str, ...]()),
+        library=reader.get("library", parse_bool, "docker.io" in (name, *aliases)),
+    )
+    reader.finish()
+    return namespace
+
+
+def _check_namespaces(path: str, namespaces: Iterable[NamespaceConfig]) -> None:
+    seen: dict[str, str] = {}
+    hosts: dict[str, str] = {}
+    defaults = []
+    for ns in namespaces:
+        section = f"namespace:{ns.name}"
+        for alias in (ns.name, *ns.aliases):
+            if alias in seen:
+                raise ConfigError(
+                    path,
+                    section,
+                    "aliases",
+                    f"{alias!r} is also [namespace:{seen[alias]}]",
+                )
+            seen[alias] = ns.name
+        for host in ns.hosts:
+            if host in hosts:
+                raise ConfigError(
+                    path,
+                    section,
+                    "hosts",
+                    f"{host!r} is also in [namespace:{hosts[host]}]",
+                )
+            hosts[host] = ns.name
+        if ns.default:
+            defaults.append(ns.name)
+    if not seen:
+        raise ConfigError(path, None, None, "no [namespace:NAME] section")
+    if not defaults:
+        raise ConfigError(path, None, None, "no namespace has default = true")
+    if len(defaults) > 1:
+        raise ConfigError(
+            path,
+            f"namespace:{defaults[1]}",
+            "default",
+            f"only one namespace may be the default (also {defaults[0]})",
+        )

@@ -1,0 +1,127 @@
+"""
+Domain errors, each carrying the OCI error code and HTTP status it maps to.
+
+Every part raises these; :mod:`regmirror.web` turns them into the OCI error
+body (``{"errors": [{"code": …, "message": …}]}``) in one place.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class RegistryError(Exception):
+    """
+    An error a client should see as an OCI error body.
+
+    :ivar code: the OCI error code, e.g. ``"NAME_INVALID"``.
+    :ivar status: the HTTP status to answer with.
+    :ivar message: a human-readable message: never holds a secret.
+    :ivar headers: extra response headers (e.g. ``Retry-After``).
+    """
+
+    code = "UNKNOWN"
+    status = 500
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
+
+    def body(self) -> bytes:
+        """The OCI error body for this error."""
+        document = {"errors": [{"code": self.code, "message": self.message}]}
+        return json.dumps(document).encode("utf-8")
+
+
+class NameInvalid(RegistryError):
+    code = "NAME_INVALID"
+    status = 400
+
+
+class NameUnknown(RegistryError):
+    code = "NAME_UNKNOWN"
+    status = 404
+
+
+class ManifestUnknown(RegistryError):
+    code = "MANIFEST_UNKNOWN"
+    status = 404
+
+
+class ManifestInvalid(RegistryError):
+    code = "MANIFEST_INVALID"
+    status = 400
+
+
+class BlobUnknown(RegistryError):
+    code = "BLOB_UNKNOWN"
+    status = 404
+
+
+class DigestInvalid(RegistryError):
+    code = "DIGEST_INVALID"
+    status = 400
+
+
+class TagInvalid(RegistryError):
+    # Not in the OCI spec's table; the code distribution uses for a tag
+    # that breaks the grammar.
+    code = "TAG_INVALID"
+    status = 400
+
+
+class PaginationInvalid(RegistryError):
+    code = "PAGINATION_NUMBER_INVALID"
+    status = 400
+
+
+class RangeInvalid(RegistryError):
+    code = "RANGE_INVALID"
+    status = 416
+
+
+class Unsupported(RegistryError):
+    code = "UNSUPPORTED"
+    status = 405
+
+
+class NotFound(RegistryError):
+    """A path that is not part of the API at all."""
+
+    code = "NOT_FOUND"
+    status = 404
+
+
+class Unauthorized(RegistryError):
+    code = "UNAUTHORIZED"
+    status = 401
+
+
+class Denied(RegistryError):
+    code = "DENIED"
+    status = 403
+
+
+class TooManyRequests(RegistryError):
+    code = "TOOMANYREQUESTS"
+    status = 429
+
+
+class UpstreamUnavailable(RegistryError):
+    """No upstream could answer: every one failed or was unreachable."""
+
+    code = "UNAVAILABLE"
+    status = 503
+
+
+class UpstreamBadGateway(RegistryError):
+    """An upstream answered, but with something unusable."""
+
+    code = "UNAVAILABLE"
+    status = 502
+
+
+class UpstreamTimeout(RegistryError):
+    code = "UNAVAILABLE"
+    status = 504

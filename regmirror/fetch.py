@@ -1,0 +1,521 @@
+"""
+Filling the cache: one upstream download per digest, any number of readers.
+
+A :class:`Download` writes an upstream body into a spool file; readers
+(:class:`SpoolReader`) tail that file at their own pace, so a slow client
+never slows the download or the others.  Readers are held one byte short
+of the end until the digest is verified: a client never receives a
+complete body whose digest did not match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import IO, Any
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from zope.interface import implementer
+
+from regmirror._flight import SingleFlight
+from regmirror.errors import BlobUnknown, ManifestUnknown, RegistryError
+from regmirror.pool import Manifest, NotFoundAnywhere, UpstreamPool
+from regmirror.reference import Digest
+from regmirror.store import DigestMismatch, Spool, Store
+
+#: Bytes read from disk per write to a client.
+CHUNK = 256 * 1024
+
+RunInThread = Callable[[Callable[[], None]], "Deferred[None]"]
+
+
+def run_inline(work: Callable[[], None]) -> Deferred[None]:
+    """Run blocking work at once (tests; small files)."""
+    try:
+        work()
+    except BaseException:
+        from twisted.internet.defer import fail
+
+        return fail()
+    return succeed(None)
+
+
+class DownloadFailed(Exception):
+    """The upstream transfer broke or delivered the wrong bytes."""
+
+
+@define(eq=False)
+class Download:
+    """
+    One blob on its way from an upstream into the cache.
+
+    :ivar size: the size the upstream announced, when it did.
+    :ivar state: ``"running"``, ``"done"`` or ``"failed"``.
+    """
+
+    digest: Digest
+    spool: Spool
+    size: int | None
+    upstream: str
+    state: str = "running"
+    _waiting: list[Deferred[None]] = field(factory=list)
+    final_path: str = ""
+
+    @property
+    def written(self) -> int:
+        return self.spool.written
+
+    @property
+    def readable(self) -> int:
+        """How many bytes readers may send: all once verified, else one less."""
+        if self.state == "done":
+            return self.written
+        return max(0, self.written - 1)
+
+    def changed(self) -> Deferred[None]:
+        """Fires at the next append or when the download ends."""
+        if self.state != "running":
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def notify(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if not d.called:
+                d.callback(None)
+
+
+@frozen
+class BlobSource:
+    """Where to read a blob from: the cache file, or a download under way."""
+
+    size: int | None
+    path: str
+    download: Download | None = None
+
+
+@define(eq=False)
+class Fetcher:
+    """
+    Serves digests from the store, filling it from upstream pools with one
+    download per digest.
+    """
+
+    store: Store
+    clock: IReactorTime
+    run_in_thread: RunInThread = run_inline
+    idle_timeout: float = 60.0
+    tag_ttl: float = 60.0
+    _tags: dict[tuple[str, str, str], tuple[Digest, float]] = field(factory=dict)
+    _tag_flight: SingleFlight[tuple[str, str, str], Digest] = field(
+        factory=SingleFlight
+    )
+    _downloads: dict[Digest, Download] = field(factory=dict)
+    _starting: SingleFlight[Digest, Download] = field(factory=SingleFlight)
+    _manifests: SingleFlight[tuple[str, Digest], Manifest] = field(factory=SingleFlight)
+    log = Logger()
+
+    # -- blobs --------------------------------------------------------------
+
+    async def blob(
+        self, pool: UpstreamPool, repository: str, digest: Digest
+    ) -> BlobSource:
+        """
+        A source for the blob's bytes: the cached file, or a download that
+        this call starts or joins.
+
+        :raises BlobUnknown: when no upstream has it.
+        """
+        running = self._downloads.get(digest)
+        if running is not None:
+            return BlobSource(running.size, running.spool.path, running)
+        size = self.store.blob_size(digest)
+        if size is not None:
+            return BlobSource(size, self.store.blob_path(digest))
+
+        async def start() -> Download:
+            return await self._start(pool, repository, digest)
+
+        download = await self._starting.run(digest, start)
+        if download.state == "done":
+            return BlobSource(download.written, download.final_path)
+        return BlobSource(download.size, download.spool.path, download)
+
+    async def blob_size(
+        self, pool: UpstreamPool, repository: str, digest: Digest
+    ) -> int | None:
+        """The blob's size without downloading it (HEAD)."""
+        running = self._downloads.get(digest)
+        if running is not None and running.size is not None:
+            return running.size
+        size = self.store.blob_size(digest)
+        if size is not None:
+            return size
+        try:
+            return await pool.blob_size(repository, digest)
+        except NotFoundAnywhere:
+            raise BlobUnknown(f"blob {digest} is unknown to every upstream") from None
+
+    async def _start(
+        self, pool: UpstreamPool, repository: str, digest: Digest
+    ) -> Download:
+        try:
+            upstream, response = await pool.open_blob(repository, digest)
+        except NotFoundAnywhere:
+            raise BlobUnknown(f"blob {digest} is unknown to every upstream") from None
+        length = response.length
+        size = length if isinstance(length, int) else None
+        download = Download(digest, self.store.spool(digest), size, upstream.name)
+        download.final_path = self.store.blob_path(digest)
+        self._downloads[digest] = download
+        self.log.info(
+            "downloading {digest} ({size} bytes) from {upstream}",
+            digest=str(digest),
+            size=size,
+            upstream=upstream.name,
+        )
+        response.deliverBody(
+            _SpoolWriter(self, download, self.clock, self.idle_timeout)
+        )
+        return download
+
+    def _finish(self, download: Download, reason: Failure) -> None:
+        """The upstream body ended: verify and commit, or discard."""
+        if not reason.check(ResponseDone, PotentialDataLoss):
+            self._fail(
+                download,
+                f"transfer broke after {download.written} bytes: "
+                f"{reason.getErrorMessage()}",
+            )
+            return
+        if download.size is not None and download.written != download.size:
+            self._fail(download, f"got {download.written} of {download.size} bytes")
+            return
+        d = self.run_in_thread(download.spool.commit)
+
+        def committed(_: None) -> None:
+            download.state = "done"
+            del self._downloads[download.digest]
+            self.log.info(
+                "cached {digest} ({size} bytes) from {upstream}",
+                digest=str(download.digest),
+                size=download.written,
+                upstream=download.upstream,
+            )
+            download.notify()
+
+        def failed(failure: Failure) -> None:
+            if failure.check(DigestMismatch):
+                self._fail(download, f"digest mismatch: {failure.getErrorMessage()}")
+            else:
+                self.log.failure(
+                    "cannot store {digest}", failure, digest=str(download.digest)
+                )
+                self._fail(download, "cannot store the blob")
+
+        d.addCallbacks(committed, failed)
+
+    def _fail(self, download: Download, why: str) -> None:
+        self.log.error(
+            "download of {digest} from {upstream} failed: {why}",
+            digest=str(download.digest),
+            upstream=download.upstream,
+            why=why,
+        )
+        download.spool.discard()
+        download.state = "failed"
+        self._downloads.pop(download.digest, None)
+        download.notify()
+
+    # -- tags ---------------------------------------------------------------
+
+    async def resolve_tag(
+        self, pool: UpstreamPool, repository: str, tag: str
+    ) -> Digest:
+        """
+        What a tag points at: the origin decides; an answer is reused for
+        ``tag_ttl``.  When the origin cannot be reached, the last digest
+        the cache saw for the tag is used (with a warning), else the other
+        upstreams are asked.
+
+        :raises ManifestUnknown: when the origin says the tag does not exist.
+        """
+        key = (pool.namespace, repository, tag)
+        remembered = self._tags.get(key)
+        if remembered is not None and self.clock.seconds() < remembered[1]:
+            return remembered[0]
+
+        async def ask() -> Digest:
+            try:
+                answer = await pool.resolve_tag(repository, tag, [pool.origin])
+            except NotFoundAnywhere:
+                raise ManifestUnknown(
+                    f"{repository}:{tag} is unknown upstream"
+                ) from None
+            except RegistryError as error:
+                fallback = self.store.tag(pool.namespace, repository, tag)
+                if fallback is not None:
+                    self.log.warn(
+                        "{namespace}: origin unreachable ({why}); serving "
+                        "{repository}:{tag} from the cache as {digest}",
+                        namespace=pool.namespace,
+                        why=error.message,
+                        repository=repository,
+                        tag=tag,
+                        digest=str(fallback),
+                    )
+                    return fallback
+                try:
+                    answer = await pool.resolve_tag(repository, tag, pool.mirrors)
+                except (NotFoundAnywhere, RegistryError):
+                    raise error from None
+            if answer.manifest is not None:
+                self.store_manifest(answer.manifest)
+            self.store.set_tag(pool.namespace, repository, tag, answer.digest)
+            self._tags[key] = (answer.digest, self.clock.seconds() + self.tag_ttl)
+            return answer.digest
+
+        return await self._tag_flight.run(key, ask)
+
+    # -- manifests ----------------------------------------------------------
+
+    async def manifest(
+        self, pool: UpstreamPool, repository: str, digest: Digest
+    ) -> Manifest:
+        """
+        A manifest by digest: from the store, else from upstream (stored).
+
+        :raises ManifestUnknown: when no upstream has it.
+        """
+        cached = self.store.manifest(digest)
+        if cached is not None:
+            return Manifest(digest, *cached)
+
+        async def fetch() -> Manifest:
+            try:
+                manifest = await pool.manifest(repository, digest)
+            except NotFoundAnywhere:
+                raise ManifestUnknown(
+                    f"manifest {digest} is unknown upstream"
+                ) from None
+            self.store.put_manifest(manifest.digest, manifest.media_type, manifest.body)
+            return manifest
+
+        return await self._manifests.run((pool.namespace, digest), fetch)
+
+    def store_manifest(self, manifest: Manifest) -> None:
+        self.store.put_manifest(manifest.digest, manifest.media_type, manifest.body)
+
+
+@define(eq=False)
+class _SpoolWriter:
+    """Receives an upstream body into a download's spool (``deliverBody``)."""
+
+    fetcher: Fetcher
+    download: Download
+    clock: IReactorTime
+    idle_timeout: float
+    _transport: Any = None
+    _idle: IDelayedCall | None = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self._transport = transport
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.idle_timeout)
+        else:
+            self._idle = self.clock.callLater(self.idle_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        self.fetcher.log.warn(
+            "upstream {upstream} stalled on {digest}",
+            upstream=self.download.upstream,
+            digest=str(self.download.digest),
+        )
+        if self._transport is not None:
+            self._transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.download.state != "running":
+            return
+        self._arm()
+        try:
+            self.download.spool.write(data)
+        except OSError:
+            self.fetcher.log.failure(
+                "cannot write spool for {digest}", digest=str(self.download.digest)
+            )
+            self.fetcher._fail(self.download, "cannot write to the spool")
+            if self._transport is not None:
+                self._transport.stopProducing()
+            return
+        self.download.notify()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        if self.download.state == "running":
+            self.fetcher._finish(self.download, reason)
+
+
+def _open_source(source: BlobSource) -> IO[bytes]:
+    """
+    Open a blob source for reading.  A download's spool may have just been
+    renamed into the cache, or thrown away.
+
+    :raises DownloadFailed: when the bytes are gone.
+    """
+    try:
+        return open(source.path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        if source.download is None:
+            raise
+    try:
+        return open(source.download.final_path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        raise DownloadFailed(f"download of {source.download.digest} failed") from None
+
+
+@implementer(IPushProducer)
+class SpoolReader:
+    """
+    Streams bytes ``[start, end)`` of a blob, from the cache file or from a
+    download's growing spool, to a consumer, with back-pressure.
+
+    :ivar done: fires when every byte was written, or fails (the caller
+        then breaks the connection so that the client sees an error, not a
+        short "complete" body).
+    """
+
+    def __init__(
+        self,
+        source: BlobSource,
+        consumer: IConsumer,
+        clock: IReactorTime,
+        start: int = 0,
+        end: int | None = None,
+    ) -> None:
+        self._download = source.download
+        self._file: IO[bytes] = _open_source(source)
+        self._file.seek(start)
+        self._position = start
+        self._end = end
+        self._consumer = consumer
+        self._clock = clock
+        self._paused = False
+        self._stopped = False
+        self._pending: IDelayedCall | None = None
+        self._waiting = False
+        self.done: Deferred[None] = Deferred()
+
+    def begin(self) -> None:
+        self._consumer.registerProducer(self, True)
+        self._pump()
+
+    def _limit(self) -> int | None:
+        """How far we may read now, or ``None`` for "to the end of the file"."""
+        download = self._download
+        if download is None or download.state == "done":
+            return self._end
+        readable = download.readable
+        return readable if self._end is None else min(readable, self._end)
+
+    def _pump(self) -> None:
+        self._pending = None
+        # Bounded work per turn so one fast client cannot starve the others.
+        for _ in range(16):
+            if self._paused or self._stopped:
+                return
+            limit = self._limit()
+            if limit is not None and self._position >= limit:
+                if self._finished():
+                    return
+                self._wait()
+                return
+            size = CHUNK if limit is None else min(CHUNK, limit - self._position)
+            data = self._file.read(size)
+            if not data:
+                if self._download is None or self._download.state == "done":
+                    self._complete()
+                    return
+                self._wait()
+                return
+            self._position += len(data)
+            self._consumer.write(data)
+        self._pending = self._clock.callLater(0, self._pump)
+
+    def _finished(self) -> bool:
+        """At the read limit: are we done (or broken) rather than waiting?"""
+        download = self._download
+        if download is not None and download.state == "failed":
+            self._abort(DownloadFailed(f"download of {download.digest} failed"))
+            return True
+        if (
+            download is None
+            or download.state == "done"
+            or (self._end is not None and self._position >= self._end)
+        ):
+            self._complete()
+            return True
+        return False
+
+    def _wait(self) -> None:
+        download = self._download
+        if download is None or self._waiting:
+            return
+        if download.state == "failed":
+            self._abort(DownloadFailed(f"download of {download.digest} failed"))
+            return
+        self._waiting = True
+
+        def woke(_: None) -> None:
+            self._waiting = False
+            self._pump()
+
+        download.changed().addCallback(woke)
+
+    def _complete(self) -> None:
+        self._close()
+        self.done.callback(None)
+
+    def _abort(self, error: Exception) -> None:
+        self._close()
+        self.done.errback(error)
+
+    def _close(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._file.close()
+        self._consumer.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        if self._paused and not self._stopped:
+            self._paused = False
+            if not self._waiting and self._pending is None:
+                self._pump()
+
+    def stopProducing(self) -> None:
+        if not self._stopped:
+            self._close()
+            if not self.done.called:
+                self.done.errback(DownloadFailed("the client went away"))

@@ -1,0 +1,217 @@
+"""
+Repository names, tags, digests and media types: parsing and validation.
+
+Everything a client sends is checked here against the grammar of the OCI
+distribution spec before it can reach the disk or the network.  A value
+that passes is safe to use as a path component: the grammars admit no
+``/``-free ``..``, no NUL, no ``%`` and no leading ``/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Literal
+
+from attrs import frozen
+
+from regmirror.errors import DigestInvalid, NameInvalid, NotFound, TagInvalid
+
+#: The longest repository name accepted (distribution's limit).
+MAX_NAME_LENGTH = 255
+
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_COMPONENT_RE = re.compile(_COMPONENT)
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_DIGEST = re.compile(r"([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)")
+
+#: Digest algorithms we can verify, with the length of their hex encoding.
+ALGORITHMS: dict[str, int] = {"sha256": 64, "sha512": 128}
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+#: Manifest media types the mirror asks upstreams for and serves.
+MANIFEST_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
+#: Manifest media types that list other manifests.
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+
+#: Manifests bigger than this are refused (the spec suggests 4 MiB).
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+
+
+@frozen
+class Digest:
+    """A validated content digest such as ``sha256:<64 hex>``."""
+
+    algorithm: str
+    hex: str
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+    def hasher(self) -> hashlib._Hash:
+        """A fresh hash object for this digest's algorithm."""
+        return hashlib.new(self.algorithm)
+
+    @classmethod
+    def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:
+        """The digest of *data*."""
+        return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+
+def parse_digest(text: str) -> Digest:
+    """
+    Parse and validate a digest.
+
+    :raises DigestInvalid: for a malformed digest or an algorithm the mirror
+        cannot verify.
+    """
+    match = _DIGEST.fullmatch(text)
+    if match is None:
+        raise DigestInvalid(f"invalid digest {text[:80]!r}")
+    algorithm, encoded = match.groups()
+    length = ALGORITHMS.get(algorithm)
+    if length is None:
+        raise DigestInvalid(f"unsupported digest algorithm {algorithm[:20]!r}")
+    if len(encoded) != length or re.fullmatch(r"[a-f0-9]+", encoded) is None:
+        raise DigestInvalid(f"invalid {algorithm} digest {text[:80]!r}")
+    return Digest(algorithm, encoded)
+
+
+def validate_name(name: str) -> str:
+    """
+    Check a repository name against the spec's grammar.
+
+    :raises NameInvalid: when it does not match or is too long.
+    """
+    if len(name) > MAX_NAME_LENGTH:
+        raise NameInvalid(f"repository name longer than {MAX_NAME_LENGTH} characters")
+    if _NAME.fullmatch(name) is None:
+        raise NameInvalid(f"invalid repository name {name[:80]!r}")
+    return name
+
+
+def is_name_component(text: str) -> bool:
+    """Whether *text* is one valid path component of a repository name."""
+    return _COMPONENT_RE.fullmatch(text) is not None
+
+
+def validate_tag(tag: str) -> str:
+    """
+    Check a tag against the spec's grammar.
+
+    :raises TagInvalid: when it does not match.
+    """
+    if _TAG.fullmatch(tag) is None:
+        raise TagInvalid(f"invalid tag {tag[:80]!r}")
+    return tag
+
+
+def parse_reference(text: str) -> str | Digest:
+    """A manifest reference: a :class:`Digest` when it has a colon, else a tag."""
+    if ":" in text:
+        return parse_digest(text)
+    return validate_tag(text)
+
+
+Endpoint = Literal["base", "manifests", "blobs", "tags", "referrers"]
+
+
+@frozen
+class ApiPath:
+    """
+    A parsed ``/v2/...`` request path.
+
+    :ivar endpoint: which API endpoint.
+    :ivar name: the repository name as the client wrote it (namespace prefix
+        included); not yet validated, since routing may strip a prefix.
+    :ivar reference: the tag or digest text (manifests, blobs, referrers).
+    """
+
+    endpoint: Endpoint
+    name: str = ""
+    reference: str = ""
+
+
+def parse_api_path(raw: bytes) -> ApiPath:
+    """
+    Split a raw (still percent-encoded) request path under ``/v2/``.
+
+    The raw path is used, never a decoded one, so that ``%2e%2e`` or ``%2f``
+    cannot smuggle a ``..`` or a ``/`` past the grammar: ``%`` appears in no
+    valid name, tag or digest.
+
+    :raises NameInvalid: for bytes outside ASCII or a ``%`` in the path.
+    :raises NotFound: for a path that is no API endpoint.
+    """
+    try:
+        path = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise NameInvalid("request path is not ASCII") from None
+    if not path.startswith("/v2"):
+        raise NotFound("not a registry API path")
+    rest = path[len("/v2") :]
+    if rest in ("", "/"):
+        return ApiPath("base")
+    if "%" in rest or "\x00" in rest:
+        raise NameInvalid("percent-encoded characters are not allowed in names")
+    parts = rest[1:].split("/")
+    if len(parts) >= 3 and parts[-2:] == ["tags", "list"]:
+        return ApiPath("tags", "/".join(parts[:-2]))
+    if len(parts) >= 3 and parts[-2] in ("manifests", "blobs", "referrers"):
+        endpoint: Endpoint = parts[-2]  # type: ignore[assignment]
+        return ApiPath(endpoint, "/".join(parts[:-2]), parts[-1])
+    raise NotFound("not a registry API endpoint")
+
+
+def accepted_types(accept_header: str | None) -> frozenset[str] | None:
+    """
+    The media types named in an ``Accept`` header.
+
+    :return: ``None`` when the client accepts anything (no header, or
+        ``*/*``), else the set of types it listed (parameters dropped).
+    """
+    if not accept_header:
+        return None
+    types = set()
+    for item in accept_header.split(","):
+        media = item.split(";", 1)[0].strip().lower()
+        if media in ("*/*", "application/*"):
+            return None
+        if media:
+            types.add(media)
+    return frozenset(types)
+
+
+def manifest_media_type(body: bytes, content_type: str | None) -> str | None:
+    """
+    The media type of a manifest: the upstream's ``Content-Type`` when it is
+    a manifest type, else the document's own ``mediaType``.
+
+    :return: ``None`` when neither names a manifest type.
+    """
+    if content_type:
+        declared = content_type.split(";", 1)[0].strip().lower()
+        if declared in MANIFEST_TYPES:
+            return declared
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    media = document.get("mediaType")
+    if media in MANIFEST_TYPES:
+        return str(media)
+    # OCI documents may omit mediaType: tell an index from a manifest by shape.
+    if media is None and document.get("schemaVersion") == 2:
+        if isinstance(document.get("manifests"), list):
+            return OCI_INDEX
+        if isinstance(document.get("layers"), list):
+            return OCI_MANIFEST
+    return None

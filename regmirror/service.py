@@ -1,0 +1,118 @@
+"""
+Builds the running service tree from a configuration.
+
+:func:`make_service` is given the reactor; nothing below it imports the
+global one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+
+from regmirror.config import Config
+from regmirror.fetch import Fetcher
+from regmirror.pool import UpstreamPool
+from regmirror.routing import Router
+from regmirror.store import Store
+from regmirror.upstream import Upstream
+from regmirror.web import PlainHTTPFactory, RegistryAPI, Root
+
+log = Logger()
+
+
+def check_listeners(config: Config) -> None:
+    """
+    Parse every listener description, so that a bad one (or a missing
+    certificate file) stops start-up before anything listens.
+
+    :raises ValueError: naming the listener and the problem.
+    """
+    for description in config.server.listen:
+        try:
+            # Parsing needs no reactor; a real one is given in make_service.
+            serverFromString(None, description)
+        except Exception as e:
+            raise ValueError(f"bad listener {description!r}: {e}") from None
+
+
+class _Mirror(MultiService):
+    """The top service: opens the cache before the listeners start."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__()
+        self._store = store
+
+    def startService(self) -> None:
+        self._store.open()
+        super().startService()
+
+
+def build_site(config: Config, reactor: Any) -> tuple[Site, Store]:
+    """The HTTP site and its store, wired to upstreams over one connection pool."""
+    connections = HTTPConnectionPool(reactor, persistent=True)
+    connections.maxPersistentPerHost = 8
+    upstreams = {
+        name: Upstream(
+            upstream,
+            HTTPClient(
+                Agent(
+                    reactor, connectTimeout=upstream.connect_timeout, pool=connections
+                )
+            ),
+            reactor,
+        )
+        for name, upstream in config.upstreams.items()
+    }
+    namespaces = [
+        (
+            namespace,
+            UpstreamPool(
+                namespace.name,
+                [upstreams[name] for name in namespace.upstreams],
+                upstreams[namespace.origin],
+            ),
+        )
+        for namespace in config.namespaces
+    ]
+    store = Store(config.cache.directory)
+    threads = reactor.getThreadPool()
+
+    def in_thread(work: Any) -> Deferred[None]:
+        return deferToThreadPool(reactor, threads, work)
+
+    fetcher = Fetcher(
+        store,
+        reactor,
+        run_in_thread=in_thread,
+        tag_ttl=config.cache.tag_ttl,
+        idle_timeout=min(u.idle_timeout for u in config.upstreams.values()),
+    )
+    api = RegistryAPI(Router(namespaces), fetcher, reactor)
+    return Site(Root(api)), store
+
+
+def make_service(config: Config, reactor: Any) -> MultiService:
+    """The service tree: one endpoint service per listener."""
+    site, store = build_site(config, reactor)
+    top = _Mirror(store)
+    for description in config.server.listen:
+        endpoint = serverFromString(reactor, description)
+        StreamServerEndpointService(endpoint, PlainHTTPFactory(site)).setServiceParent(
+            top
+        )
+    log.info(
+        "regmirror serving {namespaces} on {listen}",
+        namespaces=" ".join(n.name for n in config.namespaces),
+        listen=" ".join(config.server.listen),
+    )
+    return top

@@ -1,0 +1,314 @@
+"""
+One upstream registry, spoken to over treq.
+
+:class:`Upstream` sends requests under ``/v2/``, answers the registry's
+``WWW-Authenticate: Bearer`` challenge with an (anonymous) token from the
+named realm, caches tokens per scope, and turns transport problems into
+:class:`UpstreamFailure`.  It knows nothing of the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from attrs import define, field, frozen
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    DNSLookupError,
+)
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.iweb import IResponse
+
+from regmirror._flight import SingleFlight
+from regmirror.config import UpstreamConfig
+
+#: Bodies read whole (errors, tokens, manifests, tag lists) stop here.
+MAX_SMALL_BODY = 4 * 1024 * 1024
+#: Token lifetime when the realm does not say (the token spec's default).
+DEFAULT_TOKEN_LIFETIME = 60.0
+#: Tokens are renewed this long before they expire.
+TOKEN_MARGIN = 10.0
+
+
+class UpstreamFailure(Exception):
+    """
+    An upstream could not give a usable answer.
+
+    :ivar upstream: the upstream's name.
+    :ivar reason: ``"connect"``, ``"timeout"``, ``"status"``, ``"invalid"``.
+    :ivar status: the HTTP status, when there was one.
+    :ivar retry_after: seconds from ``Retry-After``, for a 429.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        reason: str,
+        detail: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"upstream {upstream}: {detail}")
+        self.upstream = upstream
+        self.reason = reason
+        self.detail = detail
+        self.status = status
+        self.retry_after = retry_after
+
+
+@frozen
+class Challenge:
+    """One ``WWW-Authenticate`` challenge."""
+
+    scheme: str
+    params: dict[str, str]
+
+
+_PARAM = re.compile(
+    r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]*))\s*,?'
+)
+_SCHEME = re.compile(r"\s*,?\s*([A-Za-z][A-Za-z0-9_.-]*)(?:\s+|$)")
+
+
+def parse_challenges(header: str) -> list[Challenge]:
+    """
+    Parse a ``WWW-Authenticate`` header value into its challenges, e.g.
+    ``Bearer realm="https://auth.example/token",service="x",scope="a,b"``.
+    """
+    challenges: list[Challenge] = []
+    position = 0
+    while position < len(header):
+        scheme_match = _SCHEME.match(header, position)
+        if scheme_match is None:
+            break
+        position = scheme_match.end()
+        params: dict[str, str] = {}
+        while position < len(header):
+            param = _PARAM.match(header, position)
+            if param is None:
+                break
+            name, quoted, token = param.groups()
+            value = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else token
+            params[name.lower()] = value
+            position = param.end()
+        challenges.append(Challenge(scheme_match.group(1).lower(), params))
+    return challenges
+
+
+def retry_after(response: IResponse) -> float | None:
+    """``Retry-After`` in seconds (delta form only), or ``None``."""
+    values = response.headers.getRawHeaders(b"retry-after") or []
+    for value in values:
+        try:
+            return max(0.0, float(value.decode("ascii").strip()))
+        except (UnicodeDecodeError, ValueError):
+            continue
+    return None
+
+
+def header(response: IResponse, name: str) -> str | None:
+    """The first value of a response header, decoded, or ``None``."""
+    values = response.headers.getRawHeaders(name.encode("ascii"))
+    if not values:
+        return None
+    first: bytes = values[0]
+    return first.decode("latin-1")
+
+
+async def read_body(response: IResponse, limit: int = MAX_SMALL_BODY) -> bytes:
+    """
+    Read a response body that should be small.
+
+    :raises ValueError: if it is bigger than *limit* (the rest is dropped).
+    """
+    import treq
+
+    length = response.length
+    if isinstance(length, int) and length > limit:
+        response.deliverBody(_Discard())
+        raise ValueError(f"body of {length} bytes is over the limit of {limit}")
+    chunks: list[bytes] = []
+    received = 0
+
+    def collect(data: bytes) -> None:
+        nonlocal received
+        received += len(data)
+        if received <= limit:
+            chunks.append(data)
+
+    await treq.collect(response, collect)
+    if received > limit:
+        raise ValueError(f"body is over the limit of {limit} bytes")
+    return b"".join(chunks)
+
+
+class _Discard:
+    """A body protocol that drops everything and closes."""
+
+    def makeConnection(self, transport: Any) -> None:
+        transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+
+@define(eq=False)
+class Upstream:
+    """
+    One registry endpoint.
+
+    :ivar config: its configuration.
+    :ivar client: a treq ``HTTPClient`` (or ``StubTreq`` in tests) whose
+        agent carries the connect timeout and the connection pool.
+    :ivar clock: for timeouts and token lifetimes.
+    """
+
+    config: UpstreamConfig
+    client: Any
+    clock: IReactorTime
+    _tokens: dict[str, tuple[str, float]] = field(factory=dict)
+    _token_flight: SingleFlight[str, str] = field(factory=SingleFlight)
+    log = Logger()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+        *,
+        query: dict[str, str] | None = None,
+    ) -> IResponse:
+        """
+        Send *method* to ``/v2/<path>`` and return the response once its
+        headers are in; its body is not read.
+
+        :raises UpstreamFailure: when the upstream cannot be reached in time.
+        """
+        url = f"{self.config.url}/v2/{path}"
+        if query:
+            url += "?" + urlencode(query)
+        sent = dict(headers or {})
+        scope = _scope_for(path)
+        token = self._cached_token(scope)
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        response = await self._send(method, url, sent)
+        if response.code == 401:
+            challenges = parse_challenges(header(response, "WWW-Authenticate") or "")
+            bearer = next((c for c in challenges if c.scheme == "bearer"), None)
+            if bearer is not None and "realm" in bearer.params:
+                await _drain(response)
+                token = await self._token(bearer, scope)
+                sent["Authorization"] = f"Bearer {token}"
+                response = await self._send(method, url, sent)
+        return response
+
+    async def _send(self, method: str, url: str, headers: dict[str, str]) -> IResponse:
+        try:
+            response: IResponse = await self.client.request(
+                method,
+                url,
+                headers={k: [v] for k, v in headers.items()},
+                unbuffered=True,
+                allow_redirects=False,
+                timeout=self.config.response_timeout,
+                reactor=self.clock,
+            )
+        except CancelledError:
+            raise UpstreamFailure(
+                self.name,
+                "timeout",
+                f"no response within {self.config.response_timeout:g}s",
+            ) from None
+        except (ConnectError, ConnectingCancelledError, DNSLookupError) as e:
+            raise UpstreamFailure(self.name, "connect", _describe(e)) from None
+        except (ResponseFailed, ResponseNeverReceived) as e:
+            raise UpstreamFailure(self.name, "connect", _describe(e)) from None
+        return response
+
+    def _cached_token(self, scope: str) -> str | None:
+        cached = self._tokens.get(scope)
+        if cached is not None and self.clock.seconds() < cached[1]:
+            return cached[0]
+        return None
+
+    async def _token(self, challenge: Challenge, scope: str) -> str:
+        """A token for *scope* from the challenge's realm, shared by a burst."""
+
+        async def fetch() -> str:
+            return await self._fetch_token(challenge, scope)
+
+        token: str = await self._token_flight.run(scope, fetch)
+        return token
+
+    async def _fetch_token(self, challenge: Challenge, scope: str) -> str:
+        realm = challenge.params["realm"]
+        if urlsplit(realm).scheme not in ("http", "https"):
+            raise UpstreamFailure(
+                self.name, "invalid", "token realm is not an http(s) URL"
+            )
+        query = {"service": challenge.params.get("service", "")}
+        query["scope"] = challenge.params.get("scope", scope)
+        url = realm + ("&" if "?" in realm else "?") + urlencode(query)
+        response = await self._send("GET", url, {})
+        try:
+            body = await read_body(response, 64 * 1024)
+            document = json.loads(body)
+            token = document.get("token") or document.get("access_token")
+            lifetime = float(document.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+        except (ValueError, AttributeError, TypeError):
+            raise UpstreamFailure(
+                self.name,
+                "invalid",
+                f"unusable token answer (status {response.code})",
+                status=response.code,
+            ) from None
+        if response.code != 200 or not isinstance(token, str):
+            raise UpstreamFailure(
+                self.name,
+                "status",
+                f"token realm answered {response.code}",
+                status=response.code,
+            )
+        expires = self.clock.seconds() + max(0.0, lifetime - TOKEN_MARGIN)
+        self._tokens[scope] = (token, expires)
+        return token
+
+
+def _scope_for(path: str) -> str:
+    """The token scope for a ``/v2/`` path: pulling its repository."""
+    parts = path.split("/")
+    for marker in ("manifests", "blobs", "tags", "referrers"):
+        if marker in parts[1:]:
+            index = len(parts) - 1 - parts[::-1].index(marker)
+            return f"repository:{'/'.join(parts[:index])}:pull"
+    return ""
+
+
+async def _drain(response: IResponse) -> None:
+    """Read and drop a small body so the connection can be reused."""
+    try:
+        await read_body(response, 64 * 1024)
+    except (ValueError, ResponseFailed):
+        pass
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, ResponseFailed | ResponseNeverReceived):
+        reasons = ", ".join(r.getErrorMessage() for r in error.reasons)
+        return f"connection failed: {reasons}"
+    return f"cannot connect: {error.__class__.__name__}: {error}"

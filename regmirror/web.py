@@ -1,0 +1,425 @@
+"""
+The HTTP face: twisted.web resources for the pull side of the OCI
+distribution API, OCI error bodies, ``Range``, and a listener wrapper that
+answers a TLS handshake on a plain-HTTP port at once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from regmirror.errors import (
+    BlobUnknown,
+    ManifestUnknown,
+    NotFound,
+    PaginationInvalid,
+    RangeInvalid,
+    RegistryError,
+    Unsupported,
+)
+from regmirror.fetch import Fetcher, SpoolReader
+from regmirror.pool import Manifest, NotFoundAnywhere
+from regmirror.reference import (
+    INDEX_TYPES,
+    Digest,
+    accepted_types,
+    parse_api_path,
+    parse_digest,
+    parse_reference,
+    validate_tag,
+)
+from regmirror.routing import Route, Router
+from regmirror.upstream import header, read_body
+
+API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
+    """
+    Interpret a ``Range`` header for a body of *size* bytes.
+
+    :return: ``(start, end)`` with *end* exclusive, or ``None`` to send the
+        whole body (no header, a malformed one, or several ranges, all of
+        which RFC 9110 lets a server ignore).
+    :raises RangeInvalid: when the single range cannot be satisfied.
+    """
+    if value is None:
+        return None
+    match = _RANGE.fullmatch(value.strip())
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:
+        # A suffix: the last N bytes.
+        length = int(last)
+        if length == 0 or size == 0:
+            raise RangeInvalid(f"range {value} cannot be satisfied", _unsatisfied(size))
+        return max(0, size - length), size
+    start = int(first)
+    end = size if not last else min(int(last) + 1, size)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise RangeInvalid(f"range {value} cannot be satisfied", _unsatisfied(size))
+    return start, end
+
+
+def _unsatisfied(size: int) -> dict[str, str]:
+    return {"Content-Range": f"bytes */{size}"}
+
+
+def _query(request: Request, name: str) -> str | None:
+    values: list[bytes] | None = request.args.get(name.encode("ascii"))
+    if not values:
+        return None
+    return values[0].decode("utf-8", "replace")
+
+
+def _text_header(request: Request, name: str) -> str | None:
+    value: bytes | str | None = request.getHeader(name)
+    return value if value is None or isinstance(value, str) else value.decode("latin-1")
+
+
+def break_connection(request: Request) -> None:
+    """
+    Drop the client's connection mid-response, so that it sees an error
+    rather than a short body it could take for complete.
+    """
+    transport: Any = request.channel.transport if request.channel else None
+    if transport is not None:
+        transport.abortConnection()
+
+
+def write_error(request: Request, error: RegistryError) -> None:
+    """Answer with *error* as an OCI error body (headers only for HEAD)."""
+    body = error.body()
+    request.setResponseCode(error.status)
+    request.setHeader("Content-Type", "application/json")
+    request.setHeader("Content-Length", str(len(body)))
+    for name, value in error.headers.items():
+        request.setHeader(name, value)
+    request.write(body)
+    request.finish()
+
+
+def _write_body(
+    request: Request, content_type: str, body: bytes, status: int = 200
+) -> None:
+    request.setResponseCode(status)
+    request.setHeader("Content-Type", content_type)
+    request.setHeader("Content-Length", str(len(body)))
+    request.write(body)
+    request.finish()
+
+
+class RegistryAPI(Resource):
+    """
+    Everything under ``/v2/``, one leaf resource: repository names contain
+    ``/``, so the raw request path is parsed here, never a decoded one.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, router: Router, fetcher: Fetcher, clock: IReactorTime) -> None:
+        super().__init__()
+        self._router = router
+        self._fetcher = fetcher
+        self._clock = clock
+
+    def render(self, request: Request) -> Any:
+        d = Deferred.fromCoroutine(self._respond(request))
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        return NOT_DONE_YET
+
+    async def _respond(self, request: Request) -> None:
+        request.setHeader(*API_VERSION)
+        try:
+            await self._handle(request)
+        except RegistryError as error:
+            if not request.startedWriting:
+                write_error(request, error)
+            elif not request.finished:
+                break_connection(request)
+        except CancelledError:
+            pass  # the client went away
+        except Exception:
+            self.log.failure(
+                "cannot answer {method} {path}",
+                method=request.method,
+                path=request.path,
+            )
+            if not request.startedWriting:
+                write_error(request, RegistryError("internal error"))
+            elif not request.finished:
+                break_connection(request)
+
+    async def _handle(self, request: Request) -> None:
+        if request.method not in (b"GET", b"HEAD"):
+            raise Unsupported("this mirror is read-only: only GET and HEAD are allowed")
+        api = parse_api_path(request.path)
+        if api.endpoint == "base":
+            _write_body(request, "application/json", b"{}")
+            return
+        route = self._router.route(
+            api.name, ns=_query(request, "ns"), host=_text_header(request, "Host")
+        )
+        request.setHeader("OCI-Namespace", route.namespace.name)
+        if api.endpoint == "manifests":
+            await self._manifest(request, route, api.reference)
+        elif api.endpoint == "blobs":
+            await self._blob(request, route, parse_digest(api.reference))
+        elif api.endpoint == "tags":
+            await self._tags(request, route)
+        elif api.endpoint == "referrers":
+            await self._referrers(request, route, parse_digest(api.reference))
+        else:
+            raise NotFound("not a registry API endpoint")
+
+    # -- manifests ----------------------------------------------------------
+
+    async def _manifest(self, request: Request, route: Route, text: str) -> None:
+        reference = parse_reference(text)
+        pool = route.pool
+        if isinstance(reference, Digest):
+            digest = reference
+        else:
+            digest = await self._fetcher.resolve_tag(pool, route.repository, reference)
+        manifest = await self._fetcher.manifest(pool, route.repository, digest)
+        accepted = accepted_types(_text_header(request, "Accept"))
+        if accepted is not None and manifest.media_type not in accepted:
+            manifest = await self._negotiate(route, manifest, accepted, reference)
+        request.setHeader("Docker-Content-Digest", str(manifest.digest))
+        request.setHeader("ETag", f'"{manifest.digest}"')
+        _write_body(request, manifest.media_type, manifest.body)
+
+    async def _negotiate(
+        self,
+        route: Route,
+        manifest: Manifest,
+        accepted: frozenset[str],
+        reference: str | Digest,
+    ) -> Manifest:
+        """
+        The client does not accept this manifest's type.  For an index asked
+        for by tag, answer with its linux/amd64 image as registries do for
+        clients that predate indexes; otherwise say plainly that there is no
+        manifest of an acceptable type.
+        """
+        unacceptable = ManifestUnknown(
+            f"the manifest is {manifest.media_type}, which the request's Accept "
+            "header does not include"
+        )
+        if manifest.media_type not in INDEX_TYPES or isinstance(reference, Digest):
+            # Registries serve a single image manifest whatever the Accept
+            # header says; clients check the type themselves.
+            if manifest.media_type not in INDEX_TYPES:
+                return manifest
+            raise unacceptable
+        try:
+            entries = json.loads(manifest.body).get("manifests", [])
+            chosen = next(
+                entry
+                for entry in entries
+                if entry.get("platform", {}).get("os") == "linux"
+                and entry.get("platform", {}).get("architecture") == "amd64"
+            )
+            digest = parse_digest(chosen["digest"])
+        except (
+            ValueError,
+            AttributeError,
+            StopIteration,
+            KeyError,
+            TypeError,
+            RegistryError,
+        ):
+            raise unacceptable from None
+        child = await self._fetcher.manifest(route.pool, route.repository, digest)
+        if child.media_type not in accepted:
+            raise unacceptable
+        return child
+
+    # -- blobs --------------------------------------------------------------
+
+    async def _blob(self, request: Request, route: Route, digest: Digest) -> None:
+        request.setHeader("Docker-Content-Digest", str(digest))
+        request.setHeader("ETag", f'"{digest}"')
+        request.setHeader("Accept-Ranges", "bytes")
+        request.setHeader("Content-Type", "application/octet-stream")
+        if request.method == b"HEAD":
+            size = await self._fetcher.blob_size(route.pool, route.repository, digest)
+            if size is not None:
+                request.setHeader("Content-Length", str(size))
+            request.finish()
+            return
+        source = await self._fetcher.blob(route.pool, route.repository, digest)
+        start, end = 0, source.size
+        if source.size is not None:
+            wanted = parse_range(_text_header(request, "Range"), source.size)
+            if wanted is not None:
+                start, end = wanted
+                request.setResponseCode(206)
+                request.setHeader(
+                    "Content-Range", f"bytes {start}-{end - 1}/{source.size}"
+                )
+            request.setHeader("Content-Length", str((end or 0) - start))
+        reader = SpoolReader(source, request, self._clock, start, end)
+        reader.begin()
+        try:
+            await reader.done
+        except CancelledError:
+            reader.stopProducing()
+            raise
+        except Exception as e:
+            self.log.warn(
+                "breaking the response for {digest}: {why}",
+                digest=str(digest),
+                why=str(e),
+            )
+            break_connection(request)
+            return
+        request.finish()
+
+    # -- pass-through -------------------------------------------------------
+
+    async def _tags(self, request: Request, route: Route) -> None:
+        query: dict[str, str] = {}
+        n = _query(request, "n")
+        if n is not None:
+            if not n.isdigit():
+                raise PaginationInvalid(f"n must be a number, not {n[:20]!r}")
+            query["n"] = n
+        last = _query(request, "last")
+        if last is not None:
+            query["last"] = validate_tag(last)
+        pool = route.pool
+        order = [pool.origin, *pool.mirrors]
+        try:
+            _, response = await pool.first_answer(
+                order, "GET", f"{route.repository}/tags/list", query=query
+            )
+        except NotFoundAnywhere:
+            raise ManifestUnknown(
+                f"repository {route.client_name} is unknown"
+            ) from None
+        body = await read_body(response)
+        link = header(response, "Link")
+        if link:
+            request.setHeader("Link", _relink(link, request, route))
+        _write_body(request, "application/json", body)
+
+    async def _referrers(self, request: Request, route: Route, digest: Digest) -> None:
+        query = {}
+        artifact_type = _query(request, "artifactType")
+        if artifact_type is not None:
+            query["artifactType"] = artifact_type
+        pool = route.pool
+        try:
+            _, response = await pool.first_answer(
+                pool.upstreams,
+                "GET",
+                f"{route.repository}/referrers/{digest}",
+                query=query,
+            )
+        except NotFoundAnywhere:
+            raise BlobUnknown(
+                "the upstream registry offers no referrers API; use the referrers tag"
+            ) from None
+        body = await read_body(response)
+        filtered = header(response, "OCI-Filters-Applied")
+        if filtered:
+            request.setHeader("OCI-Filters-Applied", filtered)
+        _write_body(
+            request,
+            header(response, "Content-Type")
+            or "application/vnd.oci.image.index.v1+json",
+            body,
+        )
+
+
+def _relink(link: str, request: Request, route: Route) -> str:
+    """
+    Point an upstream's ``Link: <...>; rel="next"`` back at this mirror, with
+    the name the client used (upstream names lack our namespace prefix).
+    """
+    match = re.match(r"\s*<([^>]*)>(.*)", link)
+    if match is None:
+        return link
+    target, rest = match.groups()
+    params = parse_qs(urlsplit(target).query)
+    kept = [f"{k}={v[0]}" for k, v in params.items() if k in ("n", "last")]
+    ns = _query(request, "ns")
+    if ns is not None:
+        kept.append(f"ns={ns}")
+    return f"</v2/{route.client_name}/tags/list?{'&'.join(kept)}>{rest}"
+
+
+class NotFoundResource(Resource):
+    """Anything outside ``/v2/``: an OCI error, not an HTML page."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        error = NotFound("not a registry API path")
+        request.setResponseCode(error.status)
+        request.setHeader("Content-Type", "application/json")
+        return error.body()
+
+
+class Root(Resource):
+    def __init__(self, api: RegistryAPI) -> None:
+        super().__init__()
+        self.putChild(b"v2", api)
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return NotFoundResource()
+
+
+# -- TLS on a plain port ----------------------------------------------------
+
+#: What Go's net/http answers; clients recognise it and fall back to HTTP.
+_TLS_ON_PLAIN = (
+    b"HTTP/1.0 400 Bad Request\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\n\r\n"
+    b"Client sent an HTTPS request to an HTTP server.\n"
+)
+
+
+class _PlainOnly(ProtocolWrapper):
+    """Watches the first byte: 0x16 starts a TLS handshake, never HTTP."""
+
+    _checked = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._checked and data:
+            self._checked = True
+            if data[:1] == b"\x16":
+                transport: Any = self.transport
+                transport.write(_TLS_ON_PLAIN)
+                transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
+class PlainHTTPFactory(WrappingFactory):
+    """
+    Wraps a Site so that a TLS ClientHello arriving on a plain-HTTP
+    listener is answered at once with a 400 and a closed connection.
+    Harmless behind TLS, where the first decrypted byte is never 0x16.
+    """
+
+    protocol = _PlainOnly
