@@ -82,6 +82,40 @@ class UpstreamPool:
         """The upstreams other than the origin, in order."""
         return [u for u in self.upstreams if u is not self.origin]
 
+    async def ask(
+        self,
+        upstream: Upstream,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+        query: dict[str, str] | None = None,
+    ) -> IResponse:
+        """
+        Send one request to one upstream.
+
+        :return: a 2xx response, its body unread.
+        :raises UpstreamFailure: for any other answer, or none (logged unless
+            it is a 404, which is an answer, not a fault).
+        """
+        try:
+            response = await upstream.request(method, path, headers, query=query)
+        except UpstreamFailure as failure:
+            self._skip(failure)
+            raise
+        if 200 <= response.code < 300:
+            return response
+        await _drain(response)
+        refused = UpstreamFailure(
+            upstream.name,
+            "status",
+            f"answered {response.code}",
+            status=response.code,
+            retry_after=retry_after(response),
+        )
+        if response.code != 404:
+            self._skip(refused)
+        raise refused
+
     async def first_answer(
         self,
         order: Sequence[Upstream],
@@ -100,24 +134,9 @@ class UpstreamPool:
         failures: list[UpstreamFailure] = []
         for upstream in order:
             try:
-                response = await upstream.request(method, path, headers, query=query)
+                return upstream, await self.ask(upstream, method, path, headers, query)
             except UpstreamFailure as failure:
-                self._skip(failure)
                 failures.append(failure)
-                continue
-            if 200 <= response.code < 300:
-                return upstream, response
-            await _drain(response)
-            refused = UpstreamFailure(
-                upstream.name,
-                "status",
-                f"answered {response.code}",
-                status=response.code,
-                retry_after=retry_after(response),
-            )
-            if response.code != 404:
-                self._skip(refused)
-            failures.append(refused)
         raise summarise(self.namespace, failures)
 
     def _skip(self, failure: UpstreamFailure) -> None:
@@ -147,31 +166,16 @@ class UpstreamPool:
 
     async def manifest(self, repository: str, digest: Digest) -> Manifest:
         """A manifest by digest, from the first upstream with a correct copy."""
+        path = f"{repository}/manifests/{digest}"
         failures: list[UpstreamFailure] = []
         for upstream in self.upstreams:
             try:
-                _, response = await self.first_answer(
-                    [upstream],
-                    "GET",
-                    f"{repository}/manifests/{digest}",
-                    {"Accept": MANIFEST_ACCEPT},
+                response = await self.ask(
+                    upstream, "GET", path, {"Accept": MANIFEST_ACCEPT}
                 )
-                manifest = await _read_manifest(upstream, response, digest)
-            except NotFoundAnywhere:
-                failures.append(UpstreamFailure(upstream.name, "status", "404", 404))
-                continue
+                return await _read_manifest(upstream, response, digest)
             except UpstreamFailure as failure:
-                self._skip(failure)
                 failures.append(failure)
-                continue
-            except RegistryError as error:
-                failures.append(
-                    UpstreamFailure(
-                        upstream.name, "status", error.message, error.status
-                    )
-                )
-                continue
-            return manifest
         raise summarise(self.namespace, failures)
 
     async def resolve_tag(
@@ -180,38 +184,35 @@ class UpstreamPool:
         """
         What *tag* points at, asked of *order* in turn: HEAD first (Docker Hub
         does not count it against its pull limit), GET when the HEAD answer
-        carries no digest.
+        carries no usable digest.
         """
-        failures: list[UpstreamFailure] = []
         path = f"{repository}/manifests/{tag}"
+        accept = {"Accept": MANIFEST_ACCEPT}
+        failures: list[UpstreamFailure] = []
         for upstream in order:
             try:
-                _, response = await self.first_answer(
-                    [upstream], "HEAD", path, {"Accept": MANIFEST_ACCEPT}
-                )
+                response = await self.ask(upstream, "HEAD", path, accept)
                 await _drain(response)
-                digest_header = header(response, "Docker-Content-Digest")
-                if digest_header:
-                    try:
-                        return TagAnswer(parse_digest(digest_header), upstream.name)
-                    except RegistryError:
-                        pass  # a malformed header: ask for the manifest itself
-                _, response = await self.first_answer(
-                    [upstream], "GET", path, {"Accept": MANIFEST_ACCEPT}
-                )
+                announced = _digest_header(response)
+                if announced is not None:
+                    return TagAnswer(announced, upstream.name)
+                response = await self.ask(upstream, "GET", path, accept)
                 manifest = await _read_manifest(upstream, response, None)
                 return TagAnswer(manifest.digest, upstream.name, manifest)
-            except NotFoundAnywhere:
-                failures.append(UpstreamFailure(upstream.name, "status", "404", 404))
             except UpstreamFailure as failure:
                 failures.append(failure)
-            except RegistryError as error:
-                failures.append(
-                    UpstreamFailure(
-                        upstream.name, "status", error.message, error.status
-                    )
-                )
         raise summarise(self.namespace, failures)
+
+
+def _digest_header(response: IResponse) -> Digest | None:
+    """The response's ``Docker-Content-Digest``, if present and well-formed."""
+    announced = header(response, "Docker-Content-Digest")
+    if announced:
+        try:
+            return parse_digest(announced)
+        except RegistryError:
+            pass
+    return None
 
 
 async def _read_manifest(
@@ -230,12 +231,8 @@ async def _read_manifest(
     media_type = manifest_media_type(body, header(response, "Content-Type"))
     if media_type is None:
         raise UpstreamFailure(upstream.name, "invalid", "answer is not a manifest")
-    announced = header(response, "Docker-Content-Digest")
-    if digest is None and announced:
-        try:
-            digest = parse_digest(announced)
-        except RegistryError:
-            digest = None
+    if digest is None:
+        digest = _digest_header(response)
     actual = Digest.of(body, digest.algorithm if digest else "sha256")
     if digest is not None and actual != digest:
         raise UpstreamFailure(
