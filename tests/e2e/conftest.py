@@ -87,4 +87,7 @@ def mirror(tmp_path: Path, upstream: RegistryProcess) -> Iterator[MirrorProcess]
     )
     process.start()
     yield process
+    died = process.returncode
     process.stop()
+    assert died is None, f"the mirror died during the test:\n{process.log()}"
+    assert not process.unhandled_errors(), process.log()

@@ -480,6 +480,15 @@ class MirrorProcess:
             return []
         return self.log_path.read_text(errors="replace").splitlines()
 
+    def unhandled_errors(self) -> list[str]:
+        """Log lines that show an exception nobody handled: always a bug."""
+        markers = ("Traceback (most recent call last)", "Unhandled error")
+        return [
+            line
+            for line in self.log().splitlines()
+            if any(marker.lower() in line.lower() for marker in markers)
+        ]
+
     def request(
         self, method: str, path: str, headers: Mapping[str, str] | None = None
     ) -> Response:

@@ -146,17 +146,20 @@ def test_bad_requests_rejected_without_touching_cache_or_upstream(
     assert (unknown.status, unknown.error_codes()) == (404, ["MANIFEST_UNKNOWN"])
 
 
-def test_tags_list_proxied_with_pagination(mirror: MirrorProcess) -> None:
-    """
-    ``tags/list`` returns the upstream's tags; with ``n=1`` it returns one
-    tag and a ``Link`` header to the next page of the same repository.
-    """
+def test_tags_list_proxied(mirror: MirrorProcess) -> None:
+    """``tags/list`` returns the upstream's tags for the repository."""
     response = mirror.request("GET", "/v2/test/shared/tags/list")
     assert response.status == 200
     document = response.json()
     assert document["name"] == "test/shared"
     assert sorted(document["tags"]) == ["one", "two"]
 
+
+def test_tags_list_pagination(mirror: MirrorProcess) -> None:
+    """
+    ``tags/list?n=1`` returns at most one tag and a ``Link`` header to the
+    next page of the same repository on the mirror, which returns the rest.
+    """
     first = mirror.request("GET", "/v2/test/shared/tags/list?n=1")
     assert first.status == 200
     assert first.json() == {"name": "test/shared", "tags": ["one"]}
