@@ -125,3 +125,7 @@ class UpstreamBadGateway(RegistryError):
 class UpstreamTimeout(RegistryError):
     code = "UNAVAILABLE"
     status = 504
+
+
+class DownloadFailed(UpstreamBadGateway):
+    """An upstream transfer broke, or delivered bytes that fail their digest."""

@@ -28,7 +28,7 @@ from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
 from regmirror._flight import SingleFlight
-from regmirror.errors import BlobUnknown, ManifestUnknown, RegistryError
+from regmirror.errors import BlobUnknown, DownloadFailed, ManifestUnknown, RegistryError
 from regmirror.pool import Manifest, NotFoundAnywhere, UpstreamPool
 from regmirror.reference import Digest
 from regmirror.store import DigestMismatch, Spool, Store
@@ -48,10 +48,6 @@ def run_inline(work: Callable[[], None]) -> Deferred[None]:
 
         return fail()
     return succeed(None)
-
-
-class DownloadFailed(Exception):
-    """The upstream transfer broke or delivered the wrong bytes."""
 
 
 @define(eq=False)

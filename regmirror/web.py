@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -21,6 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from regmirror.errors import (
     BlobUnknown,
     ManifestUnknown,
+    NameUnknown,
     NotFound,
     PaginationInvalid,
     RangeInvalid,
@@ -312,13 +313,22 @@ class RegistryAPI(Resource):
                 order, "GET", f"{route.repository}/tags/list", query=query
             )
         except NotFoundAnywhere:
-            raise ManifestUnknown(
-                f"repository {route.client_name} is unknown"
-            ) from None
+            raise NameUnknown(f"repository {route.client_name} is unknown") from None
         body = await read_body(response)
         link = header(response, "Link")
         if link:
-            request.setHeader("Link", _relink(link, request, route))
+            target = re.match(r"\s*<([^>]*)>", link)
+            if target is not None:
+                params = parse_qs(urlsplit(target.group(1)).query)
+                following = {k: v[0] for k, v in params.items() if k in ("n", "last")}
+                request.setHeader("Link", _next_link(request, route, following))
+        elif n is not None:
+            # Some registries (distribution 2.8 among them) ignore n and
+            # last: paginate their full list here, as the spec describes.
+            body, following_last = _paginate(body, int(n), last)
+            if following_last is not None:
+                following = {"n": n, "last": following_last}
+                request.setHeader("Link", _next_link(request, route, following))
         _write_body(request, "application/json", body)
 
     async def _referrers(self, request: Request, route: Route, digest: Digest) -> None:
@@ -350,21 +360,34 @@ class RegistryAPI(Resource):
         )
 
 
-def _relink(link: str, request: Request, route: Route) -> str:
+def _next_link(request: Request, route: Route, query: dict[str, str]) -> str:
     """
-    Point an upstream's ``Link: <...>; rel="next"`` back at this mirror, with
-    the name the client used (upstream names lack our namespace prefix).
+    A ``Link`` to the next page of tags on this mirror, with the name the
+    client used (upstream names lack our namespace prefix).
     """
-    match = re.match(r"\s*<([^>]*)>(.*)", link)
-    if match is None:
-        return link
-    target, rest = match.groups()
-    params = parse_qs(urlsplit(target).query)
-    kept = [f"{k}={v[0]}" for k, v in params.items() if k in ("n", "last")]
     ns = _query(request, "ns")
     if ns is not None:
-        kept.append(f"ns={ns}")
-    return f"</v2/{route.client_name}/tags/list?{'&'.join(kept)}>{rest}"
+        query = {**query, "ns": ns}
+    return f'</v2/{route.client_name}/tags/list?{urlencode(query)}>; rel="next"'
+
+
+def _paginate(body: bytes, n: int, last: str | None) -> tuple[bytes, str | None]:
+    """
+    Cut a full tag list to the page after *last* of at most *n* tags.
+
+    :return: the page's body, and the ``last`` of the next page if any.
+    """
+    try:
+        document = json.loads(body)
+        tags = sorted(str(t) for t in document.get("tags") or [])
+    except (ValueError, AttributeError, TypeError):
+        return body, None
+    if last is not None:
+        tags = [t for t in tags if t > last]
+    more = len(tags) > n
+    document["tags"] = tags[:n]
+    following = tags[n - 1] if more and n > 0 else None
+    return json.dumps(document).encode("utf-8"), following
 
 
 class NotFoundResource(Resource):

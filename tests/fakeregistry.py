@@ -1,0 +1,144 @@
+"""
+A small registry written with twisted.web, for faults that real registries
+will not produce on demand: wrong bytes, held-open bodies, errors on cue.
+It records every request it sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class FakeRegistry(Resource):
+    """
+    Serves ``/v2/<name>/(manifests|blobs|tags|referrers)/...`` from dicts.
+
+    :ivar requests: ``(method, path)`` of every request, in order.
+    :ivar blobs: digest → bytes.
+    :ivar manifests: digest → (media type, bytes).
+    :ivar tags: ``(name, tag)`` → digest.
+    :ivar corrupt: digests whose bytes are served altered (same length).
+    :ivar hold: digests whose body is sent only up to this many bytes and
+        then held open; :meth:`release` finishes them.
+    :ivar fault: when set, called with each request; a non-None return is
+        answered as ``(status, body)`` instead.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuple[str, str]] = []
+        self.blobs: dict[str, bytes] = {}
+        self.manifests: dict[str, tuple[str, bytes]] = {}
+        self.tags: dict[tuple[str, str], str] = {}
+        self.corrupt: set[str] = set()
+        self.hold: dict[str, int] = {}
+        self.held: list[tuple[Request, bytes]] = []
+        self.fault: Callable[[Request], tuple[int, bytes] | None] | None = None
+        self.link: str | None = None
+
+    # -- content ------------------------------------------------------------
+
+    def add_blob(self, data: bytes) -> str:
+        digest = digest_of(data)
+        self.blobs[digest] = data
+        return digest
+
+    def add_manifest(
+        self, name: str, tag: str | None, document: dict[str, Any], media_type: str
+    ) -> tuple[str, bytes]:
+        body = json.dumps(document).encode()
+        digest = digest_of(body)
+        self.manifests[digest] = (media_type, body)
+        if tag is not None:
+            self.tags[(name, tag)] = digest
+        return digest, body
+
+    def count(self, method: str, fragment: str) -> int:
+        """How many requests of *method* had *fragment* in their path."""
+        return sum(1 for m, p in self.requests if m == method and fragment in p)
+
+    def release(self) -> None:
+        """Finish every held body."""
+        held, self.held = self.held, []
+        for request, rest in held:
+            request.write(rest)
+            request.finish()
+
+    # -- HTTP ---------------------------------------------------------------
+
+    def render(self, request: Request) -> Any:
+        method = request.method.decode()
+        path = request.path.decode()
+        self.requests.append((method, path))
+        if self.fault is not None:
+            answer = self.fault(request)
+            if answer is not None:
+                request.setResponseCode(answer[0])
+                return answer[1]
+        parts = path.split("/")[2:]
+        if len(parts) >= 3 and parts[-2:] == ["tags", "list"]:
+            return self._tags("/".join(parts[:-2]), request)
+        if len(parts) < 3:
+            return self._missing(request, "NOT_FOUND")
+        name, kind, reference = "/".join(parts[:-2]), parts[-2], parts[-1]
+        if kind == "manifests":
+            return self._manifest(name, reference, request)
+        if kind == "blobs":
+            return self._blob(reference, request)
+        return self._missing(request, "NOT_FOUND")
+
+    def _missing(self, request: Request, code: str) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader("Content-Type", "application/json")
+        return json.dumps({"errors": [{"code": code, "message": "no"}]}).encode()
+
+    def _manifest(self, name: str, reference: str, request: Request) -> Any:
+        digest = reference if ":" in reference else self.tags.get((name, reference))
+        if digest is None or digest not in self.manifests:
+            return self._missing(request, "MANIFEST_UNKNOWN")
+        media_type, body = self.manifests[digest]
+        if digest in self.corrupt:
+            body = body.replace(b"{", b" ", 1)
+        request.setHeader("Content-Type", media_type)
+        request.setHeader("Docker-Content-Digest", digest)
+        request.setHeader("Content-Length", str(len(body)))
+        return b"" if request.method == b"HEAD" else body
+
+    def _blob(self, digest: str, request: Request) -> Any:
+        data = self.blobs.get(digest)
+        if data is None:
+            return self._missing(request, "BLOB_UNKNOWN")
+        if digest in self.corrupt:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        request.setHeader("Content-Type", "application/octet-stream")
+        request.setHeader("Docker-Content-Digest", digest)
+        request.setHeader("Content-Length", str(len(data)))
+        if request.method == b"HEAD":
+            return b""
+        if digest in self.hold:
+            split = self.hold[digest]
+            request.write(data[:split])
+            self.held.append((request, data[split:]))
+            return NOT_DONE_YET
+        return data
+
+    def _tags(self, name: str, request: Request) -> bytes:
+        tags = sorted(t for (n, t) in self.tags if n == name)
+        if not tags:
+            return self._missing(request, "NAME_UNKNOWN")
+        if self.link is not None:
+            request.setHeader("Link", self.link)
+        request.setHeader("Content-Type", "application/json")
+        return json.dumps({"name": name, "tags": tags}).encode()

@@ -1,0 +1,532 @@
+"""
+The registry API resources against fake upstream registries, in memory:
+``treq.testing.StubTreq`` on both sides, a ``Clock`` for time, no sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import treq
+from fakeregistry import FakeRegistry, digest_of
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogEvent, globalLogPublisher
+from twisted.web.server import Site
+
+from regmirror.config import NamespaceConfig, UpstreamConfig
+from regmirror.fetch import Fetcher
+from regmirror.pool import UpstreamPool
+from regmirror.reference import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from regmirror.routing import Router
+from regmirror.store import Store
+from regmirror.upstream import Upstream
+from regmirror.web import PlainHTTPFactory, RegistryAPI, Root
+
+LAYER = bytes(range(256)) * 40  # 10 KiB
+CONFIG = b'{"architecture":"amd64","os":"linux"}'
+
+
+class Harness:
+    """A mirror with one namespace over the given fake upstreams."""
+
+    def __init__(self, root: str, upstreams: dict[str, FakeRegistry]) -> None:
+        self.clock = Clock()
+        self.store = Store(root)
+        self.store.open()
+        self.fakes = upstreams
+        self.stubs = {name: StubTreq(fake) for name, fake in upstreams.items()}
+        clients = [
+            Upstream(UpstreamConfig(name, f"http://{name}.test"), stub, self.clock)
+            for name, stub in self.stubs.items()
+        ]
+        namespace = NamespaceConfig(
+            "docker.io", tuple(self.stubs), clients[-1].name, default=True, library=True
+        )
+        ghcr = NamespaceConfig("ghcr.io", (clients[-1].name,), clients[-1].name)
+        pool = UpstreamPool("docker.io", clients, clients[-1])
+        router = Router(
+            [
+                (namespace, pool),
+                (ghcr, UpstreamPool("ghcr.io", clients[-1:], clients[-1])),
+            ]
+        )
+        self.fetcher = Fetcher(self.store, self.clock, tag_ttl=30.0)
+        self.client = StubTreq(Root(RegistryAPI(router, self.fetcher, self.clock)))
+
+    def settle(self) -> None:
+        """Pump every in-memory connection until nothing moves."""
+        for _ in range(50):
+            before = sum(len(f.requests) for f in self.fakes.values())
+            for stub in self.stubs.values():
+                stub.flush()
+            self.client.flush()
+            after = sum(len(f.requests) for f in self.fakes.values())
+            if before == after:
+                self.clock.advance(0)
+                for stub in self.stubs.values():
+                    stub.flush()
+                self.client.flush()
+                if after == sum(len(f.requests) for f in self.fakes.values()):
+                    return
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        d = self.client.request(method, f"http://mirror.test{path}", **kwargs)
+        self.settle()
+        return result(d)
+
+    def body(self, response: Any) -> bytes:
+        d = treq.content(response)
+        self.settle()
+        return result(d)
+
+    def cached_files(self) -> list[str]:
+        found = []
+        for sub in ("blobs", "manifests", "tags", "spool"):
+            for folder, _, files in os.walk(os.path.join(self.store.root, sub)):
+                found += [os.path.join(folder, f) for f in files]
+        return sorted(found)
+
+
+def result(d: Deferred[Any]) -> Any:
+    outcome: list[Any] = []
+    d.addBoth(outcome.append)
+    assert outcome, "the Deferred has not fired"
+    if hasattr(outcome[0], "raiseException"):
+        outcome[0].raiseException()
+    return outcome[0]
+
+
+def image(
+    fake: FakeRegistry, name: str = "library/app", tag: str = "latest"
+) -> dict[str, str]:
+    layer = fake.add_blob(LAYER)
+    config = fake.add_blob(CONFIG)
+    document = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config,
+            "size": len(CONFIG),
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": layer,
+                "size": len(LAYER),
+            }
+        ],
+    }
+    manifest, body = fake.add_manifest(name, tag, document, OCI_MANIFEST)
+    return {
+        "layer": layer,
+        "config": config,
+        "manifest": manifest,
+        "body": body.decode(),
+    }
+
+
+@pytest.fixture
+def origin() -> FakeRegistry:
+    return FakeRegistry()
+
+
+@pytest.fixture
+def mirror(tmp_path: Any, origin: FakeRegistry) -> Harness:
+    return Harness(str(tmp_path / "cache"), {"origin": origin})
+
+
+@pytest.fixture
+def logged() -> Iterator[list[LogEvent]]:
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def error_code(harness: Harness, response: Any) -> str:
+    document = json.loads(harness.body(response))
+    return str(document["errors"][0]["code"])
+
+
+# -- the API root and errors ------------------------------------------------
+
+
+def test_base_answers_with_api_version(mirror: Harness) -> None:
+    """``GET /v2/`` is 200 with the registry/2.0 version header."""
+    response = mirror.request("GET", "/v2/")
+    assert response.code == 200
+    assert response.headers.getRawHeaders("Docker-Distribution-API-Version") == [
+        "registry/2.0"
+    ]
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "PATCH", "DELETE"])
+def test_write_methods_are_unsupported(mirror: Harness, method: str) -> None:
+    """Every write method gets 405 UNSUPPORTED and never reaches upstream."""
+    response = mirror.request(method, "/v2/library/app/manifests/latest")
+    assert response.code == 405
+    assert error_code(mirror, response) == "UNSUPPORTED"
+    assert mirror.fakes["origin"].requests == []
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/v2/Bad/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/a/%2e%2e/b/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/a/..%2f..%2fetc/blobs/sha256:" + "0" * 64, 400, "NAME_INVALID"),
+        ("/v2/" + "a" * 300 + "/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/library/app/blobs/sha256:xyz", 400, "DIGEST_INVALID"),
+        ("/v2/library/app/blobs/md5:" + "0" * 32, 400, "DIGEST_INVALID"),
+        ("/v2/library/app/manifests/-bad-tag", 400, "TAG_INVALID"),
+        ("/v2/evil.example.com/x/manifests/latest", 404, "NAME_UNKNOWN"),
+        ("/v2/library/app/other/x", 404, "NOT_FOUND"),
+        ("/elsewhere", 404, "NOT_FOUND"),
+    ],
+)
+def test_bad_input_gets_an_oci_error_and_touches_nothing(
+    mirror: Harness, path: str, status: int, code: str
+) -> None:
+    """Bad names, digests, tags and paths: the right OCI error, no upstream
+    request, no file in the cache."""
+    response = mirror.request("GET", path)
+    assert response.code == status
+    assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
+    assert error_code(mirror, response) == code
+    assert mirror.fakes["origin"].requests == []
+    assert mirror.cached_files() == []
+
+
+# -- manifests --------------------------------------------------------------
+
+
+def test_manifest_by_tag(mirror: Harness, origin: FakeRegistry) -> None:
+    """A tag is resolved with HEAD at the origin, the manifest is served with
+    exact headers, and it is fetched and stored by digest."""
+    content = image(origin)
+    response = mirror.request("GET", "/v2/app/manifests/latest")
+    assert response.code == 200
+    assert mirror.body(response).decode() == content["body"]
+    headers = response.headers
+    assert headers.getRawHeaders("Content-Type") == [OCI_MANIFEST]
+    assert headers.getRawHeaders("Docker-Content-Digest") == [content["manifest"]]
+    assert response.length == len(content["body"])
+    assert headers.getRawHeaders("OCI-Namespace") == ["docker.io"]
+    assert origin.requests == [
+        ("HEAD", "/v2/library/app/manifests/latest"),
+        ("GET", f"/v2/library/app/manifests/{content['manifest']}"),
+    ]
+
+
+def test_manifest_by_digest_is_served_from_cache(
+    mirror: Harness, origin: FakeRegistry
+) -> None:
+    """Once cached, a manifest by digest needs no upstream at all."""
+    content = image(origin)
+    path = f"/v2/library/app/manifests/{content['manifest']}"
+    assert mirror.request("GET", path).code == 200
+    origin.requests.clear()
+    origin.fault = lambda request: (500, b"down")
+    response = mirror.request("HEAD", path)
+    assert response.code == 200
+    assert response.headers.getRawHeaders("Content-Length") == [
+        str(len(content["body"]))
+    ]
+    assert origin.requests == []
+
+
+def test_tag_answer_is_reused_within_ttl(mirror: Harness, origin: FakeRegistry) -> None:
+    """A burst of pulls of one tag costs one origin check per tag_ttl."""
+    image(origin)
+    for _ in range(3):
+        assert mirror.request("GET", "/v2/app/manifests/latest").code == 200
+    assert origin.count("HEAD", "/manifests/latest") == 1
+    mirror.clock.advance(31)
+    assert mirror.request("GET", "/v2/app/manifests/latest").code == 200
+    assert origin.count("HEAD", "/manifests/latest") == 2
+
+
+def test_tag_falls_back_to_cache_when_origin_is_down(
+    mirror: Harness, origin: FakeRegistry, logged: list[LogEvent]
+) -> None:
+    """With the origin unreachable, a tag is served from the last digest the
+    cache saw for it, with a warning in the log."""
+    content = image(origin)
+    assert mirror.request("GET", "/v2/app/manifests/latest").code == 200
+    mirror.clock.advance(60)
+    origin.fault = lambda request: (503, b"maintenance")
+    response = mirror.request("GET", "/v2/app/manifests/latest")
+    assert response.code == 200
+    assert response.headers.getRawHeaders("Docker-Content-Digest") == [
+        content["manifest"]
+    ]
+    assert any("from the cache" in (e.get("log_format") or "") for e in logged)
+
+
+def test_unknown_tag_is_manifest_unknown(mirror: Harness, origin: FakeRegistry) -> None:
+    """The origin's 404 for a tag is a 404 MANIFEST_UNKNOWN."""
+    response = mirror.request("GET", "/v2/app/manifests/nope")
+    assert response.code == 404
+    assert error_code(mirror, response) == "MANIFEST_UNKNOWN"
+
+
+def test_manifest_with_wrong_digest_is_refused_and_not_stored(
+    mirror: Harness, origin: FakeRegistry
+) -> None:
+    """An upstream manifest whose bytes do not match the digest asked for is a
+    502, and nothing is stored."""
+    content = image(origin)
+    origin.corrupt.add(content["manifest"])
+    response = mirror.request("GET", f"/v2/app/manifests/{content['manifest']}")
+    assert response.code == 502
+    assert error_code(mirror, response) == "UNAVAILABLE"
+    assert mirror.cached_files() == []
+
+
+def test_index_negotiated_down_for_old_clients(
+    mirror: Harness, origin: FakeRegistry
+) -> None:
+    """A client that accepts no index gets the index's linux/amd64 image."""
+    amd64 = image(origin, tag=None)  # type: ignore[arg-type]
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": digest_of(b"arm"),
+                "size": 3,
+                "platform": {"os": "linux", "architecture": "arm64"},
+            },
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": amd64["manifest"],
+                "size": len(amd64["body"]),
+                "platform": {"os": "linux", "architecture": "amd64"},
+            },
+        ],
+    }
+    index_digest, _ = origin.add_manifest("library/app", "multi", index, OCI_INDEX)
+    accept_index = mirror.request("GET", "/v2/app/manifests/multi")
+    assert accept_index.headers.getRawHeaders("Docker-Content-Digest") == [index_digest]
+    old = mirror.request(
+        "GET",
+        "/v2/app/manifests/multi",
+        headers={"Accept": f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"},
+    )
+    assert old.code == 200
+    assert old.headers.getRawHeaders("Docker-Content-Digest") == [amd64["manifest"]]
+    assert mirror.body(old).decode() == amd64["body"]
+
+
+# -- blobs --------------------------------------------------------------------
+
+
+def test_blob_is_streamed_cached_and_then_served_locally(
+    mirror: Harness, origin: FakeRegistry
+) -> None:
+    """A blob is fetched once, verified and stored; the second pull needs no
+    upstream."""
+    content = image(origin)
+    path = f"/v2/app/blobs/{content['layer']}"
+    response = mirror.request("GET", path)
+    assert response.code == 200
+    assert response.length == len(LAYER)
+    assert mirror.body(response) == LAYER
+    assert os.path.exists(mirror.store.blob_path(_digest(content["layer"])))
+    origin.requests.clear()
+    again = mirror.request("GET", path)
+    assert mirror.body(again) == LAYER
+    assert origin.requests == []
+
+
+def test_blob_head_does_not_download(mirror: Harness, origin: FakeRegistry) -> None:
+    """HEAD on an uncached blob asks upstream for its size, downloads nothing."""
+    content = image(origin)
+    response = mirror.request("HEAD", f"/v2/app/blobs/{content['layer']}")
+    assert response.code == 200
+    assert response.headers.getRawHeaders("Content-Length") == [str(len(LAYER))]
+    assert response.headers.getRawHeaders("Docker-Content-Digest") == [content["layer"]]
+    assert origin.count("GET", "/blobs/") == 0
+    assert mirror.cached_files() == []
+
+
+def test_unknown_blob(mirror: Harness) -> None:
+    """A blob no upstream has is 404 BLOB_UNKNOWN."""
+    response = mirror.request("GET", "/v2/app/blobs/" + digest_of(b"nothing"))
+    assert response.code == 404
+    assert error_code(mirror, response) == "BLOB_UNKNOWN"
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_blob_range(mirror: Harness, origin: FakeRegistry, cached: bool) -> None:
+    """A single Range is a 206 with Content-Range, cold or cached."""
+    content = image(origin)
+    path = f"/v2/app/blobs/{content['layer']}"
+    if cached:
+        mirror.body(mirror.request("GET", path))
+    response = mirror.request("GET", path, headers={"Range": "bytes=100-199"})
+    assert response.code == 206
+    assert response.headers.getRawHeaders("Content-Range") == [
+        f"bytes 100-199/{len(LAYER)}"
+    ]
+    assert mirror.body(response) == LAYER[100:200]
+
+
+def test_blob_unsatisfiable_range(mirror: Harness, origin: FakeRegistry) -> None:
+    """A range past the end is a 416 with ``Content-Range: bytes */size``."""
+    content = image(origin)
+    response = mirror.request(
+        "GET",
+        f"/v2/app/blobs/{content['layer']}",
+        headers={"Range": f"bytes={len(LAYER)}-"},
+    )
+    assert response.code == 416
+    assert response.headers.getRawHeaders("Content-Range") == [f"bytes */{len(LAYER)}"]
+
+
+def test_corrupt_blob_breaks_the_stream_and_is_not_stored(
+    mirror: Harness, origin: FakeRegistry
+) -> None:
+    """Bytes that do not match the digest: the client that was streaming them
+    sees its body fail (never a "complete" blob), the next client gets a 502,
+    and neither the blob nor its spool remains."""
+    content = image(origin)
+    origin.corrupt.add(content["layer"])
+    origin.hold[content["layer"]] = 4096
+    response = mirror.request("GET", f"/v2/app/blobs/{content['layer']}")
+    assert response.code == 200
+    received: list[bytes] = []
+    d = treq.collect(response, received.append)
+    mirror.settle()
+    assert len(b"".join(received)) == 4095
+    origin.release()
+    mirror.settle()
+    with pytest.raises(Exception):  # noqa: B017 (a broken connection, whatever its class)
+        result(d)
+    assert len(b"".join(received)) < len(LAYER)
+    assert mirror.cached_files() == []
+    del origin.hold[content["layer"]]
+    again = mirror.request("GET", f"/v2/app/blobs/{content['layer']}")
+    assert again.code == 502
+    assert error_code(mirror, again) == "UNAVAILABLE"
+    assert mirror.cached_files() == []
+
+
+def test_concurrent_pulls_share_one_download_and_stream_early(
+    mirror: Harness, origin: FakeRegistry
+) -> None:
+    """Two clients of one cold blob cause one upstream GET, and both receive
+    bytes before the upstream has sent the last one."""
+    content = image(origin)
+    origin.hold[content["layer"]] = 4096
+    path = f"http://mirror.test/v2/app/blobs/{content['layer']}"
+    received: list[list[bytes]] = [[], []]
+    finished: list[object] = []
+    for sink in received:
+        d = mirror.client.get(path, unbuffered=True)
+        d.addCallback(treq.collect, sink.append).addBoth(finished.append)
+    mirror.settle()
+    assert origin.count("GET", "/blobs/") == 1
+    assert all(len(b"".join(sink)) == 4095 for sink in received)
+    assert finished == []
+    origin.release()
+    mirror.settle()
+    assert finished == [None, None]
+    assert all(b"".join(sink) == LAYER for sink in received)
+    assert os.path.exists(mirror.store.blob_path(_digest(content["layer"])))
+
+
+def test_failover_to_the_next_upstream(tmp_path: Any) -> None:
+    """A blob missing from the first upstream (404) or failing there (500)
+    comes from the next one."""
+    mirror_up, origin = FakeRegistry(), FakeRegistry()
+    harness = Harness(str(tmp_path), {"mirror": mirror_up, "origin": origin})
+    content = image(origin)
+    mirror_up.fault = lambda request: (
+        (500, b"oops") if b"blobs" in request.path else None
+    )
+    response = harness.request("GET", f"/v2/app/blobs/{content['layer']}")
+    assert harness.body(response) == LAYER
+    assert mirror_up.count("GET", "/blobs/") == 1
+
+
+def test_tags_list_relinks_to_the_mirror(mirror: Harness, origin: FakeRegistry) -> None:
+    """tags/list passes n/last through and points Link back at the name the
+    client used, namespace prefix included."""
+    image(origin, name="org/app", tag="v1")
+    image(origin, name="org/app", tag="v2")
+    origin.link = '</v2/org/app/tags/list?last=v1&n=1>; rel="next"'
+    response = mirror.request("GET", "/v2/ghcr.io/org/app/tags/list?n=1")
+    assert response.code == 200
+    assert json.loads(mirror.body(response))["tags"] == ["v1", "v2"]
+    assert origin.requests[-1] == ("GET", "/v2/org/app/tags/list")
+    assert response.headers.getRawHeaders("Link") == [
+        '</v2/ghcr.io/org/app/tags/list?last=v1&n=1>; rel="next"'
+    ]
+
+
+def test_tags_list_paginated_when_upstream_ignores_n(
+    mirror: Harness, origin: FakeRegistry
+) -> None:
+    """An upstream that ignores n/last (distribution 2.8) still gives the
+    client pages of n tags with a Link to the next one."""
+    for tag in ("c", "a", "b"):
+        image(origin, name="org/app", tag=tag)
+    first = mirror.request("GET", "/v2/org/app/tags/list?n=2&ns=ghcr.io")
+    assert json.loads(mirror.body(first))["tags"] == ["a", "b"]
+    assert first.headers.getRawHeaders("Link") == [
+        '</v2/org/app/tags/list?n=2&last=b&ns=ghcr.io>; rel="next"'
+    ]
+    second = mirror.request("GET", "/v2/org/app/tags/list?n=2&last=b&ns=ghcr.io")
+    assert json.loads(mirror.body(second))["tags"] == ["c"]
+    assert second.headers.getRawHeaders("Link") is None
+
+
+def test_referrers_missing_upstream_is_404(
+    mirror: Harness, origin: FakeRegistry
+) -> None:
+    """Without a referrers API upstream the answer is 404, so clients fall back
+    to the referrers tag scheme."""
+    content = image(origin)
+    response = mirror.request("GET", f"/v2/app/referrers/{content['manifest']}")
+    assert response.code == 404
+
+
+# -- start-up and listeners -------------------------------------------------
+
+
+def test_store_open_discards_unfinished_downloads(tmp_path: Any) -> None:
+    """A spool file left by a crash is never served: start-up removes it."""
+    store = Store(str(tmp_path))
+    store.open()
+    leftover = tmp_path / "spool" / "abc-123"
+    leftover.write_bytes(b"half a blob")
+    Store(str(tmp_path)).open()
+    assert not leftover.exists()
+
+
+def test_tls_handshake_on_plain_port_is_answered_at_once() -> None:
+    """A TLS ClientHello on a plain-HTTP listener gets an HTTP 400 and a
+    closed connection straight away, so clients fall back without waiting."""
+    factory = PlainHTTPFactory(Site(Root.__new__(Root)))
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    assert transport.value().startswith(b"HTTP/1.0 400 Bad Request\r\n")
+    assert transport.disconnecting
+
+
+def _digest(text: str) -> Any:
+    from regmirror.reference import parse_digest
+
+    return parse_digest(text)
