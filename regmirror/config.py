@@ -258,6 +258,8 @@ def load(path: str) -> Config:
             parser.read_file(f)
     except OSError as e:
         raise ConfigError(path, None, None, f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, None, f"not UTF-8 text: {e.reason}") from None
     except configparser.DuplicateOptionError as e:
         raise ConfigError(path, e.section, e.option, "given twice") from None
     except configparser.DuplicateSectionError as e:

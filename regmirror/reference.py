@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from attrs import frozen
 
@@ -158,6 +158,8 @@ def parse_api_path(raw: bytes) -> ApiPath:
     rest = path[len("/v2") :]
     if rest in ("", "/"):
         return ApiPath("base")
+    if not rest.startswith("/"):
+        raise NotFound("not a registry API path")
     if "%" in rest or "\x00" in rest:
         raise NameInvalid("percent-encoded characters are not allowed in names")
     parts = rest[1:].split("/")
@@ -188,6 +190,19 @@ def accepted_types(accept_header: str | None) -> frozenset[str] | None:
     return frozenset(types)
 
 
+def load_json(body: bytes) -> Any:
+    """
+    Parse JSON from an untrusted source.
+
+    :return: ``None`` for anything that is not JSON, including documents
+        nested too deeply for the parser.
+    """
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
 def manifest_media_type(body: bytes, content_type: str | None) -> str | None:
     """
     The media type of a manifest: the upstream's ``Content-Type`` when it is
@@ -199,10 +214,7 @@ def manifest_media_type(body: bytes, content_type: str | None) -> str | None:
         declared = content_type.split(";", 1)[0].strip().lower()
         if declared in MANIFEST_TYPES:
             return declared
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return None
+    document = load_json(body)
     if not isinstance(document, dict):
         return None
     media = document.get("mediaType")

@@ -9,7 +9,6 @@ named realm, caches tokens per scope, and turns transport problems into
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -28,6 +27,7 @@ from twisted.web.iweb import IResponse
 
 from regmirror._flight import SingleFlight
 from regmirror.config import UpstreamConfig
+from regmirror.reference import load_json
 
 #: Bodies read whole (errors, tokens, manifests, tag lists) stop here.
 MAX_SMALL_BODY = 4 * 1024 * 1024
@@ -267,7 +267,7 @@ class Upstream:
         response = await self._send("GET", url, {})
         try:
             body = await read_body(response, 64 * 1024)
-            document = json.loads(body)
+            document = load_json(body)
             token = document.get("token") or document.get("access_token")
             lifetime = float(document.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
         except (ValueError, AttributeError, TypeError):

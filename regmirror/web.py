@@ -34,6 +34,7 @@ from regmirror.reference import (
     INDEX_TYPES,
     Digest,
     accepted_types,
+    load_json,
     parse_api_path,
     parse_digest,
     parse_reference,
@@ -63,19 +64,27 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
     first, last = match.groups()
     if not first and not last:
         return None
+    unsatisfiable = RangeInvalid(
+        f"range {value[:80]} cannot be satisfied", _unsatisfied(size)
+    )
     if not first:
         # A suffix: the last N bytes.
-        length = int(last)
+        length = _number(last)
         if length == 0 or size == 0:
-            raise RangeInvalid(f"range {value} cannot be satisfied", _unsatisfied(size))
+            raise unsatisfiable
         return max(0, size - length), size
-    start = int(first)
-    end = size if not last else min(int(last) + 1, size)
-    if last and int(last) < start:
+    start = _number(first)
+    if last and _number(last) < start:
         return None
     if start >= size:
-        raise RangeInvalid(f"range {value} cannot be satisfied", _unsatisfied(size))
+        raise unsatisfiable
+    end = size if not last else min(_number(last) + 1, size)
     return start, end
+
+
+def _number(digits: str) -> int:
+    """A byte position; absurdly long ones are merely "very large"."""
+    return int(digits) if len(digits) <= 18 else 10**18
 
 
 def _unsatisfied(size: int) -> dict[str, str]:
@@ -231,7 +240,7 @@ class RegistryAPI(Resource):
                 return manifest
             raise unacceptable
         try:
-            entries = json.loads(manifest.body).get("manifests", [])
+            entries = load_json(manifest.body).get("manifests", [])
             chosen = next(
                 entry
                 for entry in entries
@@ -378,7 +387,7 @@ def _paginate(body: bytes, n: int, last: str | None) -> tuple[bytes, str | None]
     :return: the page's body, and the ``last`` of the next page if any.
     """
     try:
-        document = json.loads(body)
+        document = load_json(body)
         tags = sorted(str(t) for t in document.get("tags") or [])
     except (ValueError, AttributeError, TypeError):
         return body, None
