@@ -30,7 +30,7 @@ from .images import Catalog, build_catalog, write_layout
 def _require_tools() -> None:
     for binary in (REGISTRY_BINARY, SKOPEO_BINARY):
         if not os.access(binary, os.X_OK):
-            pytest.skip(f"{binary} is not installed")
+            pytest.fail(f"{binary} is not installed: run scripts/dev test")
 
 
 @pytest.fixture(scope="session")

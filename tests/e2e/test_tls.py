@@ -1,0 +1,121 @@
+"""The mirror serving HTTPS on an ``ssl:`` listener beside a plain one."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from .harness import (
+    LOCALHOST,
+    MirrorProcess,
+    RegistryProcess,
+    Skopeo,
+    free_port,
+    mirror_config,
+)
+from .images import Catalog
+
+pytestmark = pytest.mark.e2e
+
+
+def write_certificate(folder: Path) -> None:
+    """A self-signed certificate for 127.0.0.1: ``key.pem`` and ``cert.pem``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "regmirror test")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(LOCALHOST))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (folder / "cert.pem").write_bytes(
+        certificate.public_bytes(serialization.Encoding.PEM)
+    )
+
+
+@pytest.fixture
+def tls_mirror(
+    tmp_path: Path, upstream: RegistryProcess
+) -> Iterator[tuple[MirrorProcess, int]]:
+    """A mirror with a plain listener and an ``ssl:`` one whose certificate
+    files are named relative to the config file's folder."""
+    workdir = tmp_path / "mirror"
+    write_certificate(workdir)
+    plain, secure = free_port(), free_port()
+    config = mirror_config(plain, upstream.url).replace(
+        f"listen = tcp:{plain}:interface={LOCALHOST}",
+        f"listen = tcp:{plain}:interface={LOCALHOST}\n"
+        f"    ssl:{secure}:privateKey=key.pem:certKey=cert.pem:interface={LOCALHOST}",
+    )
+    process = MirrorProcess(workdir, config, plain)
+    process.start()
+    yield process, secure
+    process.stop()
+
+
+def test_pull_over_verified_https(
+    tls_mirror: tuple[MirrorProcess, int],
+    skopeo: Skopeo,
+    catalog: Catalog,
+    tmp_path: Path,
+) -> None:
+    """skopeo, verifying the mirror's certificate against the test CA, pulls
+    through the ``ssl:`` listener and gets the pushed manifest."""
+    _, secure = tls_mirror
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "ca.crt").write_bytes((tls_mirror[0].workdir / "cert.pem").read_bytes())
+    image = catalog.small
+    raw = skopeo.run(
+        "inspect",
+        "--raw",
+        "--tls-verify=true",
+        "--cert-dir",
+        str(certs),
+        f"docker://{LOCALHOST}:{secure}/{image.repository}:{image.tag}",
+    )
+    assert raw == image.root.data
+
+
+def test_https_refused_without_the_ca(
+    tls_mirror: tuple[MirrorProcess, int], skopeo: Skopeo, catalog: Catalog
+) -> None:
+    """Without the CA, a verifying client refuses the mirror's certificate:
+    the listener really speaks TLS with the configured certificate."""
+    _, secure = tls_mirror
+    image = catalog.small
+    with pytest.raises(AssertionError, match="certificate"):
+        skopeo.run(
+            "inspect",
+            "--raw",
+            "--tls-verify=true",
+            f"docker://{LOCALHOST}:{secure}/{image.repository}:{image.tag}",
+        )
