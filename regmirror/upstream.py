@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError
@@ -33,6 +33,9 @@ from regmirror.reference import load_json
 MAX_SMALL_BODY = 4 * 1024 * 1024
 #: Token lifetime when the realm does not say (the token spec's default).
 DEFAULT_TOKEN_LIFETIME = 60.0
+#: Redirect statuses that are followed, and how many hops at most.
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
 #: Tokens are renewed this long before they expire.
 TOKEN_MARGIN = 10.0
 
@@ -215,7 +218,36 @@ class Upstream:
                 token = await self._token(bearer, scope)
                 sent["Authorization"] = f"Bearer {token}"
                 response = await self._send(method, url, sent)
-        return response
+        return await self._follow(method, url, headers or {}, response)
+
+    async def _follow(
+        self, method: str, url: str, headers: dict[str, str], response: IResponse
+    ) -> IResponse:
+        """
+        Follow redirects (blobs live on CDNs) by hand, a bounded number of
+        times, sending only the request's own headers: never Authorization,
+        whatever host the redirect names.  https targets only, unless the
+        upstream itself is plain http.
+        """
+        for _ in range(MAX_REDIRECTS):
+            location = header(response, "Location")
+            if response.code not in REDIRECTS or not location:
+                return response
+            await _drain(response)
+            url = urljoin(url, location)
+            allowed = (
+                ("https", "http") if self.config.url.startswith("http:") else ("https",)
+            )
+            if urlsplit(url).scheme not in allowed:
+                raise UpstreamFailure(
+                    self.name, "invalid", "redirected to a scheme that is not allowed"
+                )
+            if response.code == 303:
+                method = "GET"
+            response = await self._send(method, url, headers)
+        raise UpstreamFailure(
+            self.name, "invalid", f"more than {MAX_REDIRECTS} redirects"
+        )
 
     async def _send(self, method: str, url: str, headers: dict[str, str]) -> IResponse:
         try:

@@ -47,6 +47,12 @@ class FakeRegistry(Resource):
         self.held: list[tuple[Request, bytes]] = []
         self.fault: Callable[[Request], tuple[int, bytes] | None] | None = None
         self.link: str | None = None
+        #: when set, blobs answer with a redirect to ``<redirect>/cdn/<digest>``
+        self.redirect: str | None = None
+        #: when set, /v2/ paths want ``Authorization: Bearer <token>``
+        self.token: str | None = None
+        #: ``(path, Authorization header)`` of every request
+        self.authorizations: list[tuple[str, str | None]] = []
 
     # -- content ------------------------------------------------------------
 
@@ -82,6 +88,21 @@ class FakeRegistry(Resource):
         method = request.method.decode()
         path = request.path.decode()
         self.requests.append((method, path))
+        authorization = request.getHeader("Authorization")
+        self.authorizations.append((path, authorization))
+        if path == "/token":
+            request.setHeader("Content-Type", "application/json")
+            return json.dumps({"token": self.token, "expires_in": 300}).encode()
+        if path.startswith("/cdn/"):
+            return self._blob(path[len("/cdn/") :], request)
+        if self.token is not None and authorization != f"Bearer {self.token}":
+            request.setResponseCode(401)
+            request.setHeader(
+                "WWW-Authenticate",
+                'Bearer realm="http://auth.test/token",service="fake",'
+                'scope="repository:library/app:pull"',
+            )
+            return b'{"errors":[{"code":"UNAUTHORIZED","message":"token"}]}'
         if self.fault is not None:
             answer = self.fault(request)
             if answer is not None:
@@ -120,6 +141,10 @@ class FakeRegistry(Resource):
         data = self.blobs.get(digest)
         if data is None:
             return self._missing(request, "BLOB_UNKNOWN")
+        if self.redirect is not None and not request.path.startswith(b"/cdn/"):
+            request.setResponseCode(307)
+            request.setHeader("Location", f"{self.redirect}/cdn/{digest}")
+            return b""
         if digest in self.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         request.setHeader("Content-Type", "application/octet-stream")

@@ -459,6 +459,36 @@ def test_failover_to_the_next_upstream(tmp_path: Any) -> None:
     assert mirror_up.count("GET", "/blobs/") == 1
 
 
+def test_anonymous_token_flow_and_redirect_without_credentials(
+    mirror: Harness, origin: FakeRegistry
+) -> None:
+    """A Bearer challenge is answered with a token from the realm, fetched
+    once and reused; a blob redirect is followed without the Authorization
+    header."""
+    content = image(origin)
+    origin.token = "t0ken"
+    origin.redirect = "https://cdn.test"
+    assert mirror.request("GET", "/v2/app/manifests/latest").code == 200
+    response = mirror.request("GET", f"/v2/app/blobs/{content['layer']}")
+    assert mirror.body(response) == LAYER
+    assert origin.count("GET", "/token") == 1
+    cdn = [auth for path, auth in origin.authorizations if path.startswith("/cdn/")]
+    assert cdn == [None]
+    assert ("/v2/library/app/manifests/latest", "Bearer t0ken") in origin.authorizations
+
+
+def test_redirect_to_a_non_http_scheme_is_refused(
+    mirror: Harness, origin: FakeRegistry
+) -> None:
+    """A redirect may lead only to http(s) (https alone for https upstreams):
+    anything else is an upstream fault, and nothing is cached."""
+    content = image(origin)
+    origin.redirect = "file://cdn.test"
+    response = mirror.request("GET", f"/v2/app/blobs/{content['layer']}")
+    assert response.code == 502
+    assert mirror.cached_files() == []
+
+
 def test_tags_list_relinks_to_the_mirror(mirror: Harness, origin: FakeRegistry) -> None:
     """tags/list passes n/last through and points Link back at the name the
     client used, namespace prefix included."""
