@@ -1,0 +1,587 @@
+"""
+Tests for :mod:`regmirror.config`: reading the INI file into frozen values,
+and one-line errors that name the file, the section and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from regmirror.config import (
+    DEFAULT_LISTEN,
+    ConfigError,
+    load,
+    parse_duration,
+    resolve_endpoint_paths,
+)
+
+FULL = """\
+[server]
+listen = tcp:5000
+    ssl:5443:privateKey=key.pem:certKey=/abs/cert.pem
+workers = 1
+
+[cache]
+directory = data
+tag_ttl = 2m
+
+[upstream:dockerhub]
+url = https://registry-1.docker.io
+connect_timeout = 5s
+response_timeout = 1m
+idle_timeout = 250ms
+
+[upstream:aliyun]
+url = https://example.mirror.aliyuncs.com/
+
+[upstream:ghcr]
+url = HTTPS://GHCR.IO:443
+
+[namespace:docker.io]
+aliases = index.docker.io registry-1.docker.io
+upstreams = aliyun dockerhub
+default = true
+hosts = docker.mirror.example
+
+[namespace:ghcr.io]
+upstreams = ghcr dockerhub
+origin = ghcr
+"""
+
+#: The smallest valid file: the base that error cases add to or change.
+MINIMAL = """\
+[cache]
+directory = data
+
+[upstream:hub]
+url = https://registry-1.docker.io
+
+[namespace:docker.io]
+upstreams = hub
+default = true
+"""
+
+
+def _write(directory: Path, text: str, name: str = "mirror.ini") -> str:
+    path = directory / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return str(path)
+
+
+# -- a valid file ---------------------------------------------------------------
+
+
+def test_load_full_config(tmp_path: Path) -> None:
+    """Every key of a full file is read into the config values."""
+    path = _write(tmp_path, FULL)
+    config = load(path)
+
+    assert config.path == path
+    assert config.server.listen == (
+        "tcp:5000",
+        f"ssl:5443:privateKey={tmp_path / 'key.pem'}:certKey=/abs/cert.pem",
+    )
+    assert config.server.workers == 1
+    assert config.cache.tag_ttl == 120.0
+
+    assert set(config.upstreams) == {"dockerhub", "aliyun", "ghcr"}
+    hub = config.upstreams["dockerhub"]
+    assert hub.url == "https://registry-1.docker.io"
+    assert (hub.connect_timeout, hub.response_timeout, hub.idle_timeout) == (
+        5.0,
+        60.0,
+        0.25,
+    )
+    assert config.upstreams["aliyun"].url == "https://example.mirror.aliyuncs.com"
+    assert config.upstreams["ghcr"].url == "https://ghcr.io:443"
+    ghcr = config.upstreams["ghcr"]
+    assert (ghcr.connect_timeout, ghcr.response_timeout, ghcr.idle_timeout) == (
+        10.0,
+        30.0,
+        60.0,
+    )
+
+    docker, github = config.namespaces
+    assert docker.name == "docker.io"
+    assert docker.aliases == ("index.docker.io", "registry-1.docker.io")
+    assert docker.upstreams == ("aliyun", "dockerhub")
+    assert docker.default is True
+    assert docker.hosts == ("docker.mirror.example",)
+    assert github.name == "ghcr.io"
+    assert github.upstreams == ("ghcr", "dockerhub")
+    assert github.origin == "ghcr"
+    assert github.default is False
+    assert github.aliases == ()
+    assert github.hosts == ()
+    assert config.default_namespace == docker
+
+
+def test_relative_cache_directory_resolved_against_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A relative ``[cache] directory`` means the folder next to the config file,
+    whatever the working directory.
+    """
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load(_write(etc, MINIMAL.replace("= data", "= ./cache/../data")))
+    assert config.cache.directory == str(etc / "data")
+
+
+def test_relative_config_path_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config named by a relative path still resolves against its own folder."""
+    _write(tmp_path, MINIMAL)
+    monkeypatch.chdir(tmp_path)
+    config = load("mirror.ini")
+    assert config.path == str(tmp_path / "mirror.ini")
+    assert config.cache.directory == str(tmp_path / "data")
+
+
+def test_absolute_cache_directory_kept(tmp_path: Path) -> None:
+    """An absolute ``[cache] directory`` is used as written."""
+    config = load(_write(tmp_path, MINIMAL.replace("= data", "= /var/cache/rm")))
+    assert config.cache.directory == "/var/cache/rm"
+
+
+def test_defaults(tmp_path: Path) -> None:
+    """A minimal file gets the documented defaults."""
+    config = load(_write(tmp_path, MINIMAL))
+    assert config.server.listen == DEFAULT_LISTEN == ("tcp:5000",)
+    assert config.server.workers == 1
+    assert config.cache.tag_ttl == 60.0
+
+
+def test_library_default_true_for_docker_io(tmp_path: Path) -> None:
+    """``library`` defaults to true for a namespace named docker.io."""
+    config = load(_write(tmp_path, MINIMAL))
+    assert config.namespaces[0].library is True
+
+
+def test_library_default_true_for_docker_io_alias(tmp_path: Path) -> None:
+    """``library`` defaults to true for a namespace with the alias docker.io."""
+    text = MINIMAL.replace("[namespace:docker.io]", "[namespace:hub.example]")
+    text += "aliases = docker.io\n"
+    config = load(_write(tmp_path, text))
+    assert config.namespaces[0].name == "hub.example"
+    assert config.namespaces[0].library is True
+
+
+def test_library_default_false_elsewhere(tmp_path: Path) -> None:
+    """``library`` defaults to false for any other namespace."""
+    text = MINIMAL.replace("[namespace:docker.io]", "[namespace:ghcr.io]")
+    config = load(_write(tmp_path, text))
+    assert config.namespaces[0].library is False
+
+
+def test_library_explicit(tmp_path: Path) -> None:
+    """An explicit ``library = false`` overrides the docker.io default."""
+    config = load(_write(tmp_path, MINIMAL + "library = false\n"))
+    assert config.namespaces[0].library is False
+
+
+def test_origin_defaults_to_last_upstream(tmp_path: Path) -> None:
+    """Without ``origin``, the last upstream listed decides what tags mean."""
+    text = MINIMAL.replace(
+        "[upstream:hub]",
+        "[upstream:near]\nurl = http://10.0.0.1:5000\n\n[upstream:hub]",
+    ).replace("upstreams = hub", "upstreams = near hub")
+    namespace = load(_write(tmp_path, text)).namespaces[0]
+    assert namespace.upstreams == ("near", "hub")
+    assert namespace.origin == "hub"
+
+
+def test_upstreams_on_several_lines(tmp_path: Path) -> None:
+    """Lists may be split over continuation lines."""
+    text = MINIMAL.replace(
+        "[upstream:hub]",
+        "[upstream:near]\nurl = http://10.0.0.1:5000\n\n[upstream:hub]",
+    ).replace("upstreams = hub", "upstreams =\n    near\n    hub")
+    assert load(_write(tmp_path, text)).namespaces[0].upstreams == ("near", "hub")
+
+
+def test_zero_tag_ttl_allowed(tmp_path: Path) -> None:
+    """``tag_ttl = 0s`` (ask the origin every time) is allowed."""
+    config = load(_write(tmp_path, MINIMAL.replace("= data", "= data\ntag_ttl = 0s")))
+    assert config.cache.tag_ttl == 0.0
+
+
+def test_comments_ignored(tmp_path: Path) -> None:
+    """Whole-line ``;`` and ``#`` comments are ignored."""
+    config = load(_write(tmp_path, "; a comment\n# another\n" + MINIMAL))
+    assert config.namespaces[0].name == "docker.io"
+
+
+# -- errors ---------------------------------------------------------------------
+
+
+def _error(path: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    return info.value
+
+
+def _assert_located(
+    error: ConfigError, path: str, section: str | None, key: str | None
+) -> None:
+    text = str(error)
+    assert "\n" not in text and "\r" not in text, text
+    assert os.path.abspath(path) in text, text
+    if section is not None:
+        assert f"[{section}]" in text, text
+    if key is not None:
+        assert key in text, text
+
+
+@pytest.mark.parametrize(
+    ("extra", "section", "key"),
+    [
+        pytest.param("[bogus]\nx = 1\n", "bogus", None, id="unknown-section"),
+        pytest.param("[server]\nlisten_on = tcp:1\n", "server", "listen_on", id="key"),
+        pytest.param("[server]\nworkers = 2\n", "server", "workers", id="workers-2"),
+        pytest.param(
+            "[server]\nworkers = many\n", "server", "workers", id="workers-nan"
+        ),
+        pytest.param(
+            "[upstream:x]\nurl = ftp://x\n", "upstream:x", "url", id="url-ftp"
+        ),
+        pytest.param(
+            "[upstream:x]\nurl = https://x.example/v2\n",
+            "upstream:x",
+            "url",
+            id="url-path",
+        ),
+        pytest.param(
+            "[upstream:x]\nurl = https://x.example?a=b\n",
+            "upstream:x",
+            "url",
+            id="url-query",
+        ),
+        pytest.param(
+            "[upstream:x]\nurl = https://alice:secret@x.example\n",
+            "upstream:x",
+            "url",
+            id="url-credentials",
+        ),
+        pytest.param(
+            "[upstream:x]\nurl = https://alice@x.example\n",
+            "upstream:x",
+            "url",
+            id="url-user",
+        ),
+        pytest.param(
+            "[upstream:x]\nurl = https://x.example:99999\n",
+            "upstream:x",
+            "url",
+            id="url-port",
+        ),
+        pytest.param(
+            "[upstream:x]\nurl = https://\n", "upstream:x", "url", id="url-no-host"
+        ),
+        pytest.param("[upstream:x]\n", "upstream:x", "url", id="url-missing"),
+        pytest.param(
+            "[upstream:x]\nurl = https://x.example\nconnect_timeout = soon\n",
+            "upstream:x",
+            "connect_timeout",
+            id="bad-duration",
+        ),
+        pytest.param(
+            "[upstream:x]\nurl = https://x.example\nidle_timeout = 0s\n",
+            "upstream:x",
+            "idle_timeout",
+            id="zero-timeout",
+        ),
+        pytest.param(
+            "[upstream:x]\nurl = https://x.example\nresponse_timeout = -5s\n",
+            "upstream:x",
+            "response_timeout",
+            id="negative-timeout",
+        ),
+        pytest.param(
+            "[upstream:x]\nurl = https://x.example\npassword = hunter2\n",
+            "upstream:x",
+            "password",
+            id="upstream-unknown-key",
+        ),
+        pytest.param(
+            "[namespace:ghcr.io]\nupstreams = nowhere\n",
+            "namespace:ghcr.io",
+            "upstreams",
+            id="unknown-upstream",
+        ),
+        pytest.param(
+            "[namespace:ghcr.io]\nupstreams = hub\norigin = other\n",
+            "namespace:ghcr.io",
+            "origin",
+            id="origin-not-listed",
+        ),
+        pytest.param(
+            "[namespace:ghcr.io]\nupstreams = hub hub\n",
+            "namespace:ghcr.io",
+            "upstreams",
+            id="upstream-twice",
+        ),
+        pytest.param(
+            "[namespace:ghcr.io]\n", "namespace:ghcr.io", "upstreams", id="no-upstreams"
+        ),
+        pytest.param(
+            "[namespace:ghcr.io]\nupstreams = hub\ndefault = maybe\n",
+            "namespace:ghcr.io",
+            "default",
+            id="bad-bool",
+        ),
+        pytest.param(
+            "[namespace:ghcr.io]\nupstreams = hub\ndefault = true\n",
+            "namespace:ghcr.io",
+            "default",
+            id="two-defaults",
+        ),
+        pytest.param(
+            "[namespace:ghcr.io]\nupstreams = hub\naliases = index.docker.io\n"
+            "[namespace:quay.io]\nupstreams = hub\naliases = index.docker.io\n",
+            "namespace:quay.io",
+            "aliases",
+            id="duplicate-alias",
+        ),
+        pytest.param(
+            "[namespace:ghcr.io]\nupstreams = hub\naliases = docker.io\n",
+            "namespace:ghcr.io",
+            "aliases",
+            id="alias-is-other-namespace",
+        ),
+        pytest.param(
+            "[namespace:ghcr.io]\nupstreams = hub\naliases = not_a_host!\n",
+            "namespace:ghcr.io",
+            "aliases",
+            id="bad-alias",
+        ),
+        pytest.param(
+            "[namespace:ghcr.io]\nupstreams = hub\nhosts = a.example\n"
+            "[namespace:quay.io]\nupstreams = hub\nhosts = a.example\n",
+            "namespace:quay.io",
+            "hosts",
+            id="duplicate-host",
+        ),
+        pytest.param(
+            "[namespace:ghcr.io]\nupstreams = hub\nanonymous = none\n",
+            "namespace:ghcr.io",
+            "anonymous",
+            id="namespace-unknown-key",
+        ),
+        pytest.param(
+            "[access]\nanonymous = any\n", "access", None, id="access-section"
+        ),
+        pytest.param(
+            "[cluster]\nredis = redis://x\n", "cluster", None, id="cluster-section"
+        ),
+    ],
+)
+def test_errors_name_file_section_key(
+    tmp_path: Path, extra: str, section: str, key: str | None
+) -> None:
+    """
+    Each problem is a ConfigError whose text is one line naming the file,
+    the ``[section]`` and the key.
+    """
+    path = _write(tmp_path, MINIMAL + "\n" + extra)
+    _assert_located(_error(path), path, section, key)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "section", "key"),
+    [
+        pytest.param(
+            "= data", "= data\ntag_ttl = 1 week", "cache", "tag_ttl", id="bad-ttl"
+        ),
+        pytest.param(
+            "= data", "= data\nmax_size = 50GiB", "cache", "max_size", id="max-size"
+        ),
+        pytest.param(
+            "directory = data", "tag_ttl = 1m", "cache", "directory", id="no-directory"
+        ),
+        pytest.param(
+            "directory = data",
+            "directory =",
+            "cache",
+            "directory",
+            id="empty-directory",
+        ),
+        pytest.param(
+            "url = https://registry-1.docker.io",
+            "url = https://a.example\nurl = https://b.example",
+            "upstream:hub",
+            "url",
+            id="duplicate-key",
+        ),
+        pytest.param(
+            "url = https://registry-1.docker.io",
+            "url = https://a.example\nURL = https://b.example",
+            "upstream:hub",
+            "url",
+            id="duplicate-key-other-case",
+        ),
+    ],
+)
+def test_errors_in_minimal_sections(
+    tmp_path: Path, old: str, new: str, section: str, key: str
+) -> None:
+    """Changing one key of a valid file gives a located one-line ConfigError."""
+    path = _write(tmp_path, MINIMAL.replace(old, new))
+    _assert_located(_error(path), path, section, key)
+
+
+def test_missing_cache_section(tmp_path: Path) -> None:
+    """A file without ``[cache]`` names ``[cache] directory`` as required."""
+    path = _write(tmp_path, MINIMAL.replace("[cache]\ndirectory = data\n", ""))
+    _assert_located(_error(path), path, "cache", "directory")
+
+
+def test_duplicate_section(tmp_path: Path) -> None:
+    """A section given twice is an error naming that section."""
+    path = _write(tmp_path, MINIMAL + "\n[cache]\ntag_ttl = 1m\n")
+    _assert_located(_error(path), path, "cache", None)
+
+
+def test_no_default_namespace(tmp_path: Path) -> None:
+    """Without any ``default = true`` the error names the ``default`` key."""
+    path = _write(tmp_path, MINIMAL.replace("default = true\n", ""))
+    error = _error(path)
+    _assert_located(error, path, None, "default")
+    assert "namespace" in str(error)
+
+
+def test_no_namespace(tmp_path: Path) -> None:
+    """A file without any namespace section is an error."""
+    text = MINIMAL.split("[namespace:")[0]
+    path = _write(tmp_path, text)
+    error = _error(path)
+    _assert_located(error, path, None, None)
+    assert "namespace" in str(error)
+
+
+def test_namespace_not_a_host_name(tmp_path: Path) -> None:
+    """A namespace must be named by a registry host name."""
+    path = _write(tmp_path, MINIMAL + "\n[namespace:Not_A_Host!]\nupstreams = hub\n")
+    _assert_located(_error(path), path, "namespace:Not_A_Host!", None)
+
+
+def test_bad_upstream_section_name(tmp_path: Path) -> None:
+    """An ``[upstream:]`` with an empty or odd name is refused."""
+    path = _write(tmp_path, MINIMAL + "\n[upstream:]\nurl = https://x.example\n")
+    _assert_located(_error(path), path, "upstream:", None)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    """A file that does not exist gives a one-line ConfigError naming it."""
+    path = str(tmp_path / "absent.ini")
+    _assert_located(_error(path), path, None, None)
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    """A path naming a directory gives a one-line ConfigError naming it."""
+    _assert_located(_error(str(tmp_path)), str(tmp_path), None, None)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    """
+    A file that is not UTF-8 (here Latin-1 in a comment) cannot be read: a
+    one-line ConfigError naming it, not a UnicodeDecodeError.
+    """
+    path = tmp_path / "mirror.ini"
+    path.write_bytes(b"; caf\xe9\n" + MINIMAL.encode())
+    _assert_located(_error(str(path)), str(path), None, None)
+
+
+def test_no_section_header(tmp_path: Path) -> None:
+    """A key before any section is a one-line ConfigError."""
+    path = _write(tmp_path, "directory = data\n" + MINIMAL)
+    _assert_located(_error(path), path, None, None)
+
+
+def test_line_without_equals(tmp_path: Path) -> None:
+    """A line that is neither a key nor a section is a one-line ConfigError."""
+    path = _write(tmp_path, MINIMAL.replace("= data", "= data\njust words"))
+    _assert_located(_error(path), path, None, None)
+
+
+def test_multi_line_bad_value_stays_one_line(tmp_path: Path) -> None:
+    """A bad value spread over continuation lines still gives a one-line error."""
+    path = _write(tmp_path, MINIMAL.replace("= data", "= data\ntag_ttl = 5\n  x\n  y"))
+    _assert_located(_error(path), path, "cache", "tag_ttl")
+
+
+# -- parse_duration ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90s", 90.0),
+        ("5m", 300.0),
+        ("2h", 7200.0),
+        ("7d", 604800.0),
+        ("250ms", 0.25),
+        ("30", 30.0),
+        ("0", 0.0),
+        ("1.5h", 5400.0),
+        (" 10 s ", 10.0),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    """Durations with ms/s/m/h/d units; a bare number is seconds."""
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "s", "5 minutes", "-5s", "5w", "1h30m", "abc"])
+def test_parse_duration_rejects(text: str) -> None:
+    """Anything else is a ValueError (turned into a ConfigError by the loader)."""
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+# -- resolve_endpoint_paths --------------------------------------------------------
+
+
+def test_resolve_endpoint_paths_ssl() -> None:
+    """
+    Relative file names in an ssl: endpoint become absolute against the base;
+    absolute ones are kept.
+    """
+    resolved = resolve_endpoint_paths(
+        "ssl:5443:privateKey=key.pem:certKey=/abs/cert.pem", "/etc/x"
+    )
+    assert resolved == "ssl:5443:privateKey=/etc/x/key.pem:certKey=/abs/cert.pem"
+
+
+def test_resolve_endpoint_paths_other_keywords_untouched() -> None:
+    """Keywords that name no file, and escaped colons in them, are kept."""
+    description = r"ssl:5443:interface=\:\:1:privateKey=k.pem:backlog=50"
+    assert resolve_endpoint_paths(description, "/etc/x") == (
+        r"ssl:5443:interface=\:\:1:privateKey=/etc/x/k.pem:backlog=50"
+    )
+
+
+@pytest.mark.parametrize("description", ["tcp:5000", r"tcp6:5000:interface=\:\:1"])
+def test_resolve_endpoint_paths_tcp_untouched(description: str) -> None:
+    """Endpoints without file names come back unchanged."""
+    assert resolve_endpoint_paths(description, "/etc/x") == description
+
+
+def test_resolve_endpoint_paths_all_file_keywords() -> None:
+    """Every keyword of Twisted's ssl: endpoint that names a file is resolved."""
+    description = (
+        "ssl:443:privateKey=k:certKey=c:extraCertChain=e:caCertsDir=d:dhParameters=p"
+    )
+    assert resolve_endpoint_paths(description, "/b") == (
+        "ssl:443:privateKey=/b/k:certKey=/b/c:extraCertChain=/b/e"
+        ":caCertsDir=/b/d:dhParameters=/b/p"
+    )
