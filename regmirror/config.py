@@ -9,6 +9,7 @@ the section and the key.
 from __future__ import annotations
 
 import configparser
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -114,7 +115,10 @@ def parse_duration(text: str) -> float:
     match = _DURATION.fullmatch(text.strip())
     if match is None:
         raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 5m, 2h, 7d)")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration out of range: {text[:40]!r}")
+    return seconds
 
 
 def parse_size(text: str) -> int:
@@ -145,6 +149,8 @@ def parse_hostname(text: str) -> str:
 
 def parse_upstream_url(text: str) -> str:
     """An ``http(s)://host[:port]`` URL with no path, query or credentials."""
+    if any(c.isspace() for c in text.strip()):
+        raise ValueError(f"URL contains white space: {text!r}")
     parts = urlsplit(text.strip())
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"URL must start with http:// or https://: {text!r}")

@@ -182,7 +182,9 @@ def accepted_types(accept_header: str | None) -> frozenset[str] | None:
         return None
     types = set()
     for item in accept_header.split(","):
-        media = item.split(";", 1)[0].strip().lower()
+        media, *params = (part.strip().lower() for part in item.split(";"))
+        if any(re.fullmatch(r"q=0(?:\.0{0,3})?", p) for p in params):
+            continue  # q=0: explicitly not acceptable
         if media in ("*/*", "application/*"):
             return None
         if media:

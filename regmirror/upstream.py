@@ -77,7 +77,7 @@ class Challenge:
 _PARAM = re.compile(
     r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]*))\s*,?'
 )
-_SCHEME = re.compile(r"\s*,?\s*([A-Za-z][A-Za-z0-9_.-]*)(?:\s+|$)")
+_SCHEME = re.compile(r"[\s,]*([A-Za-z][A-Za-z0-9_.-]*)(?=[\s,]|$)\s*")
 
 
 def parse_challenges(header: str) -> list[Challenge]:

@@ -74,7 +74,7 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
             raise unsatisfiable
         return max(0, size - length), size
     start = _number(first)
-    if last and _number(last) < start:
+    if last and _order(last) < _order(first):
         return None
     if start >= size:
         raise unsatisfiable
@@ -82,9 +82,16 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+def _order(digits: str) -> tuple[int, str]:
+    """Sorts digit strings by value, however long, without converting them."""
+    significant = digits.lstrip("0")
+    return len(significant), significant
+
+
 def _number(digits: str) -> int:
     """A byte position; absurdly long ones are merely "very large"."""
-    return int(digits) if len(digits) <= 18 else 10**18
+    significant = digits.lstrip("0") or "0"
+    return int(significant) if len(significant) <= 18 else 10**18
 
 
 def _unsatisfied(size: int) -> dict[str, str]:

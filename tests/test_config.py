@@ -16,6 +16,7 @@ from regmirror.config import (
     ConfigError,
     load,
     parse_duration,
+    parse_upstream_url,
     resolve_endpoint_paths,
 )
 
@@ -585,3 +586,15 @@ def test_resolve_endpoint_paths_all_file_keywords() -> None:
         "ssl:443:privateKey=/b/k:certKey=/b/c:extraCertChain=/b/e"
         ":caCertsDir=/b/d:dhParameters=/b/p"
     )
+
+
+def test_duration_out_of_range_is_refused() -> None:
+    """A duration too large for a float is an error, not an infinite timeout."""
+    with pytest.raises(ValueError, match="out of range"):
+        parse_duration("9" * 400)
+
+
+def test_url_with_white_space_is_refused() -> None:
+    """A URL with white space in its host is refused, not passed to the agent."""
+    with pytest.raises(ValueError, match="white space"):
+        parse_upstream_url("https://x .example")

@@ -486,3 +486,9 @@ def test_manifest_media_type_deeply_nested_body() -> None:
     """
     body = b"[" * 100_000 + b"]" * 100_000
     assert manifest_media_type(body, None) is None
+
+
+def test_accept_with_q_zero_excludes_the_type() -> None:
+    """A type sent with ``q=0`` is one the client refuses, not accepts."""
+    header = f"{OCI_INDEX};q=0, {OCI_MANIFEST}"
+    assert accepted_types(header) == frozenset({OCI_MANIFEST})
