@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 
 from regmirror.config import Config
@@ -57,9 +57,19 @@ class _Mirror(MultiService):
         super().startService()
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+class _QuietPool(HTTPConnectionPool):
+    """A connection pool that does not log every upstream connection."""
+
+    _factory = _QuietFactory
+
+
 def build_site(config: Config, reactor: Any) -> tuple[Site, Store]:
     """The HTTP site and its store, wired to upstreams over one connection pool."""
-    connections = HTTPConnectionPool(reactor, persistent=True)
+    connections = _QuietPool(reactor, persistent=True)
     connections.maxPersistentPerHost = 8
     upstreams = {
         name: Upstream(
