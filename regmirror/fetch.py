@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -39,17 +39,6 @@ CHUNK = 256 * 1024
 RunInThread = Callable[[Callable[[], None]], "Deferred[None]"]
 
 
-def run_inline(work: Callable[[], None]) -> Deferred[None]:
-    """Run blocking work at once (tests; small files)."""
-    try:
-        work()
-    except BaseException:
-        from twisted.internet.defer import fail
-
-        return fail()
-    return succeed(None)
-
-
 @define(eq=False)
 class Download:
     """
@@ -65,7 +54,6 @@ class Download:
     upstream: str
     state: str = "running"
     _waiting: list[Deferred[None]] = field(factory=list)
-    final_path: str = ""
 
     @property
     def written(self) -> int:
@@ -111,8 +99,8 @@ class Fetcher:
 
     store: Store
     clock: IReactorTime
-    run_in_thread: RunInThread = run_inline
-    idle_timeout: float = 60.0
+    #: runs blocking work (fsync of a finished blob) off the reactor thread
+    run_in_thread: RunInThread = maybeDeferred
     tag_ttl: float = 60.0
     _tags: dict[tuple[str, str, str], tuple[Digest, float]] = field(factory=dict)
     _tag_flight: SingleFlight[tuple[str, str, str], Digest] = field(
@@ -146,7 +134,7 @@ class Fetcher:
 
         download = await self._starting.run(digest, start)
         if download.state == "done":
-            return BlobSource(download.written, download.final_path)
+            return BlobSource(download.written, download.spool.final_path)
         return BlobSource(download.size, download.spool.path, download)
 
     async def blob_size(
@@ -174,7 +162,6 @@ class Fetcher:
         length = response.length
         size = length if isinstance(length, int) else None
         download = Download(digest, self.store.spool(digest), size, upstream.name)
-        download.final_path = self.store.blob_path(digest)
         self._downloads[digest] = download
         self.log.info(
             "downloading {digest} ({size} bytes) from {upstream}",
@@ -183,7 +170,7 @@ class Fetcher:
             upstream=upstream.name,
         )
         response.deliverBody(
-            _SpoolWriter(self, download, self.clock, self.idle_timeout)
+            _SpoolWriter(self, download, self.clock, upstream.config.idle_timeout)
         )
         return download
 
@@ -306,7 +293,7 @@ class Fetcher:
                 raise ManifestUnknown(
                     f"manifest {digest} is unknown upstream"
                 ) from None
-            self.store.put_manifest(manifest.digest, manifest.media_type, manifest.body)
+            self.store_manifest(manifest)
             return manifest
 
         return await self._manifests.run((pool.namespace, digest), fetch)
@@ -381,7 +368,7 @@ def _open_source(source: BlobSource) -> IO[bytes]:
         if source.download is None:
             raise
     try:
-        return open(source.download.final_path, "rb")  # noqa: SIM115
+        return open(source.download.spool.final_path, "rb")  # noqa: SIM115
     except FileNotFoundError:
         raise DownloadFailed(f"download of {source.download.digest} failed") from None
 

@@ -101,11 +101,7 @@ def build_site(config: Config, reactor: Any) -> tuple[Site, Store]:
         return deferToThreadPool(reactor, threads, work)
 
     fetcher = Fetcher(
-        store,
-        reactor,
-        run_in_thread=in_thread,
-        tag_ttl=config.cache.tag_ttl,
-        idle_timeout=min(u.idle_timeout for u in config.upstreams.values()),
+        store, reactor, run_in_thread=in_thread, tag_ttl=config.cache.tag_ttl
     )
     api = RegistryAPI(Router(namespaces), fetcher, reactor)
     return Site(Root(api)), store

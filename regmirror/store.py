@@ -62,7 +62,7 @@ class Spool:
 
     digest: Digest
     path: str
-    _final: str
+    final_path: str
     _file: IO[bytes]
     _hasher: object = field(init=False)
     written: int = 0
@@ -97,8 +97,8 @@ class Spool:
             self.verify()
             os.fsync(self._file.fileno())
             self._file.close()
-            os.makedirs(os.path.dirname(self._final), exist_ok=True)
-            os.replace(self.path, self._final)
+            os.makedirs(os.path.dirname(self.final_path), exist_ok=True)
+            os.replace(self.path, self.final_path)
         except BaseException:
             self.discard()
             raise
