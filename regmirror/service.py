@@ -7,6 +7,7 @@ global one.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from treq.client import HTTPClient
@@ -43,6 +44,22 @@ def check_listeners(config: Config) -> None:
             serverFromString(None, description)
         except Exception as e:
             raise ValueError(f"bad listener {description!r}: {e}") from None
+
+
+def check_cache(config: Config) -> None:
+    """
+    Make sure the cache folder exists and is writable, so that start-up
+    fails with one clear line rather than a traceback after listening.
+
+    :raises ValueError: naming the problem.
+    """
+    directory = config.cache.directory
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create {directory}: {e.strerror}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"{directory} is not writable")
 
 
 class _Mirror(MultiService):

@@ -6,7 +6,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from regmirror import config as _config
-from regmirror.service import check_listeners, make_service
+from regmirror.service import check_cache, check_listeners, make_service
 
 
 class Options(usage.Options):
@@ -33,11 +33,15 @@ class Options(usage.Options):
         except _config.ConfigError as error:
             # One line and a non-zero exit, before anything listens.
             raise SystemExit(f"regmirror: {error}") from None
-        try:
-            check_listeners(loaded)
-        except ValueError as error:
-            located = _config.ConfigError(loaded.path, "server", "listen", str(error))
-            raise SystemExit(f"regmirror: {located}") from None
+        for check, section, key in (
+            (check_listeners, "server", "listen"),
+            (check_cache, "cache", "directory"),
+        ):
+            try:
+                check(loaded)
+            except ValueError as error:
+                located = _config.ConfigError(loaded.path, section, key, str(error))
+                raise SystemExit(f"regmirror: {located}") from None
         self.loaded = loaded
 
 

@@ -34,14 +34,36 @@ def _listen_not_a_port(port: int) -> str:
     )
 
 
+def _missing_certificate(port: int) -> str:
+    return mirror_config(port, _UPSTREAM).replace(
+        f"listen = tcp:{port}:interface=127.0.0.1",
+        f"listen = tcp:{port}:interface=127.0.0.1 "
+        "ssl:0:privateKey=absent.pem:certKey=absent.pem",
+    )
+
+
+def _cache_under_a_file(port: int) -> str:
+    return mirror_config(port, _UPSTREAM).replace(
+        "directory = cache", "directory = mirror.ini/cache"
+    )
+
+
 @pytest.mark.parametrize(
     ("make_config", "where"),
     [
         (_ftp_upstream, "[upstream:x] url"),
         (_missing_upstream, "[namespace:docker.io] upstreams"),
         (_listen_not_a_port, "[server] listen"),
+        (_missing_certificate, "[server] listen"),
+        (_cache_under_a_file, "[cache] directory"),
     ],
-    ids=["ftp-upstream-url", "missing-upstream", "listen-not-a-port"],
+    ids=[
+        "ftp-upstream-url",
+        "missing-upstream",
+        "listen-not-a-port",
+        "missing-certificate",
+        "cache-not-creatable",
+    ],
 )
 def test_bad_config_exits_with_one_line_naming_file_section_key(
     tmp_path: Path, make_config: Callable[[int], str], where: str
