@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from attrs import frozen
+from attrs import field, frozen
 
 T = TypeVar("T")
 
@@ -40,6 +40,24 @@ class ConfigError(Exception):
 
 
 @frozen
+class Secret:
+    """
+    A password or token: kept out of every ``repr``, ``str`` and log line.
+    Only :meth:`reveal` gives the value, at the point of use.
+    """
+
+    _value: str = field(repr=False)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+
+@frozen
 class UpstreamConfig:
     """One upstream registry endpoint (``[upstream:NAME]``)."""
 
@@ -48,6 +66,23 @@ class UpstreamConfig:
     connect_timeout: float = 10.0
     response_timeout: float = 30.0
     idle_timeout: float = 60.0
+    username: str | None = None
+    password: Secret | None = None
+    #: a pre-issued bearer token, sent as is
+    token: Secret | None = None
+    #: hosts besides the upstream's registrable domain that may receive
+    #: the credentials as a token realm
+    token_realms: tuple[str, ...] = ()
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    insecure: bool = False
+    #: ``http://host:port`` of an outbound proxy
+    proxy: str | None = None
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
 
 
 @frozen
@@ -165,6 +200,14 @@ def parse_upstream_url(text: str) -> str:
     except ValueError:
         raise ValueError(f"URL has a bad port: {text!r}") from None
     return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def parse_proxy_url(text: str) -> str:
+    """An ``http://host:port`` outbound proxy."""
+    url = parse_upstream_url(text)
+    if not url.startswith("http://"):
+        raise ValueError(f"only http:// proxies are supported: {text!r}")
+    return url
 
 
 def resolve_endpoint_paths(description: str, base: str) -> str:
@@ -286,7 +329,7 @@ def load(path: str) -> Config:
             if kind == "upstream" and _SECTION_NAME.fullmatch(name) is None:
                 raise reader.error(None, f"bad upstream name {name!r}")
             if kind == "upstream":
-                upstreams[name] = _upstream(reader, name)
+                upstreams[name] = _upstream(reader, name, base)
             else:
                 namespace_sections.append((name, reader))
         elif section == "server":
@@ -328,17 +371,77 @@ def _cache(reader: _Reader, base: str) -> CacheConfig:
     return CacheConfig(directory=directory, tag_ttl=tag_ttl)
 
 
-def _upstream(reader: _Reader, name: str) -> UpstreamConfig:
+def _upstream(reader: _Reader, name: str, base: str) -> UpstreamConfig:
     positive = _positive(parse_duration)
+
+    def path(text: str) -> str:
+        resolved = os.path.join(base, text.strip())
+        if not os.path.isfile(resolved):
+            raise ValueError(f"no such file: {resolved}")
+        return resolved
+
+    username = reader.get("username", str, None)
+    password = _secret(reader, "password", base)
+    token = _secret(reader, "token", base)
+    if password is not None and not username:
+        raise reader.error("password", "needs a username")
+    if username and password is None:
+        raise reader.error("username", "needs password, password_file or password_env")
+    if token is not None and username:
+        raise reader.error("token", "give either username and password, or token")
+    client_cert = reader.get("client_cert", path, None)
+    client_key = reader.get("client_key", path, None)
+    if client_key is not None and client_cert is None:
+        raise reader.error("client_key", "needs client_cert")
     upstream = UpstreamConfig(
         name=name,
         url=reader.get("url", parse_upstream_url, required=True),
         connect_timeout=reader.get("connect_timeout", positive, 10.0),
         response_timeout=reader.get("response_timeout", positive, 30.0),
         idle_timeout=reader.get("idle_timeout", positive, 60.0),
+        username=username.strip() if username else None,
+        password=password,
+        token=token,
+        token_realms=reader.get("token_realms", _list_of(parse_hostname), ()),
+        ca_file=reader.get("ca_file", path, None),
+        client_cert=client_cert,
+        client_key=client_key,
+        insecure=reader.get("insecure", parse_bool, False),
+        proxy=reader.get("proxy", parse_proxy_url, None),
     )
     reader.finish()
     return upstream
+
+
+def _secret(reader: _Reader, key: str, base: str) -> Secret | None:
+    """
+    A secret given one of three ways: ``KEY`` inline, ``KEY_file`` (a path,
+    e.g. a systemd credential or a mounted Kubernetes secret) or ``KEY_env``
+    (the name of an environment variable).
+    """
+    given = [k for k in (key, f"{key}_file", f"{key}_env") if k in reader.values]
+    if len(given) > 1:
+        raise reader.error(given[1], f"give only one of {', '.join(given)}")
+    if not given:
+        return None
+    chosen = given[0]
+    raw = reader.get(chosen, str, required=True).strip()
+    if chosen.endswith("_file"):
+        location = os.path.join(base, raw)
+        try:
+            with open(location, encoding="utf-8") as f:
+                value = f.read().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise reader.error(chosen, f"cannot read {location}: {e}") from None
+    elif chosen.endswith("_env"):
+        value = os.environ.get(raw, "")
+        if not value:
+            raise reader.error(chosen, f"environment variable {raw} is not set")
+    else:
+        value = raw
+    if not value:
+        raise reader.error(chosen, "is empty")
+    return Secret(value)
 
 
 def _namespace(

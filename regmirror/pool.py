@@ -97,6 +97,15 @@ class UpstreamPool:
         :raises UpstreamFailure: for any other answer, or none (logged unless
             it is a 404, which is an answer, not a fault).
         """
+        waiting = upstream.backing_off()
+        if waiting is not None:
+            raise UpstreamFailure(
+                upstream.name,
+                "backoff",
+                f"rate limited for another {int(waiting)}s",
+                status=429,
+                retry_after=waiting,
+            )
         try:
             response = await upstream.request(method, path, headers, query=query)
         except UpstreamFailure as failure:

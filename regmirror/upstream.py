@@ -9,11 +9,14 @@ named realm, caches tokens per scope, and turns transport problems into
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import re
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from attrs import define, field, frozen
+from publicsuffixlist import PublicSuffixList
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import (
     ConnectError,
@@ -29,10 +32,16 @@ from regmirror._flight import SingleFlight
 from regmirror.config import UpstreamConfig
 from regmirror.reference import load_json
 
+_SUFFIXES = PublicSuffixList()
+
 #: Bodies read whole (errors, tokens, manifests, tag lists) stop here.
 MAX_SMALL_BODY = 4 * 1024 * 1024
 #: Token lifetime when the realm does not say (the token spec's default).
 DEFAULT_TOKEN_LIFETIME = 60.0
+#: How long a 429 without Retry-After keeps an upstream aside, and the most
+#: any Retry-After may ask for.
+DEFAULT_BACKOFF = 60.0
+MAX_BACKOFF = 3600.0
 #: Redirect statuses that are followed, and how many hops at most.
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
@@ -172,20 +181,33 @@ class Upstream:
 
     :ivar config: its configuration.
     :ivar client: a treq ``HTTPClient`` (or ``StubTreq`` in tests) whose
-        agent carries the connect timeout and the connection pool.
-    :ivar clock: for timeouts and token lifetimes.
+        agent carries the connect timeout, TLS settings, proxy and the
+        connection pool.
+    :ivar clock: for timeouts, token lifetimes and back-off.
+    :ivar rate_limit: the last ``(limit, remaining)`` pull quota the
+        upstream announced (Docker Hub's ``RateLimit-*`` headers).
+    :ivar backoff_until: when a 429 lets this upstream be asked again.
     """
 
     config: UpstreamConfig
     client: Any
     clock: IReactorTime
+    rate_limit: tuple[int, int] | None = None
+    backoff_until: float = 0.0
     _tokens: dict[str, tuple[str, float]] = field(factory=dict)
     _token_flight: SingleFlight[str, str] = field(factory=SingleFlight)
+    #: the upstream asked for Basic credentials: send them up front
+    _basic: bool = False
     log = Logger()
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    def backing_off(self) -> float | None:
+        """Seconds left of a 429 back-off, or ``None``."""
+        left = self.backoff_until - self.clock.seconds()
+        return left if left > 0 else None
 
     async def request(
         self,
@@ -197,7 +219,8 @@ class Upstream:
     ) -> IResponse:
         """
         Send *method* to ``/v2/<path>`` and return the response once its
-        headers are in; its body is not read.
+        headers are in; its body is not read.  Authentication challenges
+        are answered once; redirects are followed.
 
         :raises UpstreamFailure: when the upstream cannot be reached in time.
         """
@@ -206,19 +229,72 @@ class Upstream:
             url += "?" + urlencode(query)
         sent = dict(headers or {})
         scope = _scope_for(path)
-        token = self._cached_token(scope)
-        if token is not None:
-            sent["Authorization"] = f"Bearer {token}"
+        authorization = self._authorization(scope)
+        if authorization is not None:
+            sent["Authorization"] = authorization
         response = await self._send(method, url, sent)
-        if response.code == 401:
-            challenges = parse_challenges(header(response, "WWW-Authenticate") or "")
-            bearer = next((c for c in challenges if c.scheme == "bearer"), None)
-            if bearer is not None and "realm" in bearer.params:
-                await _drain(response)
-                token = await self._token(bearer, scope)
-                sent["Authorization"] = f"Bearer {token}"
+        if response.code == 401 and self.config.token is None:
+            retry = await self._answer_challenge(response, scope)
+            if retry is not None:
+                sent["Authorization"] = retry
                 response = await self._send(method, url, sent)
+        self._observe(response)
         return await self._follow(method, url, headers or {}, response)
+
+    def _authorization(self, scope: str) -> str | None:
+        """What to send up front: a static or cached token, or Basic."""
+        if self.config.token is not None:
+            return f"Bearer {self.config.token.reveal()}"
+        cached = self._tokens.get(scope)
+        if cached is not None and self.clock.seconds() < cached[1]:
+            return f"Bearer {cached[0]}"
+        if self._basic:
+            return self._basic_credentials()
+        return None
+
+    def _basic_credentials(self) -> str | None:
+        if self.config.username is None or self.config.password is None:
+            return None
+        pair = f"{self.config.username}:{self.config.password.reveal()}"
+        return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+
+    async def _answer_challenge(self, response: IResponse, scope: str) -> str | None:
+        """The Authorization to retry with after a 401, or ``None``."""
+        challenges = parse_challenges(header(response, "WWW-Authenticate") or "")
+        bearer = next((c for c in challenges if c.scheme == "bearer"), None)
+        if bearer is not None and "realm" in bearer.params:
+            await _drain(response)
+            return f"Bearer {await self._token(bearer, scope)}"
+        basic = self._basic_credentials()
+        if basic is not None and any(c.scheme == "basic" for c in challenges):
+            await _drain(response)
+            self._basic = True
+            return basic
+        return None
+
+    def _observe(self, response: IResponse) -> None:
+        """Record pull quotas and 429 back-offs."""
+        limit = _quota(header(response, "RateLimit-Limit"))
+        remaining = _quota(header(response, "RateLimit-Remaining"))
+        if limit is not None and remaining is not None:
+            if self.rate_limit != (limit, remaining):
+                low = remaining * 5 < limit
+                (self.log.warn if low else self.log.info)(
+                    "upstream {upstream} pull quota: {remaining} of {limit} left",
+                    upstream=self.name,
+                    remaining=remaining,
+                    limit=limit,
+                )
+            self.rate_limit = (limit, remaining)
+        if response.code == 429:
+            wait = retry_after(response)
+            wait = DEFAULT_BACKOFF if wait is None else min(wait, MAX_BACKOFF)
+            self.backoff_until = self.clock.seconds() + wait
+            self.log.warn(
+                "upstream {upstream} is rate limiting (429): not asking it for {wait}s",
+                upstream=self.name,
+                wait=int(wait),
+            )
 
     async def _follow(
         self, method: str, url: str, headers: dict[str, str], response: IResponse
@@ -272,11 +348,11 @@ class Upstream:
             raise UpstreamFailure(self.name, "connect", _describe(e)) from None
         return response
 
-    def _cached_token(self, scope: str) -> str | None:
-        cached = self._tokens.get(scope)
-        if cached is not None and self.clock.seconds() < cached[1]:
-            return cached[0]
-        return None
+    def _may_receive_credentials(self, realm_host: str) -> bool:
+        """Credentials go only to the upstream's own site or allowed realms."""
+        return realm_host.lower() in self.config.token_realms or same_site(
+            realm_host, self.config.host
+        )
 
     async def _token(self, challenge: Challenge, scope: str) -> str:
         """A token for *scope* from the challenge's realm, shared by a burst."""
@@ -296,7 +372,19 @@ class Upstream:
         query = {"service": challenge.params.get("service", "")}
         query["scope"] = challenge.params.get("scope", scope)
         url = realm + ("&" if "?" in realm else "?") + urlencode(query)
-        response = await self._send("GET", url, {})
+        headers = {}
+        credentials = self._basic_credentials()
+        if credentials is not None:
+            if self._may_receive_credentials(urlsplit(realm).hostname or ""):
+                headers["Authorization"] = credentials
+            else:
+                self.log.warn(
+                    "upstream {upstream}: token realm {realm} is outside its domain; "
+                    "asking it for an anonymous token (see token_realms)",
+                    upstream=self.name,
+                    realm=urlsplit(realm).hostname,
+                )
+        response = await self._send("GET", url, headers)
         try:
             body = await read_body(response, 64 * 1024)
             document = load_json(body)
@@ -319,6 +407,37 @@ class Upstream:
         expires = self.clock.seconds() + max(0.0, lifetime - TOKEN_MARGIN)
         self._tokens[scope] = (token, expires)
         return token
+
+
+def _quota(value: str | None) -> int | None:
+    """``76;w=21600`` → 76."""
+    if not value:
+        return None
+    head = value.split(";", 1)[0].strip()
+    return int(head) if head.isdigit() else None
+
+
+def same_site(host: str, other: str) -> bool:
+    """
+    Whether two hosts share a registrable domain (``auth.docker.io`` and
+    ``registry-1.docker.io``); IP addresses and single labels only match
+    themselves.
+    """
+    host, other = host.lower().rstrip("."), other.lower().rstrip(".")
+    if host == other:
+        return True
+    if _is_address(host) or _is_address(other):
+        return False
+    mine = _SUFFIXES.privatesuffix(host)
+    return mine is not None and mine == _SUFFIXES.privatesuffix(other)
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _scope_for(path: str) -> str:
