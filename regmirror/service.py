@@ -17,14 +17,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 
-from regmirror.config import Config
+from regmirror.config import Config, ConfigError
 from regmirror.fetch import Fetcher
 from regmirror.pool import UpstreamPool
 from regmirror.routing import Router
 from regmirror.store import Store
+from regmirror.transport import UpstreamTLS, agent_for
 from regmirror.upstream import Upstream
 from regmirror.web import PlainHTTPFactory, RegistryAPI, Root
 
@@ -44,6 +45,23 @@ def check_listeners(config: Config) -> None:
             serverFromString(None, description)
         except Exception as e:
             raise ValueError(f"bad listener {description!r}: {e}") from None
+
+
+def check_upstreams(config: Config) -> None:
+    """
+    Load every upstream's certificate files now, so that a bad one stops
+    start-up with one line.
+
+    :raises ConfigError: naming the upstream's section.
+    """
+    for upstream in config.upstreams.values():
+        try:
+            UpstreamTLS(upstream)
+        except ValueError as e:
+            key = "ca_file" if "ca_file" in str(e) else "client_cert"
+            raise ConfigError(
+                config.path, f"upstream:{upstream.name}", key, str(e)
+            ) from None
 
 
 def check_cache(config: Config) -> None:
@@ -91,11 +109,7 @@ def build_site(config: Config, reactor: Any) -> tuple[Site, Store]:
     upstreams = {
         name: Upstream(
             upstream,
-            HTTPClient(
-                Agent(
-                    reactor, connectTimeout=upstream.connect_timeout, pool=connections
-                )
-            ),
+            HTTPClient(agent_for(upstream, reactor, connections)),
             reactor,
         )
         for name, upstream in config.upstreams.items()

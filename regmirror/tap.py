@@ -6,7 +6,12 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from regmirror import config as _config
-from regmirror.service import check_cache, check_listeners, make_service
+from regmirror.service import (
+    check_cache,
+    check_listeners,
+    check_upstreams,
+    make_service,
+)
 
 
 class Options(usage.Options):
@@ -32,6 +37,10 @@ class Options(usage.Options):
             loaded = _config.load(self["config"])
         except _config.ConfigError as error:
             # One line and a non-zero exit, before anything listens.
+            raise SystemExit(f"regmirror: {error}") from None
+        try:
+            check_upstreams(loaded)
+        except _config.ConfigError as error:
             raise SystemExit(f"regmirror: {error}") from None
         for check, section, key in (
             (check_listeners, "server", "listen"),

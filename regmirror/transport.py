@@ -1,0 +1,242 @@
+"""
+How the mirror reaches one upstream: TLS verification (system trust store,
+a custom CA bundle, client certificates, or an explicit, loudly logged
+``insecure``) and an optional outbound HTTP proxy (``CONNECT`` tunnels for
+https, absolute-form requests for http).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ProxyAgent,
+)
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS
+from zope.interface import implementer
+
+from regmirror.config import UpstreamConfig
+from regmirror.upstream import same_site
+
+log = Logger()
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
+#: The most a proxy may say before its answer to CONNECT ends.
+_MAX_PROXY_HEAD = 16 * 1024
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@implementer(IPolicyForHTTPS)
+class UpstreamTLS:
+    """
+    TLS settings of one upstream.  Hosts on the upstream's own site (its
+    registrable domain: the registry, its token realm) are verified against
+    ``ca_file`` when one is given and get the client certificate; any other
+    host (a CDN a blob redirects to) against the system trust store.
+
+    :raises ValueError: from the constructor, for unreadable or malformed
+        certificate files.
+    """
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self._host = config.host
+        self._insecure = config.insecure
+        self._default = BrowserLikePolicyForHTTPS()
+        self._trust: Any = None
+        self._client: ssl.PrivateCertificate | None = None
+        try:
+            if config.ca_file is not None:
+                found = _PEM_CERTIFICATE.findall(_read(config.ca_file))
+                if not found:
+                    raise ValueError(f"no PEM certificate in {config.ca_file}")
+                self._trust = ssl.trustRootFromCertificates(
+                    [ssl.Certificate.loadPEM(pem) for pem in found]
+                )
+            if config.client_cert is not None:
+                pem = _read(config.client_cert)
+                if config.client_key is not None:
+                    pem += b"\n" + _read(config.client_key)
+                self._client = ssl.PrivateCertificate.loadPEM(pem)
+        except (OSError, SSL.Error) as e:
+            raise ValueError(f"unusable certificate file: {e}") from None
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        name = hostname.decode("ascii")
+        if not same_site(name, self._host):
+            return self._default.creatorForNetloc(hostname, port)
+        if self._insecure:
+            return _Unverified(name, self._client)
+        return ssl.optionsForClientTLS(
+            name, trustRoot=self._trust, clientCertificate=self._client
+        )
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _Unverified:
+    """TLS without any certificate check, for ``insecure = true`` only."""
+
+    def __init__(self, hostname: str, client: ssl.PrivateCertificate | None) -> None:
+        extra: dict[str, Any] = {}
+        if client is not None:
+            extra = {
+                "privateKey": client.privateKey.original,
+                "certificate": client.original,
+            }
+        self._context = ssl.CertificateOptions(verify=False, **extra).getContext()
+        self._hostname = hostname
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        try:
+            ipaddress.ip_address(self._hostname)
+        except ValueError:
+            connection.set_tlsext_host_name(self._hostname.encode("idna"))
+        return connection
+
+
+_CLOSED = Failure(ConnectError(string="the proxy closed the connection"))
+
+
+class _Tunnel(Protocol):
+    """Asks an HTTP proxy for a ``CONNECT`` tunnel, then hands the socket over."""
+
+    def __init__(self, target: bytes, factory: IProtocolFactory) -> None:
+        self.ready: Deferred[IProtocol] = Deferred()
+        self._target = target
+        self._factory = factory
+        self._head = b""
+        self._inner: Any = None
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(
+            b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (self._target, self._target)
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.dataReceived(data)
+            return
+        self._head += data
+        if b"\r\n\r\n" not in self._head:
+            if len(self._head) > _MAX_PROXY_HEAD:
+                self._refuse("the proxy's answer is too long")
+            return
+        head, rest = self._head.split(b"\r\n\r\n", 1)
+        status = head.split(b"\r\n", 1)[0].split(b" ")
+        if len(status) < 2 or status[1] != b"200":
+            line = head.split(b"\r\n", 1)[0].decode("latin-1")[:100]
+            self._refuse(f"the proxy refused CONNECT: {line}")
+            return
+        assert self.transport is not None
+        self._inner = self._factory.buildProtocol(self.transport.getPeer())
+        self._inner.makeConnection(self.transport)
+        self.ready.callback(self._inner)
+        if rest:
+            self._inner.dataReceived(rest)
+
+    def _refuse(self, why: str) -> None:
+        transport: Any = self.transport
+        transport.abortConnection()
+        if not self.ready.called:
+            self.ready.errback(ConnectError(string=why))
+
+    def connectionLost(self, reason: Failure = _CLOSED) -> None:
+        if self._inner is not None:
+            self._inner.connectionLost(reason)
+        elif not self.ready.called:
+            self.ready.errback(reason)
+
+
+@implementer(IStreamClientEndpoint)
+class _TunnelEndpoint:
+    def __init__(self, proxy: IStreamClientEndpoint, host: bytes, port: int) -> None:
+        self._proxy = proxy
+        self._target = b"%s:%d" % (host, port)
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        tunnel = _Tunnel(self._target, factory)
+        connecting = self._proxy.connect(Factory.forProtocol(lambda: tunnel))
+        return connecting.addCallback(lambda _: tunnel.ready)
+
+
+@implementer(IAgentEndpointFactory)
+class _TunnelEndpoints:
+    def __init__(self, proxy: IStreamClientEndpoint, tls: IPolicyForHTTPS) -> None:
+        self._proxy = proxy
+        self._tls = tls
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if uri.scheme != b"https":
+            raise ConnectError(string="only https is tunnelled")
+        creator = self._tls.creatorForNetloc(uri.host, uri.port)
+        return wrapClientTLS(creator, _TunnelEndpoint(self._proxy, uri.host, uri.port))
+
+
+@implementer(IAgent)
+class _ProxiedAgent:
+    """https through ``CONNECT`` tunnels, http as absolute-form requests."""
+
+    def __init__(self, https: IAgent, http: IAgent) -> None:
+        self._https = https
+        self._http = http
+
+    def request(
+        self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None
+    ) -> Deferred[Any]:
+        agent = self._https if uri.startswith(b"https:") else self._http
+        return agent.request(method, uri, headers, bodyProducer)
+
+
+def agent_for(config: UpstreamConfig, reactor: Any, pool: HTTPConnectionPool) -> IAgent:
+    """The agent that reaches *config*'s upstream as configured."""
+    tls = UpstreamTLS(config)
+    if config.insecure:
+        log.warn(
+            "upstream {upstream}: TLS certificate verification is OFF (insecure = "
+            "true): anyone on the path can impersonate {host}",
+            upstream=config.name,
+            host=config.host,
+        )
+    if config.proxy is None:
+        return Agent(
+            reactor,
+            contextFactory=tls,
+            connectTimeout=config.connect_timeout,
+            pool=pool,
+        )
+    proxy_uri = URI.fromBytes(config.proxy.encode("ascii"))
+    proxy = HostnameEndpoint(
+        reactor, proxy_uri.host, proxy_uri.port, timeout=config.connect_timeout
+    )
+    return _ProxiedAgent(
+        Agent.usingEndpointFactory(reactor, _TunnelEndpoints(proxy, tls), pool=pool),
+        ProxyAgent(proxy, reactor, pool=pool),
+    )
