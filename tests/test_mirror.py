@@ -7,154 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import treq
 from fakeregistry import FakeRegistry, digest_of
-from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from memory import LAYER, Harness, error_code, image, result
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent
 from twisted.web.server import Site
 
-from regmirror.config import NamespaceConfig, UpstreamConfig
-from regmirror.fetch import Fetcher
-from regmirror.pool import UpstreamPool
 from regmirror.reference import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
-from regmirror.routing import Router
 from regmirror.store import Store
-from regmirror.upstream import Upstream
-from regmirror.web import PlainHTTPFactory, RegistryAPI, Root
-
-LAYER = bytes(range(256)) * 40  # 10 KiB
-CONFIG = b'{"architecture":"amd64","os":"linux"}'
-
-
-class Harness:
-    """A mirror with one namespace over the given fake upstreams."""
-
-    def __init__(self, root: str, upstreams: dict[str, FakeRegistry]) -> None:
-        self.clock = Clock()
-        self.store = Store(root)
-        self.store.open()
-        self.fakes = upstreams
-        self.stubs = {name: StubTreq(fake) for name, fake in upstreams.items()}
-        clients = [
-            Upstream(UpstreamConfig(name, f"http://{name}.test"), stub, self.clock)
-            for name, stub in self.stubs.items()
-        ]
-        namespace = NamespaceConfig(
-            "docker.io", tuple(self.stubs), clients[-1].name, default=True, library=True
-        )
-        ghcr = NamespaceConfig("ghcr.io", (clients[-1].name,), clients[-1].name)
-        pool = UpstreamPool("docker.io", clients, clients[-1])
-        router = Router(
-            [
-                (namespace, pool),
-                (ghcr, UpstreamPool("ghcr.io", clients[-1:], clients[-1])),
-            ]
-        )
-        self.fetcher = Fetcher(self.store, self.clock, tag_ttl=30.0)
-        self.client = StubTreq(Root(RegistryAPI(router, self.fetcher, self.clock)))
-
-    def settle(self) -> None:
-        """Pump every in-memory connection until nothing moves."""
-        for _ in range(50):
-            before = sum(len(f.requests) for f in self.fakes.values())
-            for stub in self.stubs.values():
-                stub.flush()
-            self.client.flush()
-            after = sum(len(f.requests) for f in self.fakes.values())
-            if before == after:
-                self.clock.advance(0)
-                for stub in self.stubs.values():
-                    stub.flush()
-                self.client.flush()
-                if after == sum(len(f.requests) for f in self.fakes.values()):
-                    return
-
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        d = self.client.request(method, f"http://mirror.test{path}", **kwargs)
-        self.settle()
-        return result(d)
-
-    def body(self, response: Any) -> bytes:
-        d = treq.content(response)
-        self.settle()
-        return result(d)
-
-    def cached_files(self) -> list[str]:
-        found = []
-        for sub in ("blobs", "manifests", "tags", "spool"):
-            for folder, _, files in os.walk(os.path.join(self.store.root, sub)):
-                found += [os.path.join(folder, f) for f in files]
-        return sorted(found)
-
-
-def result(d: Deferred[Any]) -> Any:
-    outcome: list[Any] = []
-    d.addBoth(outcome.append)
-    assert outcome, "the Deferred has not fired"
-    if hasattr(outcome[0], "raiseException"):
-        outcome[0].raiseException()
-    return outcome[0]
-
-
-def image(
-    fake: FakeRegistry, name: str = "library/app", tag: str = "latest"
-) -> dict[str, str]:
-    layer = fake.add_blob(LAYER)
-    config = fake.add_blob(CONFIG)
-    document = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config,
-            "size": len(CONFIG),
-        },
-        "layers": [
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": layer,
-                "size": len(LAYER),
-            }
-        ],
-    }
-    manifest, body = fake.add_manifest(name, tag, document, OCI_MANIFEST)
-    return {
-        "layer": layer,
-        "config": config,
-        "manifest": manifest,
-        "body": body.decode(),
-    }
-
-
-@pytest.fixture
-def origin() -> FakeRegistry:
-    return FakeRegistry()
-
-
-@pytest.fixture
-def mirror(tmp_path: Any, origin: FakeRegistry) -> Harness:
-    return Harness(str(tmp_path / "cache"), {"origin": origin})
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
-
-
-def error_code(harness: Harness, response: Any) -> str:
-    document = json.loads(harness.body(response))
-    return str(document["errors"][0]["code"])
-
+from regmirror.web import PlainHTTPFactory, Root
 
 # -- the API root and errors ------------------------------------------------
 
