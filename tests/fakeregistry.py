@@ -53,6 +53,14 @@ class FakeRegistry(Resource):
         self.token: str | None = None
         #: ``(path, Authorization header)`` of every request
         self.authorizations: list[tuple[str, str | None]] = []
+        #: where the Bearer challenge sends clients for a token
+        self.realm = "http://auth.test/token"
+        #: when set, the token endpoint wants this ``Authorization`` header
+        self.token_credentials: str | None = None
+        #: when set, /v2/ paths want this ``Authorization: Basic ...`` value
+        self.basic: str | None = None
+        #: ``(limit, remaining)`` sent as RateLimit-* headers on manifests
+        self.quota: tuple[int, int] | None = None
 
     # -- content ------------------------------------------------------------
 
@@ -91,6 +99,9 @@ class FakeRegistry(Resource):
         authorization = request.getHeader("Authorization")
         self.authorizations.append((path, authorization))
         if path == "/token":
+            if self.token_credentials not in (None, authorization):
+                request.setResponseCode(401)
+                return b'{"details":"bad credentials"}'
             request.setHeader("Content-Type", "application/json")
             return json.dumps({"token": self.token, "expires_in": 300}).encode()
         if path.startswith("/cdn/"):
@@ -99,10 +110,14 @@ class FakeRegistry(Resource):
             request.setResponseCode(401)
             request.setHeader(
                 "WWW-Authenticate",
-                'Bearer realm="http://auth.test/token",service="fake",'
+                f'Bearer realm="{self.realm}",service="fake",'
                 'scope="repository:library/app:pull"',
             )
             return b'{"errors":[{"code":"UNAUTHORIZED","message":"token"}]}'
+        if self.basic is not None and authorization != self.basic:
+            request.setResponseCode(401)
+            request.setHeader("WWW-Authenticate", 'Basic realm="fake"')
+            return b'{"errors":[{"code":"UNAUTHORIZED","message":"basic"}]}'
         if self.fault is not None:
             answer = self.fault(request)
             if answer is not None:
@@ -130,6 +145,9 @@ class FakeRegistry(Resource):
         if digest is None or digest not in self.manifests:
             return self._missing(request, "MANIFEST_UNKNOWN")
         media_type, body = self.manifests[digest]
+        if self.quota is not None:
+            request.setHeader("RateLimit-Limit", f"{self.quota[0]};w=21600")
+            request.setHeader("RateLimit-Remaining", f"{self.quota[1]};w=21600")
         if digest in self.corrupt:
             body = body.replace(b"{", b" ", 1)
         request.setHeader("Content-Type", media_type)

@@ -32,16 +32,28 @@ CONFIG = b'{"architecture":"amd64","os":"linux"}'
 class Harness:
     """A mirror with one namespace over the given fake upstreams."""
 
-    def __init__(self, root: str, upstreams: dict[str, FakeRegistry]) -> None:
+    def __init__(
+        self,
+        root: str,
+        upstreams: dict[str, FakeRegistry],
+        settings: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.clock = Clock()
         self.store = Store(root)
         self.store.open()
         self.fakes = upstreams
         self.stubs = {name: StubTreq(fake) for name, fake in upstreams.items()}
         clients = [
-            Upstream(UpstreamConfig(name, f"http://{name}.test"), stub, self.clock)
+            Upstream(
+                UpstreamConfig(
+                    name, f"http://{name}.test", **(settings or {}).get(name, {})
+                ),
+                stub,
+                self.clock,
+            )
             for name, stub in self.stubs.items()
         ]
+        self.upstreams = {upstream.name: upstream for upstream in clients}
         namespace = NamespaceConfig(
             "docker.io", tuple(self.stubs), clients[-1].name, default=True, library=True
         )

@@ -1,0 +1,192 @@
+"""
+The twisted.web fake registry of ``tests/fakeregistry.py`` as a process, for
+upstream behaviour that ``docker-registry`` will not show on demand.  Run by
+the end-to-end tests as ``python fake_upstream.py --ready-file F --log L ...``.
+
+- ``--image NAME=LAYOUT``: serve the tags and blobs of an OCI layout as
+  repository ``NAME`` (repeatable);
+- ``--token T``: every ``/v2/`` request needs ``Authorization: Bearer T``,
+  else 401 with a Bearer challenge whose realm is this server's ``/token``
+  (which hands out a token that is *not* T);
+- ``--cdn``: blob GETs answer ``307`` to a second listener (the "CDN") that
+  serves the blob to anyone;
+- ``--status N --retry-after S``: every request is answered ``N`` with
+  ``Retry-After: S`` (a rate-limited mirror);
+- ``--header 'Name: value'``: added to every answer (repeatable).
+
+Each request is appended to ``--log`` as one JSON line: which listener
+(``registry`` or ``cdn``), method, path and the ``Authorization`` header as
+received (or null).  Listens on 127.0.0.1, free ports, written as
+``{"registry": N, "cdn": M}`` to ``--ready-file``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from fakeregistry import FakeRegistry  # noqa: E402
+
+MANIFEST_TYPES = {
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+}
+
+
+class Recorder:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def record(self, listener: str, request: Request) -> None:
+        entry = {
+            "listener": listener,
+            "method": request.method.decode(),
+            "path": request.path.decode(),
+            "authorization": request.getHeader("Authorization"),
+        }
+        with self.path.open("a") as log:
+            log.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+class Registry(FakeRegistry):
+    def __init__(self, options: argparse.Namespace, recorder: Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+        self.required_token: str | None = options.token
+        self.status: int | None = options.status
+        self.retry_after: str | None = options.retry_after
+        self.extra_headers = [h.split(":", 1) for h in options.header]
+        self.realm = ""
+
+    def render(self, request: Request) -> Any:
+        self.recorder.record("registry", request)
+        for name, value in self.extra_headers:
+            request.setHeader(name.strip(), value.strip())
+        path = request.path.decode()
+        if self.status is not None:
+            request.setResponseCode(self.status)
+            if self.retry_after is not None:
+                request.setHeader("Retry-After", self.retry_after)
+            request.setHeader("Content-Type", "application/json")
+            return json.dumps(
+                {"errors": [{"code": "TOOMANYREQUESTS", "message": "slow down"}]}
+            ).encode()
+        if path == "/token":
+            request.setHeader("Content-Type", "application/json")
+            return json.dumps({"token": "anonymous", "expires_in": 300}).encode()
+        if (
+            self.required_token is not None
+            and request.getHeader("Authorization") != f"Bearer {self.required_token}"
+        ):
+            request.setResponseCode(401)
+            request.setHeader("Content-Type", "application/json")
+            request.setHeader(
+                "WWW-Authenticate", f'Bearer realm="{self.realm}",service="fake"'
+            )
+            return json.dumps(
+                {"errors": [{"code": "UNAUTHORIZED", "message": "token"}]}
+            ).encode()
+        if path in ("/v2", "/v2/"):
+            request.setHeader("Content-Type", "application/json")
+            return b"{}"
+        return super().render(request)
+
+    def render_cdn(self, request: Request) -> Any:
+        """A blob for anyone who asks: what a CDN behind a redirect does."""
+        path = request.path.decode()
+        if not path.startswith("/cdn/"):
+            return self._missing(request, "NOT_FOUND")
+        return self._blob(path[len("/cdn/") :], request)
+
+    def load(self, name: str, layout: Path) -> None:
+        for blob in (layout / "blobs" / "sha256").iterdir():
+            data = blob.read_bytes()
+            digest = self.add_blob(data)
+            try:
+                media_type = json.loads(data).get("mediaType")
+            except (ValueError, AttributeError):
+                media_type = None
+            if media_type in MANIFEST_TYPES:
+                self.manifests[digest] = (media_type, data)
+        index = json.loads((layout / "index.json").read_bytes())
+        for entry in index["manifests"]:
+            tag = entry.get("annotations", {}).get("org.opencontainers.image.ref.name")
+            if tag:
+                self.tags[(name, tag)] = entry["digest"]
+
+
+class Cdn(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: Registry, recorder: Recorder) -> None:
+        super().__init__()
+        self.registry = registry
+        self.recorder = recorder
+
+    def render(self, request: Request) -> Any:
+        self.recorder.record("cdn", request)
+        return self.registry.render_cdn(request)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ready-file", required=True)
+    parser.add_argument("--log", required=True)
+    parser.add_argument("--image", action="append", default=[])
+    parser.add_argument("--token")
+    parser.add_argument("--cdn", action="store_true")
+    parser.add_argument("--status", type=int)
+    parser.add_argument("--retry-after")
+    parser.add_argument("--header", action="append", default=[])
+    options = parser.parse_args()
+
+    recorder = Recorder(Path(options.log))
+    registry = Registry(options, recorder)
+    for spec in options.image:
+        name, _, layout = spec.partition("=")
+        registry.load(name, Path(layout))
+
+    async def start() -> None:
+        ports: dict[str, int] = {}
+        listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Site(registry)
+        )
+        ports["registry"] = listening.getHost().port
+        registry.realm = f"http://127.0.0.1:{ports['registry']}/token"
+        if options.cdn:
+            cdn = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+                Site(Cdn(registry, recorder))
+            )
+            ports["cdn"] = cdn.getHost().port
+            registry.redirect = f"http://127.0.0.1:{ports['cdn']}"
+        ready = Path(options.ready_file)
+        partial = ready.with_suffix(".partial")
+        partial.write_text(json.dumps(ports))
+        os.replace(partial, ready)
+
+    def failed(failure: Any) -> None:
+        failure.printTraceback()
+        reactor.stop()  # type: ignore[attr-defined]
+
+    reactor.callWhenRunning(  # type: ignore[attr-defined]
+        lambda: Deferred.fromCoroutine(start()).addErrback(failed)
+    )
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    main()
