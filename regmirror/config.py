@@ -79,6 +79,10 @@ class UpstreamConfig:
     insecure: bool = False
     #: ``http://host:port`` of an outbound proxy
     proxy: str | None = None
+    #: failed answers in a row that mark the upstream down
+    breaker_failures: int = 3
+    #: how long a down upstream is skipped (doubling, up to ten times)
+    breaker_backoff: float = 30.0
 
     @property
     def host(self) -> str:
@@ -97,6 +101,10 @@ class NamespaceConfig:
     hosts: tuple[str, ...] = ()
     #: one-word repository names get ``library/`` (Docker Hub's convention)
     library: bool = False
+    #: when the origin cannot be reached: ``freshest``, ``cache`` or ``fail``
+    origin_unreachable: str = "freshest"
+    #: how old (since the origin last confirmed it) a cached tag may be
+    max_stale: float = 7 * 86400.0
 
 
 DEFAULT_LISTEN: tuple[str, ...] = ("tcp:5000",)
@@ -287,6 +295,23 @@ def _positive(convert: Callable[[str], float]) -> Callable[[str], float]:
     return parse
 
 
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}: {text!r}")
+        return value
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"must be a whole number greater than zero: {text!r}")
+    return value
+
+
 _UNSUPPORTED_SECTIONS = {
     "access": "client access control is not implemented in this version",
     "cluster": "clustering is not implemented in this version",
@@ -408,6 +433,8 @@ def _upstream(reader: _Reader, name: str, base: str) -> UpstreamConfig:
         client_key=client_key,
         insecure=reader.get("insecure", parse_bool, False),
         proxy=reader.get("proxy", parse_proxy_url, None),
+        breaker_failures=reader.get("breaker_failures", _positive_int, 3),
+        breaker_backoff=reader.get("breaker_backoff", positive, 30.0),
     )
     reader.finish()
     return upstream
@@ -471,6 +498,10 @@ def _namespace(
         aliases=aliases,
         hosts=reader.get("hosts", _list_of(parse_hostname), tuple[str, ...]()),
         library=reader.get("library", parse_bool, "docker.io" in (name, *aliases)),
+        origin_unreachable=reader.get(
+            "origin_unreachable", _one_of("freshest", "cache", "fail"), "freshest"
+        ),
+        max_stale=reader.get("max_stale", parse_duration, 7 * 86400.0),
     )
     reader.finish()
     return namespace

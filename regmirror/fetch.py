@@ -28,10 +28,27 @@ from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
 from regmirror._flight import SingleFlight
-from regmirror.errors import BlobUnknown, DownloadFailed, ManifestUnknown, RegistryError
-from regmirror.pool import Manifest, NotFoundAnywhere, UpstreamPool
-from regmirror.reference import Digest
+from regmirror.errors import BlobUnknown, DownloadFailed, ManifestUnknown
+from regmirror.pool import (
+    Manifest,
+    NotFoundAnywhere,
+    OriginUnreachable,
+    TagAnswer,
+    UpstreamPool,
+)
+from regmirror.reference import (
+    INDEX_TYPES,
+    Digest,
+    load_json,
+    parse_digest,
+    parse_timestamp,
+)
 from regmirror.store import DigestMismatch, Spool, Store
+
+#: Where a tag answer came from when it came from the cache.
+CACHE = "cache"
+#: Image configs read to date an image are read up to this size.
+MAX_CONFIG_SIZE = 1024 * 1024
 
 #: Bytes read from disk per write to a client.
 CHUNK = 256 * 1024
@@ -102,8 +119,8 @@ class Fetcher:
     #: runs blocking work (fsync of a finished blob) off the reactor thread
     run_in_thread: RunInThread = maybeDeferred
     tag_ttl: float = 60.0
-    _tags: dict[tuple[str, str, str], tuple[Digest, float]] = field(factory=dict)
-    _tag_flight: SingleFlight[tuple[str, str, str], Digest] = field(
+    _tags: dict[tuple[str, str, str], tuple[TagAnswer, float]] = field(factory=dict)
+    _tag_flight: SingleFlight[tuple[str, str, str], TagAnswer] = field(
         factory=SingleFlight
     )
     _downloads: dict[Digest, Download] = field(factory=dict)
@@ -226,13 +243,17 @@ class Fetcher:
 
     async def resolve_tag(
         self, pool: UpstreamPool, repository: str, tag: str
-    ) -> Digest:
+    ) -> TagAnswer:
         """
-        What a tag points at: the origin decides; an answer is reused for
-        ``tag_ttl``.  When the origin cannot be reached, the last digest
-        the cache saw for the tag is used (with a warning), else the other
-        upstreams are asked.
+        What a tag points at.  The origin decides; its answer is reused for
+        ``tag_ttl`` and recorded on disk.  When the origin cannot be reached
+        the namespace's policy applies: ``freshest`` takes the newest image
+        among the cached answer (if younger than ``max_stale``) and the
+        mirrors not known to be stale, ``cache`` only the cached answer,
+        ``fail`` nothing.
 
+        :return: the answer; its ``upstream`` says where it came from:
+            an upstream's name, or ``"cache"``.
         :raises ManifestUnknown: when the origin says the tag does not exist.
         """
         key = (pool.namespace, repository, tag)
@@ -240,37 +261,103 @@ class Fetcher:
         if remembered is not None and self.clock.seconds() < remembered[1]:
             return remembered[0]
 
-        async def ask() -> Digest:
+        async def ask() -> TagAnswer:
             try:
-                answer = await pool.resolve_tag(repository, tag, [pool.origin])
+                answer = await pool.resolve_tag(repository, tag)
             except NotFoundAnywhere:
                 raise ManifestUnknown(
                     f"{repository}:{tag} is unknown upstream"
                 ) from None
-            except RegistryError as error:
-                fallback = self.store.tag(pool.namespace, repository, tag)
-                if fallback is not None:
-                    self.log.warn(
-                        "{namespace}: origin unreachable ({why}); serving "
-                        "{repository}:{tag} from the cache as {digest}",
-                        namespace=pool.namespace,
-                        why=error.message,
-                        repository=repository,
-                        tag=tag,
-                        digest=str(fallback),
-                    )
-                    return fallback
-                try:
-                    answer = await pool.resolve_tag(repository, tag, pool.mirrors)
-                except (NotFoundAnywhere, RegistryError):
-                    raise error from None
-            if answer.manifest is not None:
-                self.store_manifest(answer.manifest)
-            self.store.set_tag(pool.namespace, repository, tag, answer.digest)
-            self._tags[key] = (answer.digest, self.clock.seconds() + self.tag_ttl)
-            return answer.digest
+            except OriginUnreachable as unreachable:
+                answer = await self._without_origin(pool, repository, tag, unreachable)
+            else:
+                if answer.manifest is not None:
+                    self.store_manifest(answer.manifest)
+                self.store.set_tag(
+                    pool.namespace, repository, tag, answer.digest, self.clock.seconds()
+                )
+            self._tags[key] = (answer, self.clock.seconds() + self.tag_ttl)
+            return answer
 
         return await self._tag_flight.run(key, ask)
+
+    async def _without_origin(
+        self,
+        pool: UpstreamPool,
+        repository: str,
+        tag: str,
+        unreachable: OriginUnreachable,
+    ) -> TagAnswer:
+        """Apply the namespace's policy for a tag the origin did not answer."""
+        candidates: list[TagAnswer] = []
+        record = self.store.tag(pool.namespace, repository, tag)
+        if (
+            record is not None
+            and self.clock.seconds() - record.confirmed <= pool.max_stale
+        ):
+            candidates.append(TagAnswer(record.digest, CACHE))
+        if pool.origin_unreachable == "freshest":
+            candidates += unreachable.answers
+        elif pool.origin_unreachable == "fail":
+            candidates = []
+        if not candidates:
+            raise unreachable.error
+        chosen = candidates[0]
+        if len({c.digest for c in candidates}) > 1:
+            chosen = await self._freshest(pool, repository, candidates)
+        if chosen.manifest is not None:
+            self.store_manifest(chosen.manifest)
+        self.log.warn(
+            "{namespace}: origin unreachable ({why}); {repository}:{tag} answered "
+            "by {source} as {digest}",
+            namespace=pool.namespace,
+            why=str(unreachable),
+            repository=repository,
+            tag=tag,
+            source=chosen.upstream,
+            digest=str(chosen.digest),
+        )
+        return chosen
+
+    async def _freshest(
+        self, pool: UpstreamPool, repository: str, candidates: list[TagAnswer]
+    ) -> TagAnswer:
+        """The candidate whose image was created last (the first on a tie)."""
+        dated = []
+        for position, candidate in enumerate(candidates):
+            try:
+                created = await self._created(pool, repository, candidate)
+            except Exception as e:  # an unreadable candidate just loses
+                self.log.info(
+                    "cannot date {digest}: {why}", digest=str(candidate.digest), why=e
+                )
+                continue
+            dated.append((created, -position, candidate))
+        if not dated:
+            return candidates[0]
+        return max(dated, key=lambda entry: (entry[0], entry[1]))[2]
+
+    async def _created(
+        self, pool: UpstreamPool, repository: str, candidate: TagAnswer
+    ) -> float:
+        """When an image was built, from its config (an index: its first image)."""
+        manifest = candidate.manifest or await self.manifest(
+            pool, repository, candidate.digest
+        )
+        if manifest.media_type in INDEX_TYPES:
+            entries = load_json(manifest.body)["manifests"]
+            child = parse_digest(entries[0]["digest"])
+            manifest = await self.manifest(pool, repository, child)
+        config = parse_digest(load_json(manifest.body)["config"]["digest"])
+        source = await self.blob(pool, repository, config)
+        if source.download is not None:
+            while source.download.state == "running":
+                await source.download.changed()
+            if source.download.state != "done":
+                raise DownloadFailed(f"config {config} did not arrive")
+        with open(self.store.blob_path(config), "rb") as f:
+            created = load_json(f.read(MAX_CONFIG_SIZE))["created"]
+        return parse_timestamp(created)
 
     # -- manifests ----------------------------------------------------------
 

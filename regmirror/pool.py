@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from attrs import define, frozen
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
@@ -64,6 +65,29 @@ class NotFoundAnywhere(Exception):
     """Every upstream asked answered 404."""
 
 
+class OriginUnreachable(Exception):
+    """
+    The origin gave no answer about a tag.
+
+    :ivar error: what to tell a client if nothing else will do.
+    :ivar answers: what the mirrors not known to be stale said.
+    """
+
+    def __init__(self, error: Exception, answers: list[TagAnswer]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.answers = answers
+
+
+@frozen
+class StaleAnswer:
+    """A mirror's tag answer that differed from the origin's."""
+
+    tag: str
+    theirs: Digest
+    origin: Digest
+
+
 @define(eq=False)
 class UpstreamPool:
     """
@@ -75,6 +99,15 @@ class UpstreamPool:
     namespace: str
     upstreams: Sequence[Upstream]
     origin: Upstream
+    #: what to do about a tag when the origin is unreachable:
+    #: ``freshest``, ``cache`` or ``fail``
+    origin_unreachable: str = "freshest"
+    #: cached tag answers older than this are not used in that case
+    max_stale: float = 7 * 86400.0
+    #: (mirror, repository) → its last answer that differed from the origin
+    stale: dict[tuple[str, str], StaleAnswer] = field(factory=dict)
+    #: how many stale answers each mirror gave
+    stale_counts: dict[str, int] = field(factory=dict)
     log = Logger()
 
     @property
@@ -106,11 +139,18 @@ class UpstreamPool:
                 status=429,
                 retry_after=waiting,
             )
+        if not upstream.breaker.allow():
+            raise UpstreamFailure(upstream.name, "down", "marked down, not asked")
         try:
             response = await upstream.request(method, path, headers, query=query)
         except UpstreamFailure as failure:
-            self._skip(failure)
+            self.failed(upstream, failure)
             raise
+        except BaseException:
+            upstream.breaker.abandoned()
+            raise
+        if 200 <= response.code < 300 or response.code == 404:
+            self.answered(upstream)
         if 200 <= response.code < 300:
             return response
         await _drain(response)
@@ -121,9 +161,27 @@ class UpstreamPool:
             status=response.code,
             retry_after=retry_after(response),
         )
-        if response.code != 404:
-            self._skip(refused)
+        if response.code == 429:
+            upstream.breaker.abandoned()  # its own back-off covers it
+        elif response.code != 404:
+            self.failed(upstream, refused)
         raise refused
+
+    def answered(self, upstream: Upstream) -> None:
+        """The upstream gave a real answer: it is healthy."""
+        if upstream.breaker.succeeded():
+            self.log.info("upstream {upstream} is back", upstream=upstream.name)
+
+    def failed(self, upstream: Upstream, failure: UpstreamFailure) -> None:
+        """Count a failure against the upstream's health, and log it."""
+        self._skip(failure)
+        opened = upstream.breaker.failed(failure.reason in ("connect", "timeout"))
+        if opened is not None:
+            self.log.warn(
+                "upstream {upstream} marked down for {seconds}s",
+                upstream=upstream.name,
+                seconds=int(opened),
+            )
 
     async def first_answer(
         self,
@@ -175,42 +233,117 @@ class UpstreamPool:
 
     async def manifest(self, repository: str, digest: Digest) -> Manifest:
         """A manifest by digest, from the first upstream with a correct copy."""
-        path = f"{repository}/manifests/{digest}"
         failures: list[UpstreamFailure] = []
         for upstream in self.upstreams:
             try:
-                response = await self.ask(
-                    upstream, "GET", path, {"Accept": MANIFEST_ACCEPT}
+                return await self.ask_manifest(
+                    upstream, repository, str(digest), digest
                 )
-                return await _read_manifest(upstream, response, digest)
             except UpstreamFailure as failure:
                 failures.append(failure)
         raise summarise(self.namespace, failures)
 
-    async def resolve_tag(
-        self, repository: str, tag: str, order: Sequence[Upstream]
-    ) -> TagAnswer:
+    async def ask_manifest(
+        self,
+        upstream: Upstream,
+        repository: str,
+        reference: str,
+        digest: Digest | None,
+    ) -> Manifest:
         """
-        What *tag* points at, asked of *order* in turn: HEAD first (Docker Hub
-        does not count it against its pull limit), GET when the HEAD answer
-        carries no usable digest.
+        GET one manifest from one upstream and check it: an answer that is no
+        manifest, or not the one asked for, counts against its health.
+        """
+        path = f"{repository}/manifests/{reference}"
+        response = await self.ask(upstream, "GET", path, {"Accept": MANIFEST_ACCEPT})
+        try:
+            return await _read_manifest(upstream, response, digest)
+        except UpstreamFailure as failure:
+            self.failed(upstream, failure)
+            raise
+
+    async def ask_tag(self, upstream: Upstream, repository: str, tag: str) -> TagAnswer:
+        """
+        What *tag* points at according to one upstream: HEAD first (Docker
+        Hub does not count it against its pull limit), GET when the HEAD
+        answer carries no usable digest.
         """
         path = f"{repository}/manifests/{tag}"
-        accept = {"Accept": MANIFEST_ACCEPT}
-        failures: list[UpstreamFailure] = []
-        for upstream in order:
-            try:
-                response = await self.ask(upstream, "HEAD", path, accept)
-                await _drain(response)
-                announced = _digest_header(response)
-                if announced is not None:
-                    return TagAnswer(announced, upstream.name)
-                response = await self.ask(upstream, "GET", path, accept)
-                manifest = await _read_manifest(upstream, response, None)
-                return TagAnswer(manifest.digest, upstream.name, manifest)
-            except UpstreamFailure as failure:
-                failures.append(failure)
-        raise summarise(self.namespace, failures)
+        response = await self.ask(upstream, "HEAD", path, {"Accept": MANIFEST_ACCEPT})
+        await _drain(response)
+        announced = _digest_header(response)
+        if announced is not None:
+            return TagAnswer(announced, upstream.name)
+        manifest = await self.ask_manifest(upstream, repository, tag, None)
+        return TagAnswer(manifest.digest, upstream.name, manifest)
+
+    async def resolve_tag(self, repository: str, tag: str) -> TagAnswer:
+        """
+        What *tag* points at: the origin decides.  The mirrors are asked at
+        the same time, without waiting for them: a mirror whose answer
+        differs from the origin's is recorded as stale for the repository.
+
+        :raises NotFoundAnywhere: when the origin says the tag does not exist.
+        :raises OriginUnreachable: carrying the mirrors' answers, when the
+            origin gave none.
+        """
+        asked = [
+            (mirror, Deferred.fromCoroutine(self.ask_tag(mirror, repository, tag)))
+            for mirror in self.mirrors
+        ]
+        try:
+            answer = await self.ask_tag(self.origin, repository, tag)
+        except UpstreamFailure as failure:
+            for _, pending in asked:
+                pending.addErrback(lambda _: None)
+            if failure.status == 404:
+                raise NotFoundAnywhere() from None
+            answers = []
+            for mirror, pending in asked:
+                try:
+                    mirror_answer = await pending
+                except UpstreamFailure:
+                    continue
+                if (mirror.name, repository) not in self.stale:
+                    answers.append(mirror_answer)
+            raise OriginUnreachable(
+                summarise(self.namespace, [failure]), answers
+            ) from None
+        for _, pending in asked:
+            pending.addCallbacks(
+                self._compare, lambda _: None, (repository, tag, answer)
+            )
+        return answer
+
+    def _compare(
+        self, theirs: TagAnswer, repository: str, tag: str, ours: TagAnswer
+    ) -> None:
+        """Record whether a mirror agrees with the origin about a tag."""
+        key = (theirs.upstream, repository)
+        if theirs.digest == ours.digest:
+            if self.stale.pop(key, None) is not None:
+                self.log.info(
+                    "{namespace}: mirror {mirror} caught up on {repository}",
+                    namespace=self.namespace,
+                    mirror=theirs.upstream,
+                    repository=repository,
+                )
+            return
+        self.stale[key] = StaleAnswer(tag, theirs.digest, ours.digest)
+        self.stale_counts[theirs.upstream] = (
+            self.stale_counts.get(theirs.upstream, 0) + 1
+        )
+        self.log.warn(
+            "{namespace}: stale mirror {mirror}: {repository}:{tag} is {theirs} "
+            "there, {ours} at the origin {origin}; its tag answers are not used",
+            namespace=self.namespace,
+            mirror=theirs.upstream,
+            repository=repository,
+            tag=tag,
+            theirs=str(theirs.digest),
+            ours=str(ours.digest),
+            origin=ours.upstream,
+        )
 
 
 def _digest_header(response: IResponse) -> Digest | None:

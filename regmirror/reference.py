@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from attrs import frozen
@@ -229,3 +230,19 @@ def manifest_media_type(body: bytes, content_type: str | None) -> str | None:
         if isinstance(document.get("layers"), list):
             return OCI_MANIFEST
     return None
+
+
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def parse_timestamp(text: str) -> float:
+    """
+    An RFC 3339 time as written in image configs (Go writes nanoseconds and
+    ``Z``), in seconds since 1970.
+
+    :raises ValueError: for anything else.
+    """
+    moment = datetime.fromisoformat(_FRACTION.sub(r"\1", text.strip()))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()

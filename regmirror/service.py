@@ -121,6 +121,8 @@ def build_site(config: Config, reactor: Any) -> tuple[Site, Store]:
                 namespace.name,
                 [upstreams[name] for name in namespace.upstreams],
                 upstreams[namespace.origin],
+                origin_unreachable=namespace.origin_unreachable,
+                max_stale=namespace.max_stale,
             ),
         )
         for namespace in config.namespaces

@@ -16,14 +16,23 @@ repository path component, which never starts with ``_``.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import IO
 
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.logger import Logger
 
 from regmirror.reference import Digest, parse_digest
+
+
+@frozen
+class TagRecord:
+    """A tag's digest, and when the origin confirmed it (seconds since 1970)."""
+
+    digest: Digest
+    confirmed: float
 
 
 class DigestMismatch(Exception):
@@ -181,13 +190,14 @@ class Store:
     def _tag_path(self, namespace: str, repository: str, tag: str) -> str:
         return os.path.join(self.root, "tags", namespace, repository, "_tags", tag)
 
-    def tag(self, namespace: str, repository: str, tag: str) -> Digest | None:
-        """The digest last recorded for a tag, or ``None``."""
+    def tag(self, namespace: str, repository: str, tag: str) -> TagRecord | None:
+        """What a tag pointed at when the origin last said, or ``None``."""
         try:
-            with open(
-                self._tag_path(namespace, repository, tag), encoding="ascii"
-            ) as f:
-                return parse_digest(f.read().strip())
+            with open(self._tag_path(namespace, repository, tag), "rb") as f:
+                document = json.loads(f.read())
+            return TagRecord(
+                parse_digest(document["digest"]), float(document["confirmed"])
+            )
         except FileNotFoundError:
             return None
         except Exception:
@@ -199,11 +209,17 @@ class Store:
             return None
 
     def set_tag(
-        self, namespace: str, repository: str, tag: str, digest: Digest
+        self,
+        namespace: str,
+        repository: str,
+        tag: str,
+        digest: Digest,
+        confirmed: float,
     ) -> None:
-        """Record what a tag points at."""
+        """Record what the origin said a tag points at, and when."""
+        record = {"digest": str(digest), "confirmed": confirmed}
         _write_atomically(
             self._tag_path(namespace, repository, tag),
-            str(digest).encode("ascii"),
+            json.dumps(record).encode("ascii"),
             sync=False,
         )

@@ -175,6 +175,60 @@ class _Discard:
 
 
 @define(eq=False)
+class Breaker:
+    """
+    The health of one upstream: a circuit breaker.
+
+    Closed, requests flow.  A transport failure (no connection, a timeout)
+    opens it at once; ``threshold`` failed answers in a row (5xx, garbage)
+    open it too.  Open, the upstream is skipped for ``backoff`` seconds,
+    doubling each time it opens again (up to ten times), so a dead upstream
+    costs at most one failed attempt per period.  Then one request probes
+    it (half open): success closes the breaker, failure opens it again.
+    """
+
+    clock: IReactorTime
+    threshold: int = 3
+    backoff: float = 30.0
+    failures: int = 0
+    open_until: float = 0.0
+    #: how many times in a row it opened; 0 means closed
+    opened: int = 0
+    _probing: bool = False
+
+    def allow(self) -> bool:
+        """May a request go to the upstream now?"""
+        if self.opened == 0:
+            return True
+        if self.clock.seconds() < self.open_until or self._probing:
+            return False
+        self._probing = True
+        return True
+
+    def succeeded(self) -> bool:
+        """Record an answer; ``True`` if this closed an open breaker."""
+        was_open = self.opened > 0
+        self.failures = self.opened = 0
+        self._probing = False
+        return was_open
+
+    def abandoned(self) -> None:
+        """A request ended with neither answer nor fault (cancelled)."""
+        self._probing = False
+
+    def failed(self, transport: bool) -> float | None:
+        """Record a failure; the seconds it is now open for, if it opened."""
+        self.failures += 1
+        if not (transport or self._probing or self.failures >= self.threshold):
+            return None
+        self._probing = False
+        delay = float(min(self.backoff * 2**self.opened, self.backoff * 10))
+        self.opened += 1
+        self.open_until = self.clock.seconds() + delay
+        return delay
+
+
+@define(eq=False)
 class Upstream:
     """
     One registry endpoint.
@@ -194,11 +248,17 @@ class Upstream:
     clock: IReactorTime
     rate_limit: tuple[int, int] | None = None
     backoff_until: float = 0.0
+    breaker: Breaker = field(init=False)
     _tokens: dict[str, tuple[str, float]] = field(factory=dict)
     _token_flight: SingleFlight[str, str] = field(factory=SingleFlight)
     #: the upstream asked for Basic credentials: send them up front
     _basic: bool = False
     log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        self.breaker = Breaker(
+            self.clock, self.config.breaker_failures, self.config.breaker_backoff
+        )
 
     @property
     def name(self) -> str:

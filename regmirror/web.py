@@ -214,7 +214,12 @@ class RegistryAPI(Resource):
         if isinstance(reference, Digest):
             digest = reference
         else:
-            digest = await self._fetcher.resolve_tag(pool, route.repository, reference)
+            answer = await self._fetcher.resolve_tag(pool, route.repository, reference)
+            digest = answer.digest
+            source = (
+                "origin" if answer.upstream == pool.origin.name else answer.upstream
+            )
+            request.setHeader("Regmirror-Tag-Source", source)
         manifest = await self._fetcher.manifest(pool, route.repository, digest)
         accepted = accepted_types(_text_header(request, "Accept"))
         if accepted is not None and manifest.media_type not in accepted:

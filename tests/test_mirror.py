@@ -133,7 +133,8 @@ def test_tag_falls_back_to_cache_when_origin_is_down(
     assert response.headers.getRawHeaders("Docker-Content-Digest") == [
         content["manifest"]
     ]
-    assert any("from the cache" in (e.get("log_format") or "") for e in logged)
+    assert response.headers.getRawHeaders("Regmirror-Tag-Source") == ["cache"]
+    assert any("origin unreachable" in (e.get("log_format") or "") for e in logged)
 
 
 def test_unknown_tag_is_manifest_unknown(mirror: Harness, origin: FakeRegistry) -> None:
