@@ -25,10 +25,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from regmirror._flight import SingleFlight
-from regmirror.errors import BlobUnknown, DownloadFailed, ManifestUnknown
+from regmirror.errors import BlobUnknown, DownloadFailed, ManifestUnknown, RegistryError
 from regmirror.pool import (
     Manifest,
     NotFoundAnywhere,
@@ -44,11 +45,15 @@ from regmirror.reference import (
     parse_timestamp,
 )
 from regmirror.store import DigestMismatch, Spool, Store
+from regmirror.upstream import Upstream, UpstreamFailure
 
 #: Where a tag answer came from when it came from the cache.
 CACHE = "cache"
 #: Image configs read to date an image are read up to this size.
 MAX_CONFIG_SIZE = 1024 * 1024
+
+#: How many times one download may be resumed after its transfer broke.
+MAX_RESUMES = 5
 
 #: Bytes read from disk per write to a client.
 CHUNK = 256 * 1024
@@ -68,8 +73,12 @@ class Download:
     digest: Digest
     spool: Spool
     size: int | None
-    upstream: str
+    upstream: Upstream
+    pool: UpstreamPool
+    repository: str
     state: str = "running"
+    #: how many times the transfer was resumed after breaking
+    resumed: int = 0
     _waiting: list[Deferred[None]] = field(factory=list)
 
     @property
@@ -178,7 +187,9 @@ class Fetcher:
             raise BlobUnknown(f"blob {digest} is unknown to every upstream") from None
         length = response.length
         size = length if isinstance(length, int) else None
-        download = Download(digest, self.store.spool(digest), size, upstream.name)
+        download = Download(
+            digest, self.store.spool(digest), size, upstream, pool, repository
+        )
         self._downloads[digest] = download
         self.log.info(
             "downloading {digest} ({size} bytes) from {upstream}",
@@ -186,18 +197,55 @@ class Fetcher:
             size=size,
             upstream=upstream.name,
         )
-        response.deliverBody(
-            _SpoolWriter(self, download, self.clock, upstream.config.idle_timeout)
-        )
+        self._receive(download, response, skip=0)
         return download
+
+    def _receive(self, download: Download, response: IResponse, skip: int) -> None:
+        response.deliverBody(
+            _SpoolWriter(
+                self, download, self.clock, download.upstream.config.idle_timeout, skip
+            )
+        )
+
+    async def _resume(self, download: Download, why: str) -> None:
+        """
+        Carry on a broken transfer where it stopped, with a Range request to
+        the same upstream or, failing that, the others in order.
+        """
+        pool, offset = download.pool, download.written
+        broken = download.upstream
+        pool.failed(broken, UpstreamFailure(broken.name, "broken", why))
+        order = [broken, *(u for u in pool.upstreams if u is not broken)]
+        download.resumed += 1
+        try:
+            upstream, response = await pool.open_blob(
+                download.repository, download.digest, offset, order
+            )
+        except (NotFoundAnywhere, RegistryError) as e:
+            self._fail(download, f"{why}; cannot resume: {e}")
+            return
+        download.upstream = upstream
+        self.log.info(
+            "resuming {digest} at byte {offset} from {upstream} ({why})",
+            digest=str(download.digest),
+            offset=offset,
+            upstream=upstream.name,
+            why=why,
+        )
+        self._receive(download, response, skip=offset if response.code == 200 else 0)
 
     def _finish(self, download: Download, reason: Failure) -> None:
         """The upstream body ended: verify and commit, or discard."""
         if not reason.check(ResponseDone, PotentialDataLoss):
-            self._fail(
-                download,
-                f"transfer broke after {download.written} bytes: "
-                f"{reason.getErrorMessage()}",
+            why = (
+                f"transfer from {download.upstream.name} broke after "
+                f"{download.written} bytes: {reason.getErrorMessage()}"
+            )
+            if download.size is None or download.resumed >= MAX_RESUMES:
+                self._fail(download, why)
+                return
+            Deferred.fromCoroutine(self._resume(download, why)).addErrback(
+                lambda failure: self._fail(download, failure.getErrorMessage())
             )
             return
         if download.size is not None and download.written != download.size:
@@ -212,7 +260,7 @@ class Fetcher:
                 "cached {digest} ({size} bytes) from {upstream}",
                 digest=str(download.digest),
                 size=download.written,
-                upstream=download.upstream,
+                upstream=download.upstream.name,
             )
             download.notify()
 
@@ -231,7 +279,7 @@ class Fetcher:
         self.log.error(
             "download of {digest} from {upstream} failed: {why}",
             digest=str(download.digest),
-            upstream=download.upstream,
+            upstream=download.upstream.name,
             why=why,
         )
         download.spool.discard()
@@ -397,6 +445,8 @@ class _SpoolWriter:
     download: Download
     clock: IReactorTime
     idle_timeout: float
+    #: bytes at the start of the body the spool already has
+    skip: int = 0
     _transport: Any = None
     _idle: IDelayedCall | None = None
 
@@ -413,7 +463,7 @@ class _SpoolWriter:
     def _stalled(self) -> None:
         self.fetcher.log.warn(
             "upstream {upstream} stalled on {digest}",
-            upstream=self.download.upstream,
+            upstream=self.download.upstream.name,
             digest=str(self.download.digest),
         )
         if self._transport is not None:
@@ -423,6 +473,12 @@ class _SpoolWriter:
         if self.download.state != "running":
             return
         self._arm()
+        if self.skip:
+            dropped = min(self.skip, len(data))
+            self.skip -= dropped
+            data = data[dropped:]
+            if not data:
+                return
         try:
             self.download.spool.write(data)
         except OSError:

@@ -215,12 +215,37 @@ class UpstreamPool:
         )
 
     async def open_blob(
-        self, repository: str, digest: Digest
+        self,
+        repository: str,
+        digest: Digest,
+        offset: int = 0,
+        order: Sequence[Upstream] | None = None,
     ) -> tuple[Upstream, IResponse]:
-        """A GET response for a blob, its body unread."""
-        return await self.first_answer(
-            self.upstreams, "GET", f"{repository}/blobs/{digest}"
-        )
+        """
+        A GET response for a blob, its body unread, from the first upstream
+        of *order* (default: all, in order) with a plausible answer.  From
+        *offset* on, when given: the answer is then a 206 starting there, or
+        a 200 with the whole blob, whose first *offset* bytes the caller
+        skips.
+        """
+        headers = {"Range": f"bytes={offset}-"} if offset else None
+        failures: list[UpstreamFailure] = []
+        for upstream in self.upstreams if order is None else order:
+            try:
+                response = await self.ask(
+                    upstream, "GET", f"{repository}/blobs/{digest}", headers
+                )
+            except UpstreamFailure as failure:
+                failures.append(failure)
+                continue
+            problem = _blob_problem(response, offset)
+            if problem is None:
+                return upstream, response
+            await _drain(response)
+            implausible = UpstreamFailure(upstream.name, "invalid", problem)
+            self.failed(upstream, implausible)
+            failures.append(implausible)
+        raise summarise(self.namespace, failures)
 
     async def blob_size(self, repository: str, digest: Digest) -> int | None:
         """The size of a blob as an upstream reports it (HEAD)."""
@@ -344,6 +369,20 @@ class UpstreamPool:
             ours=str(ours.digest),
             origin=ours.upstream,
         )
+
+
+def _blob_problem(response: IResponse, offset: int) -> str | None:
+    """What is wrong with a blob answer, if anything."""
+    content_type = (header(response, "Content-Type") or "").lower()
+    if content_type.startswith("text/html"):
+        return "answered with an HTML page instead of a blob"
+    if offset and response.code == 206:
+        content_range = header(response, "Content-Range") or ""
+        if not content_range.startswith(f"bytes {offset}-"):
+            return f"answered range {content_range!r} for bytes {offset}-"
+    elif response.code != 200:
+        return f"answered {response.code} for a blob"
+    return None
 
 
 def _digest_header(response: IResponse) -> Digest | None:

@@ -45,6 +45,12 @@ class FakeRegistry(Resource):
         self.corrupt: set[str] = set()
         self.hold: dict[str, int] = {}
         self.held: list[tuple[Request, bytes]] = []
+        #: the Range header of every blob request that had one
+        self.ranges: list[str] = []
+        #: digests whose body breaks off after this many bytes
+        self.drop: dict[str, int] = {}
+        #: when set, blobs are served with this Content-Type
+        self.blob_type = "application/octet-stream"
         self.fault: Callable[[Request], tuple[int, bytes] | None] | None = None
         self.link: str | None = None
         #: when set, blobs answer with a redirect to ``<redirect>/cdn/<digest>``
@@ -82,6 +88,12 @@ class FakeRegistry(Resource):
     def count(self, method: str, fragment: str) -> int:
         """How many requests of *method* had *fragment* in their path."""
         return sum(1 for m, p in self.requests if m == method and fragment in p)
+
+    def cut(self) -> None:
+        """Break the connection of every held body."""
+        held, self.held = self.held, []
+        for request, _ in held:
+            request.loseConnection()
 
     def release(self) -> None:
         """Finish every held body."""
@@ -165,11 +177,26 @@ class FakeRegistry(Resource):
             return b""
         if digest in self.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
-        request.setHeader("Content-Type", "application/octet-stream")
+        request.setHeader("Content-Type", self.blob_type)
         request.setHeader("Docker-Content-Digest", digest)
         request.setHeader("Content-Length", str(len(data)))
         if request.method == b"HEAD":
             return b""
+        wanted = request.getHeader("Range")
+        if wanted:
+            self.ranges.append(wanted)
+        elif digest in self.drop:
+            request.write(data[: self.drop[digest]])
+            request.loseConnection()
+            return NOT_DONE_YET
+        if wanted and wanted.startswith("bytes=") and wanted.endswith("-"):
+            start = int(wanted[len("bytes=") : -1])
+            request.setResponseCode(206)
+            request.setHeader(
+                "Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}"
+            )
+            request.setHeader("Content-Length", str(len(data) - start))
+            return data[start:]
         if digest in self.hold:
             split = self.hold[digest]
             request.write(data[:split])

@@ -59,6 +59,7 @@ class Harness:
         )
         ghcr = NamespaceConfig("ghcr.io", (clients[-1].name,), clients[-1].name)
         pool = UpstreamPool("docker.io", clients, clients[-1])
+        self.pools = {"docker.io": pool}
         router = Router(
             [
                 (namespace, pool),
@@ -67,6 +68,9 @@ class Harness:
         )
         self.fetcher = Fetcher(self.store, self.clock, tag_ttl=30.0)
         self.client = StubTreq(Root(RegistryAPI(router, self.fetcher, self.clock)))
+
+    def router_pool(self, namespace: str) -> UpstreamPool:
+        return self.pools[namespace]
 
     def settle(self) -> None:
         """Pump every in-memory connection until nothing moves."""
@@ -112,17 +116,26 @@ def result(d: Deferred[Any]) -> Any:
 
 
 def image(
-    fake: FakeRegistry, name: str = "library/app", tag: str = "latest"
+    fake: FakeRegistry,
+    name: str = "library/app",
+    tag: str | None = "latest",
+    created: str | None = None,
 ) -> dict[str, str]:
+    """An image with one layer in *fake*; *created* makes its config unique."""
     layer = fake.add_blob(LAYER)
-    config = fake.add_blob(CONFIG)
+    config_bytes = CONFIG
+    if created is not None:
+        config_bytes = json.dumps(
+            {"architecture": "amd64", "os": "linux", "created": created}
+        ).encode()
+    config = fake.add_blob(config_bytes)
     document = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "config": {
             "mediaType": "application/vnd.oci.image.config.v1+json",
             "digest": config,
-            "size": len(CONFIG),
+            "size": len(config_bytes),
         },
         "layers": [
             {
