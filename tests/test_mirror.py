@@ -161,7 +161,7 @@ def test_index_negotiated_down_for_old_clients(
     mirror: Harness, origin: FakeRegistry
 ) -> None:
     """A client that accepts no index gets the index's linux/amd64 image."""
-    amd64 = image(origin, tag=None)  # type: ignore[arg-type]
+    amd64 = image(origin, tag=None)
     index = {
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,
