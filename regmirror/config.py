@@ -114,6 +114,8 @@ DEFAULT_LISTEN: tuple[str, ...] = ("tcp:5000",)
 class ServerConfig:
     listen: tuple[str, ...] = DEFAULT_LISTEN
     workers: int = 1
+    #: separate listeners for /metrics; none: /metrics on the main ones
+    metrics_listen: tuple[str, ...] = ()
 
 
 @frozen
@@ -380,11 +382,15 @@ def _server(reader: _Reader, base: str) -> ServerConfig:
         resolve_endpoint_paths(desc, base)
         for desc in reader.get("listen", _words, DEFAULT_LISTEN)
     )
+    metrics_listen: tuple[str, ...] = tuple(
+        resolve_endpoint_paths(desc, base)
+        for desc in reader.get("metrics_listen", _words, tuple[str, ...]())
+    )
     workers = reader.get("workers", int, 1)
     if workers != 1:
         raise reader.error("workers", "only workers = 1 is supported in this version")
     reader.finish()
-    return ServerConfig(listen=listen, workers=workers)
+    return ServerConfig(listen=listen, workers=workers, metrics_listen=metrics_listen)
 
 
 def _cache(reader: _Reader, base: str) -> CacheConfig:

@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from regmirror._flight import SingleFlight
 from regmirror.errors import BlobUnknown, DownloadFailed, ManifestUnknown, RegistryError
+from regmirror.metrics import Metrics
 from regmirror.pool import (
     Manifest,
     NotFoundAnywhere,
@@ -135,7 +136,13 @@ class Fetcher:
     _downloads: dict[Digest, Download] = field(factory=dict)
     _starting: SingleFlight[Digest, Download] = field(factory=SingleFlight)
     _manifests: SingleFlight[tuple[str, Digest], Manifest] = field(factory=SingleFlight)
+    metrics: Metrics = field(factory=Metrics)
     log = Logger()
+
+    @property
+    def downloads(self) -> list[Download]:
+        """The downloads under way."""
+        return list(self._downloads.values())
 
     # -- blobs --------------------------------------------------------------
 
@@ -150,14 +157,17 @@ class Fetcher:
         """
         running = self._downloads.get(digest)
         if running is not None:
+            self._lookup("blob", "joined")
             return BlobSource(running.size, running.spool.path, running)
         size = self.store.blob_size(digest)
         if size is not None:
+            self._lookup("blob", "hit")
             return BlobSource(size, self.store.blob_path(digest))
 
         async def start() -> Download:
             return await self._start(pool, repository, digest)
 
+        self._lookup("blob", "joined" if digest in self._starting else "miss")
         download = await self._starting.run(digest, start)
         if download.state == "done":
             return BlobSource(download.written, download.spool.final_path)
@@ -310,6 +320,7 @@ class Fetcher:
             return remembered[0]
 
         async def ask() -> TagAnswer:
+            started = self.clock.seconds()
             try:
                 answer = await pool.resolve_tag(repository, tag)
             except NotFoundAnywhere:
@@ -319,6 +330,9 @@ class Fetcher:
             except OriginUnreachable as unreachable:
                 answer = await self._without_origin(pool, repository, tag, unreachable)
             else:
+                self.metrics.tag_checks.labels(pool.namespace).observe(
+                    self.clock.seconds() - started
+                )
                 if answer.manifest is not None:
                     self.store_manifest(answer.manifest)
                 self.store.set_tag(
@@ -419,6 +433,7 @@ class Fetcher:
         """
         cached = self.store.manifest(digest)
         if cached is not None:
+            self._lookup("manifest", "hit")
             return Manifest(digest, *cached)
 
         async def fetch() -> Manifest:
@@ -431,7 +446,12 @@ class Fetcher:
             self.store_manifest(manifest)
             return manifest
 
-        return await self._manifests.run((pool.namespace, digest), fetch)
+        key = (pool.namespace, digest)
+        self._lookup("manifest", "joined" if key in self._manifests else "miss")
+        return await self._manifests.run(key, fetch)
+
+    def _lookup(self, kind: str, result: str) -> None:
+        self.metrics.cache.labels(kind, result).inc()
 
     def store_manifest(self, manifest: Manifest) -> None:
         self.store.put_manifest(manifest.digest, manifest.media_type, manifest.body)
@@ -473,6 +493,9 @@ class _SpoolWriter:
         if self.download.state != "running":
             return
         self._arm()
+        self.fetcher.metrics.upstream_bytes.labels(self.download.upstream.name).inc(
+            len(data)
+        )
         if self.skip:
             dropped = min(self.skip, len(data))
             self.skip -= dropped
@@ -534,7 +557,9 @@ class SpoolReader:
         clock: IReactorTime,
         start: int = 0,
         end: int | None = None,
+        count: Callable[[int], object] | None = None,
     ) -> None:
+        self._count = count
         self._download = source.download
         self._file: IO[bytes] = _open_source(source)
         self._file.seek(start)
@@ -582,6 +607,8 @@ class SpoolReader:
                 return
             self._position += len(data)
             self._consumer.write(data)
+            if self._count is not None:
+                self._count(len(data))
         self._pending = self._clock.callLater(0, self._pump)
 
     def _finished(self) -> bool:

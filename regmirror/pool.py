@@ -24,6 +24,7 @@ from regmirror.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from regmirror.metrics import Metrics
 from regmirror.reference import (
     MANIFEST_TYPES,
     MAX_MANIFEST_SIZE,
@@ -108,6 +109,7 @@ class UpstreamPool:
     stale: dict[tuple[str, str], StaleAnswer] = field(factory=dict)
     #: how many stale answers each mirror gave
     stale_counts: dict[str, int] = field(factory=dict)
+    metrics: Metrics = field(factory=Metrics)
     log = Logger()
 
     @property
@@ -175,6 +177,7 @@ class UpstreamPool:
     def failed(self, upstream: Upstream, failure: UpstreamFailure) -> None:
         """Count a failure against the upstream's health, and log it."""
         self._skip(failure)
+        self.metrics.upstream_errors.labels(upstream.name, failure.reason).inc()
         opened = upstream.breaker.failed(failure.reason in ("connect", "timeout"))
         if opened is not None:
             self.log.warn(
@@ -358,6 +361,7 @@ class UpstreamPool:
         self.stale_counts[theirs.upstream] = (
             self.stale_counts.get(theirs.upstream, 0) + 1
         )
+        self.metrics.stale.labels(self.namespace, theirs.upstream).inc()
         self.log.warn(
             "{namespace}: stale mirror {mirror}: {repository}:{tag} is {theirs} "
             "there, {ours} at the origin {origin}; its tag answers are not used",

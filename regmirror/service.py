@@ -8,8 +8,11 @@ global one.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
+from attrs import define
+from prometheus_client.core import Metric
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -22,12 +25,13 @@ from twisted.web.server import Site
 
 from regmirror.config import Config, ConfigError
 from regmirror.fetch import Fetcher
+from regmirror.metrics import Metrics, MetricsResource, gauge
 from regmirror.pool import UpstreamPool
 from regmirror.routing import Router
 from regmirror.store import Store
 from regmirror.transport import UpstreamTLS, agent_for
 from regmirror.upstream import Upstream
-from regmirror.web import PlainHTTPFactory, RegistryAPI, Root
+from regmirror.web import Health, PlainHTTPFactory, RegistryAPI, Root
 
 log = Logger()
 
@@ -39,7 +43,7 @@ def check_listeners(config: Config) -> None:
 
     :raises ValueError: naming the listener and the problem.
     """
-    for description in config.server.listen:
+    for description in (*config.server.listen, *config.server.metrics_listen):
         try:
             # Parsing needs no reactor; a real one is given in make_service.
             serverFromString(None, description)
@@ -102,8 +106,55 @@ class _QuietPool(HTTPConnectionPool):
     _factory = _QuietFactory
 
 
-def build_site(config: Config, reactor: Any) -> tuple[Site, Store]:
-    """The HTTP site and its store, wired to upstreams over one connection pool."""
+@define(eq=False)
+class Mirror:
+    """Every part of a running mirror, wired together from the config."""
+
+    config: Config
+    store: Store
+    upstreams: dict[str, Upstream]
+    pools: list[UpstreamPool]
+    fetcher: Fetcher
+    metrics: Metrics
+    site: Site
+
+    def live_metrics(self) -> Iterator[Metric]:
+        """Values read at each scrape from the objects that own them."""
+        upstreams = self.upstreams.values()
+        yield gauge(
+            "regmirror_downloads_in_flight",
+            "Blob downloads under way",
+            [],
+            [([], len(self.fetcher.downloads))],
+        )
+        yield gauge(
+            "regmirror_upstream_down",
+            "1 while an upstream's circuit breaker is open",
+            ["upstream"],
+            [([u.name], float(u.breaker.opened > 0)) for u in upstreams],
+        )
+        yield gauge(
+            "regmirror_upstream_ratelimit_remaining",
+            "Pulls left in the upstream's quota (RateLimit-Remaining)",
+            ["upstream"],
+            [([u.name], u.rate_limit[1]) for u in upstreams if u.rate_limit],
+        )
+
+    def problems(self) -> list[str]:
+        """Why the mirror is not ready to serve, if it is not."""
+        found = []
+        spool = os.path.join(self.store.root, "spool")
+        if not os.access(spool, os.W_OK | os.X_OK):
+            found.append(f"cache folder {spool} is not writable")
+        for pool in self.pools:
+            if all(u.breaker.opened > 0 for u in pool.upstreams):
+                found.append(f"namespace {pool.namespace}: every upstream is down")
+        return found
+
+
+def build_mirror(config: Config, reactor: Any) -> Mirror:
+    """Every part, wired to upstreams over one connection pool."""
+    metrics = Metrics()
     connections = _QuietPool(reactor, persistent=True)
     connections.maxPersistentPerHost = 8
     upstreams = {
@@ -123,32 +174,55 @@ def build_site(config: Config, reactor: Any) -> tuple[Site, Store]:
                 upstreams[namespace.origin],
                 origin_unreachable=namespace.origin_unreachable,
                 max_stale=namespace.max_stale,
+                metrics=metrics,
             ),
         )
         for namespace in config.namespaces
     ]
     store = Store(config.cache.directory)
-    threads = reactor.getThreadPool()
 
     def in_thread(work: Any) -> Deferred[None]:
-        return deferToThreadPool(reactor, threads, work)
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
     fetcher = Fetcher(
-        store, reactor, run_in_thread=in_thread, tag_ttl=config.cache.tag_ttl
+        store,
+        reactor,
+        run_in_thread=in_thread,
+        tag_ttl=config.cache.tag_ttl,
+        metrics=metrics,
     )
-    api = RegistryAPI(Router(namespaces), fetcher, reactor)
-    return Site(Root(api)), store
+    api = RegistryAPI(Router(namespaces), fetcher, reactor, metrics)
+    root = Root(api)
+    mirror = Mirror(
+        config,
+        store,
+        upstreams,
+        [pool for _, pool in namespaces],
+        fetcher,
+        metrics,
+        Site(root),
+    )
+    metrics.watch(mirror.live_metrics)
+    root.putChild(b"healthz", Health(lambda: []))
+    root.putChild(b"readyz", Health(mirror.problems))
+    if not config.server.metrics_listen:
+        root.putChild(b"metrics", MetricsResource(metrics))
+    return mirror
 
 
 def make_service(config: Config, reactor: Any) -> MultiService:
     """The service tree: one endpoint service per listener."""
-    site, store = build_site(config, reactor)
-    top = _Mirror(store)
-    for description in config.server.listen:
+    mirror = build_mirror(config, reactor)
+    top = _Mirror(mirror.store)
+    listeners: list[tuple[str, Any]] = [
+        (d, PlainHTTPFactory(mirror.site)) for d in config.server.listen
+    ]
+    if config.server.metrics_listen:
+        metrics_site = Site(MetricsResource(mirror.metrics))
+        listeners += [(d, metrics_site) for d in config.server.metrics_listen]
+    for description, factory in listeners:
         endpoint = serverFromString(reactor, description)
-        StreamServerEndpointService(endpoint, PlainHTTPFactory(site)).setServiceParent(
-            top
-        )
+        StreamServerEndpointService(endpoint, factory).setServiceParent(top)
     log.info(
         "regmirror serving {namespaces} on {listen}",
         namespaces=" ".join(n.name for n in config.namespaces),

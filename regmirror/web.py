@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -29,6 +30,7 @@ from regmirror.errors import (
     Unsupported,
 )
 from regmirror.fetch import Fetcher, SpoolReader
+from regmirror.metrics import Metrics
 from regmirror.pool import Manifest, NotFoundAnywhere
 from regmirror.reference import (
     INDEX_TYPES,
@@ -151,11 +153,18 @@ class RegistryAPI(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, router: Router, fetcher: Fetcher, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        router: Router,
+        fetcher: Fetcher,
+        clock: IReactorTime,
+        metrics: Metrics | None = None,
+    ) -> None:
         super().__init__()
         self._router = router
         self._fetcher = fetcher
         self._clock = clock
+        self._metrics = metrics or fetcher.metrics
 
     def render(self, request: Request) -> Any:
         d = Deferred.fromCoroutine(self._respond(request))
@@ -164,8 +173,9 @@ class RegistryAPI(Resource):
 
     async def _respond(self, request: Request) -> None:
         request.setHeader(*API_VERSION)
+        labels = {"namespace": "", "endpoint": "other"}
         try:
-            await self._handle(request)
+            await self._handle(request, labels)
         except RegistryError as error:
             if not request.startedWriting:
                 write_error(request, error)
@@ -183,11 +193,19 @@ class RegistryAPI(Resource):
                 write_error(request, RegistryError("internal error"))
             elif not request.finished:
                 break_connection(request)
+        finally:
+            self._metrics.requests.labels(
+                labels["namespace"],
+                labels["endpoint"],
+                request.method.decode("ascii", "replace"),
+                str(request.code),
+            ).inc()
 
-    async def _handle(self, request: Request) -> None:
+    async def _handle(self, request: Request, labels: dict[str, str]) -> None:
         if request.method not in (b"GET", b"HEAD"):
             raise Unsupported("this mirror is read-only: only GET and HEAD are allowed")
         api = parse_api_path(request.path)
+        labels["endpoint"] = api.endpoint
         if api.endpoint == "base":
             _write_body(request, "application/json", b"{}")
             return
@@ -195,6 +213,7 @@ class RegistryAPI(Resource):
             api.name, ns=_query(request, "ns"), host=_text_header(request, "Host")
         )
         request.setHeader("OCI-Namespace", route.namespace.name)
+        labels["namespace"] = route.namespace.name
         if api.endpoint == "manifests":
             await self._manifest(request, route, api.reference)
         elif api.endpoint == "blobs":
@@ -298,7 +317,10 @@ class RegistryAPI(Resource):
                     "Content-Range", f"bytes {start}-{end - 1}/{source.size}"
                 )
             request.setHeader("Content-Length", str((end or 0) - start))
-        reader = SpoolReader(source, request, self._clock, start, end)
+        served = self._metrics.served_bytes.labels(
+            "cache" if source.download is None else "download"
+        )
+        reader = SpoolReader(source, request, self._clock, start, end, served.inc)
         reader.begin()
         try:
             await reader.done
@@ -423,10 +445,40 @@ class NotFoundResource(Resource):
         return error.body()
 
 
+class Health(Resource):
+    """
+    A probe: 200 ``ok`` when *check* finds nothing wrong, else 503 with the
+    problems, one per line.
+    """
+
+    isLeaf = True
+
+    def __init__(self, check: Callable[[], list[str]]) -> None:
+        super().__init__()
+        self._check = check
+
+    def render_GET(self, request: Request) -> bytes:
+        problems = self._check()
+        request.setHeader("Content-Type", "text/plain; charset=utf-8")
+        request.setHeader("Cache-Control", "no-store")
+        if problems:
+            request.setResponseCode(503)
+            return "".join(f"{problem}\n" for problem in problems).encode("utf-8")
+        return b"ok\n"
+
+    render_HEAD = render_GET
+
+
 class Root(Resource):
-    def __init__(self, api: RegistryAPI) -> None:
+    """``/v2/`` and whatever else the service mounts beside it."""
+
+    def __init__(
+        self, api: RegistryAPI, children: dict[bytes, Resource] | None = None
+    ) -> None:
         super().__init__()
         self.putChild(b"v2", api)
+        for name, child in (children or {}).items():
+            self.putChild(name, child)
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return NotFoundResource()

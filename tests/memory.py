@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 
 from regmirror.config import NamespaceConfig, UpstreamConfig
 from regmirror.fetch import Fetcher
+from regmirror.metrics import Metrics
 from regmirror.pool import UpstreamPool
 from regmirror.reference import OCI_MANIFEST
 from regmirror.routing import Router
@@ -58,7 +59,8 @@ class Harness:
             "docker.io", tuple(self.stubs), clients[-1].name, default=True, library=True
         )
         ghcr = NamespaceConfig("ghcr.io", (clients[-1].name,), clients[-1].name)
-        pool = UpstreamPool("docker.io", clients, clients[-1])
+        self.metrics = Metrics()
+        pool = UpstreamPool("docker.io", clients, clients[-1], metrics=self.metrics)
         self.pools = {"docker.io": pool}
         router = Router(
             [
@@ -66,7 +68,9 @@ class Harness:
                 (ghcr, UpstreamPool("ghcr.io", clients[-1:], clients[-1])),
             ]
         )
-        self.fetcher = Fetcher(self.store, self.clock, tag_ttl=30.0)
+        self.fetcher = Fetcher(
+            self.store, self.clock, tag_ttl=30.0, metrics=self.metrics
+        )
         self.client = StubTreq(Root(RegistryAPI(router, self.fetcher, self.clock)))
 
     def router_pool(self, namespace: str) -> UpstreamPool:

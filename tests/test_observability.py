@@ -1,0 +1,153 @@
+"""Metrics, health and readiness: what an operator sees."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import treq
+from fakeregistry import FakeRegistry
+from memory import LAYER, Harness, image, result
+from treq.testing import StubTreq
+from twisted.internet.testing import MemoryReactorClock
+
+from regmirror.config import load
+from regmirror.service import build_mirror
+
+
+def sample(harness: Harness, name: str, **labels: str) -> float:
+    value = harness.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_metrics_after_a_scripted_sequence(tmp_path: Path) -> None:
+    """Miss, hit, a coalesced waiter, failover and a stale mirror all show in
+    the counters."""
+    mirror_up, origin = FakeRegistry(), FakeRegistry()
+    harness = Harness(str(tmp_path), {"mirror": mirror_up, "origin": origin})
+    content = image(origin, created="2024-01-01T00:00:00Z")
+    image(mirror_up, created="2020-01-01T00:00:00Z")
+    mirror_up.fault = lambda request: (
+        (500, b"x") if b"/blobs/" in request.path else None
+    )
+    origin.hold[content["layer"]] = 1000
+    harness.request("GET", "/v2/app/manifests/latest")
+    path = f"http://mirror.test/v2/app/blobs/{content['layer']}"
+    first = harness.client.get(path, unbuffered=True)
+    second = harness.client.get(path, unbuffered=True)
+    harness.settle()
+    origin.release()
+    harness.settle()
+    for d in (first, second):
+        d.addCallback(treq.content)
+    harness.settle()
+    assert result(first) == result(second) == LAYER
+    assert (
+        harness.body(harness.request("GET", path[len("http://mirror.test") :])) == LAYER
+    )
+
+    assert (
+        sample(harness, "regmirror_cache_lookups_total", kind="blob", result="miss")
+        == 1
+    )
+    assert (
+        sample(harness, "regmirror_cache_lookups_total", kind="blob", result="joined")
+        == 1
+    )
+    assert (
+        sample(harness, "regmirror_cache_lookups_total", kind="blob", result="hit") == 1
+    )
+    assert sample(harness, "regmirror_upstream_bytes_total", upstream="origin") == len(
+        LAYER
+    )
+    assert sample(
+        harness, "regmirror_served_bytes_total", source="download"
+    ) == 2 * len(LAYER)
+    assert sample(harness, "regmirror_served_bytes_total", source="cache") == len(LAYER)
+    assert (
+        sample(
+            harness, "regmirror_upstream_errors_total", upstream="mirror", kind="status"
+        )
+        == 1
+    )
+    assert (
+        sample(
+            harness,
+            "regmirror_stale_detections_total",
+            namespace="docker.io",
+            mirror="mirror",
+        )
+        == 1
+    )
+    assert (
+        sample(
+            harness,
+            "regmirror_requests_total",
+            namespace="docker.io",
+            endpoint="blobs",
+            method="GET",
+            status="200",
+        )
+        == 3
+    )
+    assert (
+        sample(harness, "regmirror_tag_check_seconds_count", namespace="docker.io") == 1
+    )
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    config = tmp_path / "mirror.ini"
+    config.write_text(
+        textwrap.dedent(
+            """\
+            [server]
+            listen = tcp:0:interface=127.0.0.1
+            {extra}
+            [cache]
+            directory = cache
+
+            [upstream:one]
+            url = http://127.0.0.1:9
+
+            [namespace:docker.io]
+            upstreams = one
+            default = true
+            """
+        ).format(extra=extra)
+    )
+    return config
+
+
+def test_probes_and_metrics_endpoint(tmp_path: Path) -> None:
+    """/healthz is up; /readyz turns 503 naming the namespace once every
+    upstream of it is down; /metrics speaks the Prometheus text format."""
+    mirror = build_mirror(load(str(write_config(tmp_path))), MemoryReactorClock())
+    mirror.store.open()
+    client = StubTreq(mirror.site.resource)
+
+    def get(path: str) -> tuple[int, bytes]:
+        d = client.get(f"http://mirror.test{path}")
+        client.flush()
+        response = result(d)
+        body = result(treq.content(response))
+        return response.code, body
+
+    assert get("/healthz") == (200, b"ok\n")
+    assert get("/readyz") == (200, b"ok\n")
+    mirror.upstreams["one"].breaker.failed(transport=True)
+    code, body = get("/readyz")
+    assert code == 503
+    assert b"namespace docker.io: every upstream is down" in body
+    code, body = get("/metrics")
+    assert code == 200
+    assert b"# TYPE regmirror_requests_total counter" in body
+    assert b'regmirror_upstream_down{upstream="one"} 1.0' in body
+    assert b"regmirror_downloads_in_flight 0.0" in body
+
+
+def test_metrics_on_their_own_listener(tmp_path: Path) -> None:
+    """With ``metrics_listen`` the main listener has no /metrics."""
+    config = load(str(write_config(tmp_path, "metrics_listen = tcp:0")))
+    assert config.server.metrics_listen == ("tcp:0",)
+    mirror = build_mirror(config, MemoryReactorClock())
+    assert b"metrics" not in mirror.site.resource.children
