@@ -10,8 +10,9 @@ that test's requests) and its own mirror with an empty cache.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -25,6 +26,9 @@ from .harness import (
     mirror_config,
 )
 from .images import Catalog, build_catalog, write_layout
+from .servers import ProgramProcess
+
+ProgramProcessT = TypeVar("ProgramProcessT", bound=ProgramProcess)
 
 
 def _require_tools() -> None:
@@ -91,3 +95,90 @@ def mirror(tmp_path: Path, upstream: RegistryProcess) -> Iterator[MirrorProcess]
     process.stop()
     assert died is None, f"the mirror died during the test:\n{process.log()}"
     assert not process.unhandled_errors(), process.log()
+
+
+@pytest.fixture(scope="session")
+def small_layout(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> Path:
+    """``catalog.small`` as an OCI layout, for servers that read layouts."""
+    layout = tmp_path_factory.mktemp("small-layout") / "layout"
+    write_layout(layout, [catalog.small])
+    return layout
+
+
+@pytest.fixture
+def start_registry(
+    tmp_path: Path, seeded_storage: Path
+) -> Iterator[Callable[..., RegistryProcess]]:
+    """
+    Start more ``docker-registry`` processes over the seeded images, with
+    the keyword arguments of :class:`RegistryProcess` (``auth``, ``tls``);
+    all stopped at teardown.
+    """
+    started: list[RegistryProcess] = []
+
+    def start(**options: Any) -> RegistryProcess:
+        registry = RegistryProcess(
+            seeded_storage, tmp_path / f"registry-{len(started)}", **options
+        )
+        started.append(registry)
+        registry.start()
+        return registry
+
+    yield start
+    for registry in started:
+        registry.stop()
+
+
+@pytest.fixture
+def start_program() -> Iterator[Callable[[ProgramProcessT], ProgramProcessT]]:
+    """Start a helper program of :mod:`servers`; all stopped at teardown."""
+    started: list[ProgramProcess] = []
+
+    def start(program: ProgramProcessT) -> ProgramProcessT:
+        started.append(program)
+        program.start()
+        return program
+
+    yield start
+    for program in started:
+        program.stop()
+
+
+@pytest.fixture
+def start_mirror(tmp_path: Path) -> Iterator[Callable[..., MirrorProcess]]:
+    """
+    Start mirrors: ``start(config, env=..., files=...)`` where *config* makes
+    the INI text from the port, *env* is added to the mirror's environment
+    and *files* (relative path → text) are written into the mirror's folder
+    (the config file's folder) first.  At teardown every mirror is stopped,
+    and must not have died nor logged an unhandled error.
+    """
+    started: list[MirrorProcess] = []
+
+    def start(
+        config: Callable[[int], str],
+        *,
+        env: Mapping[str, str] | None = None,
+        files: Mapping[str, str] | None = None,
+    ) -> MirrorProcess:
+        port = free_port()
+        workdir = tmp_path / f"mirror-{len(started)}"
+        for relative, text in (files or {}).items():
+            path = workdir / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        process = MirrorProcess(workdir, config(port), port, env=env)
+        started.append(process)
+        process.start()
+        return process
+
+    yield start
+    problems = []
+    for process in started:
+        died = process.returncode
+        process.stop()
+        if died is not None:
+            problems.append(f"a mirror died during the test:\n{process.log()}")
+        elif process.unhandled_errors():
+            problems.append(f"a mirror logged unhandled errors:\n{process.log()}")
+    assert not problems, "\n".join(problems)

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -162,17 +163,51 @@ health:
 """
 
 
+@dataclass(frozen=True)
+class RegistryTls:
+    """
+    ``http.tls`` of a registry: its certificate and key, and the CAs whose
+    client certificates it requires (none: no client certificate asked).
+    ``probe_client`` is a ``(certificate, key)`` the readiness probe presents.
+    """
+
+    certificate: Path
+    key: Path
+    client_cas: tuple[Path, ...] = ()
+    probe_client: tuple[Path, Path] | None = None
+
+
+def _yaml_scalar(value: object) -> str:
+    # JSON strings are YAML scalars, quoted and escaped.
+    return json.dumps(str(value))
+
+
 class RegistryProcess:
     """
     A CNCF distribution registry on 127.0.0.1 with filesystem storage.
 
     Its access log (stdout) and its own log (stderr) go to separate files, so
     that :meth:`count_requests` sees only access-log lines.
+
+    *auth* is the registry's ``auth`` section, e.g.
+    ``{"htpasswd": {"realm": "test", "path": "/x/htpasswd"}}``; *tls* makes
+    it serve HTTPS only.
     """
 
-    def __init__(self, storage: Path, workdir: Path) -> None:
+    def __init__(
+        self,
+        storage: Path,
+        workdir: Path,
+        *,
+        auth: Mapping[str, Mapping[str, object]] | None = None,
+        tls: RegistryTls | None = None,
+    ) -> None:
         self.storage = storage
         self.workdir = workdir
+        if tls is not None and tls.client_cas and tls.probe_client is None:
+            raise HarnessError("a registry wanting client certificates needs a probe")
+        self.auth = auth
+        self.tls = tls
         self.port = free_port()
         self.config_path = workdir / "registry.yml"
         self.access_log_path = workdir / "registry-access.log"
@@ -186,16 +221,37 @@ class RegistryProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://{self.host}"
+
+    def _config_text(self) -> str:
+        text = _REGISTRY_CONFIG.format(
+            storage=self.storage, host=LOCALHOST, port=self.port
+        )
+        if self.tls is not None:
+            http_tls = (
+                "  tls:\n"
+                f"    certificate: {_yaml_scalar(self.tls.certificate)}\n"
+                f"    key: {_yaml_scalar(self.tls.key)}\n"
+            )
+            if self.tls.client_cas:
+                http_tls += "    clientcas:\n" + "".join(
+                    f"      - {_yaml_scalar(ca)}\n" for ca in self.tls.client_cas
+                )
+            text = text.replace("  headers:\n", http_tls + "  headers:\n", 1)
+        if self.auth is not None:
+            text += "auth:\n"
+            for kind, options in self.auth.items():
+                text += f"  {kind}:\n" + "".join(
+                    f"    {key}: {_yaml_scalar(value)}\n"
+                    for key, value in options.items()
+                )
+        return text
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.storage.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(
-            _REGISTRY_CONFIG.format(
-                storage=self.storage, host=LOCALHOST, port=self.port
-            )
-        )
+        self.config_path.write_text(self._config_text())
         stdout = self.access_log_path.open("ab")
         stderr = self.log_path.open("ab")
         self._files = [stdout, stderr]
@@ -222,7 +278,30 @@ class RegistryProcess:
             raise HarnessError(
                 f"registry exited with {self._process.returncode}:\n{self.log()}"
             )
-        return responds_ok(self.port)
+        if self.auth is None and self.tls is None:
+            return responds_ok(self.port)
+        return self._answers()
+
+    def _answers(self) -> bool:
+        """``/v2/`` answers 200 or, behind auth, 401 (over TLS if served so)."""
+        if self.tls is None:
+            connection = http.client.HTTPConnection(LOCALHOST, self.port, timeout=1.0)
+        else:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            if self.tls.probe_client is not None:
+                context.load_cert_chain(*self.tls.probe_client)
+            connection = http.client.HTTPSConnection(
+                LOCALHOST, self.port, timeout=1.0, context=context
+            )
+        try:
+            connection.request("GET", "/v2/")
+            return connection.getresponse().status in (200, 401)
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            connection.close()
 
     def stop(self) -> None:
         if self._process is not None:
@@ -389,6 +468,45 @@ aliases = index.docker.io registry-1.docker.io
 """
 
 
+def mirror_config_upstreams(
+    port: int,
+    upstreams: Mapping[str, Mapping[str, str]],
+    *,
+    origin: str,
+    tag_ttl: str = "0s",
+) -> str:
+    """
+    The INI configuration of a mirror whose docker.io namespace has several
+    upstreams, tried in the order of *upstreams* (name → keys, ``url``
+    included; short timeouts unless given).
+    """
+    sections = []
+    for name, options in upstreams.items():
+        keys = {
+            "connect_timeout": "2s",
+            "response_timeout": "10s",
+            "idle_timeout": "10s",
+            **options,
+        }
+        body = "".join(f"{k} = {v}\n" for k, v in keys.items())
+        sections.append(f"[upstream:{name}]\n{body}")
+    return f"""\
+[server]
+listen = tcp:{port}:interface={LOCALHOST}
+
+[cache]
+directory = cache
+tag_ttl = {tag_ttl}
+
+{chr(10).join(sections)}
+[namespace:docker.io]
+upstreams = {" ".join(upstreams)}
+origin = {origin}
+default = true
+aliases = index.docker.io registry-1.docker.io
+"""
+
+
 # ``python -m twisted`` is the newer ``twist`` runner, which has no --nodaemon,
 # --pidfile or --logfile; twistd itself has no ``__main__``, hence ``-c``.
 _TWISTD = "import sys; from twisted.scripts.twistd import run; sys.exit(run())"
@@ -412,9 +530,18 @@ def twistd_command(config_path: Path, log_path: Path) -> list[str]:
 class MirrorProcess:
     """``twistd regmirror`` in its own directory, with its log in a file."""
 
-    def __init__(self, workdir: Path, config_text: str, port: int) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config_text: str,
+        port: int,
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = port
+        #: variables added to this process's environment for the mirror
+        self.env = dict(env or {})
         self.config_path = workdir / "mirror.ini"
         self.log_path = workdir / "twistd.log"
         self.output_path = workdir / "twistd.out"
@@ -437,6 +564,7 @@ class MirrorProcess:
             stdout=self._output,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,
+            env={**os.environ, **self.env} if self.env else None,
         )
         try:
             poll_until(

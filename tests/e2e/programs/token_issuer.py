@@ -14,9 +14,10 @@ self-signed certificate the registry trusts as ``rootcertbundle``.
 - anything else: 401.
 
 Every request is appended to ``--log`` as one JSON line, with whether an
-``Authorization`` header was present and which user it named (never the
-password).  Standard library and ``cryptography`` only; binds 127.0.0.1 on
-a free port and writes ``{"port": N}`` to ``--ready-file`` when listening.
+``Authorization`` header was present, which user it named (never the
+password) and the last characters of the token issued (``token_tail``).
+Standard library and ``cryptography`` only; binds 127.0.0.1 on a free port
+and writes ``{"port": N}`` to ``--ready-file`` when listening.
 """
 
 from __future__ import annotations
@@ -153,6 +154,9 @@ def make_handler(issuer: Issuer) -> type[BaseHTTPRequestHandler]:
                     ]
                 }
             if status == 200:
+                # The signature's tail identifies the token in the log
+                # without making the log a source of working tokens.
+                entry["token_tail"] = document["token"][-24:]
                 document["expires_in"] = LIFETIME
                 document["issued_at"] = time.strftime(
                     "%Y-%m-%dT%H:%M:%SZ", time.gmtime()
