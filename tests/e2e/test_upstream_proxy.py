@@ -6,13 +6,16 @@ forwards absolute-form requests, logging each one.
 
 from __future__ import annotations
 
-import subprocess
+import http.client
+import ssl
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from .harness import (
+    LOCALHOST,
     MirrorProcess,
     RegistryProcess,
     RegistryTls,
@@ -27,8 +30,6 @@ pytestmark = pytest.mark.e2e
 StartMirror = Callable[..., MirrorProcess]
 StartRegistry = Callable[..., RegistryProcess]
 StartProgram = Callable[[ConnectProxy], ConnectProxy]
-
-CURL_BINARY = "/usr/bin/curl"
 
 
 @pytest.fixture
@@ -61,16 +62,29 @@ def proxied_mirror(
     )
 
 
-def curl(*args: str) -> str:
-    result = subprocess.run(
-        [CURL_BINARY, "--silent", "--show-error", "--noproxy", "", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+def through_proxy(
+    proxy: ConnectProxy, url: str, *, context: ssl.SSLContext | None = None
+) -> tuple[int, bytes]:
+    """GET *url* through *proxy*: a CONNECT tunnel for https (verified with
+    *context*), an absolute-form request for http."""
+    target = urlsplit(url)
+    assert target.hostname is not None and target.port is not None
+    headers = {"Accept": MANIFEST_ACCEPT}
+    if target.scheme == "https":
+        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+            LOCALHOST, proxy.port, timeout=10, context=context
+        )
+        connection.set_tunnel(target.hostname, target.port)
+        path = target.path
+    else:
+        connection = http.client.HTTPConnection(LOCALHOST, proxy.port, timeout=10)
+        path = url
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 def test_control_proxy_tunnels_and_forwards_to_loopback_only(
@@ -80,36 +94,20 @@ def test_control_proxy_tunnels_and_forwards_to_loopback_only(
     upstream: RegistryProcess,
     tls_registry: RegistryProcess,
 ) -> None:
-    """curl through the proxy reaches an https registry (CONNECT) and an
+    """A client through the proxy reaches an https registry (CONNECT) and an
     http one (absolute form); a target other than 127.0.0.1 is refused."""
     image = catalog.small
     path = f"/v2/{image.repository}/manifests/{image.tag}"
-    accept = ["--header", f"Accept: {MANIFEST_ACCEPT}"]
-    secure = curl(
-        "--proxy",
-        proxy.url,
-        "--cacert",
-        str(pki.ca_path),
-        *accept,
-        tls_registry.url + path,
-    )
-    assert secure.encode() == image.root.data
-    plain = curl("--proxy", proxy.url, *accept, upstream.url + path)
-    assert plain.encode() == image.root.data
-    refused = curl(
-        "--proxy",
-        proxy.url,
-        "--write-out",
-        "%{http_code}",
-        "--output",
-        "/dev/null",
-        f"http://localhost:{upstream.port}/v2/",
-    )
-    assert refused == "403"
+    context = ssl.create_default_context(cafile=str(pki.ca_path))
+    secure = through_proxy(proxy, tls_registry.url + path, context=context)
+    assert secure == (200, image.root.data)
+    assert through_proxy(proxy, upstream.url + path) == (200, image.root.data)
+    refused = f"http://localhost:{upstream.port}/v2/"
+    assert through_proxy(proxy, refused)[0] == 403
     assert [(r["method"], r["target"], r["allowed"]) for r in proxy.records()] == [
         ("CONNECT", tls_registry.host, True),
         ("GET", upstream.url + path, True),
-        ("GET", f"http://localhost:{upstream.port}/v2/", False),
+        ("GET", refused, False),
     ]
 
 
