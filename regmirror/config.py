@@ -122,6 +122,10 @@ class ServerConfig:
 class CacheConfig:
     directory: str
     tag_ttl: float = 60.0
+    #: evict least recently used content beyond this many bytes
+    max_size: int | None = None
+    #: and while the file system has less free space than this
+    min_free: int | None = None
 
 
 @frozen
@@ -397,9 +401,12 @@ def _cache(reader: _Reader, base: str) -> CacheConfig:
     directory = reader.get("directory", str, required=True).strip()
     directory = os.path.normpath(os.path.join(base, directory))
     tag_ttl = reader.get("tag_ttl", parse_duration, 60.0)
-    reader.reject("max_size", "a size limit is not implemented in this version")
+    max_size = reader.get("max_size", parse_size, None)
+    min_free = reader.get("min_free", parse_size, None)
     reader.finish()
-    return CacheConfig(directory=directory, tag_ttl=tag_ttl)
+    return CacheConfig(
+        directory=directory, tag_ttl=tag_ttl, max_size=max_size, min_free=min_free
+    )
 
 
 def _upstream(reader: _Reader, name: str, base: str) -> UpstreamConfig:

@@ -59,7 +59,7 @@ MAX_RESUMES = 5
 #: Bytes read from disk per write to a client.
 CHUNK = 256 * 1024
 
-RunInThread = Callable[[Callable[[], None]], "Deferred[None]"]
+RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
 
 @define(eq=False)
@@ -137,6 +137,7 @@ class Fetcher:
     _starting: SingleFlight[Digest, Download] = field(factory=SingleFlight)
     _manifests: SingleFlight[tuple[str, Digest], Manifest] = field(factory=SingleFlight)
     metrics: Metrics = field(factory=Metrics)
+    _evicting: bool = False
     log = Logger()
 
     @property
@@ -266,6 +267,8 @@ class Fetcher:
         def committed(_: None) -> None:
             download.state = "done"
             del self._downloads[download.digest]
+            self.store.added(download.written)
+            self.housekeep()
             self.log.info(
                 "cached {digest} ({size} bytes) from {upstream}",
                 digest=str(download.digest),
@@ -296,6 +299,20 @@ class Fetcher:
         download.state = "failed"
         self._downloads.pop(download.digest, None)
         download.notify()
+
+    def housekeep(self) -> None:
+        """Evict least recently used content if the cache is over its limits."""
+        if self._evicting or not self.store.over_limit():
+            return
+        self._evicting = True
+
+        def done(result: object) -> None:
+            self._evicting = False
+            if isinstance(result, Failure):
+                self.log.failure("eviction failed", result)
+
+        d = self.run_in_thread(self.store.by_last_use)
+        d.addCallback(self.store.evict).addBoth(done)
 
     # -- tags ---------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any
 from attrs import define
 from prometheus_client.core import Metric
 from treq.client import HTTPClient
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -34,6 +34,9 @@ from regmirror.upstream import Upstream
 from regmirror.web import Health, PlainHTTPFactory, RegistryAPI, Root
 
 log = Logger()
+
+#: How often the cache is checked against its limits and tags expired.
+HOUSEKEEPING_INTERVAL = 300.0
 
 
 def check_listeners(config: Config) -> None:
@@ -140,6 +143,14 @@ class Mirror:
             [([u.name], u.rate_limit[1]) for u in upstreams if u.rate_limit],
         )
 
+    def housekeep(self) -> None:
+        """Periodic: evict if over the limits, expire old tag records."""
+        self.fetcher.housekeep()
+        keep = max(n.max_stale for n in self.config.namespaces)
+        cutoff = self.fetcher.clock.seconds() - keep
+        d = self.fetcher.run_in_thread(lambda: self.store.expire_tags(cutoff))
+        d.addErrback(lambda failure: log.failure("tag expiry failed", failure))
+
     def problems(self) -> list[str]:
         """Why the mirror is not ready to serve, if it is not."""
         found = []
@@ -179,7 +190,12 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
         )
         for namespace in config.namespaces
     ]
-    store = Store(config.cache.directory)
+    store = Store(
+        config.cache.directory,
+        max_size=config.cache.max_size,
+        min_free=config.cache.min_free,
+        now=reactor.seconds,
+    )
 
     def in_thread(work: Any) -> Deferred[None]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
@@ -214,6 +230,9 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     """The service tree: one endpoint service per listener."""
     mirror = build_mirror(config, reactor)
     top = _Mirror(mirror.store)
+    housekeeping = TimerService(HOUSEKEEPING_INTERVAL, mirror.housekeep)
+    housekeeping.clock = reactor
+    housekeeping.setServiceParent(top)
     listeners: list[tuple[str, Any]] = [
         (d, PlainHTTPFactory(mirror.site)) for d in config.server.listen
     ]

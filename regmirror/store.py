@@ -16,15 +16,38 @@ repository path component, which never starts with ``_``.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from typing import IO
 
 from attrs import define, field, frozen
 from twisted.logger import Logger
 
+from regmirror.errors import RegistryError
 from regmirror.reference import Digest, parse_digest
+
+#: Uses are recorded (as the file's mtime) at most this often per blob.
+ACCESS_GRANULARITY = 3600.0
+
+
+@frozen
+class Entry:
+    """A blob or manifest on disk: its size and when it was last used."""
+
+    digest: Digest
+    size: int
+    used: float
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
 
 
 @frozen
@@ -129,16 +152,31 @@ class Store:
     """
 
     root: str
+    #: evict least recently used content beyond this many bytes
+    max_size: int | None = None
+    #: evict, too, while the file system has less free space than this
+    min_free: int | None = None
+    #: seconds since 1970 (injected for tests)
+    now: Callable[[], float] = time.time
+    #: bytes of content on disk, kept current as files come and go
+    size: int = 0
+    _in_use: collections.Counter[Digest] = field(factory=collections.Counter)
     log = Logger()
 
     def open(self) -> None:
-        """Create the layout and throw away downloads a crash left behind."""
+        """
+        Create the layout, throw away downloads a crash left behind, and
+        measure what is there.
+        """
         for sub in ("blobs", "manifests", "tags", "spool"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         spool = os.path.join(self.root, "spool")
         for leftover in os.listdir(spool):
             self.log.info("removing unfinished download {name}", name=leftover)
             os.unlink(os.path.join(spool, leftover))
+        self.size = sum(entry.size for entry in self.entries())
+
+    # -- content ------------------------------------------------------------
 
     def _path(self, kind: str, digest: Digest) -> str:
         return os.path.join(
@@ -149,11 +187,45 @@ class Store:
         return self._path("blobs", digest)
 
     def blob_size(self, digest: Digest) -> int | None:
-        """The size of a cached blob, or ``None`` when it is not cached."""
+        """
+        The size of a cached blob, or ``None`` when it is not cached.  Counts
+        as a use for eviction (the file's mtime, updated at most hourly).
+        """
+        path = self.blob_path(digest)
         try:
-            return os.stat(self.blob_path(digest)).st_size
+            status = os.stat(path)
         except FileNotFoundError:
             return None
+        if status.st_mtime < self.now() - ACCESS_GRANULARITY:
+            now = self.now()
+            try:
+                os.utime(path, (now, now))
+            except OSError:
+                pass  # read-only cache: eviction order just gets coarser
+        return status.st_size
+
+    def acquire(self, digest: Digest) -> None:
+        """A reader has the blob open: it must not be evicted meanwhile."""
+        self._in_use[digest] += 1
+
+    def release(self, digest: Digest) -> None:
+        self._in_use[digest] -= 1
+        if self._in_use[digest] <= 0:
+            del self._in_use[digest]
+
+    def added(self, size: int) -> None:
+        """Content of *size* bytes was published."""
+        self.size += size
+
+    def over_limit(self) -> bool:
+        """Is it time to evict?"""
+        if self.max_size is not None and self.size > self.max_size:
+            return True
+        return self.min_free is not None and self.free_space() < self.min_free
+
+    def free_space(self) -> int:
+        status = os.statvfs(self.root)
+        return status.f_bavail * status.f_frsize
 
     def spool(self, digest: Digest) -> Spool:
         """Start writing the bytes of *digest* to a new spool file."""
@@ -183,9 +255,128 @@ class Store:
         actual = Digest.of(body, digest.algorithm)
         if actual != digest:
             raise DigestMismatch(digest, str(actual))
+        if self.manifest(digest) is not None:
+            return
         # The bytes first: a media type file always has its manifest.
+        existed = self.blob_size(digest) is not None
         _write_atomically(self.blob_path(digest), body)
         _write_atomically(self._path("manifests", digest), media_type.encode("ascii"))
+        if not existed:
+            self.added(len(body))
+
+    # -- eviction, housekeeping ---------------------------------------------
+
+    def entries(self) -> Iterator[Entry]:
+        """Every blob and manifest on disk."""
+        blobs = os.path.join(self.root, "blobs")
+        for algorithm in _listdir(blobs):
+            for prefix in _listdir(os.path.join(blobs, algorithm)):
+                folder = os.path.join(blobs, algorithm, prefix)
+                for name in _listdir(folder):
+                    try:
+                        status = os.stat(os.path.join(folder, name))
+                        digest = parse_digest(f"{algorithm}:{name}")
+                    except (OSError, ValueError, RegistryError):
+                        continue
+                    yield Entry(digest, status.st_size, status.st_mtime)
+
+    def by_last_use(self) -> list[Entry]:
+        """Every entry, least recently used first.  Blocking: a thread's job."""
+        return sorted(self.entries(), key=lambda e: e.used)
+
+    def evict(self, candidates: list[Entry] | None = None) -> list[Entry]:
+        """
+        Remove least recently used content until the cache is back under
+        90% of ``max_size`` (and ``min_free`` is free), never touching what a
+        reader has open.
+
+        :param candidates: :meth:`by_last_use`, computed beforehand (in a
+            thread) so that only the removals happen here.
+        """
+        target = None if self.max_size is None else int(self.max_size * 0.9)
+        evicted: list[Entry] = []
+        for entry in self.by_last_use() if candidates is None else candidates:
+            enough_room = target is None or self.size <= target
+            enough_free = self.min_free is None or self.free_space() >= self.min_free
+            if enough_room and enough_free:
+                break
+            if entry.digest in self._in_use:
+                continue
+            self.remove(entry.digest)
+            evicted.append(entry)
+        if evicted:
+            self.log.info(
+                "evicted {count} files ({size} bytes); cache now {total} bytes",
+                count=len(evicted),
+                size=sum(e.size for e in evicted),
+                total=self.size,
+            )
+        return evicted
+
+    def remove(self, digest: Digest) -> bool:
+        """Remove a blob or manifest; whether it was there."""
+        try:
+            size = os.stat(self.blob_path(digest)).st_size
+            os.unlink(self._path("manifests", digest))
+        except FileNotFoundError:
+            pass
+        try:
+            os.unlink(self.blob_path(digest))
+        except FileNotFoundError:
+            return False
+        self.size -= size
+        return True
+
+    def tags(self) -> Iterator[tuple[str, str, str, TagRecord]]:
+        """Every tag record: ``(namespace, repository, tag, record)``."""
+        top = os.path.join(self.root, "tags")
+        for folder, _, files in os.walk(top):
+            if os.path.basename(folder) != "_tags":
+                continue
+            namespace, _, repository = os.path.relpath(
+                os.path.dirname(folder), top
+            ).partition(os.sep)
+            for tag in files:
+                if tag.startswith(".tmp-"):
+                    continue
+                record = self.tag(namespace, repository.replace(os.sep, "/"), tag)
+                if record is not None:
+                    yield namespace, repository.replace(os.sep, "/"), tag, record
+
+    def expire_tags(self, older_than: float) -> int:
+        """Remove tag records the origin last confirmed before *older_than*."""
+        expired = 0
+        for namespace, repository, tag, record in list(self.tags()):
+            if record.confirmed < older_than:
+                self.remove_tag(namespace, repository, tag)
+                expired += 1
+        return expired
+
+    def remove_tag(self, namespace: str, repository: str, tag: str) -> bool:
+        try:
+            os.unlink(self._tag_path(namespace, repository, tag))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def verify(self) -> Iterator[tuple[Entry, bool]]:
+        """
+        Re-hash every blob and manifest, removing those that do not match
+        their digest.  Yields each entry and whether it was sound.
+        """
+        for entry in self.entries():
+            hasher = entry.digest.hasher()
+            try:
+                with open(self.blob_path(entry.digest), "rb") as f:
+                    for chunk in iter(lambda: f.read(1024 * 1024), b""):  # noqa: B023
+                        hasher.update(chunk)
+            except FileNotFoundError:
+                continue
+            sound = hasher.hexdigest() == entry.digest.hex
+            if not sound:
+                self.log.warn("removing corrupt {digest}", digest=str(entry.digest))
+                self.remove(entry.digest)
+            yield entry, sound
 
     def _tag_path(self, namespace: str, repository: str, tag: str) -> str:
         return os.path.join(self.root, "tags", namespace, repository, "_tags", tag)

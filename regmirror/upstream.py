@@ -294,7 +294,9 @@ class Upstream:
             sent["Authorization"] = authorization
         response = await self._send(method, url, sent)
         if response.code == 401 and self.config.token is None:
-            retry = await self._answer_challenge(response, scope)
+            retry = await self._answer_challenge(
+                response, scope, sent.get("Authorization")
+            )
             if retry is not None:
                 sent["Authorization"] = retry
                 response = await self._send(method, url, sent)
@@ -318,12 +320,18 @@ class Upstream:
         pair = f"{self.config.username}:{self.config.password.reveal()}"
         return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
 
-    async def _answer_challenge(self, response: IResponse, scope: str) -> str | None:
+    async def _answer_challenge(
+        self, response: IResponse, scope: str, sent: str | None
+    ) -> str | None:
         """The Authorization to retry with after a 401, or ``None``."""
         challenges = parse_challenges(header(response, "WWW-Authenticate") or "")
         bearer = next((c for c in challenges if c.scheme == "bearer"), None)
         if bearer is not None and "realm" in bearer.params:
             await _drain(response)
+            # A request sent before a concurrent one fetched a token: use it.
+            fresh = self._authorization(scope)
+            if fresh is not None and fresh.startswith("Bearer ") and fresh != sent:
+                return fresh
             return f"Bearer {await self._token(bearer, scope)}"
         basic = self._basic_credentials()
         if basic is not None and any(c.scheme == "basic" for c in challenges):

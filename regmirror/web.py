@@ -321,6 +321,8 @@ class RegistryAPI(Resource):
             "cache" if source.download is None else "download"
         )
         reader = SpoolReader(source, request, self._clock, start, end, served.inc)
+        store = self._fetcher.store
+        store.acquire(digest)
         reader.begin()
         try:
             await reader.done
@@ -335,6 +337,8 @@ class RegistryAPI(Resource):
             )
             break_connection(request)
             return
+        finally:
+            store.release(digest)
         request.finish()
 
     # -- pass-through -------------------------------------------------------

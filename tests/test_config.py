@@ -404,7 +404,7 @@ def test_errors_name_file_section_key(
             "= data", "= data\ntag_ttl = 1 week", "cache", "tag_ttl", id="bad-ttl"
         ),
         pytest.param(
-            "= data", "= data\nmax_size = 50GiB", "cache", "max_size", id="max-size"
+            "= data", "= data\nmax_size = lots", "cache", "max_size", id="max-size"
         ),
         pytest.param(
             "directory = data", "tag_ttl = 1m", "cache", "directory", id="no-directory"
@@ -598,3 +598,14 @@ def test_url_with_white_space_is_refused() -> None:
     """A URL with white space in its host is refused, not passed to the agent."""
     with pytest.raises(ValueError, match="white space"):
         parse_upstream_url("https://x .example")
+
+
+def test_cache_limits(tmp_path: Path) -> None:
+    """``max_size`` and ``min_free`` take sizes with binary and decimal units."""
+    config = tmp_path / "mirror.ini"
+    config.write_text(
+        FULL.replace("tag_ttl = 2m", "tag_ttl = 2m\nmax_size = 50GiB\nmin_free = 1GB")
+    )
+    loaded = load(str(config))
+    assert loaded.cache.max_size == 50 * 1024**3
+    assert loaded.cache.min_free == 10**9

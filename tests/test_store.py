@@ -1,0 +1,130 @@
+"""The cache on disk: publishing, eviction order, the in-use guard, tag
+expiry and verification."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fakeregistry import FakeRegistry
+from memory import Harness
+
+from regmirror.reference import Digest, parse_digest
+from regmirror.store import ACCESS_GRANULARITY, Store
+
+
+class Now:
+    """A settable clock for the store."""
+
+    def __init__(self) -> None:
+        self.value = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.value
+
+
+def put(store: Store, data: bytes, used: float) -> Digest:
+    """Publish *data* through a spool, as a download does, last used at *used*."""
+    digest = Digest.of(data)
+    spool = store.spool(digest)
+    spool.write(data)
+    spool.commit()
+    store.added(len(data))
+    os.utime(store.blob_path(digest), (used, used))
+    return digest
+
+
+def test_eviction_removes_least_recently_used_first(tmp_path: Path) -> None:
+    """Over max_size, the least recently used files go until the cache is
+    under 90% of the limit; a use refreshes a file's place."""
+    now = Now()
+    store = Store(str(tmp_path), max_size=3000, now=now)
+    store.open()
+    oldest = put(store, b"a" * 1000, now.value - 3 * ACCESS_GRANULARITY)
+    middle = put(store, b"b" * 1000, now.value - 2 * ACCESS_GRANULARITY)
+    newest = put(store, b"c" * 1000, now.value - 1 * ACCESS_GRANULARITY)
+    assert store.blob_size(oldest) == 1000  # a use: now the most recent
+    assert not store.over_limit()
+    latest = put(store, b"d" * 1000, now.value)
+    assert store.size == 4000 and store.over_limit()
+    evicted = [entry.digest for entry in store.evict()]
+    assert evicted == [middle, newest]
+    assert store.size == 2000
+    assert store.blob_size(oldest) == 1000 and store.blob_size(latest) == 1000
+
+
+def test_eviction_never_touches_what_is_being_read(tmp_path: Path) -> None:
+    """A blob a client is reading is skipped, however old."""
+    now = Now()
+    store = Store(str(tmp_path), max_size=1500, now=now)
+    store.open()
+    busy = put(store, b"a" * 1000, now.value - 10 * ACCESS_GRANULARITY)
+    idle = put(store, b"b" * 1000, now.value - 5 * ACCESS_GRANULARITY)
+    store.acquire(busy)
+    assert [e.digest for e in store.evict()] == [idle]
+    store.release(busy)
+    put(store, b"c" * 1000, now.value)
+    assert [e.digest for e in store.evict()] == [busy]
+
+
+def test_size_survives_a_restart(tmp_path: Path) -> None:
+    """The cache's size is measured again at start, and half-written spool
+    files are not counted (they are removed)."""
+    store = Store(str(tmp_path))
+    store.open()
+    put(store, b"x" * 123, 0)
+    (tmp_path / "spool" / "leftover").write_bytes(b"y" * 1000)
+    again = Store(str(tmp_path))
+    again.open()
+    assert again.size == 123
+
+
+def test_manifest_counted_once(tmp_path: Path) -> None:
+    """Storing the same manifest twice does not count its bytes twice."""
+    store = Store(str(tmp_path))
+    store.open()
+    body = b'{"schemaVersion":2}'
+    digest = Digest.of(body)
+    store.put_manifest(digest, "application/vnd.oci.image.manifest.v1+json", body)
+    store.put_manifest(digest, "application/vnd.oci.image.manifest.v1+json", body)
+    assert store.size == len(body)
+    assert store.remove(digest)
+    assert store.size == 0 and store.manifest(digest) is None
+
+
+def test_tag_records_expire(tmp_path: Path) -> None:
+    """Tag records the origin confirmed before the cut-off are removed."""
+    store = Store(str(tmp_path))
+    store.open()
+    digest = Digest.of(b"m")
+    store.set_tag("docker.io", "library/old", "latest", digest, confirmed=100.0)
+    store.set_tag("docker.io", "library/new", "latest", digest, confirmed=900.0)
+    assert store.expire_tags(older_than=500.0) == 1
+    assert [(r, t) for _, r, t, _ in store.tags()] == [("library/new", "latest")]
+
+
+def test_verify_removes_corrupt_files(tmp_path: Path) -> None:
+    """A blob corrupted on disk is found by verify and removed."""
+    store = Store(str(tmp_path))
+    store.open()
+    good = put(store, b"good" * 100, 0)
+    bad = put(store, b"bad!" * 100, 0)
+    with open(store.blob_path(bad), "r+b") as f:
+        f.write(b"X")
+    results = {entry.digest: sound for entry, sound in store.verify()}
+    assert results == {good: True, bad: False}
+    assert store.blob_size(bad) is None and store.blob_size(good) == 400
+
+
+def test_a_finished_download_triggers_eviction(tmp_path: Path) -> None:
+    """When a download pushes the cache over max_size, older content goes."""
+    origin = FakeRegistry()
+    first = origin.add_blob(b"1" * 3000)
+    second = origin.add_blob(b"2" * 3000)
+    harness = Harness(str(tmp_path), {"origin": origin})
+    harness.store.max_size = 4000
+    harness.body(harness.request("GET", f"/v2/app/blobs/{first}"))
+    os.utime(harness.store.blob_path(parse_digest(first)), (1, 1))
+    harness.body(harness.request("GET", f"/v2/app/blobs/{second}"))
+    assert harness.store.blob_size(parse_digest(first)) is None
+    assert harness.store.blob_size(parse_digest(second)) == 3000
