@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 
-from regmirror.config import Config, ConfigError
+from regmirror.config import Config, ConfigError, load
 from regmirror.fetch import Fetcher
 from regmirror.metrics import Metrics, MetricsResource, gauge
 from regmirror.pool import UpstreamPool
@@ -37,6 +37,26 @@ log = Logger()
 
 #: How often the cache is checked against its limits and tags expired.
 HOUSEKEEPING_INTERVAL = 300.0
+
+
+def validate(path: str) -> Config:
+    """
+    Everything start-up checks before it listens: the file, the listener
+    descriptions, the certificate files, the cache folder.
+
+    :raises ConfigError: naming file, section and key.
+    """
+    config = load(path)
+    check_upstreams(config)
+    for check, section, key in (
+        (check_listeners, "server", "listen"),
+        (check_cache, "cache", "directory"),
+    ):
+        try:
+            check(config)
+        except ValueError as error:
+            raise ConfigError(config.path, section, key, str(error)) from None
+    return config
 
 
 def check_listeners(config: Config) -> None:

@@ -5,13 +5,8 @@ from __future__ import annotations
 from twisted.application.service import IService
 from twisted.python import usage
 
-from regmirror import config as _config
-from regmirror.service import (
-    check_cache,
-    check_listeners,
-    check_upstreams,
-    make_service,
-)
+from regmirror.config import ConfigError
+from regmirror.service import make_service, validate
 
 
 class Options(usage.Options):
@@ -34,24 +29,10 @@ class Options(usage.Options):
         if not self["config"]:
             raise usage.UsageError("--config is required")
         try:
-            loaded = _config.load(self["config"])
-        except _config.ConfigError as error:
+            self.loaded = validate(self["config"])
+        except ConfigError as error:
             # One line and a non-zero exit, before anything listens.
             raise SystemExit(f"regmirror: {error}") from None
-        try:
-            check_upstreams(loaded)
-        except _config.ConfigError as error:
-            raise SystemExit(f"regmirror: {error}") from None
-        for check, section, key in (
-            (check_listeners, "server", "listen"),
-            (check_cache, "cache", "directory"),
-        ):
-            try:
-                check(loaded)
-            except ValueError as error:
-                located = _config.ConfigError(loaded.path, section, key, str(error))
-                raise SystemExit(f"regmirror: {located}") from None
-        self.loaded = loaded
 
 
 def makeService(options: Options) -> IService:
