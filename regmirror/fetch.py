@@ -115,6 +115,9 @@ class BlobSource:
     size: int | None
     path: str
     download: Download | None = None
+    #: an upstream response to relay as it comes, when the cache cannot
+    #: be written
+    relay: IResponse | None = None
 
 
 @define(eq=False)
@@ -169,7 +172,12 @@ class Fetcher:
             return await self._start(pool, repository, digest)
 
         self._lookup("blob", "joined" if digest in self._starting else "miss")
-        download = await self._starting.run(digest, start)
+        if not self.store.writable():
+            return await self._relay(pool, repository, digest)
+        try:
+            download = await self._starting.run(digest, start)
+        except _CannotSpool:
+            return await self._relay(pool, repository, digest)
         if download.state == "done":
             return BlobSource(download.written, download.spool.final_path)
         return BlobSource(download.size, download.spool.path, download)
@@ -193,14 +201,21 @@ class Fetcher:
         self, pool: UpstreamPool, repository: str, digest: Digest
     ) -> Download:
         try:
+            spool = self.store.spool(digest)
+        except OSError as error:
+            self.store.degrade(error)
+            raise _CannotSpool() from None
+        try:
             upstream, response = await pool.open_blob(repository, digest)
         except NotFoundAnywhere:
+            spool.discard()
             raise BlobUnknown(f"blob {digest} is unknown to every upstream") from None
+        except BaseException:
+            spool.discard()
+            raise
         length = response.length
         size = length if isinstance(length, int) else None
-        download = Download(
-            digest, self.store.spool(digest), size, upstream, pool, repository
-        )
+        download = Download(digest, spool, size, upstream, pool, repository)
         self._downloads[digest] = download
         self.log.info(
             "downloading {digest} ({size} bytes) from {upstream}",
@@ -210,6 +225,19 @@ class Fetcher:
         )
         self._receive(download, response, skip=0)
         return download
+
+    async def _relay(
+        self, pool: UpstreamPool, repository: str, digest: Digest
+    ) -> BlobSource:
+        """An upstream response to stream straight through, uncached."""
+        try:
+            _, response = await pool.open_blob(repository, digest)
+        except NotFoundAnywhere:
+            raise BlobUnknown(f"blob {digest} is unknown to every upstream") from None
+        length = response.length
+        return BlobSource(
+            length if isinstance(length, int) else None, "", relay=response
+        )
 
     def _receive(self, download: Download, response: IResponse, skip: int) -> None:
         response.deliverBody(
@@ -278,7 +306,10 @@ class Fetcher:
             download.notify()
 
         def failed(failure: Failure) -> None:
-            if failure.check(DigestMismatch):
+            if isinstance(failure.value, OSError):
+                self.store.degrade(failure.value)
+                self._fail(download, f"cannot store the blob: {failure.value}")
+            elif failure.check(DigestMismatch):
                 self._fail(download, f"digest mismatch: {failure.getErrorMessage()}")
             else:
                 self.log.failure(
@@ -299,6 +330,16 @@ class Fetcher:
         download.state = "failed"
         self._downloads.pop(download.digest, None)
         download.notify()
+
+    def _record_tag(
+        self, namespace: str, repository: str, tag: str, digest: Digest
+    ) -> None:
+        if not self.store.writable():
+            return
+        try:
+            self.store.set_tag(namespace, repository, tag, digest, self.clock.seconds())
+        except OSError as error:
+            self.store.degrade(error)
 
     def housekeep(self) -> None:
         """Evict least recently used content if the cache is over its limits."""
@@ -352,9 +393,7 @@ class Fetcher:
                 )
                 if answer.manifest is not None:
                     self.store_manifest(answer.manifest)
-                self.store.set_tag(
-                    pool.namespace, repository, tag, answer.digest, self.clock.seconds()
-                )
+                self._record_tag(pool.namespace, repository, tag, answer.digest)
             self._tags[key] = (answer, self.clock.seconds() + self.tag_ttl)
             return answer
 
@@ -471,7 +510,63 @@ class Fetcher:
         self.metrics.cache.labels(kind, result).inc()
 
     def store_manifest(self, manifest: Manifest) -> None:
-        self.store.put_manifest(manifest.digest, manifest.media_type, manifest.body)
+        """Keep a manifest, unless the cache cannot be written."""
+        if not self.store.writable():
+            return
+        try:
+            self.store.put_manifest(manifest.digest, manifest.media_type, manifest.body)
+        except OSError as error:
+            self.store.degrade(error)
+
+
+class _CannotSpool(Exception):
+    """The cache cannot take a new download now."""
+
+
+class Relay:
+    """
+    Streams an upstream body straight to a client (``deliverBody``), with
+    back-pressure, checking the digest on the way: the last chunk is held
+    back until it matches, so a client never gets a complete wrong blob.
+
+    :ivar done: fires when the client has every byte, or fails.
+    """
+
+    def __init__(
+        self, consumer: Any, digest: Digest, count: Callable[[int], object]
+    ) -> None:
+        self.done: Deferred[None] = Deferred()
+        self._consumer = consumer
+        self._digest = digest
+        self._hasher = digest.hasher()
+        self._held = b""
+        self._count = count
+
+    def makeConnection(self, transport: Any) -> None:
+        self._consumer.registerProducer(transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._hasher.update(data)
+        if self._held:
+            self._send(self._held)
+        self._held = data
+
+    def _send(self, data: bytes) -> None:
+        self._consumer.write(data)
+        self._count(len(data))
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._consumer.unregisterProducer()
+        if not reason.check(ResponseDone, PotentialDataLoss):
+            self.done.errback(
+                DownloadFailed(f"relay broke: {reason.getErrorMessage()}")
+            )
+        elif self._hasher.hexdigest() != self._digest.hex:
+            self.done.errback(DownloadFailed(f"relayed bytes are not {self._digest}"))
+        else:
+            if self._held:
+                self._send(self._held)
+            self.done.callback(None)
 
 
 @define(eq=False)
@@ -521,11 +616,9 @@ class _SpoolWriter:
                 return
         try:
             self.download.spool.write(data)
-        except OSError:
-            self.fetcher.log.failure(
-                "cannot write spool for {digest}", digest=str(self.download.digest)
-            )
-            self.fetcher._fail(self.download, "cannot write to the spool")
+        except OSError as error:
+            self.fetcher.store.degrade(error)
+            self.fetcher._fail(self.download, f"cannot write to the spool: {error}")
             if self._transport is not None:
                 self._transport.stopProducing()
             return

@@ -30,6 +30,9 @@ from twisted.logger import Logger
 from regmirror.errors import RegistryError
 from regmirror.reference import Digest, parse_digest
 
+#: After a failed write, how long the cache is left alone before trying again.
+DEGRADED_PERIOD = 60.0
+
 #: Uses are recorded (as the file's mtime) at most this often per blob.
 ACCESS_GRANULARITY = 3600.0
 
@@ -160,8 +163,29 @@ class Store:
     now: Callable[[], float] = time.time
     #: bytes of content on disk, kept current as files come and go
     size: int = 0
+    #: until when writing is not even tried (after ENOSPC, a read-only disk…)
+    degraded_until: float = 0.0
     _in_use: collections.Counter[Digest] = field(factory=collections.Counter)
     log = Logger()
+
+    def writable(self) -> bool:
+        """Should the mirror try to write to the cache now?"""
+        return self.now() >= self.degraded_until
+
+    def degrade(self, error: OSError) -> None:
+        """
+        Writing failed (a full disk, a read-only file system): serve without
+        caching for a while, then try again.  Logged once per period.
+        """
+        if self.writable():
+            self.log.error(
+                "cache {root} cannot be written ({why}): serving without caching "
+                "for {period}s",
+                root=self.root,
+                why=error.strerror or str(error),
+                period=int(DEGRADED_PERIOD),
+            )
+        self.degraded_until = self.now() + DEGRADED_PERIOD
 
     def open(self) -> None:
         """

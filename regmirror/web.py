@@ -29,7 +29,7 @@ from regmirror.errors import (
     RegistryError,
     Unsupported,
 )
-from regmirror.fetch import Fetcher, SpoolReader
+from regmirror.fetch import BlobSource, Fetcher, Relay, SpoolReader
 from regmirror.metrics import Metrics
 from regmirror.pool import Manifest, NotFoundAnywhere
 from regmirror.reference import (
@@ -307,6 +307,9 @@ class RegistryAPI(Resource):
             request.finish()
             return
         source = await self._fetcher.blob(route.pool, route.repository, digest)
+        if source.relay is not None:
+            await self._relay(request, source, digest)
+            return
         start, end = 0, source.size
         if source.size is not None:
             wanted = parse_range(_text_header(request, "Range"), source.size)
@@ -339,6 +342,30 @@ class RegistryAPI(Resource):
             return
         finally:
             store.release(digest)
+        request.finish()
+
+    async def _relay(
+        self, request: Request, source: BlobSource, digest: Digest
+    ) -> None:
+        """Stream a blob straight from upstream (the cache cannot take it)."""
+        assert source.relay is not None
+        if source.size is not None:
+            request.setHeader("Content-Length", str(source.size))
+        relay = Relay(request, digest, self._metrics.served_bytes.labels("relay").inc)
+        request.write(b"")  # the headers go now; the body follows as it comes
+        source.relay.deliverBody(relay)
+        try:
+            await relay.done
+        except CancelledError:
+            raise
+        except Exception as e:
+            self.log.warn(
+                "breaking the relayed response for {digest}: {why}",
+                digest=str(digest),
+                why=str(e),
+            )
+            break_connection(request)
+            return
         request.finish()
 
     # -- pass-through -------------------------------------------------------

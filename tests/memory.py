@@ -40,7 +40,7 @@ class Harness:
         settings: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.clock = Clock()
-        self.store = Store(root)
+        self.store = Store(root, now=self.clock.seconds)
         self.store.open()
         self.fakes = upstreams
         self.stubs = {name: StubTreq(fake) for name, fake in upstreams.items()}

@@ -3,11 +3,14 @@ expiry and verification."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
+import pytest
+import treq
 from fakeregistry import FakeRegistry
-from memory import Harness
+from memory import Harness, result
 
 from regmirror.reference import Digest, parse_digest
 from regmirror.store import ACCESS_GRANULARITY, Store
@@ -128,3 +131,46 @@ def test_a_finished_download_triggers_eviction(tmp_path: Path) -> None:
     harness.body(harness.request("GET", f"/v2/app/blobs/{second}"))
     assert harness.store.blob_size(parse_digest(first)) is None
     assert harness.store.blob_size(parse_digest(second)) == 3000
+
+
+def test_full_disk_serves_uncached_then_recovers(tmp_path: Path) -> None:
+    """When the cache cannot be written (ENOSPC), blobs stream straight from
+    upstream with their digest checked, the problem is logged once, and
+    caching resumes by itself once the period has passed."""
+    origin = FakeRegistry()
+    digest = origin.add_blob(b"payload" * 1000)
+    harness = Harness(str(tmp_path), {"origin": origin})
+    spool = tmp_path / "spool"
+    spool.rmdir()
+    spool.write_bytes(b"")  # creating a spool file now fails, as on a full disk
+    for _ in range(2):
+        response = harness.request("GET", f"/v2/app/blobs/{digest}")
+        assert harness.body(response) == b"payload" * 1000
+    assert not harness.store.writable()
+    assert harness.store.blob_size(parse_digest(digest)) is None
+    spool.unlink()
+    spool.mkdir()
+    assert not harness.store.writable()
+    harness.clock.advance(61)
+    harness.body(harness.request("GET", f"/v2/app/blobs/{digest}"))
+    assert harness.store.blob_size(parse_digest(digest)) == 7000
+
+
+def test_relayed_blob_with_wrong_bytes_breaks_the_client(tmp_path: Path) -> None:
+    """Streaming uncached, a blob whose bytes do not match is cut short."""
+    origin = FakeRegistry()
+    digest = origin.add_blob(b"payload" * 1000)
+    origin.corrupt.add(digest)
+    origin.hold[digest] = 3000
+    harness = Harness(str(tmp_path), {"origin": origin})
+    harness.store.degrade(OSError(errno.EROFS, "Read-only file system"))
+    response = harness.request("GET", f"/v2/app/blobs/{digest}")
+    assert response.code == 200
+    received: list[bytes] = []
+    done = treq.collect(response, received.append)
+    harness.settle()
+    origin.release()
+    harness.settle()
+    with pytest.raises(Exception):  # noqa: B017 (a broken connection)
+        result(done)
+    assert len(b"".join(received)) < 7000
