@@ -9,6 +9,7 @@ the section and the key.
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import math
 import os
 import re
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 from attrs import field, frozen
 
 T = TypeVar("T")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(Exception):
@@ -105,6 +107,9 @@ class NamespaceConfig:
     origin_unreachable: str = "freshest"
     #: how old (since the origin last confirmed it) a cached tag may be
     max_stale: float = 7 * 86400.0
+    #: client networks that may pull this namespace without credentials;
+    #: narrows ``[access] anonymous``
+    anonymous: tuple[Network, ...] | None = None
 
 
 DEFAULT_LISTEN: tuple[str, ...] = ("tcp:5000",)
@@ -129,12 +134,46 @@ class CacheConfig:
 
 
 @frozen
+class AccessConfig:
+    """The ``[access]`` section."""
+
+    #: client networks that may pull without credentials
+    anonymous: tuple[Network, ...]
+    htpasswd: str | None = None
+    #: peers whose X-Forwarded-For / Forwarded header is believed
+    trusted_proxies: tuple[Network, ...] = ()
+    #: lifetime of the tokens ``/token`` issues
+    token_ttl: float = 300.0
+
+
+EVERYONE: tuple[Network, ...] = (
+    ipaddress.ip_network("0.0.0.0/0"),
+    ipaddress.ip_network("::/0"),
+)
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """``any``, ``none``, or addresses and CIDRs separated by white space."""
+    words = text.split()
+    if words == ["any"]:
+        return EVERYONE
+    if words == ["none"]:
+        return ()
+    try:
+        return tuple(ipaddress.ip_network(word, strict=False) for word in words)
+    except ValueError as e:
+        raise ValueError(f"use any, none, or addresses and CIDRs: {e}") from None
+
+
+@frozen
 class Config:
     path: str
     server: ServerConfig
     cache: CacheConfig
     upstreams: dict[str, UpstreamConfig]
     namespaces: tuple[NamespaceConfig, ...]
+    #: ``None``: no ``[access]`` section, everyone may pull
+    access: AccessConfig | None = None
 
     @property
     def default_namespace(self) -> NamespaceConfig:
@@ -319,7 +358,6 @@ def _positive_int(text: str) -> int:
 
 
 _UNSUPPORTED_SECTIONS = {
-    "access": "client access control is not implemented in this version",
     "cluster": "clustering is not implemented in this version",
 }
 
@@ -352,6 +390,7 @@ def load(path: str) -> Config:
     namespace_sections: list[tuple[str, _Reader]] = []
     server = ServerConfig()
     cache: CacheConfig | None = None
+    access: AccessConfig | None = None
 
     for section in parser.sections():
         kind, colon, name = section.partition(":")
@@ -367,6 +406,8 @@ def load(path: str) -> Config:
             server = _server(reader, base)
         elif section == "cache":
             cache = _cache(reader, base)
+        elif section == "access":
+            access = _access(reader, base)
         elif section in _UNSUPPORTED_SECTIONS:
             raise reader.error(None, _UNSUPPORTED_SECTIONS[section])
         else:
@@ -378,7 +419,7 @@ def load(path: str) -> Config:
         _namespace(reader, name, upstreams) for name, reader in namespace_sections
     )
     _check_namespaces(path, namespaces)
-    return Config(path, server, cache, upstreams, namespaces)
+    return Config(path, server, cache, upstreams, namespaces, access)
 
 
 def _server(reader: _Reader, base: str) -> ServerConfig:
@@ -407,6 +448,23 @@ def _cache(reader: _Reader, base: str) -> CacheConfig:
     return CacheConfig(
         directory=directory, tag_ttl=tag_ttl, max_size=max_size, min_free=min_free
     )
+
+
+def _access(reader: _Reader, base: str) -> AccessConfig:
+    def path(text: str) -> str:
+        resolved = os.path.join(base, text.strip())
+        if not os.path.isfile(resolved):
+            raise ValueError(f"no such file: {resolved}")
+        return resolved
+
+    access = AccessConfig(
+        anonymous=reader.get("anonymous", parse_networks, EVERYONE),
+        htpasswd=reader.get("htpasswd", path, None),
+        trusted_proxies=reader.get("trusted_proxies", parse_networks, ()),
+        token_ttl=reader.get("token_ttl", _positive(parse_duration), 300.0),
+    )
+    reader.finish()
+    return access
 
 
 def _upstream(reader: _Reader, name: str, base: str) -> UpstreamConfig:
@@ -515,6 +573,7 @@ def _namespace(
             "origin_unreachable", _one_of("freshest", "cache", "fail"), "freshest"
         ),
         max_stale=reader.get("max_stale", parse_duration, 7 * 86400.0),
+        anonymous=reader.get("anonymous", parse_networks, None),
     )
     reader.finish()
     return namespace

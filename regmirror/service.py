@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 
+from regmirror.access import Gate
 from regmirror.config import Config, ConfigError, load
 from regmirror.fetch import Fetcher
 from regmirror.metrics import Metrics, MetricsResource, gauge
@@ -31,7 +32,7 @@ from regmirror.routing import Router
 from regmirror.store import Store
 from regmirror.transport import UpstreamTLS, agent_for
 from regmirror.upstream import Upstream
-from regmirror.web import Health, PlainHTTPFactory, RegistryAPI, Root
+from regmirror.web import Health, PlainHTTPFactory, RegistryAPI, Root, TokenResource
 
 log = Logger()
 
@@ -227,8 +228,18 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
         tag_ttl=config.cache.tag_ttl,
         metrics=metrics,
     )
-    api = RegistryAPI(Router(namespaces), fetcher, reactor, metrics)
+    gate = None
+    if config.access is not None:
+        gate = Gate(
+            config.access,
+            reactor,
+            in_thread,
+            {n.name: n.anonymous for n in config.namespaces if n.anonymous is not None},
+        )
+    api = RegistryAPI(Router(namespaces), fetcher, reactor, metrics, gate)
     root = Root(api)
+    if gate is not None and config.access is not None and config.access.htpasswd:
+        root.putChild(b"token", TokenResource(gate))
     mirror = Mirror(
         config,
         store,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -19,6 +20,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from regmirror.access import Gate, client_address
 from regmirror.errors import (
     BlobUnknown,
     ManifestUnknown,
@@ -27,6 +29,7 @@ from regmirror.errors import (
     PaginationInvalid,
     RangeInvalid,
     RegistryError,
+    Unauthorized,
     Unsupported,
 )
 from regmirror.fetch import BlobSource, Fetcher, Relay, SpoolReader
@@ -159,8 +162,10 @@ class RegistryAPI(Resource):
         fetcher: Fetcher,
         clock: IReactorTime,
         metrics: Metrics | None = None,
+        gate: Gate | None = None,
     ) -> None:
         super().__init__()
+        self._gate = gate
         self._router = router
         self._fetcher = fetcher
         self._clock = clock
@@ -207,6 +212,8 @@ class RegistryAPI(Resource):
         api = parse_api_path(request.path)
         labels["endpoint"] = api.endpoint
         if api.endpoint == "base":
+            if self._gate is not None:
+                await self._gate.check(request, None, None)
             _write_body(request, "application/json", b"{}")
             return
         route = self._router.route(
@@ -214,6 +221,8 @@ class RegistryAPI(Resource):
         )
         request.setHeader("OCI-Namespace", route.namespace.name)
         labels["namespace"] = route.namespace.name
+        if self._gate is not None:
+            await self._gate.check(request, route.namespace.name, api.name)
         if api.endpoint == "manifests":
             await self._manifest(request, route, api.reference)
         elif api.endpoint == "blobs":
@@ -462,6 +471,67 @@ def _paginate(body: bytes, n: int, last: str | None) -> tuple[bytes, str | None]
     document["tags"] = tags[:n]
     following = tags[n - 1] if more and n > 0 else None
     return json.dumps(document).encode("utf-8"), following
+
+
+class TokenResource(Resource):
+    """
+    ``/token``: the registry token endpoint.  A Basic login gets a token for
+    the repositories named in its ``scope`` parameters.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__()
+        self._gate = gate
+
+    def render_GET(self, request: Request) -> Any:
+        d = Deferred.fromCoroutine(self._issue(request))
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        return NOT_DONE_YET
+
+    async def _issue(self, request: Request) -> None:
+        gate = self._gate
+        try:
+            address = client_address(request, gate.config.trusted_proxies)
+            scheme, _, credentials = (
+                _text_header(request, "Authorization") or ""
+            ).partition(" ")
+            user = None
+            if scheme.lower() == "basic" and credentials:
+                user = await gate.login(address, credentials.strip())
+            if user is None:
+                raise Unauthorized(
+                    "log in with a user name and password",
+                    {"WWW-Authenticate": 'Basic realm="regmirror"'},
+                )
+            repositories = []
+            for value in request.args.get(b"scope", []):
+                for scope in value.decode("utf-8", "replace").split(" "):
+                    kind, _, rest = scope.partition(":")
+                    name, _, actions = rest.rpartition(":")
+                    if kind == "repository" and "pull" in actions.split(","):
+                        repositories.append(name)
+            token, expires = gate.tokens.issue(user, repositories)
+        except RegistryError as error:
+            if not request.finished:
+                write_error(request, error)
+            return
+        body = json.dumps(
+            {
+                "token": token,
+                "access_token": token,
+                "expires_in": int(gate.config.token_ttl),
+                "issued_at": datetime.fromtimestamp(
+                    expires - gate.config.token_ttl, UTC
+                ).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+        ).encode()
+        request.setHeader("Content-Type", "application/json")
+        request.setHeader("Cache-Control", "no-store")
+        request.write(body)
+        request.finish()
 
 
 class NotFoundResource(Resource):

@@ -13,10 +13,12 @@ from typing import Any
 import treq
 from fakeregistry import FakeRegistry
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
+from twisted.web.resource import Resource
 
-from regmirror.config import NamespaceConfig, UpstreamConfig
+from regmirror.access import Gate
+from regmirror.config import AccessConfig, NamespaceConfig, Network, UpstreamConfig
 from regmirror.fetch import Fetcher
 from regmirror.metrics import Metrics
 from regmirror.pool import UpstreamPool
@@ -24,7 +26,7 @@ from regmirror.reference import OCI_MANIFEST
 from regmirror.routing import Router
 from regmirror.store import Store
 from regmirror.upstream import Upstream
-from regmirror.web import RegistryAPI, Root
+from regmirror.web import RegistryAPI, Root, TokenResource
 
 LAYER = bytes(range(256)) * 40  # 10 KiB
 CONFIG = b'{"architecture":"amd64","os":"linux"}'
@@ -38,6 +40,8 @@ class Harness:
         root: str,
         upstreams: dict[str, FakeRegistry],
         settings: dict[str, dict[str, Any]] | None = None,
+        access: AccessConfig | None = None,
+        narrower: dict[str, tuple[Network, ...]] | None = None,
     ) -> None:
         self.clock = Clock()
         self.store = Store(root, now=self.clock.seconds)
@@ -71,7 +75,13 @@ class Harness:
         self.fetcher = Fetcher(
             self.store, self.clock, tag_ttl=30.0, metrics=self.metrics
         )
-        self.client = StubTreq(Root(RegistryAPI(router, self.fetcher, self.clock)))
+        self.gate = None
+        children: dict[bytes, Resource] = {}
+        if access is not None:
+            self.gate = Gate(access, self.clock, maybeDeferred, narrower or {})
+            children[b"token"] = TokenResource(self.gate)
+        api = RegistryAPI(router, self.fetcher, self.clock, self.metrics, self.gate)
+        self.client = StubTreq(Root(api, children))
 
     def router_pool(self, namespace: str) -> UpstreamPool:
         return self.pools[namespace]

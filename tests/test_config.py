@@ -373,13 +373,16 @@ def _assert_located(
             id="duplicate-host",
         ),
         pytest.param(
-            "[namespace:ghcr.io]\nupstreams = hub\nanonymous = none\n",
+            "[namespace:ghcr.io]\nupstreams = hub\nanonymous = nobody\n",
             "namespace:ghcr.io",
             "anonymous",
-            id="namespace-unknown-key",
+            id="namespace-bad-anonymous",
         ),
         pytest.param(
-            "[access]\nanonymous = any\n", "access", None, id="access-section"
+            "[access]\nhtpasswd = missing.htpasswd\n",
+            "access",
+            "htpasswd",
+            id="access-missing-htpasswd",
         ),
         pytest.param(
             "[cluster]\nredis = redis://x\n", "cluster", None, id="cluster-section"

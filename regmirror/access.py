@@ -1,0 +1,324 @@
+"""
+Who may pull: anonymous clients by address, users from an htpasswd file
+(Basic auth), and bearer tokens the mirror issues itself at ``/token``
+after a Basic login (the registry token flow, so that ``docker login``
+then ``docker pull`` work).
+
+Client credentials are checked here and go no further: nothing a client
+sends is ever forwarded upstream, and no password reaches a log line.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import bcrypt
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from regmirror.config import AccessConfig, Network
+from regmirror.errors import Denied, RegistryError, TooManyRequests, Unauthorized
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: The ``service`` our tokens are for.
+SERVICE = "regmirror"
+#: Failed logins allowed per client address within the window, then 429.
+LOGIN_FAILURES = 5
+LOGIN_WINDOW = 60.0
+#: A verified user/password pair is not re-hashed with bcrypt for this long.
+VERIFIED_FOR = 60.0
+
+
+def contains(networks: Sequence[Network], address: Address) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def client_address(request: Request, trusted: Sequence[Network]) -> Address:
+    """
+    The client's address: the peer's, or, when the peer is a trusted proxy,
+    the nearest address in its forwarding headers that is not a trusted
+    proxy itself.
+    """
+    peer = ipaddress.ip_address(_peer_host(request))
+    if not contains(trusted, peer):
+        return peer
+    chain = _forwarded_chain(request)
+    for hop in reversed(chain):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return peer  # a malformed hop: believe nothing beyond it
+        if not contains(trusted, address):
+            return address
+    return peer
+
+
+def _peer_host(request: Request) -> str:
+    host: Any = request.getClientAddress()
+    return str(getattr(host, "host", "0.0.0.0"))
+
+
+def _forwarded_chain(request: Request) -> list[str]:
+    """Addresses named by ``Forwarded`` (preferred) or ``X-Forwarded-For``."""
+    forwarded = request.requestHeaders.getRawHeaders(b"forwarded") or []
+    hops = []
+    for value in forwarded:
+        for element in value.decode("latin-1").split(","):
+            for pair in element.split(";"):
+                name, _, token = pair.strip().partition("=")
+                if name.lower() == "for":
+                    token = token.strip('"')
+                    if token.startswith("["):
+                        token = token[1:].split("]", 1)[0]
+                    elif token.count(":") == 1:
+                        token = token.split(":", 1)[0]
+                    hops.append(token)
+    if hops:
+        return hops
+    for value in request.requestHeaders.getRawHeaders(b"x-forwarded-for") or []:
+        hops += [hop.strip() for hop in value.decode("latin-1").split(",")]
+    return hops
+
+
+@define(eq=False)
+class Htpasswd:
+    """
+    Users and bcrypt hashes from an htpasswd file, read again whenever the
+    file changes.  Entries with other hash schemes are ignored (logged).
+    """
+
+    path: str
+    _stamp: tuple[float, int] | None = None
+    _users: dict[str, bytes] = field(factory=dict)
+    log = Logger()
+
+    def hash_for(self, user: str) -> bytes | None:
+        self._reload()
+        return self._users.get(user)
+
+    def _reload(self) -> None:
+        try:
+            status = os.stat(self.path)
+        except OSError as e:
+            self.log.error(
+                "cannot read htpasswd file {path}: {why}",
+                path=self.path,
+                why=e.strerror,
+            )
+            self._users = {}
+            return
+        stamp = (status.st_mtime, status.st_size)
+        if stamp == self._stamp:
+            return
+        users = {}
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, start=1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                user, colon, hashed = line.partition(":")
+                if not colon or not hashed.startswith(("$2y$", "$2b$", "$2a$")):
+                    self.log.warn(
+                        "{path} line {number}: not a bcrypt entry, ignored",
+                        path=self.path,
+                        number=number,
+                    )
+                    continue
+                users[user] = hashed.encode("ascii")
+        self._users = users
+        self._stamp = stamp
+        self.log.info(
+            "loaded {count} users from {path}", count=len(users), path=self.path
+        )
+
+
+@define(eq=False)
+class Tokens:
+    """Short-lived tokens signed with a key of this process (HMAC-SHA256)."""
+
+    clock: IReactorTime
+    ttl: float
+    _key: bytes = field(factory=lambda: os.urandom(32))
+
+    def issue(self, user: str, repositories: Sequence[str]) -> tuple[str, float]:
+        expires = self.clock.seconds() + self.ttl
+        claims = {
+            "sub": user,
+            "exp": expires,
+            "repositories": sorted(set(repositories)),
+        }
+        payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
+        return f"{payload}.{self._sign(payload)}", expires
+
+    def verify(self, token: str) -> dict[str, Any] | None:
+        payload, _, signature = token.partition(".")
+        if not hmac.compare_digest(signature, self._sign(payload)):
+            return None
+        try:
+            claims: dict[str, Any] = json.loads(
+                base64.urlsafe_b64decode(payload + "==")
+            )
+        except (ValueError, binascii.Error):
+            return None
+        if float(claims.get("exp", 0)) <= self.clock.seconds():
+            return None
+        return claims
+
+    def _sign(self, payload: str) -> str:
+        return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+@define(eq=False)
+class Gate:
+    """
+    Decides whether a request may pull, per namespace.
+
+    :ivar namespaces: a namespace's own ``anonymous`` networks, which only
+        narrow the section's.
+    :ivar run_in_thread: bcrypt is slow on purpose: it runs off the reactor.
+    """
+
+    config: AccessConfig
+    clock: IReactorTime
+    run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]]
+    namespaces: dict[str, tuple[Network, ...]] = field(factory=dict)
+    tokens: Tokens = field(init=False)
+    _htpasswd: Htpasswd | None = field(init=False)
+    _failures: dict[Address, deque[float]] = field(factory=dict)
+    _verified: dict[tuple[str, str], float] = field(factory=dict)
+    log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        self.tokens = Tokens(self.clock, self.config.token_ttl)
+        self._htpasswd = (
+            Htpasswd(self.config.htpasswd) if self.config.htpasswd else None
+        )
+
+    def anonymous_allowed(self, address: Address, namespace: str | None) -> bool:
+        if not contains(self.config.anonymous, address):
+            return False
+        if namespace is None:
+            return True
+        narrower = self.namespaces.get(namespace)
+        return narrower is None or contains(narrower, address)
+
+    async def check(
+        self, request: Request, namespace: str | None, name: str | None
+    ) -> str:
+        """
+        May this request pull *name* of *namespace* (``None``: the API root)?
+
+        :return: who: ``"anonymous"`` or the user name.
+        :raises Unauthorized: with a challenge, when credentials could help.
+        :raises Denied: when they could not.
+        """
+        address = client_address(request, self.config.trusted_proxies)
+        if self.anonymous_allowed(address, namespace):
+            return "anonymous"
+        scheme, _, credentials = (
+            _text(request.getHeader("Authorization")) or ""
+        ).partition(" ")
+        if scheme.lower() == "bearer" and credentials:
+            claims = self.tokens.verify(credentials.strip())
+            if claims is not None and (name is None or name in claims["repositories"]):
+                return str(claims["sub"])
+            raise self._challenge(
+                request, name, "invalid or expired token, or not for this repository"
+            )
+        if scheme.lower() == "basic" and credentials:
+            user = await self.login(address, credentials.strip())
+            if user is not None:
+                return user
+            raise self._challenge(request, name, "wrong user name or password")
+        raise self._challenge(request, name, "authentication required")
+
+    async def login(self, address: Address, basic: str) -> str | None:
+        """Check Basic credentials; the user, or ``None`` (counted per address)."""
+        self._throttle(address)
+        try:
+            user, _, password = (
+                base64.b64decode(basic, validate=True).decode("utf-8").partition(":")
+            )
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            user, password = "", ""
+        hashed = self._htpasswd.hash_for(user) if self._htpasswd and user else None
+        key = (user, hashlib.sha256(f"{user}\0{password}".encode()).hexdigest())
+        if hashed is not None and self._verified.get(key, 0) > self.clock.seconds():
+            return user
+        good = hashed is not None and bool(
+            await self.run_in_thread(
+                lambda: bcrypt.checkpw(password.encode("utf-8"), hashed)
+            )
+        )
+        if good:
+            self._verified[key] = self.clock.seconds() + VERIFIED_FOR
+            return user
+        self._failures.setdefault(address, deque()).append(self.clock.seconds())
+        self.log.warn(
+            "failed login for user {user!r} from {address}",
+            user=user[:64],
+            address=str(address),
+        )
+        return None
+
+    def _throttle(self, address: Address) -> None:
+        recent = self._failures.get(address)
+        if recent is None:
+            return
+        now = self.clock.seconds()
+        while recent and recent[0] <= now - LOGIN_WINDOW:
+            recent.popleft()
+        if not recent:
+            del self._failures[address]
+        elif len(recent) >= LOGIN_FAILURES:
+            wait = int(recent[0] + LOGIN_WINDOW - now) + 1
+            raise TooManyRequests(
+                "too many failed logins from this address; try again later",
+                {"Retry-After": str(wait)},
+            )
+
+    def _challenge(self, request: Request, name: str | None, why: str) -> RegistryError:
+        if self._htpasswd is None:
+            return Denied(f"access denied: {why}")
+        scheme = _scheme(request, self.config.trusted_proxies)
+        host = _text(request.getHeader("Host")) or "localhost"
+        realm = f"{scheme}://{host}/token"
+        challenge = f'Bearer realm="{realm}",service="{SERVICE}"'
+        if name is not None:
+            challenge += f',scope="repository:{name}:pull"'
+        return Unauthorized(why, {"WWW-Authenticate": challenge})
+
+
+def _text(value: bytes | str | None) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return value.decode("latin-1")
+
+
+def _scheme(request: Request, trusted: Sequence[Network]) -> str:
+    if request.isSecure():
+        return "https"
+    peer = ipaddress.ip_address(_peer_host(request))
+    forwarded = _text(request.getHeader("X-Forwarded-Proto"))
+    if forwarded in ("http", "https") and contains(trusted, peer):
+        return forwarded
+    return "http"
