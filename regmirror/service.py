@@ -8,6 +8,7 @@ global one.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +31,13 @@ from regmirror.metrics import Metrics, MetricsResource, gauge
 from regmirror.pool import UpstreamPool
 from regmirror.routing import Router
 from regmirror.store import Store
-from regmirror.transport import UpstreamTLS, agent_for
+from regmirror.transport import (
+    ReloadableTLS,
+    UpstreamTLS,
+    agent_for,
+    parse_tls_listener,
+    tls_listener,
+)
 from regmirror.upstream import Upstream
 from regmirror.web import Health, PlainHTTPFactory, RegistryAPI, Root, TokenResource
 
@@ -69,8 +76,11 @@ def check_listeners(config: Config) -> None:
     """
     for description in (*config.server.listen, *config.server.metrics_listen):
         try:
-            # Parsing needs no reactor; a real one is given in make_service.
-            serverFromString(None, description)
+            if description.startswith("ssl:"):
+                ReloadableTLS(parse_tls_listener(description))
+            else:
+                # Parsing needs no reactor; a real one is given in make_service.
+                serverFromString(None, description)
         except Exception as e:
             raise ValueError(f"bad listener {description!r}: {e}") from None
 
@@ -109,15 +119,34 @@ def check_cache(config: Config) -> None:
 
 
 class _Mirror(MultiService):
-    """The top service: opens the cache before the listeners start."""
+    """
+    The top service: opens the cache before the listeners start, and reloads
+    TLS certificates on SIGHUP (certbot renewals) without dropping a
+    connection.
+    """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, reactor: Any) -> None:
         super().__init__()
         self._store = store
+        self._reactor = reactor
+        self.certificates: list[ReloadableTLS] = []
 
     def startService(self) -> None:
         self._store.open()
+        if self.certificates:
+            signal.signal(
+                signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload)
+            )
         super().startService()
+
+    def reload(self) -> None:
+        for certificate in self.certificates:
+            try:
+                certificate.reload()
+            except ValueError as e:
+                log.error("certificate not reloaded, keeping the old one: {why}", why=e)
+            else:
+                log.info("certificate reloaded")
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -260,7 +289,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
 def make_service(config: Config, reactor: Any) -> MultiService:
     """The service tree: one endpoint service per listener."""
     mirror = build_mirror(config, reactor)
-    top = _Mirror(mirror.store)
+    top = _Mirror(mirror.store, reactor)
     housekeeping = TimerService(HOUSEKEEPING_INTERVAL, mirror.housekeep)
     housekeeping.clock = reactor
     housekeeping.setServiceParent(top)
@@ -271,7 +300,11 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         metrics_site = Site(MetricsResource(mirror.metrics))
         listeners += [(d, metrics_site) for d in config.server.metrics_listen]
     for description, factory in listeners:
-        endpoint = serverFromString(reactor, description)
+        if description.startswith("ssl:"):
+            endpoint, certificate = tls_listener(reactor, description)
+            top.certificates.append(certificate)
+        else:
+            endpoint = serverFromString(reactor, description)
         StreamServerEndpointService(endpoint, factory).setServiceParent(top)
     log.info(
         "regmirror serving {namespaces} on {listen}",

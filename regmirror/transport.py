@@ -18,6 +18,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
     IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
@@ -240,3 +241,98 @@ def agent_for(config: UpstreamConfig, reactor: Any, pool: HTTPConnectionPool) ->
         Agent.usingEndpointFactory(reactor, _TunnelEndpoints(proxy, tls), pool=pool),
         ProxyAgent(proxy, reactor, pool=pool),
     )
+
+
+# -- serving TLS ------------------------------------------------------------
+
+_TLS_KEYS = frozenset(
+    {"port", "interface", "backlog", "privateKey", "certKey", "extraCertChain"}
+)
+
+
+def parse_tls_listener(description: str) -> dict[str, str]:
+    """
+    The parts of an ``ssl:PORT:privateKey=…:certKey=…`` listener, unescaped.
+
+    :raises ValueError: for anything but port, interface, backlog and the
+        three file names.
+    """
+    pieces = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", description)]
+    if pieces[0] != "ssl" or len(pieces) < 2:
+        raise ValueError("not an ssl: listener")
+    parts: dict[str, str] = {}
+    for piece in pieces[1:]:
+        key, equals, value = piece.partition("=")
+        if not equals:
+            if "port" in parts:
+                raise ValueError(f"unexpected {piece!r}")
+            key, value = "port", piece
+        if key not in _TLS_KEYS:
+            raise ValueError(f"unsupported option {key!r} for ssl: listeners")
+        parts[key] = value
+    if "port" not in parts or not parts["port"].isdigit():
+        raise ValueError("an ssl: listener needs a port number")
+    if "privateKey" not in parts:
+        raise ValueError("an ssl: listener needs privateKey=")
+    parts.setdefault("certKey", parts["privateKey"])
+    return parts
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableTLS:
+    """
+    A listener's certificate: TLS 1.2 or newer, the chain taken from the
+    certificate file itself (certbot's ``fullchain.pem``) and from
+    ``extraCertChain``.  :meth:`reload` reads the files again; connections
+    already open keep the certificate they started with.
+
+    :raises ValueError: from the constructor, for unusable files.
+    """
+
+    def __init__(self, parts: dict[str, str]) -> None:
+        self._parts = parts
+        self._options = self._load()
+
+    def _load(self) -> ssl.CertificateOptions:
+        parts = self._parts
+        try:
+            key = _read(parts["privateKey"])
+            chain = _PEM_CERTIFICATE.findall(_read(parts["certKey"]))
+            if "extraCertChain" in parts:
+                chain += _PEM_CERTIFICATE.findall(_read(parts["extraCertChain"]))
+            if not chain:
+                raise ValueError(f"no PEM certificate in {parts['certKey']}")
+            leaf = ssl.PrivateCertificate.loadPEM(key + b"\n" + chain[0])
+            extra = [ssl.Certificate.loadPEM(pem).original for pem in chain[1:]]
+        except (OSError, SSL.Error) as e:
+            raise ValueError(f"unusable certificate or key: {e}") from None
+        return ssl.CertificateOptions(
+            privateKey=leaf.privateKey.original,
+            certificate=leaf.original,
+            extraCertChain=extra,
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        )
+
+    def reload(self) -> None:
+        """Read the files again; keep the old certificate if they are bad."""
+        self._options = self._load()
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection: SSL.Connection = self._options.serverConnectionForTLS(tlsProtocol)
+        return connection
+
+
+def tls_listener(reactor: Any, description: str) -> tuple[Any, ReloadableTLS]:
+    """An endpoint for an ``ssl:`` description, with a reloadable certificate."""
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+
+    parts = parse_tls_listener(description)
+    tls = ReloadableTLS(parts)
+    endpoint = SSL4ServerEndpoint(
+        reactor,
+        int(parts["port"]),
+        tls,
+        backlog=int(parts.get("backlog", "50")),
+        interface=parts.get("interface", ""),
+    )
+    return endpoint, tls
