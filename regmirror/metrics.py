@@ -70,6 +70,17 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
 
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of a metric's samples whose labels include *labels*."""
+        found = 0.0
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    found += sample.value
+        return found
+
     def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Add live values, computed by *collect* at each scrape."""
         self.registry.register(_Live(collect))

@@ -12,7 +12,7 @@ import signal
 from collections.abc import Iterator
 from typing import Any
 
-from attrs import define
+from attrs import define, field
 from prometheus_client.core import Metric
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService, TimerService
@@ -30,6 +30,7 @@ from regmirror.fetch import Fetcher
 from regmirror.metrics import Metrics, MetricsResource, gauge
 from regmirror.pool import UpstreamPool
 from regmirror.routing import Router
+from regmirror.status import SAMPLE_INTERVAL, History, StatusJSON, StatusPage
 from regmirror.store import Store
 from regmirror.transport import (
     ReloadableTLS,
@@ -170,6 +171,71 @@ class Mirror:
     fetcher: Fetcher
     metrics: Metrics
     site: Site
+    history: History = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.history = History(self.totals, self.fetcher.clock.seconds)
+
+    def totals(self) -> dict[str, float]:
+        """Cumulative counts for the status page."""
+        total = self.metrics.total
+        return {
+            "hits": total("regmirror_cache_lookups_total", result="hit"),
+            "misses": total("regmirror_cache_lookups_total", result="miss"),
+            "joined": total("regmirror_cache_lookups_total", result="joined"),
+            "cache_bytes": total("regmirror_served_bytes_total", source="cache"),
+            "upstream_bytes": total("regmirror_upstream_bytes_total"),
+        }
+
+    def status(self) -> dict[str, Any]:
+        """Everything the status page shows."""
+        now = self.fetcher.clock.seconds()
+
+        def upstream(u: Upstream) -> dict[str, Any]:
+            return {
+                "name": u.name,
+                "down": u.breaker.opened > 0,
+                "retry_in": max(0.0, u.breaker.open_until - now),
+                "rate_limited": u.backing_off(),
+                "quota": (
+                    {"limit": u.rate_limit[0], "remaining": u.rate_limit[1]}
+                    if u.rate_limit
+                    else None
+                ),
+            }
+
+        return {
+            "namespaces": [
+                {
+                    "name": pool.namespace,
+                    "origin": pool.origin.name,
+                    "upstreams": [upstream(u) for u in pool.upstreams],
+                    "stale": [
+                        {
+                            "mirror": mirror,
+                            "repository": repository,
+                            "tag": stale.tag,
+                            "theirs": str(stale.theirs),
+                            "origin": str(stale.origin),
+                        }
+                        for (mirror, repository), stale in pool.stale.items()
+                    ],
+                }
+                for pool in self.pools
+            ],
+            "cache": {"size": self.store.size, "max_size": self.store.max_size},
+            "downloads": [
+                {
+                    "digest": str(d.digest),
+                    "upstream": d.upstream.name,
+                    "written": d.written,
+                    "size": d.size,
+                }
+                for d in self.fetcher.downloads
+            ],
+            "totals": self.totals(),
+            "history": list(self.history.samples),
+        }
 
     def live_metrics(self) -> Iterator[Metric]:
         """Values read at each scrape from the objects that own them."""
@@ -279,6 +345,9 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
         Site(root),
     )
     metrics.watch(mirror.live_metrics)
+    root.putChild(b"", StatusPage())
+    root.putChild(b"_status", StatusPage())
+    root.putChild(b"_status.json", StatusJSON(mirror.status))
     root.putChild(b"healthz", Health(lambda: []))
     root.putChild(b"readyz", Health(mirror.problems))
     if not config.server.metrics_listen:
@@ -290,9 +359,13 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     """The service tree: one endpoint service per listener."""
     mirror = build_mirror(config, reactor)
     top = _Mirror(mirror.store, reactor)
-    housekeeping = TimerService(HOUSEKEEPING_INTERVAL, mirror.housekeep)
-    housekeeping.clock = reactor
-    housekeeping.setServiceParent(top)
+    for interval, work in (
+        (HOUSEKEEPING_INTERVAL, mirror.housekeep),
+        (SAMPLE_INTERVAL, mirror.history.sample),
+    ):
+        timer = TimerService(interval, work)
+        timer.clock = reactor
+        timer.setServiceParent(top)
     listeners: list[tuple[str, Any]] = [
         (d, PlainHTTPFactory(mirror.site)) for d in config.server.listen
     ]
