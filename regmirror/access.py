@@ -26,6 +26,7 @@ from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web import http
 from twisted.web.server import Request
 
 from regmirror.config import AccessConfig, Network
@@ -48,7 +49,7 @@ def contains(networks: Sequence[Network], address: Address) -> bool:
     return any(address in network for network in networks)
 
 
-def client_address(request: Request, trusted: Sequence[Network]) -> Address:
+def client_address(request: http.Request, trusted: Sequence[Network]) -> Address:
     """
     The client's address: the peer's, or, when the peer is a trusted proxy,
     the nearest address in its forwarding headers that is not a trusted
@@ -68,12 +69,12 @@ def client_address(request: Request, trusted: Sequence[Network]) -> Address:
     return peer
 
 
-def _peer_host(request: Request) -> str:
+def _peer_host(request: http.Request) -> str:
     host: Any = request.getClientAddress()
     return str(getattr(host, "host", "0.0.0.0"))
 
 
-def _forwarded_chain(request: Request) -> list[str]:
+def _forwarded_chain(request: http.Request) -> list[str]:
     """Addresses named by ``Forwarded`` (preferred) or ``X-Forwarded-For``."""
     forwarded = request.requestHeaders.getRawHeaders(b"forwarded") or []
     hops = []

@@ -27,6 +27,7 @@ from twisted.web.server import Site
 from regmirror.access import Gate
 from regmirror.config import Config, ConfigError, load
 from regmirror.fetch import Fetcher
+from regmirror.logs import MirrorSite
 from regmirror.metrics import Metrics, MetricsResource, gauge
 from regmirror.pool import UpstreamPool
 from regmirror.routing import Router
@@ -335,6 +336,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
     root = Root(api)
     if gate is not None and config.access is not None and config.access.htpasswd:
         root.putChild(b"token", TokenResource(gate))
+    trusted = config.access.trusted_proxies if config.access else ()
     mirror = Mirror(
         config,
         store,
@@ -342,7 +344,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
         [pool for _, pool in namespaces],
         fetcher,
         metrics,
-        Site(root),
+        MirrorSite(root, reactor, trusted),
     )
     metrics.watch(mirror.live_metrics)
     root.putChild(b"", StatusPage())

@@ -178,7 +178,12 @@ class RegistryAPI(Resource):
 
     async def _respond(self, request: Request) -> None:
         request.setHeader(*API_VERSION)
-        labels = {"namespace": "", "endpoint": "other"}
+        labels: dict[str, Any] = {
+            "namespace": "",
+            "endpoint": "other",
+            "started": self._clock.seconds(),
+        }
+        setattr(request, "regmirror", labels)  # noqa: B010 (for the access log)
         try:
             await self._handle(request, labels)
         except RegistryError as error:
@@ -213,7 +218,7 @@ class RegistryAPI(Resource):
         labels["endpoint"] = api.endpoint
         if api.endpoint == "base":
             if self._gate is not None:
-                await self._gate.check(request, None, None)
+                labels["user"] = await self._gate.check(request, None, None)
             _write_body(request, "application/json", b"{}")
             return
         route = self._router.route(
@@ -222,7 +227,9 @@ class RegistryAPI(Resource):
         request.setHeader("OCI-Namespace", route.namespace.name)
         labels["namespace"] = route.namespace.name
         if self._gate is not None:
-            await self._gate.check(request, route.namespace.name, api.name)
+            labels["user"] = await self._gate.check(
+                request, route.namespace.name, api.name
+            )
         if api.endpoint == "manifests":
             await self._manifest(request, route, api.reference)
         elif api.endpoint == "blobs":
@@ -316,6 +323,11 @@ class RegistryAPI(Resource):
             request.finish()
             return
         source = await self._fetcher.blob(route.pool, route.repository, digest)
+        labels: dict[str, Any] = getattr(request, "regmirror", {})
+        if source.download is not None:
+            labels["cache"], labels["upstream"] = "miss", source.download.upstream.name
+        else:
+            labels["cache"] = "relay" if source.relay is not None else "hit"
         if source.relay is not None:
             await self._relay(request, source, digest)
             return

@@ -1,0 +1,76 @@
+"""
+Logging: the access log, and JSON lines for log shippers.
+
+``twistd --logger regmirror.logs.json_lines regmirror -c …`` writes every
+event, access-log lines included, as one JSON object per line on standard
+output, with its structured fields (namespace, cache, upstream, bytes,
+duration, client) as keys.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
+from twisted.web import http
+from twisted.web.server import Site
+
+from regmirror.access import client_address
+from regmirror.config import Network
+
+ACCESS_FORMAT = (
+    '{client} - {user} "{method} {uri} {protocol}" {status} {bytes} '
+    '"{referrer}" "{agent}" ns={namespace} cache={cache} upstream={upstream} '
+    "{duration:.3f}s"
+)
+
+
+def json_lines() -> ILogObserver:
+    """An observer writing JSON lines to standard output (for ``--logger``)."""
+    return jsonFileLogObserver(sys.stdout, recordSeparator="")
+
+
+#: The access log's own namespace, so that it can be routed or filtered.
+access = Logger(namespace="regmirror.access")
+
+
+class MirrorSite(Site):
+    """A Site whose access log is structured events, one per request."""
+
+    def __init__(
+        self, resource: Any, clock: Any, trusted_proxies: Sequence[Network] = ()
+    ) -> None:
+        super().__init__(resource)
+        self._clock = clock
+        self._trusted = trusted_proxies
+
+    def log(self, request: http.Request) -> None:
+        info: dict[str, Any] = getattr(request, "regmirror", {})
+        started = info.get("started")
+        try:
+            client = str(client_address(request, self._trusted))
+        except ValueError:
+            client = "-"
+        access.info(
+            ACCESS_FORMAT,
+            client=client,
+            user=info.get("user", "-"),
+            method=_text(request.method),
+            uri=_text(request.uri),
+            protocol=_text(request.clientproto),
+            status=request.code,
+            bytes=request.sentLength,
+            referrer=_text(request.getHeader(b"referer") or b"-"),
+            agent=_text(request.getHeader(b"user-agent") or b"-"),
+            namespace=info.get("namespace") or "-",
+            cache=info.get("cache", "-"),
+            upstream=info.get("upstream", "-"),
+            duration=0.0 if started is None else self._clock.seconds() - started,
+        )
+
+
+def _text(value: bytes | str) -> str:
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    return text.replace('"', "%22")
