@@ -22,10 +22,12 @@ from .harness import (
     MirrorProcess,
     RegistryProcess,
     Skopeo,
+    TwoNamespaces,
     free_port,
     mirror_config,
+    two_namespace_config,
 )
-from .images import Catalog, build_catalog, write_layout
+from .images import Catalog, build_catalog, ghcr_app, write_layout
 from .servers import ProgramProcess
 
 ProgramProcessT = TypeVar("ProgramProcessT", bound=ProgramProcess)
@@ -111,14 +113,17 @@ def start_registry(
 ) -> Iterator[Callable[..., RegistryProcess]]:
     """
     Start more ``docker-registry`` processes over the seeded images, with
-    the keyword arguments of :class:`RegistryProcess` (``auth``, ``tls``);
-    all stopped at teardown.
+    the keyword arguments of :class:`RegistryProcess` (``auth``, ``tls``),
+    or over another storage folder given as ``storage``; all stopped at
+    teardown.
     """
     started: list[RegistryProcess] = []
 
-    def start(**options: Any) -> RegistryProcess:
+    def start(storage: Path | None = None, **options: Any) -> RegistryProcess:
         registry = RegistryProcess(
-            seeded_storage, tmp_path / f"registry-{len(started)}", **options
+            seeded_storage if storage is None else storage,
+            tmp_path / f"registry-{len(started)}",
+            **options,
         )
         started.append(registry)
         registry.start()
@@ -182,3 +187,25 @@ def start_mirror(tmp_path: Path) -> Iterator[Callable[..., MirrorProcess]]:
         elif process.unhandled_errors():
             problems.append(f"a mirror logged unhandled errors:\n{process.log()}")
     assert not problems, "\n".join(problems)
+
+
+@pytest.fixture
+def two_namespaces(
+    tmp_path: Path,
+    skopeo: Skopeo,
+    upstream: RegistryProcess,
+    start_registry: Callable[..., RegistryProcess],
+    start_mirror: Callable[..., MirrorProcess],
+) -> TwoNamespaces:
+    """
+    A mirror serving docker.io (default; ``upstream``, the seeded catalog)
+    and ghcr.io (a registry of its own holding only ``ghcr_app()``).
+    """
+    ghcr = start_registry(storage=tmp_path / "ghcr-storage")
+    skopeo.push_images(ghcr.host, [ghcr_app()], tmp_path / "ghcr-push")
+    mirror = start_mirror(
+        lambda port: two_namespace_config(port, upstream.url, ghcr.url)
+    )
+    return TwoNamespaces(
+        mirror, upstream, ghcr, len(upstream.access_log()), len(ghcr.access_log())
+    )

@@ -8,6 +8,7 @@ started here is stopped by its owner (terminate, bounded wait, kill).
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -19,10 +20,12 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from .images import Image, write_layout
 
 LOCALHOST = "127.0.0.1"
 REGISTRY_BINARY = "/usr/bin/docker-registry"
@@ -404,6 +407,18 @@ class Skopeo:
             f"docker://{registry_host}/{name}:{tag}",
         )
 
+    def push_images(
+        self, registry_host: str, images: Iterable[Image], workdir: Path
+    ) -> None:
+        """
+        Push each image to ``registry_host/<repository>:<tag>``, in order,
+        through an OCI layout of its own written under *workdir*.
+        """
+        for number, image in enumerate(images):
+            layout = workdir / f"push-{number}"
+            write_layout(layout, [image])
+            self.push_layout(layout, image.tag, registry_host, image.repository)
+
     def pull(
         self,
         registry_host: str,
@@ -507,6 +522,90 @@ aliases = index.docker.io registry-1.docker.io
 """
 
 
+def mirror_config_namespaces(
+    port: int,
+    upstreams: Mapping[str, Mapping[str, str]],
+    namespaces: Mapping[str, Mapping[str, str]],
+    *,
+    tag_ttl: str = "0s",
+) -> str:
+    """
+    The INI configuration of a mirror with several namespaces: *upstreams*
+    maps each upstream's name to its keys (``url`` included; short timeouts
+    unless given), *namespaces* each namespace's name to its keys
+    (``upstreams``, ``origin``, ``default``, ``hosts``...), written as given.
+    """
+    sections = []
+    for name, options in upstreams.items():
+        keys = {
+            "connect_timeout": "2s",
+            "response_timeout": "10s",
+            "idle_timeout": "10s",
+            **options,
+        }
+        body = "".join(f"{k} = {v}\n" for k, v in keys.items())
+        sections.append(f"[upstream:{name}]\n{body}")
+    for name, options in namespaces.items():
+        body = "".join(f"{k} = {v}\n" for k, v in options.items())
+        sections.append(f"[namespace:{name}]\n{body}")
+    return f"""\
+[server]
+listen = tcp:{port}:interface={LOCALHOST}
+
+[cache]
+directory = cache
+tag_ttl = {tag_ttl}
+
+{chr(10).join(sections)}"""
+
+
+#: the ``Host`` header that the ghcr.io namespace of
+#: :func:`two_namespace_config` answers to
+GHCR_HOST = "ghcr.mirror.test"
+
+
+def two_namespace_config(port: int, hub_url: str, ghcr_url: str) -> str:
+    """
+    A mirror serving ``docker.io`` (the default, from upstream ``hub``) and
+    ``ghcr.io`` (from upstream ``ghcr``, also for ``Host: GHCR_HOST``).
+    """
+    return mirror_config_namespaces(
+        port,
+        {"hub": {"url": hub_url}, "ghcr": {"url": ghcr_url}},
+        {
+            "docker.io": {
+                "upstreams": "hub",
+                "origin": "hub",
+                "default": "true",
+                "aliases": "index.docker.io registry-1.docker.io",
+            },
+            "ghcr.io": {"upstreams": "ghcr", "origin": "ghcr", "hosts": GHCR_HOST},
+        },
+    )
+
+
+@dataclass(frozen=True)
+class TwoNamespaces:
+    """A mirror made by :func:`two_namespace_config` and its upstreams."""
+
+    mirror: MirrorProcess
+    #: the docker.io upstream: the seeded catalog
+    hub: RegistryProcess
+    #: the ghcr.io upstream: :func:`images.ghcr_app` only
+    ghcr: RegistryProcess
+    #: access-log lengths once the registries were filled
+    hub_mark: int
+    ghcr_mark: int
+
+    def hub_log(self) -> list[str]:
+        """The docker.io upstream's access log since the mirror started."""
+        return self.hub.access_log()[self.hub_mark :]
+
+    def ghcr_log(self) -> list[str]:
+        """The ghcr.io upstream's access log since the mirror started."""
+        return self.ghcr.access_log()[self.ghcr_mark :]
+
+
 # ``python -m twisted`` is the newer ``twist`` runner, which has no --nodaemon,
 # --pidfile or --logfile; twistd itself has no ``__main__``, hence ``-c``.
 _TWISTD = "import sys; from twisted.scripts.twistd import run; sys.exit(run())"
@@ -525,6 +624,13 @@ def twistd_command(config_path: Path, log_path: Path) -> list[str]:
         "-c",
         str(config_path),
     ]
+
+
+#: one sample of the Prometheus text format: name, optional labels, value
+_SAMPLE = re.compile(
+    r"(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)"
+)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 class MirrorProcess:
@@ -629,6 +735,55 @@ class MirrorProcess:
         return {
             str(path.relative_to(self.cache_dir)) for path in self.cache_dir.rglob("*")
         }
+
+    def cached_blobs(self) -> dict[str, str]:
+        """
+        Each file under ``blobs/sha256/`` of the cache, as the digest its
+        name says mapped to the digest of its content.
+        """
+        found: dict[str, str] = {}
+        for path in sorted(self.cache_dir.glob("blobs/sha256/*/*")):
+            hasher = hashlib.sha256()
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    hasher.update(chunk)
+            found["sha256:" + path.name] = "sha256:" + hasher.hexdigest()
+        return found
+
+    def metric(self, name: str, **labels: str) -> float:
+        """
+        The sum of the samples of *name* (``regmirror_..._total``) on the
+        mirror's ``/metrics`` whose labels include *labels*; 0 if none.
+        """
+        response = self.request("GET", "/metrics")
+        if response.status != 200:
+            raise HarnessError(f"/metrics answered {response.status}")
+        total = 0.0
+        for line in response.body.decode().splitlines():
+            sample = _SAMPLE.fullmatch(line)
+            if sample is None or sample["name"] != name:
+                continue
+            found = dict(_LABEL.findall(sample["labels"] or ""))
+            if all(found.get(k) == v for k, v in labels.items()):
+                total += float(sample["value"])
+        return total
+
+    def wait_for_log(self, pattern: str, *, timeout: float = 10.0) -> list[str]:
+        """
+        Poll the log until a line matches the regular expression *pattern*
+        (bounded); the matching lines.
+        """
+        regex = re.compile(pattern)
+
+        def matching() -> list[str]:
+            return [line for line in self.log_lines() if regex.search(line)]
+
+        poll_until(
+            lambda: bool(matching()),
+            timeout=timeout,
+            describe=lambda: f"no log line matches {pattern!r}:\n{self.log()}",
+        )
+        return matching()
 
 
 def run_mirror_to_exit(

@@ -37,6 +37,8 @@ MANIFEST_ACCEPT = ", ".join(
 )
 
 _TAR_MTIME = 1_700_000_000
+#: the ``created`` time of every image unless one is given
+DEFAULT_CREATED = "2023-11-14T22:13:20Z"
 BIG_LAYER_SIZE = 40 * 1024 * 1024
 
 
@@ -132,14 +134,19 @@ def _diff_id(layer: Blob) -> str:
     return layer.digest
 
 
-def _config(architecture: str, layers: Sequence[Blob], label: str) -> Blob:
+def _config(
+    architecture: str,
+    layers: Sequence[Blob],
+    label: str,
+    created: str = DEFAULT_CREATED,
+) -> Blob:
     document = {
         "architecture": architecture,
         "os": "linux",
-        "created": "2023-11-14T22:13:20Z",
+        "created": created,
         "config": {"Cmd": ["/bin/true"], "Labels": {"regmirror.test": label}},
         "rootfs": {"type": "layers", "diff_ids": [_diff_id(x) for x in layers]},
-        "history": [{"created": "2023-11-14T22:13:20Z", "created_by": label}],
+        "history": [{"created": created, "created_by": label}],
     }
     return Blob(OCI_CONFIG, canonical_json(document))
 
@@ -155,9 +162,15 @@ def _manifest(config: Blob, layers: Sequence[Blob]) -> Blob:
 
 
 def single_arch_image(
-    repository: str, tag: str, layers: Sequence[Blob], architecture: str = "amd64"
+    repository: str,
+    tag: str,
+    layers: Sequence[Blob],
+    architecture: str = "amd64",
+    *,
+    created: str = DEFAULT_CREATED,
 ) -> Image:
-    config = _config(architecture, layers, f"{repository}:{tag}")
+    """One image manifest; *created* is its config's creation time."""
+    config = _config(architecture, layers, f"{repository}:{tag}", created)
     manifest = _manifest(config, layers)
     return Image(
         repository=repository,
@@ -262,6 +275,16 @@ def build_catalog() -> Catalog:
         shared_two=shared_two,
         busybox=busybox,
         shared_layer=shared_layer,
+    )
+
+
+def ghcr_app() -> Image:
+    """
+    ``org/app:v1``, the image of a second registry (``ghcr.io`` in the
+    routing tests): not in the catalog, sharing no blob with it.
+    """
+    return single_arch_image(
+        "org/app", "v1", [gzip_layer({"app.txt": b"served by the ghcr.io upstream\n"})]
     )
 
 

@@ -334,8 +334,11 @@ class FakeUpstream(ProgramProcess):
     """
     ``programs/fake_upstream.py``: the twisted.web fake registry as a
     process.  ``ports["registry"]``, and ``ports["cdn"]`` with ``cdn=True``.
-    :meth:`records` entries hold ``listener``, ``method``, ``path`` and
-    ``authorization`` (the header's value or ``None``).
+    :meth:`records` entries hold ``listener``, ``method``, ``path``,
+    ``authorization`` and ``range`` (the headers' values or ``None``).
+    The faults (*status* for paths matching *fault_path*, *drop_after*,
+    *hold_after*, *html_blobs*, *wrong_manifests*) are described in the
+    program's docstring.
     """
 
     program = "fake_upstream"
@@ -350,6 +353,11 @@ class FakeUpstream(ProgramProcess):
         status: int | None = None,
         retry_after: str | None = None,
         headers: Sequence[str] = (),
+        fault_path: str | None = None,
+        drop_after: int | None = None,
+        hold_after: int | None = None,
+        html_blobs: bool = False,
+        wrong_manifests: bool = False,
     ) -> None:
         arguments: list[str] = []
         for name, layout in images:
@@ -364,6 +372,16 @@ class FakeUpstream(ProgramProcess):
             arguments += ["--retry-after", retry_after]
         for header in headers:
             arguments += ["--header", header]
+        if fault_path is not None:
+            arguments += ["--fault-path", fault_path]
+        if drop_after is not None:
+            arguments += ["--drop-after", str(drop_after)]
+        if hold_after is not None:
+            arguments += ["--hold-after", str(hold_after)]
+        if html_blobs:
+            arguments.append("--html-blobs")
+        if wrong_manifests:
+            arguments.append("--wrong-manifests")
         super().__init__(workdir, arguments)
 
     @property

@@ -12,12 +12,24 @@ the end-to-end tests as ``python fake_upstream.py --ready-file F --log L ...``.
   serves the blob to anyone;
 - ``--status N --retry-after S``: every request is answered ``N`` with
   ``Retry-After: S`` (a rate-limited mirror);
-- ``--header 'Name: value'``: added to every answer (repeatable).
+- ``--fault-path REGEX``: ``--status`` only for paths REGEX matches
+  (``/blobs/``: a mirror whose manifests work and blobs do not);
+- ``--header 'Name: value'``: added to every answer (repeatable);
+- ``--drop-after N``: a blob GET without ``Range`` sends its headers and
+  the first N bytes, then the connection is cut (blobs longer than N);
+- ``--hold-after N``: every blob GET, with ``Range`` or not, sends its
+  headers and N bytes of the body, then nothing more, ever;
+- ``--html-blobs``: blob GETs are answered ``200`` with an HTML page (a
+  captive portal or a proxy's error page);
+- ``--wrong-manifests``: manifests asked for by digest are answered with
+  other bytes (still a manifest, with that digest claimed in
+  ``Docker-Content-Digest``).
 
 Each request is appended to ``--log`` as one JSON line: which listener
-(``registry`` or ``cdn``), method, path and the ``Authorization`` header as
-received (or null).  Listens on 127.0.0.1, free ports, written as
-``{"registry": N, "cdn": M}`` to ``--ready-file``.
+(``registry`` or ``cdn``), method, path, the ``Authorization`` header as
+received (or null) and the ``Range`` header (or null).  Listens on
+127.0.0.1, free ports, written as ``{"registry": N, "cdn": M}`` to
+``--ready-file``.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +46,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -57,6 +70,7 @@ class Recorder:
             "method": request.method.decode(),
             "path": request.path.decode(),
             "authorization": request.getHeader("Authorization"),
+            "range": request.getHeader("Range"),
         }
         with self.path.open("a") as log:
             log.write(json.dumps(entry, sort_keys=True) + "\n")
@@ -70,6 +84,11 @@ class Registry(FakeRegistry):
         self.status: int | None = options.status
         self.retry_after: str | None = options.retry_after
         self.extra_headers = [h.split(":", 1) for h in options.header]
+        self.fault_path = re.compile(options.fault_path or "")
+        self.drop_after: int | None = options.drop_after
+        self.hold_after: int | None = options.hold_after
+        self.html_blobs: bool = options.html_blobs
+        self.wrong_manifests: bool = options.wrong_manifests
         self.realm = ""
 
     def render(self, request: Request) -> Any:
@@ -77,7 +96,7 @@ class Registry(FakeRegistry):
         for name, value in self.extra_headers:
             request.setHeader(name.strip(), value.strip())
         path = request.path.decode()
-        if self.status is not None:
+        if self.status is not None and self.fault_path.search(path):
             request.setResponseCode(self.status)
             if self.retry_after is not None:
                 request.setHeader("Retry-After", self.retry_after)
@@ -104,6 +123,48 @@ class Registry(FakeRegistry):
             request.setHeader("Content-Type", "application/json")
             return b"{}"
         return super().render(request)
+
+    def _blob(self, digest: str, request: Request) -> Any:
+        data = self.blobs.get(digest)
+        if data is None or request.method != b"GET":
+            return super()._blob(digest, request)
+        if self.html_blobs:
+            request.setHeader("Content-Type", "text/html; charset=utf-8")
+            return b"<!DOCTYPE html><html><body>Please log in.</body></html>\n"
+        if self.hold_after is not None:
+            return self._held_blob(digest, data, request)
+        return super()._blob(digest, request)
+
+    def _held_blob(self, digest: str, data: bytes, request: Request) -> Any:
+        """Headers and ``hold_after`` bytes of the body, then silence."""
+        assert self.hold_after is not None
+        start = 0
+        wanted = request.getHeader("Range") or ""
+        if wanted.startswith("bytes=") and wanted.endswith("-"):
+            start = int(wanted[len("bytes=") : -1])
+            request.setResponseCode(206)
+            request.setHeader(
+                "Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}"
+            )
+        request.setHeader("Content-Type", self.blob_type)
+        request.setHeader("Docker-Content-Digest", digest)
+        request.setHeader("Content-Length", str(len(data) - start))
+        request.write(data[start : start + self.hold_after])
+        self.held.append((request, b""))
+        return NOT_DONE_YET
+
+    def _manifest(self, name: str, reference: str, request: Request) -> Any:
+        found = self.manifests.get(reference)
+        if not self.wrong_manifests or found is None:
+            return super()._manifest(name, reference, request)
+        media_type, body = found
+        # Still JSON and still this manifest's content, but other bytes:
+        # only the digest can tell.
+        other = body + b"\n"
+        request.setHeader("Content-Type", media_type)
+        request.setHeader("Docker-Content-Digest", reference)
+        request.setHeader("Content-Length", str(len(other)))
+        return b"" if request.method == b"HEAD" else other
 
     def render_cdn(self, request: Request) -> Any:
         """A blob for anyone who asks: what a CDN behind a redirect does."""
@@ -152,6 +213,11 @@ def main() -> None:
     parser.add_argument("--status", type=int)
     parser.add_argument("--retry-after")
     parser.add_argument("--header", action="append", default=[])
+    parser.add_argument("--fault-path")
+    parser.add_argument("--drop-after", type=int)
+    parser.add_argument("--hold-after", type=int)
+    parser.add_argument("--html-blobs", action="store_true")
+    parser.add_argument("--wrong-manifests", action="store_true")
     options = parser.parse_args()
 
     recorder = Recorder(Path(options.log))
@@ -159,6 +225,10 @@ def main() -> None:
     for spec in options.image:
         name, _, layout = spec.partition("=")
         registry.load(name, Path(layout))
+    if options.drop_after is not None:
+        for digest, data in registry.blobs.items():
+            if len(data) > options.drop_after:
+                registry.drop[digest] = options.drop_after
 
     async def start() -> None:
         ports: dict[str, int] = {}

@@ -1,0 +1,218 @@
+"""
+Real container clients through the mirror, on each way they name it: the
+Docker daemon with ``registry-mirrors`` (Docker Hub images) and with the
+mirror in the image name (``mirror/ghcr.io/...``), and containerd with a
+``hosts.toml`` per registry, which sends ``?ns=<registry>``.
+
+The daemons run under the test's folder (see :mod:`daemons`); any attempt
+of theirs to reach a real registry meets a closed port on 127.0.0.1, so a
+pull succeeds only through the mirror.  Teardown checks that they left the
+host as they found it: nothing mounted, no state outside the folder, IP
+forwarding untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .daemons import (
+    ContainerdProcess,
+    DockerdProcess,
+    missing_tools,
+    mounts_under,
+    unmount_under,
+)
+from .harness import TwoNamespaces
+from .images import Catalog, ghcr_app
+
+pytestmark = pytest.mark.e2e
+
+APP = ghcr_app()
+
+#: what dockerd and containerd could leave behind outside their folders
+_HOST_PATHS = (
+    Path("/etc/docker/key.json"),
+    Path("/opt/containerd"),
+    Path("/run/containerd"),
+    Path("/var/lib/containerd"),
+    Path("/var/lib/docker"),
+)
+#: dockerd always creates this (its plugin socket folder)
+_DOCKER_RUN = Path("/run/docker")
+_IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+
+
+def _remove_empty_tree(folder: Path) -> None:
+    """Remove *folder* if it holds nothing but empty folders."""
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        _remove_empty_tree(child)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+@pytest.fixture
+def daemons_folder(tmp_path: Path) -> Iterator[Path]:
+    """
+    A folder for the daemons' state.  At teardown (after the daemons
+    stopped) whatever is still mounted under it is unmounted, and the host
+    must be as before: no mounts left, none of the daemons' default paths
+    created, IP forwarding unchanged.
+    """
+    missing = missing_tools()
+    if missing:
+        pytest.fail(f"cannot run the container clients: missing {missing}")
+    folder = tmp_path / "d"
+    folder.mkdir()
+    existed = {path: path.exists() for path in _HOST_PATHS}
+    docker_run_existed = _DOCKER_RUN.exists()
+    forwarding = _IP_FORWARD.read_text()
+    yield folder
+    left_mounted = unmount_under(folder)
+    if not docker_run_existed:
+        _remove_empty_tree(_DOCKER_RUN)
+    problems = []
+    if left_mounted:
+        problems.append(f"the daemons left mounts behind: {left_mounted}")
+    if mounts_under(folder):
+        problems.append(f"cannot unmount {mounts_under(folder)}")
+    created = [str(p) for p, was in existed.items() if p.exists() and not was]
+    if created:
+        problems.append(f"the daemons wrote outside their folder: {created}")
+    if _DOCKER_RUN.exists() and not docker_run_existed:
+        problems.append(f"{_DOCKER_RUN} is left and not empty")
+    if _IP_FORWARD.read_text() != forwarding:
+        problems.append("the daemons changed net.ipv4.ip_forward")
+    assert not problems, problems
+
+
+@pytest.fixture
+def containerd(daemons_folder: Path) -> Iterator[ContainerdProcess]:
+    """A running containerd with everything under the test's folder."""
+    process = ContainerdProcess(daemons_folder / "ctd")
+    process.start()
+    yield process
+    died = process.returncode
+    process.stop()
+    assert died is None, f"containerd died during the test:\n{process.log()}"
+
+
+def _access_lines(lines: list[str], pattern: str) -> list[str]:
+    """The mirror's access-log lines for requests matching *pattern*."""
+    request = re.compile(rf'"(?:GET|HEAD) {pattern} HTTP/1\.1"')
+    return [line for line in lines if request.search(line)]
+
+
+def test_docker_daemon_pulls_through_mirror(
+    daemons_folder: Path,
+    containerd: ContainerdProcess,
+    catalog: Catalog,
+    two_namespaces: TwoNamespaces,
+) -> None:
+    """
+    ``dockerd --registry-mirror=http://MIRROR``: ``docker pull busybox``
+    is asked of the mirror as ``library/busybox`` and yields the catalog's
+    image (its config digest is the image ID); ``docker pull
+    MIRROR/ghcr.io/org/app:v1`` reaches the ghcr.io namespace by path
+    prefix.
+    """
+    mirror = two_namespaces.mirror
+    dockerd = DockerdProcess(daemons_folder / "docker", containerd, mirror.host)
+    dockerd.start()
+    try:
+        busybox = catalog.busybox
+        dockerd.docker("pull", "busybox")
+        inspected = json.loads(dockerd.docker("image", "inspect", "busybox").stdout)
+        assert inspected[0]["Id"] == busybox.blobs[0].digest
+        assert f"busybox@{busybox.root.digest}" in inspected[0]["RepoDigests"]
+
+        lines = mirror.log_lines()
+        manifests = _access_lines(lines, r"/v2/library/busybox/manifests/\S+")
+        assert manifests, mirror.log()
+        assert _access_lines(
+            lines, rf"/v2/library/busybox/blobs/{busybox.layers[0].digest}"
+        )
+        assert two_namespaces.hub.count_requests(
+            "HEAD", "/v2/library/busybox/manifests/latest"
+        )
+
+        app = f"{mirror.host}/ghcr.io/{APP.reference}"
+        dockerd.docker("pull", app)
+        inspected = json.loads(dockerd.docker("image", "inspect", app).stdout)
+        assert inspected[0]["Id"] == APP.blobs[0].digest
+        assert _access_lines(mirror.log_lines(), r"/v2/ghcr\.io/org/app/manifests/v1")
+        assert two_namespaces.ghcr.count_blob_gets(APP.layers[0].digest) == 1
+        assert not [x for x in two_namespaces.hub_log() if "org/app" in x]
+    finally:
+        died = dockerd.returncode
+        dockerd.stop()
+    assert died is None, f"dockerd died during the test:\n{dockerd.log()}"
+
+
+def _hosts_toml(folder: Path, registry: str, server: str, mirror: str) -> None:
+    (folder / registry).mkdir(parents=True, exist_ok=True)
+    (folder / registry / "hosts.toml").write_text(
+        f'server = "{server}"\n\n'
+        f'[host."http://{mirror}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+    )
+
+
+def _image_digests(containerd: ContainerdProcess) -> dict[str, str]:
+    """Image name → digest of what it points at, in containerd."""
+    listing = containerd.ctr("images", "ls").stdout.splitlines()[1:]
+    return {line.split()[0]: line.split()[2] for line in listing if line.strip()}
+
+
+def test_containerd_pulls_through_mirror_with_ns_parameter(
+    daemons_folder: Path,
+    containerd: ContainerdProcess,
+    catalog: Catalog,
+    two_namespaces: TwoNamespaces,
+) -> None:
+    """
+    ``ctr images pull --hosts-dir`` with the mirror as the only pull host
+    of docker.io and of ghcr.io: ``docker.io/library/busybox:latest`` and
+    ``ghcr.io/org/app:v1`` both arrive, asked of the mirror with
+    ``?ns=docker.io`` and ``?ns=ghcr.io``, each served from its own
+    namespace's upstream.
+    """
+    mirror = two_namespaces.mirror
+    hosts = daemons_folder / "certs.d"
+    _hosts_toml(hosts, "docker.io", "https://registry-1.docker.io", mirror.host)
+    _hosts_toml(hosts, "ghcr.io", "https://ghcr.io", mirror.host)
+    busybox = catalog.busybox
+    for reference in ("docker.io/library/busybox:latest", "ghcr.io/org/app:v1"):
+        containerd.ctr(
+            "images",
+            "pull",
+            "--hosts-dir",
+            str(hosts),
+            "--plain-http",
+            "--snapshotter",
+            "native",
+            reference,
+        )
+    digests = _image_digests(containerd)
+    assert digests.get("docker.io/library/busybox:latest") == busybox.root.digest
+    assert digests.get("ghcr.io/org/app:v1") == APP.root.digest
+
+    lines = mirror.log_lines()
+    assert _access_lines(lines, r"/v2/library/busybox/manifests/latest\?ns=docker\.io")
+    assert _access_lines(
+        lines, rf"/v2/library/busybox/blobs/{busybox.layers[0].digest}\?ns=docker\.io"
+    )
+    assert _access_lines(lines, r"/v2/org/app/manifests/v1\?ns=ghcr\.io")
+    assert _access_lines(
+        lines, rf"/v2/org/app/blobs/{APP.layers[0].digest}\?ns=ghcr\.io"
+    )
+    assert two_namespaces.ghcr.count_blob_gets(APP.layers[0].digest) == 1
+    assert two_namespaces.hub.count_blob_gets(busybox.layers[0].digest) == 1
+    assert not [x for x in two_namespaces.hub_log() if "org/app" in x]
+    assert not [x for x in two_namespaces.ghcr_log() if "busybox" in x]

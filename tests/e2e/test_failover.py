@@ -1,0 +1,227 @@
+"""
+Failover and the stale-mirror defence, end to end, with real registries:
+a mirror whose tag is out of date, a mirror that is not running at all, and
+the origin; then the origin stopped with ``origin_unreachable = freshest``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .harness import (
+    MirrorProcess,
+    RegistryProcess,
+    Skopeo,
+    free_port,
+    mirror_config_namespaces,
+    port_is_free,
+)
+from .images import (
+    MANIFEST_ACCEPT,
+    Catalog,
+    assert_layout_matches,
+    gzip_layer,
+    single_arch_image,
+    uncompressed_layer,
+)
+
+pytestmark = pytest.mark.e2e
+
+StartMirror = Callable[..., MirrorProcess]
+StartRegistry = Callable[..., RegistryProcess]
+
+#: ``test/small:latest`` as it was before the catalog's (image A) was built
+OLDER = single_arch_image(
+    "test/small",
+    "latest",
+    [
+        gzip_layer({"hello.txt": b"an older hello from regmirror's e2e suite\n"}),
+        uncompressed_layer({"etc/small.conf": b"answer = 41\n"}),
+    ],
+    created="2023-01-01T00:00:00Z",
+)
+#: a build of ``test/small:latest`` newer than image A
+NEWER = single_arch_image(
+    "test/small",
+    "latest",
+    [gzip_layer({"hello.txt": b"a newer hello from regmirror's e2e suite\n"})],
+    created="2024-06-01T00:00:00Z",
+)
+#: the newest build of all, which the origin rolled ``latest`` back from
+ROLLED_BACK = single_arch_image(
+    "test/small",
+    "latest",
+    [gzip_layer({"hello.txt": b"a broken release, withdrawn at the origin\n"})],
+    created="2025-01-01T00:00:00Z",
+)
+
+#: twistd's text log writes "<time> [<namespace>#<level>] <message>"
+WARN = r"#warn\]"
+
+
+def _blob_gets(registry: RegistryProcess, repository: str) -> int:
+    return registry.count_requests("GET", rf"/v2/{re.escape(repository)}/blobs/\S+")
+
+
+def _closed_port() -> int:
+    port = free_port()
+    assert port_is_free(port)
+    return port
+
+
+def test_fresh_tag_wins_blobs_from_stale_mirror_dead_mirror_skipped(
+    tmp_path: Path,
+    catalog: Catalog,
+    skopeo: Skopeo,
+    start_registry: StartRegistry,
+    start_mirror: StartMirror,
+) -> None:
+    """
+    Upstreams ``stale dead origin``: the origin's ``test/small:latest`` is
+    image A; ``stale`` still tags an older image B but holds A by digest;
+    ``dead`` listens nowhere.  Every pull by tag gets A
+    (``Regmirror-Tag-Source: origin``); the log names ``stale`` with both
+    digests and the stale-detection counter counts it; A's blobs all come
+    from ``stale`` (the first upstream holding them), none from the origin;
+    ``dead`` is marked down after its first refused connection and not
+    tried again within its back-off, however many pulls follow.
+    """
+    image = catalog.small
+    origin = start_registry()
+    stale = start_registry(storage=tmp_path / "stale-storage")
+    skopeo.push_images(
+        stale.host, [dataclasses.replace(image, tag="a"), OLDER], tmp_path / "push"
+    )
+    stale_mark = len(stale.access_log())
+    dead_port = _closed_port()
+    mirror = start_mirror(
+        lambda port: mirror_config_namespaces(
+            port,
+            {
+                "stale": {"url": stale.url},
+                "dead": {"url": f"http://127.0.0.1:{dead_port}"},
+                "origin": {"url": origin.url},
+            },
+            {
+                "docker.io": {
+                    "upstreams": "stale dead origin",
+                    "origin": "origin",
+                    "default": "true",
+                }
+            },
+        )
+    )
+
+    skopeo.pull(mirror.host, image.reference, tmp_path / "first", "latest")
+    assert_layout_matches(tmp_path / "first", image, "latest")
+
+    lines = mirror.wait_for_log(
+        rf"{WARN}.*stale mirror stale: test/small:latest is {OLDER.root.digest} "
+        rf"there, {image.root.digest} at the origin"
+    )
+    assert len(lines) >= 1
+    down = mirror.wait_for_log(rf"{WARN}.*upstream dead marked down for \d+s")
+    assert len(down) == 1, down
+    assert mirror.metric("regmirror_upstream_errors_total", upstream="dead") == 1
+
+    skopeo.pull(mirror.host, image.reference, tmp_path / "second", "latest")
+    assert_layout_matches(tmp_path / "second", image, "latest")
+    for method in ("HEAD", "GET"):
+        response = mirror.request(
+            method, "/v2/test/small/manifests/latest", {"Accept": MANIFEST_ACCEPT}
+        )
+        assert response.status == 200, (method, response.body)
+        assert response.header("Docker-Content-Digest") == image.root.digest
+        assert response.header("Regmirror-Tag-Source") == "origin"
+        if method == "GET":
+            assert response.body == image.root.data
+
+    assert mirror.metric("regmirror_upstream_errors_total", upstream="dead") == 1
+    assert len(mirror.wait_for_log(r"upstream dead marked down")) == 1
+    assert (
+        mirror.metric(
+            "regmirror_stale_detections_total", namespace="docker.io", mirror="stale"
+        )
+        >= 1
+    )
+    origin_log = "\n".join(origin.access_log())
+    assert _blob_gets(origin, "test/small") == 0, origin_log
+    assert origin.count_requests("HEAD", "/v2/test/small/manifests/latest") >= 4
+    stale_log = "\n".join(stale.access_log()[stale_mark:])
+    for blob in image.blobs:
+        assert stale.count_blob_gets(blob.digest) >= 1, (blob.digest, stale_log)
+    assert _blob_gets(stale, "test/small") >= len(image.blobs), stale_log
+    for blob in OLDER.blobs:
+        assert blob.digest not in mirror.cached_blobs()
+
+
+def test_origin_down_freshest_takes_newest_non_stale_mirror(
+    tmp_path: Path,
+    catalog: Catalog,
+    skopeo: Skopeo,
+    start_registry: StartRegistry,
+    start_mirror: StartMirror,
+) -> None:
+    """
+    Upstreams ``stale fresh origin`` with ``origin_unreachable = freshest``.
+    While the origin answers, ``test/small:latest`` is image A (``fresh``
+    agrees; ``stale`` still has a newer release the origin withdrew, and is
+    recorded as stale).  With the origin stopped and ``fresh`` now holding
+    a build newer than A, the tag is answered with that build and
+    ``Regmirror-Tag-Source: fresh``: newer than the cached A, and the stale
+    mirror's even newer image is not used.
+    """
+    image = catalog.small
+    origin = start_registry()
+    stale = start_registry(storage=tmp_path / "stale-storage")
+    fresh = start_registry(storage=tmp_path / "fresh-storage")
+    skopeo.push_images(stale.host, [ROLLED_BACK], tmp_path / "push-stale")
+    skopeo.push_images(fresh.host, [image], tmp_path / "push-fresh")
+    mirror = start_mirror(
+        lambda port: mirror_config_namespaces(
+            port,
+            {
+                "stale": {"url": stale.url},
+                "fresh": {"url": fresh.url},
+                "origin": {"url": origin.url},
+            },
+            {
+                "docker.io": {
+                    "upstreams": "stale fresh origin",
+                    "origin": "origin",
+                    "default": "true",
+                    "origin_unreachable": "freshest",
+                }
+            },
+        )
+    )
+    path = "/v2/test/small/manifests/latest"
+    first = mirror.request("GET", path, {"Accept": MANIFEST_ACCEPT})
+    assert first.status == 200, first.body
+    assert first.header("Docker-Content-Digest") == image.root.digest
+    assert first.header("Regmirror-Tag-Source") == "origin"
+    mirror.wait_for_log(
+        rf"{WARN}.*stale mirror stale: test/small:latest is {ROLLED_BACK.root.digest}"
+    )
+    assert not [x for x in mirror.log_lines() if "stale mirror fresh" in x]
+
+    origin.stop()
+    assert not origin.running
+    skopeo.push_images(fresh.host, [NEWER], tmp_path / "push-newer")
+
+    answer = mirror.request("GET", path, {"Accept": MANIFEST_ACCEPT})
+    assert answer.status == 200, answer.body
+    assert answer.header("Regmirror-Tag-Source") == "fresh", mirror.log()
+    assert answer.header("Docker-Content-Digest") == NEWER.root.digest
+    assert answer.body == NEWER.root.data
+    skopeo.pull(mirror.host, image.reference, tmp_path / "newer", "latest")
+    assert_layout_matches(tmp_path / "newer", NEWER, "latest")
+    mirror.wait_for_log(
+        rf"{WARN}.*origin unreachable .*test/small:latest answered by fresh "
+        rf"as {NEWER.root.digest}"
+    )
