@@ -135,13 +135,15 @@ class _Mirror(MultiService):
 
     def startService(self) -> None:
         self._store.open()
-        if self.certificates:
-            signal.signal(
-                signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload)
-            )
+        # Always ours: the default action of SIGHUP would end the process
+        # on `systemctl reload`.
+        signal.signal(
+            signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload)
+        )
         super().startService()
 
     def reload(self) -> None:
+        log.info("reload requested (SIGHUP)")
         for certificate in self.certificates:
             try:
                 certificate.reload()

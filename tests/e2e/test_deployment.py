@@ -11,6 +11,7 @@ import http.client
 import re
 import shlex
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def test_systemd_unit_command_starts_the_mirror(
         [sys.executable, "-c", TWISTD, *arguments],
         cwd=tmp_path,
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
+        stdout=(tmp_path / "out.log").open("wb"),
         stderr=subprocess.STDOUT,
     )
     try:
@@ -72,6 +73,14 @@ def test_systemd_unit_command_starts_the_mirror(
         )
         unit = (DEPLOY / "regmirror.service").read_text()
         assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
+        process.send_signal(signal.SIGHUP)
+        poll_until(
+            lambda: b"reload requested" in (tmp_path / "out.log").read_bytes(),
+            timeout=10,
+            describe=lambda: "SIGHUP was not handled",
+        )
+        assert process.poll() is None
+        assert responds_ok(port, "/healthz")
     finally:
         stop_process(process)
 
