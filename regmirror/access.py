@@ -33,6 +33,8 @@ from regmirror.config import AccessConfig, Network
 from regmirror.errors import Denied, RegistryError, TooManyRequests, Unauthorized
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: Which namespace a repository name (as clients write it) belongs to.
+NamespaceOf = Callable[[str], str]
 
 #: The ``service`` our tokens are for.
 SERVICE = "regmirror"
@@ -215,12 +217,34 @@ class Gate:
         )
 
     def anonymous_allowed(self, address: Address, namespace: str | None) -> bool:
+        """
+        May *address* pull *namespace* without credentials?  ``None`` (the
+        API root, which clients ping before deciding whether to log in):
+        only when every namespace allows it, so that a client is challenged
+        whenever some namespace needs credentials.
+        """
         if not contains(self.config.anonymous, address):
             return False
-        if namespace is None:
-            return True
-        narrower = self.namespaces.get(namespace)
-        return narrower is None or contains(narrower, address)
+        narrowers = (
+            self.namespaces.values()
+            if namespace is None
+            else [self.namespaces.get(namespace)]
+        )
+        return all(n is None or contains(n, address) for n in narrowers)
+
+    def anonymous_scopes(
+        self, address: Address, names: Sequence[str], namespace_of: NamespaceOf
+    ) -> list[str]:
+        """The repositories among *names* that *address* may pull anonymously."""
+        allowed = []
+        for name in names:
+            try:
+                namespace = namespace_of(name)
+            except RegistryError:
+                continue
+            if self.anonymous_allowed(address, namespace):
+                allowed.append(name)
+        return allowed
 
     async def check(
         self, request: Request, namespace: str | None, name: str | None
@@ -243,14 +267,17 @@ class Gate:
             if claims is not None and (name is None or name in claims["repositories"]):
                 return str(claims["sub"])
             raise self._challenge(
-                request, name, "invalid or expired token, or not for this repository"
+                request,
+                address,
+                name,
+                "invalid or expired token, or not for this repository",
             )
         if scheme.lower() == "basic" and credentials:
             user = await self.login(address, credentials.strip())
             if user is not None:
                 return user
-            raise self._challenge(request, name, "wrong user name or password")
-        raise self._challenge(request, name, "authentication required")
+            raise self._challenge(request, address, name, "wrong user name or password")
+        raise self._challenge(request, address, name, "authentication required")
 
     async def login(self, address: Address, basic: str) -> str | None:
         """Check Basic credentials; the user, or ``None`` (counted per address)."""
@@ -297,8 +324,16 @@ class Gate:
                 {"Retry-After": str(wait)},
             )
 
-    def _challenge(self, request: Request, name: str | None, why: str) -> RegistryError:
-        if self._htpasswd is None:
+    def _challenge(
+        self, request: Request, address: Address, name: str | None, why: str
+    ) -> RegistryError:
+        """
+        A 401 with a Bearer challenge when a token could help: a user could
+        log in, or (at the API root) the address may pull some namespaces
+        anonymously and gets an anonymous token for them.  Else 403.
+        """
+        partly_open = name is None and contains(self.config.anonymous, address)
+        if self._htpasswd is None and not partly_open:
             return Denied(f"access denied: {why}")
         scheme = _scheme(request, self.config.trusted_proxies)
         host = _text(request.getHeader("Host")) or "localhost"

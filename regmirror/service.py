@@ -334,10 +334,14 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
             in_thread,
             {n.name: n.anonymous for n in config.namespaces if n.anonymous is not None},
         )
-    api = RegistryAPI(Router(namespaces), fetcher, reactor, metrics, gate)
+    router = Router(namespaces)
+    api = RegistryAPI(router, fetcher, reactor, metrics, gate)
     root = Root(api)
-    if gate is not None and config.access is not None and config.access.htpasswd:
-        root.putChild(b"token", TokenResource(gate))
+    if gate is not None:
+        root.putChild(
+            b"token",
+            TokenResource(gate, lambda name: router.route(name).namespace.name),
+        )
     trusted = config.access.trusted_proxies if config.access else ()
     mirror = Mirror(
         config,

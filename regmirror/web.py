@@ -20,7 +20,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from regmirror.access import Gate, client_address
+from regmirror.access import Gate, NamespaceOf, client_address
 from regmirror.errors import (
     BlobUnknown,
     ManifestUnknown,
@@ -494,9 +494,10 @@ class TokenResource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, namespace_of: NamespaceOf) -> None:
         super().__init__()
         self._gate = gate
+        self._namespace_of = namespace_of
 
     def render_GET(self, request: Request) -> Any:
         d = Deferred.fromCoroutine(self._issue(request))
@@ -510,14 +511,6 @@ class TokenResource(Resource):
             scheme, _, credentials = (
                 _text_header(request, "Authorization") or ""
             ).partition(" ")
-            user = None
-            if scheme.lower() == "basic" and credentials:
-                user = await gate.login(address, credentials.strip())
-            if user is None:
-                raise Unauthorized(
-                    "log in with a user name and password",
-                    {"WWW-Authenticate": 'Basic realm="regmirror"'},
-                )
             repositories = []
             for value in request.args.get(b"scope", []):
                 for scope in value.decode("utf-8", "replace").split(" "):
@@ -525,6 +518,21 @@ class TokenResource(Resource):
                     name, _, actions = rest.rpartition(":")
                     if kind == "repository" and "pull" in actions.split(","):
                         repositories.append(name)
+            if scheme.lower() == "basic" and credentials:
+                user = await gate.login(address, credentials.strip())
+                if user is None:
+                    raise Unauthorized(
+                        "wrong user name or password",
+                        {"WWW-Authenticate": 'Basic realm="regmirror"'},
+                    )
+            else:
+                # Anonymous clients (the Docker daemon through
+                # registry-mirrors) get a token for what their address may
+                # pull anyway, as Docker Hub gives anonymous tokens.
+                user = "anonymous"
+                repositories = gate.anonymous_scopes(
+                    address, repositories, self._namespace_of
+                )
             token, expires = gate.tokens.issue(user, repositories)
         except RegistryError as error:
             if not request.finished:

@@ -79,7 +79,9 @@ class Harness:
         children: dict[bytes, Resource] = {}
         if access is not None:
             self.gate = Gate(access, self.clock, maybeDeferred, narrower or {})
-            children[b"token"] = TokenResource(self.gate)
+            children[b"token"] = TokenResource(
+                self.gate, lambda name: router.route(name).namespace.name
+            )
         api = RegistryAPI(router, self.fetcher, self.clock, self.metrics, self.gate)
         self.client = StubTreq(Root(api, children))
 

@@ -129,10 +129,21 @@ def test_token_flow(tmp_path: Path) -> None:
     repositories."""
     harness, _ = guarded(tmp_path)
     assert harness.request("GET", "/v2/").code == 401
-    refused = harness.request(
+    anonymous = harness.request(
         "GET", "/token?service=regmirror&scope=repository:app:pull"
     )
-    assert refused.code == 401
+    assert anonymous.code == 200  # a token, but for nothing this address may pull
+    nothing = json.loads(harness.body(anonymous))["token"]
+    denied = harness.request(
+        "GET",
+        "/v2/app/manifests/latest",
+        headers={"Authorization": f"Bearer {nothing}"},
+    )
+    assert denied.code == 401
+    wrong = harness.request(
+        "GET", "/token?scope=repository:app:pull", headers=basic("alice", "nope")
+    )
+    assert wrong.code == 401
     issued = harness.request(
         "GET",
         "/token?service=regmirror&scope=repository:ghcr.io/org/app:pull",
@@ -180,6 +191,29 @@ def test_failed_logins_are_rate_limited(tmp_path: Path) -> None:
     assert error_code(harness, limited) == "TOOMANYREQUESTS"
     harness.clock.advance(61)
     assert harness.request("GET", path, headers=basic("alice", PASSWORD)).code == 200
+
+
+def test_partly_open_mirror_challenges_the_ping_and_grants_anonymous_tokens(
+    tmp_path: Path,
+) -> None:
+    """When one namespace needs credentials, the /v2/ ping is challenged (so
+    that clients log in), and a client without credentials gets an anonymous
+    token for the namespaces its address may pull, as from Docker Hub."""
+    harness, _ = guarded(tmp_path, anonymous="any", narrower={"ghcr.io": "none"})
+    ping = harness.request("GET", "/v2/")
+    assert ping.code == 401
+    assert ping.headers.getRawHeaders("WWW-Authenticate")[0].startswith("Bearer realm=")
+    issued = harness.request(
+        "GET", "/token?scope=repository:app:pull&scope=repository:ghcr.io/org/app:pull"
+    )
+    token = json.loads(harness.body(issued))["token"]
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert harness.request("GET", "/v2/", headers=bearer).code == 200
+    assert (
+        harness.request("GET", "/v2/app/manifests/latest", headers=bearer).code == 200
+    )
+    refused = harness.request("GET", "/v2/ghcr.io/org/app/manifests/v1", headers=bearer)
+    assert refused.code == 401
 
 
 def test_namespace_narrows_anonymous_access(tmp_path: Path) -> None:
