@@ -78,8 +78,9 @@ class Download:
     pool: UpstreamPool
     repository: str
     state: str = "running"
-    #: how many times the transfer was resumed after breaking
+    #: how many times the transfer was resumed after breaking, and where
     resumed: int = 0
+    resumed_at: int = -1
     _waiting: list[Deferred[None]] = field(factory=list)
 
     @property
@@ -254,8 +255,13 @@ class Fetcher:
         pool, offset = download.pool, download.written
         broken = download.upstream
         pool.failed(broken, UpstreamFailure(broken.name, "broken", why))
-        order = [broken, *(u for u in pool.upstreams if u is not broken)]
+        others = [u for u in pool.upstreams if u is not broken]
+        # The same upstream first, unless it already failed to move this
+        # transfer on (a stall): then it is the last resort.
+        stuck = offset == download.resumed_at
+        order = [*others, broken] if stuck else [broken, *others]
         download.resumed += 1
+        download.resumed_at = offset
         try:
             upstream, response = await pool.open_blob(
                 download.repository, download.digest, offset, order
