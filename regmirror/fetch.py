@@ -45,7 +45,7 @@ from regmirror.reference import (
     parse_digest,
     parse_timestamp,
 )
-from regmirror.store import DigestMismatch, Spool, Store
+from regmirror.store import DigestMismatch, Entry, Spool, Store
 from regmirror.upstream import Upstream, UpstreamFailure
 
 #: Where a tag answer came from when it came from the cache.
@@ -357,6 +357,10 @@ class Fetcher:
             self._evicting = False
             if isinstance(result, Failure):
                 self.log.failure("eviction failed", result)
+                return
+            evicted: list[Entry] = result  # type: ignore[assignment]
+            self.metrics.evictions.inc(len(evicted))
+            self.metrics.evicted_bytes.inc(sum(e.size for e in evicted))
 
         d = self.run_in_thread(self.store.by_last_use)
         d.addCallback(self.store.evict).addBoth(done)

@@ -62,6 +62,16 @@ class Metrics:
             ["namespace", "mirror"],
             registry=registry,
         )
+        self.evictions = Counter(
+            "regmirror_cache_evictions",
+            "Files evicted to keep the cache within its limits",
+            registry=registry,
+        )
+        self.evicted_bytes = Counter(
+            "regmirror_cache_evicted_bytes",
+            "Bytes evicted to keep the cache within its limits",
+            registry=registry,
+        )
         self.tag_checks = Histogram(
             "regmirror_tag_check_seconds",
             "Time to learn from upstream what a tag points at",

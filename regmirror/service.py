@@ -250,6 +250,18 @@ class Mirror:
             [([], len(self.fetcher.downloads))],
         )
         yield gauge(
+            "regmirror_cache_size_bytes",
+            "Bytes of content in the cache",
+            [],
+            [([], self.store.size)],
+        )
+        yield gauge(
+            "regmirror_cache_max_size_bytes",
+            "The cache's size limit (0: none)",
+            [],
+            [([], self.store.max_size or 0)],
+        )
+        yield gauge(
             "regmirror_upstream_down",
             "1 while an upstream's circuit breaker is open",
             ["upstream"],

@@ -143,6 +143,7 @@ def test_probes_and_metrics_endpoint(tmp_path: Path) -> None:
     assert b"# TYPE regmirror_requests_total counter" in body
     assert b'regmirror_upstream_down{upstream="one"} 1.0' in body
     assert b"regmirror_downloads_in_flight 0.0" in body
+    assert b"regmirror_cache_size_bytes 0.0" in body
 
 
 def test_metrics_on_their_own_listener(tmp_path: Path) -> None:

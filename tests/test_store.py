@@ -131,6 +131,9 @@ def test_a_finished_download_triggers_eviction(tmp_path: Path) -> None:
     harness.body(harness.request("GET", f"/v2/app/blobs/{second}"))
     assert harness.store.blob_size(parse_digest(first)) is None
     assert harness.store.blob_size(parse_digest(second)) == 3000
+    registry = harness.metrics.registry
+    assert registry.get_sample_value("regmirror_cache_evictions_total") == 1
+    assert registry.get_sample_value("regmirror_cache_evicted_bytes_total") == 3000
 
 
 def test_full_disk_serves_uncached_then_recovers(tmp_path: Path) -> None:
