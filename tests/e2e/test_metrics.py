@@ -1,0 +1,87 @@
+"""Metrics after a scripted sequence of pulls against real upstreams."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .harness import (
+    LOCALHOST,
+    MirrorProcess,
+    RegistryProcess,
+    free_port,
+    mirror_config_upstreams,
+)
+from .images import Catalog
+
+pytestmark = pytest.mark.e2e
+
+
+def fetch(port: int, path: str, results: list[int]) -> None:
+    connection = http.client.HTTPConnection(LOCALHOST, port, timeout=30)
+    connection.request("GET", path)
+    response = connection.getresponse()
+    response.read()
+    results.append(response.status)
+
+
+def test_metrics_count_misses_hits_joins_and_failover(
+    catalog: Catalog,
+    upstream: RegistryProcess,
+    start_mirror: Callable[..., MirrorProcess],
+    tmp_path: Path,
+) -> None:
+    """A dead first upstream, then a cold blob pulled by eight clients at
+    once, then once more: /metrics shows the failover error, one miss, seven
+    joined waiters, one hit, the bytes from the upstream and from the cache,
+    and the requests by status."""
+    dead = f"http://{LOCALHOST}:{free_port()}"
+    mirror = start_mirror(
+        lambda port: mirror_config_upstreams(
+            port,
+            {"dead": {"url": dead}, "origin": {"url": upstream.url}},
+            origin="origin",
+        )
+    )
+    layer = catalog.big.layers[0]
+    path = f"/v2/{catalog.big.repository}/blobs/{layer.digest}"
+    results: list[int] = []
+    clients = [
+        threading.Thread(target=fetch, args=(mirror.port, path, results))
+        for _ in range(8)
+    ]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(timeout=60)
+    fetch(mirror.port, path, results)
+    assert results == [200] * 9
+
+    assert mirror.metric("regmirror_upstream_errors_total", upstream="dead") == 1
+    assert (
+        mirror.metric("regmirror_cache_lookups_total", kind="blob", result="miss") == 1
+    )
+    assert (
+        mirror.metric("regmirror_cache_lookups_total", kind="blob", result="joined")
+        == 7
+    )
+    assert (
+        mirror.metric("regmirror_cache_lookups_total", kind="blob", result="hit") == 1
+    )
+    assert (
+        mirror.metric("regmirror_upstream_bytes_total", upstream="origin") == layer.size
+    )
+    assert mirror.metric("regmirror_served_bytes_total", source="cache") == layer.size
+    assert mirror.metric("regmirror_served_bytes_total") == 9 * layer.size
+    assert (
+        mirror.metric(
+            "regmirror_requests_total", endpoint="blobs", method="GET", status="200"
+        )
+        == 9
+    )
+    assert mirror.metric("regmirror_upstream_down", upstream="dead") == 1
+    assert upstream.count_blob_gets(layer.digest) == 1
