@@ -36,8 +36,8 @@ def test_metrics_count_misses_hits_joins_and_failover(
     tmp_path: Path,
 ) -> None:
     """A dead first upstream, then a cold blob pulled by eight clients at
-    once, then once more: /metrics shows the failover error, one miss, seven
-    joined waiters, one hit, the bytes from the upstream and from the cache,
+    once, then once more: /metrics shows the failover error, one miss, the
+    joined waiters, the hit, the bytes from the upstream and from the cache,
     and the requests by status."""
     dead = f"http://{LOCALHOST}:{free_port()}"
     mirror = start_mirror(
@@ -62,20 +62,23 @@ def test_metrics_count_misses_hits_joins_and_failover(
     assert results == [200] * 9
 
     assert mirror.metric("regmirror_upstream_errors_total", upstream="dead") == 1
-    assert (
-        mirror.metric("regmirror_cache_lookups_total", kind="blob", result="miss") == 1
-    )
-    assert (
-        mirror.metric("regmirror_cache_lookups_total", kind="blob", result="joined")
-        == 7
-    )
-    assert (
-        mirror.metric("regmirror_cache_lookups_total", kind="blob", result="hit") == 1
-    )
+
+    def lookups(result: str) -> float:
+        return mirror.metric(
+            "regmirror_cache_lookups_total", kind="blob", result=result
+        )
+
+    # Eight at once: one miss, the others joined it (a straggler arriving
+    # after the download finished would be a hit); the ninth is a hit.
+    assert lookups("miss") == 1
+    assert lookups("joined") >= 1
+    assert lookups("joined") + lookups("hit") == 8
     assert (
         mirror.metric("regmirror_upstream_bytes_total", upstream="origin") == layer.size
     )
-    assert mirror.metric("regmirror_served_bytes_total", source="cache") == layer.size
+    assert mirror.metric("regmirror_served_bytes_total", source="cache") == (
+        layer.size * lookups("hit")
+    )
     assert mirror.metric("regmirror_served_bytes_total") == 9 * layer.size
     assert (
         mirror.metric(
