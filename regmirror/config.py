@@ -115,12 +115,40 @@ class NamespaceConfig:
 DEFAULT_LISTEN: tuple[str, ...] = ("tcp:5000",)
 
 
+#: Where an upstream's redirects and token realms may never send the mirror:
+#: link-local addresses (cloud metadata services live there) and the names
+#: of well-known metadata services.
+DEFAULT_DENY: tuple[Network | str, ...] = (
+    ipaddress.ip_network("169.254.0.0/16"),
+    ipaddress.ip_network("fe80::/10"),
+    ipaddress.ip_network("fd00:ec2::254/128"),
+    ipaddress.ip_network("100.100.100.200/32"),
+    "metadata.google.internal",
+    "metadata",
+)
+
+
+def parse_deny(text: str) -> tuple[Network | str, ...]:
+    """Addresses, CIDRs and host names, or ``none``."""
+    if text.split() == ["none"]:
+        return ()
+    denied: list[Network | str] = []
+    for word in text.split():
+        try:
+            denied.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            denied.append(parse_hostname(word))
+    return tuple(denied)
+
+
 @frozen
 class ServerConfig:
     listen: tuple[str, ...] = DEFAULT_LISTEN
     workers: int = 1
     #: separate listeners for /metrics; none: /metrics on the main ones
     metrics_listen: tuple[str, ...] = ()
+    #: hosts that redirects and token realms may not lead to
+    deny_hosts: tuple[Network | str, ...] = DEFAULT_DENY
 
 
 @frozen
@@ -435,7 +463,13 @@ def _server(reader: _Reader, base: str) -> ServerConfig:
     if workers != 1:
         raise reader.error("workers", "only workers = 1 is supported in this version")
     reader.finish()
-    return ServerConfig(listen=listen, workers=workers, metrics_listen=metrics_listen)
+    deny_hosts = reader.get("deny_hosts", parse_deny, DEFAULT_DENY)
+    return ServerConfig(
+        listen=listen,
+        workers=workers,
+        metrics_listen=metrics_listen,
+        deny_hosts=deny_hosts,
+    )
 
 
 def _cache(reader: _Reader, base: str) -> CacheConfig:

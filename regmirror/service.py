@@ -304,6 +304,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
             upstream,
             HTTPClient(agent_for(upstream, reactor, connections)),
             reactor,
+            deny=config.server.deny_hosts,
         )
         for name, upstream in config.upstreams.items()
     }

@@ -29,7 +29,7 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.iweb import IResponse
 
 from regmirror._flight import SingleFlight
-from regmirror.config import UpstreamConfig
+from regmirror.config import DEFAULT_DENY, Network, UpstreamConfig
 from regmirror.reference import load_json
 
 _SUFFIXES = PublicSuffixList()
@@ -248,6 +248,8 @@ class Upstream:
     clock: IReactorTime
     rate_limit: tuple[int, int] | None = None
     backoff_until: float = 0.0
+    #: hosts redirects and token realms may not lead to
+    deny: tuple[Network | str, ...] = DEFAULT_DENY
     breaker: Breaker = field(init=False)
     _tokens: dict[str, tuple[str, float]] = field(factory=dict)
     _token_flight: SingleFlight[str, str] = field(factory=SingleFlight)
@@ -386,6 +388,7 @@ class Upstream:
                 raise UpstreamFailure(
                     self.name, "invalid", "redirected to a scheme that is not allowed"
                 )
+            self._refuse_denied(url, "redirected")
             if response.code == 303:
                 method = "GET"
             response = await self._send(method, url, headers)
@@ -416,6 +419,30 @@ class Upstream:
             raise UpstreamFailure(self.name, "connect", _describe(e)) from None
         return response
 
+    def _refuse_denied(self, url: str, how: str) -> None:
+        """
+        :raises UpstreamFailure: when *url*'s host is on the deny list (cloud
+            metadata services and the like): an upstream may not send the
+            mirror there.
+        """
+        host = (urlsplit(url).hostname or "").lower().rstrip(".")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            denied = host in self.deny
+        else:
+            denied = any(
+                not isinstance(entry, str) and address in entry for entry in self.deny
+            )
+        if denied:
+            self.log.warn(
+                "upstream {upstream} {how} to a denied host {host}",
+                upstream=self.name,
+                how=how,
+                host=host,
+            )
+            raise UpstreamFailure(self.name, "invalid", f"{how} to a denied host")
+
     def _may_receive_credentials(self, realm_host: str) -> bool:
         """Credentials go only to the upstream's own site or allowed realms."""
         return realm_host.lower() in self.config.token_realms or same_site(
@@ -437,6 +464,7 @@ class Upstream:
             raise UpstreamFailure(
                 self.name, "invalid", "token realm is not an http(s) URL"
             )
+        self._refuse_denied(realm, "sent for a token")
         query = {"service": challenge.params.get("service", "")}
         query["scope"] = challenge.params.get("scope", scope)
         url = realm + ("&" if "?" in realm else "?") + urlencode(query)

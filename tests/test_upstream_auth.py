@@ -195,3 +195,36 @@ def test_same_site(host: str, other: str, same: bool) -> None:
     """Registrable domains come from the Public Suffix List; addresses only
     match themselves."""
     assert same_site(host, other) is same
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fe80::1]/x",
+        "http://metadata.google.internal/computeMetadata/v1/",
+    ],
+)
+def test_redirects_to_denied_hosts_are_refused(
+    mirror: Harness, origin: FakeRegistry, target: str, logged: list[LogEvent]
+) -> None:
+    """A blob redirect to a cloud metadata address is refused (502), logged,
+    and nothing is cached."""
+    content = image(origin)
+    origin.redirect = target.rsplit("/", 1)[0].rstrip("/") or target
+    response = mirror.request("GET", f"/v2/app/blobs/{content['layer']}")
+    assert response.code == 502
+    assert any("denied host" in str(e.get("log_format")) for e in logged)
+    assert mirror.cached_files() == []
+
+
+def test_token_realm_on_a_denied_host_is_refused(tmp_path: Path) -> None:
+    """A challenge may not send the mirror to a metadata service for a token."""
+    origin = FakeRegistry()
+    image(origin)
+    origin.token = "t"
+    origin.realm = "http://169.254.169.254/token"
+    harness = secured(tmp_path, origin, **CREDENTIALS)
+    response = harness.request("GET", "/v2/app/manifests/latest")
+    assert response.code in (502, 503)
+    assert origin.count("GET", "/token") == 0
