@@ -10,6 +10,7 @@ complete body whose digest did not match.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -21,6 +22,7 @@ from twisted.internet.interfaces import (
     IPushProducer,
     IReactorTime,
 )
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -45,13 +47,26 @@ from regmirror.reference import (
     parse_digest,
     parse_timestamp,
 )
-from regmirror.store import DigestMismatch, Entry, Spool, Store
+from regmirror.store import (
+    SIZE_SUFFIX,
+    AlreadyCached,
+    DigestMismatch,
+    Entry,
+    Spool,
+    SpoolBusy,
+    Store,
+)
 from regmirror.upstream import Upstream, UpstreamFailure
 
 #: Where a tag answer came from when it came from the cache.
 CACHE = "cache"
 #: Image configs read to date an image are read up to this size.
 MAX_CONFIG_SIZE = 1024 * 1024
+
+#: How often another process's download is looked at, and for how many looks
+#: its size is awaited before serving without it.
+FOLLOW_INTERVAL = 0.05
+FOLLOW_SIZE_POLLS = 100
 
 #: How many times one download may be resumed after its transfer broke.
 MAX_RESUMES = 5
@@ -72,11 +87,13 @@ class Download:
     """
 
     digest: Digest
-    spool: Spool
+    spool: Spool | Followed
     size: int | None
     upstream: Upstream
     pool: UpstreamPool
     repository: str
+    #: another process is downloading; this one only watches its spool
+    follower: bool = False
     state: str = "running"
     #: how many times the transfer was resumed after breaking, and where
     resumed: int = 0
@@ -86,6 +103,17 @@ class Download:
     @property
     def written(self) -> int:
         return self.spool.written
+
+    @property
+    def writer(self) -> Spool:
+        """The spool this process writes (never a follower's)."""
+        assert isinstance(self.spool, Spool), "a follower does not write"
+        return self.spool
+
+    @property
+    def source(self) -> str:
+        """Where the bytes come from, for people."""
+        return "another worker" if self.follower else self.upstream.name
 
     @property
     def readable(self) -> int:
@@ -107,6 +135,15 @@ class Download:
         for d in waiting:
             if not d.called:
                 d.callback(None)
+
+
+@define(eq=False)
+class Followed:
+    """What this process knows of another process's spool file."""
+
+    path: str
+    final_path: str
+    written: int = 0
 
 
 @frozen
@@ -179,6 +216,10 @@ class Fetcher:
             download = await self._starting.run(digest, start)
         except _CannotSpool:
             return await self._relay(pool, repository, digest)
+        except AlreadyCached:
+            return BlobSource(
+                self.store.blob_size(digest), self.store.blob_path(digest)
+            )
         if download.state == "done":
             return BlobSource(download.written, download.spool.final_path)
         return BlobSource(download.size, download.spool.path, download)
@@ -203,6 +244,8 @@ class Fetcher:
     ) -> Download:
         try:
             spool = self.store.spool(digest)
+        except SpoolBusy as busy:
+            return await self._follow(pool, repository, digest, busy.path)
         except OSError as error:
             self.store.degrade(error)
             raise _CannotSpool() from None
@@ -216,6 +259,7 @@ class Fetcher:
             raise
         length = response.length
         size = length if isinstance(length, int) else None
+        spool.announce(size)
         download = Download(digest, spool, size, upstream, pool, repository)
         self._downloads[digest] = download
         self.log.info(
@@ -226,6 +270,77 @@ class Fetcher:
         )
         self._receive(download, response, skip=0)
         return download
+
+    async def _follow(
+        self, pool: UpstreamPool, repository: str, digest: Digest, path: str
+    ) -> Download:
+        """
+        Another process sharing the cache is downloading *digest*: serve
+        from its spool as it grows, and from the cache once it is verified.
+        """
+        download = Download(
+            digest,
+            Followed(path, self.store.blob_path(digest)),
+            None,
+            pool.origin,
+            pool,
+            repository,
+            follower=True,
+        )
+        self._downloads[digest] = download
+        self.log.info(
+            "following another worker's download of {digest}", digest=str(digest)
+        )
+        poller = LoopingCall(self._watch, download)
+        poller.clock = self.clock
+        poller.start(FOLLOW_INTERVAL).addErrback(
+            lambda failure: self.log.failure(
+                "cannot follow {digest}", failure, digest=str(digest)
+            )
+        )
+        # The size, which the downloader announces once it has headers.
+        for _ in range(FOLLOW_SIZE_POLLS):
+            if download.size is not None or download.state != "running":
+                break
+            await deferLater(self.clock, FOLLOW_INTERVAL, lambda: None)
+        return download
+
+    def _watch(self, download: Download) -> None:
+        """One look at another process's download."""
+        spool = download.spool
+        if download.size is None:
+            try:
+                with open(spool.path + SIZE_SUFFIX, encoding="ascii") as f:
+                    download.size = int(f.read())
+            except (OSError, ValueError):
+                pass
+        try:
+            written = os.stat(spool.path).st_size
+        except FileNotFoundError:
+            written = None
+        finished = os.path.exists(spool.final_path)
+        if (
+            not finished
+            and written is not None
+            and not self.store.spool_abandoned(spool.path)
+        ):
+            if written != spool.written:
+                spool.written = written
+                download.notify()
+            return
+        finished = finished or os.path.exists(spool.final_path)
+        if finished:
+            spool.written = os.stat(spool.final_path).st_size
+            download.state = "done"
+        else:
+            self.log.warn(
+                "the other worker's download of {digest} ended unfinished",
+                digest=str(download.digest),
+            )
+            download.state = "failed"
+        self._downloads.pop(download.digest, None)
+        download.notify()
+        raise _StopWatching()
 
     async def _relay(
         self, pool: UpstreamPool, repository: str, digest: Digest
@@ -296,7 +411,7 @@ class Fetcher:
         if download.size is not None and download.written != download.size:
             self._fail(download, f"got {download.written} of {download.size} bytes")
             return
-        d = self.run_in_thread(download.spool.commit)
+        d = self.run_in_thread(download.writer.commit)
 
         def committed(_: None) -> None:
             download.state = "done"
@@ -332,7 +447,7 @@ class Fetcher:
             upstream=download.upstream.name,
             why=why,
         )
-        download.spool.discard()
+        download.writer.discard()
         download.state = "failed"
         self._downloads.pop(download.digest, None)
         download.notify()
@@ -529,6 +644,10 @@ class Fetcher:
             self.store.degrade(error)
 
 
+class _StopWatching(Exception):
+    """Ends the LoopingCall that watches another process's download."""
+
+
 class _CannotSpool(Exception):
     """The cache cannot take a new download now."""
 
@@ -625,7 +744,7 @@ class _SpoolWriter:
             if not data:
                 return
         try:
-            self.download.spool.write(data)
+            self.download.writer.write(data)
         except OSError as error:
             self.fetcher.store.degrade(error)
             self.fetcher._fail(self.download, f"cannot write to the spool: {error}")

@@ -230,7 +230,7 @@ class Mirror:
             "downloads": [
                 {
                     "digest": str(d.digest),
-                    "upstream": d.upstream.name,
+                    "upstream": d.source,
                     "written": d.written,
                     "size": d.size,
                 }

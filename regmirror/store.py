@@ -17,6 +17,7 @@ repository path component, which never starts with ``_``.
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import os
 import tempfile
@@ -29,6 +30,9 @@ from twisted.logger import Logger
 
 from regmirror.errors import RegistryError
 from regmirror.reference import Digest, parse_digest
+
+#: Beside a spool file: the size its blob will have, for other processes.
+SIZE_SUFFIX = ".size"
 
 #: After a failed write, how long the cache is left alone before trying again.
 DEGRADED_PERIOD = 60.0
@@ -120,6 +124,11 @@ class Spool:
         if actual != self.digest.hex:
             raise DigestMismatch(self.digest, f"{self.digest.algorithm}:{actual}")
 
+    def announce(self, size: int | None) -> None:
+        """Tell readers in other processes how big the blob will be."""
+        if size is not None:
+            _write_atomically(self.path + SIZE_SUFFIX, str(size).encode(), sync=False)
+
     def commit(self) -> None:
         """
         Verify, flush to stable storage and move into the cache.  Blocking:
@@ -131,20 +140,38 @@ class Spool:
         try:
             self.verify()
             os.fsync(self._file.fileno())
-            self._file.close()
             os.makedirs(os.path.dirname(self.final_path), exist_ok=True)
             os.replace(self.path, self.final_path)
+            _unlink(self.path + SIZE_SUFFIX)
+            self._file.close()  # releases the lock, after the rename
         except BaseException:
             self.discard()
             raise
 
     def discard(self) -> None:
         """Throw the bytes away."""
+        _unlink(self.path)
+        _unlink(self.path + SIZE_SUFFIX)
         self._file.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class SpoolBusy(Exception):
+    """Another process is downloading this digest into *path*."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+
+class AlreadyCached(Exception):
+    """The digest arrived in the cache meanwhile (from another process)."""
 
 
 @define(eq=False)
@@ -187,15 +214,16 @@ class Store:
             )
         self.degraded_until = self.now() + DEGRADED_PERIOD
 
-    def open(self) -> None:
+    def open(self, clean: bool = True) -> None:
         """
-        Create the layout, throw away downloads a crash left behind, and
+        Create the layout, throw away downloads a crash left behind (unless
+        *clean* is false: a worker process joining a running mirror), and
         measure what is there.
         """
         for sub in ("blobs", "manifests", "tags", "spool"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         spool = os.path.join(self.root, "spool")
-        for leftover in os.listdir(spool):
+        for leftover in os.listdir(spool) if clean else ():
             self.log.info("removing unfinished download {name}", name=leftover)
             os.unlink(os.path.join(spool, leftover))
         self.size = sum(entry.size for entry in self.entries())
@@ -251,12 +279,46 @@ class Store:
         status = os.statvfs(self.root)
         return status.f_bavail * status.f_frsize
 
+    def spool_path(self, digest: Digest) -> str:
+        return os.path.join(self.root, "spool", f"{digest.algorithm}-{digest.hex}")
+
     def spool(self, digest: Digest) -> Spool:
-        """Start writing the bytes of *digest* to a new spool file."""
-        fd, path = tempfile.mkstemp(
-            dir=os.path.join(self.root, "spool"), prefix=f"{digest.hex[:16]}-"
-        )
+        """
+        Start writing the bytes of *digest* to its spool file, holding an
+        exclusive lock on it: one download per digest across every process
+        sharing the cache.
+
+        :raises SpoolBusy: when another process holds it (tail its file).
+        :raises AlreadyCached: when the blob is in the cache after all.
+        """
+        path = self.spool_path(digest)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolBusy(path) from None
+        if os.path.exists(self.blob_path(digest)):
+            os.close(fd)
+            raise AlreadyCached()
+        # Whatever a dead process left here is not ours to trust.
+        os.ftruncate(fd, 0)
+        _unlink(path + SIZE_SUFFIX)
         return Spool(digest, path, self.blob_path(digest), os.fdopen(fd, "wb"))
+
+    def spool_abandoned(self, path: str) -> bool:
+        """Is nobody writing the spool at *path* any more?"""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+        return True
 
     def manifest(self, digest: Digest) -> tuple[str, bytes] | None:
         """The media type and bytes of a cached manifest, or ``None``."""

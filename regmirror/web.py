@@ -325,7 +325,7 @@ class RegistryAPI(Resource):
         source = await self._fetcher.blob(route.pool, route.repository, digest)
         labels: dict[str, Any] = getattr(request, "regmirror", {})
         if source.download is not None:
-            labels["cache"], labels["upstream"] = "miss", source.download.upstream.name
+            labels["cache"], labels["upstream"] = "miss", source.download.source
         else:
             labels["cache"] = "relay" if source.relay is not None else "hit"
         if source.relay is not None:

@@ -4,6 +4,7 @@ expiry and verification."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from pathlib import Path
 
@@ -177,3 +178,66 @@ def test_relayed_blob_with_wrong_bytes_breaks_the_client(tmp_path: Path) -> None
     with pytest.raises(Exception):  # noqa: B017 (a broken connection)
         result(done)
     assert len(b"".join(received)) < 7000
+
+
+def test_another_process_download_is_followed_not_repeated(tmp_path: Path) -> None:
+    """While another process holds the spool lock for a digest, this one
+    asks no upstream: it streams the growing spool file to its client,
+    holding back the last byte until the blob is verified and in the cache."""
+    origin = FakeRegistry()
+    data = b"shared" * 2000
+    digest = origin.add_blob(data)
+    harness = Harness(str(tmp_path), {"origin": origin})
+    path = harness.store.spool_path(parse_digest(digest))
+    other = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    with open(path + ".size", "w") as f:
+        f.write(str(len(data)))
+    os.write(other, data[:5000])
+    response = harness.request("GET", f"/v2/app/blobs/{digest}")
+    assert response.code == 200 and response.length == len(data)
+    received: list[bytes] = []
+    finished: list[object] = []
+    treq.collect(response, received.append).addBoth(finished.append)
+    harness.clock.advance(0.05)
+    harness.settle()
+    assert len(b"".join(received)) == 4999 and finished == []
+    os.write(other, data[5000:])
+    harness.clock.advance(0.05)
+    harness.settle()
+    assert len(b"".join(received)) == len(data) - 1  # not verified yet
+    final = harness.store.blob_path(parse_digest(digest))
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    os.replace(path, final)
+    os.unlink(path + ".size")
+    os.close(other)
+    harness.clock.advance(0.05)
+    harness.settle()
+    assert finished == [None] and b"".join(received) == data
+    assert origin.count("GET", "/blobs/") == 0
+
+
+def test_a_dead_downloader_breaks_its_followers(tmp_path: Path) -> None:
+    """When the other process dies (its lock goes) before finishing, the
+    followers' clients see a broken stream, never a short blob."""
+    origin = FakeRegistry()
+    data = b"orphan" * 2000
+    digest = origin.add_blob(data)
+    harness = Harness(str(tmp_path), {"origin": origin})
+    path = harness.store.spool_path(parse_digest(digest))
+    other = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    with open(path + ".size", "w") as f:
+        f.write(str(len(data)))
+    os.write(other, data[:5000])
+    response = harness.request("GET", f"/v2/app/blobs/{digest}")
+    received: list[bytes] = []
+    done = treq.collect(response, received.append)
+    harness.clock.advance(0.05)
+    harness.settle()
+    os.close(other)  # the process died: its lock is gone
+    harness.clock.advance(0.05)
+    harness.settle()
+    with pytest.raises(Exception):  # noqa: B017 (a broken connection)
+        result(done)
+    assert len(b"".join(received)) < len(data)
