@@ -459,9 +459,9 @@ def _server(reader: _Reader, base: str) -> ServerConfig:
         resolve_endpoint_paths(desc, base)
         for desc in reader.get("metrics_listen", _words, tuple[str, ...]())
     )
-    workers = reader.get("workers", int, 1)
-    if workers != 1:
-        raise reader.error("workers", "only workers = 1 is supported in this version")
+    workers = reader.get("workers", _positive_int, 1)
+    if workers > 64:
+        raise reader.error("workers", "at most 64")
     reader.finish()
     deny_hosts = reader.get("deny_hosts", parse_deny, DEFAULT_DENY)
     return ServerConfig(

@@ -178,6 +178,8 @@ class Fetcher:
     _starting: SingleFlight[Digest, Download] = field(factory=SingleFlight)
     _manifests: SingleFlight[tuple[str, Digest], Manifest] = field(factory=SingleFlight)
     metrics: Metrics = field(factory=Metrics)
+    #: look-outs on other processes' downloads
+    _watchers: dict[Digest, LoopingCall] = field(factory=dict)
     _evicting: bool = False
     log = Logger()
 
@@ -293,6 +295,7 @@ class Fetcher:
         )
         poller = LoopingCall(self._watch, download)
         poller.clock = self.clock
+        self._watchers[digest] = poller
         poller.start(FOLLOW_INTERVAL).addErrback(
             lambda failure: self.log.failure(
                 "cannot follow {digest}", failure, digest=str(digest)
@@ -339,8 +342,8 @@ class Fetcher:
             )
             download.state = "failed"
         self._downloads.pop(download.digest, None)
+        self._watchers.pop(download.digest).stop()
         download.notify()
-        raise _StopWatching()
 
     async def _relay(
         self, pool: UpstreamPool, repository: str, digest: Digest
@@ -642,10 +645,6 @@ class Fetcher:
             self.store.put_manifest(manifest.digest, manifest.media_type, manifest.body)
         except OSError as error:
             self.store.degrade(error)
-
-
-class _StopWatching(Exception):
-    """Ends the LoopingCall that watches another process's download."""
 
 
 class _CannotSpool(Exception):

@@ -23,7 +23,7 @@ from regmirror.config import Network
 ACCESS_FORMAT = (
     '{client} - {user} "{method} {uri} {protocol}" {status} {bytes} '
     '"{referrer}" "{agent}" ns={namespace} cache={cache} upstream={upstream} '
-    "{duration:.3f}s"
+    "{duration}s"
 )
 
 
@@ -67,7 +67,9 @@ class MirrorSite(Site):
             namespace=info.get("namespace") or "-",
             cache=info.get("cache", "-"),
             upstream=info.get("upstream", "-"),
-            duration=0.0 if started is None else self._clock.seconds() - started,
+            duration=0.0
+            if started is None
+            else round(self._clock.seconds() - started, 3),
         )
 
 

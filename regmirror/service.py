@@ -15,12 +15,13 @@ from typing import Any
 from attrs import define, field
 from prometheus_client.core import Metric
 from treq.client import HTTPClient
-from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import MultiService
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 
@@ -42,6 +43,7 @@ from regmirror.transport import (
 )
 from regmirror.upstream import Upstream
 from regmirror.web import Health, PlainHTTPFactory, RegistryAPI, Root, TokenResource
+from regmirror.workers import Workers
 
 log = Logger()
 
@@ -132,6 +134,7 @@ class _Mirror(MultiService):
         self._store = store
         self._reactor = reactor
         self.certificates: list[ReloadableTLS] = []
+        self.workers: Workers | None = None
 
     def startService(self) -> None:
         self._store.open()
@@ -144,6 +147,8 @@ class _Mirror(MultiService):
 
     def reload(self) -> None:
         log.info("reload requested (SIGHUP)")
+        if self.workers is not None:
+            self.workers.signal("HUP")
         for certificate in self.certificates:
             try:
                 certificate.reload()
@@ -151,6 +156,38 @@ class _Mirror(MultiService):
                 log.error("certificate not reloaded, keeping the old one: {why}", why=e)
             else:
                 log.info("certificate reloaded")
+
+
+class _Listener(Service):
+    """
+    Listens on an endpoint, failing start-up at once if it cannot, and
+    keeps the port so that worker processes can be handed its socket.
+    """
+
+    def __init__(self, endpoint: Any, factory: Any) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        outcome: list[Any] = []
+        self._endpoint.listen(self._factory).addBoth(outcome.append)
+        if outcome and isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        self.port = outcome[0] if outcome else None
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
+
+    def fileno(self) -> int:
+        return int(self.port.fileno())
+
+    def getHost(self) -> Any:
+        return self.port.getHost()
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -393,13 +430,20 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     if config.server.metrics_listen:
         metrics_site = Site(MetricsResource(mirror.metrics))
         listeners += [(d, metrics_site) for d in config.server.metrics_listen]
+    shared = []
     for description, factory in listeners:
         if description.startswith("ssl:"):
             endpoint, certificate = tls_listener(reactor, description)
             top.certificates.append(certificate)
         else:
             endpoint = serverFromString(reactor, description)
-        StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+        listener = _Listener(endpoint, factory)
+        listener.setServiceParent(top)
+        if description in config.server.listen:
+            shared.append((listener, description))
+    if config.server.workers > 1:
+        top.workers = Workers(reactor, config.path, config.server.workers - 1, shared)
+        top.workers.setServiceParent(top)
     log.info(
         "regmirror serving {namespaces} on {listen}",
         namespaces=" ".join(n.name for n in config.namespaces),
