@@ -349,21 +349,9 @@ class RegistryAPI(Resource):
         store.acquire(digest)
         reader.begin()
         try:
-            await reader.done
-        except CancelledError:
-            reader.stopProducing()
-            raise
-        except Exception as e:
-            self.log.warn(
-                "breaking the response for {digest}: {why}",
-                digest=str(digest),
-                why=str(e),
-            )
-            break_connection(request)
-            return
+            await self._deliver(request, reader.done, digest, reader.stopProducing)
         finally:
             store.release(digest)
-        request.finish()
 
     async def _relay(
         self, request: Request, source: BlobSource, digest: Digest
@@ -375,13 +363,28 @@ class RegistryAPI(Resource):
         relay = Relay(request, digest, self._metrics.served_bytes.labels("relay").inc)
         request.write(b"")  # the headers go now; the body follows as it comes
         source.relay.deliverBody(relay)
+        await self._deliver(request, relay.done, digest)
+
+    async def _deliver(
+        self,
+        request: Request,
+        done: Deferred[None],
+        digest: Digest,
+        stop: Callable[[], object] | None = None,
+    ) -> None:
+        """
+        Wait for a body to be sent, then finish; if it failed, break the
+        connection so that the client cannot take a short body for whole.
+        """
         try:
-            await relay.done
+            await done
         except CancelledError:
+            if stop is not None:
+                stop()
             raise
         except Exception as e:
             self.log.warn(
-                "breaking the relayed response for {digest}: {why}",
+                "breaking the response for {digest}: {why}",
                 digest=str(digest),
                 why=str(e),
             )
