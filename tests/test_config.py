@@ -248,7 +248,8 @@ def _assert_located(
     [
         pytest.param("[bogus]\nx = 1\n", "bogus", None, id="unknown-section"),
         pytest.param("[server]\nlisten_on = tcp:1\n", "server", "listen_on", id="key"),
-        pytest.param("[server]\nworkers = 2\n", "server", "workers", id="workers-2"),
+        pytest.param("[server]\nworkers = 65\n", "server", "workers", id="workers-65"),
+        pytest.param("[server]\nworkers = 0\n", "server", "workers", id="workers-0"),
         pytest.param(
             "[server]\nworkers = many\n", "server", "workers", id="workers-nan"
         ),
