@@ -170,6 +170,8 @@ class Tokens:
 
     def verify(self, token: str) -> dict[str, Any] | None:
         payload, _, signature = token.partition(".")
+        if not (payload.isascii() and signature.isascii()):
+            return None
         if not hmac.compare_digest(signature, self._sign(payload)):
             return None
         try:
@@ -260,7 +262,7 @@ class Gate:
         if self.anonymous_allowed(address, namespace):
             return "anonymous"
         scheme, _, credentials = (
-            _text(request.getHeader("Authorization")) or ""
+            _text(request.getHeader(b"authorization")) or ""
         ).partition(" ")
         if scheme.lower() == "bearer" and credentials:
             claims = self.tokens.verify(credentials.strip())
@@ -336,7 +338,7 @@ class Gate:
         if self._htpasswd is None and not partly_open:
             return Denied(f"access denied: {why}")
         scheme = _scheme(request, self.config.trusted_proxies)
-        host = _text(request.getHeader("Host")) or "localhost"
+        host = _text(request.getHeader(b"host")) or "localhost"
         realm = f"{scheme}://{host}/token"
         challenge = f'Bearer realm="{realm}",service="{SERVICE}"'
         if name is not None:
@@ -354,7 +356,7 @@ def _scheme(request: Request, trusted: Sequence[Network]) -> str:
     if request.isSecure():
         return "https"
     peer = ipaddress.ip_address(_peer_host(request))
-    forwarded = _text(request.getHeader("X-Forwarded-Proto"))
+    forwarded = _text(request.getHeader(b"x-forwarded-proto"))
     if forwarded in ("http", "https") and contains(trusted, peer):
         return forwarded
     return "http"

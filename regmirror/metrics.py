@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from twisted.web.resource import Resource
 from twisted.web.server import Request
+
+from regmirror._resource import ReadOnlyResource
 
 
 class Metrics:
@@ -117,7 +118,7 @@ def gauge(
     return family
 
 
-class MetricsResource(Resource):
+class MetricsResource(ReadOnlyResource):
     """``/metrics`` in the Prometheus text format."""
 
     isLeaf = True

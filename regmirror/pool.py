@@ -35,9 +35,7 @@ from regmirror.reference import (
 from regmirror.upstream import (
     Upstream,
     UpstreamFailure,
-    _drain,
     header,
-    read_body,
     retry_after,
 )
 
@@ -155,7 +153,7 @@ class UpstreamPool:
             self.answered(upstream)
         if 200 <= response.code < 300:
             return response
-        await _drain(response)
+        await upstream.drain(response)
         refused = UpstreamFailure(
             upstream.name,
             "status",
@@ -244,7 +242,7 @@ class UpstreamPool:
             problem = _blob_problem(response, offset)
             if problem is None:
                 return upstream, response
-            await _drain(response)
+            await upstream.drain(response)
             implausible = UpstreamFailure(upstream.name, "invalid", problem)
             self.failed(upstream, implausible)
             failures.append(implausible)
@@ -252,10 +250,10 @@ class UpstreamPool:
 
     async def blob_size(self, repository: str, digest: Digest) -> int | None:
         """The size of a blob as an upstream reports it (HEAD)."""
-        _, response = await self.first_answer(
+        upstream, response = await self.first_answer(
             self.upstreams, "HEAD", f"{repository}/blobs/{digest}"
         )
-        await _drain(response)
+        await upstream.drain(response)
         length = header(response, "Content-Length")
         return int(length) if length and length.isdigit() else None
 
@@ -298,7 +296,7 @@ class UpstreamPool:
         """
         path = f"{repository}/manifests/{tag}"
         response = await self.ask(upstream, "HEAD", path, {"Accept": MANIFEST_ACCEPT})
-        await _drain(response)
+        await upstream.drain(response)
         announced = _digest_header(response)
         if announced is not None:
             return TagAnswer(announced, upstream.name)
@@ -410,7 +408,7 @@ async def _read_manifest(
     :raises UpstreamFailure: for an answer that is no correct manifest.
     """
     try:
-        body = await read_body(response, MAX_MANIFEST_SIZE)
+        body = await upstream.read(response, MAX_MANIFEST_SIZE)
     except ValueError as e:
         raise UpstreamFailure(upstream.name, "invalid", str(e)) from None
     media_type = manifest_media_type(body, header(response, "Content-Type"))

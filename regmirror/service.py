@@ -14,7 +14,6 @@ from typing import Any
 
 from attrs import define, field
 from prometheus_client.core import Metric
-from treq.client import HTTPClient
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
@@ -339,7 +338,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
     upstreams = {
         name: Upstream(
             upstream,
-            HTTPClient(agent_for(upstream, reactor, connections)),
+            agent_for(upstream, reactor, connections),
             reactor,
             deny=config.server.deny_hosts,
         )

@@ -13,8 +13,9 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-from twisted.web.resource import Resource
 from twisted.web.server import Request
+
+from regmirror._resource import ReadOnlyResource
 
 #: One history sample per this many seconds, this many samples kept (1 h).
 SAMPLE_INTERVAL = 10.0
@@ -33,7 +34,7 @@ class History:
         self.samples.append({"time": self._now(), **self._read()})
 
 
-class StatusJSON(Resource):
+class StatusJSON(ReadOnlyResource):
     isLeaf = True
 
     def __init__(self, document: Callable[[], dict[str, Any]]) -> None:
@@ -46,7 +47,7 @@ class StatusJSON(Resource):
         return json.dumps(self._document(), sort_keys=True).encode("utf-8")
 
 
-class StatusPage(Resource):
+class StatusPage(ReadOnlyResource):
     isLeaf = True
 
     def render_GET(self, request: Request) -> bytes:

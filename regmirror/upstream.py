@@ -17,7 +17,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 from attrs import define, field, frozen
 from publicsuffixlist import PublicSuffixList
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import (
     ConnectError,
     ConnectingCancelledError,
@@ -25,8 +25,11 @@ from twisted.internet.error import (
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
-from twisted.web.iweb import IResponse
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
 
 from regmirror._flight import SingleFlight
 from regmirror.config import DEFAULT_DENY, Network, UpstreamConfig
@@ -134,31 +137,51 @@ def header(response: IResponse, name: str) -> str | None:
     return first.decode("latin-1")
 
 
-async def read_body(response: IResponse, limit: int = MAX_SMALL_BODY) -> bytes:
+class _Collect:
     """
-    Read a response body that should be small.
-
-    :raises ValueError: if it is bigger than *limit* (the rest is dropped).
+    Gathers a small body (``deliverBody``), giving up — and closing the
+    connection — past *limit* bytes or after *idle* seconds of silence.
     """
-    import treq
 
-    length = response.length
-    if isinstance(length, int) and length > limit:
-        response.deliverBody(_Discard())
-        raise ValueError(f"body of {length} bytes is over the limit of {limit}")
-    chunks: list[bytes] = []
-    received = 0
+    def __init__(self, limit: int, clock: IReactorTime, idle: float) -> None:
+        self.done: Deferred[bytes] = Deferred()
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._received = 0
+        self._transport: Any = None
+        self._idle = idle
+        self._timer = clock.callLater(idle, self._give_up, f"silent for {idle:g}s")
 
-    def collect(data: bytes) -> None:
-        nonlocal received
-        received += len(data)
-        if received <= limit:
-            chunks.append(data)
+    def makeConnection(self, transport: Any) -> None:
+        self._transport = transport
 
-    await treq.collect(response, collect)
-    if received > limit:
-        raise ValueError(f"body is over the limit of {limit} bytes")
-    return b"".join(chunks)
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._timer.reset(self._idle)
+        self._received += len(data)
+        if self._received > self._limit:
+            self._give_up(f"body is over the limit of {self._limit} bytes")
+            return
+        self._chunks.append(data)
+
+    def _give_up(self, why: str) -> None:
+        if self._timer.active():
+            self._timer.cancel()
+        if not self.done.called:
+            self.done.errback(ValueError(why))
+        if self._transport is not None:
+            self._transport.stopProducing()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._timer.active():
+            self._timer.cancel()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(ValueError(f"body broke off: {reason.getErrorMessage()}"))
 
 
 class _Discard:
@@ -234,8 +257,8 @@ class Upstream:
     One registry endpoint.
 
     :ivar config: its configuration.
-    :ivar client: a treq ``HTTPClient`` (or ``StubTreq`` in tests) whose
-        agent carries the connect timeout, TLS settings, proxy and the
+    :ivar agent: the ``IAgent`` (``treq.testing.RequestTraversalAgent`` in
+        tests) that carries the connect timeout, TLS settings, proxy and the
         connection pool.
     :ivar clock: for timeouts, token lifetimes and back-off.
     :ivar rate_limit: the last ``(limit, remaining)`` pull quota the
@@ -244,7 +267,7 @@ class Upstream:
     """
 
     config: UpstreamConfig
-    client: Any
+    agent: IAgent
     clock: IReactorTime
     rate_limit: tuple[int, int] | None = None
     backoff_until: float = 0.0
@@ -265,6 +288,29 @@ class Upstream:
     @property
     def name(self) -> str:
         return self.config.name
+
+    async def read(self, response: IResponse, limit: int = MAX_SMALL_BODY) -> bytes:
+        """
+        Read a body that should be small (an error, a token, a manifest, a
+        tag list) from this upstream.
+
+        :raises ValueError: if it is over *limit* bytes, goes silent for
+            ``idle_timeout``, or breaks off; the connection is closed then.
+        """
+        length = response.length
+        if isinstance(length, int) and length > limit:
+            response.deliverBody(_Discard())
+            raise ValueError(f"body of {length} bytes is over the limit of {limit}")
+        collect = _Collect(limit, self.clock, self.config.idle_timeout)
+        response.deliverBody(collect)
+        return await collect.done
+
+    async def drain(self, response: IResponse) -> None:
+        """Read and drop a small body so the connection can be reused."""
+        try:
+            await self.read(response, 64 * 1024)
+        except ValueError:
+            pass
 
     def backing_off(self) -> float | None:
         """Seconds left of a 429 back-off, or ``None``."""
@@ -329,7 +375,7 @@ class Upstream:
         challenges = parse_challenges(header(response, "WWW-Authenticate") or "")
         bearer = next((c for c in challenges if c.scheme == "bearer"), None)
         if bearer is not None and "realm" in bearer.params:
-            await _drain(response)
+            await self.drain(response)
             # A request sent before a concurrent one fetched a token: use it.
             fresh = self._authorization(scope)
             if fresh is not None and fresh.startswith("Bearer ") and fresh != sent:
@@ -337,7 +383,7 @@ class Upstream:
             return f"Bearer {await self._token(bearer, scope)}"
         basic = self._basic_credentials()
         if basic is not None and any(c.scheme == "basic" for c in challenges):
-            await _drain(response)
+            await self.drain(response)
             self._basic = True
             return basic
         return None
@@ -379,7 +425,7 @@ class Upstream:
             location = header(response, "Location")
             if response.code not in REDIRECTS or not location:
                 return response
-            await _drain(response)
+            await self.drain(response)
             url = urljoin(url, location)
             allowed = (
                 ("https", "http") if self.config.url.startswith("http:") else ("https",)
@@ -397,17 +443,18 @@ class Upstream:
         )
 
     async def _send(self, method: str, url: str, headers: dict[str, str]) -> IResponse:
+        # The agent itself, not treq's HTTPClient: that one would ask for
+        # gzip and decompress bodies (blob digests are of the bytes as
+        # served; a gzip bomb must not be inflated) and keep cookies.
+        sent = Headers(
+            {k.encode("latin-1"): [v.encode("latin-1")] for k, v in headers.items()}
+        )
+        sent.setRawHeaders(b"accept-encoding", [b"identity"])
+        d = self.agent.request(method.encode("ascii"), url.encode("ascii"), sent, None)
+        d.addTimeout(self.config.response_timeout, self.clock)
         try:
-            response: IResponse = await self.client.request(
-                method,
-                url,
-                headers={k: [v] for k, v in headers.items()},
-                unbuffered=True,
-                allow_redirects=False,
-                timeout=self.config.response_timeout,
-                reactor=self.clock,
-            )
-        except CancelledError:
+            response: IResponse = await d
+        except (CancelledError, TimeoutError):
             raise UpstreamFailure(
                 self.name,
                 "timeout",
@@ -482,7 +529,7 @@ class Upstream:
                 )
         response = await self._send("GET", url, headers)
         try:
-            body = await read_body(response, 64 * 1024)
+            body = await self.read(response, 64 * 1024)
             document = load_json(body)
             token = document.get("token") or document.get("access_token")
             lifetime = float(document.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
@@ -544,14 +591,6 @@ def _scope_for(path: str) -> str:
             index = len(parts) - 1 - parts[::-1].index(marker)
             return f"repository:{'/'.join(parts[:index])}:pull"
     return ""
-
-
-async def _drain(response: IResponse) -> None:
-    """Read and drop a small body so the connection can be reused."""
-    try:
-        await read_body(response, 64 * 1024)
-    except (ValueError, ResponseFailed):
-        pass
 
 
 def _describe(error: BaseException) -> str:

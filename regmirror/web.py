@@ -17,9 +17,11 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from regmirror._resource import ReadOnlyResource
 from regmirror.access import Gate, NamespaceOf, client_address
 from regmirror.errors import (
     BlobUnknown,
@@ -31,6 +33,7 @@ from regmirror.errors import (
     RegistryError,
     Unauthorized,
     Unsupported,
+    UpstreamBadGateway,
 )
 from regmirror.fetch import BlobSource, Fetcher, Relay, SpoolReader
 from regmirror.metrics import Metrics
@@ -46,7 +49,7 @@ from regmirror.reference import (
     validate_tag,
 )
 from regmirror.routing import Route, Router
-from regmirror.upstream import header, read_body
+from regmirror.upstream import Upstream, header
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -111,8 +114,10 @@ def _query(request: Request, name: str) -> str | None:
 
 
 def _text_header(request: Request, name: str) -> str | None:
-    value: bytes | str | None = request.getHeader(name)
-    return value if value is None or isinstance(value, str) else value.decode("latin-1")
+    # By bytes: a str name makes Twisted decode the value as UTF-8, which
+    # any client can make fail.
+    value: bytes | None = request.getHeader(name.lower().encode("ascii"))
+    return None if value is None else value.decode("latin-1")
 
 
 def break_connection(request: Request) -> None:
@@ -407,12 +412,12 @@ class RegistryAPI(Resource):
         pool = route.pool
         order = [pool.origin, *pool.mirrors]
         try:
-            _, response = await pool.first_answer(
+            upstream, response = await pool.first_answer(
                 order, "GET", f"{route.repository}/tags/list", query=query
             )
         except NotFoundAnywhere:
             raise NameUnknown(f"repository {route.client_name} is unknown") from None
-        body = await read_body(response)
+        body = await _read(upstream, response)
         link = header(response, "Link")
         if link:
             target = re.match(r"\s*<([^>]*)>", link)
@@ -436,7 +441,7 @@ class RegistryAPI(Resource):
             query["artifactType"] = artifact_type
         pool = route.pool
         try:
-            _, response = await pool.first_answer(
+            upstream, response = await pool.first_answer(
                 pool.upstreams,
                 "GET",
                 f"{route.repository}/referrers/{digest}",
@@ -446,7 +451,7 @@ class RegistryAPI(Resource):
             raise BlobUnknown(
                 "the upstream registry offers no referrers API; use the referrers tag"
             ) from None
-        body = await read_body(response)
+        body = await _read(upstream, response)
         filtered = header(response, "OCI-Filters-Applied")
         if filtered:
             request.setHeader("OCI-Filters-Applied", filtered)
@@ -456,6 +461,13 @@ class RegistryAPI(Resource):
             or "application/vnd.oci.image.index.v1+json",
             body,
         )
+
+
+async def _read(upstream: Upstream, response: IResponse) -> bytes:
+    try:
+        return await upstream.read(response)
+    except ValueError as e:
+        raise UpstreamBadGateway(f"upstream {upstream.name}: {e}") from None
 
 
 def _next_link(request: Request, route: Route, query: dict[str, str]) -> str:
@@ -488,7 +500,7 @@ def _paginate(body: bytes, n: int, last: str | None) -> tuple[bytes, str | None]
     return json.dumps(document).encode("utf-8"), following
 
 
-class TokenResource(Resource):
+class TokenResource(ReadOnlyResource):
     """
     ``/token``: the registry token endpoint.  A Basic login gets a token for
     the repositories named in its ``scope`` parameters.
@@ -557,7 +569,7 @@ class TokenResource(Resource):
         request.finish()
 
 
-class NotFoundResource(Resource):
+class NotFoundResource(ReadOnlyResource):
     """Anything outside ``/v2/``: an OCI error, not an HTML page."""
 
     isLeaf = True
@@ -569,7 +581,7 @@ class NotFoundResource(Resource):
         return error.body()
 
 
-class Health(Resource):
+class Health(ReadOnlyResource):
     """
     A probe: 200 ``ok`` when *check* finds nothing wrong, else 503 with the
     problems, one per line.

@@ -12,7 +12,7 @@ from typing import Any
 
 import treq
 from fakeregistry import FakeRegistry
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
@@ -47,7 +47,9 @@ class Harness:
         self.store = Store(root, now=self.clock.seconds)
         self.store.open()
         self.fakes = upstreams
-        self.stubs = {name: StubTreq(fake) for name, fake in upstreams.items()}
+        self.stubs = {
+            name: RequestTraversalAgent(fake) for name, fake in upstreams.items()
+        }
         clients = [
             Upstream(
                 UpstreamConfig(
