@@ -19,6 +19,7 @@ from twisted.web.server import Site
 
 from regmirror.access import client_address
 from regmirror.config import Network
+from regmirror.web import MirrorChannel
 
 ACCESS_FORMAT = (
     '{client} - {user} "{method} {uri} {protocol}" {status} {bytes} '
@@ -37,12 +38,18 @@ access = Logger(namespace="regmirror.access")
 
 
 class MirrorSite(Site):
-    """A Site whose access log is structured events, one per request."""
+    """
+    A Site whose access log is structured events, one per request, and
+    whose connections are :class:`MirrorChannel`: hardened HTTP.
+    """
+
+    # HTTP/1.1 only: no HTTP/2 negotiation to harden as well.
+    protocol = MirrorChannel  # type: ignore[assignment]
 
     def __init__(
         self, resource: Any, clock: Any, trusted_proxies: Sequence[Network] = ()
     ) -> None:
-        super().__init__(resource)
+        super().__init__(resource, reactor=clock)
         self._clock = clock
         self._trusted = trusted_proxies
 

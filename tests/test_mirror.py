@@ -13,10 +13,12 @@ import pytest
 import treq
 from fakeregistry import FakeRegistry, digest_of
 from memory import LAYER, Harness, error_code, image, result
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent
 from twisted.web.server import Site
 
+from regmirror.logs import MirrorSite
 from regmirror.reference import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from regmirror.store import Store
 from regmirror.web import PlainHTTPFactory, Root
@@ -426,3 +428,53 @@ def _digest(text: str) -> Any:
     from regmirror.reference import parse_digest
 
     return parse_digest(text)
+
+
+def _channel() -> tuple[Any, StringTransport, Clock]:
+    clock = Clock()
+    site = MirrorSite(Root.__new__(Root), clock)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport, clock
+
+
+def test_slow_request_head_is_cut() -> None:
+    """A client dripping its request head (slowloris) gets a 408 and is
+    disconnected after the header timeout."""
+    channel, transport, clock = _channel()
+    channel.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")
+    clock.advance(29)
+    channel.dataReceived(b"X-Drip: 1\r\n")
+    assert transport.value() == b""
+    clock.advance(2)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    assert b'"code": "UNSUPPORTED"' in transport.value()
+    assert transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /v2/ HTTP/1.1\r\nContent-Length: 10737418240\r\n\r\n",
+        b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET /v2/ HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ],
+)
+def test_request_bodies_are_refused_before_reading(head: bytes) -> None:
+    """A request announcing a body gets 413 at once and the connection
+    closes: nothing of the body is buffered, no smuggled request follows."""
+    channel, transport, _ = _channel()
+    channel.dataReceived(head + b"GET /v2/ HTTP/1.1\r\n\r\n" + b"x" * 100_000)
+    answer = transport.value()
+    assert answer.startswith((b"HTTP/1.1 413 ", b"HTTP/1.1 400 "))
+    assert answer.count(b"HTTP/1.1") == 1
+    assert transport.disconnecting
+
+
+def test_malformed_request_gets_an_oci_error() -> None:
+    """A request line that is not HTTP gets a 400 with an OCI error body."""
+    channel, transport, _ = _channel()
+    channel.dataReceived(b"GARBAGE\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 400 ")
+    assert transport.value().endswith(b'"message": "malformed HTTP request"}]}')
