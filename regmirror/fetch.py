@@ -68,6 +68,9 @@ MAX_CONFIG_SIZE = 1024 * 1024
 FOLLOW_INTERVAL = 0.05
 FOLLOW_SIZE_POLLS = 100
 
+#: How many digests' bad upstreams are remembered.
+MAX_TAINTED = 10_000
+
 #: How many times one download may be resumed after its transfer broke.
 MAX_RESUMES = 5
 
@@ -178,6 +181,8 @@ class Fetcher:
     _starting: SingleFlight[Digest, Download] = field(factory=SingleFlight)
     _manifests: SingleFlight[tuple[str, Digest], Manifest] = field(factory=SingleFlight)
     metrics: Metrics = field(factory=Metrics)
+    #: digest → upstreams that served wrong bytes for it
+    _tainted: dict[Digest, set[str]] = field(factory=dict)
     #: look-outs on other processes' downloads
     _watchers: dict[Digest, LoopingCall] = field(factory=dict)
     _evicting: bool = False
@@ -252,7 +257,9 @@ class Fetcher:
             self.store.degrade(error)
             raise _CannotSpool() from None
         try:
-            upstream, response = await pool.open_blob(repository, digest)
+            upstream, response = await pool.open_blob(
+                repository, digest, order=self._untainted(pool, digest)
+            )
         except NotFoundAnywhere:
             spool.discard()
             raise BlobUnknown(f"blob {digest} is unknown to every upstream") from None
@@ -434,6 +441,7 @@ class Fetcher:
                 self.store.degrade(failure.value)
                 self._fail(download, f"cannot store the blob: {failure.value}")
             elif failure.check(DigestMismatch):
+                self._taint(download)
                 self._fail(download, f"digest mismatch: {failure.getErrorMessage()}")
             else:
                 self.log.failure(
@@ -442,6 +450,28 @@ class Fetcher:
                 self._fail(download, "cannot store the blob")
 
         d.addCallbacks(committed, failed)
+
+    def _taint(self, download: Download) -> None:
+        """
+        An upstream served wrong bytes for a digest: count it against its
+        health and do not ask it for that digest again for a while, so that
+        the next request is served by another upstream.
+        """
+        upstream = download.upstream
+        download.pool.failed(
+            upstream,
+            UpstreamFailure(upstream.name, "invalid", "wrong bytes for a digest"),
+        )
+        if len(self._tainted) >= MAX_TAINTED:
+            self._tainted.pop(next(iter(self._tainted)))
+        self._tainted.setdefault(download.digest, set()).add(upstream.name)
+
+    def _untainted(self, pool: UpstreamPool, digest: Digest) -> list[Upstream]:
+        """The pool's upstreams, without those that served *digest* wrongly
+        (all of them again if every one did)."""
+        tainted = self._tainted.get(digest, set())
+        trusted = [u for u in pool.upstreams if u.name not in tainted]
+        return trusted or list(pool.upstreams)
 
     def _fail(self, download: Download, why: str) -> None:
         self.log.error(

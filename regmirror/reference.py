@@ -213,23 +213,28 @@ def manifest_media_type(body: bytes, content_type: str | None) -> str | None:
 
     :return: ``None`` when neither names a manifest type.
     """
-    if content_type:
-        declared = content_type.split(";", 1)[0].strip().lower()
-        if declared in MANIFEST_TYPES:
-            return declared
+    declared = content_type.split(";", 1)[0].strip().lower() if content_type else ""
     document = load_json(body)
-    if not isinstance(document, dict):
+    if not isinstance(document, dict) or document.get("schemaVersion") != 2:
         return None
     media = document.get("mediaType")
-    if media in MANIFEST_TYPES:
+    is_index = isinstance(document.get("manifests"), list)
+    is_image = isinstance(document.get("layers"), list)
+    if is_index == is_image:
+        return None  # neither, or both: no honest manifest looks like that
+    shape = INDEX_TYPES if is_index else frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+    if media is not None:
+        # The document's own word, which its digest covers; a header that
+        # says otherwise, or a shape that does, makes it no manifest at all.
+        if media not in shape or (declared in MANIFEST_TYPES and declared != media):
+            return None
         return str(media)
-    # OCI documents may omit mediaType: tell an index from a manifest by shape.
-    if media is None and document.get("schemaVersion") == 2:
-        if isinstance(document.get("manifests"), list):
-            return OCI_INDEX
-        if isinstance(document.get("layers"), list):
-            return OCI_MANIFEST
-    return None
+    if declared in shape:
+        return declared
+    if declared in MANIFEST_TYPES:
+        return None
+    # OCI documents may omit mediaType: the shape decides.
+    return OCI_INDEX if is_index else OCI_MANIFEST
 
 
 _FRACTION = re.compile(r"(\.\d{6})\d+")

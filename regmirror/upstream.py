@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import re
+import socket
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
@@ -450,7 +451,16 @@ class Upstream:
             {k.encode("latin-1"): [v.encode("latin-1")] for k, v in headers.items()}
         )
         sent.setRawHeaders(b"accept-encoding", [b"identity"])
-        d = self.agent.request(method.encode("ascii"), url.encode("ascii"), sent, None)
+        try:
+            target = url.encode("ascii")
+        except UnicodeEncodeError:
+            raise UpstreamFailure(
+                self.name, "invalid", "a URL that is not ASCII"
+            ) from None
+        try:
+            d = self.agent.request(method.encode("ascii"), target, sent, None)
+        except Exception as e:  # a URL the agent cannot even try
+            raise UpstreamFailure(self.name, "invalid", _describe(e)) from None
         d.addTimeout(self.config.response_timeout, self.clock)
         try:
             response: IResponse = await d
@@ -464,6 +474,8 @@ class Upstream:
             raise UpstreamFailure(self.name, "connect", _describe(e)) from None
         except (ResponseFailed, ResponseNeverReceived) as e:
             raise UpstreamFailure(self.name, "connect", _describe(e)) from None
+        except Exception as e:  # e.g. SchemeNotSupported, a malformed URI
+            raise UpstreamFailure(self.name, "invalid", _describe(e)) from None
         return response
 
     def _refuse_denied(self, url: str, how: str) -> None:
@@ -473,14 +485,15 @@ class Upstream:
             mirror there.
         """
         host = (urlsplit(url).hostname or "").lower().rstrip(".")
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            denied = host in self.deny
-        else:
+        addresses = _as_addresses(host)
+        if addresses:
             denied = any(
-                not isinstance(entry, str) and address in entry for entry in self.deny
+                not isinstance(entry, str) and address in entry
+                for entry in self.deny
+                for address in addresses
             )
+        else:
+            denied = host in self.deny
         if denied:
             self.log.warn(
                 "upstream {upstream} {how} to a denied host {host}",
@@ -581,6 +594,25 @@ def _is_address(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _as_addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """
+    The addresses a host name written as an address stands for, however it
+    is spelled: ``169.254.169.254``, ``2852039166``, ``0xa9fea9fe``,
+    ``0251.0376.0251.0376``, ``169.254.43518`` (resolvers accept all of
+    them), ``[::ffff:169.254.169.254]`` (also its IPv4 form).  Empty for a
+    name.
+    """
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        try:
+            return [ipaddress.IPv4Address(socket.inet_aton(host))]
+        except OSError:
+            return []
+    mapped = getattr(address, "ipv4_mapped", None)
+    return [address, mapped] if mapped is not None else [address]
 
 
 def _scope_for(path: str) -> str:

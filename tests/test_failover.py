@@ -266,3 +266,19 @@ def test_tag_record_survives_on_disk(tmp_path: Path) -> None:
             harness.store.root, "tags", "docker.io", "library/app", "_tags", "latest"
         )
     )
+
+
+def test_wrong_bytes_from_a_mirror_send_the_next_request_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """After a mirror served wrong bytes for a digest, the next request for it
+    goes to the other upstreams: the client's retry gets the right blob."""
+    harness, mirror_up, origin = two(tmp_path)
+    content = image(origin)
+    image(mirror_up)
+    mirror_up.corrupt.add(content["layer"])
+    first = harness.request("GET", f"/v2/app/blobs/{content['layer']}")
+    assert first.code == 502
+    retry = harness.request("GET", f"/v2/app/blobs/{content['layer']}")
+    assert harness.body(retry) == LAYER
+    assert origin.count("GET", "/blobs/") == 1

@@ -432,18 +432,27 @@ def test_accepted_types_list() -> None:
 # -- manifest_media_type -------------------------------------------------------
 
 
-def test_manifest_media_type_from_content_type() -> None:
-    """A manifest Content-Type wins, parameters and case ignored."""
-    body = json.dumps({"mediaType": OCI_INDEX}).encode()
-    content_type = f"{DOCKER_MANIFEST.upper()}; charset=utf-8"
-    assert manifest_media_type(body, content_type) == DOCKER_MANIFEST
+def test_manifest_media_type_header_and_document_must_agree() -> None:
+    """A Content-Type naming another manifest type than the document's own
+    ``mediaType`` makes the answer no manifest at all (parameters and case
+    of the header ignored when they agree)."""
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []})
+    lying = f"{DOCKER_MANIFEST.upper()}; charset=utf-8"
+    assert manifest_media_type(body.encode(), lying) is None
+    honest = f"{OCI_INDEX.upper()}; charset=utf-8"
+    assert manifest_media_type(body.encode(), honest) == OCI_INDEX
 
 
 @pytest.mark.parametrize("content_type", [None, "", "application/json"])
 def test_manifest_media_type_from_document(content_type: str | None) -> None:
-    """Without a manifest Content-Type, the document's ``mediaType`` decides."""
-    body = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST_LIST})
+    """Without a manifest Content-Type, the document's ``mediaType`` decides,
+    when its shape (``manifests`` for a list) agrees."""
+    body = json.dumps(
+        {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST_LIST, "manifests": []}
+    )
     assert manifest_media_type(body.encode(), content_type) == DOCKER_MANIFEST_LIST
+    shapeless = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST_LIST})
+    assert manifest_media_type(shapeless.encode(), content_type) is None
 
 
 def test_manifest_media_type_oci_index_by_shape() -> None:
