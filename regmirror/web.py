@@ -641,11 +641,17 @@ class MirrorChannel(HTTPChannel):
     _head_timer: Any = None
     _refused = False
 
+    def dataReceived(self, data: bytes) -> None:
+        # The clock for a request head starts at its first byte, not at its
+        # first complete line: a request line dripped a byte at a time
+        # must be cut too.
+        if self._head_timer is None and self.line_mode and not self._refused:
+            self._head_timer = self.callLater(HEADER_TIMEOUT, self._head_too_slow)
+        super().dataReceived(data)
+
     def lineReceived(self, line: bytes) -> None:
         if self._refused:
             return
-        if self._head_timer is None:
-            self._head_timer = self.callLater(HEADER_TIMEOUT, self._head_too_slow)
         super().lineReceived(line)
 
     def allHeadersReceived(self) -> None:

@@ -439,6 +439,17 @@ def _channel() -> tuple[Any, StringTransport, Clock]:
     return channel, transport, clock
 
 
+def test_dripped_request_line_is_cut() -> None:
+    """A request line sent a byte at a time, never finished, is cut by the
+    header timeout as well."""
+    channel, transport, clock = _channel()
+    for _ in range(31):
+        channel.dataReceived(b"a")
+        clock.advance(1)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    assert transport.disconnecting
+
+
 def test_slow_request_head_is_cut() -> None:
     """A client dripping its request head (slowloris) gets a 408 and is
     disconnected after the header timeout."""

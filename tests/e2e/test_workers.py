@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import http.client
 import os
+import re
 import signal
 import subprocess
 import threading
