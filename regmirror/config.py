@@ -159,6 +159,8 @@ class CacheConfig:
     max_size: int | None = None
     #: and while the file system has less free space than this
     min_free: int | None = None
+    #: the largest blob taken from an upstream that does not say its size
+    max_blob_size: int = 64 * 1024**3
 
 
 @frozen
@@ -478,9 +480,14 @@ def _cache(reader: _Reader, base: str) -> CacheConfig:
     tag_ttl = reader.get("tag_ttl", parse_duration, 60.0)
     max_size = reader.get("max_size", parse_size, None)
     min_free = reader.get("min_free", parse_size, None)
+    max_blob_size = reader.get("max_blob_size", parse_size, 64 * 1024**3)
     reader.finish()
     return CacheConfig(
-        directory=directory, tag_ttl=tag_ttl, max_size=max_size, min_free=min_free
+        directory=directory,
+        tag_ttl=tag_ttl,
+        max_size=max_size,
+        min_free=min_free,
+        max_blob_size=max_blob_size,
     )
 
 

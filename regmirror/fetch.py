@@ -172,6 +172,8 @@ class Fetcher:
     clock: IReactorTime
     #: runs blocking work (fsync of a finished blob) off the reactor thread
     run_in_thread: RunInThread = maybeDeferred
+    #: the largest blob taken from an upstream that does not say its size
+    max_blob_size: int = 64 * 1024**3
     tag_ttl: float = 60.0
     _tags: dict[tuple[str, str, str], tuple[TagAnswer, float]] = field(factory=dict)
     _tag_flight: SingleFlight[tuple[str, str, str], TagAnswer] = field(
@@ -772,15 +774,24 @@ class _SpoolWriter:
             data = data[dropped:]
             if not data:
                 return
+        limit = self.download.size or self.fetcher.max_blob_size
+        if self.download.written + len(data) > limit:
+            # More than announced, or an endless body without a length:
+            # no blob is worth filling the disk for.
+            self._abandon(f"the body went past {limit} bytes")
+            return
         try:
             self.download.writer.write(data)
         except OSError as error:
             self.fetcher.store.degrade(error)
-            self.fetcher._fail(self.download, f"cannot write to the spool: {error}")
-            if self._transport is not None:
-                self._transport.stopProducing()
+            self._abandon(f"cannot write to the spool: {error}")
             return
         self.download.notify()
+
+    def _abandon(self, why: str) -> None:
+        self.fetcher._fail(self.download, why)
+        if self._transport is not None:
+            self._transport.stopProducing()
 
     def connectionLost(self, reason: Failure) -> None:
         if self._idle is not None and self._idle.active():

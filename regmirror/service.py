@@ -373,6 +373,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
         reactor,
         run_in_thread=in_thread,
         tag_ttl=config.cache.tag_ttl,
+        max_blob_size=config.cache.max_blob_size,
         metrics=metrics,
     )
     gate = None

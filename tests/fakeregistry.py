@@ -45,6 +45,8 @@ class FakeRegistry(Resource):
         self.corrupt: set[str] = set()
         self.hold: dict[str, int] = {}
         self.held: list[tuple[Request, bytes]] = []
+        #: digests served without a Content-Length (chunked)
+        self.unsized: set[str] = set()
         #: the Range header of every blob request that had one
         self.ranges: list[str] = []
         #: digests whose body breaks off after this many bytes
@@ -179,6 +181,11 @@ class FakeRegistry(Resource):
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         request.setHeader("Content-Type", self.blob_type)
         request.setHeader("Docker-Content-Digest", digest)
+        if digest in self.unsized and request.method == b"GET":
+            for start in range(0, len(data), 1000):  # chunked, no length
+                request.write(data[start : start + 1000])
+            request.finish()
+            return NOT_DONE_YET
         request.setHeader("Content-Length", str(len(data)))
         if request.method == b"HEAD":
             return b""

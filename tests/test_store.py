@@ -241,3 +241,24 @@ def test_a_dead_downloader_breaks_its_followers(tmp_path: Path) -> None:
     with pytest.raises(Exception):  # noqa: B017 (a broken connection)
         result(done)
     assert len(b"".join(received)) < len(data)
+
+
+def test_a_blob_without_length_is_bounded(tmp_path: Path) -> None:
+    """An upstream that does not say a blob's size may not send more than
+    max_blob_size: the transfer is abandoned, nothing is cached."""
+    origin = FakeRegistry()
+    digest = origin.add_blob(b"endless" * 1000)
+    origin.unsized.add(digest)
+    harness = Harness(str(tmp_path), {"origin": origin})
+    harness.fetcher.max_blob_size = 3000
+    response = harness.request("GET", f"/v2/app/blobs/{digest}")
+    received: list[bytes] = []
+    outcome: list[object] = []
+    if response.code == 200:
+        treq.collect(response, received.append).addBoth(outcome.append)
+        harness.settle()
+        assert outcome and outcome[0] is not None  # the stream broke
+    else:
+        assert response.code == 502
+    assert len(b"".join(received)) <= 3000
+    assert harness.cached_files() == []
