@@ -1,0 +1,1208 @@
+"""
+Side-by-side benchmark of regmirror, the reference registry's proxy mode and
+nginx, on this machine, over loopback only.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench.py [--size-mib 256] [--out FILE]
+
+An upstream ``docker-registry`` (access log on) gets one generated image
+whose single layer is *size* MiB of seeded pseudo-random bytes, pushed with
+the registry API (one monolithic ``PUT`` streamed from a file).  Then, for
+regmirror (``twistd -n regmirror``) and for a second ``docker-registry``
+with ``proxy.remoteurl`` pointing at the upstream:
+
+- cold: 1 and 32 concurrent clients of the big blob, each case on a fresh
+  process with an empty cache (wall time, aggregate MiB/s, time to first
+  body byte, and the upstream's GETs of that blob from its access log);
+- warm: 1 and 8 concurrent clients (MiB/s), on a restarted process that
+  keeps its cache; nginx serving the same blob file with ``sendfile on``
+  gives the machine's limit here;
+- manifests: 2,000 GETs by tag and 2,000 by digest, 16 clients on
+  keep-alive connections (p50/p99 latency, requests/s), on a restarted
+  process that keeps its cache; regmirror with its default ``tag_ttl``;
+- after each phase: the server's peak RSS (``VmHWM``) and CPU seconds.
+
+Clients are threads: blob clients on raw sockets, which receive every body
+to its end into one reusable buffer and discard it (time to first byte is
+to the first body byte; "last-byte wait" is how long a client holding all
+but the last byte waited for it); manifest clients with ``http.client`` on
+keep-alive connections.  They share the machine's cores with the servers.
+Each measurement runs ``--repeat`` times (3); the run with the median
+throughput is reported, with every run's figure beside it in the JSON.
+
+Everything listens on 127.0.0.1; every process started is stopped; every
+wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import http.client
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+LOCALHOST = "127.0.0.1"
+REGISTRY_BINARY = "/usr/bin/docker-registry"
+NGINX_BINARY = "/usr/sbin/nginx"
+
+REPOSITORY = "bench/big"
+TAG = "latest"
+SEED = 20240601
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+MANIFEST_ACCEPT = ", ".join(
+    (
+        OCI_MANIFEST,
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    )
+)
+
+MIB = 1024 * 1024
+GENERATE_CHUNK = 4 * MIB
+READ_BUFFER = MIB
+
+POLL_INTERVAL = 0.05
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+#: longest wait for one socket operation of a client
+SOCKET_TIMEOUT = 120.0
+#: longest wait for a whole group of concurrent clients
+CLIENTS_TIMEOUT = 600.0
+#: longest wait for a proxy to have a blob in its store after its clients
+STORED_TIMEOUT = 120.0
+
+COLD_CLIENTS = (1, 32)
+WARM_CLIENTS = (1, 8)
+
+# ``python -m twisted`` is the newer ``twist`` runner; twistd has no __main__.
+_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.exit(run())"
+
+
+class BenchError(RuntimeError):
+    """Something in the benchmark's own set-up went wrong."""
+
+
+# -- small helpers -------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOCALHOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    condition: Callable[[], bool], *, timeout: float, what: Callable[[], str]
+) -> None:
+    """Poll *condition* every ``POLL_INTERVAL``, for at most *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / POLL_INTERVAL) + 1):
+        if condition():
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_INTERVAL)
+    if not condition():
+        raise BenchError(f"gave up after {timeout:.0f}s: {what()}")
+
+
+def answers(port: int, path: str) -> bool:
+    connection = http.client.HTTPConnection(LOCALHOST, port, timeout=2.0)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        response.read()
+        return response.status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
+def proc_status(pid: int, key: str) -> int | None:
+    """A ``kB`` field of ``/proc/PID/status`` in bytes (``VmHWM``, ``VmRSS``)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of *pid* so far."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    # fields[0] is the state (field 3 of stat(5)); utime and stime are 14, 15.
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine has spent busy (all CPUs, from boot)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def own_busy_seconds() -> float:
+    """CPU time of this process and of its children that have been reaped."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def machine() -> dict[str, Any]:
+    meminfo = Path("/proc/meminfo").read_text()
+    match = re.search(r"^MemTotal:\s+(\d+) kB", meminfo, re.MULTILINE)
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "nproc": os.cpu_count(),
+        "memory_gib": round(int(match.group(1)) / 1024 / 1024, 1) if match else None,
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def tool_version(command: Sequence[str]) -> str:
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (result.stdout + result.stderr).strip().splitlines()[0]
+
+
+# -- the image -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Blob:
+    digest: str
+    size: int
+    path: Path
+
+
+def write_layer(path: Path, size: int) -> Blob:
+    """
+    An uncompressed tar holding one file of *size* seeded pseudo-random
+    bytes, written and hashed a chunk at a time.
+    """
+    info = tarfile.TarInfo("big.bin")
+    info.size = size
+    info.mtime = 1_700_000_000
+    info.mode = 0o644
+    info.uname = info.gname = "root"
+    hasher = hashlib.sha256()
+    written = 0
+    generator = random.Random(SEED)
+    with path.open("wb") as f:
+
+        def put(data: bytes) -> None:
+            nonlocal written
+            f.write(data)
+            hasher.update(data)
+            written += len(data)
+
+        put(info.tobuf(format=tarfile.PAX_FORMAT))
+        remaining = size
+        for _ in range(size // GENERATE_CHUNK + 1):
+            if remaining <= 0:
+                break
+            step = min(GENERATE_CHUNK, remaining)
+            put(generator.randbytes(step))
+            remaining -= step
+        # End of the member, then the two zero blocks that end an archive.
+        put(b"\0" * (-size % tarfile.BLOCKSIZE) + b"\0" * (2 * tarfile.BLOCKSIZE))
+    return Blob("sha256:" + hasher.hexdigest(), written, path)
+
+
+def canonical_json(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Image:
+    layer: Blob
+    config: bytes
+    manifest: bytes
+
+    @property
+    def manifest_digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.manifest).hexdigest()
+
+
+def make_image(folder: Path, size: int) -> Image:
+    layer = write_layer(folder / "layer.tar", size)
+    config = canonical_json(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "created": "2024-06-01T00:00:00Z",
+            "config": {"Cmd": ["/bin/true"]},
+            "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
+        }
+    )
+    manifest = canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": OCI_CONFIG,
+                "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": OCI_LAYER_TAR,
+                    "digest": layer.digest,
+                    "size": layer.size,
+                }
+            ],
+        }
+    )
+    return Image(layer, config, manifest)
+
+
+def _upload(port: int, digest: str, size: int, body: bytes | IO[bytes]) -> None:
+    """A monolithic blob upload: ``POST`` a session, ``PUT`` all the bytes."""
+    connection = http.client.HTTPConnection(
+        LOCALHOST, port, timeout=SOCKET_TIMEOUT, blocksize=READ_BUFFER
+    )
+    try:
+        connection.request("POST", f"/v2/{REPOSITORY}/blobs/uploads/")
+        response = connection.getresponse()
+        response.read()
+        location = response.getheader("Location")
+        if response.status != 202 or not location:
+            raise BenchError(f"upload session: {response.status}")
+        location = re.sub(r"^https?://[^/]+", "", location)
+        separator = "&" if "?" in location else "?"
+        connection.request(
+            "PUT",
+            f"{location}{separator}digest={digest}",
+            body=body,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(size),
+            },
+        )
+        response = connection.getresponse()
+        text = response.read()
+        if response.status != 201:
+            raise BenchError(f"upload of {digest}: {response.status} {text[:200]!r}")
+    finally:
+        connection.close()
+
+
+def push_image(port: int, image: Image) -> None:
+    with image.layer.path.open("rb") as f:
+        _upload(port, image.layer.digest, image.layer.size, f)
+    config_digest = "sha256:" + hashlib.sha256(image.config).hexdigest()
+    _upload(port, config_digest, len(image.config), image.config)
+    connection = http.client.HTTPConnection(LOCALHOST, port, timeout=SOCKET_TIMEOUT)
+    try:
+        connection.request(
+            "PUT",
+            f"/v2/{REPOSITORY}/manifests/{TAG}",
+            body=image.manifest,
+            headers={"Content-Type": OCI_MANIFEST},
+        )
+        response = connection.getresponse()
+        text = response.read()
+        if response.status != 201:
+            raise BenchError(f"manifest push: {response.status} {text[:200]!r}")
+    finally:
+        connection.close()
+
+
+# -- processes -----------------------------------------------------------------
+
+
+class Server:
+    """A process listening on 127.0.0.1:``port``; logs go to files in ``workdir``."""
+
+    name = "server"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._files: list[IO[bytes]] = []
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Write configuration files before the process starts."""
+
+    def ready_path(self) -> str:
+        return "/v2/"
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
+        stdout = (self.workdir / f"{self.name}.out").open("ab")
+        stderr = (self.workdir / f"{self.name}.err").open("ab")
+        self._files = [stdout, stderr]
+        self._process = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=self.workdir,
+        )
+        try:
+            wait_until(
+                self._ready,
+                timeout=START_TIMEOUT,
+                what=lambda: f"{self.name} on port {self.port} not ready",
+            )
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ready(self) -> bool:
+        assert self._process is not None
+        if self._process.poll() is not None:
+            err = (self.workdir / f"{self.name}.err").read_text(errors="replace")
+            raise BenchError(
+                f"{self.name} exited with {self._process.returncode}:\n{err[-2000:]}"
+            )
+        return answers(self.port, self.ready_path())
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=STOP_TIMEOUT)
+        for f in self._files:
+            f.close()
+        self._files = []
+
+    def usage(self) -> dict[str, float | None]:
+        """Peak RSS in MiB and CPU seconds of the process so far."""
+        hwm = proc_status(self.pid, "VmHWM")
+        cpu = cpu_seconds(self.pid)
+        return {
+            "peak_rss_mib": None if hwm is None else round(hwm / MIB, 1),
+            "cpu_s": None if cpu is None else round(cpu, 2),
+        }
+
+
+_REGISTRY_CONFIG = """\
+version: 0.1
+log:
+  level: info
+  formatter: text
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: {storage}
+  delete:
+    enabled: false
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: {host}:{port}
+  secret: regmirror-bench-not-a-secret
+health:
+  storagedriver:
+    enabled: false
+"""
+
+
+class Registry(Server):
+    """
+    Debian's ``docker-registry``; a pull-through proxy of *remote* if given.
+    Its access log is its stdout, ``<name>.out``.
+    """
+
+    def __init__(
+        self, workdir: Path, storage: Path, *, remote: str | None = None
+    ) -> None:
+        super().__init__(workdir)
+        self.name = "proxy" if remote else "upstream"
+        self.storage = storage
+        self.remote = remote
+
+    def prepare(self) -> None:
+        self.storage.mkdir(parents=True, exist_ok=True)
+        text = _REGISTRY_CONFIG.format(
+            storage=json.dumps(str(self.storage)), host=LOCALHOST, port=self.port
+        )
+        if self.remote:
+            text += f"proxy:\n  remoteurl: {self.remote}\n"
+        (self.workdir / "registry.yml").write_text(text)
+
+    def command(self) -> list[str]:
+        return [REGISTRY_BINARY, "serve", str(self.workdir / "registry.yml")]
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOCALHOST}:{self.port}"
+
+    def blob_gets(self, digest: str) -> int:
+        return self.count(rf'"GET /v2/\S+/blobs/{re.escape(digest)}(\?\S*)? HTTP/')
+
+    def manifest_requests(self) -> int:
+        return self.count(r'"(GET|HEAD) /v2/\S+/manifests/\S+ HTTP/')
+
+    def count(self, pattern: str) -> int:
+        log = self.workdir / f"{self.name}.out"
+        if not log.exists():
+            return 0
+        line = re.compile(pattern)
+        with log.open(errors="replace") as f:
+            return sum(1 for entry in f if line.search(entry))
+
+    def stored(self, digest: str) -> bool:
+        algorithm, hex_ = digest.split(":", 1)
+        return (
+            self.storage
+            / "docker/registry/v2/blobs"
+            / algorithm
+            / hex_[:2]
+            / hex_
+            / "data"
+        ).exists()
+
+
+class Mirror(Server):
+    """``twistd -n regmirror`` with one upstream and default settings."""
+
+    name = "regmirror"
+
+    def __init__(self, workdir: Path, upstream_url: str) -> None:
+        super().__init__(workdir)
+        self.upstream_url = upstream_url
+
+    def prepare(self) -> None:
+        (self.workdir / "mirror.ini").write_text(
+            f"""\
+[server]
+listen = tcp:{self.port}:interface={LOCALHOST}
+
+[cache]
+directory = cache
+
+[upstream:origin]
+url = {self.upstream_url}
+
+[namespace:docker.io]
+upstreams = origin
+default = true
+"""
+        )
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-c",
+            _TWISTD,
+            "--nodaemon",
+            "--pidfile=",
+            f"--logfile={self.workdir / 'twistd.log'}",
+            "regmirror",
+            "-c",
+            str(self.workdir / "mirror.ini"),
+        ]
+
+    def stored(self, digest: str) -> bool:
+        algorithm, hex_ = digest.split(":", 1)
+        return (self.workdir / "cache/blobs" / algorithm / hex_[:2] / hex_).exists()
+
+
+class Nginx(Server):
+    """nginx serving one file at ``/blob`` with ``sendfile on``."""
+
+    name = "nginx"
+
+    def __init__(self, workdir: Path, blob: Path) -> None:
+        super().__init__(workdir)
+        self.blob = blob
+
+    def ready_path(self) -> str:
+        return "/ready"
+
+    def prepare(self) -> None:
+        temp = self.workdir / "temp"
+        temp.mkdir(exist_ok=True)
+        temps = "".join(
+            f"  {kind}_temp_path {temp / kind};\n"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        # As root the workers would drop to "nobody", who cannot read the
+        # benchmark's private temporary folder.
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        (self.workdir / "nginx.conf").write_text(
+            f"""\
+{user}worker_processes auto;
+daemon off;
+pid {self.workdir / "nginx.pid"};
+error_log {self.workdir / "error.log"} warn;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+{temps}  server {{
+    listen {LOCALHOST}:{self.port};
+    location = /blob {{
+      alias {self.blob};
+      default_type application/octet-stream;
+    }}
+    location = /ready {{ return 200 "ok"; }}
+  }}
+}}
+"""
+        )
+
+    def command(self) -> list[str]:
+        return [
+            NGINX_BINARY,
+            "-p",
+            str(self.workdir),
+            "-e",
+            str(self.workdir / "error.log"),
+            "-c",
+            str(self.workdir / "nginx.conf"),
+        ]
+
+
+@contextmanager
+def running(server: Server) -> Iterator[Server]:
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# -- clients -------------------------------------------------------------------
+
+
+@dataclass
+class Transfer:
+    """One client's GET of a blob."""
+
+    status: int = 0
+    length: int = 0
+    received: int = 0
+    #: from starting to connect to the first body byte
+    ttfb: float | None = None
+    #: from holding all but the last byte to holding the last one
+    last_byte_wait: float | None = None
+    elapsed: float = 0.0
+    error: str | None = None
+
+
+MAX_HEADER_READS = 64
+
+
+def _parse_head(head: bytes) -> tuple[int, int]:
+    """Status and ``Content-Length`` of a response head."""
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    fields = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    if "content-length" not in fields:
+        raise BenchError(f"no Content-Length in the answer: {lines}")
+    return status, int(fields["content-length"])
+
+
+def get_blob(port: int, path: str) -> Transfer:
+    """
+    GET *path* over a raw socket, receiving the body into one reusable
+    buffer (``recv_into``: whatever has arrived, no copy) and discarding it.
+    """
+    transfer = Transfer()
+    view = memoryview(bytearray(READ_BUFFER))
+    started = time.perf_counter()
+    try:
+        with socket.create_connection(
+            (LOCALHOST, port), timeout=SOCKET_TIMEOUT
+        ) as sock:
+            sock.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: {LOCALHOST}:{port}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            head = b""
+            for _ in range(MAX_HEADER_READS):
+                n = sock.recv_into(view)
+                if not n:
+                    raise ConnectionError("closed before the end of the head")
+                head += view[:n]
+                if b"\r\n\r\n" in head:
+                    break
+            else:
+                raise BenchError("no end of the response head")
+            end = head.index(b"\r\n\r\n")
+            transfer.status, transfer.length = _parse_head(head[:end])
+            length = transfer.length
+            received = len(head) - end - 4
+            now = time.perf_counter()
+            almost = now if received >= length - 1 else None
+            if received:
+                transfer.ttfb = now - started
+            for _ in range(length + 1):
+                if received >= length:
+                    break
+                n = sock.recv_into(view, min(READ_BUFFER, length - received))
+                if not n:
+                    break
+                now = time.perf_counter()
+                if transfer.ttfb is None:
+                    transfer.ttfb = now - started
+                received += n
+                if almost is None and received >= length - 1:
+                    almost = now
+            transfer.received = received
+            if almost is not None and received == length:
+                transfer.last_byte_wait = now - almost
+    except (OSError, ValueError, IndexError) as e:
+        transfer.error = f"{type(e).__name__}: {e}"
+    transfer.elapsed = time.perf_counter() - started
+    return transfer
+
+
+def concurrently(count: int, work: Callable[[], Any]) -> tuple[list[Any], float]:
+    """
+    Run *work* in *count* threads released together; their results and the
+    wall time from the release to the last one's end.
+    """
+    results: list[Any] = [None] * count
+    barrier = threading.Barrier(count + 1, timeout=30.0)
+
+    def run(slot: int) -> None:
+        barrier.wait()
+        results[slot] = work()
+
+    threads = [
+        threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    deadline = time.monotonic() + CLIENTS_TIMEOUT
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    wall = time.perf_counter() - started
+    if any(thread.is_alive() for thread in threads):
+        raise BenchError(f"clients still running after {CLIENTS_TIMEOUT:.0f}s")
+    return results, wall
+
+
+def spread(values: Sequence[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {
+        "min": min(values),
+        "median": statistics.median(values),
+        "max": max(values),
+    }
+
+
+def blob_load(port: int, path: str, clients: int, size: int) -> dict[str, Any]:
+    transfers, wall = concurrently(clients, lambda: get_blob(port, path))
+    bad = [t for t in transfers if t.status != 200 or t.received != size or t.error]
+    if bad:
+        raise BenchError(f"{len(bad)} of {clients} transfers failed: {bad[0]}")
+    return {
+        "clients": clients,
+        "wall_s": wall,
+        "mib_s": clients * size / MIB / wall,
+        "ttfb_ms": spread([t.ttfb * 1000 for t in transfers if t.ttfb is not None]),
+        "last_byte_wait_ms": spread(
+            [t.last_byte_wait * 1000 for t in transfers if t.last_byte_wait is not None]
+        ),
+    }
+
+
+def manifest_load(
+    port: int, path: str, total: int, clients: int
+) -> dict[str, float | int]:
+    """*total* GETs of *path* shared by *clients* threads on keep-alive connections."""
+    lock = threading.Lock()
+    issued = 0
+    latencies: list[float] = []
+    failures: list[str] = []
+
+    def next_request() -> bool:
+        nonlocal issued
+        with lock:
+            if issued >= total or len(failures) > 10:
+                return False
+            issued += 1
+            return True
+
+    def worker() -> None:
+        connection = http.client.HTTPConnection(LOCALHOST, port, timeout=30.0)
+        mine: list[float] = []
+        try:
+            for _ in range(total):
+                if not next_request():
+                    break
+                started = time.perf_counter()
+                try:
+                    connection.request("GET", path, headers={"Accept": MANIFEST_ACCEPT})
+                    response = connection.getresponse()
+                    response.read()
+                except (OSError, http.client.HTTPException) as e:
+                    connection.close()
+                    with lock:
+                        failures.append(f"{type(e).__name__}: {e}")
+                    continue
+                mine.append(time.perf_counter() - started)
+                if response.status != 200:
+                    with lock:
+                        failures.append(f"status {response.status}")
+        finally:
+            connection.close()
+            with lock:
+                latencies.extend(mine)
+
+    _, wall = concurrently(clients, worker)
+    if failures:
+        raise BenchError(f"{len(failures)} manifest GETs failed: {failures[0]}")
+    ordered = sorted(latencies)
+    return {
+        "requests": len(ordered),
+        "p50_ms": ordered[len(ordered) // 2] * 1000,
+        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
+        "rps": len(ordered) / wall,
+    }
+
+
+# -- phases --------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    workdir: Path
+    upstream: Registry
+    image: Image
+    manifest_requests: int
+    manifest_clients: int
+    #: runs of each measurement; the one with the median throughput is kept
+    repeat: int
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def blob_path(self) -> str:
+        return f"/v2/{REPOSITORY}/blobs/{self.image.layer.digest}"
+
+    @property
+    def upstream_blob_file(self) -> Path:
+        """The upstream's file of the layer, which nginx serves."""
+        algorithm, hex_ = self.image.layer.digest.split(":", 1)
+        return (
+            self.upstream.storage
+            / "docker/registry/v2/blobs"
+            / algorithm
+            / hex_[:2]
+            / hex_
+            / "data"
+        )
+
+
+Factory = Callable[[Path], "Mirror | Registry"]
+
+
+def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """
+    The run whose *key* is the median (the lower middle one for an even
+    count), with every run's *key* beside it and the highest peak RSS.
+    """
+    ordered = sorted(runs, key=lambda run: float(run[key]))
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen[f"{key}_runs"] = [run[key] for run in runs]
+    peaks = [run["peak_rss_mib"] for run in runs if run.get("peak_rss_mib")]
+    if peaks:
+        chosen["peak_rss_mib"] = max(peaks)
+    return chosen
+
+
+def cold(
+    ctx: Context, system: str, make: Factory, clients: int, *, keep: bool
+) -> dict[str, Any]:
+    """
+    Fresh process, empty cache, *clients* at once; upstream GETs counted.
+    The cache folder is removed afterwards unless *keep*.
+    """
+    folder = ctx.workdir / f"{system}-cold-{clients}"
+    shutil.rmtree(folder, ignore_errors=True)
+    server = make(folder)
+    digest = ctx.image.layer.digest
+    with running(server):
+        before = ctx.upstream.blob_gets(digest)
+        result = blob_load(server.port, ctx.blob_path, clients, ctx.image.layer.size)
+        # Every upstream GET has been answered in full once the blob is in
+        # the store (the proxies' own copy ends last), so the count is final.
+        wait_until(
+            lambda: server.stored(digest),
+            timeout=STORED_TIMEOUT,
+            what=lambda: f"{system} never stored {digest}",
+        )
+        result["upstream_blob_gets"] = ctx.upstream.blob_gets(digest) - before
+        result.update(server.usage())
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def warm(
+    ctx: Context, server: Server, path: str, *, usage: bool = True
+) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    with running(server):
+        # One untimed read first: the cache hit path, and the page cache.
+        get_blob(server.port, path)
+        for clients in WARM_CLIENTS:
+            runs = [
+                blob_load(server.port, path, clients, ctx.image.layer.size)
+                for _ in range(ctx.repeat)
+            ]
+            result[f"x{clients}"] = median_run(runs, "mib_s")
+        if usage:
+            result.update(server.usage())
+    return result
+
+
+def manifests(ctx: Context, server: Mirror | Registry) -> dict[str, Any]:
+    by_tag = f"/v2/{REPOSITORY}/manifests/{TAG}"
+    by_digest = f"/v2/{REPOSITORY}/manifests/{ctx.image.manifest_digest}"
+    result: dict[str, Any] = {}
+    with running(server):
+        for path in (by_tag, by_digest):
+            manifest_load(server.port, path, 1, 1)
+        before = ctx.upstream.manifest_requests()
+        for kind, path in (("by_tag", by_tag), ("by_digest", by_digest)):
+            runs = [
+                manifest_load(
+                    server.port, path, ctx.manifest_requests, ctx.manifest_clients
+                )
+                for _ in range(ctx.repeat)
+            ]
+            result[kind] = median_run(runs, "rps")
+        # Per run of both kinds: as if each had run once.
+        result["upstream_manifest_requests"] = (
+            ctx.upstream.manifest_requests() - before
+        ) / ctx.repeat
+        result.update(server.usage())
+    return result
+
+
+def bench_system(ctx: Context, system: str, make: Factory) -> None:
+    print(f"  {system}: cold", end="", flush=True)
+    results: dict[str, Any] = {}
+    for clients in COLD_CLIENTS:
+        runs = [
+            cold(
+                ctx,
+                system,
+                make,
+                clients,
+                keep=clients == max(COLD_CLIENTS) and run == ctx.repeat - 1,
+            )
+            for run in range(ctx.repeat)
+        ]
+        results[f"cold_x{clients}"] = median_run(runs, "mib_s")
+        results[f"cold_x{clients}"]["upstream_blob_gets_runs"] = [
+            run["upstream_blob_gets"] for run in runs
+        ]
+        print(f" x{clients}", end="", flush=True)
+    # The warm and manifest phases reuse the cache of the last cold case,
+    # each on a restarted process so that its peak RSS is its own.
+    kept = ctx.workdir / f"{system}-cold-{max(COLD_CLIENTS)}"
+    print(", warm", end="", flush=True)
+    results["warm"] = warm(ctx, make(kept), ctx.blob_path)
+    print(", manifests", flush=True)
+    results["manifests"] = manifests(ctx, make(kept))
+    shutil.rmtree(kept, ignore_errors=True)
+    ctx.results[system] = results
+
+
+def bench_nginx(ctx: Context) -> None:
+    print("  nginx: warm", flush=True)
+    server = Nginx(ctx.workdir / "nginx", ctx.upstream_blob_file)
+    # Its master's RSS says nothing about its workers: not recorded.
+    ctx.results["nginx"] = {"warm": warm(ctx, server, "/blob", usage=False)}
+
+
+# -- the table -----------------------------------------------------------------
+
+COLUMNS = ("regmirror", "proxy", "nginx")
+HEADINGS = ("regmirror", "reference proxy", "nginx")
+
+
+def _get(results: dict[str, Any], system: str, *keys: str) -> Any:
+    value: Any = results.get(system)
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def _num(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def table_rows(results: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    rows: list[tuple[str, list[str]]] = []
+
+    def row(label: str, cell: Callable[[str], str]) -> None:
+        rows.append((label, [cell(system) for system in COLUMNS]))
+
+    def number(*keys: str, digits: int = 0) -> Callable[[str], str]:
+        def cell(system: str) -> str:
+            return _num(_get(results, system, *keys), digits)
+
+        return cell
+
+    for clients in COLD_CLIENTS:
+        phase = f"cold_x{clients}"
+        row(
+            f"cold x{clients}: wall s",
+            number(phase, "wall_s", digits=2),
+        )
+        row(
+            f"cold x{clients}: MiB/s (aggregate)",
+            number(phase, "mib_s"),
+        )
+
+        def ttfb(s: str, p: str = phase) -> str:
+            t = _get(results, s, p, "ttfb_ms")
+            if t is None:
+                return "–"
+            return f"{t['min']:.0f} / {t['median']:.0f} / {t['max']:.0f}"
+
+        row(f"cold x{clients}: TTFB ms min/med/max", ttfb)
+
+        def last_byte(s: str, p: str = phase) -> str:
+            t = _get(results, s, p, "last_byte_wait_ms")
+            return "–" if t is None else f"{t['median']:.0f}"
+
+        row(f"cold x{clients}: last-byte wait ms (median)", last_byte)
+
+        def gets(s: str, p: str = phase) -> str:
+            # Every run's count, if they differ.
+            counts = _get(results, s, p, "upstream_blob_gets_runs")
+            if not counts:
+                return "–"
+            return " / ".join(str(c) for c in sorted(set(counts)))
+
+        row(f"cold x{clients}: upstream GETs of the blob", gets)
+    for clients in WARM_CLIENTS:
+        row(
+            f"warm x{clients}: MiB/s (aggregate)",
+            number("warm", f"x{clients}", "mib_s"),
+        )
+    for kind, label in (("by_tag", "by tag"), ("by_digest", "by digest")):
+
+        def latency(s: str, k: str = kind) -> str:
+            m = _get(results, s, "manifests", k)
+            if m is None:
+                return "–"
+            return f"{m['p50_ms']:.1f} / {m['p99_ms']:.1f}"
+
+        row(f"manifest {label}: p50 / p99 ms", latency)
+        row(
+            f"manifest {label}: requests/s",
+            number("manifests", kind, "rps"),
+        )
+    row(
+        "manifests: upstream requests per run",
+        number("manifests", "upstream_manifest_requests"),
+    )
+    phases = [f"cold_x{c}" for c in COLD_CLIENTS] + ["warm", "manifests"]
+    names = "/".join(p.replace("cold_", "c") for p in phases)
+
+    def per_phase(key: str, digits: int) -> Callable[[str], str]:
+        def cell(s: str) -> str:
+            values = [_get(results, s, p, key) for p in phases]
+            if all(v is None for v in values):
+                return "–"
+            return " / ".join(_num(v, digits) for v in values)
+
+        return cell
+
+    row(f"peak RSS MiB ({names})", per_phase("peak_rss_mib", 0))
+    row(f"CPU s ({names})", per_phase("cpu_s", 1))
+    return rows
+
+
+def render_table(results: dict[str, Any]) -> str:
+    """The results as a reStructuredText simple table."""
+    rows = table_rows(results)
+    header = ["metric", *HEADINGS]
+    body = [[label, *cells] for label, cells in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(4)]
+    rule = "  ".join("=" * w for w in widths)
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) for c, w in zip(cells, widths, strict=True)
+        ).rstrip()
+
+    return "\n".join([rule, line(header), rule, *(line(r) for r in body), rule])
+
+
+# -- main ----------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Benchmark regmirror against docker-registry's proxy and nginx."
+    )
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
+    parser.add_argument("--manifest-requests", type=int, default=2000)
+    parser.add_argument("--manifest-clients", type=int, default=16)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of each measurement, the median one is reported (default 3)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, help="keep everything here (default: a temp dir)"
+    )
+    options = parser.parse_args(argv)
+    for binary in (REGISTRY_BINARY,):
+        if not os.access(binary, os.X_OK):
+            parser.error(f"{binary} is not installed")
+    have_nginx = os.access(NGINX_BINARY, os.X_OK)
+
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    busy_before = machine_busy_seconds() - own_busy_seconds()
+    if options.workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="regmirror-bench-"))
+    else:
+        workdir = options.workdir.resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+    upstream = Registry(workdir / "upstream", workdir / "upstream" / "storage")
+    try:
+        print(f"generating a {options.size_mib} MiB layer in {workdir}", flush=True)
+        image = make_image(workdir, options.size_mib * MIB)
+        with running(upstream):
+            push_image(upstream.port, image)
+            image.layer.path.unlink()
+            ctx = Context(
+                workdir,
+                upstream,
+                image,
+                options.manifest_requests,
+                options.manifest_clients,
+                options.repeat,
+            )
+            print("benchmarking", flush=True)
+            bench_system(ctx, "regmirror", lambda d: Mirror(d, upstream.url))
+            bench_system(
+                ctx,
+                "proxy",
+                lambda d: Registry(d, d / "storage", remote=upstream.url),
+            )
+            if have_nginx:
+                bench_nginx(ctx)
+            else:
+                print(f"  nginx: {NGINX_BINARY} not installed, skipped")
+    finally:
+        upstream.stop()
+        if options.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    # Every server has been stopped and reaped: what is left is other work.
+    other_cpu = machine_busy_seconds() - own_busy_seconds() - busy_before
+    report = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": {
+            "docker-registry": tool_version([REGISTRY_BINARY, "--version"]),
+            "nginx": tool_version([NGINX_BINARY, "-v"]) if have_nginx else None,
+        },
+        "layer": asdict(image.layer) | {"path": None},
+        "size_mib": options.size_mib,
+        "manifest_requests": options.manifest_requests,
+        "manifest_clients": options.manifest_clients,
+        "repeat": options.repeat,
+        "runtime_s": round(time.monotonic() - started, 1),
+        # Other work on the machine skews everything: say how much there was.
+        "other_cpu_s": round(other_cpu, 1),
+        "loadavg_1min": {
+            "before": load_before[0],
+            "after": os.getloadavg()[0],
+        },
+        "results": ctx.results,
+    }
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    options.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    m = report["machine"]
+    print()
+    print(
+        f"{report['date']}, {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, "
+        f"{options.size_mib} MiB layer, {report['runtime_s']} s, "
+        f"{other_cpu:.1f} CPU-s of other work on the machine meanwhile"
+    )
+    print(render_table(ctx.results))
+    print(
+        f"Each figure: the run with the median throughput of {options.repeat}; "
+        "peak RSS: the highest of them."
+    )
+    print(f"\nwritten to {options.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
