@@ -517,15 +517,17 @@ class Mirror(Server):
 
     name = "regmirror"
 
-    def __init__(self, workdir: Path, upstream_url: str) -> None:
+    def __init__(self, workdir: Path, upstream_url: str, workers: int = 1) -> None:
         super().__init__(workdir)
         self.upstream_url = upstream_url
+        self.workers = workers
 
     def prepare(self) -> None:
         (self.workdir / "mirror.ini").write_text(
             f"""\
 [server]
 listen = tcp:{self.port}:interface={LOCALHOST}
+workers = {self.workers}
 
 [cache]
 directory = cache
@@ -1118,6 +1120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workdir", type=Path, help="keep everything here (default: a temp dir)"
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="regmirror's [server] workers"
+    )
     options = parser.parse_args(argv)
     for binary in (REGISTRY_BINARY,):
         if not os.access(binary, os.X_OK):
@@ -1148,7 +1153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 options.repeat,
             )
             print("benchmarking", flush=True)
-            bench_system(ctx, "regmirror", lambda d: Mirror(d, upstream.url))
+            bench_system(
+                ctx, "regmirror", lambda d: Mirror(d, upstream.url, options.workers)
+            )
             bench_system(
                 ctx,
                 "proxy",
