@@ -401,15 +401,13 @@ class Store:
 
     def remove(self, digest: Digest) -> bool:
         """Remove a blob or manifest; whether it was there."""
+        path = self.blob_path(digest)
         try:
-            size = os.stat(self.blob_path(digest)).st_size
-            os.unlink(self._path("manifests", digest))
-        except FileNotFoundError:
-            pass
-        try:
-            os.unlink(self.blob_path(digest))
+            size = os.stat(path).st_size
         except FileNotFoundError:
             return False
+        _unlink(self._path("manifests", digest))
+        _unlink(path)
         self.size -= size
         return True
 
