@@ -163,17 +163,25 @@ class _Listener(Service):
     keeps the port so that worker processes can be handed its socket.
     """
 
-    def __init__(self, endpoint: Any, factory: Any) -> None:
+    def __init__(self, endpoint: Any, factory: Any, description: str) -> None:
         self._endpoint = endpoint
         self._factory = factory
+        self.description = description
         self.port: Any = None
 
-    def startService(self) -> None:
-        super().startService()
+    def privilegedStartService(self) -> None:
+        # Bound here, as twistd's own listeners are: before privileges are
+        # dropped and before the reactor runs, so that a port that cannot
+        # be had ends start-up with an error instead of a mirror that
+        # listens nowhere.
+        super().privilegedStartService()
         outcome: list[Any] = []
         self._endpoint.listen(self._factory).addBoth(outcome.append)
         if outcome and isinstance(outcome[0], Failure):
-            outcome[0].raiseException()
+            raise SystemExit(
+                f"regmirror: cannot listen on {self.description}: "
+                f"{outcome[0].getErrorMessage()}"
+            )
         self.port = outcome[0] if outcome else None
 
     def stopService(self) -> Any:
@@ -437,7 +445,7 @@ def make_service(config: Config, reactor: Any) -> MultiService:
             top.certificates.append(certificate)
         else:
             endpoint = serverFromString(reactor, description)
-        listener = _Listener(endpoint, factory)
+        listener = _Listener(endpoint, factory, description)
         listener.setServiceParent(top)
         if description in config.server.listen:
             shared.append((listener, description))

@@ -4,6 +4,7 @@ Starting ``twistd regmirror`` with a bad configuration file.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,3 +88,16 @@ def test_bad_config_exits_with_one_line_naming_file_section_key(
     assert config_path in lines[0], output
     assert where in lines[0], output
     assert port_is_free(port)
+
+
+def test_a_port_in_use_ends_start_up(tmp_path: Path) -> None:
+    """A listener that cannot bind ends start-up with a non-zero exit and a
+    line naming it, instead of a mirror that listens nowhere."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_mirror_to_exit(tmp_path, mirror_config(port, _UPSTREAM))
+    assert result.returncode != 0
+    log = (tmp_path / "twistd.log").read_text()
+    assert f"regmirror: cannot listen on tcp:{port}:interface=127.0.0.1" in log
