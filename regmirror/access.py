@@ -152,7 +152,11 @@ class Htpasswd:
 
 @define(eq=False)
 class Tokens:
-    """Short-lived tokens signed with a key of this process (HMAC-SHA256)."""
+    """
+    Short-lived tokens signed with HMAC-SHA256.  The key is shared by every
+    process using the same cache (see :func:`shared_key`): a token issued
+    by one worker is good at the others.
+    """
 
     clock: IReactorTime
     ttl: float
@@ -188,6 +192,35 @@ class Tokens:
         return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())
 
 
+def shared_key(path: str) -> bytes:
+    """
+    The token key kept in *path* (mode 0600), created at first use; every
+    process sharing it gets the same key, and tokens survive restarts.
+    """
+    try:
+        with open(path, "rb") as f:
+            key = f.read()
+        if len(key) == 32:
+            return key
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.{os.getpid()}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(temporary, path)  # only the first process wins
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(temporary)
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -206,6 +239,8 @@ class Gate:
     clock: IReactorTime
     run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]]
     namespaces: dict[str, tuple[Network, ...]] = field(factory=dict)
+    #: the token signing key (default: this process's own)
+    key: bytes = field(factory=lambda: os.urandom(32))
     tokens: Tokens = field(init=False)
     _htpasswd: Htpasswd | None = field(init=False)
     _failures: dict[Address, deque[float]] = field(factory=dict)
@@ -213,7 +248,7 @@ class Gate:
     log = Logger()
 
     def __attrs_post_init__(self) -> None:
-        self.tokens = Tokens(self.clock, self.config.token_ttl)
+        self.tokens = Tokens(self.clock, self.config.token_ttl, self.key)
         self._htpasswd = (
             Htpasswd(self.config.htpasswd) if self.config.htpasswd else None
         )

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 
-from regmirror.access import Gate
+from regmirror.access import Gate, shared_key
 from regmirror.config import Config, ConfigError, load
 from regmirror.fetch import Fetcher
 from regmirror.logs import MirrorSite
@@ -391,6 +391,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
             reactor,
             in_thread,
             {n.name: n.anonymous for n in config.namespaces if n.anonymous is not None},
+            key=shared_key(os.path.join(config.cache.directory, "token.key")),
         )
     router = Router(namespaces)
     api = RegistryAPI(router, fetcher, reactor, metrics, gate)

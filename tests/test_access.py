@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,10 @@ import bcrypt
 import pytest
 from fakeregistry import FakeRegistry
 from memory import Harness, error_code, image
+from twisted.internet.task import Clock
 from twisted.logger import LogEvent
 
+from regmirror.access import Tokens, shared_key
 from regmirror.config import EVERYONE, AccessConfig, parse_networks
 
 PASSWORD = "correct horse"
@@ -235,3 +238,18 @@ def test_namespace_narrows_anonymous_access(tmp_path: Path) -> None:
 def test_parse_networks(text: str, expected: object) -> None:
     """``any``, ``none`` and address lists."""
     assert parse_networks(text) == expected
+
+
+def test_token_key_is_shared_through_the_cache(tmp_path: Path) -> None:
+    """Every process sharing a cache signs with one key, kept private in the
+    cache folder: a token from one worker is good at another, and after a
+    restart."""
+    path = str(tmp_path / "cache" / "token.key")
+    first, second = shared_key(path), shared_key(path)
+    assert first == second and len(first) == 32
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    clock = Clock()
+    one = Tokens(clock, 60.0, first)
+    two = Tokens(clock, 60.0, second)
+    token, _ = one.issue("alice", ["app"])
+    assert two.verify(token) is not None
