@@ -154,7 +154,7 @@ def start_mirror(tmp_path: Path) -> Iterator[Callable[..., MirrorProcess]]:
     """
     Start mirrors: ``start(config, env=..., files=...)`` where *config* makes
     the INI text from the port, *env* is added to the mirror's environment
-    and *files* (relative path → text) are written into the mirror's folder
+    and *files* (relative path → text or bytes) are written into the mirror's folder
     (the config file's folder) first.  At teardown every mirror is stopped,
     and must not have died nor logged an unhandled error.
     """
@@ -164,14 +164,17 @@ def start_mirror(tmp_path: Path) -> Iterator[Callable[..., MirrorProcess]]:
         config: Callable[[int], str],
         *,
         env: Mapping[str, str] | None = None,
-        files: Mapping[str, str] | None = None,
+        files: Mapping[str, str | bytes] | None = None,
     ) -> MirrorProcess:
         port = free_port()
         workdir = tmp_path / f"mirror-{len(started)}"
-        for relative, text in (files or {}).items():
+        for relative, content in (files or {}).items():
             path = workdir / relative
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content)
         process = MirrorProcess(workdir, config(port), port, env=env)
         started.append(process)
         process.start()

@@ -26,9 +26,8 @@ from typing import IO
 
 from .harness import (
     LOCALHOST,
-    HarnessError,
+    await_start,
     free_port,
-    poll_until,
     stop_process,
 )
 
@@ -162,24 +161,15 @@ class _Daemon:
             cwd=self.workdir,
             env=self.env,
         )
-        try:
-            poll_until(
-                self._ready,
-                timeout=DAEMON_START_TIMEOUT,
-                interval=0.2,
-                describe=lambda: f"{self.name} not ready:\n{self.log()}",
-            )
-        except BaseException:
-            self.stop()
-            raise
-
-    def _ready(self) -> bool:
-        assert self._process is not None
-        if self._process.poll() is not None:
-            raise HarnessError(
-                f"{self.name} exited with {self._process.returncode}:\n{self.log()}"
-            )
-        return self._answers()
+        await_start(
+            self._process,
+            self.name,
+            self._answers,
+            self.log,
+            self.stop,
+            timeout=DAEMON_START_TIMEOUT,
+            interval=0.2,
+        )
 
     def stop(self) -> None:
         if self._process is not None:

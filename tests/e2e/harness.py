@@ -75,6 +75,38 @@ def poll_until(
     raise HarnessError(f"gave up after {timeout:.1f}s: {describe()}")
 
 
+def await_start(
+    process: subprocess.Popen[bytes],
+    what: str,
+    probe: Callable[[], bool],
+    log: Callable[[], str],
+    stop: Callable[[], None],
+    *,
+    timeout: float,
+    interval: float = POLL_INTERVAL,
+) -> None:
+    """
+    Poll *probe* until the freshly started *process* is ready; fail at once,
+    with its log, if it exits first.  On any failure *stop* it.
+    """
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise HarnessError(f"{what} exited with {process.returncode}:\n{log()}")
+        return probe()
+
+    try:
+        poll_until(
+            ready,
+            timeout=timeout,
+            interval=interval,
+            describe=lambda: f"{what} not ready:\n{log()}",
+        )
+    except BaseException:
+        stop()
+        raise
+
+
 def stop_process(
     process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT
 ) -> None:
@@ -265,22 +297,16 @@ class RegistryProcess:
             stderr=stderr,
             cwd=self.workdir,
         )
-        try:
-            poll_until(
-                self._ready,
-                timeout=REGISTRY_START_TIMEOUT,
-                describe=lambda: f"registry on {self.host} not ready:\n{self.log()}",
-            )
-        except BaseException:
-            self.stop()
-            raise
+        await_start(
+            self._process,
+            f"registry on {self.host}",
+            self._ready,
+            self.log,
+            self.stop,
+            timeout=REGISTRY_START_TIMEOUT,
+        )
 
     def _ready(self) -> bool:
-        assert self._process is not None
-        if self._process.poll() is not None:
-            raise HarnessError(
-                f"registry exited with {self._process.returncode}:\n{self.log()}"
-            )
         if self.auth is None and self.tls is None:
             return responds_ok(self.port)
         return self._answers()
@@ -672,23 +698,15 @@ class MirrorProcess:
             cwd=self.workdir,
             env={**os.environ, **self.env} if self.env else None,
         )
-        try:
-            poll_until(
-                self._ready,
-                timeout=MIRROR_START_TIMEOUT,
-                describe=lambda: f"mirror on {self.host} not ready:\n{self.log()}",
-            )
-        except BaseException:
-            self.stop()
-            raise
-
-    def _ready(self) -> bool:
-        assert self._process is not None
-        if self._process.poll() is not None:
-            raise HarnessError(
-                f"mirror exited with {self._process.returncode}:\n{self.log()}"
-            )
-        return responds_ok(self.port)
+        await_start(
+            self._process,
+            f"mirror on {self.host}",
+            # /healthz, not /v2/: with [access] the API may refuse 127.0.0.1.
+            lambda: responds_ok(self.port, "/healthz"),
+            self.log,
+            self.stop,
+            timeout=MIRROR_START_TIMEOUT,
+        )
 
     def stop(self) -> None:
         if self._process is not None:

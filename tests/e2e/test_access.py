@@ -22,7 +22,7 @@ import json
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import bcrypt
@@ -30,7 +30,6 @@ import pytest
 
 from .harness import (
     LOCALHOST,
-    HarnessError,
     MirrorProcess,
     RegistryProcess,
     Response,
@@ -191,83 +190,24 @@ def assert_not_logged(mirror: MirrorProcess, *secrets: str) -> None:
         assert secret not in log, f"a password is in the mirror's log: {secret!r}"
 
 
-class GuardedMirror(MirrorProcess):
-    """
-    A mirror whose ``/v2/`` may refuse 127.0.0.1: ready as soon as it
-    answers there at all (200, 401 or 403), not only with a 200.
-    """
-
-    def _ready(self) -> bool:
-        assert self._process is not None
-        if self._process.poll() is not None:
-            raise HarnessError(
-                f"mirror exited with {self._process.returncode}:\n{self.log()}"
-            )
-        try:
-            return request(self.port, "GET", "/v2/").status in (200, 401, 403)
-        except (OSError, http.client.HTTPException):
-            return False
-
-
-StartGuarded = Callable[..., GuardedMirror]
-
-
-@pytest.fixture
-def start_guarded(tmp_path: Path) -> Iterator[StartGuarded]:
-    """
-    Start guarded mirrors: ``start(config, files=...)`` where *config* makes
-    the INI text from the port and *files* (relative path → text or bytes)
-    are written into the mirror's folder first.  At teardown every mirror is
-    stopped, and must not have died nor logged an unhandled error.
-    """
-    started: list[GuardedMirror] = []
-
-    def start(
-        config: Callable[[int], str],
-        *,
-        files: Mapping[str, str | bytes] | None = None,
-    ) -> GuardedMirror:
-        port = free_port()
-        workdir = tmp_path / f"guarded-{len(started)}"
-        workdir.mkdir(parents=True)
-        for relative, content in (files or {}).items():
-            path = workdir / relative
-            if isinstance(content, bytes):
-                path.write_bytes(content)
-            else:
-                path.write_text(content)
-        process = GuardedMirror(workdir, config(port), port)
-        started.append(process)
-        process.start()
-        return process
-
-    yield start
-    problems = []
-    for process in started:
-        died = process.returncode
-        process.stop()
-        if died is not None:
-            problems.append(f"a mirror died during the test:\n{process.log()}")
-        elif process.unhandled_errors():
-            problems.append(f"a mirror logged unhandled errors:\n{process.log()}")
-    assert not problems, "\n".join(problems)
+StartMirror = Callable[..., MirrorProcess]
 
 
 def users_mirror(
-    start_guarded: StartGuarded,
+    start_mirror: StartMirror,
     upstream: Mapping[str, str],
     access: Mapping[str, str] | None = None,
     *,
     namespaces: Mapping[str, Mapping[str, str]] | None = None,
     listen: Sequence[str] = (),
     files: Mapping[str, str | bytes] | None = None,
-) -> GuardedMirror:
+) -> MirrorProcess:
     """
     A mirror in front of *upstream* (its keys) whose ``users.htpasswd``
     holds alice: ``[access]`` is ``anonymous = none`` with that file unless
     *access* says otherwise.
     """
-    return start_guarded(
+    return start_mirror(
         lambda port: access_config(
             port,
             upstream,
@@ -283,7 +223,7 @@ def users_mirror(
 
 
 def test_namespace_narrows_anonymous_access_for_skopeo(
-    start_guarded: StartGuarded,
+    start_mirror: StartMirror,
     upstream: RegistryProcess,
     skopeo: Skopeo,
     catalog: Catalog,
@@ -293,7 +233,7 @@ def test_namespace_narrows_anonymous_access_for_skopeo(
     namespace's image is refused without credentials and served with
     ``--creds``."""
     mirror = users_mirror(
-        start_guarded,
+        start_mirror,
         {"url": upstream.url},
         {"anonymous": "any"},
         namespaces={"ghcr.io": {"anonymous": "none"}},
@@ -327,7 +267,7 @@ def test_namespace_narrows_anonymous_access_for_skopeo(
 
 
 def test_anonymous_networks_through_trusted_and_untrusted_proxies(
-    start_guarded: StartGuarded, upstream: RegistryProcess
+    start_mirror: StartMirror, upstream: RegistryProcess
 ) -> None:
     """``anonymous = 10.0.0.0/8 2001:db8::/32``: behind a trusted proxy
     (127.0.0.1) the address in ``X-Forwarded-For`` / ``Forwarded`` decides,
@@ -338,7 +278,7 @@ def test_anonymous_networks_through_trusted_and_untrusted_proxies(
     name = "test/small"
 
     trusting = users_mirror(
-        start_guarded,
+        start_mirror,
         {"url": upstream.url},
         {"anonymous": networks, "trusted_proxies": "127.0.0.1"},
     )
@@ -372,7 +312,7 @@ def test_anonymous_networks_through_trusted_and_untrusted_proxies(
     )
 
     distrusting = users_mirror(
-        start_guarded,
+        start_mirror,
         {"url": upstream.url},
         {"anonymous": networks, "trusted_proxies": "192.0.2.0/24"},
     )
@@ -390,14 +330,14 @@ def test_anonymous_networks_through_trusted_and_untrusted_proxies(
 
 
 def test_ipv6_client_addresses_and_denial_without_users(
-    start_guarded: StartGuarded, upstream: RegistryProcess
+    start_mirror: StartMirror, upstream: RegistryProcess
 ) -> None:
     """A mirror listening on 127.0.0.1 and ::1 with ``anonymous = ::1`` and
     no htpasswd serves a client connecting over ::1, and refuses one over
     127.0.0.1 with 403 DENIED and no challenge: credentials could not
     help."""
     v6_port = free_port()
-    mirror = start_guarded(
+    mirror = start_mirror(
         lambda port: access_config(
             port,
             {"url": upstream.url},
@@ -417,7 +357,7 @@ def test_ipv6_client_addresses_and_denial_without_users(
 
 
 def test_htpasswd_users_with_skopeo_and_file_reloaded(
-    start_guarded: StartGuarded,
+    start_mirror: StartMirror,
     upstream: RegistryProcess,
     skopeo: Skopeo,
     catalog: Catalog,
@@ -426,7 +366,7 @@ def test_htpasswd_users_with_skopeo_and_file_reloaded(
     with a wrong password or none it is refused.  Basic auth directly on an
     API request works too.  A user added to the htpasswd file while the
     mirror runs may pull without a restart."""
-    mirror = users_mirror(start_guarded, {"url": upstream.url})
+    mirror = users_mirror(start_mirror, {"url": upstream.url})
     image = catalog.small
     target = f"docker://{mirror.host}/{image.reference}"
 
@@ -457,7 +397,7 @@ def test_htpasswd_users_with_skopeo_and_file_reloaded(
 
 
 def test_skopeo_login_then_pull_with_the_auth_file(
-    start_guarded: StartGuarded,
+    start_mirror: StartMirror,
     upstream: RegistryProcess,
     skopeo: Skopeo,
     catalog: Catalog,
@@ -467,7 +407,7 @@ def test_skopeo_login_then_pull_with_the_auth_file(
     challenges, /token issues) stores the credentials; a pull with that
     auth file copies the image bit for bit, while one without it is
     refused."""
-    mirror = users_mirror(start_guarded, {"url": upstream.url})
+    mirror = users_mirror(start_mirror, {"url": upstream.url})
     authfile = tmp_path / "auth.json"
     skopeo.run(
         "login",
@@ -507,12 +447,12 @@ def test_skopeo_login_then_pull_with_the_auth_file(
 
 
 def test_tokens_are_scoped_and_expire(
-    start_guarded: StartGuarded, upstream: RegistryProcess, catalog: Catalog
+    start_mirror: StartMirror, upstream: RegistryProcess, catalog: Catalog
 ) -> None:
     """A token from ``/token`` (``token_ttl = 3s``) pulls the repository it
     was issued for, not another one, and no longer once it has expired;
     ``/token`` without valid credentials issues nothing."""
-    mirror = users_mirror(start_guarded, {"url": upstream.url}, {"token_ttl": "3s"})
+    mirror = users_mirror(start_mirror, {"url": upstream.url}, {"token_ttl": "3s"})
     small, multi = catalog.small.repository, catalog.multi.repository
     refused = request(
         mirror.port,
@@ -554,7 +494,7 @@ def test_tokens_are_scoped_and_expire(
 
 
 def test_tls_listener_with_users(
-    start_guarded: StartGuarded,
+    start_mirror: StartMirror,
     upstream: RegistryProcess,
     skopeo: Skopeo,
     catalog: Catalog,
@@ -567,7 +507,7 @@ def test_tls_listener_with_users(
     pair = pki.issue("mirror", server=True)
     secure = free_port()
     mirror = users_mirror(
-        start_guarded,
+        start_mirror,
         {"url": upstream.url},
         listen=[
             f"ssl:{secure}:privateKey=key.pem:certKey=cert.pem:interface={LOCALHOST}"
@@ -610,14 +550,14 @@ def test_tls_listener_with_users(
 
 
 def test_failed_logins_are_throttled_per_address_and_never_logged(
-    start_guarded: StartGuarded, upstream: RegistryProcess, catalog: Catalog
+    start_mirror: StartMirror, upstream: RegistryProcess, catalog: Catalog
 ) -> None:
     """After five failed Basic logins from one address, the sixth attempt is
     429 TOOMANYREQUESTS even with the right password, on the API and on
     ``/token``; another address is not affected.  No password reaches the
     mirror's log."""
     mirror = users_mirror(
-        start_guarded, {"url": upstream.url}, {"trusted_proxies": "127.0.0.1"}
+        start_mirror, {"url": upstream.url}, {"trusted_proxies": "127.0.0.1"}
     )
     name = catalog.small.repository
     wrong = [f"{WRONG_PASSWORD}-{n}" for n in range(5)]
@@ -654,7 +594,7 @@ def test_failed_logins_are_throttled_per_address_and_never_logged(
 
 
 def test_client_credentials_never_reach_an_htpasswd_upstream(
-    start_guarded: StartGuarded,
+    start_mirror: StartMirror,
     start_registry: Callable[..., RegistryProcess],
     skopeo: Skopeo,
     catalog: Catalog,
@@ -667,7 +607,7 @@ def test_client_credentials_never_reach_an_htpasswd_upstream(
     users.write_text(htpasswd_line(MIRROR_USER, MIRROR_PASSWORD))
     registry = start_registry(auth={"htpasswd": {"realm": "test", "path": users}})
     mirror = users_mirror(
-        start_guarded,
+        start_mirror,
         {"url": registry.url, "username": MIRROR_USER, "password": MIRROR_PASSWORD},
     )
     image = catalog.small
@@ -696,7 +636,7 @@ def test_client_credentials_never_reach_an_htpasswd_upstream(
 
 
 def test_client_authorization_headers_are_not_forwarded(
-    start_guarded: StartGuarded,
+    start_mirror: StartMirror,
     start_program: Callable[[FakeUpstream], FakeUpstream],
     small_layout: Path,
     skopeo: Skopeo,
@@ -713,7 +653,7 @@ def test_client_authorization_headers_are_not_forwarded(
             token=UPSTREAM_TOKEN,
         )
     )
-    mirror = users_mirror(start_guarded, {"url": fake.url, "token": UPSTREAM_TOKEN})
+    mirror = users_mirror(start_mirror, {"url": fake.url, "token": UPSTREAM_TOKEN})
     image = catalog.small
     skopeo.pull(
         mirror.host,
