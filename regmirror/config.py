@@ -491,12 +491,20 @@ def _cache(reader: _Reader, base: str) -> CacheConfig:
     )
 
 
-def _access(reader: _Reader, base: str) -> AccessConfig:
+def _existing_file(base: str) -> Callable[[str], str]:
+    """A converter: a file name, relative to *base*, of a file that exists."""
+
     def path(text: str) -> str:
         resolved = os.path.join(base, text.strip())
         if not os.path.isfile(resolved):
             raise ValueError(f"no such file: {resolved}")
         return resolved
+
+    return path
+
+
+def _access(reader: _Reader, base: str) -> AccessConfig:
+    path = _existing_file(base)
 
     access = AccessConfig(
         anonymous=reader.get("anonymous", parse_networks, EVERYONE),
@@ -511,11 +519,7 @@ def _access(reader: _Reader, base: str) -> AccessConfig:
 def _upstream(reader: _Reader, name: str, base: str) -> UpstreamConfig:
     positive = _positive(parse_duration)
 
-    def path(text: str) -> str:
-        resolved = os.path.join(base, text.strip())
-        if not os.path.isfile(resolved):
-            raise ValueError(f"no such file: {resolved}")
-        return resolved
+    path = _existing_file(base)
 
     username = reader.get("username", str, None)
     password = _secret(reader, "password", base)

@@ -341,10 +341,10 @@ class Store:
         actual = Digest.of(body, digest.algorithm)
         if actual != digest:
             raise DigestMismatch(digest, str(actual))
-        if self.manifest(digest) is not None:
-            return
+        existed = os.path.exists(self.blob_path(digest))
+        if existed and os.path.exists(self._path("manifests", digest)):
+            return  # stored already: no need to read it back
         # The bytes first: a media type file always has its manifest.
-        existed = self.blob_size(digest) is not None
         _write_atomically(self.blob_path(digest), body)
         _write_atomically(self._path("manifests", digest), media_type.encode("ascii"))
         if not existed:
