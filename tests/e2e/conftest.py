@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from .engines import RedisServer, missing_engines
 from .harness import (
     REGISTRY_BINARY,
     SKOPEO_BINARY,
@@ -212,3 +213,30 @@ def two_namespaces(
     return TwoNamespaces(
         mirror, upstream, ghcr, len(upstream.access_log()), len(ghcr.access_log())
     )
+
+
+# -- the cluster's engines -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One ``redis-server`` for the whole run; use :func:`redis` in tests."""
+    missing = missing_engines()
+    if missing:
+        pytest.fail(f"not installed: {', '.join(missing)}: run scripts/dev test")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer) -> RedisServer:
+    """
+    The session's Redis, running (started again if an earlier test stopped
+    it) and empty (FLUSHALL).
+    """
+    if not redis_server.running:
+        redis_server.start()
+    redis_server.flushall()
+    return redis_server
