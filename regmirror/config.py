@@ -152,6 +152,29 @@ class ServerConfig:
 
 
 @frozen
+class S3Config:
+    """
+    The shared store of ``[cache] backend = s3``: finished blobs and
+    manifests in an S3 bucket (AWS S3, Ceph RGW, MinIO, ...).
+    """
+
+    endpoint: str
+    bucket: str
+    region: str
+    access_key: Secret
+    secret_key: Secret
+    #: ``path`` (endpoint/bucket/key) or ``virtual`` (bucket.endpoint/key)
+    addressing: str = "path"
+    #: evict the bucket's least recently used blobs beyond this many bytes
+    #: (the index lives in the cluster's Redis)
+    max_size: int | None = None
+    #: answer blob GETs with a redirect to a presigned URL of the bucket
+    redirect: bool = False
+    #: how long such a URL stays good
+    redirect_ttl: float = 600.0
+
+
+@frozen
 class CacheConfig:
     directory: str
     tag_ttl: float = 60.0
@@ -161,6 +184,23 @@ class CacheConfig:
     min_free: int | None = None
     #: the largest blob taken from an upstream that does not say its size
     max_blob_size: int = 64 * 1024**3
+    #: ``None``: the local file system only (``backend = local``)
+    s3: S3Config | None = None
+
+
+@frozen
+class ClusterConfig:
+    """The ``[cluster]`` section: several nodes acting as one cache."""
+
+    #: ``redis://host:port/db``, without credentials
+    redis: str
+    #: the URL other nodes use to reach this one
+    advertise: str
+    redis_password: Secret | None = None
+    #: how long a download lease lasts without renewal
+    lease_ttl: float = 5.0
+    #: how long a Redis command may take before the node works alone
+    redis_timeout: float = 1.0
 
 
 @frozen
@@ -204,6 +244,8 @@ class Config:
     namespaces: tuple[NamespaceConfig, ...]
     #: ``None``: no ``[access]`` section, everyone may pull
     access: AccessConfig | None = None
+    #: ``None``: no ``[cluster]`` section, the node works alone
+    cluster: ClusterConfig | None = None
 
     @property
     def default_namespace(self) -> NamespaceConfig:
@@ -387,11 +429,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-_UNSUPPORTED_SECTIONS = {
-    "cluster": "clustering is not implemented in this version",
-}
-
-
 def load(path: str) -> Config:
     """
     Read and validate the configuration file at *path*.
@@ -421,6 +458,7 @@ def load(path: str) -> Config:
     server = ServerConfig()
     cache: CacheConfig | None = None
     access: AccessConfig | None = None
+    cluster: ClusterConfig | None = None
 
     for section in parser.sections():
         kind, colon, name = section.partition(":")
@@ -438,8 +476,8 @@ def load(path: str) -> Config:
             cache = _cache(reader, base)
         elif section == "access":
             access = _access(reader, base)
-        elif section in _UNSUPPORTED_SECTIONS:
-            raise reader.error(None, _UNSUPPORTED_SECTIONS[section])
+        elif section == "cluster":
+            cluster = _cluster(reader, base)
         else:
             raise reader.error(None, "unknown section")
 
@@ -449,7 +487,14 @@ def load(path: str) -> Config:
         _namespace(reader, name, upstreams) for name, reader in namespace_sections
     )
     _check_namespaces(path, namespaces)
-    return Config(path, server, cache, upstreams, namespaces, access)
+    if cache.s3 is not None and cache.s3.max_size is not None and cluster is None:
+        raise ConfigError(
+            path,
+            "cache",
+            "s3_max_size",
+            "needs a [cluster] section (the bucket's index lives in its Redis)",
+        )
+    return Config(path, server, cache, upstreams, namespaces, access, cluster)
 
 
 def _server(reader: _Reader, base: str) -> ServerConfig:
@@ -481,6 +526,12 @@ def _cache(reader: _Reader, base: str) -> CacheConfig:
     max_size = reader.get("max_size", parse_size, None)
     min_free = reader.get("min_free", parse_size, None)
     max_blob_size = reader.get("max_blob_size", parse_size, 64 * 1024**3)
+    backend = reader.get("backend", _one_of("local", "s3"), "local")
+    s3 = _s3(reader, base) if backend == "s3" else None
+    if s3 is None:
+        for key in reader.values:
+            if key.startswith("s3_") or key in ("redirect", "redirect_ttl"):
+                raise reader.error(key, "needs backend = s3")
     reader.finish()
     return CacheConfig(
         directory=directory,
@@ -488,7 +539,78 @@ def _cache(reader: _Reader, base: str) -> CacheConfig:
         max_size=max_size,
         min_free=min_free,
         max_blob_size=max_blob_size,
+        s3=s3,
     )
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def parse_bucket(text: str) -> str:
+    """An S3 bucket name: 3 to 63 lower-case letters, digits, dots, hyphens."""
+    name = text.strip()
+    if _BUCKET.fullmatch(name) is None or ".." in name:
+        raise ValueError(
+            f"not an S3 bucket name: {text!r} (3 to 63 of a-z, 0-9, '.', '-')"
+        )
+    return name
+
+
+def _s3(reader: _Reader, base: str) -> S3Config:
+    access_key = _secret(reader, "s3_access_key", base)
+    secret_key = _secret(reader, "s3_secret_key", base)
+    if access_key is None:
+        raise reader.error(
+            "s3_access_key_file", "is required (or s3_access_key_env, s3_access_key)"
+        )
+    if secret_key is None:
+        raise reader.error(
+            "s3_secret_key_file", "is required (or s3_secret_key_env, s3_secret_key)"
+        )
+    return S3Config(
+        endpoint=reader.get("s3_endpoint", parse_upstream_url, required=True),
+        bucket=reader.get("s3_bucket", parse_bucket, required=True),
+        region=reader.get("s3_region", str, "us-east-1").strip(),
+        access_key=access_key,
+        secret_key=secret_key,
+        addressing=reader.get("s3_addressing", _one_of("path", "virtual"), "path"),
+        max_size=reader.get("s3_max_size", parse_size, None),
+        redirect=reader.get("redirect", parse_bool, False),
+        redirect_ttl=reader.get("redirect_ttl", _positive(parse_duration), 600.0),
+    )
+
+
+def parse_redis_url(text: str) -> str:
+    """``redis://host[:port][/db]``; the password goes in ``redis_password``."""
+    if any(c.isspace() for c in text.strip()):
+        raise ValueError(f"URL contains white space: {text!r}")
+    parts = urlsplit(text.strip())
+    if parts.scheme != "redis":
+        raise ValueError(f"URL must start with redis://: {text!r}")
+    if not parts.hostname:
+        raise ValueError(f"URL has no host: {text!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials do not belong in the URL: use redis_password_file")
+    if parts.query or parts.fragment or not re.fullmatch(r"/?|/\d{1,2}", parts.path):
+        raise ValueError(f"URL must name only host, port and database: {text!r}")
+    try:
+        parts.port  # noqa: B018  (raises for a bad port)
+    except ValueError:
+        raise ValueError(f"URL has a bad port: {text!r}") from None
+    return text.strip()
+
+
+def _cluster(reader: _Reader, base: str) -> ClusterConfig:
+    positive = _positive(parse_duration)
+    cluster = ClusterConfig(
+        redis=reader.get("redis", parse_redis_url, required=True),
+        advertise=reader.get("advertise", parse_upstream_url, required=True),
+        redis_password=_secret(reader, "redis_password", base),
+        lease_ttl=reader.get("lease_ttl", positive, 5.0),
+        redis_timeout=reader.get("redis_timeout", positive, 1.0),
+    )
+    reader.finish()
+    return cluster
 
 
 def _existing_file(base: str) -> Callable[[str], str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -386,7 +387,43 @@ def _assert_located(
             id="access-missing-htpasswd",
         ),
         pytest.param(
-            "[cluster]\nredis = redis://x\n", "cluster", None, id="cluster-section"
+            "[cluster]\nadvertise = http://10.0.0.5:5000\n",
+            "cluster",
+            "redis",
+            id="cluster-no-redis",
+        ),
+        pytest.param(
+            "[cluster]\nredis = redis://r\n", "cluster", "advertise", id="no-advertise"
+        ),
+        pytest.param(
+            "[cluster]\nredis = redis://:hunter2@r\nadvertise = http://n:5000\n",
+            "cluster",
+            "redis",
+            id="redis-password-in-url",
+        ),
+        pytest.param(
+            "[cluster]\nredis = http://r\nadvertise = http://n:5000\n",
+            "cluster",
+            "redis",
+            id="redis-scheme",
+        ),
+        pytest.param(
+            "[cluster]\nredis = redis://r\nadvertise = http://n:5000/x\n",
+            "cluster",
+            "advertise",
+            id="advertise-path",
+        ),
+        pytest.param(
+            "[cluster]\nredis = redis://r\nadvertise = http://n\nlease_ttl = 0\n",
+            "cluster",
+            "lease_ttl",
+            id="lease-ttl-zero",
+        ),
+        pytest.param(
+            "[cluster]\nredis = redis://r\nadvertise = http://n\npeers = a b\n",
+            "cluster",
+            "peers",
+            id="cluster-unknown-key",
         ),
     ],
 )
@@ -613,3 +650,115 @@ def test_cache_limits(tmp_path: Path) -> None:
     loaded = load(str(config))
     assert loaded.cache.max_size == 50 * 1024**3
     assert loaded.cache.min_free == 10**9
+
+
+S3 = """\
+backend = s3
+s3_endpoint = http://127.0.0.1:7480
+s3_bucket = regmirror
+s3_access_key = AKIDEXAMPLE
+s3_secret_key_env = REGMIRROR_TEST_S3_SECRET
+"""
+
+CLUSTER = """
+[cluster]
+redis = redis://127.0.0.1:6379/2
+advertise = http://10.0.0.5:5000
+redis_password_file = redis.pass
+lease_ttl = 10s
+"""
+
+
+def test_s3_backend_and_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``backend = s3`` with its keys, and ``[cluster]``, become values;
+    secrets come from the environment or a file and never show in a repr."""
+    monkeypatch.setenv("REGMIRROR_TEST_S3_SECRET", "s3-secret-value")
+    (tmp_path / "redis.pass").write_text("redis-secret-value\n")
+    path = _write(
+        tmp_path,
+        MINIMAL.replace("= data\n", "= data\n" + S3 + "s3_max_size = 2TiB\n")
+        + CLUSTER,
+    )
+    config = load(path)
+    s3 = config.cache.s3
+    assert s3 is not None
+    assert (s3.endpoint, s3.bucket, s3.region, s3.addressing) == (
+        "http://127.0.0.1:7480",
+        "regmirror",
+        "us-east-1",
+        "path",
+    )
+    assert s3.access_key.reveal() == "AKIDEXAMPLE"
+    assert s3.secret_key.reveal() == "s3-secret-value"
+    assert s3.max_size == 2 * 1024**4
+    assert (s3.redirect, s3.redirect_ttl) == (False, 600.0)
+    cluster = config.cluster
+    assert cluster is not None
+    assert cluster.redis == "redis://127.0.0.1:6379/2"
+    assert cluster.advertise == "http://10.0.0.5:5000"
+    assert cluster.redis_password is not None
+    assert cluster.redis_password.reveal() == "redis-secret-value"
+    assert cluster.lease_ttl == 10.0
+    shown = repr(config)
+    assert "s3-secret-value" not in shown and "redis-secret-value" not in shown
+
+
+def test_local_backend_by_default(tmp_path: Path) -> None:
+    config = load(_write(tmp_path, MINIMAL))
+    assert config.cache.s3 is None
+    assert config.cluster is None
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        pytest.param(
+            lambda s: s.replace("backend = s3\n", ""), "s3_endpoint", id="no-backend"
+        ),
+        pytest.param(
+            lambda s: s.replace("s3_bucket = regmirror", "s3_bucket = x"),
+            "s3_bucket",
+            id="short-bucket",
+        ),
+        pytest.param(
+            lambda s: s.replace("s3_bucket = regmirror", "s3_bucket = Reg_Mirror"),
+            "s3_bucket",
+            id="bucket-characters",
+        ),
+        pytest.param(
+            lambda s: s.replace("s3_access_key = AKIDEXAMPLE\n", ""),
+            "s3_access_key",
+            id="no-access-key",
+        ),
+        pytest.param(
+            lambda s: s.replace("s3_secret_key_env", "s3_secret_key_file"),
+            "s3_secret_key_file",
+            id="secret-file-missing",
+        ),
+        pytest.param(
+            lambda s: s.replace("backend = s3", "backend = gcs"),
+            "backend",
+            id="unknown-backend",
+        ),
+        pytest.param(
+            lambda s: s + "s3_max_size = 1TiB\n", "s3_max_size", id="max-size-alone"
+        ),
+        pytest.param(
+            lambda s: s.replace("s3_endpoint = http", "s3_endpoint = ftp"),
+            "s3_endpoint",
+            id="endpoint-scheme",
+        ),
+        pytest.param(lambda s: s + "redirect = maybe\n", "redirect", id="redirect"),
+    ],
+)
+def test_s3_errors(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    change: Callable[[str], str],
+    key: str,
+) -> None:
+    """Each S3 problem names ``[cache]`` and the key; ``s3_max_size`` needs
+    ``[cluster]``, whose Redis keeps the bucket's index."""
+    monkeypatch.setenv("REGMIRROR_TEST_S3_SECRET", "s3-secret-value")
+    path = _write(tmp_path, MINIMAL.replace("= data\n", "= data\n" + change(S3)))
+    _assert_located(_error(path), path, "cache", key)
