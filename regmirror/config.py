@@ -590,7 +590,7 @@ def parse_redis_url(text: str) -> str:
     if not parts.hostname:
         raise ValueError(f"URL has no host: {text!r}")
     if parts.username is not None or parts.password is not None:
-        raise ValueError("credentials do not belong in the URL: use redis_password_file")
+        raise ValueError("no credentials in the URL: use redis_password_file")
     if parts.query or parts.fragment or not re.fullmatch(r"/?|/\d{1,2}", parts.path):
         raise ValueError(f"URL must name only host, port and database: {text!r}")
     try:

@@ -669,7 +669,9 @@ lease_ttl = 10s
 """
 
 
-def test_s3_backend_and_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_backend_and_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``backend = s3`` with its keys, and ``[cluster]``, become values;
     secrets come from the environment or a file and never show in a repr."""
     monkeypatch.setenv("REGMIRROR_TEST_S3_SECRET", "s3-secret-value")
