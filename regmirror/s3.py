@@ -1,0 +1,870 @@
+"""
+Blobs and manifests shared by several nodes in S3-compatible object storage
+(AWS S3, Ceph RGW, MinIO): the layer under ``[cache] backend = s3``.
+
+:class:`ObjectStore` speaks the few S3 operations the cache needs over an
+injected ``IAgent``, each request signed with AWS Signature Version 4 by
+botocore's signer (only its signer: no boto session, no threads).  Bodies
+stream: a file is sent in slices of known length read in small chunks, and
+large files go up as multipart uploads, aborted when anything fails.
+:class:`SharedStore` keeps blobs and manifests under their digests on top
+of it.
+
+Credentials are revealed only to the signer.  They appear in no exception,
+``repr`` or log line; a presigned URL carries a signature made with them and
+is for the client it is handed to, never for a log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+from xml.etree import ElementTree
+from xml.sax.saxutils import escape
+
+from attrs import define, field, frozen
+from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from regmirror.config import Secret
+from regmirror.reference import MAX_MANIFEST_SIZE, Digest, manifest_media_type
+from regmirror.upstream import _Collect, _Discard, header
+
+#: S3's smallest part (all but the last) and largest part count.
+MIN_PART_SIZE = 5 * 1024 * 1024
+MAX_PARTS = 10_000
+#: A presigned URL lives at most a week (SigV4's limit).
+MAX_PRESIGN_EXPIRY = 7 * 24 * 3600
+#: Error documents and the small answers of multipart calls stop here.
+MAX_ANSWER = 64 * 1024
+#: File bodies are read this much at a time, and at most this many chunks
+#: per turn of the reactor.
+CHUNK = 64 * 1024
+BURST = 16
+
+#: The payload hash that lets a body stream without being read twice.
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class S3Error(Exception):
+    """
+    An S3 operation failed.
+
+    :ivar operation: the S3 API name (``PutObject``, ``UploadPart``, …).
+    :ivar key: the object key, or the bucket for bucket operations.
+    :ivar code: S3's error ``Code`` (``NoSuchKey``, ``AccessDenied``, …),
+        when it sent one.
+    :ivar status: the HTTP status, when there was an answer.
+    """
+
+    def __init__(
+        self,
+        operation: str,
+        key: str,
+        code: str | None = None,
+        status: int | None = None,
+        detail: str | None = None,
+    ) -> None:
+        what = code or detail or "failed"
+        if code and detail:
+            what = f"{code}: {detail}"
+        answered = f" (HTTP {status})" if status is not None else ""
+        super().__init__(f"S3 {operation} {key!r}: {what}{answered}")
+        self.operation = operation
+        self.key = key
+        self.code = code
+        self.status = status
+
+    def __str__(self) -> str:
+        # KeyError (a base of NotFound) would quote the message.
+        return str(self.args[0])
+
+
+class NotFound(S3Error, KeyError):
+    """The object does not exist (404)."""
+
+
+def _endpoint(instance: Any, attribute: Any, value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise ValueError(f"S3 endpoint must be an http(s) URL, not {value!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("S3 endpoint takes no query, fragment or user info")
+    parts.port  # noqa: B018 -- raises ValueError for a bad port
+
+
+def _bucket(instance: Any, attribute: Any, value: str) -> None:
+    if not value or any(c in value for c in "/?#% \t\r\n"):
+        raise ValueError(f"invalid S3 bucket name {value!r}")
+
+
+def _addressing(instance: S3Location, attribute: Any, value: str) -> None:
+    if value not in ("path", "virtual"):
+        raise ValueError(f"S3 addressing must be 'path' or 'virtual', not {value!r}")
+    if value == "virtual":
+        host = urlsplit(instance.endpoint).hostname or ""
+        if ":" in host or host.replace(".", "").isdigit():
+            raise ValueError("virtual addressing needs an endpoint host name")
+        if instance.bucket != instance.bucket.lower() or "_" in instance.bucket:
+            raise ValueError(
+                f"bucket {instance.bucket!r} cannot be a host name: use path addressing"
+            )
+
+
+def _region(instance: Any, attribute: Any, value: str) -> None:
+    if not value or "/" in value or value != value.strip():
+        raise ValueError(f"invalid S3 region {value!r}")
+
+
+@frozen
+class S3Location:
+    """
+    Where the shared objects live, and the credentials for them.
+
+    :ivar endpoint: ``http://127.0.0.1:7480``, ``https://s3.eu-west-1.amazonaws.com``;
+        a path after the host is kept as a prefix.
+    :ivar addressing: ``"path"`` (``endpoint/bucket/key``) or ``"virtual"``
+        (``bucket.host/key``).
+    """
+
+    endpoint: str = field(validator=_endpoint)
+    bucket: str = field(validator=_bucket)
+    region: str = field(validator=_region)
+    access_key: Secret
+    secret_key: Secret
+    addressing: str = field(default="path", validator=_addressing)
+
+
+@frozen
+class ObjectInfo:
+    """What a ``HEAD`` says of an object."""
+
+    size: int
+    content_type: str | None
+
+
+@frozen
+class _Slice:
+    """*length* bytes of the file at *path* from *offset*."""
+
+    path: str
+    offset: int
+    length: int
+
+
+class _ClockedSigning:
+    """
+    SigV4 at the injected clock's time: botocore's ``add_auth`` reads the
+    wall clock, so the same steps run here with ``context["timestamp"]``
+    set by the caller.
+    """
+
+    def add_auth(self, request: Any) -> None:
+        signer: Any = self
+        signer._modify_request_before_signing(request)
+        canonical = signer.canonical_request(request)
+        signature = signer.signature(signer.string_to_sign(request, canonical), request)
+        signer._inject_signature_to_request(request, signature)
+
+
+class _HeaderSigner(_ClockedSigning, S3SigV4Auth):  # type: ignore[misc]
+    """``Authorization`` header signing, with the payload hash we chose."""
+
+    def payload(self, request: Any) -> str:
+        # A streamed body cannot be hashed before it is sent: the caller
+        # says UNSIGNED-PAYLOAD for those and a real hash for small ones.
+        return str(request.context["payload"])
+
+
+class _QuerySigner(_ClockedSigning, S3SigV4QueryAuth):  # type: ignore[misc]
+    """Presigned URLs."""
+
+
+def _timestamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _quote(text: str, safe: str = "") -> str:
+    """AWS's URI encoding: everything but ``A-Za-z0-9-_.~`` (and *safe*)."""
+    return quote(text, safe=safe + "~")
+
+
+def _local(tag: str) -> str:
+    """An XML tag without its namespace."""
+    return tag.rsplit("}", 1)[-1]
+
+
+def _parse_xml(body: bytes) -> ElementTree.Element | None:
+    try:
+        return ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return None
+
+
+def _child_text(element: ElementTree.Element, name: str) -> str | None:
+    for child in element:
+        if _local(child.tag) == name:
+            return (child.text or "").strip()
+    return None
+
+
+def _error_code(body: bytes) -> str | None:
+    """The ``Code`` of an S3 ``<Error>`` document, or ``None``."""
+    root = _parse_xml(body)
+    if root is None or _local(root.tag) != "Error":
+        return None
+    code = _child_text(root, "Code")
+    # Only a plain word: the document is the server's, the message ours.
+    if code and len(code) <= 64 and code.isascii() and code.isalnum():
+        return code
+    return None
+
+
+@implementer(IBodyProducer)
+class _BytesBody:
+    """A small body, written at once."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IBodyProducer)
+class _FileSliceBody:
+    """
+    A slice of a file as a request body of known length (RGW answers a
+    chunked upload with 411), read :data:`CHUNK` bytes at a time while the
+    transport takes them: a push producer the transport pauses when its
+    buffer fills.  *progress* is called after every chunk.
+    """
+
+    def __init__(
+        self, part: _Slice, clock: IReactorTime, progress: Callable[[], None]
+    ) -> None:
+        self.length = part.length
+        self._part = part
+        self._clock = clock
+        self._progress = progress
+        self._left = part.length
+        self._file: Any = None
+        self._consumer: IConsumer | None = None
+        self._done: Deferred[None] = Deferred()
+        self._call: IDelayedCall | None = None
+        self._paused = False
+        self._stopped = False
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._consumer = consumer
+        try:
+            self._file = open(self._part.path, "rb")  # noqa: SIM115 -- closed in _end
+            self._file.seek(self._part.offset)
+        except OSError as e:
+            self._end(Failure(e))
+            return self._done
+        self._schedule()
+        return self._done
+
+    def _schedule(self) -> None:
+        if self._call is None and not (self._paused or self._stopped):
+            self._call = self._clock.callLater(0, self._produce)
+
+    def _produce(self) -> None:
+        self._call = None
+        try:
+            for _ in range(BURST):
+                if self._paused or self._stopped:
+                    return
+                if self._left == 0:
+                    self._end(None)
+                    return
+                data = self._file.read(min(CHUNK, self._left))
+                if not data:
+                    raise OSError(f"{self._part.path} ended {self._left} bytes early")
+                self._left -= len(data)
+                assert self._consumer is not None
+                self._consumer.write(data)
+                self._progress()
+        except OSError as e:
+            self._end(Failure(e))
+            return
+        self._schedule()
+
+    def _end(self, failure: Failure | None) -> None:
+        stopped, self._stopped = self._stopped, True
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if stopped:
+            return  # stopProducing: the Deferred must never fire
+        if failure is None:
+            self._done.callback(None)
+        else:
+            self._done.errback(failure)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._schedule()
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        self._end(None)
+
+
+class _Deadline:
+    """
+    Cancels a request after *seconds* without progress: no answer yet and,
+    while a body goes up, no chunk sent.
+    """
+
+    def __init__(self, clock: IReactorTime, seconds: float) -> None:
+        self.expired = False
+        self._seconds = seconds
+        self._target: Deferred[IResponse] | None = None
+        self._call = clock.callLater(seconds, self._expire)
+
+    def watch(self, target: Deferred[IResponse]) -> None:
+        self._target = target
+
+    def touch(self) -> None:
+        if self._call.active():
+            self._call.reset(self._seconds)
+
+    def stop(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+    def _expire(self) -> None:
+        self.expired = True
+        if self._target is not None:
+            self._target.cancel()
+
+
+Body = bytes | _Slice | None
+
+
+@define(eq=False)
+class ObjectStore:
+    """
+    Raw S3 operations on one bucket, SigV4-signed, over an ``IAgent``.
+
+    :ivar agent: carries TLS settings and the connection pool.
+    :ivar clock: for timeouts and signing times.
+    :ivar timeout: seconds a request may go without progress (no answer
+        yet, no body chunk sent, no answer byte read) before it is
+        cancelled.  A response handed to the caller by :meth:`get` is
+        the caller's to read and time.
+    :ivar part_size: files larger than this go up as multipart uploads in
+        parts of this size (at least 5 MiB; more when a file would need
+        more than 10,000 parts).
+    """
+
+    agent: IAgent
+    clock: IReactorTime
+    location: S3Location
+    timeout: float = field(default=30.0, kw_only=True)
+    part_size: int = field(default=64 * 1024**2, kw_only=True)
+    _scheme: str = field(init=False, repr=False)
+    _host: str = field(init=False, repr=False)
+    _prefix: str = field(init=False, repr=False)
+    log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        if self.part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be positive")
+        parts = urlsplit(self.location.endpoint)
+        self._scheme = parts.scheme
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        if self.location.addressing == "virtual":
+            host = f"{self.location.bucket}.{host}"
+        if parts.port is not None and parts.port != _DEFAULT_PORTS[parts.scheme]:
+            host = f"{host}:{parts.port}"
+        self._host = host
+        self._prefix = parts.path.rstrip("/")
+
+    # -- URLs and signing -------------------------------------------------------
+
+    def _url(self, key: str | None, query: str = "") -> str:
+        """The URL of *key* (of the bucket for ``None``), encoded as sent."""
+        path = self._prefix
+        if self.location.addressing == "path":
+            path += "/" + _quote(self.location.bucket)
+        if key is not None:
+            path += "/" + _quote(key, safe="/")
+        url = f"{self._scheme}://{self._host}{path or '/'}"
+        return f"{url}?{query}" if query else url
+
+    def _credentials(self) -> Any:
+        return Credentials(
+            self.location.access_key.reveal(), self.location.secret_key.reveal()
+        )
+
+    def _signed(
+        self, method: str, url: str, headers: dict[str, str], payload: str
+    ) -> Headers:
+        """The headers to send, ``Authorization`` included."""
+        request = AWSRequest(method=method, url=url, headers=headers)
+        request.context["timestamp"] = _timestamp(self.clock.seconds())
+        request.context["payload"] = payload
+        _HeaderSigner(self._credentials(), "s3", self.location.region).add_auth(request)
+        sent = Headers()
+        for name, value in request.headers.items():
+            sent.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        return sent
+
+    # -- requests ---------------------------------------------------------------
+
+    async def _request(
+        self,
+        operation: str,
+        key: str,
+        method: str,
+        url: str,
+        headers: dict[str, str] | None = None,
+        body: Body = None,
+    ) -> IResponse:
+        """
+        Send one signed request and return the response once its headers
+        are in.
+
+        :raises S3Error: when there is no answer in time.
+        """
+        unsigned = dict(headers or {})
+        unsigned["Host"] = self._host
+        deadline = _Deadline(self.clock, self.timeout)
+        producer: IBodyProducer | None
+        if isinstance(body, _Slice):
+            payload = UNSIGNED_PAYLOAD
+            producer = _FileSliceBody(body, self.clock, deadline.touch)
+        elif body is not None:
+            payload = hashlib.sha256(body).hexdigest()
+            producer = _BytesBody(body)
+        else:
+            payload, producer = _EMPTY_SHA256, None
+        sent = self._signed(method, url, unsigned, payload)
+        try:
+            d = self.agent.request(
+                method.encode("ascii"), url.encode("ascii"), sent, producer
+            )
+            deadline.watch(d)
+            response: IResponse = await d
+        except Exception as e:
+            if deadline.expired:
+                raise S3Error(
+                    operation, key, detail=f"no progress within {self.timeout:g}s"
+                ) from None
+            if _cancelled(e):
+                raise CancelledError() from None  # our caller gave up
+            raise S3Error(operation, key, detail=_describe(e)) from None
+        finally:
+            deadline.stop()
+        return response
+
+    async def _read(
+        self, response: IResponse, limit: int, operation: str, key: str
+    ) -> bytes:
+        """A body that should be small, at most *limit* bytes."""
+        length = response.length
+        if isinstance(length, int) and length > limit:
+            response.deliverBody(_Discard())
+            raise S3Error(operation, key, detail=f"answer is over {limit} bytes")
+        collect = _Collect(limit, self.clock, self.timeout)
+        response.deliverBody(collect)
+        try:
+            return await collect.done
+        except ValueError as e:
+            raise S3Error(operation, key, detail=str(e)) from None
+
+    async def _drain(self, response: IResponse, operation: str, key: str) -> None:
+        """Read and drop an answer we do not need, keeping the connection."""
+        await self._read(response, MAX_ANSWER, operation, key)
+
+    async def _error(self, response: IResponse, operation: str, key: str) -> S3Error:
+        """The :class:`S3Error` for a failed answer (its body is read)."""
+        try:
+            body = await self._read(response, MAX_ANSWER, operation, key)
+        except S3Error:
+            body = b""
+        code = _error_code(body)
+        detail = None
+        region = header(response, "x-amz-bucket-region")
+        if region is not None and region.isascii() and len(region) < 64:
+            detail = f"the bucket is in region {region!r}"
+        kind = (
+            NotFound
+            if response.code == 404 and code in (None, "NoSuchKey")
+            else S3Error
+        )
+        return kind(operation, key, code, response.code, detail)
+
+    # -- objects ----------------------------------------------------------------
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        """Size and content type of *key*, or ``None`` when it is not there."""
+        response = await self._request("HeadObject", key, "HEAD", self._url(key))
+        if response.code == 404:
+            await self._drain(response, "HeadObject", key)
+            return None
+        if response.code != 200:
+            raise await self._error(response, "HeadObject", key)
+        await self._drain(response, "HeadObject", key)
+        length = header(response, "Content-Length")
+        if length is None or not length.strip().isdigit():
+            raise S3Error("HeadObject", key, detail="answer without Content-Length")
+        return ObjectInfo(int(length), header(response, "Content-Type"))
+
+    async def get(self, key: str, start: int = 0, end: int | None = None) -> IResponse:
+        """
+        The object's bytes from *start* up to *end* (exclusive; the end of
+        the object for ``None``) as a response whose body is not read yet:
+        ``200`` for the whole object, ``206`` for a range.
+
+        :raises NotFound: when there is no such object.
+        :raises S3Error: for any other failure.
+        """
+        if start < 0 or (end is not None and end <= start):
+            raise ValueError(f"invalid range {start}..{end}")
+        headers = {}
+        ranged = start > 0 or end is not None
+        if ranged:
+            last = "" if end is None else str(end - 1)
+            headers["Range"] = f"bytes={start}-{last}"
+        response = await self._request("GetObject", key, "GET", self._url(key), headers)
+        if response.code != (206 if ranged else 200):
+            if response.code == 200:
+                response.deliverBody(_Discard())
+                raise S3Error("GetObject", key, detail="the Range was ignored")
+            raise await self._error(response, "GetObject", key)
+        return response
+
+    async def get_bytes(self, key: str, limit: int) -> tuple[bytes, str | None] | None:
+        """
+        A small object whole, with its content type; ``None`` when it is not
+        there.
+
+        :raises S3Error: when it is over *limit* bytes, among others.
+        """
+        try:
+            response = await self.get(key)
+        except NotFound:
+            return None
+        body = await self._read(response, limit, "GetObject", key)
+        return body, header(response, "Content-Type")
+
+    async def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        """Store a small object (its body is hashed into the signature)."""
+        response = await self._request(
+            "PutObject",
+            key,
+            "PUT",
+            self._url(key),
+            {"Content-Type": content_type},
+            data,
+        )
+        await self._expect(response, 200, "PutObject", key)
+
+    async def put_file(self, key: str, path: str, size: int, content_type: str) -> None:
+        """
+        Store the *size* bytes of the file at *path*: one ``PUT`` up to
+        :attr:`part_size`, else a multipart upload of parts sent one after
+        the other, aborted if anything fails.  Bodies are not hashed
+        (``UNSIGNED-PAYLOAD``): the file was verified against its digest.
+        """
+        actual = os.stat(path).st_size
+        if actual != size:
+            raise ValueError(f"{path} has {actual} bytes, not {size}")
+        if size <= self.part_size:
+            response = await self._request(
+                "PutObject",
+                key,
+                "PUT",
+                self._url(key),
+                {"Content-Type": content_type},
+                _Slice(path, 0, size),
+            )
+            await self._expect(response, 200, "PutObject", key)
+            return
+        part_size = max(self.part_size, -(-size // MAX_PARTS))
+        upload = await self._create_upload(key, content_type)
+        try:
+            etags = []
+            for number, offset in enumerate(range(0, size, part_size), start=1):
+                part = _Slice(path, offset, min(part_size, size - offset))
+                etags.append(await self._upload_part(key, upload, number, part))
+            await self._complete_upload(key, upload, etags)
+        except Exception:
+            await self._abort_upload(key, upload)
+            raise
+
+    async def _expect(
+        self, response: IResponse, status: int, operation: str, key: str
+    ) -> None:
+        if response.code != status:
+            raise await self._error(response, operation, key)
+        await self._drain(response, operation, key)
+
+    async def _create_upload(self, key: str, content_type: str) -> str:
+        operation = "CreateMultipartUpload"
+        response = await self._request(
+            operation,
+            key,
+            "POST",
+            self._url(key, "uploads"),
+            {"Content-Type": content_type},
+        )
+        if response.code != 200:
+            raise await self._error(response, operation, key)
+        root = _parse_xml(await self._read(response, MAX_ANSWER, operation, key))
+        upload = None if root is None else _child_text(root, "UploadId")
+        if not upload:
+            raise S3Error(operation, key, detail="answer without an UploadId")
+        return upload
+
+    def _upload_query(self, upload: str, number: int | None = None) -> str:
+        query = f"uploadId={_quote(upload)}"
+        return query if number is None else f"partNumber={number}&{query}"
+
+    async def _upload_part(
+        self, key: str, upload: str, number: int, part: _Slice
+    ) -> str:
+        url = self._url(key, self._upload_query(upload, number))
+        response = await self._request("UploadPart", key, "PUT", url, body=part)
+        await self._expect(response, 200, "UploadPart", key)
+        etag = header(response, "ETag")
+        if not etag:
+            raise S3Error("UploadPart", key, detail=f"part {number} without an ETag")
+        return etag
+
+    async def _complete_upload(self, key: str, upload: str, etags: list[str]) -> None:
+        operation = "CompleteMultipartUpload"
+        parts = "".join(
+            f"<Part><PartNumber>{number}</PartNumber><ETag>{escape(etag)}</ETag></Part>"
+            for number, etag in enumerate(etags, start=1)
+        )
+        body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>"
+        response = await self._request(
+            operation,
+            key,
+            "POST",
+            self._url(key, self._upload_query(upload)),
+            {"Content-Type": "application/xml"},
+            body.encode("utf-8"),
+        )
+        if response.code != 200:
+            raise await self._error(response, operation, key)
+        # S3 may answer 200 and still fail, in the body.
+        answer = await self._read(response, MAX_ANSWER, operation, key)
+        root = _parse_xml(answer)
+        if root is None or _local(root.tag) != "CompleteMultipartUploadResult":
+            raise S3Error(
+                operation, key, _error_code(answer), 200, "no result in the answer"
+            )
+
+    async def _abort_upload(self, key: str, upload: str) -> None:
+        """Abort a multipart upload; failing to is logged, not raised."""
+        operation = "AbortMultipartUpload"
+        try:
+            response = await self._request(
+                operation, key, "DELETE", self._url(key, self._upload_query(upload))
+            )
+            if response.code not in (204, 200, 404):
+                raise await self._error(response, operation, key)
+            await self._drain(response, operation, key)
+        except Exception as e:
+            self.log.warn(
+                "could not abort the multipart upload of {key}; a bucket lifecycle "
+                "rule (AbortIncompleteMultipartUpload) removes its parts: {why}",
+                key=key,
+                why=str(e),
+            )
+
+    async def delete(self, key: str) -> None:
+        """Delete *key*; one that is not there is fine."""
+        response = await self._request("DeleteObject", key, "DELETE", self._url(key))
+        if response.code not in (200, 204, 404):
+            raise await self._error(response, "DeleteObject", key)
+        await self._drain(response, "DeleteObject", key)
+
+    def presign_get(self, key: str, expires: int) -> str:
+        """
+        A URL anyone holding it may ``GET`` *key* with for *expires*
+        seconds (query-string SigV4).  For the client it is given to only:
+        it must not be logged.
+        """
+        if not 1 <= expires <= MAX_PRESIGN_EXPIRY:
+            raise ValueError(f"expires must be 1 to {MAX_PRESIGN_EXPIRY} seconds")
+        request = AWSRequest(
+            method="GET", url=self._url(key), headers={"Host": self._host}
+        )
+        request.context["timestamp"] = _timestamp(self.clock.seconds())
+        _QuerySigner(
+            self._credentials(), "s3", self.location.region, expires=expires
+        ).add_auth(request)
+        return str(request.url)
+
+    async def check(self) -> None:
+        """
+        :raises S3Error: unless the bucket answers a ``HEAD`` with 200 (it
+            exists, and the credentials may use it).
+        """
+        bucket = self.location.bucket
+        response = await self._request("HeadBucket", bucket, "HEAD", self._url(None))
+        await self._expect(response, 200, "HeadBucket", bucket)
+
+
+def _cancelled(error: Exception) -> bool:
+    """Whether *error* is, or wraps, a cancellation."""
+    if isinstance(error, CancelledError):
+        return True
+    reasons = getattr(error, "reasons", None) or []
+    return any(reason.check(CancelledError) for reason in reasons)
+
+
+def _describe(error: Exception) -> str:
+    """A transport failure in a few words (no URL, so no query string)."""
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "connection failed: " + ", ".join(
+            reason.getErrorMessage() for reason in reasons
+        )
+    return f"cannot connect: {error.__class__.__name__}: {error}"
+
+
+def _blob_key(digest: Digest) -> str:
+    return f"blobs/{digest.algorithm}/{digest.hex}"
+
+
+def _manifest_key(digest: Digest) -> str:
+    return f"manifests/{digest.algorithm}/{digest.hex}"
+
+
+@define(eq=False)
+class SharedStore:
+    """
+    Blobs and manifests by digest in object storage, shared by every node:
+    ``blobs/<algorithm>/<hex>`` and ``manifests/<algorithm>/<hex>`` (the
+    manifest's media type as its ``Content-Type``).
+
+    Objects are written only after their bytes were verified against the
+    digest; manifests, being small, are checked again when read.
+    """
+
+    objects: ObjectStore
+    log = Logger()
+
+    async def blob_size(self, digest: Digest) -> int | None:
+        """The blob's size, or ``None`` when it is not shared yet."""
+        info = await self.objects.head(_blob_key(digest))
+        return None if info is None else info.size
+
+    async def open_blob(
+        self, digest: Digest, start: int = 0, end: int | None = None
+    ) -> IResponse:
+        """
+        The blob's bytes from *start* to *end* (exclusive), unread.
+
+        :raises NotFound: when it is not shared.
+        """
+        return await self.objects.get(_blob_key(digest), start, end)
+
+    async def put_blob(self, digest: Digest, path: str, size: int) -> None:
+        """
+        Share the verified blob at *path*, unless another node already has
+        (same key, same size: content-addressed, so the same bytes).
+        """
+        key = _blob_key(digest)
+        info = await self.objects.head(key)
+        if info is not None and info.size == size:
+            return
+        await self.objects.put_file(key, path, size, "application/octet-stream")
+
+    async def manifest(self, digest: Digest) -> tuple[str, bytes] | None:
+        """
+        ``(media type, body)`` of a shared manifest, or ``None`` when it is
+        not there or what came back does not match *digest*.
+        """
+        key = _manifest_key(digest)
+        found = await self.objects.get_bytes(key, MAX_MANIFEST_SIZE)
+        if found is None:
+            return None
+        body, content_type = found
+        hasher = digest.hasher()
+        hasher.update(body)
+        if hasher.hexdigest() != digest.hex:
+            self.log.warn(
+                "shared manifest {digest} does not match its digest; ignored",
+                digest=str(digest),
+            )
+            return None
+        media_type = (content_type or "").split(";", 1)[0].strip()
+        if not media_type:
+            media_type = manifest_media_type(body, None) or ""
+        if not media_type:
+            self.log.warn(
+                "shared manifest {digest} has no media type; ignored",
+                digest=str(digest),
+            )
+            return None
+        return media_type, body
+
+    async def put_manifest(self, digest: Digest, media_type: str, body: bytes) -> None:
+        """
+        Share a manifest.
+
+        :raises ValueError: when *body* does not match *digest* or is over
+            the manifest size limit: such bytes are never shared.
+        """
+        hasher = digest.hasher()
+        hasher.update(body)
+        if hasher.hexdigest() != digest.hex:
+            raise ValueError(f"manifest body does not match {digest}")
+        if len(body) > MAX_MANIFEST_SIZE:
+            raise ValueError(f"manifest {digest} is over {MAX_MANIFEST_SIZE} bytes")
+        await self.objects.put_bytes(_manifest_key(digest), body, media_type)
+
+    async def delete_blob(self, digest: Digest) -> None:
+        """Stop sharing a blob."""
+        await self.objects.delete(_blob_key(digest))
+
+    def blob_url(self, digest: Digest, expires: int) -> str:
+        """A presigned ``GET`` URL of the blob, for a client's redirect."""
+        return self.objects.presign_get(_blob_key(digest), expires)
