@@ -1,0 +1,537 @@
+"""
+The cluster coordinator's own logic, on a :class:`Clock`: lease renewal and
+loss, bounded calls, fail-fast while Redis is away, reconnection, and what
+reaches the logs.
+
+Redis is :class:`FakeRedis`, a few commands and the coordinator's scripts
+answered in RESP over an in-memory transport, so that txredisapi's real
+protocol does the talking.  The end-to-end suite runs the same against a
+real ``redis-server`` (``tests/e2e/test_cluster_redis.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.logger import LogEvent, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from regmirror import cluster
+from regmirror.cluster import Coordinator, CoordinatorDown, Holder, Lease
+from regmirror.reference import Digest
+
+DIGEST = Digest.of(b"one blob")
+OTHER = Digest.of(b"another blob")
+URL = "redis://127.0.0.1:6379/0"
+
+
+class ResponseError(Exception):
+    """An error reply."""
+
+
+def _encode(reply: object) -> bytes:
+    if reply is None:
+        return b"$-1\r\n"
+    if isinstance(reply, ResponseError):
+        return b"-ERR %s\r\n" % str(reply).encode()
+    if isinstance(reply, bool | int):
+        return b":%d\r\n" % reply
+    if isinstance(reply, str):
+        return b"+%s\r\n" % reply.encode()
+    if isinstance(reply, bytes):
+        return b"$%d\r\n%s\r\n" % (len(reply), reply)
+    if isinstance(reply, list):
+        return b"*%d\r\n" % len(reply) + b"".join(_encode(r) for r in reply)
+    raise TypeError(reply)
+
+
+def _decode_command(data: bytes) -> list[bytes]:
+    """One RESP array of bulk strings (txredisapi writes one per command)."""
+    header, rest = data.split(b"\r\n", 1)
+    assert header[:1] == b"*", data
+    args = []
+    for _ in range(int(header[1:])):
+        length_line, rest = rest.split(b"\r\n", 1)
+        length = int(length_line[1:])
+        args.append(rest[:length])
+        rest = rest[length + 2 :]
+    assert rest == b"", data
+    return args
+
+
+class FakeRedis:
+    """
+    A Redis with a few commands, the coordinator's lease and peer-key
+    scripts, key expiry on the clock, and the faults the tests need:
+    refusing connections (``down``) and never answering (``silent``).
+    """
+
+    def __init__(self, clock: Clock, password: bytes | None = None) -> None:
+        self.clock = clock
+        self.password = password
+        self.data: dict[bytes, bytes] = {}
+        self.expiry: dict[bytes, float] = {}
+        self.zsets: dict[bytes, dict[bytes, float]] = {}
+        self.commands: list[list[bytes]] = []
+        self.wires: list[Wire] = []
+        self.down = False
+        self.silent = False
+        self.connections = 0
+        self.scripts = {
+            cluster._ACQUIRE.encode(): self._acquire,
+            cluster._RENEW.encode(): self._renew,
+            cluster._RELEASE.encode(): self._release,
+            cluster._PEER_KEY.encode(): self._peer_key,
+        }
+        self.by_sha = {hashlib.sha1(s).hexdigest().encode(): s for s in self.scripts}
+
+    # -- the network ------------------------------------------------------
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        """An endpoint's ``connect``: to this server, unless it is down."""
+        self.connections += 1
+        if self.down:
+            return fail(ConnectionRefusedError("fake Redis is down"))
+        protocol = factory.buildProtocol(None)  # type: ignore[arg-type]
+        wire = Wire(self)
+        wire.protocol = protocol
+        self.wires.append(wire)
+        protocol.makeConnection(wire)
+        return succeed(protocol)
+
+    def drop(self) -> None:
+        """Close every connection (a restart)."""
+        for wire in self.wires:
+            wire.loseConnection()
+        self.wires = []
+
+    def named(self, name: bytes) -> list[list[bytes]]:
+        """The commands received with this name (scripts by their text)."""
+        return [args for args in self.commands if self._name(args) == name]
+
+    def _name(self, args: list[bytes]) -> bytes | None:
+        command = args[0].upper()
+        if command == b"EVAL":
+            return args[1]
+        if command == b"EVALSHA":
+            return self.by_sha.get(args[1])
+        return command
+
+    # -- the commands -----------------------------------------------------
+
+    def _live(self, key: bytes) -> bytes | None:
+        if key in self.expiry and self.clock.seconds() >= self.expiry[key]:
+            del self.data[key], self.expiry[key]
+        return self.data.get(key)
+
+    def _set(self, key: bytes, value: bytes, px: int | None = None) -> None:
+        self.data[key] = value
+        self.expiry.pop(key, None)
+        if px is not None:
+            self.expiry[key] = self.clock.seconds() + px / 1000
+
+    def answer(self, args: list[bytes]) -> object:
+        name, rest = args[0].upper(), args[1:]
+        if name == b"AUTH":
+            return "OK" if rest[-1] == self.password else ResponseError("WRONGPASS")
+        if name == b"SELECT":
+            return "OK"
+        if name == b"PING":
+            return "PONG"
+        if name == b"GET":
+            return self._live(rest[0])
+        if name == b"SET":
+            key, value, options = rest[0], rest[1], [o.upper() for o in rest[2:]]
+            if b"NX" in options and self._live(key) is not None:
+                return None
+            px = int(options[options.index(b"PX") + 1]) if b"PX" in options else None
+            self._set(key, value, px)
+            return "OK"
+        if name == b"ZADD":
+            key, flag, score, member = rest
+            assert flag == b"XX"
+            zset = self.zsets.setdefault(key, {})
+            if member in zset:
+                zset[member] = float(score)
+            return 0
+        if name in (b"EVAL", b"EVALSHA"):
+            script = rest[0] if name == b"EVAL" else self.by_sha.get(rest[0])
+            if script is None:
+                return ResponseError("NOSCRIPT")
+            count = int(rest[1])
+            keys, argv = rest[2 : 2 + count], rest[2 + count :]
+            return self.scripts[script](keys, argv)
+        return ResponseError(f"unknown command {name!r}")
+
+    def _acquire(self, keys: list[bytes], argv: list[bytes]) -> object:
+        held = self._live(keys[0])
+        if held is not None:
+            return [0, held]
+        token = int(self._live(keys[1]) or 0) + 1
+        self._set(keys[1], b"%d" % token)
+        value = b"%d %s" % (token, argv[0])
+        self._set(keys[0], value, int(argv[1]))
+        return [1, value]
+
+    def _renew(self, keys: list[bytes], argv: list[bytes]) -> object:
+        if self._live(keys[0]) != argv[0]:
+            return 0
+        self.expiry[keys[0]] = self.clock.seconds() + int(argv[1]) / 1000
+        return 1
+
+    def _release(self, keys: list[bytes], argv: list[bytes]) -> object:
+        if self._live(keys[0]) != argv[0]:
+            return 0
+        self.data.pop(keys[0])
+        self.expiry.pop(keys[0], None)
+        return 1
+
+    def _peer_key(self, keys: list[bytes], argv: list[bytes]) -> object:
+        if self._live(keys[0]) is None:
+            self._set(keys[0], argv[0])
+        return self._live(keys[0])
+
+
+class Wire(StringTransportWithDisconnection):
+    """The client's side of a connection to :class:`FakeRedis`."""
+
+    def __init__(self, server: FakeRedis) -> None:
+        super().__init__()
+        self.server = server
+
+    def write(self, data: bytes) -> None:
+        if not self.connected:
+            return
+        args = _decode_command(data)
+        self.server.commands.append(args)
+        if self.server.silent:
+            return
+        # Line by line, so that txredisapi never has bytes left over after
+        # a bulk string (which it would hand back through callLater).
+        for piece in re.split(rb"(?<=\r\n)", _encode(self.server.answer(args))):
+            if piece and self.connected:
+                self.protocol.dataReceived(piece)
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        self.loseConnection()
+
+
+def node(
+    clock: Clock,
+    redis: FakeRedis,
+    name: str = "a",
+    url: str = URL,
+    *,
+    ttl: float = 3.0,
+    timeout: float = 1.0,
+    start: bool = True,
+) -> Coordinator:
+    coordinator = Coordinator(
+        clock,
+        url,
+        f"http://node-{name}:5000",
+        lease_ttl=ttl,
+        timeout=timeout,
+        connect=redis.connect,
+    )
+    if start:
+        coordinator.start()
+    return coordinator
+
+
+def messages(events: list[LogEvent]) -> list[str]:
+    return [formatEvent(e) for e in events]
+
+
+class LeaseTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.redis = FakeRedis(self.clock)
+        self.a = node(self.clock, self.redis, "a")
+        self.b = node(self.clock, self.redis, "b")
+
+    def acquire(self, coordinator: Coordinator, digest: Digest = DIGEST) -> Any:
+        return self.successResultOf(Deferred.fromCoroutine(coordinator.acquire(digest)))
+
+    def test_first_node_leases_the_others_learn_its_url_and_token(self) -> None:
+        """The first acquire takes the lease; the next gets the holder."""
+        lease = self.acquire(self.a)
+        holder = self.acquire(self.b)
+        assert isinstance(lease, Lease)
+        assert holder == Holder("http://node-a:5000", lease.token)
+        found = self.successResultOf(Deferred.fromCoroutine(self.b.holder(DIGEST)))
+        assert found == holder
+        assert (
+            self.successResultOf(Deferred.fromCoroutine(self.b.holder(OTHER))) is None
+        )
+
+    def test_renewed_every_third_of_the_ttl_and_kept_past_it(self) -> None:
+        """Renewals every ttl/3 keep the lease for as long as it is held."""
+        lease = self.acquire(self.a)
+        self.clock.pump([1.0] * 10)
+        assert len(self.redis.named(cluster._RENEW.encode())) == 10
+        assert isinstance(self.acquire(self.b), Holder)
+        self.assertNoResult(lease.lost)
+
+    def test_renewal_that_finds_another_value_loses_the_lease(self) -> None:
+        """Another node's value under the key: the holder learns at once."""
+        lease = self.acquire(self.a)
+        key = b"regmirror:lease:" + str(DIGEST).encode()
+        self.redis.data[key] = b"99 http://node-b:5000"
+        self.clock.advance(1.0)
+        assert "another node" in self.successResultOf(lease.lost)
+        renewals = len(self.redis.named(cluster._RENEW.encode()))
+        self.clock.pump([1.0] * 5)
+        assert len(self.redis.named(cluster._RENEW.encode())) == renewals
+
+    def test_lease_lost_when_redis_is_silent_for_its_ttl(self) -> None:
+        """
+        Without a confirmed renewal for ttl seconds (counted from the last
+        confirmed request's sending), the lease has surely run out.
+        """
+        lease = self.acquire(self.a)
+        self.clock.advance(1.0)  # renewed at t=1: good until t=4
+        self.redis.silent = True
+        self.clock.pump([0.5] * 5)  # t=3.5
+        self.assertNoResult(lease.lost)
+        self.clock.advance(0.5)
+        assert "ran out" in self.successResultOf(lease.lost)
+
+    def test_release_deletes_only_its_own_lease(self) -> None:
+        """A lease that ran out and went to another node is not deleted."""
+        old = self.acquire(self.a)
+        self.a.abandon(old)
+        self.clock.advance(3.0)
+        new = self.acquire(self.b)
+        assert isinstance(new, Lease) and new.token > old.token
+        self.successResultOf(Deferred.fromCoroutine(self.a.release(old)))
+        holder = self.successResultOf(Deferred.fromCoroutine(self.a.holder(DIGEST)))
+        assert holder == Holder("http://node-b:5000", new.token)
+
+    def test_release_stops_renewal_and_frees_the_digest(self) -> None:
+        lease = self.acquire(self.a)
+        self.successResultOf(Deferred.fromCoroutine(self.a.release(lease)))
+        self.clock.pump([1.0] * 5)
+        assert self.redis.named(cluster._RENEW.encode()) == []
+        assert isinstance(self.acquire(self.b), Lease)
+        self.assertNoResult(lease.lost)
+
+    def test_stop_releases_leases_and_leaves_no_timer(self) -> None:
+        lease = self.acquire(self.a)
+        self.successResultOf(Deferred.fromCoroutine(self.a.stop()))
+        self.successResultOf(Deferred.fromCoroutine(self.b.stop()))
+        assert self.clock.getDelayedCalls() == []
+        assert self.redis.named(cluster._RELEASE.encode())[0][-1] == lease.value
+        assert not any(w.connected for w in self.redis.wires)
+
+
+class RedisDownTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.redis = FakeRedis(self.clock)
+        self.events: list[LogEvent] = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def down(self, d: Deferred[Any]) -> CoordinatorDown:
+        failure = self.failureResultOf(d, CoordinatorDown)
+        assert isinstance(failure.value, CoordinatorDown)
+        return failure.value
+
+    def test_silent_redis_fails_a_call_after_exactly_the_timeout(self) -> None:
+        """No answer: CoordinatorDown at ``timeout``, and the connection is dropped."""
+        a = node(self.clock, self.redis, timeout=1.0)
+        self.redis.silent = True
+        d = Deferred.fromCoroutine(a.acquire(DIGEST))
+        self.clock.advance(0.99)
+        self.assertNoResult(d)
+        self.clock.advance(0.01)
+        assert "no answer within 1.0s" in str(self.down(d))
+        assert a.available is False
+        assert self.redis.wires[0].aborted
+
+    def test_known_down_fails_at_once_without_queueing(self) -> None:
+        """
+        While Redis is known to be away, calls fail on the spot: nothing is
+        sent, nothing waits, no timer is left behind per call.
+        """
+        self.redis.down = True
+        a = node(self.clock, self.redis)
+        assert a.available is False
+        sent = len(self.redis.commands)
+        for _ in range(100):
+            self.down(Deferred.fromCoroutine(a.acquire(DIGEST)))
+            self.down(Deferred.fromCoroutine(a.tag("docker.io", "library/x", "1")))
+        assert len(self.redis.commands) == sent
+        assert len(self.clock.getDelayedCalls()) <= 2  # start-up wait, one retry
+
+    def test_calls_wait_for_the_first_connection_within_the_timeout(self) -> None:
+        """At start-up a call waits for the connection, at most ``timeout``."""
+        pending: list[tuple[Deferred[Any], IProtocolFactory]] = []
+
+        def connect(factory: IProtocolFactory) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            pending.append((d, factory))
+            return d
+
+        a = Coordinator(self.clock, URL, "http://a", timeout=1.0, connect=connect)
+        a.start()
+        early = Deferred.fromCoroutine(a.acquire(DIGEST))
+        self.clock.advance(0.5)
+        self.assertNoResult(early)
+        waiting, factory = pending.pop()
+        waiting.callback(self.redis.connect(factory).result)
+        assert isinstance(self.successResultOf(early), Lease)
+
+        b = Coordinator(self.clock, URL, "http://b", timeout=1.0, connect=connect)
+        b.start()
+        late = Deferred.fromCoroutine(b.acquire(DIGEST))
+        self.clock.advance(1.0)
+        self.down(late)
+
+    def test_reconnects_with_backoff_and_logs_each_change_once(self) -> None:
+        """One warning when Redis goes, one line when it is back, hooks told."""
+        a = node(self.clock, self.redis)
+        changes: list[bool] = []
+        a.on_change.append(changes.append)
+        assert a.available is True
+        self.redis.down = True
+        self.redis.drop()
+        assert a.available is False
+        attempts = self.redis.connections
+        self.clock.pump([0.1] * 100)  # 10 s
+        # 0.1 + 0.2 + 0.4 + 0.8 + 1.6 + 2 + 2 + 2 < 10 < ... + 2
+        assert 8 <= self.redis.connections - attempts <= 9
+        self.redis.down = False
+        self.clock.pump([0.1] * 21)
+        assert a.available is True
+        assert changes == [False, True]
+        text = messages(self.events)
+        assert len([t for t in text if "is unreachable" in t]) == 1
+        assert len([t for t in text if "is reachable" in t]) == 2  # start, back
+        assert isinstance(
+            self.successResultOf(Deferred.fromCoroutine(a.acquire(DIGEST))), Lease
+        )
+
+    def test_a_server_that_accepts_but_never_answers_stays_down(self) -> None:
+        """
+        Connections accepted, PING never answered (a frozen server): each is
+        dropped after the timeout and the node stays down, without flapping,
+        until Redis answers again; stopping then leaves no timer behind.
+        """
+        self.redis.silent = True
+        a = node(self.clock, self.redis, timeout=1.0)
+        self.clock.pump([0.1] * 100)
+        assert a.available is False
+        assert self.redis.connections >= 5
+        assert all(wire.aborted for wire in self.redis.wires[:-1])
+        self.redis.silent = False
+        self.clock.pump([0.1] * 30)
+        assert a.available is True
+        text = messages(self.events)
+        assert len([t for t in text if "is unreachable" in t]) == 1
+        self.successResultOf(Deferred.fromCoroutine(a.stop()))
+        assert self.clock.getDelayedCalls() == []
+
+    def test_stop_during_set_up_leaves_nothing_behind(self) -> None:
+        self.redis.silent = True
+        a = node(self.clock, self.redis, timeout=1.0)
+        self.successResultOf(Deferred.fromCoroutine(a.stop()))
+        assert self.redis.wires[0].aborted
+        assert self.clock.getDelayedCalls() == []
+
+    def test_password_is_sent_but_never_shown(self) -> None:
+        """AUTH and SELECT from the URL; logs and repr name host:port/db only."""
+        self.redis.password = b"s3cr%t"
+        url = "redis://:s3cr%25t@127.0.0.1:6379/2"
+        a = node(self.clock, self.redis, url=url)
+        assert a.available is True
+        assert self.redis.commands[:3] == [
+            [b"AUTH", b"s3cr%t"],
+            [b"SELECT", b"2"],
+            [b"PING"],
+        ]
+        self.redis.down = True
+        self.redis.drop()
+        self.down(Deferred.fromCoroutine(a.acquire(DIGEST)))
+        text = messages(self.events) + [repr(a), a.where]
+        assert a.where == "127.0.0.1:6379/2"
+        assert not [t for t in text if "s3cr" in t]
+
+    def test_wrong_password_is_down_and_said_once(self) -> None:
+        self.redis.password = b"right"
+        a = node(self.clock, self.redis, url="redis://:wrong@127.0.0.1/0")
+        self.clock.pump([0.5] * 20)
+        assert a.available is False
+        self.down(Deferred.fromCoroutine(a.acquire(DIGEST)))
+        refused = [t for t in messages(self.events) if "refused" in t]
+        assert len(refused) == 1 and "wrong" not in refused[0]
+
+
+class CachedValueTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.redis = FakeRedis(self.clock)
+        self.a = node(self.clock, self.redis, "a")
+        self.b = node(self.clock, self.redis, "b")
+
+    def result(self, coroutine: Any) -> Any:
+        return self.successResultOf(Deferred.fromCoroutine(coroutine))
+
+    def test_peer_key_is_shared_cached_and_restored(self) -> None:
+        """One key for every node; read once a minute; set again if lost."""
+        key = self.result(self.a.peer_key())
+        assert len(key) == cluster.PEER_KEY_SIZE
+        assert self.result(self.b.peer_key()) == key
+        sent = len(self.redis.commands)
+        assert self.result(self.a.peer_key()) == key
+        assert len(self.redis.commands) == sent
+        self.redis.data.clear()  # Redis restarted empty
+        self.clock.advance(cluster.PEER_KEY_REFRESH)
+        assert self.result(self.a.peer_key()) == key
+        assert self.result(self.b.peer_key()) == key
+
+    def test_touch_is_sent_at_most_once_a_minute_per_digest(self) -> None:
+        for _ in range(5):
+            self.result(self.a.touch(DIGEST))
+        self.result(self.a.touch(OTHER))
+        assert len(self.redis.named(b"ZADD")) == 2
+        self.clock.advance(cluster.TOUCH_INTERVAL)
+        self.result(self.a.touch(DIGEST))
+        assert len(self.redis.named(b"ZADD")) == 3
+
+    def test_tag_expires_ttl_after_its_confirmation(self) -> None:
+        """The Redis expiry counts from when the origin confirmed the tag."""
+        now = self.clock.seconds()
+        self.result(self.a.set_tag("docker.io", "library/x", "1", DIGEST, now - 10, 15))
+        assert self.redis.named(b"SET")[-1][-2:] == [b"PX", b"5000"]
+        assert self.result(self.b.tag("docker.io", "library/x", "1")) == (
+            DIGEST,
+            now - 10,
+        )
+        sent = len(self.redis.commands)
+        self.result(self.a.set_tag("docker.io", "library/x", "2", DIGEST, now - 10, 10))
+        assert len(self.redis.commands) == sent
+        self.clock.advance(5)
+        assert self.result(self.b.tag("docker.io", "library/x", "1")) is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://h:1/0", "redis://", "redis://h/x", "redis://h:99999/0"],
+)
+def test_bad_redis_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        Coordinator(Clock(), url, "http://a")
