@@ -27,6 +27,15 @@ class SingleFlight(Generic[K, V]):
     def __contains__(self, key: K) -> bool:
         return key in self._waiting
 
+    def join(self, key: K) -> Deferred[V] | None:
+        """The result of the work under way for *key*, if there is some."""
+        waiters = self._waiting.get(key)
+        if waiters is None:
+            return None
+        mine: Deferred[V] = Deferred()
+        waiters.append(mine)
+        return mine
+
     def run(self, key: K, work: Callable[[], Coroutine[Any, Any, V]]) -> Deferred[V]:
         mine: Deferred[V] = Deferred()
         waiters = self._waiting.get(key)

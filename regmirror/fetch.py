@@ -31,8 +31,10 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from regmirror._flight import SingleFlight
+from regmirror.cluster import Coordinator, CoordinatorDown, Lease
 from regmirror.errors import BlobUnknown, DownloadFailed, ManifestUnknown, RegistryError
 from regmirror.metrics import Metrics
+from regmirror.nodes import Peers, PeerUnavailable
 from regmirror.pool import (
     Manifest,
     NotFoundAnywhere,
@@ -47,6 +49,7 @@ from regmirror.reference import (
     parse_digest,
     parse_timestamp,
 )
+from regmirror.s3 import NotFound, S3Error, SharedStore
 from regmirror.store import (
     SIZE_SUFFIX,
     AlreadyCached,
@@ -77,24 +80,51 @@ MAX_RESUMES = 5
 #: Bytes read from disk per write to a client.
 CHUNK = 256 * 1024
 
+#: How long a source other than an upstream may stay silent mid-body.
+IDLE_TIMEOUT = 60.0
+
+#: The sources of a download that are not upstreams, for people.
+SHARED = "shared store"
+PEER_PREFIX = "node "
+#: Where a tag answer came from when another node asked the origin.
+CLUSTER = "cluster"
+
+#: How many times a node asks again for a digest's lease while the node
+#: holding it does not answer (each ``lease_ttl / 4`` apart: a dead node's
+#: lease expires within ``lease_ttl``).
+CLAIM_POLLS = 12
+
+#: At most this many blobs leave the shared store per housekeeping run.
+MAX_SHARED_EVICTIONS = 1024
+
 RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
 
 @define(eq=False)
 class Download:
     """
-    One blob on its way from an upstream into the cache.
+    One blob on its way into the cache: from an upstream, the cluster's
+    shared store or another node.
 
-    :ivar size: the size the upstream announced, when it did.
+    :ivar size: the size the source announced, when it did.
     :ivar state: ``"running"``, ``"done"`` or ``"failed"``.
     """
 
     digest: Digest
     spool: Spool | Followed
-    size: int | None
-    upstream: Upstream
-    pool: UpstreamPool
+    #: the namespace's upstreams (``None`` when following another worker)
+    pool: UpstreamPool | None
     repository: str
+    size: int | None = None
+    #: where the bytes come from now, for people: an upstream's name,
+    #: ``shared store``, ``node <URL>`` or ``another worker``
+    source: str = ""
+    #: the upstream, when the bytes come from one
+    upstream: Upstream | None = None
+    #: this node's claim on the digest, when it downloads for the cluster
+    lease: Lease | None = None
+    #: the shared store failed this download: do not go back to it
+    skip_shared: bool = False
     #: another process is downloading; this one only watches its spool
     follower: bool = False
     state: str = "running"
@@ -114,9 +144,9 @@ class Download:
         return self.spool
 
     @property
-    def source(self) -> str:
-        """Where the bytes come from, for people."""
-        return "another worker" if self.follower else self.upstream.name
+    def from_peer(self) -> bool:
+        """Do the bytes come from another node?"""
+        return self.source.startswith(PEER_PREFIX)
 
     @property
     def readable(self) -> int:
@@ -188,6 +218,17 @@ class Fetcher:
     #: look-outs on other processes' downloads
     _watchers: dict[Digest, LoopingCall] = field(factory=dict)
     _evicting: bool = False
+    #: the bucket the cluster's nodes share (``[cache] backend = s3``)
+    shared: SharedStore | None = None
+    #: the other nodes, through Redis (``[cluster]``)
+    coordinator: Coordinator | None = None
+    peers: Peers | None = None
+    #: evict the shared store's least recently used blobs beyond this size
+    shared_max_size: int | None = None
+    #: answer with presigned URLs of the shared store for this long
+    #: (``redirect = true``); ``None``: never
+    redirect_ttl: float | None = None
+    _evicting_shared: bool = False
     log = Logger()
 
     @property
@@ -233,6 +274,25 @@ class Fetcher:
             return BlobSource(download.written, download.spool.final_path)
         return BlobSource(download.size, download.spool.path, download)
 
+    async def redirect(self, digest: Digest) -> str | None:
+        """
+        Where to send a client for a blob the shared store has and this
+        node's cache does not (``redirect = true``), else ``None``.
+        """
+        if self.shared is None or self.redirect_ttl is None:
+            return None
+        if digest in self._downloads or self.store.blob_size(digest) is not None:
+            return None
+        try:
+            if await self.shared.blob_size(digest) is None:
+                return None
+        except S3Error as e:
+            self.log.warn("shared store: {why}", why=str(e))
+            return None
+        self._lookup("blob", "redirect")
+        self._touch(digest)
+        return self.shared.blob_url(digest, int(self.redirect_ttl))
+
     async def blob_size(
         self, pool: UpstreamPool, repository: str, digest: Digest
     ) -> int | None:
@@ -243,6 +303,13 @@ class Fetcher:
         size = self.store.blob_size(digest)
         if size is not None:
             return size
+        if self.shared is not None:
+            try:
+                size = await self.shared.blob_size(digest)
+            except S3Error as e:
+                self.log.warn("shared store: {why}", why=str(e))
+            if size is not None:
+                return size
         try:
             return await pool.blob_size(repository, digest)
         except NotFoundAnywhere:
@@ -254,37 +321,176 @@ class Fetcher:
         try:
             spool = self.store.spool(digest)
         except SpoolBusy as busy:
-            return await self._follow(pool, repository, digest, busy.path)
+            return await self._follow(digest, busy.path)
         except OSError as error:
             self.store.degrade(error)
             raise _CannotSpool() from None
+        download = Download(digest, spool, pool, repository)
         try:
-            upstream, response = await pool.open_blob(
-                repository, digest, order=self._untainted(pool, digest)
-            )
+            response = await self._open(download, self._untainted(pool, digest))
         except NotFoundAnywhere:
+            self._unclaim(download)
             spool.discard()
             raise BlobUnknown(f"blob {digest} is unknown to every upstream") from None
         except BaseException:
+            self._unclaim(download)
             spool.discard()
             raise
         length = response.length
-        size = length if isinstance(length, int) else None
-        spool.announce(size)
-        download = Download(digest, spool, size, upstream, pool, repository)
+        download.size = length if isinstance(length, int) else None
+        spool.announce(download.size)
         self._downloads[digest] = download
         self.log.info(
-            "downloading {digest} ({size} bytes) from {upstream}",
+            "downloading {digest} ({size} bytes) from {source}",
             digest=str(digest),
-            size=size,
-            upstream=upstream.name,
+            size=download.size,
+            source=download.source,
         )
         self._receive(download, response, skip=0)
         return download
 
-    async def _follow(
-        self, pool: UpstreamPool, repository: str, digest: Digest, path: str
-    ) -> Download:
+    async def _open(self, download: Download, order: list[Upstream]) -> IResponse:
+        """
+        The blob's bytes from ``download.written`` on, from the first source
+        that has them: the cluster's shared store, the node downloading the
+        blob for the cluster, else the namespace's upstreams in *order*
+        (this node then holds the digest's lease, or works alone when Redis
+        cannot say).  Sets the download's ``source`` and ``upstream``.
+
+        :raises NotFoundAnywhere: when no upstream has it.
+        """
+        digest, offset = download.digest, download.written
+        if self.shared is not None and not download.skip_shared:
+            try:
+                response = await self.shared.open_blob(digest, offset)
+            except NotFound:
+                download.skip_shared = True
+            except S3Error as e:
+                self.log.warn("shared store: {why}", why=str(e))
+                download.skip_shared = True
+            else:
+                download.source, download.upstream = SHARED, None
+                self._touch(digest)
+                return response
+        if download.lease is None:
+            from_node = await self._from_cluster(download)
+            if from_node is not None:
+                return from_node
+        assert download.pool is not None, "a follower opens nothing"
+        upstream, response = await download.pool.open_blob(
+            download.repository, digest, offset, order
+        )
+        download.source, download.upstream = upstream.name, upstream
+        return response
+
+    async def _from_cluster(self, download: Download) -> IResponse | None:
+        """
+        Claim the digest for this node, or open it from the node that holds
+        it.  ``None``: this node downloads it from upstream, with the lease
+        (``download.lease``) or alone.
+        """
+        coordinator, peers = self.coordinator, self.peers
+        if coordinator is None or peers is None:
+            return None
+        digest = download.digest
+        for _ in range(CLAIM_POLLS):
+            try:
+                claim = await coordinator.acquire(digest)
+                if isinstance(claim, Lease):
+                    download.lease = claim
+                    return None
+                key = await coordinator.peer_key()
+            except CoordinatorDown:
+                return None
+            try:
+                response = await peers.open_blob(
+                    claim.url, key, digest, download.written
+                )
+            except PeerUnavailable as e:
+                # A dead node's lease expires within lease_ttl.
+                self.log.info(
+                    "node {url} cannot give {digest} ({why}); asking again",
+                    url=claim.url,
+                    digest=str(digest),
+                    why=str(e),
+                )
+                await deferLater(self.clock, coordinator.lease_ttl / 4, lambda: None)
+                continue
+            download.source = PEER_PREFIX + claim.url
+            download.upstream = None
+            return response
+        self.log.warn(
+            "the node holding {digest}'s lease never answered: downloading alone",
+            digest=str(digest),
+        )
+        return None
+
+    def _unclaim(self, download: Download) -> None:
+        """Give up the download's lease, if it has one."""
+        lease, download.lease = download.lease, None
+        if lease is None or self.coordinator is None:
+            return
+        Deferred.fromCoroutine(self.coordinator.release(lease)).addErrback(
+            lambda failure: failure.trap(CoordinatorDown)
+        ).addErrback(
+            lambda failure: self.log.failure("cannot release a lease", failure)
+        )
+
+    async def _share(self, download: Download) -> None:
+        """
+        Put a blob this node took from an upstream into the shared store,
+        then give up its lease: other nodes take it from the bucket now.
+        """
+        digest = download.digest
+        self.store.acquire(digest)
+        try:
+            if self.shared is not None:
+                await self.shared.put_blob(
+                    digest, self.store.blob_path(digest), download.written
+                )
+                if self.coordinator is not None:
+                    try:
+                        await self.coordinator.stored(digest, download.written)
+                    except CoordinatorDown:
+                        pass
+        except S3Error as e:
+            self.log.warn(
+                "cannot put {digest} in the shared store: {why}",
+                digest=str(digest),
+                why=str(e),
+            )
+        finally:
+            self.store.release(digest)
+            self._unclaim(download)
+
+    async def local_blob(self, digest: Digest) -> BlobSource | None:
+        """
+        What this node has of *digest* without asking anyone: its cache,
+        its own download, another worker's.  For the other nodes, so never
+        what this node itself takes from another node.
+        """
+        flight = self._starting.join(digest)
+        running = self._downloads.get(digest)
+        if running is None and flight is not None:
+            try:
+                running = await flight
+            except Exception:
+                return None
+        if running is None:
+            size = self.store.blob_size(digest)
+            if size is not None:
+                return BlobSource(size, self.store.blob_path(digest))
+            path = self.store.spool_path(digest)
+            if self.store.spool_abandoned(path):
+                return None
+            running = await self._follow(digest, path)
+        if running.from_peer or running.state == "failed":
+            return None
+        if running.state == "done":
+            return BlobSource(running.written, running.spool.final_path)
+        return BlobSource(running.size, running.spool.path, running)
+
+    async def _follow(self, digest: Digest, path: str) -> Download:
         """
         Another process sharing the cache is downloading *digest*: serve
         from its spool as it grows, and from the cache once it is verified.
@@ -293,9 +499,8 @@ class Fetcher:
             digest,
             Followed(path, self.store.blob_path(digest)),
             None,
-            pool.origin,
-            pool,
-            repository,
+            "",
+            source="another worker",
             follower=True,
         )
         self._downloads[digest] = download
@@ -368,40 +573,44 @@ class Fetcher:
         )
 
     def _receive(self, download: Download, response: IResponse, skip: int) -> None:
-        response.deliverBody(
-            _SpoolWriter(
-                self, download, self.clock, download.upstream.config.idle_timeout, skip
-            )
-        )
+        idle = IDLE_TIMEOUT
+        if download.upstream is not None:
+            idle = download.upstream.config.idle_timeout
+        response.deliverBody(_SpoolWriter(self, download, self.clock, idle, skip))
 
     async def _resume(self, download: Download, why: str) -> None:
         """
         Carry on a broken transfer where it stopped, with a Range request to
-        the same upstream or, failing that, the others in order.
+        the same upstream or, failing that, the others in order.  A transfer
+        from the shared store goes on from an upstream; one from another
+        node, from whoever holds the digest's lease next (this node, once
+        the other's lease expired).
         """
         pool, offset = download.pool, download.written
+        assert pool is not None, "a follower does not resume"
         broken = download.upstream
-        pool.failed(broken, UpstreamFailure(broken.name, "broken", why))
-        others = [u for u in pool.upstreams if u is not broken]
-        # The same upstream first, unless it already failed to move this
-        # transfer on (a stall): then it is the last resort.
-        stuck = offset == download.resumed_at
-        order = [*others, broken] if stuck else [broken, *others]
+        order = list(pool.upstreams)
+        if broken is not None:
+            pool.failed(broken, UpstreamFailure(broken.name, "broken", why))
+            others = [u for u in pool.upstreams if u is not broken]
+            # The same upstream first, unless it already failed to move this
+            # transfer on (a stall): then it is the last resort.
+            stuck = offset == download.resumed_at
+            order = [*others, broken] if stuck else [broken, *others]
+        elif download.source == SHARED:
+            download.skip_shared = True
         download.resumed += 1
         download.resumed_at = offset
         try:
-            upstream, response = await pool.open_blob(
-                download.repository, download.digest, offset, order
-            )
+            response = await self._open(download, order)
         except (NotFoundAnywhere, RegistryError) as e:
             self._fail(download, f"{why}; cannot resume: {e}")
             return
-        download.upstream = upstream
         self.log.info(
-            "resuming {digest} at byte {offset} from {upstream} ({why})",
+            "resuming {digest} at byte {offset} from {source} ({why})",
             digest=str(download.digest),
             offset=offset,
-            upstream=upstream.name,
+            source=download.source,
             why=why,
         )
         self._receive(download, response, skip=offset if response.code == 200 else 0)
@@ -410,7 +619,7 @@ class Fetcher:
         """The upstream body ended: verify and commit, or discard."""
         if not reason.check(ResponseDone, PotentialDataLoss):
             why = (
-                f"transfer from {download.upstream.name} broke after "
+                f"transfer from {download.source} broke after "
                 f"{download.written} bytes: {reason.getErrorMessage()}"
             )
             if download.size is None or download.resumed >= MAX_RESUMES:
@@ -431,12 +640,18 @@ class Fetcher:
             self.store.added(download.written)
             self.housekeep()
             self.log.info(
-                "cached {digest} ({size} bytes) from {upstream}",
+                "cached {digest} ({size} bytes) from {source}",
                 digest=str(download.digest),
                 size=download.written,
-                upstream=download.upstream.name,
+                source=download.source,
             )
             download.notify()
+            if download.upstream is not None and self.shared is not None:
+                Deferred.fromCoroutine(self._share(download)).addErrback(
+                    lambda failure: self.log.failure("cannot share a blob", failure)
+                )
+            else:
+                self._unclaim(download)
 
         def failed(failure: Failure) -> None:
             if isinstance(failure.value, OSError):
@@ -459,8 +674,10 @@ class Fetcher:
         health and do not ask it for that digest again for a while, so that
         the next request is served by another upstream.
         """
-        upstream = download.upstream
-        download.pool.failed(
+        upstream, pool = download.upstream, download.pool
+        if upstream is None or pool is None:
+            return
+        pool.failed(
             upstream,
             UpstreamFailure(upstream.name, "invalid", "wrong bytes for a digest"),
         )
@@ -477,11 +694,12 @@ class Fetcher:
 
     def _fail(self, download: Download, why: str) -> None:
         self.log.error(
-            "download of {digest} from {upstream} failed: {why}",
+            "download of {digest} from {source} failed: {why}",
             digest=str(download.digest),
-            upstream=download.upstream.name,
+            source=download.source,
             why=why,
         )
+        self._unclaim(download)
         download.writer.discard()
         download.state = "failed"
         self._downloads.pop(download.digest, None)
@@ -497,8 +715,62 @@ class Fetcher:
         except OSError as error:
             self.store.degrade(error)
 
+    def _touch(self, digest: Digest) -> None:
+        """Mark a blob of the shared store used (for its eviction)."""
+        if self.coordinator is None or self.shared_max_size is None:
+            return
+        Deferred.fromCoroutine(self.coordinator.touch(digest)).addErrback(
+            lambda failure: failure.trap(CoordinatorDown)
+        ).addErrback(lambda failure: self.log.failure("cannot touch", failure))
+
+    async def evict_shared(self) -> int:
+        """
+        Delete the shared store's least recently used blobs while it holds
+        more than ``shared_max_size`` (by the index in Redis; every node
+        may do this, deleting twice is harmless).
+
+        :return: how many blobs went.
+        """
+        coordinator, shared, limit = (
+            self.coordinator,
+            self.shared,
+            self.shared_max_size,
+        )
+        if coordinator is None or shared is None or limit is None:
+            return 0
+        if self._evicting_shared:
+            return 0
+        self._evicting_shared = True
+        evicted = 0
+        try:
+            total = await coordinator.total_size()
+            for _ in range(MAX_SHARED_EVICTIONS // 16):
+                if total <= limit:
+                    break
+                victims = await coordinator.least_recently_used(16)
+                if not victims:
+                    break
+                for digest, size in victims:
+                    await shared.delete_blob(digest)
+                    await coordinator.forget(digest)
+                    total -= size
+                    evicted += 1
+                    if total <= limit:
+                        break
+        except (CoordinatorDown, S3Error) as e:
+            self.log.warn("shared store eviction stopped: {why}", why=str(e))
+        finally:
+            self._evicting_shared = False
+        if evicted:
+            self.log.info("evicted {count} blobs from the shared store", count=evicted)
+        return evicted
+
     def housekeep(self) -> None:
         """Evict least recently used content if the cache is over its limits."""
+        if self.shared_max_size is not None:
+            Deferred.fromCoroutine(self.evict_shared()).addErrback(
+                lambda failure: self.log.failure("shared eviction failed", failure)
+            )
         if self._evicting or not self.store.over_limit():
             return
         self._evicting = True
@@ -538,6 +810,11 @@ class Fetcher:
             return remembered[0]
 
         async def ask() -> TagAnswer:
+            shared = await self._cluster_tag(pool, repository, tag)
+            if shared is not None:
+                answer, confirmed = shared
+                self._tags[key] = (answer, confirmed + self.tag_ttl)
+                return answer
             started = self.clock.seconds()
             try:
                 answer = await pool.resolve_tag(repository, tag)
@@ -554,10 +831,42 @@ class Fetcher:
                 if answer.manifest is not None:
                     self.store_manifest(answer.manifest)
                 self._record_tag(pool.namespace, repository, tag, answer.digest)
+                await self._share_tag(pool, repository, tag, answer.digest)
             self._tags[key] = (answer, self.clock.seconds() + self.tag_ttl)
             return answer
 
         return await self._tag_flight.run(key, ask)
+
+    async def _cluster_tag(
+        self, pool: UpstreamPool, repository: str, tag: str
+    ) -> tuple[TagAnswer, float] | None:
+        """Another node's answer from the origin, while younger than tag_ttl."""
+        if self.coordinator is None or self.tag_ttl <= 0:
+            return None
+        try:
+            shared = await self.coordinator.tag(pool.namespace, repository, tag)
+        except CoordinatorDown:
+            return None
+        if shared is None or self.clock.seconds() - shared[1] >= self.tag_ttl:
+            return None
+        return TagAnswer(shared[0], CLUSTER), shared[1]
+
+    async def _share_tag(
+        self, pool: UpstreamPool, repository: str, tag: str, digest: Digest
+    ) -> None:
+        if self.coordinator is None or self.tag_ttl <= 0:
+            return
+        try:
+            await self.coordinator.set_tag(
+                pool.namespace,
+                repository,
+                tag,
+                digest,
+                self.clock.seconds(),
+                self.tag_ttl,
+            )
+        except CoordinatorDown:
+            pass
 
     async def _without_origin(
         self,
@@ -653,6 +962,16 @@ class Fetcher:
             return Manifest(digest, *cached)
 
         async def fetch() -> Manifest:
+            if self.shared is not None:
+                try:
+                    shared = await self.shared.manifest(digest)
+                except S3Error as e:
+                    self.log.warn("shared store: {why}", why=str(e))
+                else:
+                    if shared is not None:
+                        manifest = Manifest(digest, *shared)
+                        self.store_manifest(manifest, share=False)
+                        return manifest
             try:
                 manifest = await pool.manifest(repository, digest)
             except NotFoundAnywhere:
@@ -669,8 +988,21 @@ class Fetcher:
     def _lookup(self, kind: str, result: str) -> None:
         self.metrics.cache.labels(kind, result).inc()
 
-    def store_manifest(self, manifest: Manifest) -> None:
-        """Keep a manifest, unless the cache cannot be written."""
+    def store_manifest(self, manifest: Manifest, share: bool = True) -> None:
+        """Keep a manifest, unless the cache cannot be written, and put it
+        in the shared store (unless it came from there)."""
+        if share and self.shared is not None:
+            Deferred.fromCoroutine(
+                self.shared.put_manifest(
+                    manifest.digest, manifest.media_type, manifest.body
+                )
+            ).addErrback(
+                lambda failure: self.log.warn(
+                    "cannot put {digest} in the shared store: {why}",
+                    digest=str(manifest.digest),
+                    why=failure.getErrorMessage(),
+                )
+            )
         if not self.store.writable():
             return
         try:
@@ -754,8 +1086,8 @@ class _SpoolWriter:
 
     def _stalled(self) -> None:
         self.fetcher.log.warn(
-            "upstream {upstream} stalled on {digest}",
-            upstream=self.download.upstream.name,
+            "{source} stalled on {digest}",
+            source=self.download.source,
             digest=str(self.download.digest),
         )
         if self._transport is not None:
@@ -765,7 +1097,7 @@ class _SpoolWriter:
         if self.download.state != "running":
             return
         self._arm()
-        self.fetcher.metrics.upstream_bytes.labels(self.download.upstream.name).inc(
+        self.fetcher.metrics.upstream_bytes.labels(self.download.source).inc(
             len(data)
         )
         if self.skip:

@@ -11,6 +11,7 @@ import os
 import signal
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 from attrs import define, field
 from prometheus_client.core import Metric
@@ -21,16 +22,20 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 
+from regmirror import nodes
 from regmirror.access import Gate, shared_key
-from regmirror.config import Config, ConfigError, load
+from regmirror.cluster import Coordinator
+from regmirror.config import ClusterConfig, Config, ConfigError, S3Config, load
 from regmirror.fetch import Fetcher
 from regmirror.logs import MirrorSite
 from regmirror.metrics import Metrics, MetricsResource, gauge
+from regmirror.nodes import Peers
 from regmirror.pool import UpstreamPool
 from regmirror.routing import Router
+from regmirror.s3 import ObjectStore, S3Location, SharedStore
 from regmirror.status import SAMPLE_INTERVAL, History, StatusJSON, StatusPage
 from regmirror.store import Store
 from regmirror.transport import (
@@ -128,21 +133,26 @@ class _Mirror(MultiService):
     connection.
     """
 
-    def __init__(self, store: Store, reactor: Any) -> None:
+    def __init__(self, mirror: Mirror, reactor: Any) -> None:
         super().__init__()
-        self._store = store
+        self._mirror = mirror
         self._reactor = reactor
         self.certificates: list[ReloadableTLS] = []
         self.workers: Workers | None = None
 
     def startService(self) -> None:
-        self._store.open()
+        self._mirror.start()
         # Always ours: the default action of SIGHUP would end the process
         # on `systemctl reload`.
         signal.signal(
             signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload)
         )
         super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        d: Deferred[None] = super().stopService()
+        d.addCallback(lambda _: Deferred.fromCoroutine(self._mirror.stop()))
+        return d
 
     def reload(self) -> None:
         log.info("reload requested (SIGHUP)")
@@ -219,6 +229,19 @@ class Mirror:
     metrics: Metrics
     site: Site
     history: History = field(init=False)
+    #: the other nodes, through Redis (``[cluster]``)
+    coordinator: Coordinator | None = None
+
+    def start(self, clean: bool = True) -> None:
+        """Open the cache (see :meth:`Store.open`); join the cluster."""
+        self.store.open(clean)
+        if self.coordinator is not None:
+            self.coordinator.start()
+
+    async def stop(self) -> None:
+        """Leave the cluster (its leases go at once, not at expiry)."""
+        if self.coordinator is not None:
+            await self.coordinator.stop()
 
     def __attrs_post_init__(self) -> None:
         self.history = History(self.totals, self.fetcher.clock.seconds)
@@ -311,6 +334,13 @@ class Mirror:
             ["upstream"],
             [([u.name], float(u.breaker.opened > 0)) for u in upstreams],
         )
+        if self.coordinator is not None:
+            yield gauge(
+                "regmirror_cluster_coordinator_up",
+                "1 while the cluster's Redis answers (0: this node works alone)",
+                [],
+                [([], float(self.coordinator.available))],
+            )
         yield gauge(
             "regmirror_upstream_ratelimit_remaining",
             "Pulls left in the upstream's quota (RateLimit-Remaining)",
@@ -335,6 +365,15 @@ class Mirror:
         for pool in self.pools:
             if all(u.breaker.opened > 0 for u in pool.upstreams):
                 found.append(f"namespace {pool.namespace}: every upstream is down")
+        return found
+
+    def degraded(self) -> list[str]:
+        """What works less well than it should, without making the node
+        unready: taking every node out of the load balancer because Redis
+        is down would be worse than each working alone."""
+        found = []
+        if self.coordinator is not None and not self.coordinator.available:
+            found.append("cluster: Redis unreachable, this node works alone")
         return found
 
 
@@ -384,6 +423,14 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
         max_blob_size=config.cache.max_blob_size,
         metrics=metrics,
     )
+    if config.cache.s3 is not None:
+        fetcher.shared = shared_store(config.cache.s3, reactor, connections)
+        fetcher.shared_max_size = config.cache.s3.max_size
+        if config.cache.s3.redirect:
+            fetcher.redirect_ttl = config.cache.s3.redirect_ttl
+    if config.cluster is not None:
+        fetcher.coordinator = coordinator(config.cluster, reactor)
+        fetcher.peers = Peers(Agent(reactor, pool=connections), reactor)
     gate = None
     if config.access is not None:
         gate = Gate(
@@ -394,8 +441,8 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
             key=shared_key(os.path.join(config.cache.directory, "token.key")),
         )
     router = Router(namespaces)
-    api = RegistryAPI(router, fetcher, reactor, metrics, gate)
-    root = Root(api)
+    api = RegistryAPI(router, fetcher, reactor, metrics, gate, fetcher.coordinator)
+    root = Root(api, {nodes.PATH: api} if fetcher.coordinator else None)
     if gate is not None:
         root.putChild(
             b"token",
@@ -410,22 +457,52 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
         fetcher,
         metrics,
         MirrorSite(root, reactor, trusted),
+        coordinator=fetcher.coordinator,
     )
     metrics.watch(mirror.live_metrics)
     root.putChild(b"", StatusPage())
     root.putChild(b"_status", StatusPage())
     root.putChild(b"_status.json", StatusJSON(mirror.status))
     root.putChild(b"healthz", Health(lambda: []))
-    root.putChild(b"readyz", Health(mirror.problems))
+    root.putChild(b"readyz", Health(mirror.problems, mirror.degraded))
     if not config.server.metrics_listen:
         root.putChild(b"metrics", MetricsResource(metrics))
     return mirror
 
 
+def shared_store(
+    config: S3Config, reactor: Any, connections: HTTPConnectionPool
+) -> SharedStore:
+    """The cluster's bucket, over the upstreams' connection pool."""
+    location = S3Location(
+        endpoint=config.endpoint,
+        bucket=config.bucket,
+        region=config.region,
+        access_key=config.access_key,
+        secret_key=config.secret_key,
+        addressing=config.addressing,
+    )
+    return SharedStore(ObjectStore(Agent(reactor, pool=connections), reactor, location))
+
+
+def coordinator(config: ClusterConfig, reactor: Any) -> Coordinator:
+    url = config.redis
+    if config.redis_password is not None:
+        password = quote(config.redis_password.reveal(), safe="")
+        url = url.replace("redis://", f"redis://:{password}@", 1)
+    return Coordinator(
+        reactor,
+        url,
+        config.advertise,
+        lease_ttl=config.lease_ttl,
+        timeout=config.redis_timeout,
+    )
+
+
 def make_service(config: Config, reactor: Any) -> MultiService:
     """The service tree: one endpoint service per listener."""
     mirror = build_mirror(config, reactor)
-    top = _Mirror(mirror.store, reactor)
+    top = _Mirror(mirror, reactor)
     for interval, work in (
         (HOUSEKEEPING_INTERVAL, mirror.housekeep),
         (SAMPLE_INTERVAL, mirror.history.sample),

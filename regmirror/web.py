@@ -24,10 +24,13 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from regmirror import nodes
 from regmirror._resource import ReadOnlyResource
 from regmirror.access import Gate, NamespaceOf, client_address
+from regmirror.cluster import Coordinator, CoordinatorDown
 from regmirror.errors import (
     BlobUnknown,
+    Denied,
     ManifestUnknown,
     NameUnknown,
     NotFound,
@@ -37,6 +40,7 @@ from regmirror.errors import (
     Unauthorized,
     Unsupported,
     UpstreamBadGateway,
+    UpstreamUnavailable,
 )
 from regmirror.fetch import BlobSource, Fetcher, Relay, SpoolReader
 from regmirror.metrics import Metrics
@@ -155,6 +159,10 @@ def _write_body(
     request.finish()
 
 
+#: Where the other nodes of a cluster fetch blobs (see :mod:`regmirror.nodes`).
+CLUSTER_BLOBS = b"/" + nodes.PATH + b"/blobs/"
+
+
 class RegistryAPI(Resource):
     """
     Everything under ``/v2/``, one leaf resource: repository names contain
@@ -171,9 +179,11 @@ class RegistryAPI(Resource):
         clock: IReactorTime,
         metrics: Metrics | None = None,
         gate: Gate | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         super().__init__()
         self._gate = gate
+        self._coordinator = coordinator
         self._router = router
         self._fetcher = fetcher
         self._clock = clock
@@ -222,6 +232,10 @@ class RegistryAPI(Resource):
     async def _handle(self, request: Request, labels: dict[str, str]) -> None:
         if request.method not in (b"GET", b"HEAD"):
             raise Unsupported("this mirror is read-only: only GET and HEAD are allowed")
+        if request.path.startswith(CLUSTER_BLOBS):
+            labels["endpoint"] = "cluster"
+            await self._peer_blob(request, request.path[len(CLUSTER_BLOBS) :])
+            return
         api = parse_api_path(request.path)
         labels["endpoint"] = api.endpoint
         if api.endpoint == "base":
@@ -330,7 +344,45 @@ class RegistryAPI(Resource):
                 request.setHeader("Content-Length", str(size))
             request.finish()
             return
+        location = await self._fetcher.redirect(digest)
+        if location is not None:
+            labels: dict[str, Any] = getattr(request, "regmirror", {})
+            labels["cache"] = "redirect"
+            request.setResponseCode(307)
+            request.setHeader("Location", location)
+            request.setHeader("Content-Length", "0")
+            request.finish()
+            return
         source = await self._fetcher.blob(route.pool, route.repository, digest)
+        await self._serve(request, source, digest)
+
+    async def _peer_blob(self, request: Request, reference: bytes) -> None:
+        """
+        A blob for another node of the cluster: only what this node has
+        or downloads itself (``Fetcher.local_blob``), for a request that
+        carries the digest's token under the cluster's key.
+        """
+        if self._coordinator is None:
+            raise NotFound("this node is not in a cluster")
+        digest = parse_digest(reference.decode("ascii", "replace"))
+        try:
+            key = await self._coordinator.peer_key()
+        except CoordinatorDown:
+            raise UpstreamUnavailable("the cluster's Redis is down") from None
+        given = request.requestHeaders.getRawHeaders(nodes.AUTH_HEADER)
+        if not nodes.authorized(key, digest, given[0] if given else None):
+            raise Denied("not a node of this cluster")
+        source = await self._fetcher.local_blob(digest)
+        if source is None:
+            raise BlobUnknown(f"this node is not downloading {digest}")
+        request.setHeader("Docker-Content-Digest", str(digest))
+        request.setHeader("Content-Type", "application/octet-stream")
+        await self._serve(request, source, digest)
+
+    async def _serve(
+        self, request: Request, source: BlobSource, digest: Digest
+    ) -> None:
+        """Stream a blob source, whole or the requested range."""
         labels: dict[str, Any] = getattr(request, "regmirror", {})
         if source.download is not None:
             labels["cache"], labels["upstream"] = "miss", source.download.source
@@ -587,14 +639,20 @@ class NotFoundResource(ReadOnlyResource):
 class Health(ReadOnlyResource):
     """
     A probe: 200 ``ok`` when *check* finds nothing wrong, else 503 with the
-    problems, one per line.
+    problems, one per line.  What *degraded* finds follows ``ok`` (still
+    200): the node serves, less well.
     """
 
     isLeaf = True
 
-    def __init__(self, check: Callable[[], list[str]]) -> None:
+    def __init__(
+        self,
+        check: Callable[[], list[str]],
+        degraded: Callable[[], list[str]] = list,
+    ) -> None:
         super().__init__()
         self._check = check
+        self._degraded = degraded
 
     def render_GET(self, request: Request) -> bytes:
         problems = self._check()
@@ -603,6 +661,9 @@ class Health(ReadOnlyResource):
         if problems:
             request.setResponseCode(503)
             return "".join(f"{problem}\n" for problem in problems).encode("utf-8")
+        notes = self._degraded()
+        if notes:
+            return "".join(f"ok, degraded: {note}\n" for note in notes).encode("utf-8")
         return b"ok\n"
 
     render_HEAD = render_GET

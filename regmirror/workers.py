@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     config = validate(arguments.config)
     mirror = build_mirror(config, reactor)
-    mirror.store.open(clean=False)
+    mirror.start(clean=False)
     certificates = []
     for number, family, description in json.loads(arguments.listeners):
         factory: Any = PlainHTTPFactory(mirror.site)
