@@ -60,12 +60,17 @@ PEER_KEY_SIZE = 32
 
 Connect = Callable[[IProtocolFactory], "Deferred[Any]"]
 
-# KEYS: lease, fence.  ARGV: advertised URL, ttl in ms.
+# KEYS: lease, fence.  ARGV: advertised URL, ttl in ms, the largest token
+# this node has seen (a fence lost with Redis's data starts above it).
 # -> {1, value} when taken, {0, value of the holder} when held.
 _ACQUIRE = """
 local held = redis.call('GET', KEYS[1])
 if held then return {0, held} end
 local token = redis.call('INCR', KEYS[2])
+if token <= tonumber(ARGV[3]) then
+  token = tonumber(ARGV[3]) + 1
+  redis.call('SET', KEYS[2], string.format('%d', token))
+end
 local value = string.format('%d %s', token, ARGV[1])
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return {1, value}
@@ -277,6 +282,9 @@ class Coordinator:
         self._leases: dict[Lease, _Renewal] = {}
         self._touched: dict[Digest, float] = {}
         self._peer_key: tuple[bytes, float] | None = None
+        #: the largest fencing token seen, so that tokens keep growing even
+        #: if Redis comes back without its data
+        self._highest_token = 0
         self._refusal = ""
 
     def __repr__(self) -> str:
@@ -599,7 +607,7 @@ class Coordinator:
             "acquire",
             _ACQUIRE,
             [self._lease_key(digest), self._key("fence")],
-            [self.advertise, self._ttl_ms()],
+            [self.advertise, self._ttl_ms(), self._highest_token],
         )
         try:
             taken, value = int(reply[0]), bytes(reply[1])
@@ -617,11 +625,13 @@ class Coordinator:
     def _parse_holder(self, digest: Digest, value: bytes) -> Holder:
         token, _, url = value.decode("utf-8", "replace").partition(" ")
         try:
-            return Holder(url, int(token))
+            holder = Holder(url, int(token))
         except ValueError:
             raise CoordinatorDown(
                 f"the lease on {digest} holds no token: {value!r:.80}"
             ) from None
+        self._highest_token = max(self._highest_token, holder.token)
+        return holder
 
     def _renew_from(self, lease: Lease, sent: float) -> None:
         loop = LoopingCall(self._renew, lease)

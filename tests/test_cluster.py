@@ -175,7 +175,7 @@ class FakeRedis:
         held = self._live(keys[0])
         if held is not None:
             return [0, held]
-        token = int(self._live(keys[1]) or 0) + 1
+        token = max(int(self._live(keys[1]) or 0), int(argv[2])) + 1
         self._set(keys[1], b"%d" % token)
         value = b"%d %s" % (token, argv[0])
         self._set(keys[0], value, int(argv[1]))
@@ -273,6 +273,14 @@ class LeaseTests(SynchronousTestCase):
         assert (
             self.successResultOf(Deferred.fromCoroutine(self.b.holder(OTHER))) is None
         )
+
+    def test_tokens_keep_growing_when_redis_comes_back_empty(self) -> None:
+        """The fence counter lost with Redis's data restarts above the
+        largest token the node has seen."""
+        tokens = [self.acquire(self.a, Digest.of(b"%d" % i)).token for i in range(3)]
+        assert tokens == [1, 2, 3]
+        self.redis.data.clear()
+        assert self.acquire(self.a).token == 4
 
     def test_renewed_every_third_of_the_ttl_and_kept_past_it(self) -> None:
         """Renewals every ttl/3 keep the lease for as long as it is held."""
