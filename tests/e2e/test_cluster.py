@@ -1,0 +1,350 @@
+"""
+Several nodes, one cache: three ``twistd regmirror`` processes sharing a
+real ``redis-server`` (and, where the bucket matters, a real Ceph RGW)
+in front of a real ``docker-registry`` whose access log counts the GETs.
+
+The big layer goes through a throttling relay so that the download is
+still running while the test looks (and kills).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .engines import RedisServer
+from .harness import (
+    LOCALHOST,
+    MirrorProcess,
+    RegistryProcess,
+    free_port,
+    mirror_config_upstreams,
+    poll_until,
+)
+from .images import Blob, Catalog
+from .test_hostile import ThrottleRelay
+
+pytestmark = pytest.mark.e2e
+
+NODES = 3
+CLIENTS = 30
+#: the throttled upstream: the 40 MiB layer takes about 2.5 s
+RATE = 16 << 20
+CLIENT_TIMEOUT = 60.0
+READ_CHUNK = 256 * 1024
+LEASE_TTL = "2s"
+
+
+@dataclass
+class Pulled:
+    """What one client got, and what the upstream transfer was doing when
+    its first byte arrived."""
+
+    node: int
+    status: int = 0
+    size: int = 0
+    digest: str = ""
+    error: str | None = None
+    #: whether the upstream was still sending when the first byte came
+    upstream_busy_at_first_byte: bool | None = None
+
+
+def pull(
+    node: int,
+    port: int,
+    path: str,
+    upstream_busy: Callable[[], bool],
+    first_byte: threading.Event | None = None,
+) -> Pulled:
+    """GET *path* from a node, hashing the body; bounded."""
+    result = Pulled(node)
+    connection = http.client.HTTPConnection(LOCALHOST, port, timeout=CLIENT_TIMEOUT)
+    hasher = hashlib.sha256()
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        result.status = response.status
+        length = response.length or 0
+        for _ in range(length // READ_CHUNK + 2):
+            data = response.read(READ_CHUNK)
+            if not data:
+                break
+            if result.upstream_busy_at_first_byte is None:
+                result.upstream_busy_at_first_byte = upstream_busy()
+                if first_byte is not None:
+                    first_byte.set()
+            hasher.update(data)
+            result.size += len(data)
+    except (OSError, http.client.HTTPException) as e:
+        result.error = f"{type(e).__name__}: {e}"
+    finally:
+        connection.close()
+    result.digest = "sha256:" + hasher.hexdigest()
+    return result
+
+
+def relay_finished(relay: ThrottleRelay, size: int) -> bool:
+    """Has the relay delivered a whole body of *size* bytes and closed?"""
+    if not relay.log_path.exists():
+        return False
+    for line in relay.log_path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "closed" and record.get("bytes", 0) >= size:
+            return True
+    return False
+
+
+def download_lines(node: MirrorProcess, digest: str) -> list[str]:
+    return [line for line in node.log().splitlines() if f"downloading {digest}" in line]
+
+
+def holder_of(nodes: list[MirrorProcess], digest: str) -> list[int]:
+    """The nodes that downloaded *digest* from the upstream itself."""
+    return [
+        index
+        for index, node in enumerate(nodes)
+        if any("from origin" in line for line in download_lines(node, digest))
+    ]
+
+
+def cluster_config(
+    upstream_url: str, redis: RedisServer, rgw: Any = None, bucket: str = ""
+) -> Callable[[int], str]:
+    """A node's INI text: the shared Redis (and bucket), advertising its port."""
+
+    def config(port: int) -> str:
+        text = mirror_config_upstreams(
+            port,
+            {"origin": {"url": upstream_url, "breaker_backoff": "1s"}},
+            origin="origin",
+            tag_ttl="30s",
+        )
+        if rgw is not None:
+            text = text.replace(
+                "[cache]\n",
+                "[cache]\nbackend = s3\n"
+                f"s3_endpoint = {rgw.endpoint}\ns3_bucket = {bucket}\n"
+                f"s3_region = {rgw.region}\n"
+                f"s3_access_key = {rgw.access_key}\n"
+                f"s3_secret_key = {rgw.secret_key}\n",
+            )
+        return text + (
+            f"\n[cluster]\nredis = {redis.url}\n"
+            f"advertise = http://{LOCALHOST}:{port}\nlease_ttl = {LEASE_TTL}\n"
+        )
+
+    return config
+
+
+@pytest.fixture
+def origin(tmp_path: Path, seeded_storage: Path) -> RegistryProcess:
+    registry = RegistryProcess(seeded_storage, tmp_path / "origin")
+    registry.start()
+    yield registry  # type: ignore[misc]
+    registry.stop()
+
+
+def start_nodes(
+    start_mirror: Callable[..., MirrorProcess], config: Callable[[int], str]
+) -> list[MirrorProcess]:
+    return [start_mirror(config) for _ in range(NODES)]
+
+
+def blob_path(catalog: Catalog, blob: Blob) -> str:
+    return f"/v2/{catalog.big.repository}/blobs/{blob.digest}"
+
+
+def test_one_upstream_download_for_the_cluster(
+    catalog: Catalog,
+    origin: RegistryProcess,
+    redis: RedisServer,
+    start_mirror: Callable[..., MirrorProcess],
+    start_program: Callable[[ThrottleRelay], ThrottleRelay],
+    tmp_path: Path,
+) -> None:
+    """
+    30 clients spread over three nodes pull one cold 40 MiB layer at once:
+    the upstream sees one GET, every client gets the right bytes, and the
+    clients of the two nodes that did not download it themselves had their
+    first bytes while the upstream was still sending.
+    """
+    layer = catalog.big.layers[0]
+    relay = start_program(ThrottleRelay(tmp_path / "relay", origin.port, RATE))
+    nodes = start_nodes(start_mirror, cluster_config(relay.url, redis))
+    path = blob_path(catalog, layer)
+    barrier = threading.Barrier(CLIENTS, timeout=CLIENT_TIMEOUT)
+    results: list[Pulled] = []
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        node = index % NODES
+        barrier.wait()
+        got = pull(
+            node,
+            nodes[node].port,
+            path,
+            lambda: not relay_finished(relay, layer.size),
+        )
+        with lock:
+            results.append(got)
+
+    threads = [
+        threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENTS)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=CLIENT_TIMEOUT)
+    assert len(results) == CLIENTS, "some clients never finished"
+    for got in results:
+        assert (got.status, got.size, got.digest, got.error) == (
+            200,
+            layer.size,
+            layer.digest,
+            None,
+        ), got
+    assert origin.count_blob_gets(layer.digest) == 1
+    holders = holder_of(nodes, layer.digest)
+    assert len(holders) == 1, [node.log() for node in nodes]
+    followers = [i for i in range(NODES) if i not in holders]
+    for index in followers:
+        lines = download_lines(nodes[index], layer.digest)
+        assert lines and all("from node http://" in line for line in lines), lines
+    early = [g for g in results if g.node in followers]
+    assert early and all(g.upstream_busy_at_first_byte for g in early), early
+
+
+def test_holder_killed_mid_download(
+    catalog: Catalog,
+    origin: RegistryProcess,
+    redis: RedisServer,
+    start_mirror: Callable[..., MirrorProcess],
+    start_program: Callable[[ThrottleRelay], ThrottleRelay],
+    tmp_path: Path,
+) -> None:
+    """
+    The node downloading a layer for the cluster is SIGKILLed mid-transfer:
+    the clients streaming it through the two other nodes still get every
+    byte right, one of those nodes takes the lease over and goes on from
+    upstream with a Range request: at most one extra GET upstream.
+    """
+    layer = catalog.big.layers[0]
+    relay = start_program(ThrottleRelay(tmp_path / "relay", origin.port, RATE))
+    config = cluster_config(relay.url, redis)
+    port = free_port()
+    doomed = MirrorProcess(tmp_path / "doomed", config(port), port)
+    doomed.start()
+    try:
+        others = [start_mirror(config) for _ in range(NODES - 1)]
+        path = blob_path(catalog, layer)
+        busy = lambda: not relay_finished(relay, layer.size)  # noqa: E731
+        started = threading.Event()
+        first = threading.Thread(
+            target=pull, args=(0, doomed.port, path, busy, started), daemon=True
+        )
+        first.start()
+        assert started.wait(CLIENT_TIMEOUT), "the first node never started"
+        results: list[Pulled] = []
+        streaming: list[threading.Event] = []
+        threads = []
+        for index in range(10):
+            node = 1 + index % 2
+            event = threading.Event()
+            streaming.append(event)
+
+            def client(node: int = node, event: threading.Event = event) -> None:
+                results.append(pull(node, others[node - 1].port, path, busy, event))
+
+            threads.append(threading.Thread(target=client, daemon=True))
+        for thread in threads:
+            thread.start()
+        for event in streaming:
+            assert event.wait(CLIENT_TIMEOUT), "a client never got a byte"
+        assert busy(), "the download ended before the kill: nothing tested"
+        assert doomed._process is not None  # noqa: SLF001
+        doomed._process.send_signal(signal.SIGKILL)  # noqa: SLF001
+        for thread in threads:
+            thread.join(timeout=CLIENT_TIMEOUT)
+        first.join(timeout=CLIENT_TIMEOUT)
+    finally:
+        doomed.stop()
+    assert len(results) == 10, "some clients never finished"
+    for got in results:
+        assert (got.status, got.size, got.digest, got.error) == (
+            200,
+            layer.size,
+            layer.digest,
+            None,
+        ), got
+    assert holder_of([doomed], layer.digest) == [0]
+    assert 1 <= origin.count_blob_gets(layer.digest) <= 2
+    resumed = [
+        line
+        for node in others
+        for line in node.log().splitlines()
+        if f"resuming {layer.digest}" in line and "from origin" in line
+    ]
+    assert len(resumed) == 1, [node.log() for node in others]
+
+
+def readyz(node: MirrorProcess) -> str:
+    response = node.request("GET", "/readyz")
+    assert response.status == 200, response
+    return response.body.decode()
+
+
+def test_redis_down_nodes_work_alone(
+    catalog: Catalog,
+    origin: RegistryProcess,
+    redis: RedisServer,
+    start_mirror: Callable[..., MirrorProcess],
+) -> None:
+    """
+    With Redis stopped the nodes go on serving, cached and uncached, each
+    alone, and say so (/readyz, the gauge); once it is back they join again.
+    """
+    nodes = start_nodes(start_mirror, cluster_config(origin.url, redis))
+    small = catalog.small
+    layers = small.layers
+    before = layers[0]
+    path = f"/v2/{small.repository}/blobs/{before.digest}"
+    for node in nodes:
+        assert readyz(node) == "ok\n"
+    assert node.request("GET", path).status == 200
+    redis.stop()
+    for node in nodes:
+        poll_until(
+            lambda node=node: "degraded" in readyz(node),  # type: ignore[misc]
+            timeout=10,
+            describe=lambda: "no node noticed Redis was gone",
+        )
+        assert node.metric("regmirror_cluster_coordinator_up") == 0
+    for index, node in enumerate(nodes):
+        for layer in layers:
+            blob = f"/v2/{small.repository}/blobs/{layer.digest}"
+            response = node.request("GET", blob)
+            assert response.status == 200, (index, response)
+            assert "sha256:" + hashlib.sha256(response.body).hexdigest() == layer.digest
+        manifest = node.request(
+            "GET",
+            f"/v2/{small.repository}/manifests/{small.tag}",
+            {"Accept": small.root.media_type},
+        )
+        assert manifest.status == 200, manifest
+    redis.start()
+    for node in nodes:
+        poll_until(
+            lambda node=node: readyz(node) == "ok\n",  # type: ignore[misc]
+            timeout=15,
+            describe=lambda: "a node never saw Redis again",
+        )
+        assert node.metric("regmirror_cluster_coordinator_up") == 1
