@@ -398,6 +398,14 @@ class Fetcher:
                 claim = await coordinator.acquire(digest)
                 if isinstance(claim, Lease):
                     download.lease = claim
+                    claim.lost.addCallback(
+                        lambda why: self.log.warn(
+                            "lost the lease on {digest} ({why}); going on: at "
+                            "worst another node downloads it too",
+                            digest=str(digest),
+                            why=why,
+                        )
+                    )
                     return None
                 key = await coordinator.peer_key()
             except CoordinatorDown:
