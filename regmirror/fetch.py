@@ -1093,10 +1093,12 @@ class _SpoolWriter:
             self._idle = self.clock.callLater(self.idle_timeout, self._stalled)
 
     def _stalled(self) -> None:
+        download = self.download
+        source = download.source
+        if download.upstream is not None:
+            source = f"upstream {source}"
         self.fetcher.log.warn(
-            "{source} stalled on {digest}",
-            source=self.download.source,
-            digest=str(self.download.digest),
+            "{source} stalled on {digest}", source=source, digest=str(download.digest)
         )
         if self._transport is not None:
             self._transport.stopProducing()
