@@ -16,7 +16,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-from .engines import RedisServer, missing_engines
+from .engines import (
+    CEPH_BINARIES,
+    REDIS_BINARIES,
+    CephRGW,
+    RedisServer,
+    missing_engines,
+)
 from .harness import (
     REGISTRY_BINARY,
     SKOPEO_BINARY,
@@ -218,12 +224,16 @@ def two_namespaces(
 # -- the cluster's engines -------------------------------------------------------
 
 
+def _require_engines(binaries: tuple[str, ...]) -> None:
+    missing = missing_engines(binaries)
+    if missing:
+        pytest.fail(f"not installed: {', '.join(missing)}: run scripts/dev test")
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One ``redis-server`` for the whole run; use :func:`redis` in tests."""
-    missing = missing_engines()
-    if missing:
-        pytest.fail(f"not installed: {', '.join(missing)}: run scripts/dev test")
+    _require_engines(REDIS_BINARIES)
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
@@ -240,3 +250,24 @@ def redis(redis_server: RedisServer) -> RedisServer:
         redis_server.start()
     redis_server.flushall()
     return redis_server
+
+
+@pytest.fixture(scope="session")
+def ceph_rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephRGW]:
+    """
+    One single-node Ceph RGW (S3 on ``ceph_rgw.endpoint``) for the whole
+    run; each test takes its own bucket with :func:`s3_bucket`.
+    """
+    _require_engines(CEPH_BINARIES)
+    rgw = CephRGW(tmp_path_factory.mktemp("ceph-rgw"))
+    rgw.start()
+    yield rgw
+    rgw.stop()
+
+
+@pytest.fixture
+def s3_bucket(ceph_rgw: CephRGW) -> str:
+    """The name of a new, empty bucket of the session's RGW."""
+    if not ceph_rgw.running:
+        pytest.fail(f"the session's Ceph RGW is down:\n{ceph_rgw.log_tail()}")
+    return ceph_rgw.make_bucket()
