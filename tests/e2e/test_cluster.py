@@ -17,11 +17,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from .engines import RedisServer
+from .engines import CephRGW, RedisServer
 from .harness import (
     LOCALHOST,
     MirrorProcess,
@@ -117,7 +116,7 @@ def holder_of(nodes: list[MirrorProcess], digest: str) -> list[int]:
 
 
 def cluster_config(
-    upstream_url: str, redis: RedisServer, rgw: Any = None, bucket: str = ""
+    upstream_url: str, redis: RedisServer, rgw: CephRGW | None = None, bucket: str = ""
 ) -> Callable[[int], str]:
     """A node's INI text: the shared Redis (and bucket), advertising its port."""
 
@@ -348,3 +347,49 @@ def test_redis_down_nodes_work_alone(
             describe=lambda: "a node never saw Redis again",
         )
         assert node.metric("regmirror_cluster_coordinator_up") == 1
+
+
+def test_the_bucket_serves_every_node_afterwards(
+    catalog: Catalog,
+    origin: RegistryProcess,
+    redis: RedisServer,
+    ceph_rgw: CephRGW,
+    s3_bucket: str,
+    start_mirror: Callable[..., MirrorProcess],
+) -> None:
+    """
+    With ``backend = s3``: once one node has pulled an image, the other
+    nodes take its blobs and manifests from the bucket (Ceph RGW), not from
+    the upstream, and a Range request is answered from there too.
+    """
+    config = cluster_config(origin.url, redis, ceph_rgw, s3_bucket)
+    first, second, third = start_nodes(start_mirror, config)
+    image = catalog.small
+    manifest_path = f"/v2/{image.repository}/manifests/{image.root.digest}"
+    accept = {"Accept": image.root.media_type}
+    assert first.request("GET", manifest_path, accept).status == 200
+    for layer in image.layers:
+        response = first.request("GET", f"/v2/{image.repository}/blobs/{layer.digest}")
+        assert response.status == 200
+    # The holder puts each blob in the bucket after verifying it.
+    for layer in image.layers:
+        key = f"/{s3_bucket}/blobs/sha256/{layer.digest.split(':')[1]}"
+        poll_until(
+            lambda key=key: ceph_rgw.request("HEAD", key).status == 200,  # type: ignore[misc]
+            timeout=10,
+            describe=lambda key=key: f"{key} never reached the bucket",  # type: ignore[misc]
+        )
+    manifest = second.request("GET", manifest_path, accept)
+    assert manifest.status == 200 and manifest.body == image.root.data
+    for layer in image.layers:
+        path = f"/v2/{image.repository}/blobs/{layer.digest}"
+        whole = second.request("GET", path)
+        assert whole.status == 200 and whole.body == layer.data
+        ranged = third.request("GET", path, {"Range": "bytes=5-"})
+        assert ranged.status == 206 and ranged.body == layer.data[5:]
+        assert origin.count_blob_gets(layer.digest) == 1
+        for node in (second, third):
+            lines = download_lines(node, layer.digest)
+            assert lines and all("from shared store" in line for line in lines), lines
+    manifests = rf"/v2/\S+/manifests/{image.root.digest}"
+    assert origin.count_requests("GET", manifests) == 1
