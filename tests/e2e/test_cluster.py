@@ -26,6 +26,7 @@ from .harness import (
     MirrorProcess,
     RegistryProcess,
     free_port,
+    http_request,
     mirror_config_upstreams,
     poll_until,
 )
@@ -166,35 +167,53 @@ def test_one_upstream_download_for_the_cluster(
     catalog: Catalog,
     origin: RegistryProcess,
     redis: RedisServer,
+    ceph_rgw: CephRGW,
+    s3_bucket: str,
     start_mirror: Callable[..., MirrorProcess],
     start_program: Callable[[ThrottleRelay], ThrottleRelay],
     tmp_path: Path,
 ) -> None:
     """
-    30 clients spread over three nodes pull one cold 40 MiB layer at once:
-    the upstream sees one GET, every client gets the right bytes, and the
-    clients of the two nodes that did not download it themselves had their
-    first bytes while the upstream was still sending.
+    30 clients spread over three nodes (sharing Redis and an RGW bucket)
+    pull one cold image at once, manifest, config and its 40 MiB layer:
+    the upstream sees one GET per blob, every client gets the right bytes,
+    and the clients of the two nodes that did not download the layer
+    themselves had their first bytes while the upstream was still sending.
     """
-    layer = catalog.big.layers[0]
+    image = catalog.big
+    layer = image.layers[0]
     relay = start_program(ThrottleRelay(tmp_path / "relay", origin.port, RATE))
-    nodes = start_nodes(start_mirror, cluster_config(relay.url, redis))
+    nodes = start_nodes(
+        start_mirror, cluster_config(relay.url, redis, ceph_rgw, s3_bucket)
+    )
     path = blob_path(catalog, layer)
     barrier = threading.Barrier(CLIENTS, timeout=CLIENT_TIMEOUT)
     results: list[Pulled] = []
+    small: list[tuple[str, bool]] = []
     lock = threading.Lock()
 
     def client(index: int) -> None:
         node = index % NODES
+        port = nodes[node].port
         barrier.wait()
-        got = pull(
-            node,
-            nodes[node].port,
-            path,
-            lambda: not relay_finished(relay, layer.size),
+        manifest = http_request(
+            port,
+            "GET",
+            f"/v2/{image.repository}/manifests/{image.tag}",
+            {"Accept": image.root.media_type},
+            timeout=CLIENT_TIMEOUT,
         )
+        got_small = [manifest.body == image.root.data]
+        for blob in image.blobs:
+            if blob.digest != layer.digest:
+                response = http_request(
+                    port, "GET", blob_path(catalog, blob), timeout=CLIENT_TIMEOUT
+                )
+                got_small.append(response.body == blob.data)
+        got = pull(node, port, path, lambda: not relay_finished(relay, layer.size))
         with lock:
             results.append(got)
+            small.append((f"client {index} on node {node}", all(got_small)))
 
     threads = [
         threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENTS)
@@ -211,7 +230,9 @@ def test_one_upstream_download_for_the_cluster(
             layer.digest,
             None,
         ), got
-    assert origin.count_blob_gets(layer.digest) == 1
+    assert all(ok for _, ok in small), small
+    for blob in image.blobs:
+        assert origin.count_blob_gets(blob.digest) == 1, blob
     holders = holder_of(nodes, layer.digest)
     assert len(holders) == 1, [node.log() for node in nodes]
     followers = [i for i in range(NODES) if i not in holders]
