@@ -414,3 +414,36 @@ def test_the_bucket_serves_every_node_afterwards(
             assert lines and all("from shared store" in line for line in lines), lines
     manifests = rf"/v2/\S+/manifests/{image.root.digest}"
     assert origin.count_requests("GET", manifests) == 1
+
+
+def test_bucket_unreachable_nodes_serve_from_upstream(
+    catalog: Catalog,
+    origin: RegistryProcess,
+    redis: RedisServer,
+    ceph_rgw: CephRGW,
+    start_mirror: Callable[..., MirrorProcess],
+) -> None:
+    """
+    A bucket that cannot be reached (nothing listens at its endpoint) costs
+    the cache nothing but the sharing: pulls are served from upstream, and
+    the node says why in its log.
+    """
+
+    class Nowhere:
+        endpoint = f"http://{LOCALHOST}:{free_port()}"
+        region, access_key, secret_key = (
+            ceph_rgw.region,
+            ceph_rgw.access_key,
+            ceph_rgw.secret_key,
+        )
+
+    config = cluster_config(origin.url, redis, Nowhere, "regmirror")  # type: ignore[arg-type]
+    node, other = start_nodes(start_mirror, config)[:2]
+    image = catalog.small
+    for target in (node, other):
+        for layer in image.layers:
+            response = target.request(
+                "GET", f"/v2/{image.repository}/blobs/{layer.digest}"
+            )
+            assert response.status == 200 and response.body == layer.data
+    node.wait_for_log(r"shared store")
