@@ -303,8 +303,18 @@ class Mirror:
                 }
                 for d in self.fetcher.downloads
             ],
+            "cluster": self._cluster_status(),
             "totals": self.totals(),
             "history": list(self.history.samples),
+        }
+
+    def _cluster_status(self) -> dict[str, Any] | None:
+        if self.coordinator is None or self.config.cluster is None:
+            return None
+        return {
+            "redis": self.coordinator.where,
+            "available": self.coordinator.available,
+            "advertise": self.config.cluster.advertise,
         }
 
     def live_metrics(self) -> Iterator[Metric]:
