@@ -237,6 +237,20 @@ class Mirror:
         self.store.open(clean)
         if self.coordinator is not None:
             self.coordinator.start()
+        shared = self.fetcher.shared
+        if shared is not None:
+            # Said at once, not at the first pull: a wrong key or bucket.
+            location = shared.objects.location
+            where = f"{location.endpoint} bucket {location.bucket}"
+            Deferred.fromCoroutine(shared.objects.check()).addCallbacks(
+                lambda _: log.info("shared store {where} ready", where=where),
+                lambda failure: log.warn(
+                    "shared store {where} unusable, serving without it for now: "
+                    "{why}",
+                    where=where,
+                    why=failure.getErrorMessage(),
+                ),
+            )
 
     async def stop(self) -> None:
         """Leave the cluster (its leases go at once, not at expiry)."""

@@ -446,4 +446,4 @@ def test_bucket_unreachable_nodes_serve_from_upstream(
                 "GET", f"/v2/{image.repository}/blobs/{layer.digest}"
             )
             assert response.status == 200 and response.body == layer.data
-    node.wait_for_log(r"shared store")
+    node.wait_for_log(r"shared store http://\S+ bucket regmirror unusable")
