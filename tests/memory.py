@@ -17,7 +17,9 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
+from regmirror import nodes
 from regmirror.access import Gate
+from regmirror.cluster import Coordinator
 from regmirror.config import AccessConfig, NamespaceConfig, Network, UpstreamConfig
 from regmirror.fetch import Fetcher
 from regmirror.metrics import Metrics
@@ -42,8 +44,17 @@ class Harness:
         settings: dict[str, dict[str, Any]] | None = None,
         access: AccessConfig | None = None,
         narrower: dict[str, tuple[Network, ...]] | None = None,
+        clock: Clock | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
-        self.clock = Clock()
+        """
+        :param clock: shared by several harnesses acting as one cluster.
+        :param coordinator: this node's view of the cluster: given to the
+            fetcher and the API, which then answers other nodes at
+            ``/_cluster/blobs/`` as :func:`regmirror.service.build_mirror`
+            wires it.
+        """
+        self.clock = clock if clock is not None else Clock()
         self.store = Store(root, now=self.clock.seconds)
         self.store.open()
         self.fakes = upstreams
@@ -75,7 +86,11 @@ class Harness:
             ]
         )
         self.fetcher = Fetcher(
-            self.store, self.clock, tag_ttl=30.0, metrics=self.metrics
+            self.store,
+            self.clock,
+            tag_ttl=30.0,
+            metrics=self.metrics,
+            coordinator=coordinator,
         )
         self.gate = None
         children: dict[bytes, Resource] = {}
@@ -84,8 +99,13 @@ class Harness:
             children[b"token"] = TokenResource(
                 self.gate, lambda name: router.route(name).namespace.name
             )
-        api = RegistryAPI(router, self.fetcher, self.clock, self.metrics, self.gate)
-        self.client = StubTreq(Root(api, children))
+        api = RegistryAPI(
+            router, self.fetcher, self.clock, self.metrics, self.gate, coordinator
+        )
+        if coordinator is not None:
+            children[nodes.PATH] = api
+        self.root = Root(api, children)
+        self.client = StubTreq(self.root)
 
     def router_pool(self, namespace: str) -> UpstreamPool:
         return self.pools[namespace]
