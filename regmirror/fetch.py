@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -123,8 +123,9 @@ class Download:
     upstream: Upstream | None = None
     #: this node's claim on the digest, when it downloads for the cluster
     lease: Lease | None = None
-    #: the shared store failed this download: do not go back to it
-    skip_shared: bool = False
+    #: what the shared store did for this download: ``""`` (not asked),
+    #: ``"absent"``, ``"failed"`` or ``"used"``
+    bucket: str = ""
     #: another process is downloading; this one only watches its spool
     follower: bool = False
     state: str = "running"
@@ -359,28 +360,49 @@ class Fetcher:
 
         :raises NotFoundAnywhere: when no upstream has it.
         """
-        digest, offset = download.digest, download.written
-        if self.shared is not None and not download.skip_shared:
-            try:
-                response = await self.shared.open_blob(digest, offset)
-            except NotFound:
-                download.skip_shared = True
-            except S3Error as e:
-                self.log.warn("shared store: {why}", why=str(e))
-                download.skip_shared = True
-            else:
-                download.source, download.upstream = SHARED, None
-                self._touch(digest)
-                return response
+        from_bucket = await self._from_shared(download)
+        if from_bucket is not None:
+            return from_bucket
         if download.lease is None:
             from_node = await self._from_cluster(download)
             if from_node is not None:
                 return from_node
+            if download.lease is not None:
+                # Looked at again under the lease: another node may have
+                # shared the blob and let go since the first look.
+                from_bucket = await self._from_shared(download, again=True)
+                if from_bucket is not None:
+                    return from_bucket
         assert download.pool is not None, "a follower opens nothing"
         upstream, response = await download.pool.open_blob(
-            download.repository, digest, offset, order
+            download.repository, download.digest, download.written, order
         )
         download.source, download.upstream = upstream.name, upstream
+        return response
+
+    async def _from_shared(
+        self, download: Download, again: bool = False
+    ) -> IResponse | None:
+        """
+        The blob from the shared store, if it has it: asked once per
+        download, and *again* only if it had nothing the first time.
+        """
+        if self.shared is None:
+            return None
+        if download.bucket and not (again and download.bucket == "absent"):
+            return None
+        try:
+            response = await self.shared.open_blob(download.digest, download.written)
+        except NotFound:
+            download.bucket = "absent"
+            return None
+        except S3Error as e:
+            self.log.warn("shared store: {why}", why=str(e))
+            download.bucket = "failed"
+            return None
+        download.bucket = "used"
+        download.source, download.upstream = SHARED, None
+        self._touch(download.digest)
         return response
 
     async def _from_cluster(self, download: Download) -> IResponse | None:
@@ -407,6 +429,13 @@ class Fetcher:
                         )
                     )
                     return None
+                if claim.url == coordinator.advertise:
+                    # This node's previous life (a restart within the
+                    # lease's time): wait for the lease to run out.
+                    await deferLater(
+                        self.clock, coordinator.lease_ttl / 4, lambda: None
+                    )
+                    continue
                 key = await coordinator.peer_key()
             except CoordinatorDown:
                 return None
@@ -482,6 +511,8 @@ class Fetcher:
         if running is None and flight is not None:
             try:
                 running = await flight
+            except CancelledError:
+                raise
             except Exception:
                 return None
         if running is None:
@@ -605,8 +636,6 @@ class Fetcher:
             # transfer on (a stall): then it is the last resort.
             stuck = offset == download.resumed_at
             order = [*others, broken] if stuck else [broken, *others]
-        elif download.source == SHARED:
-            download.skip_shared = True
         download.resumed += 1
         download.resumed_at = offset
         try:
@@ -714,12 +743,20 @@ class Fetcher:
         download.notify()
 
     def _record_tag(
-        self, namespace: str, repository: str, tag: str, digest: Digest
+        self,
+        namespace: str,
+        repository: str,
+        tag: str,
+        digest: Digest,
+        confirmed: float | None = None,
     ) -> None:
+        """Keep the origin's answer on disk (confirmed now, unless said)."""
         if not self.store.writable():
             return
+        if confirmed is None:
+            confirmed = self.clock.seconds()
         try:
-            self.store.set_tag(namespace, repository, tag, digest, self.clock.seconds())
+            self.store.set_tag(namespace, repository, tag, digest, confirmed)
         except OSError as error:
             self.store.degrade(error)
 
@@ -821,6 +858,10 @@ class Fetcher:
             shared = await self._cluster_tag(pool, repository, tag)
             if shared is not None:
                 answer, confirmed = shared
+                # Kept like our own answer, for when the origin is down.
+                self._record_tag(
+                    pool.namespace, repository, tag, answer.digest, confirmed
+                )
                 self._tags[key] = (answer, confirmed + self.tag_ttl)
                 return answer
             started = self.clock.seconds()

@@ -11,6 +11,7 @@ every node and counts what it is asked.
 
 from __future__ import annotations
 
+import gc
 import json
 import textwrap
 from collections.abc import Coroutine
@@ -870,3 +871,133 @@ def test_with_the_bucket_refusing_one_node_still_downloads_for_all(
     assert first.data == second.data == LAYER
     assert c.blob_gets() == 1
     assert c.holder(layer) is None
+
+
+def test_a_tag_answered_from_the_cluster_is_kept_for_when_the_origin_is_down(
+    tmp_path: Path,
+) -> None:
+    """
+    A node that answered a tag from the cluster's record of the origin's
+    answer keeps it as its own cached answer, as the node that asked the
+    origin does: once the origin is unreachable, both answer from cache.
+    """
+    c = Cluster(tmp_path)
+    content = image(c.origin)
+    assert c.request("a", "GET", "/v2/app/manifests/latest").code == 200
+    b = c.request("b", "GET", "/v2/app/manifests/latest")
+    assert b.headers.getRawHeaders("Regmirror-Tag-Source") == ["cluster"]
+    c.tick(TAG_TTL + 1)
+    c.origin.fault = lambda request: (503, b"maintenance")
+    for name in "ab":
+        response = c.request(name, "GET", "/v2/app/manifests/latest")
+        assert (name, response.code) == (name, 200)
+        assert response.headers.getRawHeaders("Regmirror-Tag-Source") == ["cache"]
+        assert response.headers.getRawHeaders("Docker-Content-Digest") == [
+            content["manifest"]
+        ]
+
+
+def test_a_lease_left_under_the_nodes_own_url_is_not_asked_of_itself(
+    tmp_path: Path,
+) -> None:
+    """
+    A node that restarted within ``lease_ttl`` finds its previous life's
+    lease under its own URL: it does not request the blob from itself (its
+    own pending download would hold the request until the peer timeout),
+    it waits for the lease to run out like any dead holder's.
+    """
+    c = Cluster(tmp_path)
+    layer = image(c.origin)["layer"]
+    previous = Coordinator(
+        c.clock, REDIS, c.url("b"), lease_ttl=TTL, connect=c.redis.connect
+    )
+    previous.start()
+    lease = c.run(previous.acquire(parse_digest(layer)))
+    previous.abandon(lease)  # SIGKILL
+    sink = c.stream("b", f"/v2/app/blobs/{layer}")
+    for _ in range(4):
+        c.tick(TTL / 4)
+    assert sink.outcome == [None] and sink.data == LAYER
+    assert c.network.gateways["node-b"].requests == []
+
+
+class SlowRegistry(FakeRegistry):
+    """A FakeRegistry that holds blob GETs of the digests in :attr:`slow`
+    unanswered (not even headers) until :meth:`answer`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow: set[str] = set()
+        self.waiting: list[Request] = []
+
+    def render(self, request: Request) -> Any:
+        digest = request.path.decode().rsplit("/", 1)[-1]
+        if request.method == b"GET" and digest in self.slow:
+            self.slow.discard(digest)
+            self.requests.append(("GET", request.path.decode()))
+            self.waiting.append(request)
+            return NOT_DONE_YET
+        return super().render(request)
+
+    def answer(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for request in waiting:
+            self.requests.remove(("GET", request.path.decode()))  # counted once
+            body = super().render(request)
+            if body != NOT_DONE_YET:
+                request.write(body)
+                request.finish()
+
+
+def test_a_peer_giving_up_on_a_holder_still_waiting_for_upstream_breaks_nothing(
+    tmp_path: Path, logged: list[LogEvent]
+) -> None:
+    """
+    The holder's upstream is slow to answer; the other node's request for
+    the blob times out (``Peers.timeout``) while the holder's endpoint waits
+    for that download to start.  The holder drops the abandoned request
+    quietly: no error written to the closed connection, nothing unhandled.
+    """
+    origin = SlowRegistry()
+    c = Cluster(tmp_path, origin=origin)
+    layer = image(origin)["layer"]
+    origin.slow.add(layer)
+    first = c.stream("a", f"/v2/app/blobs/{layer}")
+    second = c.stream("b", f"/v2/app/blobs/{layer}")
+    assert c.blob_gets() == 1 and not first.finished
+    c.tick(c["b"].fetcher.peers.timeout)  # b gives up on a
+    origin.answer()
+    c.settle()
+    c.tick(TTL / 4)  # b asks again
+    assert first.outcome == [None] and first.data == LAYER
+    assert second.outcome == [None] and second.data == LAYER
+    gc.collect()  # an unhandled failure in a Deferred is logged when collected
+    failures = [e for e in logged if "log_failure" in e]
+    assert [repr(e["log_failure"].value) for e in failures] == []
+
+
+def test_a_node_that_wins_the_lease_after_the_holder_shared_takes_the_bucket(
+    tmp_path: Path,
+) -> None:
+    """
+    A node could not reach the holder; meanwhile the holder finished, put
+    the blob in the bucket and let go.  When the waiting node then wins the
+    lease it takes the blob from the bucket: still one upstream download
+    for the cluster.
+    """
+    c = Cluster(tmp_path)
+    layer = image(c.origin)["layer"]
+    c.origin.hold[layer] = 4096
+    first = c.stream("a", f"/v2/app/blobs/{layer}")
+    c.network.down.add("node-a")  # for a moment, b cannot reach a
+    second = c.stream("b", f"/v2/app/blobs/{layer}")
+    assert c.acquires("b") == 1
+    c.network.down.clear()
+    del c.origin.hold[layer]
+    c.origin.release()
+    c.settle()
+    assert first.outcome == [None] and c.in_bucket(blob_key(layer)) == LAYER
+    assert c.holder(layer) is None
+    c.tick(TTL / 4)
+    assert second.outcome == [None] and second.data == LAYER
+    assert c.blob_gets() == 1
