@@ -1201,22 +1201,20 @@ def _open_source(source: BlobSource) -> IO[bytes]:
         raise DownloadFailed(f"download of {source.download.digest} failed") from None
 
 
-@implementer(IPushProducer)
-class SpoolReader:
+class BlobTail:
     """
-    Streams bytes ``[start, end)`` of a blob, from the cache file or from a
-    download's growing spool, to a consumer, with back-pressure.
+    One reader's place in a blob, from the cache file or from a download's
+    growing spool: how far it may read now, and what to do at that limit
+    (wait for more, finish, or fail).  Subclasses move the bytes.
 
-    :ivar done: fires when every byte was written, or fails (the caller
-        then breaks the connection so that the client sees an error, not a
+    :ivar done: fires when every byte was sent, or fails (the caller then
+        breaks the connection so that the client sees an error, not a
         short "complete" body).
     """
 
     def __init__(
         self,
         source: BlobSource,
-        consumer: IConsumer,
-        clock: IReactorTime,
         start: int = 0,
         end: int | None = None,
         count: Callable[[int], object] | None = None,
@@ -1224,20 +1222,11 @@ class SpoolReader:
         self._count = count
         self._download = source.download
         self._file: IO[bytes] = _open_source(source)
-        self._file.seek(start)
         self._position = start
         self._end = end
-        self._consumer = consumer
-        self._clock = clock
-        self._paused = False
         self._stopped = False
-        self._pending: IDelayedCall | None = None
         self._waiting = False
         self.done: Deferred[None] = Deferred()
-
-    def begin(self) -> None:
-        self._consumer.registerProducer(self, True)
-        self._pump()
 
     def _limit(self) -> int | None:
         """How far we may read now, or ``None`` for "to the end of the file"."""
@@ -1247,31 +1236,15 @@ class SpoolReader:
         readable = download.readable
         return readable if self._end is None else min(readable, self._end)
 
-    def _pump(self) -> None:
-        self._pending = None
-        # Bounded work per turn so one fast client cannot starve the others.
-        for _ in range(16):
-            if self._paused or self._stopped:
-                return
-            limit = self._limit()
-            if limit is not None and self._position >= limit:
-                if self._finished():
-                    return
-                self._wait()
-                return
-            size = CHUNK if limit is None else min(CHUNK, limit - self._position)
-            data = self._file.read(size)
-            if not data:
-                if self._download is None or self._download.state == "done":
-                    self._complete()
-                    return
-                self._wait()
-                return
-            self._position += len(data)
-            self._consumer.write(data)
-            if self._count is not None:
-                self._count(len(data))
-        self._pending = self._clock.callLater(0, self._pump)
+    def _sent(self, size: int) -> None:
+        self._position += size
+        if self._count is not None:
+            self._count(size)
+
+    def _at_limit(self) -> None:
+        """Nothing more may be read now: finish, fail, or wait for more."""
+        if not self._finished():
+            self._wait()
 
     def _finished(self) -> bool:
         """At the read limit: are we done (or broken) rather than waiting?"""
@@ -1299,9 +1272,14 @@ class SpoolReader:
 
         def woke(_: None) -> None:
             self._waiting = False
-            self._pump()
+            if not self._stopped:
+                self._more()
 
         download.changed().addCallback(woke)
+
+    def _more(self) -> None:
+        """The download grew or ended: carry on sending."""
+        raise NotImplementedError
 
     def _complete(self) -> None:
         self._close()
@@ -1315,9 +1293,74 @@ class SpoolReader:
         if self._stopped:
             return
         self._stopped = True
+        self._file.close()
+        self._release()
+
+    def _release(self) -> None:
+        """Give the connection back (after the last byte, or on failure)."""
+
+    def stopProducing(self) -> None:
+        if not self._stopped:
+            self._close()
+            if not self.done.called:
+                self.done.errback(DownloadFailed("the client went away"))
+
+
+@implementer(IPushProducer)
+class SpoolReader(BlobTail):
+    """
+    Streams bytes ``[start, end)`` of a blob to a consumer (a twisted.web
+    request), reading it into memory a chunk at a time, with back-pressure.
+    """
+
+    def __init__(
+        self,
+        source: BlobSource,
+        consumer: IConsumer,
+        clock: IReactorTime,
+        start: int = 0,
+        end: int | None = None,
+        count: Callable[[int], object] | None = None,
+    ) -> None:
+        super().__init__(source, start, end, count)
+        self._file.seek(start)
+        self._consumer = consumer
+        self._clock = clock
+        self._paused = False
+        self._pending: IDelayedCall | None = None
+
+    def begin(self) -> None:
+        self._consumer.registerProducer(self, True)
+        self._pump()
+
+    def _more(self) -> None:
+        self._pump()
+
+    def _pump(self) -> None:
+        self._pending = None
+        # Bounded work per turn so one fast client cannot starve the others.
+        for _ in range(16):
+            if self._paused or self._stopped:
+                return
+            limit = self._limit()
+            if limit is not None and self._position >= limit:
+                self._at_limit()
+                return
+            size = CHUNK if limit is None else min(CHUNK, limit - self._position)
+            data = self._file.read(size)
+            if not data:
+                if self._download is None or self._download.state == "done":
+                    self._complete()
+                    return
+                self._wait()
+                return
+            self._sent(len(data))
+            self._consumer.write(data)
+        self._pending = self._clock.callLater(0, self._pump)
+
+    def _release(self) -> None:
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
-        self._file.close()
         self._consumer.unregisterProducer()
 
     def pauseProducing(self) -> None:
@@ -1328,9 +1371,3 @@ class SpoolReader:
             self._paused = False
             if not self._waiting and self._pending is None:
                 self._pump()
-
-    def stopProducing(self) -> None:
-        if not self._stopped:
-            self._close()
-            if not self.done.called:
-                self.done.errback(DownloadFailed("the client went away"))

@@ -45,6 +45,12 @@ class Metrics:
             ["source"],
             registry=registry,
         )
+        self.sendfile_bytes = Counter(
+            "regmirror_sendfile_bytes",
+            "Of the blob bytes sent to clients, those the kernel sent from the "
+            "page cache with sendfile(2) (plain-TCP connections)",
+            registry=registry,
+        )
         self.upstream_bytes = Counter(
             "regmirror_upstream_bytes",
             "Blob bytes received from each upstream",

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import connectionDone
@@ -26,6 +27,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from regmirror import nodes
 from regmirror._resource import ReadOnlyResource
+from regmirror._sendfile import SocketSender
 from regmirror.access import Gate, NamespaceOf, client_address
 from regmirror.cluster import Coordinator, CoordinatorDown
 from regmirror.errors import (
@@ -137,6 +139,40 @@ def break_connection(request: Request) -> None:
         transport.abortConnection()
 
 
+def sendfile_transport(request: Request) -> Any:
+    """
+    The TCP transport under a request whose body may go out with
+    ``sendfile``, or ``None`` to write it through twisted.web as usual:
+    under TLS, or anything else but a plain HTTP/1.x connection whose
+    response has a length and whose transport is ready to take more.
+    """
+    channel = request.channel
+    if (
+        not isinstance(channel, HTTPChannel)
+        or request.method != b"GET"
+        or request.clientproto not in (b"HTTP/1.0", b"HTTP/1.1")
+        or not request.responseHeaders.hasHeader(b"Content-Length")
+        or request.startedWriting
+    ):
+        return None
+    transport: Any = channel.transport
+    while isinstance(transport, _PlainOnly):
+        transport = transport.transport
+    # TLS wraps the protocol (another transport in between) or, after
+    # startTLS, says so on the TCP transport itself.
+    if (
+        type(transport) is not tcp.Server
+        or getattr(transport, "TLS", True)
+        or not transport.connected
+        or transport.disconnecting
+        or transport.producer is not channel
+        or not transport.streamingProducer
+        or transport.producerPaused
+    ):
+        return None
+    return transport
+
+
 def write_error(request: Request, error: RegistryError) -> None:
     """Answer with *error* as an OCI error body (headers only for HEAD)."""
     body = error.body()
@@ -180,8 +216,10 @@ class RegistryAPI(Resource):
         metrics: Metrics | None = None,
         gate: Gate | None = None,
         coordinator: Coordinator | None = None,
+        sendfile: bool = True,
     ) -> None:
         super().__init__()
+        self._sendfile = sendfile
         self._gate = gate
         self._coordinator = coordinator
         self._router = router
@@ -404,7 +442,20 @@ class RegistryAPI(Resource):
         served = self._metrics.served_bytes.labels(
             "cache" if source.download is None else "download"
         )
-        reader = SpoolReader(source, request, self._clock, start, end, served.inc)
+        reader: SpoolReader | SocketSender
+        transport = sendfile_transport(request) if self._sendfile else None
+        if transport is not None and end is not None:
+            kernel = self._metrics.sendfile_bytes
+
+            def sent(size: int) -> None:
+                served.inc(size)
+                kernel.inc(size)
+                request.sentLength += size
+
+            reader = SocketSender(source, transport, start, end, sent)
+            request.write(b"")  # the head, into the transport's buffer
+        else:
+            reader = SpoolReader(source, request, self._clock, start, end, served.inc)
         store = self._fetcher.store
         store.acquire(digest)
         reader.begin()
