@@ -114,6 +114,14 @@ def small_layout(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> 
     return layout
 
 
+@pytest.fixture(scope="session")
+def big_layout(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> Path:
+    """``catalog.big`` (one ~40 MiB layer) as an OCI layout."""
+    layout = tmp_path_factory.mktemp("big-layout") / "layout"
+    write_layout(layout, [catalog.big])
+    return layout
+
+
 @pytest.fixture
 def start_registry(
     tmp_path: Path, seeded_storage: Path

@@ -719,6 +719,15 @@ class MirrorProcess:
     def returncode(self) -> int | None:
         return None if self._process is None else self._process.poll()
 
+    def rss_kib(self) -> int:
+        """The mirror process's resident memory now (``VmRSS``), in KiB."""
+        assert self._process is not None, "the mirror is not running"
+        status = Path(f"/proc/{self._process.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise HarnessError(f"no VmRSS for the mirror:\n{status}")
+
     def log(self) -> str:
         """The twistd log file and anything printed to stdout/stderr."""
         parts = []

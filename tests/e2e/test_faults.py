@@ -24,7 +24,7 @@ from .harness import (
     Skopeo,
     mirror_config_upstreams,
 )
-from .images import MANIFEST_ACCEPT, Catalog, Image, assert_layout_matches, write_layout
+from .images import MANIFEST_ACCEPT, Catalog, Image, assert_layout_matches
 from .servers import FakeUpstream
 
 pytestmark = pytest.mark.e2e
@@ -34,14 +34,6 @@ StartProgram = Callable[[FakeUpstream], FakeUpstream]
 
 #: where ``--drop-after`` cuts the big layer's first transfer
 DROP_AFTER = 8 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def big_layout(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> Path:
-    """``catalog.big`` (one ~40 MiB layer) as an OCI layout."""
-    layout = tmp_path_factory.mktemp("big-layout") / "layout"
-    write_layout(layout, [catalog.big])
-    return layout
 
 
 @dataclass(frozen=True)
