@@ -77,6 +77,13 @@ MAX_TAINTED = 10_000
 #: How many times one download may be resumed after its transfer broke.
 MAX_RESUMES = 5
 
+#: A reader waiting for a download under way is woken once this many more
+#: bytes are there for it, or WAKE_DELAY seconds after the first append it
+#: saw: a fast download reaches its readers in a few large sends instead
+#: of one per upstream read (for each reader), a slow one with little delay.
+WAKE_BYTES = 1024 * 1024
+WAKE_DELAY = 0.02
+
 #: Bytes read from disk per write to a client.
 CHUNK = 256 * 1024
 
@@ -132,7 +139,11 @@ class Download:
     #: how many times the transfer was resumed after breaking, and where
     resumed: int = 0
     resumed_at: int = -1
-    _waiting: list[Deferred[None]] = field(factory=list)
+    #: bounds how long a reader waits for more bytes; without it, every
+    #: append wakes every reader
+    clock: IReactorTime | None = None
+    _waiting: list[_Waiter] = field(factory=list)
+    _timer: IDelayedCall | None = None
 
     @property
     def written(self) -> int:
@@ -156,19 +167,84 @@ class Download:
             return self.written
         return max(0, self.written - 1)
 
-    def changed(self) -> Deferred[None]:
-        """Fires at the next append or when the download ends."""
+    def changed(self, written: int = 0) -> Deferred[None]:
+        """
+        Fires when the download ends or a follower looks, at the first
+        append that brings it to *written* bytes, and at the latest (with a
+        clock) :data:`WAKE_DELAY` seconds after an append this wait saw.
+        """
         if self.state != "running":
             return succeed(None)
         d: Deferred[None] = Deferred()
-        self._waiting.append(d)
+        self._waiting.append(_Waiter(written, d))
         return d
 
     def notify(self) -> None:
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            if not d.called:
-                d.callback(None)
+        """Something changed (the download ended, a follower's look): wake all."""
+        waking, self._waiting = self._waiting, []
+        self._stop_timer()
+        self._wake(waking)
+
+    def appended(self) -> None:
+        """
+        Bytes were appended: wake the waiters whose bytes are there, and
+        make sure the others are woken within :data:`WAKE_DELAY` (all of
+        them at once without a clock).
+        """
+        clock = self.clock
+        if clock is None or self.state != "running":
+            self.notify()
+            return
+        waking, staying = [], []
+        written = self.written
+        late = clock.seconds() + WAKE_DELAY
+        for waiter in self._waiting:
+            if waiter.written <= written:
+                waking.append(waiter)
+            else:
+                if waiter.deadline is None:
+                    waiter.deadline = late
+                staying.append(waiter)
+        self._waiting = staying
+        if staying and self._timer is None:
+            self._timer = clock.callLater(WAKE_DELAY, self._wake_late)
+        self._wake(waking)
+
+    def _wake_late(self) -> None:
+        """Wake those who have waited long enough since bytes came for them."""
+        self._timer = None
+        assert self.clock is not None
+        now = self.clock.seconds()
+        waking = [
+            w for w in self._waiting if w.deadline is not None and w.deadline <= now
+        ]
+        self._waiting = [w for w in self._waiting if w not in waking]
+        deadlines = [w.deadline for w in self._waiting if w.deadline is not None]
+        if deadlines:
+            self._timer = self.clock.callLater(min(deadlines) - now, self._wake_late)
+        self._wake(waking)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    @staticmethod
+    def _wake(waking: list[_Waiter]) -> None:
+        for waiter in waking:
+            if not waiter.fired.called:
+                waiter.fired.callback(None)
+
+
+@define(eq=False)
+class _Waiter:
+    """Someone waiting for a download to reach *written* bytes."""
+
+    written: int
+    fired: Deferred[None]
+    #: when it is woken anyway: set at the first append it sees, so that
+    #: no timer runs for readers of a stalled download
+    deadline: float | None = None
 
 
 @define(eq=False)
@@ -326,7 +402,7 @@ class Fetcher:
         except OSError as error:
             self.store.degrade(error)
             raise _CannotSpool() from None
-        download = Download(digest, spool, pool, repository)
+        download = Download(digest, spool, pool, repository, clock=self.clock)
         try:
             response = await self._open(download, self._untainted(pool, digest))
         except NotFoundAnywhere:
@@ -541,6 +617,7 @@ class Fetcher:
             "",
             source="another worker",
             follower=True,
+            clock=self.clock,
         )
         self._downloads[digest] = download
         self.log.info(
@@ -1169,7 +1246,7 @@ class _SpoolWriter:
             self.fetcher.store.degrade(error)
             self._abandon(f"cannot write to the spool: {error}")
             return
-        self.download.notify()
+        self.download.appended()
 
     def _abandon(self, why: str) -> None:
         self.fetcher._fail(self.download, why)
@@ -1275,7 +1352,12 @@ class BlobTail:
             if not self._stopped:
                 self._more()
 
-        download.changed().addCallback(woke)
+        # Enough for a large send, but never past what is asked for (a
+        # range, or the whole blob, whose last byte comes at the end).
+        wanted = self._position + WAKE_BYTES
+        if self._end is not None:
+            wanted = min(wanted, self._end + 1)
+        download.changed(wanted).addCallback(woke)
 
     def _more(self) -> None:
         """The download grew or ended: carry on sending."""
