@@ -323,7 +323,7 @@ def test_a_failed_download_breaks_a_sendfile_response(
     mirror = start_mirror(
         lambda port: mirror_config_upstreams(
             port,
-            {"faulty": {"url": holding.url, "idle_timeout": "0.5s"}},
+            {"faulty": {"url": holding.url, "idle_timeout": "1s"}},
             origin="faulty",
         )
     )
