@@ -2,10 +2,11 @@
 Filling the cache: one upstream download per digest, any number of readers.
 
 A :class:`Download` writes an upstream body into a spool file; readers
-(:class:`SpoolReader`) tail that file at their own pace, so a slow client
-never slows the download or the others.  Readers are held one byte short
-of the end until the digest is verified: a client never receives a
-complete body whose digest did not match.
+(:class:`BlobTail`: a :class:`SpoolReader`, or on plain TCP the
+``sendfile`` sender of :mod:`regmirror._sendfile`) tail that file at their
+own pace, so a slow client never slows the download or the others.
+Readers are held one byte short of the end until the digest is verified:
+a client never receives a complete body whose digest did not match.
 """
 
 from __future__ import annotations
