@@ -1226,9 +1226,7 @@ class _SpoolWriter:
         if self.download.state != "running":
             return
         self._arm()
-        self.fetcher.metrics.upstream_bytes.labels(self.download.source).inc(
-            len(data)
-        )
+        self.fetcher.metrics.upstream_bytes.labels(self.download.source).inc(len(data))
         if self.skip:
             dropped = min(self.skip, len(data))
             self.skip -= dropped

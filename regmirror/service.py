@@ -245,8 +245,7 @@ class Mirror:
             Deferred.fromCoroutine(shared.objects.check()).addCallbacks(
                 lambda _: log.info("shared store {where} ready", where=where),
                 lambda failure: log.warn(
-                    "shared store {where} unusable, serving without it for now: "
-                    "{why}",
+                    "shared store {where} unusable, serving without it for now: {why}",
                     where=where,
                     why=failure.getErrorMessage(),
                 ),

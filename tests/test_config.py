@@ -678,8 +678,7 @@ def test_s3_backend_and_cluster(
     (tmp_path / "redis.pass").write_text("redis-secret-value\n")
     path = _write(
         tmp_path,
-        MINIMAL.replace("= data\n", "= data\n" + S3 + "s3_max_size = 2TiB\n")
-        + CLUSTER,
+        MINIMAL.replace("= data\n", "= data\n" + S3 + "s3_max_size = 2TiB\n") + CLUSTER,
     )
     config = load(path)
     s3 = config.cache.s3
