@@ -599,7 +599,9 @@ class Fetcher:
             path = self.store.spool_path(digest)
             if self.store.spool_abandoned(path):
                 return None
-            running = await self._follow(digest, path)
+            running = await self._starting.run(
+                digest, lambda: self._follow(digest, path)
+            )
         if running.from_peer or running.state == "failed":
             return None
         if running.state == "done":
@@ -620,7 +622,6 @@ class Fetcher:
             follower=True,
             clock=self.clock,
         )
-        self._downloads[digest] = download
         self.log.info(
             "following another worker's download of {digest}", digest=str(digest)
         )
@@ -637,6 +638,10 @@ class Fetcher:
             if download.size is not None or download.state != "running":
                 break
             await deferLater(self.clock, FOLLOW_INTERVAL, lambda: None)
+        if download.state == "running":
+            # Joined from now on; until now other requests waited in
+            # _starting, so that none was answered without the size.
+            self._downloads[digest] = download
         return download
 
     def _watch(self, download: Download) -> None:

@@ -42,6 +42,8 @@ RATE = 16 << 20
 CLIENT_TIMEOUT = 60.0
 READ_CHUNK = 256 * 1024
 LEASE_TTL = "2s"
+#: the most a client reads
+MAX_BODY = 64 << 20
 
 
 @dataclass
@@ -73,8 +75,9 @@ def pull(
         connection.request("GET", path)
         response = connection.getresponse()
         result.status = response.status
-        length = response.length or 0
-        for _ in range(length // READ_CHUNK + 2):
+        if response.length is None:
+            result.error = "no Content-Length"
+        for _ in range(MAX_BODY // READ_CHUNK + 2):
             data = response.read(READ_CHUNK)
             if not data:
                 break
@@ -447,3 +450,58 @@ def test_bucket_unreachable_nodes_serve_from_upstream(
             )
             assert response.status == 200 and response.body == layer.data
     node.wait_for_log(r"shared store http://\S+ bucket regmirror unusable")
+
+
+def test_nodes_with_worker_processes(
+    catalog: Catalog,
+    origin: RegistryProcess,
+    redis: RedisServer,
+    start_mirror: Callable[..., MirrorProcess],
+    start_program: Callable[[ThrottleRelay], ThrottleRelay],
+    tmp_path: Path,
+) -> None:
+    """
+    Nodes of two worker processes each: another node's request for a blob
+    may reach a worker that is not the one downloading it, which serves it
+    by following its sibling's spool.  Still one upstream GET, right bytes.
+    """
+    layer = catalog.big.layers[0]
+    relay = start_program(ThrottleRelay(tmp_path / "relay", origin.port, RATE))
+    base = cluster_config(relay.url, redis)
+
+    def config(port: int) -> str:
+        return base(port).replace("[server]\n", "[server]\nworkers = 2\n", 1)
+
+    nodes = start_nodes(start_mirror, config)
+    path = blob_path(catalog, layer)
+    busy = lambda: not relay_finished(relay, layer.size)  # noqa: E731
+    started = threading.Event()
+    results: list[Pulled] = []
+    first = threading.Thread(
+        target=lambda: results.append(pull(0, nodes[0].port, path, busy, started)),
+        daemon=True,
+    )
+    first.start()
+    assert started.wait(CLIENT_TIMEOUT), "the first node never started"
+    threads = [
+        threading.Thread(
+            target=lambda node=node: results.append(
+                pull(node, nodes[node].port, path, busy)
+            ),
+            daemon=True,
+        )
+        for node in (1, 2) * 6
+    ]
+    for thread in (*threads,):
+        thread.start()
+    for thread in (first, *threads):
+        thread.join(timeout=CLIENT_TIMEOUT)
+    assert len(results) == 13, "some clients never finished"
+    for got in results:
+        assert (got.status, got.size, got.digest, got.error) == (
+            200,
+            layer.size,
+            layer.digest,
+            None,
+        ), got
+    assert origin.count_blob_gets(layer.digest) == 1
