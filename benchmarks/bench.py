@@ -4,7 +4,7 @@ nginx, on this machine, over loopback only.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench.py [--size-mib 256] [--out FILE]
+    .venv/bin/python benchmarks/bench.py [--size-mib 256] [--out FILE] [--cluster]
 
 An upstream ``docker-registry`` (access log on) gets one generated image
 whose single layer is *size* MiB of seeded pseudo-random bytes, pushed with
@@ -22,6 +22,21 @@ with ``proxy.remoteurl`` pointing at the upstream:
   keep-alive connections (p50/p99 latency, requests/s), on a restarted
   process that keeps its cache; regmirror with its default ``tag_ttl``;
 - after each phase: the server's peak RSS (``VmHWM``) and CPU seconds.
+
+With ``--cluster``, also three regmirror nodes on loopback sharing a
+``redis-server`` (``[cluster]``, each advertising its own URL) and, when
+Ceph is installed, a single-node Ceph RGW bucket (``[cache] backend = s3``),
+both started with ``tests/e2e/engines.py``:
+
+- cold: 32 clients spread over the three nodes, everything fresh each run
+  (Redis flushed, a new bucket, empty caches): as above, plus where each
+  node took the blob from (its log: the upstream, the lease holder, the
+  bucket);
+- from the bucket: three new nodes with empty caches, 8 clients over them,
+  the blob only in the bucket now (MiB/s; the upstream's GETs of the blob
+  since the cold run stay 1);
+- warm: those nodes restarted on the caches they filled, 8 clients;
+- each node's peak RSS and CPU seconds per phase.
 
 Clients are threads: blob clients on raw sockets, which receive every body
 to its end into one reusable buffer and discard it (time to first byte is
@@ -41,6 +56,7 @@ import argparse
 import datetime
 import hashlib
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -56,8 +72,8 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -523,8 +539,10 @@ class Mirror(Server):
         self.workers = workers
 
     def prepare(self) -> None:
-        (self.workdir / "mirror.ini").write_text(
-            f"""\
+        (self.workdir / "mirror.ini").write_text(self.config())
+
+    def config(self) -> str:
+        return f"""\
 [server]
 listen = tcp:{self.port}:interface={LOCALHOST}
 workers = {self.workers}
@@ -539,7 +557,6 @@ url = {self.upstream_url}
 upstreams = origin
 default = true
 """
-        )
 
     def command(self) -> list[str]:
         return [
@@ -752,8 +769,16 @@ def spread(values: Sequence[float]) -> dict[str, float] | None:
     }
 
 
-def blob_load(port: int, path: str, clients: int, size: int) -> dict[str, Any]:
-    transfers, wall = concurrently(clients, lambda: get_blob(port, path))
+def blob_load(
+    port: int | Sequence[int], path: str, clients: int, size: int
+) -> dict[str, Any]:
+    """*clients* GETs of *path* at once, spread in turn over the *port* (s)."""
+    ports = [port] if isinstance(port, int) else list(port)
+    # next() of a count is atomic under the GIL: client i goes to ports[i % n].
+    slots = itertools.count()
+    transfers, wall = concurrently(
+        clients, lambda: get_blob(ports[next(slots) % len(ports)], path)
+    )
     bad = [t for t in transfers if t.status != 200 or t.received != size or t.error]
     if bad:
         raise BenchError(f"{len(bad)} of {clients} transfers failed: {bad[0]}")
@@ -979,10 +1004,401 @@ def bench_nginx(ctx: Context) -> None:
     ctx.results["nginx"] = {"warm": warm(ctx, server, "/blob", usage=False)}
 
 
+# -- the cluster ---------------------------------------------------------------
+
+CLUSTER_NODES = 3
+CLUSTER_COLD_CLIENTS = 32
+CLUSTER_WARM_CLIENTS = 8
+#: the key prefix of regmirror's cluster state in Redis
+REDIS_PREFIX = "regmirror:"
+#: what the bench's buckets may hold in the RGW's memory store, at least
+MEMSTORE_MIN = 2 << 30
+
+
+def cluster_engines_module() -> Any:
+    """
+    ``tests/e2e/engines.py``, which starts ``redis-server`` and Ceph RGW for
+    the end-to-end tests (a plain module: no pytest).
+    """
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from tests.e2e import engines
+
+    return engines
+
+
+def rgw_missing(engines: Any) -> str | None:
+    """Why there is no Ceph RGW to use here, or ``None``."""
+    if getattr(engines, "CephRGW", None) is None:
+        return "tests/e2e/engines.py has no CephRGW"
+    missing = [
+        binary
+        for binary in getattr(engines, "ENGINE_BINARIES", ())
+        if not os.access(binary, os.X_OK)
+    ]
+    return f"{', '.join(missing)} not installed" if missing else None
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Where the nodes of ``[cache] backend = s3`` keep the shared blobs."""
+
+    endpoint: str
+    name: str
+    region: str
+    access_key: str
+    secret_key: str
+
+
+_DOWNLOAD = re.compile(
+    r"\b(downloading|resuming) (sha256:[0-9a-f]{64}) .*?\bfrom (.+?)(?: \(.*\))?$"
+)
+
+
+class ClusterNode(Mirror):
+    """
+    A regmirror node of a cluster: ``[cluster]`` with the shared Redis,
+    advertising its own URL; ``[cache] backend = s3`` when given a bucket.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        upstream_url: str,
+        workers: int,
+        redis_url: str,
+        bucket: Bucket | None,
+    ) -> None:
+        super().__init__(workdir, upstream_url, workers)
+        self.redis_url = redis_url
+        self.bucket = bucket
+        self._log_start = 0
+
+    def config(self) -> str:
+        text = super().config()
+        if self.bucket is not None:
+            b = self.bucket
+            text = text.replace(
+                "[cache]\ndirectory = cache\n",
+                "[cache]\ndirectory = cache\nbackend = s3\n"
+                f"s3_endpoint = {b.endpoint}\ns3_bucket = {b.name}\n"
+                f"s3_region = {b.region}\ns3_access_key = {b.access_key}\n"
+                f"s3_secret_key = {b.secret_key}\n",
+            )
+        return text + (
+            f"\n[cluster]\nredis = {self.redis_url}\n"
+            f"advertise = http://{LOCALHOST}:{self.port}\n"
+        )
+
+    def start(self) -> None:
+        log = self.workdir / "twistd.log"
+        self._log_start = log.stat().st_size if log.exists() else 0
+        super().start()
+
+    def sources(self, digest: str) -> list[str]:
+        """
+        Where this run of the node took *digest* from, in order, from its
+        log: ``origin`` (the upstream), ``node`` (another node's download),
+        ``bucket`` (the shared store); ``+resume`` for a resumption.
+        """
+        found = []
+        with (self.workdir / "twistd.log").open(errors="replace") as f:
+            f.seek(self._log_start)
+            for line in f:
+                match = _DOWNLOAD.search(line.rstrip("\n"))
+                if match is None or match.group(2) != digest:
+                    continue
+                source = match.group(3)
+                kind = (
+                    "node"
+                    if source.startswith("node ")
+                    else "bucket"
+                    if source == "shared store"
+                    else source
+                )
+                found.append(kind + ("+resume" if match.group(1) == "resuming" else ""))
+        return found
+
+
+@contextmanager
+def running_all(servers: Sequence[Server]) -> Iterator[Sequence[Server]]:
+    """Start every server in turn; stop every one started, whatever happens."""
+    with ExitStack() as stack:
+        for server in servers:
+            stack.enter_context(running(server))
+        yield servers
+
+
+@dataclass
+class Cluster:
+    """The engines three nodes share and how to make the nodes."""
+
+    ctx: Context
+    workers: int
+    redis: Any
+    rgw: Any | None
+    buckets: int = 0
+
+    def new_bucket(self) -> Bucket | None:
+        if self.rgw is None:
+            return None
+        self.buckets += 1
+        rgw = self.rgw
+        name = rgw.make_bucket(f"regmirror-bench-{self.buckets}")
+        # RGW answers the first request of a new bucket ~250 ms late (a
+        # bucket in use does not): one first, so that the nodes do not.
+        rgw.request("GET", f"/{name}/regmirror-bench-warm-up")
+        return Bucket(rgw.endpoint, name, rgw.region, rgw.access_key, rgw.secret_key)
+
+    def nodes(self, folder: Path, bucket: Bucket | None) -> list[ClusterNode]:
+        return [
+            ClusterNode(
+                folder / f"node{i}",
+                self.ctx.upstream.url,
+                self.workers,
+                self.redis.url,
+                bucket,
+            )
+            for i in range(1, CLUSTER_NODES + 1)
+        ]
+
+    def settled(self, digest: str, bucket: Bucket | None) -> bool:
+        """
+        Nobody holds *digest*'s lease any more and, with a bucket, the blob
+        is in the bucket's index: the lease holder is done with it.
+        """
+        if self.redis.command("EXISTS", f"{REDIS_PREFIX}lease:{digest}") != 0:
+            return False
+        return bucket is None or (
+            self.redis.command("HEXISTS", f"{REDIS_PREFIX}store:size", digest) == 1
+        )
+
+
+def cluster_usage(nodes: Sequence[ClusterNode]) -> dict[str, Any]:
+    """Each node's peak RSS and CPU seconds; the highest RSS, the CPU total."""
+    each = [node.usage() for node in nodes]
+    peaks = [u["peak_rss_mib"] for u in each if u["peak_rss_mib"] is not None]
+    cpus = [u["cpu_s"] for u in each if u["cpu_s"] is not None]
+    return {
+        "nodes": each,
+        "peak_rss_mib": max(peaks) if peaks else None,
+        "cpu_s": round(sum(cpus), 2) if cpus else None,
+    }
+
+
+def cluster_phase(
+    cl: Cluster,
+    folder: Path,
+    bucket: Bucket | None,
+    clients: int,
+    *,
+    expect: str,
+) -> dict[str, Any]:
+    """
+    Three nodes on *folder* (fresh, or as left), *clients* at once spread
+    over them; once every node holds the blob and the holder is done,
+    the upstream GETs of the blob and where each node took it from.
+    """
+    ctx = cl.ctx
+    digest = ctx.image.layer.digest
+    nodes = cl.nodes(folder, bucket)
+    with running_all(nodes):
+        before = ctx.upstream.blob_gets(digest)
+        result = blob_load(
+            [n.port for n in nodes], ctx.blob_path, clients, ctx.image.layer.size
+        )
+        wait_until(
+            lambda: all(n.stored(digest) for n in nodes) and cl.settled(digest, bucket),
+            timeout=STORED_TIMEOUT,
+            what=lambda: f"the nodes never all stored {digest} (or the lease stayed)",
+        )
+        result["upstream_blob_gets"] = ctx.upstream.blob_gets(digest) - before
+        result["sources"] = [n.sources(digest) for n in nodes]
+        result.update(cluster_usage(nodes))
+    odd = odd_sources(result["sources"], expect)
+    if odd:
+        print(f"\n  ! cluster: {odd}", end="", flush=True)
+        result["odd"] = odd
+    return result
+
+
+def odd_sources(sources: list[list[str]], expect: str) -> str | None:
+    """
+    What is unexpected in where the nodes took the blob: *expect* ``cold``
+    (one node from the origin, the others from it), ``bucket`` (every node
+    from the bucket) or ``local`` (nothing taken at all).
+    """
+    flat = [s for node in sources for s in node]
+    if expect == "cold":
+        fine = sorted(flat) == sorted(["origin"] + ["node"] * (len(sources) - 1))
+    elif expect == "bucket":
+        fine = flat == ["bucket"] * len(sources)
+    else:
+        fine = not flat
+    if fine:
+        return None
+    return f"expected {expect} sources, the nodes' logs say {sources}"
+
+
+def bench_cluster(ctx: Context, workers: int) -> None:
+    """
+    Three nodes sharing a Redis (and an RGW bucket, when Ceph is here):
+
+    - cold: 32 clients over the three nodes, everything fresh each run
+      (Redis flushed, a new bucket, empty caches);
+    - from the bucket (with RGW): three new nodes with empty caches,
+      8 clients, the blob now only in the last cold run's bucket;
+    - warm: the nodes restarted on the caches they filled, 8 clients.
+    """
+    engines = cluster_engines_module()
+    if not os.access(engines.REDIS_BINARY, os.X_OK):
+        print(f"  cluster: {engines.REDIS_BINARY} not installed, skipped")
+        return
+    no_rgw = rgw_missing(engines)
+    print(
+        "  cluster (Redis"
+        + (f"; no bucket: {no_rgw})" if no_rgw else " + Ceph RGW)")
+        + ": cold",
+        end="",
+        flush=True,
+    )
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "nodes": CLUSTER_NODES,
+        "backend": "filesystem" if no_rgw else "s3",
+        "no_bucket_why": no_rgw,
+    }
+    folders: list[Path] = []
+    with ExitStack() as stack:
+        redis = engines.RedisServer(ctx.workdir / "redis")
+        stack.callback(redis.stop)
+        redis.start()
+        rgw = None
+        if no_rgw is None:
+            # Each cold run has its own bucket; all of them stay in memory.
+            need = (ctx.repeat + 1) * ctx.image.layer.size + (512 << 20)
+            rgw = engines.CephRGW(
+                ctx.workdir / "rgw", memstore_bytes=max(MEMSTORE_MIN, need)
+            )
+            stack.callback(rgw.stop)
+            rgw.start()
+        results["versions"] = {
+            "redis-server": tool_version([engines.REDIS_BINARY, "--version"]),
+            "radosgw": None
+            if rgw is None
+            else tool_version([engines.RADOSGW_BINARY, "--version"]),
+        }
+        cl = Cluster(ctx, workers, redis, rgw)
+
+        def fresh(name: str) -> Path:
+            folder = ctx.workdir / name
+            shutil.rmtree(folder, ignore_errors=True)
+            folders.append(folder)
+            return folder
+
+        try:
+            runs = []
+            bucket = None
+            kept = None
+            for run in range(ctx.repeat):
+                redis.flushall()
+                bucket = cl.new_bucket()
+                if kept is not None:
+                    drop_caches(kept)
+                kept = fresh(f"cluster-cold-{run}")
+                runs.append(
+                    cluster_phase(cl, kept, bucket, CLUSTER_COLD_CLIENTS, expect="cold")
+                )
+            phase = f"cold_x{CLUSTER_COLD_CLIENTS}"
+            results[phase] = median_run(runs, "mib_s")
+            results[phase]["upstream_blob_gets_runs"] = [
+                r["upstream_blob_gets"] for r in runs
+            ]
+            results[phase]["sources_runs"] = [r["sources"] for r in runs]
+            cold_gets = runs[-1]["upstream_blob_gets"]
+            assert kept is not None
+            if rgw is not None:
+                print(", from the bucket", end="", flush=True)
+                runs = []
+                for run in range(ctx.repeat):
+                    drop_caches(kept)
+                    kept = fresh(f"cluster-bucket-{run}")
+                    runs.append(
+                        cluster_phase(
+                            cl, kept, bucket, CLUSTER_WARM_CLIENTS, expect="bucket"
+                        )
+                    )
+                results["bucket"] = median_run(runs, "mib_s")
+                results["bucket"]["upstream_blob_gets_runs"] = [
+                    r["upstream_blob_gets"] for r in runs
+                ]
+                results["bucket"]["sources_runs"] = [r["sources"] for r in runs]
+                # Since the last cold run began: its bucket has served since.
+                results["bucket"]["upstream_blob_gets_in_all"] = cold_gets + sum(
+                    r["upstream_blob_gets"] for r in runs
+                )
+            print(", warm", flush=True)
+            results["warm"] = cluster_warm(cl, kept, bucket)
+        finally:
+            # The caches go, the nodes' logs stay (with --workdir).
+            for folder in folders:
+                drop_caches(folder)
+    results["runtime_s"] = round(time.monotonic() - started, 1)
+    ctx.results["cluster"] = results
+
+
+def drop_caches(folder: Path) -> None:
+    """Remove the nodes' caches under *folder*, not their logs."""
+    for cache in folder.glob("node*/cache"):
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def cluster_warm(cl: Cluster, folder: Path, bucket: Bucket | None) -> dict[str, Any]:
+    """The nodes restarted on the caches they filled: *clients* over them."""
+    ctx = cl.ctx
+    digest = ctx.image.layer.digest
+    nodes = cl.nodes(folder, bucket)
+    result: dict[str, Any] = {}
+    with running_all(nodes):
+        ports = [n.port for n in nodes]
+        before = ctx.upstream.blob_gets(digest)
+        # One untimed read from each node first: the hit path, the page cache.
+        for port in ports:
+            get_blob(port, ctx.blob_path)
+        runs = [
+            blob_load(ports, ctx.blob_path, CLUSTER_WARM_CLIENTS, ctx.image.layer.size)
+            for _ in range(ctx.repeat)
+        ]
+        result[f"x{CLUSTER_WARM_CLIENTS}"] = median_run(runs, "mib_s")
+        result["upstream_blob_gets"] = ctx.upstream.blob_gets(digest) - before
+        result["sources"] = [n.sources(digest) for n in nodes]
+        result.update(cluster_usage(nodes))
+    odd = odd_sources(result["sources"], "local")
+    if odd:
+        print(f"  ! cluster: {odd}", flush=True)
+        result["odd"] = odd
+    return result
+
+
 # -- the table -----------------------------------------------------------------
 
-COLUMNS = ("regmirror", "proxy", "nginx")
-HEADINGS = ("regmirror", "reference proxy", "nginx")
+COLUMNS = ("regmirror", "cluster", "proxy", "nginx")
+HEADINGS = ("regmirror", "regmirror, 3 nodes", "reference proxy", "nginx")
+
+
+def columns(
+    results: dict[str, Any], skip: Collection[str] = ()
+) -> list[tuple[str, str]]:
+    """
+    The table's systems and headings: not those left out with ``--skip``,
+    the cluster's only if it ran.
+    """
+    return [
+        (system, heading)
+        for system, heading in zip(COLUMNS, HEADINGS, strict=True)
+        if system not in skip and (system != "cluster" or system in results)
+    ]
 
 
 def _get(results: dict[str, Any], system: str, *keys: str) -> Any:
@@ -1000,11 +1416,15 @@ def _num(value: Any, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
-def table_rows(results: dict[str, Any]) -> list[tuple[str, list[str]]]:
+def table_rows(
+    results: dict[str, Any], skip: Collection[str] = ()
+) -> list[tuple[str, list[str]]]:
     rows: list[tuple[str, list[str]]] = []
+    systems = [system for system, _ in columns(results, skip)]
+    cluster = "cluster" in systems
 
     def row(label: str, cell: Callable[[str], str]) -> None:
-        rows.append((label, [cell(system) for system in COLUMNS]))
+        rows.append((label, [cell(system) for system in systems]))
 
     def number(*keys: str, digits: int = 0) -> Callable[[str], str]:
         def cell(system: str) -> str:
@@ -1045,6 +1465,23 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, list[str]]]:
             return " / ".join(str(c) for c in sorted(set(counts)))
 
         row(f"cold x{clients}: upstream GETs of the blob", gets)
+    if cluster:
+        bucket = f"from the bucket x{CLUSTER_WARM_CLIENTS}"
+
+        row(f"{bucket}: wall s", number("bucket", "wall_s", digits=2))
+        row(f"{bucket}: MiB/s (aggregate)", number("bucket", "mib_s"))
+
+        def bucket_ttfb(s: str) -> str:
+            t = _get(results, s, "bucket", "ttfb_ms")
+            if t is None:
+                return "–"
+            return f"{t['min']:.0f} / {t['median']:.0f} / {t['max']:.0f}"
+
+        row(f"{bucket}: TTFB ms min/med/max", bucket_ttfb)
+        row(
+            f"{bucket}: upstream GETs of the blob in all",
+            number("bucket", "upstream_blob_gets_in_all"),
+        )
     for clients in WARM_CLIENTS:
         row(
             f"warm x{clients}: MiB/s (aggregate)",
@@ -1081,15 +1518,47 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, list[str]]]:
 
     row(f"peak RSS MiB ({names})", per_phase("peak_rss_mib", 0))
     row(f"CPU s ({names})", per_phase("cpu_s", 1))
+    if cluster:
+        cluster_phases = [f"cold_x{CLUSTER_COLD_CLIENTS}", "bucket", "warm"]
+
+        def per_node(s: str) -> str:
+            if s != "cluster":
+                return "–"
+            cells = []
+            for p in cluster_phases:
+                nodes = _get(results, s, p, "nodes")
+                cells.append(
+                    "–"
+                    if not nodes
+                    else ", ".join(_num(n["peak_rss_mib"]) for n in nodes)
+                )
+            return " / ".join(cells)
+
+        row("3 nodes: peak RSS MiB per node (cx32/bucket/warm)", per_node)
+
+        def sources(s: str) -> str:
+            if s != "cluster":
+                return "–"
+            cells = []
+            for p in cluster_phases[:2]:
+                nodes = _get(results, s, p, "sources")
+                cells.append(
+                    "–"
+                    if nodes is None
+                    else ", ".join("+".join(n) or "none" for n in nodes)
+                )
+            return " / ".join(cells)
+
+        row("3 nodes: where each took the blob (cx32/bucket)", sources)
     return rows
 
 
-def render_table(results: dict[str, Any]) -> str:
+def render_table(results: dict[str, Any], skip: Collection[str] = ()) -> str:
     """The results as a reStructuredText simple table."""
-    rows = table_rows(results)
-    header = ["metric", *HEADINGS]
+    rows = table_rows(results, skip)
+    header = ["metric", *(heading for _, heading in columns(results, skip))]
     body = [[label, *cells] for label, cells in rows]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(4)]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     rule = "  ".join("=" * w for w in widths)
 
     def line(cells: Sequence[str]) -> str:
@@ -1123,6 +1592,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=1, help="regmirror's [server] workers"
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also three regmirror nodes sharing Redis and a Ceph RGW bucket",
+    )
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=("regmirror", "proxy", "nginx"),
+        help="leave a system out (repeatable)",
+    )
     options = parser.parse_args(argv)
     for binary in (REGISTRY_BINARY,):
         if not os.access(binary, os.X_OK):
@@ -1153,15 +1634,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 options.repeat,
             )
             print("benchmarking", flush=True)
-            bench_system(
-                ctx, "regmirror", lambda d: Mirror(d, upstream.url, options.workers)
-            )
-            bench_system(
-                ctx,
-                "proxy",
-                lambda d: Registry(d, d / "storage", remote=upstream.url),
-            )
-            if have_nginx:
+            if "regmirror" not in options.skip:
+                bench_system(
+                    ctx,
+                    "regmirror",
+                    lambda d: Mirror(d, upstream.url, options.workers),
+                )
+            if options.cluster:
+                bench_cluster(ctx, options.workers)
+            if "proxy" not in options.skip:
+                bench_system(
+                    ctx,
+                    "proxy",
+                    lambda d: Registry(d, d / "storage", remote=upstream.url),
+                )
+            if "nginx" in options.skip:
+                pass
+            elif have_nginx:
                 bench_nginx(ctx)
             else:
                 print(f"  nginx: {NGINX_BINARY} not installed, skipped")
@@ -1202,7 +1691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{options.size_mib} MiB layer, {report['runtime_s']} s, "
         f"{other_cpu:.1f} CPU-s of other work on the machine meanwhile"
     )
-    print(render_table(ctx.results))
+    print(render_table(ctx.results, options.skip))
     print(
         f"Each figure: the run with the median throughput of {options.repeat}; "
         "peak RSS: the highest of them."
