@@ -229,8 +229,11 @@ class Mirror:
     metrics: Metrics
     site: Site
     history: History = field(init=False)
-    #: the other nodes, through Redis (``[cluster]``)
-    coordinator: Coordinator | None = None
+
+    @property
+    def coordinator(self) -> Coordinator | None:
+        """The other nodes, through Redis (``[cluster]``)."""
+        return self.fetcher.coordinator
 
     def start(self, clean: bool = True) -> None:
         """Open the cache (see :meth:`Store.open`); join the cluster."""
@@ -480,7 +483,6 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
         fetcher,
         metrics,
         MirrorSite(root, reactor, trusted),
-        coordinator=fetcher.coordinator,
     )
     metrics.watch(mirror.live_metrics)
     root.putChild(b"", StatusPage())
