@@ -467,7 +467,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
             key=shared_key(os.path.join(config.cache.directory, "token.key")),
         )
     router = Router(namespaces)
-    api = RegistryAPI(router, fetcher, reactor, metrics, gate, fetcher.coordinator)
+    api = RegistryAPI(router, fetcher, reactor, metrics, gate)
     root = Root(api, {nodes.PATH: api} if fetcher.coordinator else None)
     if gate is not None:
         root.putChild(

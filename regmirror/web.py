@@ -29,7 +29,7 @@ from regmirror import nodes
 from regmirror._resource import ReadOnlyResource
 from regmirror._sendfile import SocketSender
 from regmirror.access import Gate, NamespaceOf, client_address
-from regmirror.cluster import Coordinator, CoordinatorDown
+from regmirror.cluster import CoordinatorDown
 from regmirror.errors import (
     BlobUnknown,
     Denied,
@@ -215,13 +215,9 @@ class RegistryAPI(Resource):
         clock: IReactorTime,
         metrics: Metrics | None = None,
         gate: Gate | None = None,
-        coordinator: Coordinator | None = None,
-        sendfile: bool = True,
     ) -> None:
         super().__init__()
-        self._sendfile = sendfile
         self._gate = gate
-        self._coordinator = coordinator
         self._router = router
         self._fetcher = fetcher
         self._clock = clock
@@ -400,11 +396,12 @@ class RegistryAPI(Resource):
         or downloads itself (``Fetcher.local_blob``), for a request that
         carries the digest's token under the cluster's key.
         """
-        if self._coordinator is None:
+        coordinator = self._fetcher.coordinator
+        if coordinator is None:
             raise NotFound("this node is not in a cluster")
         digest = parse_digest(reference.decode("ascii", "replace"))
         try:
-            key = await self._coordinator.peer_key()
+            key = await coordinator.peer_key()
         except CoordinatorDown:
             raise UpstreamUnavailable("the cluster's Redis is down") from None
         given = request.requestHeaders.getRawHeaders(nodes.AUTH_HEADER)
@@ -443,7 +440,7 @@ class RegistryAPI(Resource):
             "cache" if source.download is None else "download"
         )
         reader: SpoolReader | SocketSender
-        transport = sendfile_transport(request) if self._sendfile else None
+        transport = sendfile_transport(request)
         if transport is not None and end is not None:
             kernel = self._metrics.sendfile_bytes
 

@@ -99,9 +99,7 @@ class Harness:
             children[b"token"] = TokenResource(
                 self.gate, lambda name: router.route(name).namespace.name
             )
-        api = RegistryAPI(
-            router, self.fetcher, self.clock, self.metrics, self.gate, coordinator
-        )
+        api = RegistryAPI(router, self.fetcher, self.clock, self.metrics, self.gate)
         if coordinator is not None:
             children[nodes.PATH] = api
         self.root = Root(api, children)
