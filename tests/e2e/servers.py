@@ -404,3 +404,18 @@ class ConnectProxy(ProgramProcess):
     @property
     def url(self) -> str:
         return f"http://{LOCALHOST}:{self.port}"
+
+
+class ThrottleRelay(ProgramProcess):
+    """``programs/throttle_relay.py``: 127.0.0.1:PORT slowed to *rate* B/s."""
+
+    program = "throttle_relay"
+
+    def __init__(self, workdir: Path, target_port: int, rate: int) -> None:
+        super().__init__(
+            workdir, ["--target-port", str(target_port), "--rate", str(rate)]
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOCALHOST}:{self.ports['relay']}"

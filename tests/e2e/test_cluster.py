@@ -31,7 +31,7 @@ from .harness import (
     poll_until,
 )
 from .images import Blob, Catalog
-from .test_hostile import ThrottleRelay
+from .servers import ThrottleRelay
 
 pytestmark = pytest.mark.e2e
 

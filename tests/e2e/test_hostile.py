@@ -65,7 +65,7 @@ from .images import (
     canonical_json,
     sha256_digest,
 )
-from .servers import ConnectProxy, ProgramProcess
+from .servers import ConnectProxy, ProgramProcess, ThrottleRelay
 
 pytestmark = pytest.mark.e2e
 
@@ -1137,21 +1137,6 @@ class HostileUpstream(ProgramProcess):
         return [
             r for r in self.records() if r["method"] == method and fragment in r["path"]
         ]
-
-
-class ThrottleRelay(ProgramProcess):
-    """``programs/throttle_relay.py``: 127.0.0.1:PORT slowed to *rate* B/s."""
-
-    program = "throttle_relay"
-
-    def __init__(self, workdir: Path, target_port: int, rate: int) -> None:
-        super().__init__(
-            workdir, ["--target-port", str(target_port), "--rate", str(rate)]
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOCALHOST}:{self.ports['relay']}"
 
 
 @dataclass

@@ -32,8 +32,7 @@ from .harness import (
     poll_until,
 )
 from .images import MANIFEST_ACCEPT, Blob, Catalog
-from .servers import FakeUpstream
-from .test_hostile import ThrottleRelay
+from .servers import FakeUpstream, ThrottleRelay
 from .test_tls import write_certificate
 
 pytestmark = pytest.mark.e2e
