@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -25,12 +26,13 @@ from .harness import (
     LOCALHOST,
     MirrorProcess,
     RegistryProcess,
+    Skopeo,
     free_port,
     http_request,
     mirror_config_upstreams,
     poll_until,
 )
-from .images import Blob, Catalog
+from .images import Blob, Catalog, assert_layout_matches
 from .servers import ThrottleRelay
 
 pytestmark = pytest.mark.e2e
@@ -505,3 +507,58 @@ def test_nodes_with_worker_processes(
             None,
         ), got
     assert origin.count_blob_gets(layer.digest) == 1
+
+
+def test_redirect_to_the_bucket(
+    catalog: Catalog,
+    origin: RegistryProcess,
+    redis: RedisServer,
+    ceph_rgw: CephRGW,
+    s3_bucket: str,
+    start_mirror: Callable[..., MirrorProcess],
+    skopeo: Skopeo,
+    tmp_path: Path,
+) -> None:
+    """
+    ``redirect = true``: a node without the blob in its own cache sends the
+    client to a presigned URL of the bucket (no secret in it), which RGW
+    honours, Range included; skopeo pulls the whole image that way.
+    """
+    base = cluster_config(origin.url, redis, ceph_rgw, s3_bucket)
+
+    def config(port: int) -> str:
+        return base(port).replace("[cache]\n", "[cache]\nredirect = true\n", 1)
+
+    first, second = start_nodes(start_mirror, config)[:2]
+    image = catalog.small
+    for layer in image.layers:
+        path = f"/v2/{image.repository}/blobs/{layer.digest}"
+        assert first.request("GET", path).status == 200
+        key = f"/{s3_bucket}/blobs/sha256/{layer.digest.split(':')[1]}"
+        poll_until(
+            lambda key=key: ceph_rgw.request("HEAD", key).status == 200,  # type: ignore[misc]
+            timeout=10,
+            describe=lambda key=key: f"{key} never reached the bucket",  # type: ignore[misc]
+        )
+        answer = second.request("GET", path)
+        assert answer.status == 307, answer
+        location = answer.headers["Location"]
+        assert location.startswith(ceph_rgw.endpoint + "/")
+        assert "X-Amz-Signature=" in location
+        assert ceph_rgw.secret_key not in location
+        target = urlsplit(location)
+        got = http_request(
+            target.port or 80, "GET", f"{target.path}?{target.query}"
+        )
+        assert got.status == 200 and got.body == layer.data
+        ranged = http_request(
+            target.port or 80,
+            "GET",
+            f"{target.path}?{target.query}",
+            {"Range": "bytes=3-"},
+        )
+        assert ranged.status == 206 and ranged.body == layer.data[3:]
+    skopeo.pull(second.host, image.reference, tmp_path / "out", "latest")
+    assert_layout_matches(tmp_path / "out", image, "latest")
+    for layer in image.layers:
+        assert origin.count_blob_gets(layer.digest) == 1
