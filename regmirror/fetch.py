@@ -7,6 +7,12 @@ A :class:`Download` writes an upstream body into a spool file; readers
 own pace, so a slow client never slows the download or the others.
 Readers are held one byte short of the end until the digest is verified:
 a client never receives a complete body whose digest did not match.
+
+In a cluster a download's bytes come from the first source that has them
+(:meth:`Fetcher._open`): the shared bucket, the node holding the digest's
+lease in Redis (while it downloads), else the namespace's upstreams, with
+the lease taken by this node.  Whatever the source, the bytes are verified
+here before they count as cached.
 """
 
 from __future__ import annotations
