@@ -18,7 +18,7 @@ here before they count as cached.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import IO, Any
 
 from attrs import define, field, frozen
@@ -367,15 +367,22 @@ class Fetcher:
             return None
         if digest in self._downloads or self.store.blob_size(digest) is not None:
             return None
-        try:
-            if await self.shared.blob_size(digest) is None:
-                return None
-        except S3Error as e:
-            self.log.warn("shared store: {why}", why=str(e))
+        if await self._shared_size(digest) is None:
             return None
         self._lookup("blob", "redirect")
         self._touch(digest)
         return self.shared.blob_url(digest, int(self.redirect_ttl))
+
+    async def _shared_size(self, digest: Digest) -> int | None:
+        """The blob's size in the shared store; ``None`` if it is not there,
+        there is none, or it failed (logged)."""
+        if self.shared is None:
+            return None
+        try:
+            return await self.shared.blob_size(digest)
+        except S3Error as e:
+            self.log.warn("shared store: {why}", why=str(e))
+            return None
 
     async def blob_size(
         self, pool: UpstreamPool, repository: str, digest: Digest
@@ -385,15 +392,10 @@ class Fetcher:
         if running is not None and running.size is not None:
             return running.size
         size = self.store.blob_size(digest)
+        if size is None:
+            size = await self._shared_size(digest)
         if size is not None:
             return size
-        if self.shared is not None:
-            try:
-                size = await self.shared.blob_size(digest)
-            except S3Error as e:
-                self.log.warn("shared store: {why}", why=str(e))
-            if size is not None:
-                return size
         try:
             return await pool.blob_size(repository, digest)
         except NotFoundAnywhere:
@@ -550,11 +552,7 @@ class Fetcher:
         lease, download.lease = download.lease, None
         if lease is None or self.coordinator is None:
             return
-        Deferred.fromCoroutine(self.coordinator.release(lease)).addErrback(
-            lambda failure: failure.trap(CoordinatorDown)
-        ).addErrback(
-            lambda failure: self.log.failure("cannot release a lease", failure)
-        )
+        self._tell_redis(self.coordinator.release(lease), "release a lease")
 
     async def _share(self, download: Download) -> None:
         """
@@ -853,9 +851,14 @@ class Fetcher:
         """Mark a blob of the shared store used (for its eviction)."""
         if self.coordinator is None or self.shared_max_size is None:
             return
-        Deferred.fromCoroutine(self.coordinator.touch(digest)).addErrback(
+        self._tell_redis(self.coordinator.touch(digest), "mark a blob used")
+
+    def _tell_redis(self, call: Coroutine[Any, Any, None], what: str) -> None:
+        """Run a Redis call without waiting for it: with Redis down it is
+        dropped (the node works alone), any other failure is logged."""
+        Deferred.fromCoroutine(call).addErrback(
             lambda failure: failure.trap(CoordinatorDown)
-        ).addErrback(lambda failure: self.log.failure("cannot touch", failure))
+        ).addErrback(lambda failure: self.log.failure(f"cannot {what}", failure))
 
     async def evict_shared(self) -> int:
         """
