@@ -108,6 +108,27 @@ def relay_finished(relay: ThrottleRelay, size: int) -> bool:
     return False
 
 
+def assert_whole(results: list[Pulled], blob: Blob) -> None:
+    """Every client got all of *blob*, verified, without an error."""
+    for got in results:
+        assert (got.status, got.size, got.digest, got.error) == (
+            200,
+            blob.size,
+            blob.digest,
+            None,
+        ), got
+
+
+def wait_in_bucket(rgw: CephRGW, bucket: str, blob: Blob) -> None:
+    """Wait (bounded) until the node that downloaded *blob* has shared it."""
+    key = f"/{bucket}/blobs/sha256/{blob.digest.split(':')[1]}"
+    poll_until(
+        lambda: rgw.request("HEAD", key).status == 200,
+        timeout=10,
+        describe=lambda: f"{key} never reached the bucket",
+    )
+
+
 def download_lines(node: MirrorProcess, digest: str) -> list[str]:
     return [line for line in node.log().splitlines() if f"downloading {digest}" in line]
 
@@ -151,11 +172,13 @@ def cluster_config(
 
 
 @pytest.fixture
-def origin(tmp_path: Path, seeded_storage: Path) -> RegistryProcess:
-    registry = RegistryProcess(seeded_storage, tmp_path / "origin")
-    registry.start()
-    yield registry  # type: ignore[misc]
-    registry.stop()
+def relay(
+    tmp_path: Path,
+    upstream: RegistryProcess,
+    start_program: Callable[[ThrottleRelay], ThrottleRelay],
+) -> ThrottleRelay:
+    """The origin slowed to RATE, so that a download is seen under way."""
+    return start_program(ThrottleRelay(tmp_path / "relay", upstream.port, RATE))
 
 
 def start_nodes(
@@ -170,13 +193,12 @@ def blob_path(catalog: Catalog, blob: Blob) -> str:
 
 def test_one_upstream_download_for_the_cluster(
     catalog: Catalog,
-    origin: RegistryProcess,
+    upstream: RegistryProcess,
     redis: RedisServer,
     ceph_rgw: CephRGW,
     s3_bucket: str,
     start_mirror: Callable[..., MirrorProcess],
-    start_program: Callable[[ThrottleRelay], ThrottleRelay],
-    tmp_path: Path,
+    relay: ThrottleRelay,
 ) -> None:
     """
     30 clients spread over three nodes (sharing Redis and an RGW bucket)
@@ -187,7 +209,6 @@ def test_one_upstream_download_for_the_cluster(
     """
     image = catalog.big
     layer = image.layers[0]
-    relay = start_program(ThrottleRelay(tmp_path / "relay", origin.port, RATE))
     nodes = start_nodes(
         start_mirror, cluster_config(relay.url, redis, ceph_rgw, s3_bucket)
     )
@@ -228,16 +249,10 @@ def test_one_upstream_download_for_the_cluster(
     for thread in threads:
         thread.join(timeout=CLIENT_TIMEOUT)
     assert len(results) == CLIENTS, "some clients never finished"
-    for got in results:
-        assert (got.status, got.size, got.digest, got.error) == (
-            200,
-            layer.size,
-            layer.digest,
-            None,
-        ), got
+    assert_whole(results, layer)
     assert all(ok for _, ok in small), small
     for blob in image.blobs:
-        assert origin.count_blob_gets(blob.digest) == 1, blob
+        assert upstream.count_blob_gets(blob.digest) == 1, blob
     holders = holder_of(nodes, layer.digest)
     assert len(holders) == 1, [node.log() for node in nodes]
     followers = [i for i in range(NODES) if i not in holders]
@@ -250,10 +265,10 @@ def test_one_upstream_download_for_the_cluster(
 
 def test_holder_killed_mid_download(
     catalog: Catalog,
-    origin: RegistryProcess,
+    upstream: RegistryProcess,
     redis: RedisServer,
     start_mirror: Callable[..., MirrorProcess],
-    start_program: Callable[[ThrottleRelay], ThrottleRelay],
+    relay: ThrottleRelay,
     tmp_path: Path,
 ) -> None:
     """
@@ -263,7 +278,6 @@ def test_holder_killed_mid_download(
     upstream with a Range request: at most one extra GET upstream.
     """
     layer = catalog.big.layers[0]
-    relay = start_program(ThrottleRelay(tmp_path / "relay", origin.port, RATE))
     config = cluster_config(relay.url, redis)
     port = free_port()
     doomed = MirrorProcess(tmp_path / "doomed", config(port), port)
@@ -303,15 +317,9 @@ def test_holder_killed_mid_download(
     finally:
         doomed.stop()
     assert len(results) == 10, "some clients never finished"
-    for got in results:
-        assert (got.status, got.size, got.digest, got.error) == (
-            200,
-            layer.size,
-            layer.digest,
-            None,
-        ), got
+    assert_whole(results, layer)
     assert holder_of([doomed], layer.digest) == [0]
-    assert 1 <= origin.count_blob_gets(layer.digest) <= 2
+    assert 1 <= upstream.count_blob_gets(layer.digest) <= 2
     resumed = [
         line
         for node in others
@@ -329,7 +337,7 @@ def readyz(node: MirrorProcess) -> str:
 
 def test_redis_down_nodes_work_alone(
     catalog: Catalog,
-    origin: RegistryProcess,
+    upstream: RegistryProcess,
     redis: RedisServer,
     start_mirror: Callable[..., MirrorProcess],
 ) -> None:
@@ -337,7 +345,7 @@ def test_redis_down_nodes_work_alone(
     With Redis stopped the nodes go on serving, cached and uncached, each
     alone, and say so (/readyz, the gauge); once it is back they join again.
     """
-    nodes = start_nodes(start_mirror, cluster_config(origin.url, redis))
+    nodes = start_nodes(start_mirror, cluster_config(upstream.url, redis))
     small = catalog.small
     layers = small.layers
     before = layers[0]
@@ -377,7 +385,7 @@ def test_redis_down_nodes_work_alone(
 
 def test_the_bucket_serves_every_node_afterwards(
     catalog: Catalog,
-    origin: RegistryProcess,
+    upstream: RegistryProcess,
     redis: RedisServer,
     ceph_rgw: CephRGW,
     s3_bucket: str,
@@ -388,7 +396,7 @@ def test_the_bucket_serves_every_node_afterwards(
     nodes take its blobs and manifests from the bucket (Ceph RGW), not from
     the upstream, and a Range request is answered from there too.
     """
-    config = cluster_config(origin.url, redis, ceph_rgw, s3_bucket)
+    config = cluster_config(upstream.url, redis, ceph_rgw, s3_bucket)
     first, second, third = start_nodes(start_mirror, config)
     image = catalog.small
     manifest_path = f"/v2/{image.repository}/manifests/{image.root.digest}"
@@ -399,12 +407,7 @@ def test_the_bucket_serves_every_node_afterwards(
         assert response.status == 200
     # The holder puts each blob in the bucket after verifying it.
     for layer in image.layers:
-        key = f"/{s3_bucket}/blobs/sha256/{layer.digest.split(':')[1]}"
-        poll_until(
-            lambda key=key: ceph_rgw.request("HEAD", key).status == 200,  # type: ignore[misc]
-            timeout=10,
-            describe=lambda key=key: f"{key} never reached the bucket",  # type: ignore[misc]
-        )
+        wait_in_bucket(ceph_rgw, s3_bucket, layer)
     manifest = second.request("GET", manifest_path, accept)
     assert manifest.status == 200 and manifest.body == image.root.data
     for layer in image.layers:
@@ -413,17 +416,17 @@ def test_the_bucket_serves_every_node_afterwards(
         assert whole.status == 200 and whole.body == layer.data
         ranged = third.request("GET", path, {"Range": "bytes=5-"})
         assert ranged.status == 206 and ranged.body == layer.data[5:]
-        assert origin.count_blob_gets(layer.digest) == 1
+        assert upstream.count_blob_gets(layer.digest) == 1
         for node in (second, third):
             lines = download_lines(node, layer.digest)
             assert lines and all("from shared store" in line for line in lines), lines
     manifests = rf"/v2/\S+/manifests/{image.root.digest}"
-    assert origin.count_requests("GET", manifests) == 1
+    assert upstream.count_requests("GET", manifests) == 1
 
 
 def test_bucket_unreachable_nodes_serve_from_upstream(
     catalog: Catalog,
-    origin: RegistryProcess,
+    upstream: RegistryProcess,
     redis: RedisServer,
     ceph_rgw: CephRGW,
     start_mirror: Callable[..., MirrorProcess],
@@ -442,7 +445,7 @@ def test_bucket_unreachable_nodes_serve_from_upstream(
             ceph_rgw.secret_key,
         )
 
-    config = cluster_config(origin.url, redis, Nowhere, "regmirror")  # type: ignore[arg-type]
+    config = cluster_config(upstream.url, redis, Nowhere, "regmirror")  # type: ignore[arg-type]
     node, other = start_nodes(start_mirror, config)[:2]
     image = catalog.small
     for target in (node, other):
@@ -456,11 +459,10 @@ def test_bucket_unreachable_nodes_serve_from_upstream(
 
 def test_nodes_with_worker_processes(
     catalog: Catalog,
-    origin: RegistryProcess,
+    upstream: RegistryProcess,
     redis: RedisServer,
     start_mirror: Callable[..., MirrorProcess],
-    start_program: Callable[[ThrottleRelay], ThrottleRelay],
-    tmp_path: Path,
+    relay: ThrottleRelay,
 ) -> None:
     """
     Nodes of two worker processes each: another node's request for a blob
@@ -468,7 +470,6 @@ def test_nodes_with_worker_processes(
     by following its sibling's spool.  Still one upstream GET, right bytes.
     """
     layer = catalog.big.layers[0]
-    relay = start_program(ThrottleRelay(tmp_path / "relay", origin.port, RATE))
     base = cluster_config(relay.url, redis)
 
     def config(port: int) -> str:
@@ -499,19 +500,13 @@ def test_nodes_with_worker_processes(
     for thread in (first, *threads):
         thread.join(timeout=CLIENT_TIMEOUT)
     assert len(results) == 13, "some clients never finished"
-    for got in results:
-        assert (got.status, got.size, got.digest, got.error) == (
-            200,
-            layer.size,
-            layer.digest,
-            None,
-        ), got
-    assert origin.count_blob_gets(layer.digest) == 1
+    assert_whole(results, layer)
+    assert upstream.count_blob_gets(layer.digest) == 1
 
 
 def test_redirect_to_the_bucket(
     catalog: Catalog,
-    origin: RegistryProcess,
+    upstream: RegistryProcess,
     redis: RedisServer,
     ceph_rgw: CephRGW,
     s3_bucket: str,
@@ -524,7 +519,7 @@ def test_redirect_to_the_bucket(
     client to a presigned URL of the bucket (no secret in it), which RGW
     honours, Range included; skopeo pulls the whole image that way.
     """
-    base = cluster_config(origin.url, redis, ceph_rgw, s3_bucket)
+    base = cluster_config(upstream.url, redis, ceph_rgw, s3_bucket)
 
     def config(port: int) -> str:
         return base(port).replace("[cache]\n", "[cache]\nredirect = true\n", 1)
@@ -534,12 +529,7 @@ def test_redirect_to_the_bucket(
     for layer in image.layers:
         path = f"/v2/{image.repository}/blobs/{layer.digest}"
         assert first.request("GET", path).status == 200
-        key = f"/{s3_bucket}/blobs/sha256/{layer.digest.split(':')[1]}"
-        poll_until(
-            lambda key=key: ceph_rgw.request("HEAD", key).status == 200,  # type: ignore[misc]
-            timeout=10,
-            describe=lambda key=key: f"{key} never reached the bucket",  # type: ignore[misc]
-        )
+        wait_in_bucket(ceph_rgw, s3_bucket, layer)
         answer = second.request("GET", path)
         assert answer.status == 307, answer
         location = answer.headers["Location"]
@@ -547,9 +537,7 @@ def test_redirect_to_the_bucket(
         assert "X-Amz-Signature=" in location
         assert ceph_rgw.secret_key not in location
         target = urlsplit(location)
-        got = http_request(
-            target.port or 80, "GET", f"{target.path}?{target.query}"
-        )
+        got = http_request(target.port or 80, "GET", f"{target.path}?{target.query}")
         assert got.status == 200 and got.body == layer.data
         ranged = http_request(
             target.port or 80,
@@ -561,4 +549,4 @@ def test_redirect_to_the_bucket(
     skopeo.pull(second.host, image.reference, tmp_path / "out", "latest")
     assert_layout_matches(tmp_path / "out", image, "latest")
     for layer in image.layers:
-        assert origin.count_blob_gets(layer.digest) == 1
+        assert upstream.count_blob_gets(layer.digest) == 1
