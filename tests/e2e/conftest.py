@@ -24,6 +24,7 @@ from .engines import (
     missing_engines,
 )
 from .harness import (
+    LOCALHOST,
     REGISTRY_BINARY,
     SKOPEO_BINARY,
     MirrorProcess,
@@ -35,7 +36,7 @@ from .harness import (
     two_namespace_config,
 )
 from .images import Catalog, build_catalog, ghcr_app, write_layout
-from .servers import ProgramProcess
+from .servers import ProgramProcess, write_certificate
 
 ProgramProcessT = TypeVar("ProgramProcessT", bound=ProgramProcess)
 
@@ -279,3 +280,23 @@ def s3_bucket(ceph_rgw: CephRGW) -> str:
     if not ceph_rgw.running:
         pytest.fail(f"the session's Ceph RGW is down:\n{ceph_rgw.log_tail()}")
     return ceph_rgw.make_bucket()
+
+
+@pytest.fixture
+def tls_mirror(
+    tmp_path: Path, upstream: RegistryProcess
+) -> Iterator[tuple[MirrorProcess, int]]:
+    """A mirror with a plain listener and an ``ssl:`` one whose certificate
+    files are named relative to the config file's folder."""
+    workdir = tmp_path / "mirror"
+    write_certificate(workdir)
+    plain, secure = free_port(), free_port()
+    config = mirror_config(plain, upstream.url).replace(
+        f"listen = tcp:{plain}:interface={LOCALHOST}",
+        f"listen = tcp:{plain}:interface={LOCALHOST}\n"
+        f"    ssl:{secure}:privateKey=key.pem:certKey=cert.pem:interface={LOCALHOST}",
+    )
+    process = MirrorProcess(workdir, config, plain)
+    process.start()
+    yield process, secure
+    process.stop()

@@ -66,6 +66,30 @@ class CertificatePair:
     key: Path
 
 
+def write_certificate(folder: Path) -> None:
+    """A self-signed certificate for 127.0.0.1: ``key.pem`` and ``cert.pem``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "regmirror test")])
+    certificate = (
+        _validity(x509.CertificateBuilder())
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(LOCALHOST))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "key.pem").write_bytes(_pem_key(key))
+    (folder / "cert.pem").write_bytes(_pem_certificate(certificate))
+
+
 class Pki:
     """
     A test certificate authority in *folder*: ``ca.pem`` (certificate) and

@@ -31,7 +31,7 @@ from .harness import (
     stop_process,
 )
 from .images import Catalog
-from .test_tls import write_certificate
+from .servers import write_certificate
 
 pytestmark = pytest.mark.e2e
 

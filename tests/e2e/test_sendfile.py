@@ -17,7 +17,7 @@ import http.client
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,14 +26,11 @@ from .harness import (
     LOCALHOST,
     MirrorProcess,
     RegistryProcess,
-    free_port,
-    mirror_config,
     mirror_config_upstreams,
     poll_until,
 )
 from .images import MANIFEST_ACCEPT, Blob, Catalog
 from .servers import FakeUpstream, ThrottleRelay
-from .test_tls import write_certificate
 
 pytestmark = pytest.mark.e2e
 
@@ -346,25 +343,6 @@ def test_a_failed_download_breaks_a_sendfile_response(
 
 
 # -- under TLS -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def tls_mirror(
-    tmp_path: Path, upstream: RegistryProcess
-) -> Iterator[tuple[MirrorProcess, int]]:
-    """A mirror with a plain listener and an ``ssl:`` one."""
-    workdir = tmp_path / "mirror"
-    write_certificate(workdir)
-    plain, secure = free_port(), free_port()
-    config = mirror_config(plain, upstream.url).replace(
-        f"listen = tcp:{plain}:interface={LOCALHOST}",
-        f"listen = tcp:{plain}:interface={LOCALHOST}\n"
-        f"    ssl:{secure}:privateKey=key.pem:certKey=cert.pem:interface={LOCALHOST}",
-    )
-    process = MirrorProcess(workdir, config, plain)
-    process.start()
-    yield process, secure
-    process.stop()
 
 
 def test_under_tls_blobs_are_copied_not_sent_with_sendfile(

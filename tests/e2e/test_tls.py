@@ -2,88 +2,24 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import signal
 import socket
 import ssl
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from .harness import (
     LOCALHOST,
     MirrorProcess,
-    RegistryProcess,
     Skopeo,
-    free_port,
-    mirror_config,
     poll_until,
 )
 from .images import Catalog
+from .servers import write_certificate
 
 pytestmark = pytest.mark.e2e
-
-
-def write_certificate(folder: Path) -> None:
-    """A self-signed certificate for 127.0.0.1: ``key.pem`` and ``cert.pem``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "regmirror test")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address(LOCALHOST))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    (folder / "cert.pem").write_bytes(
-        certificate.public_bytes(serialization.Encoding.PEM)
-    )
-
-
-@pytest.fixture
-def tls_mirror(
-    tmp_path: Path, upstream: RegistryProcess
-) -> Iterator[tuple[MirrorProcess, int]]:
-    """A mirror with a plain listener and an ``ssl:`` one whose certificate
-    files are named relative to the config file's folder."""
-    workdir = tmp_path / "mirror"
-    write_certificate(workdir)
-    plain, secure = free_port(), free_port()
-    config = mirror_config(plain, upstream.url).replace(
-        f"listen = tcp:{plain}:interface={LOCALHOST}",
-        f"listen = tcp:{plain}:interface={LOCALHOST}\n"
-        f"    ssl:{secure}:privateKey=key.pem:certKey=cert.pem:interface={LOCALHOST}",
-    )
-    process = MirrorProcess(workdir, config, plain)
-    process.start()
-    yield process, secure
-    process.stop()
 
 
 def test_pull_over_verified_https(
