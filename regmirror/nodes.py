@@ -23,7 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from regmirror.reference import Digest
-from regmirror.upstream import _Discard
+from regmirror.upstream import discard
 
 #: The path prefix of the node-to-node blob endpoint.
 PATH = b"_cluster"
@@ -88,5 +88,5 @@ class Peers:
             raise PeerUnavailable(f"{url}: {e.__class__.__name__}") from None
         if response.code in (200, 206):
             return response
-        response.deliverBody(_Discard())
+        discard(response)
         raise PeerUnavailable(f"{url} answered {response.code}")

@@ -40,7 +40,7 @@ from zope.interface import implementer
 
 from regmirror.config import Secret
 from regmirror.reference import MAX_MANIFEST_SIZE, Digest, manifest_media_type
-from regmirror.upstream import _Collect, _Discard, header
+from regmirror.upstream import discard, header, read_small
 
 #: S3's smallest part (all but the last) and largest part count.
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -503,14 +503,8 @@ class ObjectStore:
         self, response: IResponse, limit: int, operation: str, key: str
     ) -> bytes:
         """A body that should be small, at most *limit* bytes."""
-        length = response.length
-        if isinstance(length, int) and length > limit:
-            response.deliverBody(_Discard())
-            raise S3Error(operation, key, detail=f"answer is over {limit} bytes")
-        collect = _Collect(limit, self.clock, self.timeout)
-        response.deliverBody(collect)
         try:
-            return await collect.done
+            return await read_small(response, limit, self.clock, self.timeout)
         except ValueError as e:
             raise S3Error(operation, key, detail=str(e)) from None
 
@@ -571,7 +565,7 @@ class ObjectStore:
         response = await self._request("GetObject", key, "GET", self._url(key), headers)
         if response.code != (206 if ranged else 200):
             if response.code == 200:
-                response.deliverBody(_Discard())
+                discard(response)
                 raise S3Error("GetObject", key, detail="the Range was ignored")
             raise await self._error(response, "GetObject", key)
         return response

@@ -185,6 +185,29 @@ class _Collect:
             self.done.errback(ValueError(f"body broke off: {reason.getErrorMessage()}"))
 
 
+async def read_small(
+    response: IResponse, limit: int, clock: IReactorTime, idle: float
+) -> bytes:
+    """
+    A body that should be small, from any HTTP server.
+
+    :raises ValueError: if it is over *limit* bytes, goes silent for *idle*
+        seconds, or breaks off; the connection is closed then.
+    """
+    length = response.length
+    if isinstance(length, int) and length > limit:
+        discard(response)
+        raise ValueError(f"body of {length} bytes is over the limit of {limit}")
+    collect = _Collect(limit, clock, idle)
+    response.deliverBody(collect)
+    return await collect.done
+
+
+def discard(response: IResponse) -> None:
+    """Drop a body unread, closing its connection."""
+    response.deliverBody(_Discard())
+
+
 class _Discard:
     """A body protocol that drops everything and closes."""
 
@@ -298,13 +321,7 @@ class Upstream:
         :raises ValueError: if it is over *limit* bytes, goes silent for
             ``idle_timeout``, or breaks off; the connection is closed then.
         """
-        length = response.length
-        if isinstance(length, int) and length > limit:
-            response.deliverBody(_Discard())
-            raise ValueError(f"body of {length} bytes is over the limit of {limit}")
-        collect = _Collect(limit, self.clock, self.config.idle_timeout)
-        response.deliverBody(collect)
-        return await collect.done
+        return await read_small(response, limit, self.clock, self.config.idle_timeout)
 
     async def drain(self, response: IResponse) -> None:
         """Read and drop a small body so the connection can be reused."""
