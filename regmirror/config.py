@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from attrs import field, frozen
 
@@ -307,23 +307,33 @@ def parse_hostname(text: str) -> str:
     return lowered
 
 
-def parse_upstream_url(text: str) -> str:
-    """An ``http(s)://host[:port]`` URL with no path, query or credentials."""
+def _split_url(text: str, schemes: tuple[str, ...], credentials: str) -> SplitResult:
+    """
+    The parts of a URL with one of *schemes*, a host, a valid port and no
+    credentials (*credentials* says where they go instead).
+    """
     if any(c.isspace() for c in text.strip()):
         raise ValueError(f"URL contains white space: {text!r}")
     parts = urlsplit(text.strip())
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"URL must start with http:// or https://: {text!r}")
+    if parts.scheme not in schemes:
+        starts = " or ".join(f"{scheme}://" for scheme in schemes)
+        raise ValueError(f"URL must start with {starts}: {text!r}")
     if not parts.hostname:
         raise ValueError(f"URL has no host: {text!r}")
     if parts.username is not None or parts.password is not None:
-        raise ValueError("credentials do not belong in the URL")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"URL must name only scheme, host and port: {text!r}")
+        raise ValueError(credentials)
     try:
         parts.port  # noqa: B018  (raises for a bad port)
     except ValueError:
         raise ValueError(f"URL has a bad port: {text!r}") from None
+    return parts
+
+
+def parse_upstream_url(text: str) -> str:
+    """An ``http(s)://host[:port]`` URL with no path, query or credentials."""
+    parts = _split_url(text, ("http", "https"), "credentials do not belong in the URL")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"URL must name only scheme, host and port: {text!r}")
     return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
@@ -582,21 +592,11 @@ def _s3(reader: _Reader, base: str) -> S3Config:
 
 def parse_redis_url(text: str) -> str:
     """``redis://host[:port][/db]``; the password goes in ``redis_password``."""
-    if any(c.isspace() for c in text.strip()):
-        raise ValueError(f"URL contains white space: {text!r}")
-    parts = urlsplit(text.strip())
-    if parts.scheme != "redis":
-        raise ValueError(f"URL must start with redis://: {text!r}")
-    if not parts.hostname:
-        raise ValueError(f"URL has no host: {text!r}")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("no credentials in the URL: use redis_password_file")
+    parts = _split_url(
+        text, ("redis",), "no credentials in the URL: use redis_password_file"
+    )
     if parts.query or parts.fragment or not re.fullmatch(r"/?|/\d{1,2}", parts.path):
         raise ValueError(f"URL must name only host, port and database: {text!r}")
-    try:
-        parts.port  # noqa: B018  (raises for a bad port)
-    except ValueError:
-        raise ValueError(f"URL has a bad port: {text!r}") from None
     return text.strip()
 
 
