@@ -559,18 +559,16 @@ class Fetcher:
         Put a blob this node took from an upstream into the shared store,
         then give up its lease: other nodes take it from the bucket now.
         """
-        digest = download.digest
+        digest, shared, size = download.digest, self.shared, download.written
+        assert shared is not None, "only with a shared store"
         self.store.acquire(digest)
         try:
-            if self.shared is not None:
-                await self.shared.put_blob(
-                    digest, self.store.blob_path(digest), download.written
-                )
-                if self.coordinator is not None:
-                    try:
-                        await self.coordinator.stored(digest, download.written)
-                    except CoordinatorDown:
-                        pass
+            await shared.put_blob(digest, self.store.blob_path(digest), size)
+            if self.coordinator is not None:
+                try:
+                    await self.coordinator.stored(digest, size)
+                except CoordinatorDown:
+                    pass
         except S3Error as e:
             self.log.warn(
                 "cannot put {digest} in the shared store: {why}",
