@@ -18,8 +18,8 @@ from twisted.web import http
 from twisted.web.server import Site
 
 from regmirror.access import client_address
+from regmirror.channel import MirrorChannel
 from regmirror.config import Network
-from regmirror.web import MirrorChannel
 
 ACCESS_FORMAT = (
     '{client} - {user} "{method} {uri} {protocol}" {status} {bytes} '

@@ -27,6 +27,7 @@ from twisted.web.server import Site
 
 from regmirror import nodes
 from regmirror.access import Gate, shared_key
+from regmirror.channel import PlainHTTPFactory
 from regmirror.cluster import Coordinator
 from regmirror.config import ClusterConfig, Config, ConfigError, S3Config, load
 from regmirror.fetch import Fetcher
@@ -46,7 +47,7 @@ from regmirror.transport import (
     tls_listener,
 )
 from regmirror.upstream import Upstream
-from regmirror.web import Health, PlainHTTPFactory, RegistryAPI, Root, TokenResource
+from regmirror.web import Health, RegistryAPI, Root, TokenResource
 from regmirror.workers import Workers
 
 log = Logger()

@@ -195,9 +195,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.logger import globalLogBeginner, jsonFileLogObserver
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
+    from regmirror.channel import PlainHTTPFactory
     from regmirror.service import build_mirror, validate
     from regmirror.transport import ReloadableTLS, parse_tls_listener
-    from regmirror.web import PlainHTTPFactory
 
     globalLogBeginner.beginLoggingTo(
         [jsonFileLogObserver(sys.stdout, recordSeparator="")]

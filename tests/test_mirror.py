@@ -18,10 +18,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent
 from twisted.web.server import Site
 
+from regmirror.channel import PlainHTTPFactory
 from regmirror.logs import MirrorSite
 from regmirror.reference import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from regmirror.store import Store
-from regmirror.web import PlainHTTPFactory, Root
+from regmirror.web import Root
 
 # -- the API root and errors ------------------------------------------------
 
