@@ -369,6 +369,7 @@ class _Reader:
         self.section = section
         self.values = dict(parser.items(section))
         self.used: set[str] = set()
+        self.finished = False
 
     def error(self, key: str | None, message: str) -> ConfigError:
         return ConfigError(self.path, self.section, key, message)
@@ -380,6 +381,8 @@ class _Reader:
         default: T | None = None,
         required: bool = False,
     ) -> T:
+        # A key read after finish() would be refused as unknown first.
+        assert not self.finished, f"[{self.section}] {key} read after finish()"
         self.used.add(key)
         raw = self.values.get(key)
         if raw is None or raw.strip() == "":
@@ -396,6 +399,7 @@ class _Reader:
             raise self.error(key, message)
 
     def finish(self) -> None:
+        self.finished = True
         for key in self.values:
             if key not in self.used:
                 raise self.error(key, "unknown key")
@@ -519,8 +523,8 @@ def _server(reader: _Reader, base: str) -> ServerConfig:
     workers = reader.get("workers", _positive_int, 1)
     if workers > 64:
         raise reader.error("workers", "at most 64")
-    reader.finish()
     deny_hosts = reader.get("deny_hosts", parse_deny, DEFAULT_DENY)
+    reader.finish()
     return ServerConfig(
         listen=listen,
         workers=workers,

@@ -17,7 +17,7 @@ import hmac
 from urllib.parse import urlsplit
 
 from attrs import define
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
