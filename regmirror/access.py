@@ -41,6 +41,8 @@ SERVICE = "regmirror"
 #: Failed logins allowed per client address within the window, then 429.
 LOGIN_FAILURES = 5
 LOGIN_WINDOW = 60.0
+#: The longest password bcrypt hashes, in bytes.
+BCRYPT_MAX_PASSWORD = 72
 #: A verified user/password pair is not re-hashed with bcrypt for this long.
 VERIFIED_FOR = 60.0
 
@@ -329,10 +331,13 @@ class Gate:
         key = (user, hashlib.sha256(f"{user}\0{password}".encode()).hexdigest())
         if hashed is not None and self._verified.get(key, 0) > self.clock.seconds():
             return user
-        good = hashed is not None and bool(
-            await self.run_in_thread(
-                lambda: bcrypt.checkpw(password.encode("utf-8"), hashed)
-            )
+        secret = password.encode("utf-8")
+        # bcrypt reads 72 bytes at most (bcrypt 5 raises beyond): a longer
+        # password cannot be the one hashed, whatever its first 72 bytes.
+        good = (
+            hashed is not None
+            and len(secret) <= BCRYPT_MAX_PASSWORD
+            and bool(await self.run_in_thread(lambda: bcrypt.checkpw(secret, hashed)))
         )
         if good:
             self._verified[key] = self.clock.seconds() + VERIFIED_FOR

@@ -19,6 +19,7 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,8 +53,16 @@ from regmirror.workers import Workers
 
 log = Logger()
 
+#: How often upstreams marked down are looked at (each at most once per
+#: its ``breaker_backoff``).
+RECOVERY_INTERVAL = 1.0
+
 #: How often the cache is checked against its limits and tags expired.
 HOUSEKEEPING_INTERVAL = 300.0
+
+
+def _recovery_failed(failure: Failure, upstream: str) -> None:
+    log.failure("cannot probe upstream {upstream}", failure, upstream=upstream)
 
 
 def validate(path: str) -> Config:
@@ -230,6 +239,7 @@ class Mirror:
     metrics: Metrics
     site: Site
     history: History = field(init=False)
+    _recovery: LoopingCall = field(init=False)
 
     @property
     def coordinator(self) -> Coordinator | None:
@@ -237,8 +247,15 @@ class Mirror:
         return self.fetcher.coordinator
 
     def start(self, clean: bool = True) -> None:
-        """Open the cache (see :meth:`Store.open`); join the cluster."""
+        """
+        Open the cache (see :meth:`Store.open`); join the cluster; look
+        after upstreams marked down (:meth:`Upstream.recover`).
+        """
         self.store.open(clean)
+        self._recovery.clock = self.fetcher.clock
+        self._recovery.start(RECOVERY_INTERVAL, now=False).addErrback(
+            lambda failure: log.failure("upstream recovery stopped", failure)
+        )
         if self.coordinator is not None:
             self.coordinator.start()
         shared = self.fetcher.shared
@@ -257,11 +274,20 @@ class Mirror:
 
     async def stop(self) -> None:
         """Leave the cluster (its leases go at once, not at expiry)."""
+        if self._recovery.running:
+            self._recovery.stop()
         if self.coordinator is not None:
             await self.coordinator.stop()
 
     def __attrs_post_init__(self) -> None:
         self.history = History(self.totals, self.fetcher.clock.seconds)
+        self._recovery = LoopingCall(self._recover)
+
+    def _recover(self) -> None:
+        for upstream in self.upstreams.values():
+            Deferred.fromCoroutine(upstream.recover()).addErrback(
+                _recovery_failed, upstream.name
+            )
 
     def totals(self) -> dict[str, float]:
         """Cumulative counts for the status page."""

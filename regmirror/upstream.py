@@ -241,6 +241,8 @@ class Breaker:
     open_until: float = 0.0
     #: how many times in a row it opened; 0 means closed
     opened: int = 0
+    #: when :meth:`Upstream.recover` last looked, while open
+    looked_at: float = 0.0
     _probing: bool = False
 
     def allow(self) -> bool:
@@ -329,6 +331,35 @@ class Upstream:
             await self.read(response, 64 * 1024)
         except ValueError:
             pass
+
+    async def recover(self) -> None:
+        """
+        While the breaker is open, ask ``/v2/`` once per ``breaker_backoff``
+        (not the doubled back-off of client requests: this costs no client
+        a failed attempt).  Any answer but a 5xx or 429 closes the breaker,
+        so an upstream that came back is used again, and readiness returns,
+        even while no client asks for anything (a load balancer sends none
+        to a node it took out).  A failed look leaves the breaker as it is.
+        """
+        breaker = self.breaker
+        now = self.clock.seconds()
+        if breaker.opened == 0 or now < breaker.looked_at + self.config.breaker_backoff:
+            return
+        breaker.looked_at = now
+        try:
+            response = await self.request("GET", "")
+        except UpstreamFailure as failure:
+            self.log.debug(
+                "upstream {upstream} still down: {why}",
+                upstream=self.name,
+                why=failure.detail,
+            )
+            return
+        await self.drain(response)
+        if response.code >= 500 or response.code == 429:
+            return
+        if breaker.succeeded():
+            self.log.info("upstream {upstream} is back", upstream=self.name)
 
     def backing_off(self) -> float | None:
         """Seconds left of a 429 back-off, or ``None``."""

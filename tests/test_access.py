@@ -253,3 +253,22 @@ def test_token_key_is_shared_through_the_cache(tmp_path: Path) -> None:
     two = Tokens(clock, 60.0, second)
     token, _ = one.issue("alice", ["app"])
     assert two.verify(token) is not None
+
+
+@pytest.mark.parametrize("where", ["/v2/", "/token?scope=repository:app:pull"])
+def test_password_longer_than_bcrypt_takes_is_a_failed_login(
+    tmp_path: Path, where: str
+) -> None:
+    """
+    A password over bcrypt's 72 bytes (bcrypt 5 raises for it) is a wrong
+    password like any other: 401 at the API and at /token, counted toward
+    the login throttle.
+    """
+    harness, _ = guarded(tmp_path)
+    long = basic("alice", PASSWORD + "x" * 80)
+    for _ in range(5):
+        answer = harness.request("GET", where, headers=long)
+        assert answer.code == 401
+        assert error_code(harness, answer) == "UNAUTHORIZED"
+    limited = harness.request("GET", where, headers=basic("alice", PASSWORD))
+    assert limited.code == 429

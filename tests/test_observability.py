@@ -8,11 +8,14 @@ from pathlib import Path
 import treq
 from fakeregistry import FakeRegistry
 from memory import LAYER, Harness, image, result
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
-from regmirror.config import load
+from regmirror.config import UpstreamConfig, load
 from regmirror.service import build_mirror
+from regmirror.upstream import Upstream
 
 
 def sample(harness: Harness, name: str, **labels: str) -> float:
@@ -152,3 +155,62 @@ def test_metrics_on_their_own_listener(tmp_path: Path) -> None:
     assert config.server.metrics_listen == ("tcp:0",)
     mirror = build_mirror(config, MemoryReactorClock())
     assert b"metrics" not in mirror.site.resource.children
+
+
+def test_upstream_marked_down_is_looked_at_once_per_backoff() -> None:
+    """
+    An upstream marked down is asked ``/v2/`` once per ``breaker_backoff``
+    with no client request needed; a 5xx keeps it down, the first real
+    answer brings it back.
+    """
+    clock, fake = Clock(), FakeRegistry()
+    agent = RequestTraversalAgent(fake)
+    upstream = Upstream(
+        UpstreamConfig("one", "http://one.test", breaker_backoff=30.0), agent, clock
+    )
+
+    def look() -> None:
+        d = Deferred.fromCoroutine(upstream.recover())
+        agent.flush()
+        result(d)
+
+    look()
+    assert fake.requests == []  # closed: nothing to look at
+    upstream.breaker.failed(transport=True)
+    clock.advance(29)
+    look()
+    assert fake.requests == []  # not before its back-off
+    fake.fault = lambda request: (503, b"down")
+    clock.advance(1)
+    look()
+    assert fake.requests == [("GET", "/v2/")]
+    assert upstream.breaker.opened == 1
+    clock.advance(29)
+    look()
+    assert len(fake.requests) == 1  # once per breaker_backoff
+    fake.fault = None
+    clock.advance(1)
+    look()
+    assert len(fake.requests) == 2
+    assert upstream.breaker.opened == 0
+    clock.advance(60)
+    look()
+    assert len(fake.requests) == 2  # closed again: left alone
+
+
+def test_readiness_returns_without_client_traffic(tmp_path: Path) -> None:
+    """
+    A started mirror looks at its down upstreams by itself: with the only
+    upstream marked down, it connects to it again after ``breaker_backoff``
+    (a node a load balancer took out gets no requests to probe with).
+    """
+    reactor = MemoryReactorClock()
+    mirror = build_mirror(load(str(write_config(tmp_path))), reactor)
+    mirror.start()
+    mirror.upstreams["one"].breaker.failed(transport=True)
+    reactor.advance(29)
+    assert reactor.tcpClients == []
+    for _ in range(3):
+        reactor.advance(1)
+    assert [(host, port) for host, port, *_ in reactor.tcpClients] == [("127.0.0.1", 9)]
+    result(Deferred.fromCoroutine(mirror.stop()))
