@@ -13,6 +13,7 @@ import socket
 import xml.etree.ElementTree as ET
 from urllib.parse import quote
 
+import pytest
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
@@ -53,15 +54,19 @@ def test_redis_restarts_on_the_same_port(redis: RedisServer) -> None:
     assert redis.command("GET", "key") is None
 
 
-def test_redis_is_running_after_a_test_stopped_it(redis: RedisServer) -> None:
-    """The ``redis`` fixture starts the server again if a test left it stopped."""
-    redis.stop()
-
-
-def test_redis_runs_again_for_the_next_test(redis: RedisServer) -> None:
-    """Follows the test above: the fixture started Redis again."""
+def test_redis_fixture_starts_a_stopped_server_again(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    """
+    A test may stop Redis: the ``redis`` fixture of the next test starts it
+    again, empty.
+    """
+    redis_server.stop()
+    assert not redis_server.running
+    redis = request.getfixturevalue("redis")
     assert redis.running
     assert redis.command("PING") == b"PONG"
+    assert redis.command("DBSIZE") == 0
 
 
 def _upload_id(rgw: CephRGW, bucket: str, key: str) -> str:
