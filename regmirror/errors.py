@@ -86,6 +86,18 @@ class Unsupported(RegistryError):
     status = 405
 
 
+class BadRequest(RegistryError):
+    """
+    A request no honest client sends, such as a header that may appear only
+    once (``Host``, ``Authorization``) on several lines.  The spec has no
+    code for it; ``UNSUPPORTED`` is what the connection answers malformed
+    requests with too.
+    """
+
+    code = "UNSUPPORTED"
+    status = 400
+
+
 class NotFound(RegistryError):
     """A path that is not part of the API at all."""
 

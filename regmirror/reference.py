@@ -84,6 +84,15 @@ def parse_digest(text: str) -> Digest:
     return Digest(algorithm, encoded)
 
 
+def referrers_tag(digest: Digest) -> str:
+    """
+    The tag under which the referrers tag schema of the distribution spec
+    keeps the index of *digest*'s referrers: the algorithm cut to 32
+    characters, ``-``, the encoded part cut to 64 (``sha256-<hex>``).
+    """
+    return f"{digest.algorithm[:32]}-{digest.hex[:64]}"
+
+
 def validate_name(name: str) -> str:
     """
     Check a repository name against the spec's grammar.
@@ -174,23 +183,28 @@ def parse_api_path(raw: bytes) -> ApiPath:
 
 def accepted_types(accept_header: str | None) -> frozenset[str] | None:
     """
-    The media types named in an ``Accept`` header.
+    The media types named in an ``Accept`` header (all its lines, joined
+    with ", ").
 
-    :return: ``None`` when the client accepts anything (no header, or
-        ``*/*``), else the set of types it listed (parameters dropped).
+    :return: ``None`` when the client accepts anything (no header, one that
+        names no type, or ``*/*``), else the set of types it listed
+        (parameters dropped; those refused with ``q=0`` left out).
     """
     if not accept_header:
         return None
     types = set()
+    named = False
     for item in accept_header.split(","):
         media, *params = (part.strip().lower() for part in item.split(";"))
+        if not media:
+            continue  # an empty element, e.g. from a blank header line
+        named = True
         if any(re.fullmatch(r"q=0(?:\.0{0,3})?", p) for p in params):
             continue  # q=0: explicitly not acceptable
         if media in ("*/*", "application/*"):
             return None
-        if media:
-            types.add(media)
-    return frozenset(types)
+        types.add(media)
+    return frozenset(types) if named else None
 
 
 def load_json(body: bytes) -> Any:

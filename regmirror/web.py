@@ -29,6 +29,7 @@ from regmirror.access import Gate, NamespaceOf, client_address
 from regmirror.channel import _PlainOnly
 from regmirror.cluster import CoordinatorDown
 from regmirror.errors import (
+    BadRequest,
     BlobUnknown,
     Denied,
     ManifestUnknown,
@@ -121,10 +122,34 @@ def _query(request: Request, name: str) -> str | None:
 
 
 def _text_header(request: Request, name: str) -> str | None:
+    """
+    A request header read whole: a list-based field (``Accept``, ``Range``)
+    sent on several lines means the lines joined with ", " (RFC 9110
+    5.3).  ``getHeader`` would keep only the last line: dockerd sends each
+    ``Accept`` type on a line of its own, in an order that changes.
+    """
     # By bytes: a str name makes Twisted decode the value as UTF-8, which
     # any client can make fail.
-    value: bytes | None = request.getHeader(name.lower().encode("ascii"))
-    return None if value is None else value.decode("latin-1")
+    lines = request.requestHeaders.getRawHeaders(name.lower().encode("ascii"))
+    if not lines:
+        return None
+    return ", ".join(line.decode("latin-1") for line in lines)
+
+
+#: Fields that may appear once only (RFC 9110 5.3, RFC 9112 3.2 for
+#: ``Host``): which of several lines counts would depend on who reads them
+#: (a proxy in front may take the first, Twisted's ``getHeader`` the last).
+_SINGLETONS = (b"host", b"authorization")
+
+
+def _refuse_repeated(request: Request) -> None:
+    """
+    :raises BadRequest: when a field that may appear once appears more often.
+    """
+    for name in _SINGLETONS:
+        lines = request.requestHeaders.getRawHeaders(name) or []
+        if len(lines) > 1:
+            raise BadRequest(f"{len(lines)} {name.decode()} header lines; one allowed")
 
 
 def break_connection(request: Request) -> None:
@@ -262,6 +287,7 @@ class RegistryAPI(Resource):
             ).inc()
 
     async def _handle(self, request: Request, labels: dict[str, str]) -> None:
+        _refuse_repeated(request)
         if request.method not in (b"GET", b"HEAD"):
             raise Unsupported("this mirror is read-only: only GET and HEAD are allowed")
         if request.path.startswith(CLUSTER_BLOBS):
@@ -325,20 +351,23 @@ class RegistryAPI(Resource):
         reference: str | Digest,
     ) -> Manifest:
         """
-        The client does not accept this manifest's type.  For an index asked
-        for by tag, answer with its linux/amd64 image as registries do for
-        clients that predate indexes; otherwise say plainly that there is no
-        manifest of an acceptable type.
+        The manifest to answer with when the client does not name this one's
+        type.  A single image manifest is served anyway, as registries do
+        (clients check the type themselves).  So is an index when the client
+        accepts the other index type: an OCI index and a Docker manifest
+        list have the same shape, and answering with one platform's image
+        instead would give the client an image the tag does not name, maybe
+        not its platform.  Only a client that accepts no index type at all,
+        asking by tag, gets the index's linux/amd64 image, as registries do
+        for clients that predate indexes; by digest it gets 404.
         """
+        if manifest.media_type not in INDEX_TYPES or accepted & INDEX_TYPES:
+            return manifest
         unacceptable = ManifestUnknown(
-            f"the manifest is {manifest.media_type}, which the request's Accept "
-            "header does not include"
+            f"the manifest is {manifest.media_type}, and the request's Accept "
+            "header names no index type"
         )
-        if manifest.media_type not in INDEX_TYPES or isinstance(reference, Digest):
-            # Registries serve a single image manifest whatever the Accept
-            # header says; clients check the type themselves.
-            if manifest.media_type not in INDEX_TYPES:
-                return manifest
+        if isinstance(reference, Digest):
             raise unacceptable
         try:
             entries = load_json(manifest.body).get("manifests", [])
@@ -402,8 +431,9 @@ class RegistryAPI(Resource):
             key = await coordinator.peer_key()
         except CoordinatorDown:
             raise UpstreamUnavailable("the cluster's Redis is down") from None
-        given = request.requestHeaders.getRawHeaders(nodes.AUTH_HEADER)
-        if not nodes.authorized(key, digest, given[0] if given else None):
+        given = request.requestHeaders.getRawHeaders(nodes.AUTH_HEADER) or []
+        # One token, on one line: a second line is no honest node's.
+        if not nodes.authorized(key, digest, given[0] if len(given) == 1 else None):
             raise Denied("not a node of this cluster")
         source = await self._fetcher.local_blob(digest)
         if source is None:
@@ -623,6 +653,7 @@ class TokenResource(ReadOnlyResource):
     async def _issue(self, request: Request) -> None:
         gate = self._gate
         try:
+            _refuse_repeated(request)
             address = client_address(request, gate.config.trusted_proxies)
             scheme, _, credentials = (
                 _text_header(request, "Authorization") or ""
