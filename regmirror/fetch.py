@@ -13,6 +13,10 @@ In a cluster a download's bytes come from the first source that has them
 lease in Redis (while it downloads), else the namespace's upstreams, with
 the lease taken by this node.  Whatever the source, the bytes are verified
 here before they count as cached.
+
+A transfer that breaks goes on where it stopped, from the next upstream in
+the namespace's order, flaky ones taking turns, for as long as attempts
+bring new bytes (:class:`regmirror._attempts.Attempts` decides).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
+from regmirror._attempts import Attempts
 from regmirror._flight import SingleFlight
 from regmirror.cluster import Coordinator, CoordinatorDown, Lease
 from regmirror.errors import BlobUnknown, DownloadFailed, ManifestUnknown, RegistryError
@@ -80,9 +85,6 @@ FOLLOW_SIZE_POLLS = 100
 
 #: How many digests' bad upstreams are remembered.
 MAX_TAINTED = 10_000
-
-#: How many times one download may be resumed after its transfer broke.
-MAX_RESUMES = 5
 
 #: A reader waiting for a download under way is woken once this many more
 #: bytes are there for it, or WAKE_DELAY seconds after the first append it
@@ -143,9 +145,10 @@ class Download:
     #: another process is downloading; this one only watches its spool
     follower: bool = False
     state: str = "running"
-    #: how many times the transfer was resumed after breaking, and where
+    #: the transfers so far, and where the next one comes from
+    attempts: Attempts = field(factory=Attempts)
+    #: how many times the transfer was resumed after breaking
     resumed: int = 0
-    resumed_at: int = -1
     #: bounds how long a reader waits for more bytes; without it, every
     #: append wakes every reader
     clock: IReactorTime | None = None
@@ -435,13 +438,16 @@ class Fetcher:
         self._receive(download, response, skip=0)
         return download
 
-    async def _open(self, download: Download, order: list[Upstream]) -> IResponse:
+    async def _open(
+        self, download: Download, order: list[Upstream], last_resort: bool = False
+    ) -> IResponse:
         """
         The blob's bytes from ``download.written`` on, from the first source
         that has them: the cluster's shared store, the node downloading the
         blob for the cluster, else the namespace's upstreams in *order*
         (this node then holds the digest's lease, or works alone when Redis
-        cannot say).  Sets the download's ``source`` and ``upstream``.
+        cannot say); with *last_resort*, then those of *order* whose breaker
+        is open.  Sets the download's ``source`` and ``upstream``.
 
         :raises NotFoundAnywhere: when no upstream has it.
         """
@@ -460,7 +466,7 @@ class Fetcher:
                     return from_bucket
         assert download.pool is not None, "a follower opens nothing"
         upstream, response = await download.pool.open_blob(
-            download.repository, download.digest, download.written, order
+            download.repository, download.digest, download.written, order, last_resort
         )
         download.source, download.upstream = upstream.name, upstream
         return response
@@ -523,6 +529,14 @@ class Fetcher:
                     continue
                 key = await coordinator.peer_key()
             except CoordinatorDown:
+                return None
+            if download.attempts.spent(PEER_PREFIX + claim.url):
+                self.log.warn(
+                    "node {url} brought nothing of {digest} too often: "
+                    "downloading alone",
+                    url=claim.url,
+                    digest=str(digest),
+                )
                 return None
             try:
                 response = await peers.open_blob(
@@ -697,6 +711,7 @@ class Fetcher:
         )
 
     def _receive(self, download: Download, response: IResponse, skip: int) -> None:
+        download.attempts.began(download.source, download.written)
         idle = IDLE_TIMEOUT
         if download.upstream is not None:
             idle = download.upstream.config.idle_timeout
@@ -704,27 +719,21 @@ class Fetcher:
 
     async def _resume(self, download: Download, why: str) -> None:
         """
-        Carry on a broken transfer where it stopped, with a Range request to
-        the same upstream or, failing that, the others in order.  A transfer
-        from the shared store goes on from an upstream; one from another
-        node, from whoever holds the digest's lease next (this node, once
-        the other's lease expired).
+        Carry on a broken transfer where it stopped, with a Range request:
+        to the upstreams in the order :meth:`Attempts.next_order` gives (the
+        next one first; one that broke during this download only after the
+        others), and as a last resort to those among them marked down,
+        rather than fail a download that progresses.  A transfer from the
+        shared store goes on from an upstream; one from another node, from
+        whoever holds the digest's lease next (this node, once the other's
+        lease expired).
         """
         pool, offset = download.pool, download.written
         assert pool is not None, "a follower does not resume"
-        broken = download.upstream
-        order = list(pool.upstreams)
-        if broken is not None:
-            pool.failed(broken, UpstreamFailure(broken.name, "broken", why))
-            others = [u for u in pool.upstreams if u is not broken]
-            # The same upstream first, unless it already failed to move this
-            # transfer on (a stall): then it is the last resort.
-            stuck = offset == download.resumed_at
-            order = [*others, broken] if stuck else [broken, *others]
+        order = download.attempts.next_order(self._untainted(pool, download.digest))
         download.resumed += 1
-        download.resumed_at = offset
         try:
-            response = await self._open(download, order)
+            response = await self._open(download, order, last_resort=True)
         except (NotFoundAnywhere, RegistryError) as e:
             self._fail(download, f"{why}; cannot resume: {e}")
             return
@@ -739,13 +748,24 @@ class Fetcher:
 
     def _finish(self, download: Download, reason: Failure) -> None:
         """The upstream body ended: verify and commit, or discard."""
+        download.attempts.ended(download.written)
         if not reason.check(ResponseDone, PotentialDataLoss):
             why = (
                 f"transfer from {download.source} broke after "
                 f"{download.written} bytes: {reason.getErrorMessage()}"
             )
-            if download.size is None or download.resumed >= MAX_RESUMES:
+            pool, broken = download.pool, download.upstream
+            assert pool is not None, "a follower does not receive"
+            if broken is not None:
+                pool.failed(broken, UpstreamFailure(broken.name, "broken", why))
+            if download.size is None:
                 self._fail(download, why)
+                return
+            enough = download.attempts.exhausted(
+                download.size, self._untainted(pool, download.digest)
+            )
+            if enough is not None:
+                self._fail(download, f"{why}; no further attempt: {enough}")
                 return
             Deferred.fromCoroutine(self._resume(download, why)).addErrback(
                 lambda failure: self._fail(download, failure.getErrorMessage())
@@ -815,11 +835,13 @@ class Fetcher:
         return trusted or list(pool.upstreams)
 
     def _fail(self, download: Download, why: str) -> None:
+        download.attempts.ended(download.written)
         self.log.error(
-            "download of {digest} from {source} failed: {why}",
+            "download of {digest} from {source} failed: {why} (sources: {sources})",
             digest=str(download.digest),
             source=download.source,
             why=why,
+            sources=download.attempts.summary(),
         )
         self._unclaim(download)
         download.writer.discard()

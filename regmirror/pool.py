@@ -122,9 +122,11 @@ class UpstreamPool:
         path: str,
         headers: dict[str, str] | None = None,
         query: dict[str, str] | None = None,
+        heed_breaker: bool = True,
     ) -> IResponse:
         """
-        Send one request to one upstream.
+        Send one request to one upstream (unless its breaker is open and
+        *heed_breaker*).
 
         :return: a 2xx response, its body unread.
         :raises UpstreamFailure: for any other answer, or none (logged unless
@@ -139,7 +141,7 @@ class UpstreamPool:
                 status=429,
                 retry_after=waiting,
             )
-        if not upstream.breaker.allow():
+        if heed_breaker and not upstream.breaker.allow():
             raise UpstreamFailure(upstream.name, "down", "marked down, not asked")
         try:
             response = await upstream.request(method, path, headers, query=query)
@@ -221,32 +223,66 @@ class UpstreamPool:
         digest: Digest,
         offset: int = 0,
         order: Sequence[Upstream] | None = None,
+        last_resort: bool = False,
     ) -> tuple[Upstream, IResponse]:
         """
         A GET response for a blob, its body unread, from the first upstream
         of *order* (default: all, in order) with a plausible answer.  From
         *offset* on, when given: the answer is then a 206 starting there, or
         a 200 with the whole blob, whose first *offset* bytes the caller
-        skips.
+        skips.  With *last_resort*, the upstreams of *order* skipped because
+        their breaker is open are asked after all others failed (a download
+        under way: better a request to an upstream marked down than a
+        client's broken stream).
         """
+        path = f"{repository}/blobs/{digest}"
         headers = {"Range": f"bytes={offset}-"} if offset else None
         failures: list[UpstreamFailure] = []
+        down: list[Upstream] = []
         for upstream in self.upstreams if order is None else order:
             try:
-                response = await self.ask(
-                    upstream, "GET", f"{repository}/blobs/{digest}", headers
+                return upstream, await self._blob_answer(
+                    upstream, path, headers, offset
                 )
             except UpstreamFailure as failure:
                 failures.append(failure)
-                continue
-            problem = _blob_problem(response, offset)
-            if problem is None:
-                return upstream, response
-            await upstream.drain(response)
-            implausible = UpstreamFailure(upstream.name, "invalid", problem)
-            self.failed(upstream, implausible)
-            failures.append(implausible)
+                if failure.reason == "down":
+                    down.append(upstream)
+        for upstream in down if last_resort else []:
+            self.log.info(
+                "{namespace}: asking upstream {upstream}, marked down, for the "
+                "rest of {digest}: no other can give it",
+                namespace=self.namespace,
+                upstream=upstream.name,
+                digest=str(digest),
+            )
+            try:
+                return upstream, await self._blob_answer(
+                    upstream, path, headers, offset, heed_breaker=False
+                )
+            except UpstreamFailure as failure:
+                failures.append(failure)
         raise summarise(self.namespace, failures)
+
+    async def _blob_answer(
+        self,
+        upstream: Upstream,
+        path: str,
+        headers: dict[str, str] | None,
+        offset: int,
+        heed_breaker: bool = True,
+    ) -> IResponse:
+        """One upstream's answer to a blob GET, if plausible."""
+        response = await self.ask(
+            upstream, "GET", path, headers, heed_breaker=heed_breaker
+        )
+        problem = _blob_problem(response, offset)
+        if problem is None:
+            return response
+        await upstream.drain(response)
+        implausible = UpstreamFailure(upstream.name, "invalid", problem)
+        self.failed(upstream, implausible)
+        raise implausible
 
     async def blob_size(self, repository: str, digest: Digest) -> int | None:
         """The size of a blob as an upstream reports it (HEAD)."""

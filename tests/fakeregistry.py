@@ -51,6 +51,9 @@ class FakeRegistry(Resource):
         self.ranges: list[str] = []
         #: digests whose body breaks off after this many bytes
         self.drop: dict[str, int] = {}
+        #: digests whose every GET body, ranged or not, breaks off after
+        #: this many bytes of it (a congested mirror)
+        self.flaky: dict[str, int] = {}
         #: when set, blobs are served with this Content-Type
         self.blob_type = "application/octet-stream"
         self.fault: Callable[[Request], tuple[int, bytes] | None] | None = None
@@ -189,21 +192,28 @@ class FakeRegistry(Resource):
         request.setHeader("Content-Length", str(len(data)))
         if request.method == b"HEAD":
             return b""
-        wanted = request.getHeader("Range")
+        wanted = request.getHeader("Range") or ""
         if wanted:
             self.ranges.append(wanted)
         elif digest in self.drop:
             request.write(data[: self.drop[digest]])
             request.loseConnection()
             return NOT_DONE_YET
-        if wanted and wanted.startswith("bytes=") and wanted.endswith("-"):
+        ranged = wanted.startswith("bytes=") and wanted.endswith("-")
+        if ranged:
             start = int(wanted[len("bytes=") : -1])
             request.setResponseCode(206)
             request.setHeader(
                 "Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}"
             )
             request.setHeader("Content-Length", str(len(data) - start))
-            return data[start:]
+            data = data[start:]
+        if digest in self.flaky:
+            request.write(data[: self.flaky[digest]])
+            request.loseConnection()
+            return NOT_DONE_YET
+        if ranged:
+            return data
         if digest in self.hold:
             split = self.hold[digest]
             request.write(data[:split])

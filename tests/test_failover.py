@@ -13,8 +13,9 @@ import treq
 from fakeregistry import FakeRegistry
 from memory import LAYER, Harness, error_code, image, result
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent
+from twisted.logger import LogEvent, formatEvent
 
+from regmirror._attempts import MAX_FRUITLESS, max_attempts
 from regmirror.reference import parse_digest
 from regmirror.upstream import Breaker
 
@@ -113,26 +114,23 @@ def test_all_upstreams_failing_is_a_clear_error(tmp_path: Path) -> None:
 # -- resuming ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("same_upstream_recovers", [True, False])
+@pytest.mark.parametrize("next_upstream_has_it", [True, False])
 @pytest.mark.parametrize("client_streaming", [True, False])
 def test_broken_transfer_is_resumed_with_a_range_request(
-    tmp_path: Path, same_upstream_recovers: bool, client_streaming: bool
+    tmp_path: Path, next_upstream_has_it: bool, client_streaming: bool
 ) -> None:
-    """A blob whose upstream drops mid-transfer is resumed where it stopped
-    (the same upstream first, else the next); the client, whether it was
-    already streaming or not, sees one uninterrupted, correct stream, and
-    the cache gets the verified blob."""
+    """A blob whose upstream drops mid-transfer is resumed where it stopped,
+    from the next upstream in order (the one that broke only when no other
+    has it); the client, whether it was already streaming or not, sees one
+    uninterrupted, correct stream, and the cache gets the verified blob."""
     harness, mirror_up, origin = two(tmp_path)
-    content = image(origin)
-    image(mirror_up)
+    content = image(mirror_up)
+    if next_upstream_has_it:
+        image(origin)
     if client_streaming:
         mirror_up.hold[content["layer"]] = 3000
     else:
         mirror_up.drop[content["layer"]] = 3000
-    if not same_upstream_recovers:
-        mirror_up.fault = lambda request: (
-            (503, b"gone") if request.getHeader("Range") else None
-        )
     response = harness.request("GET", f"/v2/app/blobs/{content['layer']}")
     assert response.code == 200
     received: list[bytes] = []
@@ -142,8 +140,13 @@ def test_broken_transfer_is_resumed_with_a_range_request(
     harness.settle()
     result(done)
     assert b"".join(received) == LAYER
-    resumed_by = mirror_up if same_upstream_recovers else origin
-    assert resumed_by.ranges[-1] == "bytes=3000-"
+    resumed_by, other = (
+        (origin, mirror_up) if next_upstream_has_it else (mirror_up, origin)
+    )
+    assert resumed_by.ranges == ["bytes=3000-"]
+    assert other.ranges == []
+    # Without the blob, the origin was asked first all the same (404).
+    assert origin.count("GET", "/blobs/") == 1
     path = harness.store.blob_path(parse_digest(content["layer"]))
     with open(path, "rb") as f:
         assert f.read() == LAYER
@@ -169,6 +172,259 @@ def test_transfer_that_cannot_be_resumed_breaks_the_client(tmp_path: Path) -> No
         result(d)
     assert len(b"".join(received)) < len(LAYER)
     assert not any("/blobs/" in f for f in harness.cached_files())
+
+
+# -- flaky upstreams: every transfer breaks ----------------------------------
+
+#: where a flaky fake upstream cuts each transfer (of the 10 KiB LAYER)
+CUT = 1000
+
+
+def flaky_upstreams(
+    tmp_path: Path, names: list[str], **settings: dict[str, object]
+) -> tuple[Harness, dict[str, FakeRegistry], str]:
+    """A mirror over fake upstreams *names*, in that order (the last is the
+    origin), each holding the same image; and the image's layer."""
+    fakes = {name: FakeRegistry() for name in names}
+    harness = Harness(str(tmp_path / "cache"), dict(fakes), settings)
+    layers = {image(fake)["layer"] for fake in fakes.values()}
+    (layer,) = layers
+    return harness, fakes, layer
+
+
+def blob_gets(fake: FakeRegistry, layer: str) -> int:
+    return fake.count("GET", f"/blobs/{layer}")
+
+
+def breaks(harness: Harness, upstream: str) -> float:
+    """How many broken transfers the upstream's health was told of."""
+    value = harness.metrics.registry.get_sample_value(
+        "regmirror_upstream_errors_total", {"upstream": upstream, "kind": "broken"}
+    )
+    return value or 0.0
+
+
+def cached(harness: Harness, layer: str) -> bytes | None:
+    path = harness.store.blob_path(parse_digest(layer))
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def refused(harness: Harness, layer: str) -> bool:
+    """Does a GET of *layer* fail for the client: a 502, or (when the
+    download fails after the answer began) a 200 whose stream breaks?"""
+    response = harness.request("GET", f"/v2/app/blobs/{layer}")
+    if response.code != 200:
+        return bool(response.code == 502)
+    try:
+        harness.body(response)
+    except Exception:
+        return True
+    return False
+
+
+def get_layer(harness: Harness, layer: str) -> bytes:
+    response = harness.request("GET", f"/v2/app/blobs/{layer}")
+    assert response.code == 200
+    body: bytes = harness.body(response)
+    return body
+
+
+def test_a_mirror_that_breaks_every_transfer_hands_the_rest_to_the_next_upstream(
+    tmp_path: Path,
+) -> None:
+    """
+    Upstreams ``faulty quay``; ``faulty`` cuts every transfer, ranged ones
+    too, after ``CUT`` bytes.  The resume goes to ``quay`` for the rest
+    (one ranged GET), not back to ``faulty``; the client gets the whole
+    blob in one stream, the cache the verified blob, ``faulty``'s health
+    hears of the break, and the next GET is served from the cache.
+    """
+    harness, fakes, layer = flaky_upstreams(tmp_path, ["faulty", "quay"])
+    fakes["faulty"].flaky[layer] = CUT
+
+    assert get_layer(harness, layer) == LAYER
+    assert blob_gets(fakes["faulty"], layer) == 1
+    assert fakes["quay"].ranges == [f"bytes={CUT}-"]
+    assert breaks(harness, "faulty") == 1
+    assert cached(harness, layer) == LAYER
+
+    assert get_layer(harness, layer) == LAYER
+    assert blob_gets(fakes["faulty"], layer) + blob_gets(fakes["quay"], layer) == 2
+
+
+def test_two_flaky_mirrors_then_a_healthy_origin_each_give_their_part(
+    tmp_path: Path,
+) -> None:
+    """Upstreams ``one two origin``, the first two flaky: each is asked once,
+    each resume going to the next upstream from where the last stopped."""
+    harness, fakes, layer = flaky_upstreams(tmp_path, ["one", "two", "origin"])
+    fakes["one"].flaky[layer] = CUT
+    fakes["two"].flaky[layer] = CUT
+
+    assert get_layer(harness, layer) == LAYER
+    assert [blob_gets(fake, layer) for fake in fakes.values()] == [1, 1, 1]
+    assert fakes["two"].ranges == [f"bytes={CUT}-"]
+    assert fakes["origin"].ranges == [f"bytes={2 * CUT}-"]
+    assert cached(harness, layer) == LAYER
+
+
+def test_with_every_upstream_flaky_the_download_completes_while_it_progresses(
+    tmp_path: Path,
+) -> None:
+    """
+    Both upstreams cut every transfer after ``CUT`` bytes: they take
+    turns, each attempt bringing ``CUT`` more bytes, far more attempts than
+    any fixed number of resumes, until the blob is whole and verified.
+    Each break is counted against the upstream that broke.
+    """
+    harness, fakes, layer = flaky_upstreams(tmp_path, ["mirror", "origin"])
+    for fake in fakes.values():
+        fake.flaky[layer] = CUT
+
+    assert get_layer(harness, layer) == LAYER
+    attempts = -(-len(LAYER) // CUT)
+    offsets = range(CUT, attempts * CUT, CUT)
+    assert fakes["origin"].ranges == [f"bytes={n}-" for n in offsets[::2]]
+    assert fakes["mirror"].ranges == [f"bytes={n}-" for n in offsets[1::2]]
+    assert (
+        blob_gets(fakes["mirror"], layer) + blob_gets(fakes["origin"], layer)
+        == attempts
+    )
+    assert breaks(harness, "mirror") + breaks(harness, "origin") == attempts - 1
+    assert cached(harness, layer) == LAYER
+
+
+def test_breakers_opened_by_the_breaks_do_not_end_a_download_that_progresses(
+    tmp_path: Path, logged: list[LogEvent]
+) -> None:
+    """
+    Every upstream flaky, and each break opens its breaker
+    (``breaker_failures = 1``): when every upstream is marked down, the
+    resume still asks them, as a last resort, rather than failing a
+    download that progresses; it completes.
+    """
+    settings = {"breaker_failures": 1, "breaker_backoff": 30.0}
+    harness, fakes, layer = flaky_upstreams(
+        tmp_path, ["mirror", "origin"], mirror=settings, origin=settings
+    )
+    for fake in fakes.values():
+        fake.flaky[layer] = CUT
+
+    assert get_layer(harness, layer) == LAYER
+    assert "marked down" in logged_formats(logged)
+    assert blob_gets(fakes["mirror"], layer) + blob_gets(fakes["origin"], layer) == -(
+        -len(LAYER) // CUT
+    )
+    assert cached(harness, layer) == LAYER
+
+
+def test_breakers_open_on_all_but_one_upstream_the_healthy_one_finishes(
+    tmp_path: Path, logged: list[LogEvent]
+) -> None:
+    """Upstreams ``one two origin``: the first two flaky, each marked down
+    by its break; the origin, whose breaker is closed, finishes the
+    download without the others being asked again."""
+    settings = {"breaker_failures": 1, "breaker_backoff": 30.0}
+    harness, fakes, layer = flaky_upstreams(
+        tmp_path, ["one", "two", "origin"], one=settings, two=settings
+    )
+    fakes["one"].flaky[layer] = CUT
+    fakes["two"].flaky[layer] = CUT
+
+    assert get_layer(harness, layer) == LAYER
+    assert [blob_gets(fake, layer) for fake in fakes.values()] == [1, 1, 1]
+    assert logged_formats(logged).count("marked down") == 2
+    assert fakes["origin"].ranges == [f"bytes={2 * CUT}-"]
+
+
+def test_an_upstream_that_brings_nothing_is_dropped_the_other_finishes(
+    tmp_path: Path,
+) -> None:
+    """
+    ``mirror`` brings ``CUT`` bytes per transfer, ``origin`` answers and
+    breaks before sending any: after ``MAX_FRUITLESS`` such attempts the
+    origin is not asked again, and the mirror, attempt after attempt,
+    brings the whole blob.
+    """
+    harness, fakes, layer = flaky_upstreams(tmp_path, ["mirror", "origin"])
+    fakes["mirror"].flaky[layer] = CUT
+    fakes["origin"].flaky[layer] = 0
+
+    assert get_layer(harness, layer) == LAYER
+    assert blob_gets(fakes["origin"], layer) == MAX_FRUITLESS
+    assert blob_gets(fakes["mirror"], layer) == -(-len(LAYER) // CUT)
+    assert cached(harness, layer) == LAYER
+
+
+def test_when_no_upstream_brings_anything_the_download_fails_naming_each(
+    tmp_path: Path, logged: list[LogEvent]
+) -> None:
+    """
+    Both upstreams answer and break before sending a byte, every time:
+    each is asked ``MAX_FRUITLESS`` times, then the client gets an error,
+    nothing is cached, and the error names every source and what it gave.
+    """
+    harness, fakes, layer = flaky_upstreams(tmp_path, ["mirror", "origin"])
+    for fake in fakes.values():
+        fake.flaky[layer] = 0
+
+    assert refused(harness, layer)
+    assert [blob_gets(fake, layer) for fake in fakes.values()] == [MAX_FRUITLESS] * 2
+    assert cached(harness, layer) is None
+    (failed,) = [e for e in logged if "failed" in str(e.get("log_format"))]
+    text = formatEvent(failed)
+    assert f"mirror: 0 bytes in {MAX_FRUITLESS} attempts" in text, text
+    assert f"origin: 0 bytes in {MAX_FRUITLESS} attempts" in text, text
+
+
+def test_an_upstream_that_brings_a_byte_at_a_time_meets_the_sanity_cap(
+    tmp_path: Path, logged: list[LogEvent]
+) -> None:
+    """One upstream that brings one byte per transfer progresses, but for
+    ever: the download gives up after ``max_attempts(size)`` attempts."""
+    harness, fakes, layer = flaky_upstreams(tmp_path, ["origin"])
+    fakes["origin"].flaky[layer] = 1
+
+    assert refused(harness, layer)
+    cap = max_attempts(len(LAYER))
+    assert blob_gets(fakes["origin"], layer) == cap
+    (failed,) = [e for e in logged if "failed" in str(e.get("log_format"))]
+    assert f"origin: {cap} bytes in {cap} attempts" in formatEvent(failed)
+
+
+def test_clients_joining_a_download_that_keeps_breaking_get_every_byte(
+    tmp_path: Path,
+) -> None:
+    """
+    A client streams the blob from ``mirror``, which holds then drops the
+    transfer; a second client joins mid-way; ``origin`` is flaky too.  The
+    transfer moves from one to the other until it is whole: both clients
+    get the whole blob from one download, a third from the cache.
+    """
+    harness, fakes, layer = flaky_upstreams(tmp_path, ["mirror", "origin"])
+    fakes["mirror"].hold[layer] = 3000
+    fakes["origin"].flaky[layer] = CUT
+    path = f"/v2/app/blobs/{layer}"
+    first = harness.request("GET", path)
+    first_body: list[bytes] = []
+    first_done = treq.collect(first, first_body.append)
+    harness.settle()
+    assert 0 < len(b"".join(first_body)) < len(LAYER)
+    second = harness.request("GET", path)
+    second_done = treq.content(second)
+
+    fakes["mirror"].cut()
+    harness.settle()
+    result(first_done)
+    assert b"".join(first_body) == LAYER
+    assert result(second_done) == LAYER
+    assert fakes["origin"].ranges == ["bytes=3000-"]
+    assert fakes["mirror"].ranges == [f"bytes={3000 + CUT}-"]
+    assert get_layer(harness, layer) == LAYER
+    assert blob_gets(fakes["mirror"], layer) + blob_gets(fakes["origin"], layer) == 3
 
 
 # -- the stale-mirror defence -------------------------------------------------
