@@ -45,19 +45,21 @@ from regmirror.errors import (
 )
 from regmirror.fetch import BlobSource, Fetcher, Relay, SpoolReader
 from regmirror.metrics import Metrics
-from regmirror.pool import Manifest, NotFoundAnywhere
+from regmirror.pool import Manifest, NotFoundAnywhere, UpstreamPool
 from regmirror.reference import (
     INDEX_TYPES,
+    OCI_INDEX,
     Digest,
     accepted_types,
     load_json,
     parse_api_path,
     parse_digest,
     parse_reference,
+    referrers_tag,
     validate_tag,
 )
 from regmirror.routing import Route, Router
-from regmirror.upstream import Upstream, header
+from regmirror.upstream import Upstream, UpstreamFailure, header
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -556,42 +558,117 @@ class RegistryAPI(Resource):
                 params = parse_qs(urlsplit(target.group(1)).query)
                 following = {k: v[0] for k, v in params.items() if k in ("n", "last")}
                 request.setHeader("Link", _next_link(request, route, following))
-        elif n is not None:
+        elif n is not None or last is not None:
             # Some registries (distribution 2.8 among them) ignore n and
-            # last: paginate their full list here, as the spec describes.
-            body, following_last = _paginate(body, int(n), last)
-            if following_last is not None:
+            # last: paginate their full list here, as the spec describes
+            # (n is optional with last).
+            limit = None if n is None else int(n)
+            body, following_last = _paginate(body, limit, last)
+            if n is not None and following_last is not None:
                 following = {"n": n, "last": following_last}
                 request.setHeader("Link", _next_link(request, route, following))
         _write_body(request, "application/json", body)
 
     async def _referrers(self, request: Request, route: Route, digest: Digest) -> None:
-        query = {}
+        """
+        The referrers of *digest*, as a registry with the referrers API
+        answers: from the upstream's API when it has one, else from the
+        referrers tag schema; an empty index when there are none, never 404.
+        Filtered by ``artifactType`` here when the upstream did not.
+        """
         artifact_type = _query(request, "artifactType")
-        if artifact_type is not None:
-            query["artifactType"] = artifact_type
-        pool = route.pool
-        try:
-            upstream, response = await pool.first_answer(
-                pool.upstreams,
-                "GET",
-                f"{route.repository}/referrers/{digest}",
-                query=query,
-            )
-        except NotFoundAnywhere:
-            raise BlobUnknown(
-                "the upstream registry offers no referrers API; use the referrers tag"
-            ) from None
-        body = await _read(upstream, response)
-        filtered = header(response, "OCI-Filters-Applied")
-        if filtered:
-            request.setHeader("OCI-Filters-Applied", filtered)
-        _write_body(
-            request,
-            header(response, "Content-Type")
-            or "application/vnd.oci.image.index.v1+json",
-            body,
+        query = {} if artifact_type is None else {"artifactType": artifact_type}
+        answer = await _referrers_api(
+            route.pool, f"{route.repository}/referrers/{digest}", query
         )
+        if answer is None:
+            # No referrers API (404 is what a registry without it answers):
+            # the referrers tag schema.
+            entries = await self._tagged_referrers(request, route, digest)
+        else:
+            upstream, response = answer
+            body = await _read(upstream, response)
+            applied = header(response, "OCI-Filters-Applied") or ""
+            filters = {f.strip().lower() for f in applied.split(",")}
+            if artifact_type is None or "artifacttype" in filters:
+                if applied:
+                    request.setHeader("OCI-Filters-Applied", applied)
+                _write_body(request, OCI_INDEX, body)
+                return
+            entries = _index_entries(body, f"upstream {upstream.name}'s referrers")
+        if artifact_type is not None:
+            entries = [e for e in entries if e.get("artifactType") == artifact_type]
+            request.setHeader("OCI-Filters-Applied", "artifactType")
+        document = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
+        body = json.dumps(document, separators=(",", ":")).encode("utf-8")
+        _write_body(request, OCI_INDEX, body)
+
+    async def _tagged_referrers(
+        self, request: Request, route: Route, digest: Digest
+    ) -> list[dict[str, Any]]:
+        """
+        The entries of the index under *digest*'s referrers tag; none when
+        the tag does not exist.  The tag is resolved like any other (the
+        origin decides, ``tag_ttl``, the policy for an unreachable origin);
+        the index it names is content like any other.
+        """
+        tag = referrers_tag(digest)
+        try:
+            answer = await self._fetcher.resolve_tag(route.pool, route.repository, tag)
+        except ManifestUnknown:
+            return []
+        source = (
+            "origin" if answer.upstream == route.pool.origin.name else answer.upstream
+        )
+        request.setHeader("Regmirror-Tag-Source", source)
+        what = f"the referrers tag {tag}"
+        try:
+            index = await self._fetcher.manifest(
+                route.pool, route.repository, answer.digest
+            )
+        except ManifestUnknown:
+            raise UpstreamBadGateway(
+                f"{what} names {answer.digest}, which no upstream has"
+            ) from None
+        if index.media_type not in INDEX_TYPES:
+            raise UpstreamBadGateway(f"{what} names a {index.media_type}, not an index")
+        return _index_entries(index.body, what)
+
+
+async def _referrers_api(
+    pool: UpstreamPool, path: str, query: dict[str, str]
+) -> tuple[Upstream, IResponse] | None:
+    """
+    An answer of the referrers API at *path*, or ``None`` when there is
+    none to have.  The list changes as artifacts are pushed, so like a tag
+    it is the origin's; the mirrors' APIs are asked, in order, only when the
+    origin gives no answer at all (a 404 is an answer: it has no such API).
+
+    :raises RegistryError: when no upstream answered.
+    """
+    try:
+        return pool.origin, await pool.ask(pool.origin, "GET", path, query=query)
+    except UpstreamFailure as failure:
+        if failure.status == 404:
+            return None
+    try:
+        return await pool.first_answer(pool.mirrors, "GET", path, query=query)
+    except NotFoundAnywhere:
+        # The referrers tag, then, under the policy for an unreachable origin.
+        return None
+
+
+def _index_entries(body: bytes, what: str) -> list[dict[str, Any]]:
+    """
+    The descriptors listed by an index document.
+
+    :raises UpstreamBadGateway: when *body* (named *what*) is no index.
+    """
+    document = load_json(body)
+    entries = document.get("manifests") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        raise UpstreamBadGateway(f"{what} is not an image index")
+    return [entry for entry in entries if isinstance(entry, dict)]
 
 
 async def _read(upstream: Upstream, response: IResponse) -> bytes:
@@ -612,9 +689,10 @@ def _next_link(request: Request, route: Route, query: dict[str, str]) -> str:
     return f'</v2/{route.client_name}/tags/list?{urlencode(query)}>; rel="next"'
 
 
-def _paginate(body: bytes, n: int, last: str | None) -> tuple[bytes, str | None]:
+def _paginate(body: bytes, n: int | None, last: str | None) -> tuple[bytes, str | None]:
     """
-    Cut a full tag list to the page after *last* of at most *n* tags.
+    Cut a full tag list to the page after *last* (all of it without) of at
+    most *n* tags (no limit without).
 
     :return: the page's body, and the ``last`` of the next page if any.
     """
@@ -625,6 +703,9 @@ def _paginate(body: bytes, n: int, last: str | None) -> tuple[bytes, str | None]
         return body, None
     if last is not None:
         tags = [t for t in tags if t > last]
+    if n is None:
+        document["tags"] = tags
+        return json.dumps(document).encode("utf-8"), None
     more = len(tags) > n
     document["tags"] = tags[:n]
     following = tags[n - 1] if more and n > 0 else None

@@ -390,14 +390,15 @@ def test_tags_list_paginated_when_upstream_ignores_n(
     assert second.headers.getRawHeaders("Link") is None
 
 
-def test_referrers_missing_upstream_is_404(
+def test_referrers_without_upstream_api_is_an_empty_index(
     mirror: Harness, origin: FakeRegistry
 ) -> None:
-    """Without a referrers API upstream the answer is 404, so clients fall back
-    to the referrers tag scheme."""
+    """Without a referrers API upstream nor a referrers tag, the answer is an
+    empty index, as from a registry with the API (see test_referrers)."""
     content = image(origin)
     response = mirror.request("GET", f"/v2/app/referrers/{content['manifest']}")
-    assert response.code == 404
+    assert response.code == 200
+    assert json.loads(mirror.body(response))["manifests"] == []
 
 
 # -- start-up and listeners -------------------------------------------------
