@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from .daemons import (
     mounts_under,
     unmount_under,
 )
-from .harness import TwoNamespaces
-from .images import Catalog, ghcr_app
+from .harness import LOCALHOST, MirrorProcess, TwoNamespaces, poll_until
+from .images import OCI_CONFIG, Catalog, ghcr_app
+from .servers import write_certificate
 
 pytestmark = pytest.mark.e2e
 
@@ -155,6 +157,60 @@ def test_docker_daemon_pulls_through_mirror(
     assert died is None, f"dockerd died during the test:\n{dockerd.log()}"
 
 
+#: pulls in a row: dockerd sends one ``Accept`` line per media type, in an
+#: order that changes from pull to pull, so one pull may pass by luck
+PLATFORM_PULLS = 4
+
+
+def test_docker_daemon_pulls_another_platform_of_an_index_every_time(
+    daemons_folder: Path,
+    containerd: ContainerdProcess,
+    catalog: Catalog,
+    two_namespaces: TwoNamespaces,
+) -> None:
+    """
+    ``docker pull --platform linux/arm64 test/multi`` (an OCI index of
+    amd64 and arm64) through ``registry-mirrors``, several times with
+    ``docker rmi`` between: every pull succeeds and stores the arm64 image
+    (its config digest is the image ID), never the amd64 one nor a failure
+    that leaves dockerd to give up on the mirror.
+    """
+    multi = catalog.multi
+    arm64 = next(
+        blob.digest
+        for blob in multi.blobs
+        if blob.media_type == OCI_CONFIG
+        and json.loads(blob.data)["architecture"] == "arm64"
+    )
+    dockerd = DockerdProcess(
+        daemons_folder / "docker", containerd, two_namespaces.mirror.host
+    )
+    dockerd.start()
+    outcomes = []
+    try:
+        for _ in range(PLATFORM_PULLS):
+            pulled = dockerd.docker(
+                "pull", "--platform", "linux/arm64", multi.repository, check=False
+            )
+            if pulled.returncode != 0:
+                outcomes.append(("pull failed", pulled.stderr.strip()[-300:]))
+                continue
+            inspected = json.loads(
+                dockerd.docker("image", "inspect", multi.repository).stdout
+            )[0]
+            outcomes.append(
+                (inspected["Architecture"], inspected["Id"], inspected["RepoDigests"])
+            )
+            dockerd.docker("rmi", multi.repository)
+    finally:
+        died = dockerd.returncode
+        dockerd.stop()
+    assert died is None, f"dockerd died during the test:\n{dockerd.log()}"
+    # The repository digest is the index's: what the tag names, not a child.
+    stored = ("arm64", arm64, [f"{multi.repository}@{multi.root.digest}"])
+    assert outcomes == [stored] * PLATFORM_PULLS
+
+
 def _hosts_toml(folder: Path, registry: str, server: str, mirror: str) -> None:
     (folder / registry).mkdir(parents=True, exist_ok=True)
     (folder / registry / "hosts.toml").write_text(
@@ -216,3 +272,57 @@ def test_containerd_pulls_through_mirror_with_ns_parameter(
     assert two_namespaces.hub.count_blob_gets(busybox.layers[0].digest) == 1
     assert not [x for x in two_namespaces.hub_log() if "org/app" in x]
     assert not [x for x in two_namespaces.ghcr_log() if "busybox" in x]
+
+
+def test_containerd_pulls_over_https_and_after_a_certificate_reload(
+    daemons_folder: Path,
+    containerd: ContainerdProcess,
+    catalog: Catalog,
+    tls_mirror: tuple[MirrorProcess, int],
+) -> None:
+    """
+    ``ctr images pull`` (Go's TLS client) through the mirror's ``ssl:``
+    listener, verifying its certificate against the CA named in
+    ``hosts.toml``, gets the image; after new certificate files and a
+    SIGHUP it pulls again, verifying the new certificate.
+    """
+    mirror, secure = tls_mirror
+    host = f"{LOCALHOST}:{secure}"
+    hosts = daemons_folder / "certs.d"
+    image = catalog.small
+    reference = f"{host}/{image.repository}:{image.tag}"
+
+    def pull(generation: str) -> None:
+        ca = daemons_folder / f"mirror-ca-{generation}.pem"
+        ca.write_bytes((mirror.workdir / "cert.pem").read_bytes())
+        (hosts / host).mkdir(parents=True, exist_ok=True)
+        (hosts / host / "hosts.toml").write_text(
+            f'server = "https://{host}"\n\n'
+            f'[host."https://{host}"]\n'
+            '  capabilities = ["pull", "resolve"]\n'
+            f"  ca = {json.dumps(str(ca))}\n"
+        )
+        containerd.ctr(
+            "images",
+            "pull",
+            "--hosts-dir",
+            str(hosts),
+            "--snapshotter",
+            "native",
+            reference,
+        )
+        assert _image_digests(containerd).get(reference) == image.root.digest
+        containerd.ctr("images", "rm", reference)
+
+    pull("first")
+    before = (mirror.workdir / "cert.pem").read_bytes()
+    write_certificate(mirror.workdir)
+    assert mirror._process is not None  # noqa: SLF001 (the harness keeps it)
+    mirror._process.send_signal(signal.SIGHUP)  # noqa: SLF001
+    poll_until(
+        lambda: "certificate reloaded" in mirror.log(),
+        timeout=10,
+        describe=mirror.log,
+    )
+    assert (mirror.workdir / "cert.pem").read_bytes() != before
+    pull("renewed")
