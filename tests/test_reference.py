@@ -32,6 +32,7 @@ from regmirror.reference import (
     parse_api_path,
     parse_digest,
     parse_reference,
+    referrers_tag,
     validate_name,
     validate_tag,
 )
@@ -427,6 +428,27 @@ def test_accepted_types_list() -> None:
     assert accepted_types(header) == frozenset(
         {OCI_INDEX, DOCKER_MANIFEST, OCI_MANIFEST}
     )
+
+
+@pytest.mark.parametrize("header", [", ", " ,, ", ";q=1"])
+def test_accepted_types_naming_nothing_means_anything(header: str) -> None:
+    """Blank lines joined with ", " name no type: anything is accepted, as
+    without the header, not nothing."""
+    assert accepted_types(header) is None
+
+
+def test_accepted_types_only_refused_types_accept_nothing_else() -> None:
+    """Every named type refused with ``q=0``: an empty set, not anything."""
+    assert accepted_types(f"{OCI_INDEX};q=0") == frozenset()
+
+
+def test_referrers_tag_truncates_and_joins_with_a_hyphen() -> None:
+    """The referrers tag schema: algorithm, ``-``, encoded part cut to 64
+    characters; always a valid tag."""
+    assert referrers_tag(parse_digest(SHA256)) == f"sha256-{SHA256_HEX}"
+    long = referrers_tag(parse_digest(f"sha512:{SHA512_HEX}"))
+    assert long == f"sha512-{SHA512_HEX[:64]}"
+    assert validate_tag(long) == long
 
 
 # -- manifest_media_type -------------------------------------------------------

@@ -61,13 +61,6 @@ def _referrers(mirror: Harness, subject: str, query: str = "") -> Any:
     return response, mirror.body(response)
 
 
-def test_referrers_tag_name() -> None:
-    """The referrers tag of a digest: algorithm, ``-``, encoded part."""
-    assert referrers_tag(parse_digest("sha256:" + "ab" * 32)) == "sha256-" + "ab" * 32
-    long = referrers_tag(parse_digest("sha512:" + "cd" * 64))
-    assert long == "sha512-" + "cd" * 32  # the encoded part cut to 64 characters
-
-
 def test_no_referrers_api_and_no_referrers_tag_is_an_empty_index(
     mirror: Harness,
 ) -> None:
