@@ -588,6 +588,7 @@ class RegistryAPI(Resource):
         else:
             upstream, response = answer
             body = await _read(upstream, response)
+            entries = _index_entries(body, f"upstream {upstream.name}'s referrers")
             applied = header(response, "OCI-Filters-Applied") or ""
             filters = {f.strip().lower() for f in applied.split(",")}
             if artifact_type is None or "artifacttype" in filters:
@@ -595,7 +596,6 @@ class RegistryAPI(Resource):
                     request.setHeader("OCI-Filters-Applied", applied)
                 _write_body(request, OCI_INDEX, body)
                 return
-            entries = _index_entries(body, f"upstream {upstream.name}'s referrers")
         if artifact_type is not None:
             entries = [e for e in entries if e.get("artifactType") == artifact_type]
             request.setHeader("OCI-Filters-Applied", "artifactType")

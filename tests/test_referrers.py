@@ -190,6 +190,20 @@ def test_an_upstream_referrers_api_that_filters_is_passed_on(
     assert json.loads(body)["manifests"] == entries
 
 
+def test_an_upstream_referrers_answer_that_is_no_index_is_a_bad_gateway(
+    mirror: Harness,
+) -> None:
+    """A 200 from the referrers API that is no index (an HTML page, say) is
+    not passed on as one: 502."""
+    subject = image(mirror.fakes["origin"])["manifest"]
+    mirror.fakes["origin"].fault = lambda request: (
+        (200, b"<html>welcome</html>") if b"/referrers/" in request.path else None
+    )
+    response, _ = _referrers(mirror, subject)
+    assert response.code == 502
+    assert error_code(mirror, response) == "UNAVAILABLE"
+
+
 def test_the_referrers_api_is_asked_of_the_origin_first(tmp_path: Any) -> None:
     """The referrers of a digest change as artifacts are pushed: like a tag,
     the list comes from the origin, not from a mirror listed before it."""
