@@ -361,8 +361,8 @@ class FakeUpstream(ProgramProcess):
     :meth:`records` entries hold ``listener``, ``method``, ``path``,
     ``authorization`` and ``range`` (the headers' values or ``None``).
     The faults (*status* for paths matching *fault_path*, *drop_after*,
-    *hold_after*, *html_blobs*, *wrong_manifests*) are described in the
-    program's docstring.
+    *hold_after*, *stall_at*, *html_blobs*, *wrong_manifests*) are described
+    in the program's docstring.
     """
 
     program = "fake_upstream"
@@ -380,6 +380,7 @@ class FakeUpstream(ProgramProcess):
         fault_path: str | None = None,
         drop_after: int | None = None,
         hold_after: int | None = None,
+        stall_at: int | None = None,
         html_blobs: bool = False,
         wrong_manifests: bool = False,
     ) -> None:
@@ -402,6 +403,8 @@ class FakeUpstream(ProgramProcess):
             arguments += ["--drop-after", str(drop_after)]
         if hold_after is not None:
             arguments += ["--hold-after", str(hold_after)]
+        if stall_at is not None:
+            arguments += ["--stall-at", str(stall_at)]
         if html_blobs:
             arguments.append("--html-blobs")
         if wrong_manifests:
@@ -443,3 +446,31 @@ class ThrottleRelay(ProgramProcess):
     @property
     def url(self) -> str:
         return f"http://{LOCALHOST}:{self.ports['relay']}"
+
+
+class FlakyRelay(ProgramProcess):
+    """
+    ``programs/flaky_relay.py``: an HTTP relay to 127.0.0.1:PORT that
+    resets the client's connection after *cut_after* bytes of every
+    response body, ranged or not.  :meth:`records` entries hold
+    ``method``, ``path``, ``range``, ``status``, ``sent`` and ``cut``.
+    """
+
+    program = "flaky_relay"
+
+    def __init__(self, workdir: Path, target_port: int, cut_after: int) -> None:
+        super().__init__(
+            workdir, ["--target-port", str(target_port), "--cut-after", str(cut_after)]
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOCALHOST}:{self.ports['relay']}"
+
+    def blob_gets(self, digest: str) -> list[dict[str, Any]]:
+        """The GETs of blob *digest* it relayed, oldest first."""
+        return [
+            r
+            for r in self.records()
+            if r["method"] == "GET" and r["path"].endswith(f"/blobs/{digest}")
+        ]

@@ -303,10 +303,10 @@ def test_a_failed_download_breaks_a_sendfile_response(
     big: tuple[str, Blob],
 ) -> None:
     """
-    The only upstream stalls after every mebibyte, however often the
-    mirror resumes: the client gets the bytes as they come (all but the
-    last one held back, with ``sendfile``), more after each resume, and in
-    the end a broken connection, never a complete body.
+    The only upstream stalls after every mebibyte, and sends nothing past
+    the second: the client gets the bytes as they come (all but the last
+    one held back, with ``sendfile``), more after a resume, and once the
+    resumes stop bringing bytes a broken connection, never a complete body.
     """
     path, layer = big
     holding = start_program(
@@ -314,6 +314,7 @@ def test_a_failed_download_breaks_a_sendfile_response(
             tmp_path / "fake",
             images=[(catalog.big.repository, big_layout)],
             hold_after=HOLD_AFTER,
+            stall_at=2 * HOLD_AFTER,
         )
     )
     mirror = start_mirror(

@@ -19,6 +19,8 @@ the end-to-end tests as ``python fake_upstream.py --ready-file F --log L ...``.
   the first N bytes, then the connection is cut (blobs longer than N);
 - ``--hold-after N``: every blob GET, with ``Range`` or not, sends its
   headers and N bytes of the body, then nothing more, ever;
+- ``--stall-at M`` (with ``--hold-after``): and never byte M of a blob or
+  any after it (a transfer asked from there on sends no byte at all);
 - ``--html-blobs``: blob GETs are answered ``200`` with an HTML page (a
   captive portal or a proxy's error page);
 - ``--wrong-manifests``: manifests asked for by digest are answered with
@@ -87,6 +89,7 @@ class Registry(FakeRegistry):
         self.fault_path = re.compile(options.fault_path or "")
         self.drop_after: int | None = options.drop_after
         self.hold_after: int | None = options.hold_after
+        self.stall_at: int | None = options.stall_at
         self.html_blobs: bool = options.html_blobs
         self.wrong_manifests: bool = options.wrong_manifests
         self.realm = ""
@@ -136,7 +139,8 @@ class Registry(FakeRegistry):
         return super()._blob(digest, request)
 
     def _held_blob(self, digest: str, data: bytes, request: Request) -> Any:
-        """Headers and ``hold_after`` bytes of the body, then silence."""
+        """Headers and ``hold_after`` bytes of the body (not past
+        ``stall_at``), then silence."""
         assert self.hold_after is not None
         start = 0
         wanted = request.getHeader("Range") or ""
@@ -149,7 +153,10 @@ class Registry(FakeRegistry):
         request.setHeader("Content-Type", self.blob_type)
         request.setHeader("Docker-Content-Digest", digest)
         request.setHeader("Content-Length", str(len(data) - start))
-        request.write(data[start : start + self.hold_after])
+        end = start + self.hold_after
+        if self.stall_at is not None:
+            end = max(start, min(end, self.stall_at))
+        request.write(data[start:end])
         self.held.append((request, b""))
         return NOT_DONE_YET
 
@@ -216,6 +223,7 @@ def main() -> None:
     parser.add_argument("--fault-path")
     parser.add_argument("--drop-after", type=int)
     parser.add_argument("--hold-after", type=int)
+    parser.add_argument("--stall-at", type=int)
     parser.add_argument("--html-blobs", action="store_true")
     parser.add_argument("--wrong-manifests", action="store_true")
     options = parser.parse_args()
