@@ -39,6 +39,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from regmirror import cluster, nodes
+from regmirror._attempts import MAX_FRUITLESS
 from regmirror.cluster import Coordinator, Lease
 from regmirror.config import Secret, load
 from regmirror.fetch import CLAIM_POLLS, Download
@@ -791,6 +792,40 @@ def test_a_follower_cut_off_from_a_live_holder_goes_on_from_it_with_a_range(
     c.settle()
     assert sink.outcome == [None] and sink.data == LAYER
     assert c.blob_gets() == 1 and c.origin.ranges == []
+    assert cached(c["b"], layer) == LAYER
+
+
+def test_a_holder_whose_transfers_bring_nothing_is_left_for_upstream(
+    tmp_path: Path, logged: list[LogEvent]
+) -> None:
+    """
+    A live holder whose transfers to this node already broke
+    ``MAX_FRUITLESS`` times without bringing a byte (recorded as such):
+    when the transfer breaks again the node does not ask it once more, it
+    downloads the rest alone, with one ranged GET upstream, and says so.
+    """
+    c = Cluster(tmp_path)
+    layer = image(c.origin)["layer"]
+    c.origin.hold[layer] = 4096
+    c.stream("a", f"/v2/app/blobs/{layer}")
+    sink = c.stream("b", f"/v2/app/blobs/{layer}")
+    (download,) = c["b"].fetcher.downloads
+    assert download.from_peer and download.written == 4095
+    holder = download.source
+    for _ in range(MAX_FRUITLESS):
+        download.attempts.began(holder, 4095)
+        download.attempts.ended(4095)
+    download.attempts.began(holder, 4095)
+    c.network.cut("node-a")
+    c.settle()
+    assert sink.outcome == [None] and sink.data == LAYER
+    assert download.source == "origin" and download.lease is None
+    assert c.origin.ranges == ["bytes=4095-"]
+    assert [
+        r for r in c.network.gateways["node-a"].requests if r.getHeader("range")
+    ] == []
+    text = [formatEvent(e) for e in logged]
+    assert len([t for t in text if "too often: downloading alone" in t]) == 1
     assert cached(c["b"], layer) == LAYER
 
 
