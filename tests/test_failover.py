@@ -314,7 +314,9 @@ def test_breakers_opened_by_the_breaks_do_not_end_a_download_that_progresses(
         fake.flaky[layer] = CUT
 
     assert get_layer(harness, layer) == LAYER
-    assert "marked down" in logged_formats(logged)
+    formats = logged_formats(logged)
+    assert "marked down for" in formats
+    assert "asking upstream {upstream}, marked down, for the rest" in formats
     assert blob_gets(fakes["mirror"], layer) + blob_gets(fakes["origin"], layer) == -(
         -len(LAYER) // CUT
     )
