@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 import json
 import os
+import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,6 +42,8 @@ SERVICE = "regmirror"
 #: Failed logins allowed per client address within the window, then 429.
 LOGIN_FAILURES = 5
 LOGIN_WINDOW = 60.0
+#: What ``htpasswd -B`` writes (bcrypt raises for anything else).
+BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 #: The longest password bcrypt hashes, in bytes.
 BCRYPT_MAX_PASSWORD = 72
 #: A verified user/password pair is not re-hashed with bcrypt for this long.
@@ -137,7 +140,7 @@ class Htpasswd:
                 if not line or line.startswith("#"):
                     continue
                 user, colon, hashed = line.partition(":")
-                if not colon or not hashed.startswith(("$2y$", "$2b$", "$2a$")):
+                if not colon or not BCRYPT_HASH.fullmatch(hashed):
                     self.log.warn(
                         "{path} line {number}: not a bcrypt entry, ignored",
                         path=self.path,

@@ -766,6 +766,13 @@ class TokenResource(ReadOnlyResource):
             if not request.finished:
                 write_error(request, error)
             return
+        except CancelledError:
+            return  # the client went away
+        except Exception:
+            self.log.failure("cannot issue a token")
+            if not request.finished:
+                write_error(request, RegistryError("internal error"))
+            return
         body = json.dumps(
             {
                 "token": token,

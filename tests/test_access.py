@@ -272,3 +272,39 @@ def test_password_longer_than_bcrypt_takes_is_a_failed_login(
         assert error_code(harness, answer) == "UNAUTHORIZED"
     limited = harness.request("GET", where, headers=basic("alice", PASSWORD))
     assert limited.code == 429
+
+
+def test_malformed_bcrypt_entry_is_ignored(tmp_path: Path) -> None:
+    """
+    An htpasswd line that looks like bcrypt but is not a valid hash (bcrypt
+    raises for it) is ignored like any other bad line: its user gets a 401
+    at the API and at /token, never a 500 or no answer.
+    """
+    harness, _ = guarded(tmp_path)
+    users = Path(users_file(tmp_path))
+    users.write_text(
+        users.read_text() + "carol:$2y$05$tooshort\ndave:$2b$99$" + "a" * 53 + "\n"
+    )
+    for user in ("carol", "dave"):
+        for where in ("/v2/", "/token?scope=repository:app:pull"):
+            answer = harness.request("GET", where, headers=basic(user, "x"))
+            assert answer.code == 401
+            assert error_code(harness, answer) == "UNAUTHORIZED"
+
+
+def test_token_endpoint_answers_an_internal_error(
+    tmp_path: Path, logged: list[LogEvent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault inside /token is a logged 500 with an OCI body, not silence."""
+    harness, _ = guarded(tmp_path)
+
+    def broken(*args: object) -> tuple[str, float]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Tokens, "issue", broken)
+    answer = harness.request(
+        "GET", "/token?scope=repository:app:pull", headers=basic("alice", PASSWORD)
+    )
+    assert answer.code == 500
+    assert error_code(harness, answer) == "UNKNOWN"
+    assert any(e.get("log_failure") is not None for e in logged)
