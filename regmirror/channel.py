@@ -7,7 +7,9 @@ handshake on a plain-HTTP port at once.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -19,19 +21,70 @@ from regmirror.errors import Unsupported
 
 #: The longest a client may take to send a request's head (slowloris).
 HEADER_TIMEOUT = 30.0
+#: The longest request line taken, in bytes without its line end (twisted's
+#: line limit); a longer one is answered with 414.
+MAX_REQUEST_LINE = 16384
+#: The most bytes of header lines a request may carry, line ends not
+#: counted; more, or one longer line, is answered with 431.
+MAX_HEADER_BYTES = 16384
+#: The most header lines a request may carry (twisted's own limit); more is
+#: answered with 431.
+MAX_HEADERS = 500
+
+#: Methods by the first segment of the path; GET and HEAD anywhere else.
+_METHODS = {b"token": (b"GET",)}
+_ANYWHERE = (b"GET", b"HEAD")
+
+_REASONS = {
+    400: b"Bad Request",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}
+
+
+def allowed_methods(target: bytes) -> tuple[bytes, ...]:
+    """
+    The methods the mirror answers for a request target: GET and HEAD,
+    the token endpoint GET only.  Everything it serves is read-only.
+    """
+    path = target
+    if not path.startswith(b"/"):
+        # absolute-form (``http://host/path``) or ``*``
+        _, scheme, rest = path.partition(b"://")
+        path = b"/" + rest.partition(b"/")[2] if scheme else b""
+    first = path.split(b"?", 1)[0].split(b"/")[1:2]
+    return _METHODS.get(unquote_to_bytes(first[0]) if first else b"", _ANYWHERE)
 
 
 class MirrorChannel(HTTPChannel):
     """
     twisted.web's HTTP connection, hardened for a read-only registry on the
-    internet: the request head must arrive within :data:`HEADER_TIMEOUT`,
-    request bodies are refused before a byte of them is read (no buffering,
-    no smuggling through Content-Length/Transfer-Encoding games), and every
-    protocol error is answered with an OCI error body.
+    internet: the request head must arrive within :data:`HEADER_TIMEOUT`
+    and fit the limits above (414 or 431 otherwise), a method the mirror
+    does not serve gets 405 as soon as the head has arrived, request bodies
+    are refused before a byte of them is read (no buffering, no smuggling
+    through Content-Length/Transfer-Encoding games), and every protocol
+    error is answered with an OCI error body and a closed connection.
     """
+
+    MAX_LENGTH = max(MAX_REQUEST_LINE, MAX_HEADER_BYTES)
+    # Ours are checked first, each with its own answer; twisted's would
+    # only ever say 400.
+    totalHeadersSize = MAX_REQUEST_LINE + MAX_HEADER_BYTES + 1
+    maxHeaders = MAX_HEADERS + 1
 
     _head_timer: Any = None
     _refused = False
+    #: between a request line and the end of its head
+    _in_head = False
+    _method = b""
+    _header_bytes = 0
+    _header_lines = 0
+    #: what the request's method should have been, when it is not
+    _not_allowed: tuple[bytes, ...] | None = None
 
     def dataReceived(self, data: bytes) -> None:
         # The clock for a request head starts at its first byte, not at its
@@ -44,7 +97,66 @@ class MirrorChannel(HTTPChannel):
     def lineReceived(self, line: bytes) -> None:
         if self._refused:
             return
+        if not self._in_head:
+            if line:
+                self._request_line(line)
+            else:
+                super().lineReceived(line)  # tolerated before a request
+        elif line:
+            self._header_line(line)
+        else:
+            self._end_of_head()
+
+    def _request_line(self, line: bytes) -> None:
+        self._in_head = True
+        self._header_bytes = self._header_lines = 0
+        self._not_allowed = None
         super().lineReceived(line)
+        parts = line.split(b" ")
+        if self._refused or len(parts) != 3:
+            return
+        # METHOD TARGET VERSION, or twisted would have refused it.
+        method, target, _ = parts
+        self._method = method
+        allowed = allowed_methods(target)
+        if method not in allowed:
+            self._not_allowed = allowed
+
+    def _header_line(self, line: bytes) -> None:
+        self._header_bytes += len(line)
+        self._header_lines += 1
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._refuse(
+                431, f"the request's header lines exceed {MAX_HEADER_BYTES} bytes"
+            )
+        elif self._header_lines > MAX_HEADERS:
+            self._refuse(431, f"the request has more than {MAX_HEADERS} header lines")
+        elif self._not_allowed is None:
+            super().lineReceived(line)
+        # else: the headers of a request refused anyway are not even parsed,
+        # so that no framing game can turn its 405 into anything else.
+
+    def _end_of_head(self) -> None:
+        self._in_head = False
+        allowed = self._not_allowed
+        if allowed is None:
+            super().lineReceived(b"")
+            # Answered (413) or dispatched: what comes next is another request.
+            self._method = b""
+            return
+        self._refuse(
+            405,
+            "this mirror is read-only: only "
+            + " and ".join(m.decode("ascii") for m in allowed)
+            + " here",
+            {b"Allow": b", ".join(allowed)},
+        )
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._in_head:
+            self._refuse(431, f"a header line exceeds {MAX_HEADER_BYTES} bytes")
+        else:
+            self._refuse(414, f"the request line exceeds {MAX_REQUEST_LINE} bytes")
 
     def allHeadersReceived(self) -> None:
         self._stop_head_timer()
@@ -66,27 +178,28 @@ class MirrorChannel(HTTPChannel):
     def _respondToBadRequestAndDisconnect(self) -> None:
         self._refuse(400, "malformed HTTP request")
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(
+        self, status: int, message: str, headers: dict[bytes, bytes] | None = None
+    ) -> None:
         """Answer with an OCI error, drop whatever else comes, and close."""
         if self._refused:
             return
         self._refused = True
         self._stop_head_timer()
         # Not 0: HTTPChannel would go on to dispatch the request; anything
-        # else puts it in raw mode, where rawDataReceived drops it all.
+        # else, in raw mode, makes rawDataReceived drop it all unparsed.
         self.length = None
+        self.setRawMode()
         body = Unsupported(message).body()
-        reason = {
-            400: b"Bad Request",
-            408: b"Request Timeout",
-            413: b"Content Too Large",
-        }
+        fields = b"".join(b"%s: %s\r\n" % item for item in (headers or {}).items())
         transport: Any = self.transport
         transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (status, reason[status], len(body), body)
+            b"Content-Length: %d\r\n%sConnection: close\r\n\r\n"
+            % (status, _REASONS[status], len(body), fields)
         )
+        if self._method != b"HEAD":
+            transport.write(body)
         transport.loseConnection()
 
     def _stop_head_timer(self) -> None:
@@ -130,7 +243,22 @@ class PlainHTTPFactory(WrappingFactory):
     """
     Wraps a Site so that a TLS ClientHello arriving on a plain-HTTP
     listener is answered at once with a 400 and a closed connection.
-    Harmless behind TLS, where the first decrypted byte is never 0x16.
+
+    For plain listeners only: behind TLS it is pointless, and it hides the
+    Site's ALPN protocols (``IProtocolNegotiationFactory``) from the TLS
+    layer, which then answered every client offering ALPN with an
+    ``internal_error`` alert.
     """
 
     protocol = _PlainOnly
+
+
+def listener_factory(site: IProtocolFactory, description: str) -> IProtocolFactory:
+    """
+    What serves a listener described by *description*: the plain-port
+    sniffer around *site* on plain listeners, *site* itself behind TLS
+    (``ssl:``), where ALPN must see the site.
+    """
+    if description.startswith("ssl:"):
+        return site
+    return PlainHTTPFactory(site)

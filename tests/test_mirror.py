@@ -467,20 +467,28 @@ def test_slow_request_head_is_cut() -> None:
 
 
 @pytest.mark.parametrize(
-    "head",
+    ("head", "status"),
     [
-        b"GET /v2/ HTTP/1.1\r\nContent-Length: 10737418240\r\n\r\n",
-        b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-        b"GET /v2/ HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        (b"GET /v2/ HTTP/1.1\r\nContent-Length: 10737418240\r\n\r\n", b"413"),
+        (
+            b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"405",
+        ),
+        (
+            b"GET /v2/ HTTP/1.1\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            b"400",
+        ),
     ],
 )
-def test_request_bodies_are_refused_before_reading(head: bytes) -> None:
-    """A request announcing a body gets 413 at once and the connection
-    closes: nothing of the body is buffered, no smuggled request follows."""
+def test_request_bodies_are_refused_before_reading(head: bytes, status: bytes) -> None:
+    """A request announcing a body gets 413 at once (405 for a write, 400
+    for contradictory framing) and the connection closes: nothing of the
+    body is buffered, no smuggled request follows."""
     channel, transport, _ = _channel()
     channel.dataReceived(head + b"GET /v2/ HTTP/1.1\r\n\r\n" + b"x" * 100_000)
     answer = transport.value()
-    assert answer.startswith((b"HTTP/1.1 413 ", b"HTTP/1.1 400 "))
+    assert answer.startswith(b"HTTP/1.1 " + status + b" ")
     assert answer.count(b"HTTP/1.1") == 1
     assert transport.disconnecting
 

@@ -759,25 +759,44 @@ def test_range_on_uncached_blob_and_manifest(target: Target, catalog: Catalog) -
     assert_still_serving(target.mirror, mark)
 
 
-OVERSIZED_HEADS: list[tuple[str, bytes]] = [
+#: (id, request head, expected status): the request line may be 16 KiB
+#: long, the header lines 16 KiB together (line ends not counted), and
+#: there may be 500 of them (README, "Limits").
+OVERSIZED_HEADS: list[tuple[str, bytes, int]] = [
     (
         "header-100KiB",
         b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 102_400 + b"\r\n\r\n",
+        431,
     ),
     (
         "header-17KiB",
         b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17_408 + b"\r\n\r\n",
+        431,
+    ),
+    (
+        "header-block-64KiB",
+        b"GET /v2/ HTTP/1.1\r\n"
+        + b"".join(b"X-%02d: " % i + b"b" * 1018 + b"\r\n" for i in range(64))
+        + b"\r\n",
+        431,
+    ),
+    (
+        "request-line-16KiB",
+        b"GET /v2/" + b"a" * 16_384 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        414,
     ),
     (
         "url-64KiB",
         b"GET /v2/" + b"a/" * 32_768 + b"manifests/latest HTTP/1.1\r\nHost: x\r\n\r\n",
+        414,
     ),
-    ("method-64KiB", b"G" * 65_536 + b" /v2/ HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ("method-64KiB", b"G" * 65_536 + b" /v2/ HTTP/1.1\r\nHost: x\r\n\r\n", 414),
     (
         "600-headers",
         b"GET /v2/ HTTP/1.1\r\nHost: x\r\n"
         + b"".join(b"X-%d: y\r\n" % i for i in range(600))
         + b"\r\n",
+        431,
     ),
     (
         "1MiB-of-header-lines",
@@ -787,29 +806,65 @@ OVERSIZED_HEADS: list[tuple[str, bytes]] = [
         + b"\r\n" * 1
         + (b"X-A: " + b"b" * 1000 + b"\r\n") * 1000
         + b"\r\n",
+        431,
+    ),
+    (
+        "push-with-64KiB-of-headers",
+        b"PUT /v2/a/manifests/b HTTP/1.1\r\n"
+        + b"".join(b"X-%02d: " % i + b"b" * 1018 + b"\r\n" for i in range(64))
+        + b"\r\n",
+        431,
     ),
 ]
 
 
-@pytest.mark.parametrize("data", [pytest.param(d, id=i) for i, d in OVERSIZED_HEADS])
-def test_oversized_request_head_is_refused(target: Target, data: bytes) -> None:
+@pytest.mark.parametrize(
+    ("data", "status"), [pytest.param(d, s, id=i) for i, d, s in OVERSIZED_HEADS]
+)
+def test_oversized_request_head_is_refused(
+    target: Target, data: bytes, status: int
+) -> None:
     """
-    A request head far too big (a 100 KiB header, a 64 KiB URL or method,
-    600 headers, 1 MiB of header lines) gets a 4xx or a closed connection
-    at once, never a hang; the cache is unchanged and the mirror goes on
-    serving.
+    A request head far too big gets its answer, not a silent close: ``414``
+    for a request line over 16 KiB (a 64 KiB URL or method), ``431`` for
+    more than 16 KiB of header lines (one 100 KiB header, 64 KiB of them,
+    1 MiB of them) or more than 500 of them; each with an OCI error body
+    and ``Connection: close``, at once.  The cache is unchanged and the
+    mirror goes on serving.
     """
     mark = log_mark(target.mirror)
     before = target.mirror.cache_listing()
     result = exchange(target.port, data)
     assert result.closed, f"the connection was left hanging: {result.describe()}"
     assert result.elapsed < ANSWER_TIMEOUT
-    for answer in result.answers:
-        assert answer.status is not None and 400 <= answer.status < 500, (
-            result.describe()
-        )
+    assert len(result.answers) == 1, f"no single answer: {result.describe()}"
+    answer = result.answers[0]
+    assert answer.status == status, result.describe()
+    assert answer.headers.get("connection") == "close", result.describe()
+    assert answer.error_codes() == ["UNSUPPORTED"], result.describe()
     assert target.mirror.cache_listing() == before
     assert_still_serving(target.mirror, mark)
+
+
+def test_request_head_at_the_limits_is_served(target: Target) -> None:
+    """A request line of exactly 16 KiB and 16 KiB of header lines (line
+    ends not counted) in 500 lines are within the limits: the request is
+    answered as any other (here: a name too long, 400 ``NAME_INVALID``)."""
+    frame = b"GET /v2/%s/manifests/latest HTTP/1.1"
+    line = frame % (b"a" * (16_384 - len(frame % b"")))
+    assert len(line) == 16_384
+    fields = [b"X%05d:" % i for i in range(499)]
+    padding = 16_384 - sum(map(len, fields)) - len(b"Connection: close")
+    fields = [
+        field + b"v" * (padding // 499 + (i < padding % 499))
+        for i, field in enumerate(fields)
+    ]
+    fields.append(b"Connection: close")
+    assert (len(fields), sum(map(len, fields))) == (500, 16_384)
+    result = exchange(target.port, b"\r\n".join([line, *fields, b"", b""]))
+    assert result.first is not None, result.describe()
+    assert result.first.status == 400, result.describe()
+    assert result.first.error_codes() == ["NAME_INVALID"], result.describe()
 
 
 def _smuggle(marker: str, head: bytes, body: bytes) -> bytes:
@@ -876,10 +931,101 @@ def test_request_smuggling_is_refused(
     assert_still_serving(target.mirror, mark)
 
 
+_PUSH = b"PUT /v2/library/busybox/manifests/latest HTTP/1.1\r\nHost: x\r\n"
+_OCI = b"Content-Type: application/vnd.oci.image.manifest.v1+json\r\n"
+_UPLOADS = b"/v2/library/busybox/blobs/uploads/"
+#: (id, raw request, the methods the answer must allow): pushes and every
+#: other write, whatever their framing says.
+WRITES: list[tuple[str, bytes, str]] = [
+    ("push-manifest", _PUSH + _OCI + b"Content-Length: 2\r\n\r\n{}", "GET, HEAD"),
+    (
+        "push-manifest-chunked",
+        _PUSH + _OCI + _TE + b"chunked\r\n\r\n" + _LAST,
+        "GET, HEAD",
+    ),
+    (
+        "push-manifest-cl-and-te",
+        _PUSH + _CL + b"2\r\n" + _TE + b"chunked\r\n\r\n{}",
+        "GET, HEAD",
+    ),
+    (
+        "push-manifest-two-cl",
+        _PUSH + _CL + b"2\r\n" + _CL + b"0\r\n\r\n{}",
+        "GET, HEAD",
+    ),
+    (
+        "start-upload",
+        b"POST " + _UPLOADS + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        "GET, HEAD",
+    ),
+    (
+        "patch-upload",
+        b"PATCH " + _UPLOADS + b"u HTTP/1.1\r\nHost: x\r\n" + _CL + b"5\r\n\r\nhello",
+        "GET, HEAD",
+    ),
+    (
+        "delete-manifest",
+        b"DELETE /v2/library/busybox/manifests/" + _SHA.encode() + b" HTTP/1.1\r\n\r\n",
+        "GET, HEAD",
+    ),
+    ("options", b"OPTIONS /v2/ HTTP/1.1\r\nHost: x\r\n\r\n", "GET, HEAD"),
+    (
+        "token-post",
+        b"POST /token HTTP/1.1\r\nHost: x\r\n" + _CL + b"10\r\n\r\ngrant_type",
+        "GET",
+    ),
+    ("token-head", b"HEAD /token?scope=x HTTP/1.1\r\nHost: x\r\n\r\n", "GET"),
+    ("metrics", b"POST /metrics HTTP/1.1\r\n" + _CL + b"1\r\n\r\nx", "GET, HEAD"),
+    ("healthz", b"PUT /healthz HTTP/1.1\r\n\r\n", "GET, HEAD"),
+    ("readyz", b"DELETE /readyz HTTP/1.1\r\n\r\n", "GET, HEAD"),
+    ("status-page", b"POST / HTTP/1.1\r\n\r\n", "GET, HEAD"),
+    ("status", b"POST /_status HTTP/1.1\r\n\r\n", "GET, HEAD"),
+    ("status-json", b"POST /_status.json HTTP/1.1\r\n\r\n", "GET, HEAD"),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "allow"), [pytest.param(d, a, id=i) for i, d, a in WRITES]
+)
+def test_writes_get_405_unsupported(
+    target: Target, request: pytest.FixtureRequest, data: bytes, allow: str
+) -> None:
+    """
+    A push (``PUT`` of a manifest, ``POST``/``PATCH`` of an upload), a
+    ``DELETE``, or any method but GET and HEAD anywhere (the token
+    endpoint: GET only) gets ``405`` with the OCI ``UNSUPPORTED`` code, an
+    ``Allow`` header and a closed connection, decided from the request
+    line: Content-Length and Transfer-Encoding, however contradictory,
+    change nothing, and a request hidden in the body is never answered.
+    Nothing reaches the upstream or the cache.
+    """
+    marker = re.sub(r"[^a-z0-9]", "", request.node.callspec.id)
+    mark = log_mark(target.mirror)
+    upstream_mark = len(target.registry.access_log())
+    before = target.mirror.cache_listing()
+    result = exchange(
+        target.port, _smuggle(marker, data, b""), head=data.startswith(b"HEAD")
+    )
+    assert result.closed, f"the connection was left open: {result.describe()}"
+    assert len(result.answers) == 1, result.describe()
+    answer = result.answers[0]
+    assert answer.status == 405, result.describe()
+    assert answer.headers.get("allow") == allow, result.describe()
+    assert answer.headers.get("connection") == "close", result.describe()
+    if not data.startswith(b"HEAD"):
+        assert answer.error_codes() == ["UNSUPPORTED"], result.describe()
+    upstream = target.registry.access_log()[upstream_mark:]
+    assert not [x for x in upstream if not re.search(r'"(GET|HEAD) ', x)], upstream
+    assert not [x for x in upstream if "smuggled" in x], upstream
+    assert not [x for x in target.mirror.log_lines()[mark:] if "smuggled" in x]
+    assert target.mirror.cache_listing() == before
+    assert_still_serving(target.mirror, mark)
+
+
 PROTOCOL_ERRORS: list[tuple[str, bytes]] = [
     ("cl-and-te", SMUGGLING[0][1] + SMUGGLING[0][2]),
     ("two-cl-differing", SMUGGLING[5][1] + SMUGGLING[5][2]),
-    ("600-headers", OVERSIZED_HEADS[4][1]),
+    ("600-headers", next(d for i, d, _ in OVERSIZED_HEADS if i == "600-headers")),
     ("garbage-request-line", b"\x00\x01\x02 nonsense\r\n\r\n"),
     (
         "nul-in-path",
@@ -934,10 +1080,10 @@ def _temporary_files(pid: int) -> dict[str, int]:
 @pytest.mark.parametrize("method", [b"POST", b"GET"])
 def test_request_body_is_refused_not_buffered(target: Target, method: bytes) -> None:
     """
-    A request announcing a 10 GiB body (a write method the mirror refuses,
-    or a GET, which needs no body) is answered (405, 413 or 400) or cut off
-    before the client has sent 32 MiB of it; the mirror does not buffer it
-    on disk or in memory.
+    A request announcing a 10 GiB body is answered before the client has
+    sent 32 MiB of it, a write method (the mirror is read-only) with 405,
+    a GET (which needs no body) with 413; the mirror does not buffer the
+    body on disk or in memory.
     """
     mark = log_mark(target.mirror)
     pid = pid_of(target.mirror)
@@ -985,9 +1131,9 @@ def test_request_body_is_refused_not_buffered(target: Target, method: bytes) -> 
         f"accepted without an answer; the mirror held {held} (deleted temporary "
         "files, bytes)"
     )
-    if answered:
-        status = int(answered.split(b" ", 2)[1])
-        assert status in (400, 405, 413), answered[:200]
+    assert answered, f"{method.decode()}: cut off without an answer"
+    status = int(answered.split(b" ", 2)[1])
+    assert status == (413 if method == b"GET" else 405), answered[:200]
     assert_still_serving(target.mirror, mark)
 
 
