@@ -53,6 +53,14 @@ class MirrorSite(Site):
         self._clock = clock
         self._trusted = trusted_proxies
 
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        What ALPN may pick for this site's connections: ``http/1.1`` only,
+        even where twisted.web could speak HTTP/2 (the ``h2`` package
+        installed), since :class:`MirrorChannel` speaks nothing else.
+        """
+        return [b"http/1.1"]
+
     def log(self, request: http.Request) -> None:
         info: dict[str, Any] = getattr(request, "regmirror", {})
         started = info.get("started")

@@ -28,7 +28,7 @@ from twisted.web.server import Site
 
 from regmirror import nodes
 from regmirror.access import Gate, shared_key
-from regmirror.channel import PlainHTTPFactory
+from regmirror.channel import listener_factory
 from regmirror.cluster import Coordinator
 from regmirror.config import ClusterConfig, Config, ConfigError, S3Config, load
 from regmirror.fetch import Fetcher
@@ -563,7 +563,7 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         timer.clock = reactor
         timer.setServiceParent(top)
     listeners: list[tuple[str, Any]] = [
-        (d, PlainHTTPFactory(mirror.site)) for d in config.server.listen
+        (d, listener_factory(mirror.site, d)) for d in config.server.listen
     ]
     if config.server.metrics_listen:
         metrics_site = Site(MetricsResource(mirror.metrics))

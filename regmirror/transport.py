@@ -278,13 +278,36 @@ def parse_tls_listener(description: str) -> dict[str, str]:
     return parts
 
 
+#: The one application protocol the mirror's listeners speak over TLS.
+_HTTP11 = b"http/1.1"
+
+
+def _choose_http11(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    """
+    ALPN on the mirror's listeners: ``http/1.1`` whenever the client offers
+    it, ``h2`` first or not (curl, browsers, Go, urllib3 2.x); to a client
+    that does not, the ``no_application_protocol`` alert of RFC 7301.
+
+    Twisted's own choice asks the protocol factory behind TLS for its
+    protocols; a wrapping factory has none, and the empty choice it then
+    returns made OpenSSL answer every ALPN client with ``internal_error``.
+    """
+    if _HTTP11 in offered:
+        return _HTTP11
+    # pyOpenSSL re-raises this from the handshake, where Twisted reads it as
+    # OpenSSL's own error queue: (library, function, reason) triples.
+    raise SSL.Error([("regmirror", "ALPN", "no application protocol in common")])
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class ReloadableTLS:
     """
     A listener's certificate: TLS 1.2 or newer, the chain taken from the
     certificate file itself (certbot's ``fullchain.pem``) and from
-    ``extraCertChain``.  :meth:`reload` reads the files again; connections
-    already open keep the certificate they started with.
+    ``extraCertChain``, and ``http/1.1`` for clients that negotiate an
+    application protocol (ALPN), whatever factory serves the connections.
+    :meth:`reload` reads the files again; connections already open keep
+    the certificate they started with.
 
     :raises ValueError: from the constructor, for unusable files.
     """
@@ -306,12 +329,16 @@ class ReloadableTLS:
             extra = [ssl.Certificate.loadPEM(pem).original for pem in chain[1:]]
         except (OSError, SSL.Error) as e:
             raise ValueError(f"unusable certificate or key: {e}") from None
-        return ssl.CertificateOptions(
+        options = ssl.CertificateOptions(
             privateKey=leaf.privateKey.original,
             certificate=leaf.original,
             extraCertChain=extra,
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         )
+        # The context every connection of these options is made from;
+        # nothing has used it yet, so it may still be changed.
+        options.getContext().set_alpn_select_callback(_choose_http11)
+        return options
 
     def reload(self) -> None:
         """Read the files again; keep the old certificate if they are bad."""

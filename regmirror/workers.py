@@ -26,8 +26,14 @@ from typing import Any, Protocol
 from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from regmirror.channel import listener_factory
+from regmirror.transport import ReloadableTLS, parse_tls_listener
 
 log = Logger(namespace="regmirror.workers")
 
@@ -184,6 +190,22 @@ def _kill(transport: Any) -> None:
         pass
 
 
+def serving_factory(
+    site: Site, description: str, clock: IReactorTime
+) -> tuple[IProtocolFactory, ReloadableTLS | None]:
+    """
+    What serves an adopted listening socket described by *description*,
+    as the parent serves its own (:func:`regmirror.channel.listener_factory`),
+    with TLS added here for ``ssl:`` (an adopted socket has no endpoint to
+    add it): the factory, and the certificate to reload on SIGHUP.
+    """
+    factory = listener_factory(site, description)
+    if not description.startswith("ssl:"):
+        return factory, None
+    certificate = ReloadableTLS(parse_tls_listener(description))
+    return TLSMemoryBIOFactory(certificate, False, factory, clock=clock), certificate
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """A worker process: serve the inherited listening sockets."""
     parser = argparse.ArgumentParser(prog="python -m regmirror.workers")
@@ -193,11 +215,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, jsonFileLogObserver
-    from twisted.protocols.tls import TLSMemoryBIOFactory
 
-    from regmirror.channel import PlainHTTPFactory
     from regmirror.service import build_mirror, validate
-    from regmirror.transport import ReloadableTLS, parse_tls_listener
 
     globalLogBeginner.beginLoggingTo(
         [jsonFileLogObserver(sys.stdout, recordSeparator="")]
@@ -207,11 +226,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     mirror.start(clean=False)
     certificates = []
     for number, family, description in json.loads(arguments.listeners):
-        factory: Any = PlainHTTPFactory(mirror.site)
-        if description.startswith("ssl:"):
-            certificate = ReloadableTLS(parse_tls_listener(description))
+        factory, certificate = serving_factory(mirror.site, description, reactor)
+        if certificate is not None:
             certificates.append(certificate)
-            factory = TLSMemoryBIOFactory(certificate, False, factory)
         reactor.adoptStreamPort(number, family, factory)  # type: ignore[attr-defined]
         os.close(number)
 

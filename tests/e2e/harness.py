@@ -170,6 +170,41 @@ def responds_ok(port: int, path: str = "/v2/") -> bool:
         return False
 
 
+# -- a browser ---------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def chromium(tmp_path: Path, url: str, *extra: str) -> str:
+    """Load *url* headless, let its scripts run, and return the DOM."""
+    if not Path(CHROMIUM).exists():
+        raise HarnessError("chromium is not installed: run scripts/dev test")
+    result = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--no-proxy-server",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            "--virtual-time-budget=5000",
+            *extra,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
 # -- the upstream registry ------------------------------------------------------
 
 _REGISTRY_CONFIG = """\

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from .daemons import (
     mounts_under,
     unmount_under,
 )
-from .harness import TwoNamespaces
+from .harness import LOCALHOST, MirrorProcess, TwoNamespaces, poll_until
 from .images import OCI_CONFIG, Catalog, ghcr_app
+from .servers import write_certificate
 
 pytestmark = pytest.mark.e2e
 
@@ -270,3 +272,57 @@ def test_containerd_pulls_through_mirror_with_ns_parameter(
     assert two_namespaces.hub.count_blob_gets(busybox.layers[0].digest) == 1
     assert not [x for x in two_namespaces.hub_log() if "org/app" in x]
     assert not [x for x in two_namespaces.ghcr_log() if "busybox" in x]
+
+
+def test_containerd_pulls_over_https_and_after_a_certificate_reload(
+    daemons_folder: Path,
+    containerd: ContainerdProcess,
+    catalog: Catalog,
+    tls_mirror: tuple[MirrorProcess, int],
+) -> None:
+    """
+    ``ctr images pull`` (Go's TLS client) through the mirror's ``ssl:``
+    listener, verifying its certificate against the CA named in
+    ``hosts.toml``, gets the image; after new certificate files and a
+    SIGHUP it pulls again, verifying the new certificate.
+    """
+    mirror, secure = tls_mirror
+    host = f"{LOCALHOST}:{secure}"
+    hosts = daemons_folder / "certs.d"
+    image = catalog.small
+    reference = f"{host}/{image.repository}:{image.tag}"
+
+    def pull(generation: str) -> None:
+        ca = daemons_folder / f"mirror-ca-{generation}.pem"
+        ca.write_bytes((mirror.workdir / "cert.pem").read_bytes())
+        (hosts / host).mkdir(parents=True, exist_ok=True)
+        (hosts / host / "hosts.toml").write_text(
+            f'server = "https://{host}"\n\n'
+            f'[host."https://{host}"]\n'
+            '  capabilities = ["pull", "resolve"]\n'
+            f"  ca = {json.dumps(str(ca))}\n"
+        )
+        containerd.ctr(
+            "images",
+            "pull",
+            "--hosts-dir",
+            str(hosts),
+            "--snapshotter",
+            "native",
+            reference,
+        )
+        assert _image_digests(containerd).get(reference) == image.root.digest
+        containerd.ctr("images", "rm", reference)
+
+    pull("first")
+    before = (mirror.workdir / "cert.pem").read_bytes()
+    write_certificate(mirror.workdir)
+    assert mirror._process is not None  # noqa: SLF001 (the harness keeps it)
+    mirror._process.send_signal(signal.SIGHUP)  # noqa: SLF001
+    poll_until(
+        lambda: "certificate reloaded" in mirror.log(),
+        timeout=10,
+        describe=mirror.log,
+    )
+    assert (mirror.workdir / "cert.pem").read_bytes() != before
+    pull("renewed")

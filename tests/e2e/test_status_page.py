@@ -3,48 +3,14 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from .harness import MirrorProcess, RegistryProcess, http_request
+from .harness import MirrorProcess, RegistryProcess, chromium, http_request
 from .images import Catalog
 
 pytestmark = pytest.mark.e2e
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def chromium(tmp_path: Path, url: str, *extra: str) -> str:
-    """Load *url* headless, let its scripts run, and return the DOM."""
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed: run scripts/dev test")
-    result = subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--no-proxy-server",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'chromium'}",
-            "--virtual-time-budget=5000",
-            *extra,
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
 
 
 def test_status_page_shows_upstreams_hits_and_cache(

@@ -1,0 +1,313 @@
+"""
+The mirror's listeners in memory: TLS with ALPN as browsers, curl, Go and
+urllib3 offer it, wired as :func:`regmirror.service.make_service` and the
+worker processes wire them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import ssl
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.test.iosim import connectedServerAndClient
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from regmirror.channel import PlainHTTPFactory
+from regmirror.config import load
+from regmirror.logs import MirrorSite
+from regmirror.service import make_service
+from regmirror.transport import ReloadableTLS
+from regmirror.workers import serving_factory
+
+HOST = "regmirror.test"
+GET = b"GET /healthz HTTP/1.1\r\nHost: regmirror.test\r\nConnection: close\r\n\r\n"
+
+
+def write_certificate(folder: Path, name: str = HOST) -> bytes:
+    """``key.pem`` and ``cert.pem`` for *name* in *folder*; the certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), False)
+        .sign(key, hashes.SHA256())
+    )
+    pem = certificate.public_bytes(serialization.Encoding.PEM)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (folder / "cert.pem").write_bytes(pem)
+    return pem
+
+
+class _Client(Protocol):
+    """Keeps what it receives, the ALPN protocol it was received over, and
+    why the connection ended."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.negotiated: bytes | None = None
+        self.lost: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.negotiated = getattr(self.transport, "negotiatedProtocol", None)
+        self.received += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = reason
+
+
+def behind_tls(factory: Any, certificate: Any) -> TLSMemoryBIOFactory:
+    """*factory* behind TLS with *certificate*, as ``listenSSL`` wires them."""
+    return TLSMemoryBIOFactory(certificate, False, factory, clock=CLOCK)
+
+
+#: TLS aggregates small writes until the next reactor turn, on this clock.
+CLOCK = Clock()
+
+
+def handshake(
+    server: Any, certificate: bytes, offered: list[bytes] | None, data: bytes = GET
+) -> _Client:
+    """
+    Connect a TLS client offering *offered* over ALPN (``None``: no ALPN)
+    to *server*, a TLS protocol factory using :data:`CLOCK`, in memory;
+    send *data*.
+
+    :return: the client's application protocol, once every byte has moved.
+    """
+    options = ssl.optionsForClientTLS(
+        HOST,
+        trustRoot=ssl.Certificate.loadPEM(certificate),
+        acceptableProtocols=offered,
+    )
+    application = _Client()
+    client_factory = TLSMemoryBIOFactory(
+        options, True, Factory.forProtocol(lambda: application), clock=CLOCK
+    )
+    address = IPv4Address("TCP", "127.0.0.1", 443)
+    _, _, pump = connectedServerAndClient(
+        lambda: server.buildProtocol(address),
+        lambda: client_factory.buildProtocol(address),
+        clock=CLOCK,
+    )
+    assert application.transport is not None
+    application.transport.write(data)
+    pump.flush()
+    return application
+
+
+class _Ok(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        return b"ok"
+
+
+def _mirror_site() -> MirrorSite:
+    root = Resource()
+    root.putChild(b"healthz", _Ok())
+    return MirrorSite(root, Clock())
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[ReloadableTLS, bytes]:
+    pem = write_certificate(tmp_path)
+    parts = {
+        "privateKey": str(tmp_path / "key.pem"),
+        "certKey": str(tmp_path / "cert.pem"),
+    }
+    return ReloadableTLS(parts), pem
+
+
+SERVED = {
+    "mirror-site": _mirror_site,
+    "plain-port-wrapper": lambda: PlainHTTPFactory(_mirror_site()),
+    "twisted-site": lambda: Site(_Ok()),
+}
+
+
+@pytest.mark.parametrize("behind", list(SERVED))
+@pytest.mark.parametrize(
+    "offered",
+    [
+        [b"h2", b"http/1.1"],
+        [b"http/1.1"],
+        [b"http/1.1", b"h2"],
+        [b"spdy/3", b"http/1.1"],
+    ],
+)
+def test_tls_listener_negotiates_http11_with_alpn_clients(
+    certificate: tuple[ReloadableTLS, bytes], behind: str, offered: list[bytes]
+) -> None:
+    """
+    A listener's certificate (:class:`ReloadableTLS`) picks ``http/1.1``
+    for a client that offers it over ALPN, ``h2`` first or not (curl,
+    Chromium, Go, urllib3 2.x), whatever protocol factory is behind it:
+    a wrapper that knows nothing of ALPN made OpenSSL answer every such
+    client with an ``internal_error`` alert.
+    """
+    listener, pem = certificate
+    application = handshake(behind_tls(SERVED[behind](), listener), pem, offered)
+    assert application.negotiated == b"http/1.1", application.lost
+    assert application.received.startswith(b"HTTP/1.1 200 "), application.lost
+
+
+def test_tls_listener_without_alpn(certificate: tuple[ReloadableTLS, bytes]) -> None:
+    """A client offering no ALPN (skopeo, ctr, ``openssl s_client``) gets
+    no protocol named and is served HTTP/1.1."""
+    listener, pem = certificate
+    application = handshake(behind_tls(_mirror_site(), listener), pem, None)
+    assert application.negotiated is None
+    assert application.received.startswith(b"HTTP/1.1 200 ")
+
+
+def test_tls_listener_refuses_h2_only_clients_with_the_right_alert(
+    certificate: tuple[ReloadableTLS, bytes],
+) -> None:
+    """A client that offers nothing but ``h2`` gets the alert RFC 7301
+    names for it, ``no_application_protocol``, not an ``internal_error``
+    that sends its operator looking for a bug."""
+    listener, pem = certificate
+    application = handshake(behind_tls(_mirror_site(), listener), pem, [b"h2"])
+    assert application.received == b""
+    assert application.lost is not None
+    assert "no application protocol" in str(application.lost.value), application.lost
+
+
+def test_reloaded_certificate_still_negotiates_http11(
+    tmp_path: Path, certificate: tuple[ReloadableTLS, bytes]
+) -> None:
+    """After :meth:`ReloadableTLS.reload` (SIGHUP), ALPN clients are served
+    with the new certificate, still on ``http/1.1``."""
+    listener, _ = certificate
+    renewed = write_certificate(tmp_path)
+    listener.reload()
+    application = handshake(
+        behind_tls(_mirror_site(), listener), renewed, [b"h2", b"http/1.1"]
+    )
+    assert application.negotiated == b"http/1.1", application.lost
+    assert application.received.startswith(b"HTTP/1.1 200 ")
+
+
+def test_mirror_site_offers_http11_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mirror's channel speaks HTTP/1.1 only, so its site never names
+    ``h2`` as acceptable, even where twisted.web could speak HTTP/2 (the
+    ``h2`` package installed): an HTTP/2 client on an HTTP/1.1 channel
+    would get nothing but errors."""
+    monkeypatch.setattr(http, "H2_ENABLED", True)
+    assert Site(Resource()).acceptableProtocols()[0] == b"h2"
+    assert _mirror_site().acceptableProtocols() == [b"http/1.1"]
+
+
+def _config(tmp_path: Path, workers: int = 1) -> Path:
+    config = tmp_path / "mirror.ini"
+    config.write_text(
+        textwrap.dedent(
+            f"""\
+            [server]
+            listen = tcp:0:interface=127.0.0.1
+                ssl:0:privateKey=key.pem:certKey=cert.pem:interface=127.0.0.1
+            metrics_listen =
+                ssl:0:privateKey=key.pem:certKey=cert.pem:interface=127.0.0.1
+            workers = {workers}
+
+            [cache]
+            directory = cache
+
+            [upstream:one]
+            url = http://127.0.0.1:9
+
+            [namespace:docker.io]
+            upstreams = one
+            default = true
+            """
+        )
+    )
+    return config
+
+
+def test_service_tls_listeners_negotiate_http11(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    As :func:`make_service` wires them: the ``ssl:`` listener of the API
+    and the ``ssl:`` metrics listener both pick ``http/1.1`` for a client
+    offering ``h2`` and ``http/1.1`` and answer it; the plain listener
+    still answers a TLS handshake with the plain-port 400.
+    """
+    pem = write_certificate(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    reactor = MemoryReactorClock()
+    service = make_service(load(str(_config(tmp_path))), reactor)
+    service.privilegedStartService()
+    # The API's listeners first, then the metrics listener's.
+    for path, (_, factory, context, _, _) in zip(
+        (b"/healthz", b"/metrics"), reactor.sslServers, strict=True
+    ):
+        request = GET.replace(b"/healthz", path)
+        application = handshake(
+            behind_tls(factory, context),
+            pem,
+            [b"h2", b"http/1.1"],
+            request,
+        )
+        assert application.negotiated == b"http/1.1", (path, application.lost)
+        assert application.received.startswith(b"HTTP/1.1 200 "), path
+    [(_, plain, _, _)] = reactor.tcpServers
+    protocol = plain.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    assert transport.value().startswith(b"HTTP/1.0 400 Bad Request\r\n")
+
+
+def test_worker_tls_listener_negotiates_http11(
+    certificate: tuple[ReloadableTLS, bytes], tmp_path: Path
+) -> None:
+    """A worker process serves an adopted ``ssl:`` socket as the parent
+    does: ``http/1.1`` for ALPN clients, also after a reload."""
+    _, pem = certificate
+    description = (
+        f"ssl:0:privateKey={tmp_path / 'key.pem'}:certKey={tmp_path / 'cert.pem'}"
+    )
+    factory, tls = serving_factory(_mirror_site(), description, CLOCK)
+    assert tls is not None
+    for _ in range(2):
+        application = handshake(factory, pem, [b"h2", b"http/1.1"])
+        assert application.negotiated == b"http/1.1", application.lost
+        assert application.received.startswith(b"HTTP/1.1 200 ")
+        pem = write_certificate(tmp_path)
+        tls.reload()
+    plain, none = serving_factory(_mirror_site(), "tcp:0", CLOCK)
+    assert none is None
+    assert isinstance(plain, PlainHTTPFactory)
