@@ -229,17 +229,16 @@ def test_mirror_site_offers_http11_only(monkeypatch: pytest.MonkeyPatch) -> None
     assert _mirror_site().acceptableProtocols() == [b"http/1.1"]
 
 
-def _config(tmp_path: Path, workers: int = 1) -> Path:
+def _config(tmp_path: Path) -> Path:
     config = tmp_path / "mirror.ini"
     config.write_text(
         textwrap.dedent(
-            f"""\
+            """\
             [server]
             listen = tcp:0:interface=127.0.0.1
                 ssl:0:privateKey=key.pem:certKey=cert.pem:interface=127.0.0.1
             metrics_listen =
                 ssl:0:privateKey=key.pem:certKey=cert.pem:interface=127.0.0.1
-            workers = {workers}
 
             [cache]
             directory = cache
