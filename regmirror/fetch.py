@@ -774,6 +774,8 @@ class Fetcher:
         if download.size is not None and download.written != download.size:
             self._fail(download, f"got {download.written} of {download.size} bytes")
             return
+        if download.upstream is not None:
+            download.upstream.breaker.transferred()
         d = self.run_in_thread(download.writer.commit)
 
         def committed(_: None) -> None:

@@ -178,7 +178,11 @@ class UpstreamPool:
         """Count a failure against the upstream's health, and log it."""
         self._skip(failure)
         self.metrics.upstream_errors.labels(upstream.name, failure.reason).inc()
-        opened = upstream.breaker.failed(failure.reason in ("connect", "timeout"))
+        breaker = upstream.breaker
+        if failure.reason == "broken":
+            opened = breaker.broke()
+        else:
+            opened = breaker.failed(failure.reason in ("connect", "timeout"))
         if opened is not None:
             self.log.warn(
                 "upstream {upstream} marked down for {seconds}s",

@@ -228,7 +228,8 @@ class Breaker:
 
     Closed, requests flow.  A transport failure (no connection, a timeout)
     opens it at once; ``threshold`` failed answers in a row (5xx, garbage)
-    open it too.  Open, the upstream is skipped for ``backoff`` seconds,
+    open it too, and so do ``threshold`` blob transfers in a row that break
+    off mid-body.  Open, the upstream is skipped for ``backoff`` seconds,
     doubling each time it opens again (up to ten times), so a dead upstream
     costs at most one failed attempt per period.  Then one request probes
     it (half open): success closes the breaker, failure opens it again.
@@ -241,6 +242,9 @@ class Breaker:
     open_until: float = 0.0
     #: how many times in a row it opened; 0 means closed
     opened: int = 0
+    #: blob transfers in a row that broke off (an answer's headers do not
+    #: end the run: a mirror that cuts every body answers every request)
+    broken: int = 0
     #: when :meth:`Upstream.recover` last looked, while open
     looked_at: float = 0.0
     _probing: bool = False
@@ -270,6 +274,25 @@ class Breaker:
         self.failures += 1
         if not (transport or self._probing or self.failures >= self.threshold):
             return None
+        return self._open()
+
+    def broke(self) -> float | None:
+        """
+        Record a blob transfer that broke off; ``threshold`` in a row, with
+        no whole transfer between, open the breaker (the seconds it is now
+        open for, if it opened).
+        """
+        self.broken += 1
+        if self.broken < self.threshold:
+            return None
+        self.broken = 0
+        return self._open()
+
+    def transferred(self) -> None:
+        """A blob transfer arrived whole."""
+        self.broken = 0
+
+    def _open(self) -> float:
         self._probing = False
         delay = float(min(self.backoff * 2**self.opened, self.backoff * 10))
         self.opened += 1

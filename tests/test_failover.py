@@ -255,6 +255,33 @@ def test_a_mirror_that_breaks_every_transfer_hands_the_rest_to_the_next_upstream
     assert blob_gets(fakes["faulty"], layer) + blob_gets(fakes["quay"], layer) == 2
 
 
+def test_a_mirror_that_breaks_every_transfer_is_marked_down(
+    tmp_path: Path,
+) -> None:
+    """
+    The breaker learns from breaks: ``breaker_failures`` blob transfers in
+    a row that break off mark the mirror down, although each of its
+    answers began well; the next blobs then come from ``quay`` alone,
+    without first paying for a broken transfer.  A whole transfer between
+    breaks starts the count again.
+    """
+    harness, fakes, _ = flaky_upstreams(tmp_path, ["faulty", "quay"])
+    blobs = [bytes([n]) * 5000 for n in range(6)]
+    digests = [fake.add_blob(blob) for blob in blobs for fake in fakes.values()][::2]
+    breaker = harness.upstreams["faulty"].breaker
+    fakes["faulty"].flaky.update({digest: CUT for digest in digests})
+
+    del fakes["faulty"].flaky[digests[1]]  # one whole transfer between
+    for digest, blob in zip(digests[:4], blobs[:4], strict=True):
+        assert get_layer(harness, digest) == blob
+    assert breaker.opened == 0  # broke, whole, broke, broke
+    assert get_layer(harness, digests[4]) == blobs[4]
+    assert breaker.opened == 1  # three in a row
+    assert get_layer(harness, digests[5]) == blobs[5]
+    assert blob_gets(fakes["faulty"], digests[5]) == 0
+    assert fakes["quay"].count("GET", f"/blobs/{digests[5]}") == 1
+
+
 def test_two_flaky_mirrors_then_a_healthy_origin_each_give_their_part(
     tmp_path: Path,
 ) -> None:
@@ -287,8 +314,11 @@ def test_with_every_upstream_flaky_the_download_completes_while_it_progresses(
     assert get_layer(harness, layer) == LAYER
     attempts = -(-len(LAYER) // CUT)
     offsets = range(CUT, attempts * CUT, CUT)
-    assert fakes["origin"].ranges == [f"bytes={n}-" for n in offsets[::2]]
-    assert fakes["mirror"].ranges == [f"bytes={n}-" for n in offsets[1::2]]
+    # Each resume starts where the last cut left off, from either of them
+    # (their breakers open as the breaks add up, which changes the turns).
+    asked = fakes["origin"].ranges + fakes["mirror"].ranges
+    assert sorted(asked, key=lambda r: int(r[6:-1])) == [f"bytes={n}-" for n in offsets]
+    assert fakes["origin"].ranges and fakes["mirror"].ranges
     assert (
         blob_gets(fakes["mirror"], layer) + blob_gets(fakes["origin"], layer)
         == attempts
