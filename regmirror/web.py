@@ -291,7 +291,10 @@ class RegistryAPI(Resource):
     async def _handle(self, request: Request, labels: dict[str, str]) -> None:
         _refuse_repeated(request)
         if request.method not in (b"GET", b"HEAD"):
-            raise Unsupported("this mirror is read-only: only GET and HEAD are allowed")
+            raise Unsupported(
+                "this mirror is read-only: only GET and HEAD are allowed",
+                {"Allow": "GET, HEAD"},
+            )
         if request.path.startswith(CLUSTER_BLOBS):
             labels["endpoint"] = "cluster"
             await self._peer_blob(request, request.path[len(CLUSTER_BLOBS) :])

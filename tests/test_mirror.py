@@ -41,6 +41,7 @@ def test_write_methods_are_unsupported(mirror: Harness, method: str) -> None:
     """Every write method gets 405 UNSUPPORTED and never reaches upstream."""
     response = mirror.request(method, "/v2/library/app/manifests/latest")
     assert response.code == 405
+    assert response.headers.getRawHeaders("Allow") == ["GET, HEAD"]
     assert error_code(mirror, response) == "UNSUPPORTED"
     assert mirror.fakes["origin"].requests == []
 
