@@ -1,5 +1,6 @@
 """
-One upstream registry, spoken to over treq.
+One upstream registry, spoken to through a Twisted ``IAgent`` (not treq's
+``HTTPClient``: see :meth:`Upstream._send`).
 
 :class:`Upstream` sends requests under ``/v2/``, answers the registry's
 ``WWW-Authenticate: Bearer`` challenge with an (anonymous) token from the

@@ -14,7 +14,7 @@ from fakeregistry import FakeRegistry
 from memory import Harness, result
 
 from regmirror.reference import Digest, parse_digest
-from regmirror.store import ACCESS_GRANULARITY, Store
+from regmirror.store import ACCESS_GRANULARITY, SIZE_SUFFIX, Store
 
 
 class Now:
@@ -191,7 +191,7 @@ def test_another_process_download_is_followed_not_repeated(tmp_path: Path) -> No
     path = harness.store.spool_path(parse_digest(digest))
     other = os.open(path, os.O_RDWR | os.O_CREAT)
     fcntl.flock(other, fcntl.LOCK_EX)
-    with open(path + ".size", "w") as f:
+    with open(path + SIZE_SUFFIX, "w") as f:
         f.write(str(len(data)))
     os.write(other, data[:5000])
     response = harness.request("GET", f"/v2/app/blobs/{digest}")
@@ -209,7 +209,7 @@ def test_another_process_download_is_followed_not_repeated(tmp_path: Path) -> No
     final = harness.store.blob_path(parse_digest(digest))
     os.makedirs(os.path.dirname(final), exist_ok=True)
     os.replace(path, final)
-    os.unlink(path + ".size")
+    os.unlink(path + SIZE_SUFFIX)
     os.close(other)
     harness.clock.advance(0.05)
     harness.settle()
@@ -227,7 +227,7 @@ def test_a_dead_downloader_breaks_its_followers(tmp_path: Path) -> None:
     path = harness.store.spool_path(parse_digest(digest))
     other = os.open(path, os.O_RDWR | os.O_CREAT)
     fcntl.flock(other, fcntl.LOCK_EX)
-    with open(path + ".size", "w") as f:
+    with open(path + SIZE_SUFFIX, "w") as f:
         f.write(str(len(data)))
     os.write(other, data[:5000])
     response = harness.request("GET", f"/v2/app/blobs/{digest}")
