@@ -136,7 +136,7 @@ def check_cache(config: Config) -> None:
         raise ValueError(f"{directory} is not writable")
 
 
-class _Mirror(MultiService):
+class MirrorService(MultiService):
     """
     The top service: opens the cache before the listeners start, and reloads
     TLS certificates on SIGHUP (certbot renewals) without dropping a
@@ -554,7 +554,7 @@ def coordinator(config: ClusterConfig, reactor: Any) -> Coordinator:
 def make_service(config: Config, reactor: Any) -> MultiService:
     """The service tree: one endpoint service per listener."""
     mirror = build_mirror(config, reactor)
-    top = _Mirror(mirror, reactor)
+    top = MirrorService(mirror, reactor)
     for interval, work in (
         (HOUSEKEEPING_INTERVAL, mirror.housekeep),
         (SAMPLE_INTERVAL, mirror.history.sample),
