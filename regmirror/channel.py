@@ -176,6 +176,9 @@ class MirrorChannel(HTTPChannel):
         self._refuse(408, f"the request head did not arrive within {HEADER_TIMEOUT:g}s")
 
     def _respondToBadRequestAndDisconnect(self) -> None:
+        # HTTPChannel's private hook for every malformed request (the one
+        # place a private Twisted API is overridden; tests/test_private_apis.py
+        # fails if it changes): an OCI error instead of a bare 400.
         self._refuse(400, "malformed HTTP request")
 
     def _refuse(

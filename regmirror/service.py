@@ -222,7 +222,13 @@ class _QuietFactory(_HTTP11ClientFactory):
 
 
 class _QuietPool(HTTPConnectionPool):
-    """A connection pool that does not log every upstream connection."""
+    """
+    A connection pool that does not log every upstream connection.
+
+    Twisted offers no public way to quiet the factories its pool builds:
+    this is the one place that uses its private ``_factory`` hook
+    (tests/test_private_apis.py fails if it changes).
+    """
 
     _factory = _QuietFactory
 
