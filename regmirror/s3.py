@@ -30,7 +30,7 @@ from attrs import define, field, frozen
 from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,6 +38,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from regmirror._timeout import Idle
 from regmirror.config import Secret
 from regmirror.reference import MAX_MANIFEST_SIZE, Digest, manifest_media_type
 from regmirror.upstream import discard, header, read_small
@@ -346,35 +347,6 @@ class _FileSliceBody:
         self._end(None)
 
 
-class _Deadline:
-    """
-    Cancels a request after *seconds* without progress: no answer yet and,
-    while a body goes up, no chunk sent.
-    """
-
-    def __init__(self, clock: IReactorTime, seconds: float) -> None:
-        self.expired = False
-        self._seconds = seconds
-        self._target: Deferred[IResponse] | None = None
-        self._call = clock.callLater(seconds, self._expire)
-
-    def watch(self, target: Deferred[IResponse]) -> None:
-        self._target = target
-
-    def touch(self) -> None:
-        if self._call.active():
-            self._call.reset(self._seconds)
-
-    def stop(self) -> None:
-        if self._call.active():
-            self._call.cancel()
-
-    def _expire(self) -> None:
-        self.expired = True
-        if self._target is not None:
-            self._target.cancel()
-
-
 Body = bytes | _Slice | None
 
 
@@ -470,7 +442,7 @@ class ObjectStore:
         """
         unsigned = dict(headers or {})
         unsigned["Host"] = self._host
-        deadline = _Deadline(self.clock, self.timeout)
+        deadline = Idle(self.clock, self.timeout)
         producer: IBodyProducer | None
         if isinstance(body, _Slice):
             payload = UNSIGNED_PAYLOAD
@@ -482,21 +454,17 @@ class ObjectStore:
             payload, producer = _EMPTY_SHA256, None
         sent = self._signed(method, url, unsigned, payload)
         try:
-            d = self.agent.request(
-                method.encode("ascii"), url.encode("ascii"), sent, producer
+            response: IResponse = await deadline.watch(
+                self.agent.request(
+                    method.encode("ascii"), url.encode("ascii"), sent, producer
+                )
             )
-            deadline.watch(d)
-            response: IResponse = await d
+        except TimeoutError as e:
+            raise S3Error(operation, key, detail=str(e)) from None
         except Exception as e:
-            if deadline.expired:
-                raise S3Error(
-                    operation, key, detail=f"no progress within {self.timeout:g}s"
-                ) from None
             if _cancelled(e):
                 raise CancelledError() from None  # our caller gave up
             raise S3Error(operation, key, detail=_describe(e)) from None
-        finally:
-            deadline.stop()
         return response
 
     async def _read(

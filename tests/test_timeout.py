@@ -1,0 +1,57 @@
+"""The package's time limit that progress pushes back, on a :class:`Clock`."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from regmirror._timeout import Idle
+
+
+class IdleTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.idle = Idle(self.clock, 30)
+
+    def test_silence_cancels_after_exactly_the_limit(self) -> None:
+        """Without progress, the work is cancelled at ``seconds``, and fails
+        with Twisted's TimeoutError however its canceller failed it."""
+        cancelled: list[object] = []
+
+        def cancel(d: Deferred[str]) -> None:
+            cancelled.append(d)
+            d.errback(ValueError("the agent's own words"))
+
+        d = self.idle.watch(Deferred(cancel))
+        self.clock.advance(29.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        failure = self.failureResultOf(d, TimeoutError)
+        assert "no progress within 30s" in failure.getErrorMessage()
+        assert len(cancelled) == 1
+
+    def test_progress_pushes_the_limit_back(self) -> None:
+        """Each touch gives the work ``seconds`` more, however long it runs."""
+        d: Deferred[str] = self.idle.watch(Deferred())
+        for _ in range(10):
+            self.clock.advance(20)
+            self.idle.touch()
+        self.assertNoResult(d)
+        self.clock.advance(30)
+        self.failureResultOf(d, TimeoutError)
+
+    def test_the_count_ends_when_the_work_does(self) -> None:
+        """A result passes through and leaves no timer behind; so does a
+        cancellation that is not the limit's."""
+        d: Deferred[str] = self.idle.watch(Deferred())
+        d.callback("done")
+        assert self.successResultOf(d) == "done"
+        assert self.clock.getDelayedCalls() == []
+        self.idle.touch()
+        assert self.clock.getDelayedCalls() == []
+
+        other: Deferred[str] = Idle(self.clock, 30).watch(Deferred())
+        other.cancel()
+        self.failureResultOf(other, CancelledError)
+        assert self.clock.getDelayedCalls() == []
