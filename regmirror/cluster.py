@@ -22,33 +22,27 @@ Redis is a help, never a dependency: each call is bounded by ``timeout``
 on the injected clock, and when Redis does not answer in time, or is known
 to be unreachable, the call raises :class:`CoordinatorDown` (at once, when
 it is known, so that nothing queues up while it is away) and the caller
-works alone.  A call that times out drops the connection, which is then
-made again with backoff.
+works alone (see :mod:`regmirror._redis`).
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
-from typing import Any, cast
-from urllib.parse import unquote, urlsplit
 
-import txredisapi
 from attrs import define, field, frozen
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from regmirror._redis import CoordinatorDown, RedisClient
 from regmirror.reference import Digest, parse_digest
 
-#: The first reconnection comes this long after a loss; each failed attempt
-#: doubles the wait, up to RECONNECT_MAX.
-RECONNECT_FIRST = 0.1
-RECONNECT_MAX = 2.0
 #: Uses of one blob are recorded at most this often by one node.
 TOUCH_INTERVAL = 60.0
 #: How many blobs' last recorded use a node remembers (for TOUCH_INTERVAL).
@@ -57,8 +51,6 @@ MAX_TOUCHED = 10_000
 #: lost it, and another node may have set a new one).
 PEER_KEY_REFRESH = 60.0
 PEER_KEY_SIZE = 32
-
-Connect = Callable[[IProtocolFactory], "Deferred[Any]"]
 
 # KEYS: lease, fence.  ARGV: advertised URL, ttl in ms, the largest token
 # this node has seen (a fence lost with Redis's data starts above it).
@@ -128,10 +120,6 @@ return found
 """
 
 
-class CoordinatorDown(Exception):
-    """Redis is unreachable or too slow: the caller works alone."""
-
-
 @frozen
 class Lease:
     """
@@ -175,50 +163,12 @@ class _Renewal:
             self.expiry.cancel()
 
 
-class _Factory(Factory):
-    """
-    Builds the connection's protocol.  txredisapi's protocol calls
-    ``stopTrying`` and ``connectionError`` on its factory when AUTH or
-    SELECT fail; reconnecting is ours to decide.
-    """
-
-    isLazy = False
-
-    def __init__(self, coordinator: Coordinator) -> None:
-        self._coordinator = coordinator
-
-    def buildProtocol(self, addr: object) -> Any:
-        return self._coordinator._build()
-
-    def stopTrying(self) -> None:
-        pass
-
-    def connectionError(self, why: str) -> None:
-        self._coordinator._refused(why)
-
-
-def _parse_url(url: str) -> tuple[str, int, int, str | None, str | None]:
-    """``redis://[[user]:password@]host[:port][/db]`` → its parts."""
-    parts = urlsplit(url.strip())
-    if parts.scheme != "redis" or not parts.hostname:
-        raise ValueError("the Redis URL must be redis://[:password@]host[:port][/db]")
-    path = parts.path.lstrip("/")
-    if not (path == "" or path.isdigit()):
-        raise ValueError("the Redis URL's path must be a database number")
-    port = parts.port or 6379
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password is not None else None
-    return parts.hostname, port, int(path or 0), username, password
-
-
 class Coordinator:
     """
-    This node's view of the cluster, through one Redis connection that is
-    made again whenever it is lost.
+    This node's view of the cluster, through Redis.
 
     :ivar available: the last known state of Redis; each change is logged
-        once and passed to every callable in ``on_change``.
-    :ivar on_change: callables given the new state of ``available``.
+        once.
     """
 
     log = Logger()
@@ -232,77 +182,50 @@ class Coordinator:
         lease_ttl: float = 5.0,
         timeout: float = 1.0,
         prefix: str = "regmirror:",
-        connect: Connect | None = None,
+        endpoint: IStreamClientEndpoint | None = None,
     ) -> None:
         """
         :param clock: times every call, renewal and reconnection; without
-            *connect*, also the reactor that connects to Redis.
+            *endpoint*, also the reactor that connects to Redis.
         :param redis_url: ``redis://[[user]:password@]host[:port][/db]``;
             the password (percent-encoded) never reaches a log line.
         :param advertise: the URL other nodes use to reach this one.
         :param lease_ttl: how long a lease outlives its holder's last renewal.
         :param timeout: how long a Redis call may take before Redis counts
             as down, for this call and until the connection is made again.
-        :param connect: opens a connection for a protocol factory, like an
-            endpoint's ``connect`` (tests); by default TCP to the URL's host.
+        :param endpoint: where Redis is (tests); by default TCP to the
+            URL's host.
         """
-        host, port, db, username, password = _parse_url(redis_url)
+        self._redis = RedisClient(clock, redis_url, timeout=timeout, endpoint=endpoint)
         self.clock = clock
         self.advertise = advertise
         self.lease_ttl = lease_ttl
         self.timeout = timeout
         self.prefix = prefix
         #: where Redis is, for people: never the password
-        self.where = f"{host}:{port}/{db}"
-        self._db = db
-        self._username = username
-        self._password = password
-        if connect is None:
-            endpoint = HostnameEndpoint(cast(Any, clock), host, port, timeout=timeout)
-            connect = endpoint.connect
-        self._connect = connect
-        self._factory = _Factory(self)
-        self.available = False
-        self.on_change: list[Callable[[bool], object]] = []
-        #: whether ``available`` has been decided once (the first decision
-        #: is logged whichever way it goes)
-        self._known = False
-        self._why = "not started"
-        self._running = False
+        self.where = self._redis.where
         self._stopping = False
-        self._protocol: Any = None
-        #: a connection waiting for its first answers, and its deadline
-        self._setting_up: tuple[Any, IDelayedCall] | None = None
-        self._attempt: Deferred[Any] | None = None
-        self._retry: IDelayedCall | None = None
-        self._failures = 0
-        #: while set, calls wait for the first connection instead of failing
-        self._starting: IDelayedCall | None = None
-        self._waiting: list[Deferred[Any]] = []
         self._leases: dict[Lease, _Renewal] = {}
         self._touched: dict[Digest, float] = {}
         self._peer_key: tuple[bytes, float] | None = None
         #: the largest fencing token seen, so that tokens keep growing even
         #: if Redis comes back without its data
         self._highest_token = 0
-        self._refusal = ""
 
     def __repr__(self) -> str:
         return f"<Coordinator {self.advertise} via redis {self.where}>"
 
-    # -- the connection ---------------------------------------------------
+    @property
+    def available(self) -> bool:
+        return self._redis.available
 
     def start(self) -> None:
         """Connect to Redis, and keep connecting whenever the connection ends."""
-        if self._running:
-            return
-        self._running = True
-        self._starting = self.clock.callLater(self.timeout, self._start_over)
-        self._open()
+        self._redis.start()
 
     async def stop(self) -> None:
         """Release this node's leases, stop every timer, close the connection."""
-        if not self._running or self._stopping:
+        if not self._redis.running or self._stopping:
             return
         self._stopping = True
         releasing = [
@@ -311,30 +234,13 @@ class Coordinator:
         for d in releasing:
             d.addErrback(self._release_failed)
         await DeferredList(releasing)
-        self._running = self._stopping = False
         for renewal in self._leases.values():
             renewal.stop()
         self._leases.clear()
-        for call in (self._starting, self._retry):
-            if call is not None and call.active():
-                call.cancel()
-        self._starting = self._retry = None
-        if self._attempt is not None:
-            self._attempt.cancel()
-        self._fail_waiting("the coordinator stopped")
-        if self._setting_up is not None:
-            unready, deadline = self._setting_up
-            self._setting_up = None
-            deadline.cancel()
-            unready.transport.abortConnection()
-        protocol, self._protocol = self._protocol, None
-        if protocol is not None and protocol.transport is not None:
-            closed: Deferred[Any] = protocol.whenDisconnected()
-            protocol.transport.loseConnection()
-            try:
-                await self._bounded(closed, "closing the connection")
-            except CoordinatorDown:
-                protocol.transport.abortConnection()
+        try:
+            await self._redis.stop()
+        finally:
+            self._stopping = False
 
     def _release_failed(self, failure: Failure) -> None:
         if failure.check(CoordinatorDown):
@@ -344,245 +250,6 @@ class Coordinator:
             )
         else:
             self.log.failure("cannot release a lease", failure)
-
-    def _open(self) -> None:
-        self._retry = None
-        attempt: Deferred[Any] = maybeDeferred(self._connect, self._factory)
-        self._attempt = attempt
-        timer = self.clock.callLater(self.timeout, attempt.cancel)
-
-        def done(result: object) -> object:
-            if timer.active():
-                timer.cancel()
-            self._attempt = None
-            return result
-
-        attempt.addBoth(done).addErrback(self._cannot_connect)
-
-    def _cannot_connect(self, failure: Failure) -> None:
-        if not self._running:
-            return  # stop() cancelled the attempt
-        if failure.check(CancelledError):
-            why = f"no connection within {self.timeout}s"
-        else:
-            why = f"cannot connect: {failure.getErrorMessage()}"
-        self._down(why)
-        self._reconnect_later()
-
-    def _reconnect_later(self) -> None:
-        if (
-            not self._running
-            or self._attempt is not None
-            or self._protocol is not None
-            or (self._retry is not None and self._retry.active())
-        ):
-            return
-        delay = min(RECONNECT_MAX, RECONNECT_FIRST * 2**self._failures)
-        self._failures += 1
-        self._retry = self.clock.callLater(delay, self._open)
-
-    def _build(self) -> Any:
-        """A protocol for a new connection, watched until it is ready and lost."""
-        protocol = txredisapi.RedisProtocol(
-            charset=None,
-            password=self._password,
-            username=self._username,
-            dbid=self._db or None,
-            convertNumbers=False,
-        )
-        protocol.factory = self._factory
-        # txredisapi schedules on the global reactor unless told otherwise.
-        protocol.callLater = self.clock.callLater
-        # The connection counts once Redis has answered on it (AUTH, SELECT,
-        # then a PING), in time: a server that accepts connections and then
-        # says nothing (stopped, swapping) is no better than none.
-        deadline = self.clock.callLater(self.timeout, self._unready, protocol)
-        self._setting_up = (protocol, deadline)
-        protocol.whenConnected().addCallback(self._ping, deadline)
-        protocol.whenDisconnected().addCallback(self._lost, deadline)
-        return protocol
-
-    def _ping(self, protocol: Any, deadline: IDelayedCall) -> None:
-        def answered(_: object) -> None:
-            if deadline.active():
-                self._ready(protocol, deadline)
-
-        def failed(failure: Failure) -> None:
-            self.log.debug("PING failed: {why}", why=failure.getErrorMessage())
-
-        protocol.execute_command("PING").addCallbacks(answered, failed)
-
-    def _unready(self, protocol: Any) -> None:
-        self._set_up(protocol)
-        if self._running:
-            self._down(f"no answer on a new connection within {self.timeout}s")
-        if protocol.transport is not None:
-            protocol.transport.abortConnection()
-
-    def _set_up(self, protocol: Any) -> None:
-        """*protocol*'s set-up is over, one way or the other."""
-        if self._setting_up is not None and self._setting_up[0] is protocol:
-            self._setting_up = None
-
-    def _ready(self, protocol: Any, deadline: IDelayedCall) -> None:
-        self._set_up(protocol)
-        if deadline.active():
-            deadline.cancel()
-        if not self._running:
-            protocol.transport.loseConnection()
-            return
-        self._protocol = protocol
-        self._failures = 0
-        self._refusal = ""
-        if self._starting is not None:
-            if self._starting.active():
-                self._starting.cancel()
-            self._starting = None
-        self._set_available(True, "connected")
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(protocol)
-
-    def _lost(self, protocol: Any, deadline: IDelayedCall) -> None:
-        self._set_up(protocol)
-        if deadline.active():
-            deadline.cancel()
-        if self._protocol is protocol:
-            self._protocol = None
-            if self._running:
-                self._down("lost the connection")
-        self._reconnect_later()
-
-    def _refused(self, why: str) -> None:
-        """AUTH or SELECT failed (txredisapi's words, which hold no password)."""
-        if why != self._refusal:
-            self._refusal = why
-            self.log.error(
-                "Redis at {where} refused this node: {why}", where=self.where, why=why
-            )
-        self._down(why)
-
-    def _start_over(self) -> None:
-        """The first connection did not come in time: stop waiting for it."""
-        self._starting = None
-        if self._protocol is None:
-            self._down(f"no connection within {self.timeout}s")
-
-    def _down(self, why: str) -> None:
-        self._why = why
-        if self._starting is not None:
-            if self._starting.active():
-                self._starting.cancel()
-            self._starting = None
-        self._fail_waiting(why)
-        self._set_available(False, why)
-
-    def _fail_waiting(self, why: str) -> None:
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.errback(self._unreachable(why))
-
-    def _unreachable(self, why: str) -> CoordinatorDown:
-        return CoordinatorDown(f"Redis at {self.where} is unreachable: {why}")
-
-    def _set_available(self, available: bool, why: str) -> None:
-        if self._known and available == self.available:
-            return
-        self._known = True
-        self.available = available
-        if available:
-            self.log.info(
-                "Redis at {where} is reachable: coordinating with the other nodes",
-                where=self.where,
-            )
-        else:
-            self.log.warn(
-                "Redis at {where} is unreachable ({why}): this node works alone "
-                "until it is back",
-                where=self.where,
-                why=why,
-            )
-        for hook in list(self.on_change):
-            try:
-                hook(available)
-            except Exception:
-                self.log.failure("a Redis state watcher failed")
-
-    async def _bounded(self, d: Deferred[Any], what: str) -> Any:
-        """*d*'s result, or :class:`CoordinatorDown` after ``timeout``."""
-        expired = False
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            d.cancel()
-
-        timer = self.clock.callLater(self.timeout, expire)
-        try:
-            return await d
-        except CancelledError:
-            if expired:
-                raise self._unreachable(f"{what} took over {self.timeout}s") from None
-            raise
-        finally:
-            if timer.active():
-                timer.cancel()
-
-    async def _call(self, what: str, send: Callable[[Any], Deferred[Any]]) -> Any:
-        """
-        Run one command (*send* given the connection) within ``timeout``:
-        waiting for the first connection while the node starts, failing at
-        once while Redis is known to be away.
-
-        :raises CoordinatorDown: when Redis cannot answer in time, or
-            answers with an error.
-        """
-        current: Deferred[Any] | None = None
-        expired = False
-        protocol = self._protocol
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            if current is not None:
-                current.cancel()
-
-        timer = self.clock.callLater(self.timeout, expire)
-        try:
-            if protocol is None:
-                if self._starting is None:
-                    raise self._unreachable(self._why)
-                current = Deferred(self._waiting.remove)
-                self._waiting.append(current)
-                protocol = await current
-            current = send(protocol)
-            return await current
-        except CancelledError:
-            if not expired:
-                raise  # our caller gave up
-            if protocol is not None and self._protocol is protocol:
-                # No answer in time: the connection is stuck or the server
-                # overloaded.  Either way nothing more is sent on it.
-                self._protocol = None
-                self._down(f"no answer within {self.timeout}s")
-                protocol.transport.abortConnection()
-            raise self._unreachable(
-                f"{what}: no answer within {self.timeout}s"
-            ) from None
-        except txredisapi.ConnectionError as error:
-            raise self._unreachable(f"{what}: {error}") from None
-        except txredisapi.RedisError as error:
-            raise CoordinatorDown(
-                f"Redis at {self.where} failed {what}: {error}"
-            ) from None
-        finally:
-            if timer.active():
-                timer.cancel()
-
-    async def _eval(
-        self, what: str, script: str, keys: list[str], args: list[object]
-    ) -> Any:
-        return await self._call(what, lambda p: p.eval(script, keys, args))
 
     def _key(self, *parts: str) -> str:
         return self.prefix + "".join(parts)
@@ -603,7 +270,7 @@ class Coordinator:
         :raises CoordinatorDown: when Redis cannot answer.
         """
         sent = self.clock.seconds()
-        reply = await self._eval(
+        reply = await self._redis.eval(
             "acquire",
             _ACQUIRE,
             [self._lease_key(digest), self._key("fence")],
@@ -659,7 +326,7 @@ class Coordinator:
             return
         sent = self.clock.seconds()
         try:
-            kept = await self._eval(
+            kept = await self._redis.eval(
                 "renew",
                 _RENEW,
                 [self._lease_key(lease.digest)],
@@ -694,16 +361,6 @@ class Coordinator:
         )
         lease.lost.callback(why)
 
-    def abandon(self, lease: Lease) -> None:
-        """
-        Stop renewing *lease* without releasing it: it runs out within
-        ``lease_ttl``, as if this node had died (the tests' way of killing
-        a holder).
-        """
-        renewal = self._leases.pop(lease, None)
-        if renewal is not None:
-            renewal.stop()
-
     async def release(self, lease: Lease) -> None:
         """
         Stop renewing *lease* and delete it if it is still ours (another
@@ -712,17 +369,12 @@ class Coordinator:
         :raises CoordinatorDown: when Redis cannot answer; the lease then
             runs out within ``lease_ttl``.
         """
-        self.abandon(lease)
-        await self._eval(
+        renewal = self._leases.pop(lease, None)
+        if renewal is not None:
+            renewal.stop()
+        await self._redis.eval(
             "release", _RELEASE, [self._lease_key(lease.digest)], [lease.value]
         )
-
-    async def holder(self, digest: Digest) -> Holder | None:
-        """Who holds the lease on *digest*, if anyone."""
-        value = await self._call("holder", lambda p: p.get(self._lease_key(digest)))
-        if value is None:
-            return None
-        return self._parse_holder(digest, bytes(value))
 
     # -- tags ---------------------------------------------------------------
 
@@ -735,7 +387,7 @@ class Coordinator:
         self, namespace: str, repository: str, tag: str
     ) -> tuple[Digest, float] | None:
         """What the origin said *tag* points at, and when, if still fresh."""
-        value = await self._call(
+        value = await self._redis.call(
             "tag", lambda p: p.get(self._tag_key(namespace, repository, tag))
         )
         if value is None:
@@ -770,7 +422,7 @@ class Coordinator:
         key = self._tag_key(namespace, repository, tag)
         value = f"{digest} {confirmed!r}"
         ms = max(1, round(remaining * 1000))
-        await self._call("set_tag", lambda p: p.set(key, value, pexpire=ms))
+        await self._redis.call("set_tag", lambda p: p.set(key, value, pexpire=ms))
 
     # -- the peer key -------------------------------------------------------
 
@@ -793,7 +445,7 @@ class Coordinator:
             else secrets.token_bytes(PEER_KEY_SIZE)
         )
         try:
-            key = await self._eval(
+            key = await self._redis.eval(
                 "peer_key", _PEER_KEY, [self._key("peer-key")], [candidate]
             )
         except CoordinatorDown:
@@ -814,18 +466,12 @@ class Coordinator:
 
     async def stored(self, digest: Digest, size: int) -> None:
         """Record *digest* as in the shared store, *size* bytes, used now."""
-        await self._eval(
+        await self._redis.eval(
             "stored",
             _STORED,
             self._index_keys(),
             [str(digest), size, self.clock.seconds()],
         )
-
-    async def stored_size(self, digest: Digest) -> int | None:
-        """The size of *digest* in the shared store, if it is there."""
-        sizes = self._key("store:size")
-        value = await self._call("stored_size", lambda p: p.hget(sizes, str(digest)))
-        return None if value is None else int(value)
 
     async def touch(self, digest: Digest) -> None:
         """
@@ -837,7 +483,7 @@ class Coordinator:
         if last is not None and now - last < TOUCH_INTERVAL:
             return
         uses = self._key("store:used")
-        await self._call(
+        await self._redis.call(
             "touch",
             lambda p: p.execute_command("ZADD", uses, "XX", now, str(digest)),
         )
@@ -850,7 +496,7 @@ class Coordinator:
     async def total_size(self) -> int:
         """The bytes of every blob in the shared store's index."""
         total = self._key("store:total")
-        value = await self._call("total_size", lambda p: p.get(total))
+        value = await self._redis.call("total_size", lambda p: p.get(total))
         return 0 if value is None else max(0, int(value))
 
     async def least_recently_used(self, count: int) -> list[tuple[Digest, int]]:
@@ -858,7 +504,7 @@ class Coordinator:
         if count <= 0:
             return []
         sizes, uses, _ = self._index_keys()
-        reply = await self._eval(
+        reply = await self._redis.eval(
             "least_recently_used", _LEAST_RECENTLY_USED, [uses, sizes], [count]
         )
         found: list[tuple[Digest, int]] = []
@@ -871,7 +517,7 @@ class Coordinator:
 
     async def forget(self, digest: Digest) -> None:
         """Remove *digest* from the index (once its object is deleted)."""
-        await self._eval("forget", _FORGET, self._index_keys(), [str(digest)])
+        await self._redis.eval("forget", _FORGET, self._index_keys(), [str(digest)])
         self._touched.pop(digest, None)
 
 

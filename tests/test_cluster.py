@@ -3,10 +3,11 @@ The cluster coordinator's own logic, on a :class:`Clock`: lease renewal and
 loss, bounded calls, fail-fast while Redis is away, reconnection, and what
 reaches the logs.
 
-Redis is :class:`FakeRedis`, a few commands and the coordinator's scripts
-answered in RESP over an in-memory transport, so that txredisapi's real
-protocol does the talking.  The end-to-end suite runs the same against a
-real ``redis-server`` (``tests/e2e/test_cluster_redis.py``).
+Redis is :class:`memory_redis.FakeRedis`, a few commands and the
+coordinator's scripts answered in RESP over an in-memory transport, so that
+txredisapi's real protocol does the talking; tests look at what it holds.
+The end-to-end suite runs the same against a real ``redis-server``
+(``tests/e2e/test_cluster_redis.py``).
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fakeredis import FakeRedis
+from memory_redis import FakeRedis
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
-from regmirror import cluster
+from regmirror import _redis, cluster
 from regmirror.cluster import Coordinator, CoordinatorDown, Holder, Lease
 from regmirror.reference import Digest
 
@@ -32,7 +34,7 @@ URL = "redis://127.0.0.1:6379/0"
 
 def node(
     clock: Clock,
-    redis: FakeRedis,
+    redis: IStreamClientEndpoint,
     name: str = "a",
     url: str = URL,
     *,
@@ -46,7 +48,7 @@ def node(
         f"http://node-{name}:5000",
         lease_ttl=ttl,
         timeout=timeout,
-        connect=redis.connect,
+        endpoint=redis,
     )
     if start:
         coordinator.start()
@@ -55,6 +57,30 @@ def node(
 
 def messages(events: list[LogEvent]) -> list[str]:
     return [formatEvent(e) for e in events]
+
+
+def lease_key(digest: Digest) -> bytes:
+    return b"regmirror:lease:" + str(digest).encode()
+
+
+def stop(clock: Clock, *coordinators: Coordinator) -> list[Deferred[None]]:
+    """Stop *coordinators*, and let their connections close."""
+    stopping = [Deferred.fromCoroutine(c.stop()) for c in coordinators]
+    clock.advance(0)
+    return stopping
+
+
+@implementer(IStreamClientEndpoint)
+class Pending:
+    """An endpoint whose connections are made when the test says so."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[Deferred[Any], IProtocolFactory]] = []
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.attempts.append((d, factory))
+        return d
 
 
 class LeaseTests(SynchronousTestCase):
@@ -73,11 +99,9 @@ class LeaseTests(SynchronousTestCase):
         holder = self.acquire(self.b)
         assert isinstance(lease, Lease)
         assert holder == Holder("http://node-a:5000", lease.token)
-        found = self.successResultOf(Deferred.fromCoroutine(self.b.holder(DIGEST)))
-        assert found == holder
-        assert (
-            self.successResultOf(Deferred.fromCoroutine(self.b.holder(OTHER))) is None
-        )
+        assert self.redis.get(lease_key(DIGEST)) == lease.value
+        assert lease.value == b"%d http://node-a:5000" % lease.token
+        assert self.redis.get(lease_key(OTHER)) is None
 
     def test_tokens_keep_growing_when_redis_comes_back_empty(self) -> None:
         """The fence counter lost with Redis's data restarts above the
@@ -98,8 +122,7 @@ class LeaseTests(SynchronousTestCase):
     def test_renewal_that_finds_another_value_loses_the_lease(self) -> None:
         """Another node's value under the key: the holder learns at once."""
         lease = self.acquire(self.a)
-        key = b"regmirror:lease:" + str(DIGEST).encode()
-        self.redis.data[key] = b"99 http://node-b:5000"
+        self.redis.data[lease_key(DIGEST)] = b"99 http://node-b:5000"
         self.clock.advance(1.0)
         assert "another node" in self.successResultOf(lease.lost)
         renewals = len(self.redis.named(cluster._RENEW.encode()))
@@ -120,15 +143,23 @@ class LeaseTests(SynchronousTestCase):
         assert "ran out" in self.successResultOf(lease.lost)
 
     def test_release_deletes_only_its_own_lease(self) -> None:
-        """A lease that ran out and went to another node is not deleted."""
-        old = self.acquire(self.a)
-        self.a.abandon(old)
+        """
+        A lease that ran out while its holder was cut off from Redis, and
+        went to another node, is not deleted by the holder's late release.
+        """
+        link = self.redis.link()
+        c = node(self.clock, link, "c")
+        old = self.acquire(c)
+        link.down = True
+        link.drop()
         self.clock.advance(3.0)
         new = self.acquire(self.b)
         assert isinstance(new, Lease) and new.token > old.token
-        self.successResultOf(Deferred.fromCoroutine(self.a.release(old)))
-        holder = self.successResultOf(Deferred.fromCoroutine(self.a.holder(DIGEST)))
-        assert holder == Holder("http://node-b:5000", new.token)
+        link.down = False
+        self.clock.advance(_redis.RECONNECT_MAX)
+        assert c.available
+        self.successResultOf(Deferred.fromCoroutine(c.release(old)))
+        assert self.redis.get(lease_key(DIGEST)) == new.value
 
     def test_release_stops_renewal_and_frees_the_digest(self) -> None:
         lease = self.acquire(self.a)
@@ -140,8 +171,8 @@ class LeaseTests(SynchronousTestCase):
 
     def test_stop_releases_leases_and_leaves_no_timer(self) -> None:
         lease = self.acquire(self.a)
-        self.successResultOf(Deferred.fromCoroutine(self.a.stop()))
-        self.successResultOf(Deferred.fromCoroutine(self.b.stop()))
+        for stopped in stop(self.clock, self.a, self.b):
+            self.successResultOf(stopped)
         assert self.clock.getDelayedCalls() == []
         assert self.redis.named(cluster._RELEASE.encode())[0][-1] == lease.value
         assert not any(w.connected for w in self.redis.wires)
@@ -187,37 +218,28 @@ class RedisDownTests(SynchronousTestCase):
             self.down(Deferred.fromCoroutine(a.acquire(DIGEST)))
             self.down(Deferred.fromCoroutine(a.tag("docker.io", "library/x", "1")))
         assert len(self.redis.commands) == sent
-        assert len(self.clock.getDelayedCalls()) <= 2  # start-up wait, one retry
+        assert len(self.clock.getDelayedCalls()) == 1  # the next attempt
 
     def test_calls_wait_for_the_first_connection_within_the_timeout(self) -> None:
         """At start-up a call waits for the connection, at most ``timeout``."""
-        pending: list[tuple[Deferred[Any], IProtocolFactory]] = []
-
-        def connect(factory: IProtocolFactory) -> Deferred[Any]:
-            d: Deferred[Any] = Deferred()
-            pending.append((d, factory))
-            return d
-
-        a = Coordinator(self.clock, URL, "http://a", timeout=1.0, connect=connect)
-        a.start()
+        pending = Pending()
+        a = node(self.clock, pending, "a", timeout=1.0)
         early = Deferred.fromCoroutine(a.acquire(DIGEST))
         self.clock.advance(0.5)
         self.assertNoResult(early)
-        waiting, factory = pending.pop()
+        waiting, factory = pending.attempts.pop()
         waiting.callback(self.redis.connect(factory).result)
         assert isinstance(self.successResultOf(early), Lease)
 
-        b = Coordinator(self.clock, URL, "http://b", timeout=1.0, connect=connect)
-        b.start()
+        b = node(self.clock, pending, "b", timeout=1.0)
         late = Deferred.fromCoroutine(b.acquire(DIGEST))
         self.clock.advance(1.0)
-        self.down(late)
+        assert "no connection within 1.0s" in str(self.down(late))
+        assert b.available is False
 
     def test_reconnects_with_backoff_and_logs_each_change_once(self) -> None:
-        """One warning when Redis goes, one line when it is back, hooks told."""
+        """One warning when Redis goes, one line when it is back."""
         a = node(self.clock, self.redis)
-        changes: list[bool] = []
-        a.on_change.append(changes.append)
         assert a.available is True
         self.redis.down = True
         self.redis.drop()
@@ -229,7 +251,6 @@ class RedisDownTests(SynchronousTestCase):
         self.redis.down = False
         self.clock.pump([0.1] * 21)
         assert a.available is True
-        assert changes == [False, True]
         text = messages(self.events)
         assert len([t for t in text if "is unreachable" in t]) == 1
         assert len([t for t in text if "is reachable" in t]) == 2  # start, back
@@ -254,14 +275,117 @@ class RedisDownTests(SynchronousTestCase):
         assert a.available is True
         text = messages(self.events)
         assert len([t for t in text if "is unreachable" in t]) == 1
-        self.successResultOf(Deferred.fromCoroutine(a.stop()))
+        (stopped,) = stop(self.clock, a)
+        self.successResultOf(stopped)
         assert self.clock.getDelayedCalls() == []
+
+    def waits(self, count: int) -> list[float]:
+        """The next *count* waits between connection attempts, each let
+        run out (there must be no other timer)."""
+        found = []
+        for _ in range(count):
+            self.clock.advance(0)  # a close the client asked for reaches it
+            (retry,) = self.clock.getDelayedCalls()
+            wait = retry.getTime() - self.clock.seconds()
+            found.append(round(wait, 6))
+            self.clock.advance(wait + 1e-9)
+        return found
+
+    def test_reconnections_back_off_and_are_said_once(self) -> None:
+        """
+        After a loss the next attempt comes ``RECONNECT_FIRST`` later, and
+        each refused one doubles the wait up to ``RECONNECT_MAX``; one
+        warning says it all (no line per attempt).  Once a connection is
+        answered on, the next loss starts from the shortest wait again.
+        """
+        a = node(self.clock, self.redis)
+        self.redis.down = True
+        self.redis.drop()
+        assert self.waits(8) == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0]
+        assert self.redis.connections == 9
+        text = messages(self.events)
+        assert len([t for t in text if "is unreachable" in t]) == 1
+        assert not [t for t in text if "retry" in t.lower()]
+        self.redis.down = False
+        self.waits(1)
+        assert a.available is True
+        self.redis.drop()
+        assert self.waits(1) == [0.1]
+
+    def test_connections_redis_refuses_back_off_as_well(self) -> None:
+        """
+        A connection Redis refuses (a wrong password) is made, then closed:
+        the waits still grow as for connections that fail, instead of
+        starting again at each connection made.
+        """
+        self.redis.password = b"right"
+        a = node(self.clock, self.redis, url="redis://:wrong@127.0.0.1/0")
+        assert self.waits(7) == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+        assert a.available is False
+        assert len(self.redis.named(b"AUTH")) == 8
+        assert all(wire.aborted for wire in self.redis.wires)
+
+    def test_a_call_without_answer_drops_the_connection_and_a_new_one_comes(
+        self,
+    ) -> None:
+        """
+        A call that times out on a connection Redis answered on before
+        drops it (nothing more is sent on it); the next connection is made
+        ``RECONNECT_FIRST`` later and used once Redis answers on it.
+        """
+        a = node(self.clock, self.redis, timeout=1.0)
+        self.redis.silent = True
+        d = Deferred.fromCoroutine(a.tag("docker.io", "library/x", "1"))
+        self.clock.advance(1.0)
+        self.down(d)
+        self.redis.silent = False
+        (first,) = self.redis.wires
+        assert first.aborted
+        assert self.waits(1) == [0.1]
+        assert a.available is True
+        assert self.redis.wires[1:] and self.redis.wires[1].connected
+        assert isinstance(
+            self.successResultOf(Deferred.fromCoroutine(a.acquire(DIGEST))), Lease
+        )
+
+    def test_a_connection_lost_before_redis_answered_is_made_again(self) -> None:
+        """
+        Redis closes a new connection before answering its PING (it
+        restarts): nothing is decided or logged, the connection is made
+        again ``RECONNECT_FIRST`` later, and calls made meanwhile go out on
+        it once Redis answers.
+        """
+        self.redis.silent = True
+        a = node(self.clock, self.redis, timeout=1.0)
+        waiting = Deferred.fromCoroutine(a.acquire(DIGEST))
+        self.redis.drop()
+        self.redis.silent = False
+        self.clock.advance(0.09)
+        assert self.redis.wires == []
+        self.clock.advance(0.02)
+        assert len(self.redis.wires) == 1
+        assert a.available is True
+        assert isinstance(self.successResultOf(waiting), Lease)
+        assert not [t for t in messages(self.events) if "unreachable" in t]
+
+    def test_stop_while_connecting_leaves_nothing_behind(self) -> None:
+        """stop() before a connection was ever made gives up the attempt;
+        calls then fail at once."""
+        pending = Pending()
+        a = node(self.clock, pending)
+        (stopped,) = stop(self.clock, a)
+        self.successResultOf(stopped)
+        ((attempt, _),) = pending.attempts
+        assert attempt.called
+        assert self.clock.getDelayedCalls() == []
+        self.down(Deferred.fromCoroutine(a.acquire(DIGEST)))
 
     def test_stop_during_set_up_leaves_nothing_behind(self) -> None:
         self.redis.silent = True
         a = node(self.clock, self.redis, timeout=1.0)
-        self.successResultOf(Deferred.fromCoroutine(a.stop()))
-        assert self.redis.wires[0].aborted
+        (stopped,) = stop(self.clock, a)
+        self.successResultOf(stopped)
+        assert not self.redis.wires[0].connected
         assert self.clock.getDelayedCalls() == []
 
     def test_password_is_sent_but_never_shown(self) -> None:

@@ -2,7 +2,7 @@
 The fetcher's cluster logic, in memory: two or three nodes (the real
 resources, fetchers and stores of :class:`memory.Harness`) on one
 :class:`Clock`, wired as :func:`regmirror.service.build_mirror` wires them:
-the real :class:`Coordinator` over :class:`fakeredis.FakeRedis`, a bucket
+the real :class:`Coordinator` over :class:`memory_redis.FakeRedis`, a bucket
 of :class:`fakes3.FakeS3` (which checks every signature) as the shared
 store, and an in-memory network that carries one node's requests to
 another node's ``/_cluster/blobs/``.  One fake upstream registry serves
@@ -21,10 +21,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import treq
-from fakeredis import FakeRedis
 from fakeregistry import FakeRegistry
 from fakes3 import FakeS3
 from memory import LAYER, Harness, image, result
+from memory_redis import FakeRedis, Link
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred, fail
@@ -167,16 +167,10 @@ class Cluster:
         self.network = Network()
         self.nodes: dict[str, Harness] = {}
         self.coordinators: dict[str, Coordinator] = {}
+        self.links: dict[str, Link] = {}
         for name in names:
-            coordinator = Coordinator(
-                self.clock,
-                REDIS,
-                self.url(name),
-                lease_ttl=TTL,
-                timeout=1.0,
-                connect=self.redis.connect,
-            )
-            coordinator.start()
+            self.links[name] = self.redis.link()
+            coordinator = self.coordinator(self.url(name), self.links[name])
             node = Harness(
                 str(root / name),
                 {"origin": self.origin},
@@ -191,6 +185,14 @@ class Cluster:
             self.network.add(f"node-{name}", node.root)
             self.nodes[name] = node
             self.coordinators[name] = coordinator
+
+    def coordinator(self, url: str, link: Link) -> Coordinator:
+        """A started coordinator advertising *url*, reaching Redis by *link*."""
+        coordinator = Coordinator(
+            self.clock, REDIS, url, lease_ttl=TTL, timeout=1.0, endpoint=link
+        )
+        coordinator.start()
+        return coordinator
 
     @staticmethod
     def url(name: str) -> str:
@@ -282,8 +284,27 @@ class Cluster:
         )
 
     def holder(self, digest: str) -> str | None:
-        found = self.run(self.coordinators["a"].holder(parse_digest(digest)))
-        return None if found is None else str(found.url)
+        """The URL of the node holding *digest*'s lease, as Redis has it."""
+        value = self.redis.get(f"regmirror:lease:{digest}".encode())
+        return None if value is None else value.decode().split(" ", 1)[1]
+
+    def cut_off(self, name: str) -> None:
+        """Node *name* can reach Redis no more: it renews no lease."""
+        self.links[name].down = True
+        self.links[name].drop()
+
+    def dead_holder(self, name: str, digest: str) -> Lease:
+        """
+        The lease on *digest* left by a previous life of node *name*: taken
+        under its URL, then never renewed nor released (it was killed).
+        """
+        link = self.redis.link()
+        previous = self.coordinator(self.url(name), link)
+        lease = self.run(previous.acquire(parse_digest(digest)))
+        assert isinstance(lease, Lease)
+        link.down = True
+        link.drop()
+        return lease
 
 
 def blob_key(digest: str) -> str:
@@ -461,9 +482,7 @@ def test_a_dead_holder_is_polled_until_its_lease_runs_out(
     """
     c = Cluster(tmp_path)
     layer = image(c.origin)["layer"]
-    lease = c.run(c.coordinators["a"].acquire(parse_digest(layer)))
-    assert isinstance(lease, Lease)
-    c.coordinators["a"].abandon(lease)  # as if node a had died
+    c.dead_holder("a", layer)
     if why == "refused":
         c.network.down.add("node-a")
 
@@ -527,7 +546,7 @@ def test_a_follower_resumes_from_upstream_when_the_holder_dies_mid_transfer(
     assert holding.lease is not None
 
     # Node a dies: its connections break, its lease is no longer renewed.
-    c.coordinators["a"].abandon(holding.lease)
+    c.cut_off("a")
     c.network.down.add("node-a")
     c.network.cut("node-a")
     c.settle()
@@ -943,12 +962,7 @@ def test_a_lease_left_under_the_nodes_own_url_is_not_asked_of_itself(
     """
     c = Cluster(tmp_path)
     layer = image(c.origin)["layer"]
-    previous = Coordinator(
-        c.clock, REDIS, c.url("b"), lease_ttl=TTL, connect=c.redis.connect
-    )
-    previous.start()
-    lease = c.run(previous.acquire(parse_digest(layer)))
-    previous.abandon(lease)  # SIGKILL
+    c.dead_holder("b", layer)
     sink = c.stream("b", f"/v2/app/blobs/{layer}")
     for _ in range(4):
         c.tick(TTL / 4)

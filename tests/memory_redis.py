@@ -1,9 +1,9 @@
 """
-A Redis for unit tests: a few commands and the coordinator's Lua scripts
-(leases, the peer key, the shared store's index) answered in RESP over an
-in-memory transport, so that txredisapi's real protocol does the talking,
-with key expiry on a :class:`Clock` and the faults tests need.  The
-end-to-end suite runs against a real ``redis-server`` instead.
+A Redis in memory for unit tests: a few commands and the coordinator's Lua
+scripts (leases, the peer key, the shared store's index) answered in RESP
+over an in-memory transport, so that txredisapi's real protocol does the
+talking, with key expiry on a :class:`Clock` and the faults tests need.
+The end-to-end suite runs against a real ``redis-server`` instead.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import re
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from regmirror import cluster
 
@@ -55,11 +57,14 @@ def _decode_command(data: bytes) -> list[bytes]:
     return args
 
 
+@implementer(IStreamClientEndpoint)
 class FakeRedis:
     """
     A Redis with a few commands, the coordinator's lease and peer-key
     scripts, key expiry on the clock, and the faults the tests need:
-    refusing connections (``down``) and never answering (``silent``).
+    refusing connections (``down``) and never answering (``silent``).  It
+    is the endpoint of the nodes that reach it; :meth:`link` gives a node
+    one of its own, which a test can cut.
     """
 
     def __init__(self, clock: Clock, password: bytes | None = None) -> None:
@@ -74,6 +79,8 @@ class FakeRedis:
         self.down = False
         self.silent = False
         self.connections = 0
+        #: when each connection was asked for, by the clock
+        self.attempts: list[float] = []
         self.scripts = {
             cluster._ACQUIRE.encode(): self._acquire,
             cluster._RENEW.encode(): self._renew,
@@ -90,11 +97,11 @@ class FakeRedis:
     def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
         """An endpoint's ``connect``: to this server, unless it is down."""
         self.connections += 1
+        self.attempts.append(self.clock.seconds())
         if self.down:
             return fail(ConnectionRefusedError("fake Redis is down"))
         protocol = factory.buildProtocol(None)  # type: ignore[arg-type]
-        wire = Wire(self)
-        wire.protocol = protocol
+        wire = Wire(self, protocol)
         self.wires.append(wire)
         protocol.makeConnection(wire)
         return succeed(protocol)
@@ -102,8 +109,16 @@ class FakeRedis:
     def drop(self) -> None:
         """Close every connection (a restart)."""
         for wire in self.wires:
-            wire.loseConnection()
+            wire.drop()
         self.wires = []
+
+    def link(self) -> Link:
+        """A node's own way here, which a test can cut."""
+        return Link(self)
+
+    def get(self, key: bytes) -> bytes | None:
+        """What ``GET`` answers for *key* now."""
+        return self._live(key)
 
     def named(self, name: bytes) -> list[list[bytes]]:
         """The commands received with this name (scripts by their text)."""
@@ -221,12 +236,46 @@ class FakeRedis:
         return found
 
 
-class Wire(StringTransportWithDisconnection):
-    """The client's side of a connection to :class:`FakeRedis`."""
+@implementer(IStreamClientEndpoint)
+class Link:
+    """
+    One node's way to a :class:`FakeRedis`: while ``down``, it refuses to
+    connect, as if that node were cut off from Redis (or dead).
+    """
 
     def __init__(self, server: FakeRedis) -> None:
+        self.server = server
+        self.down = False
+        self.wires: list[Wire] = []
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        if self.down:
+            self.server.connections += 1
+            return fail(ConnectionRefusedError("cut off from fake Redis"))
+        connected = self.server.connect(factory)
+        if connected.called:
+            self.wires.append(self.server.wires[-1])
+        return connected
+
+    def drop(self) -> None:
+        """Close this node's connections."""
+        for wire in self.wires:
+            wire.drop()
+        self.wires = []
+
+
+class Wire(StringTransport):
+    """
+    The client's side of a connection to :class:`FakeRedis`.  Answers come
+    at once; a close the client asks for reaches its protocol on the next
+    turn of the clock, as from a reactor.
+    """
+
+    def __init__(self, server: FakeRedis, protocol: Any) -> None:
         super().__init__()
         self.server = server
+        self.protocol = protocol
+        self.aborted = False
 
     def write(self, data: bytes) -> None:
         if not self.connected:
@@ -241,6 +290,20 @@ class Wire(StringTransportWithDisconnection):
             if piece and self.connected:
                 self.protocol.dataReceived(piece)
 
+    def loseConnection(self) -> None:
+        if self.connected:
+            self.connected = False
+            self.server.clock.callLater(0, self._lost)
+
     def abortConnection(self) -> None:
         self.aborted = True
         self.loseConnection()
+
+    def drop(self) -> None:
+        """Closed by the server: the client learns at once."""
+        if self.connected:
+            self.connected = False
+            self._lost()
+
+    def _lost(self) -> None:
+        self.protocol.connectionLost(Failure(ConnectionDone("Bye.")))
