@@ -157,6 +157,7 @@ class RedisClient:
 
     @property
     def running(self) -> bool:
+        """Between :meth:`start` and :meth:`stop`."""
         return bool(self._service.running)
 
     def start(self) -> None:
@@ -170,7 +171,8 @@ class RedisClient:
             return
         latest = self._latest
         stopped = self._service.stopService()
-        self._fail_waiting("stopped")
+        self._why = "stopped"
+        self._fail_waiting(self._why)
         try:
             await stopped.addTimeout(self.timeout, self.clock)
         except TimeoutError:
@@ -228,8 +230,8 @@ class RedisClient:
 
     def _retry_delay(self, attempt: int) -> float:
         # ClientService counts failed attempts from its last connection,
-        # even one Redis refused or never answered on: ours run up to the
-        # last connection that answered.
+        # even one Redis refused or never answered on (see _connection):
+        # ours run up to the last connection that answered.
         delay = _BACKOFF(self._failures)
         self._failures += 1
         return delay
@@ -243,7 +245,14 @@ class RedisClient:
         return failure
 
     def _connection(self) -> Any:
-        """A protocol for a new connection, used once Redis answers on it."""
+        """
+        A protocol for a new connection, used once Redis answers on it.
+
+        Not ClientService's ``prepareConnection``: a connection that ends
+        while that runs, or after it failed, raises ``NoTransition`` inside
+        ClientService (Twisted 26.10).  So ClientService keeps every
+        connection it makes, and this decides which to use.
+        """
         protocol = txredisapi.RedisProtocol(charset=None, convertNumbers=False)
         # txredisapi schedules on the global reactor unless told otherwise.
         protocol.callLater = self.clock.callLater

@@ -164,12 +164,7 @@ class _Renewal:
 
 
 class Coordinator:
-    """
-    This node's view of the cluster, through Redis.
-
-    :ivar available: the last known state of Redis; each change is logged
-        once.
-    """
+    """This node's view of the cluster, through Redis."""
 
     log = Logger()
 
@@ -217,6 +212,7 @@ class Coordinator:
 
     @property
     def available(self) -> bool:
+        """The last known state of Redis; each change is logged once."""
         return self._redis.available
 
     def start(self) -> None:
