@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -42,11 +43,41 @@ class HarnessError(AssertionError):
     """The test environment itself misbehaved (a process failed to start...)."""
 
 
+#: Ports :func:`free_port` handed out in this run: never twice.
+_HANDED_OUT: set[int] = set()
+#: Where :func:`free_port` looks: below the kernel's ephemeral range.
+_LOWEST_PORT = 10000
+
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOCALHOST, 0))
-        return int(sock.getsockname()[1])
+    """
+    A TCP port on 127.0.0.1 that nothing listens on right now, for a
+    process that binds it later.  Picked below the kernel's ephemeral
+    range, so that no outgoing connection's source port takes it in
+    between (binding port 0 picks from that range), and never handed out
+    twice in one run (two calls in a row could get the same port).
+    """
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(_LOWEST_PORT, _ephemeral_start())
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((LOCALHOST, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise HarnessError("no free port below the ephemeral range")
 
 
 def port_is_free(port: int) -> bool:

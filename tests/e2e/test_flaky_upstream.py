@@ -234,9 +234,10 @@ def test_with_every_upstream_flaky_the_download_completes_while_it_progresses(
     assert get(setup.mirror.port, setup.path) == whole(layer)
     gets = setup.relayed_gets(layer.digest)
     attempts = -(-layer.size // CUT)
-    assert [name for name, _ in gets] == [
-        ("one", "two")[n % 2] for n in range(attempts)
-    ]
+    # Both take part (the turns are not strict: breaks add up in each
+    # one's breaker, which then lets the other go first for a while).
+    assert len(gets) == attempts
+    assert {name for name, _ in gets} == {"one", "two"}
     assert [g["cut"] for _, g in gets] == [True] * (attempts - 1) + [False]
     sent = [g["sent"] for _, g in gets]
     assert [_offset(g) for _, g in gets] == [sum(sent[:n]) for n in range(attempts)]
