@@ -15,7 +15,7 @@ from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, VerifyError
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
@@ -327,17 +327,20 @@ class ReloadableTLS:
                 raise ValueError(f"no PEM certificate in {parts['certKey']}")
             leaf = ssl.PrivateCertificate.loadPEM(key + b"\n" + chain[0])
             extra = [ssl.Certificate.loadPEM(pem).original for pem in chain[1:]]
+            options = ssl.CertificateOptions(
+                privateKey=leaf.privateKey.original,
+                certificate=leaf.original,
+                extraCertChain=extra,
+                raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+            )
+            # The context every connection of these options is made from;
+            # nothing has used it yet, so it may still be changed.
+            options.getContext().set_alpn_select_callback(_choose_http11)
+        except VerifyError as e:
+            # A renewal that wrote the certificate but not yet the key.
+            raise ValueError(f"{parts['certKey']}: {e}") from None
         except (OSError, SSL.Error) as e:
             raise ValueError(f"unusable certificate or key: {e}") from None
-        options = ssl.CertificateOptions(
-            privateKey=leaf.privateKey.original,
-            certificate=leaf.original,
-            extraCertChain=extra,
-            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        )
-        # The context every connection of these options is made from;
-        # nothing has used it yet, so it may still be changed.
-        options.getContext().set_alpn_select_callback(_choose_http11)
         return options
 
     def reload(self) -> None:

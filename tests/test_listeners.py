@@ -219,6 +219,22 @@ def test_reloaded_certificate_still_negotiates_http11(
     assert application.received.startswith(b"HTTP/1.1 200 ")
 
 
+def test_certificate_without_its_key_is_not_reloaded(
+    tmp_path: Path, certificate: tuple[ReloadableTLS, bytes]
+) -> None:
+    """A renewal caught half way (a new certificate beside the old key) is
+    refused with a ValueError naming the file, which the SIGHUP handler
+    logs on one line; the old certificate goes on serving."""
+    listener, old = certificate
+    renewed = tmp_path / "renewed"
+    write_certificate(renewed)
+    (tmp_path / "cert.pem").write_bytes((renewed / "cert.pem").read_bytes())
+    with pytest.raises(ValueError, match="cert.pem: .*do not match"):
+        listener.reload()
+    application = handshake(behind_tls(_mirror_site(), listener), old, [b"http/1.1"])
+    assert application.received.startswith(b"HTTP/1.1 200 ")
+
+
 def test_mirror_site_offers_http11_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """The mirror's channel speaks HTTP/1.1 only, so its site never names
     ``h2`` as acceptable, even where twisted.web could speak HTTP/2 (the
