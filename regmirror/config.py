@@ -437,10 +437,10 @@ def _one_of(*choices: str) -> Callable[[str], str]:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError(f"must be a whole number greater than zero: {text!r}")
-    return value
+    stripped = text.strip()
+    if not stripped.isdigit() or int(stripped) <= 0:
+        raise ValueError(f"must be a whole number greater than zero: {text[:40]!r}")
+    return int(stripped)
 
 
 def load(path: str) -> Config:

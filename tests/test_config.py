@@ -238,6 +238,8 @@ def _assert_located(
     text = str(error)
     assert "\n" not in text and "\r" not in text, text
     assert os.path.abspath(path) in text, text
+    # Words for people, not Python's (int("two") says "invalid literal").
+    assert "invalid literal" not in text and "could not convert" not in text, text
     if section is not None:
         assert f"[{section}]" in text, text
     if key is not None:
