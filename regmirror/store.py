@@ -7,6 +7,7 @@ Layout under the cache directory::
     manifests/<alg>/<hex[:2]>/<hex>    media type of a stored manifest
     tags/<namespace>/<repo>/_tags/<tag>  last digest seen for a tag
     spool/                             downloads in progress
+    size                               bytes of content, for every process
 
 Bytes reach ``blobs/`` only through :meth:`Spool.commit`, which checks the
 digest, flushes to disk and renames: a crash leaves at worst a file in
@@ -155,6 +156,41 @@ class Spool:
         self._file.close()
 
 
+class _SharedCount:
+    """
+    A number in a file that every process using the cache folder reads and
+    changes (``workers``, the CLI): the bytes of content, kept current as
+    files come and go, so that each process sees what all of them stored.
+    Changed under an exclusive ``flock``, read under a shared one.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def _read(self) -> int:
+        data = os.pread(self._fd, 8, 0)
+        return int.from_bytes(data, "little", signed=True) if len(data) == 8 else 0
+
+    def get(self) -> int:
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        try:
+            return self._read()
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def change(self, delta: int | None = None, value: int | None = None) -> None:
+        """Add *delta*, or set *value*."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            new = value if value is not None else self._read() + (delta or 0)
+            os.pwrite(self._fd, max(new, 0).to_bytes(8, "little", signed=True), 0)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -188,12 +224,26 @@ class Store:
     min_free: int | None = None
     #: seconds since 1970 (injected for tests)
     now: Callable[[], float] = time.time
-    #: bytes of content on disk, kept current as files come and go
-    size: int = 0
     #: until when writing is not even tried (after ENOSPC, a read-only disk…)
     degraded_until: float = 0.0
     _in_use: collections.Counter[Digest] = field(factory=collections.Counter)
+    #: shared with the other processes once :meth:`open`; until then, ours
+    _count: _SharedCount | None = None
+    _size: int = 0
     log = Logger()
+
+    @property
+    def size(self) -> int:
+        """Bytes of content on disk, kept current as files come and go (by
+        every process that opened the cache folder)."""
+        return self._size if self._count is None else self._count.get()
+
+    @size.setter
+    def size(self, value: int) -> None:
+        if self._count is None:
+            self._size = value
+        else:
+            self._count.change(value=value)
 
     def writable(self) -> bool:
         """Should the mirror try to write to the cache now?"""
@@ -217,8 +267,9 @@ class Store:
     def open(self, clean: bool = True) -> None:
         """
         Create the layout, throw away downloads a crash left behind (unless
-        *clean* is false: a worker process joining a running mirror), and
-        measure what is there.
+        *clean* is false: a worker process joining a running mirror, which
+        takes the size the first process measured), and measure what is
+        there.
         """
         for sub in ("blobs", "manifests", "tags", "spool"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
@@ -226,7 +277,15 @@ class Store:
         for leftover in os.listdir(spool) if clean else ():
             self.log.info("removing unfinished download {name}", name=leftover)
             os.unlink(os.path.join(spool, leftover))
-        self.size = sum(entry.size for entry in self.entries())
+        counted = os.path.exists(os.path.join(self.root, "size"))
+        if self._count is None:
+            self._count = _SharedCount(os.path.join(self.root, "size"))
+        if clean or not counted:
+            self.size = self.measure()
+
+    def measure(self) -> int:
+        """The bytes of content on disk now.  Blocking: a thread's job."""
+        return sum(entry.size for entry in self.entries())
 
     # -- content ------------------------------------------------------------
 
@@ -267,7 +326,10 @@ class Store:
 
     def added(self, size: int) -> None:
         """Content of *size* bytes was published."""
-        self.size += size
+        if self._count is None:
+            self._size += size
+        else:
+            self._count.change(delta=size)
 
     def over_limit(self) -> bool:
         """Is it time to evict?"""
@@ -404,11 +466,13 @@ class Store:
         path = self.blob_path(digest)
         try:
             size = os.stat(path).st_size
+            # Whoever unlinks it counts it: another process may be
+            # evicting the same file.
+            os.unlink(path)
         except FileNotFoundError:
             return False
         _unlink(self._path("manifests", digest))
-        _unlink(path)
-        self.size -= size
+        self.added(-size)
         return True
 
     def tags(self) -> Iterator[tuple[str, str, str, TagRecord]]:

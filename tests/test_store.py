@@ -83,6 +83,35 @@ def test_size_survives_a_restart(tmp_path: Path) -> None:
     assert again.size == 123
 
 
+def test_processes_sharing_the_folder_share_its_size(tmp_path: Path) -> None:
+    """
+    Stores opened on one folder (the processes of ``workers = N``, the
+    first clean, the others joining) see each other's additions and
+    removals, so that ``max_size`` holds for the folder, not per process:
+    eviction in one accounts for what all of them stored, and a file both
+    try to evict is counted once.
+    """
+    now = Now()
+    first = Store(str(tmp_path), max_size=2500, now=now)
+    first.open()
+    second = Store(str(tmp_path), max_size=2500, now=now)
+    second.open(clean=False)
+    old = put(first, b"a" * 1000, now.value - 2 * ACCESS_GRANULARITY)
+    put(second, b"b" * 1000, now.value - ACCESS_GRANULARITY)
+    assert first.size == second.size == 2000
+    assert not second.over_limit()
+    put(second, b"c" * 1000, now.value)
+    assert first.over_limit() and second.over_limit()
+    candidates = first.by_last_use()
+    assert [e.digest for e in second.evict(candidates)] == [old]
+    assert first.evict(candidates) == []  # nothing more to do
+    assert first.remove(old) is False  # already gone: not counted again
+    assert first.size == second.size == 2000
+    third = Store(str(tmp_path))
+    third.open(clean=False)
+    assert third.size == 2000
+
+
 def test_manifest_counted_once(tmp_path: Path) -> None:
     """Storing the same manifest twice does not count its bytes twice."""
     store = Store(str(tmp_path))
