@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from typing import Any
 
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from regmirror.errors import Unsupported
+
+_log = Logger(namespace="regmirror.web")
 
 
 class ReadOnlyResource(Resource):
@@ -26,3 +31,41 @@ class ReadOnlyResource(Resource):
             request.setHeader(b"content-length", str(len(body)).encode("ascii"))
             return b"" if request.method == b"HEAD" else body
         return super().render(request)
+
+
+def answer_later(
+    request: Request, body: Callable[[], Coroutine[Any, Any, bytes]], what: str
+) -> int:
+    """
+    Answer *request* with the bytes *body* makes (it sets the headers it
+    wants), once they are ready: a client that goes away meanwhile cancels
+    it, a failure is logged as *what* and answered with a 500.
+
+    :return: ``NOT_DONE_YET``, for ``render_GET`` to return.
+    """
+    finished = request.notifyFinish()
+    d = Deferred.fromCoroutine(_answer(request, body, what, finished))
+    finished.addErrback(lambda _: d.cancel())
+    return NOT_DONE_YET
+
+
+async def _answer(
+    request: Request,
+    body: Callable[[], Coroutine[Any, Any, bytes]],
+    what: str,
+    finished: Deferred[None],
+) -> None:
+    try:
+        data = await body()
+    except CancelledError:
+        return  # the client went away
+    except Exception:
+        _log.failure("cannot make {what}", what=what)
+        request.setResponseCode(500)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        data = f"cannot make {what}\n".encode()
+    if finished.called:
+        return  # the client went away, and the work did not notice
+    request.setHeader(b"content-length", str(len(data)).encode("ascii"))
+    request.write(data)
+    request.finish()

@@ -5,18 +5,51 @@ One :class:`Metrics` per running mirror, with a registry of its own, so
 that tests can build as many mirrors as they like.  Live values (downloads
 in flight, breaker states, pull quotas) are read when scraped, from the
 objects that own them.
+
+With worker processes (``[server] workers``) every process keeps its own
+:class:`Metrics`; a scrape gathers the families of every process
+(:mod:`regmirror.workers`) and adds them up with :func:`combine`, so that
+``/metrics`` shows the machine's totals whichever process answers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+from twisted.internet.defer import Deferred, succeed
 from twisted.web.server import Request
 
-from regmirror._resource import ReadOnlyResource
+from regmirror._resource import ReadOnlyResource, answer_later
+
+#: The metric families of one process or of several, when asked for.
+View = Callable[[], Deferred[list[Metric]]]
+
+#: A metric family as JSON: ``[name, type, documentation, unit, samples]``,
+#: each sample ``[name, labels, value]``.
+Exported = list[Any]
+
+
+def _first(values: Sequence[float]) -> float:
+    return values[0]
+
+
+#: How one gauge's values in several processes make the machine's value
+#: (the parent's first); a gauge not named here is added up, as counters
+#: and histograms are.
+GAUGE_RULES: dict[str, Callable[[Sequence[float]], float]] = {
+    # The cache folder's, which every process reads.
+    "regmirror_cache_size_bytes": _first,
+    "regmirror_cache_max_size_bytes": _first,
+    # Each process has its own breakers, quotas and Redis connection.
+    "regmirror_upstream_down": max,
+    "regmirror_upstream_ratelimit_remaining": min,
+    "regmirror_cluster_coordinator_up": min,
+}
 
 
 class Metrics:
@@ -89,21 +122,22 @@ class Metrics:
 
     def total(self, name: str, **labels: str) -> float:
         """The sum of a metric's samples whose labels include *labels*."""
-        found = 0.0
-        for family in self.registry.collect():
-            for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    found += sample.value
-        return found
+        return total(self.families(), name, **labels)
+
+    def families(self) -> list[Metric]:
+        """Every family of this process, live values read now."""
+        return list(self.registry.collect())
+
+    def view(self) -> Deferred[list[Metric]]:
+        """:meth:`families`, as a :data:`View` of this process alone."""
+        return succeed(self.families())
 
     def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Add live values, computed by *collect* at each scrape."""
         self.registry.register(_Live(collect))
 
 
-class _Live:
+class _Live(Collector):
     def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
         self._collect = collect
 
@@ -124,23 +158,116 @@ def gauge(
     return family
 
 
+def total(families: Iterable[Metric], name: str, **labels: str) -> float:
+    """The sum of the samples of *name* whose labels include *labels*."""
+    found = 0.0
+    for family in families:
+        for sample in family.samples:
+            if sample.name == name and all(
+                sample.labels.get(k) == v for k, v in labels.items()
+            ):
+                found += sample.value
+    return found
+
+
+def export(families: Iterable[Metric]) -> list[Exported]:
+    """*families* as JSON, for another process to :func:`revive`."""
+    return [
+        [
+            family.name,
+            family.type,
+            family.documentation,
+            family.unit,
+            [[s.name, s.labels, s.value] for s in family.samples],
+        ]
+        for family in families
+    ]
+
+
+def revive(exported: list[Exported]) -> list[Metric]:
+    """The families that :func:`export` wrote."""
+    families = []
+    for name, type_, documentation, unit, samples in exported:
+        family = Metric(name, documentation, type_, unit)
+        for sample_name, labels, value in samples:
+            family.add_sample(sample_name, labels, float(value))
+        families.append(family)
+    return families
+
+
+def combine(processes: Iterable[Iterable[Metric]]) -> list[Metric]:
+    """
+    The families of several processes as one machine's: each sample's
+    values added up, but the earliest ``_created`` time, and gauges by
+    :data:`GAUGE_RULES`.  Samples keep the order they first came in.
+    """
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]] = {}
+    labels_of: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, str]] = {}
+    for process in processes:
+        for family in process:
+            if family.name not in families:
+                families[family.name] = Metric(
+                    family.name, family.documentation, family.type, family.unit
+                )
+                values[family.name] = {}
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                labels_of[key] = sample.labels
+                values[family.name].setdefault(key, []).append(sample.value)
+    for name, family in families.items():
+        for key, found in values[name].items():
+            sample_name = key[0]
+            if sample_name.endswith("_created"):
+                rule: Callable[[Sequence[float]], float] = min
+            elif family.type == "gauge":
+                rule = GAUGE_RULES.get(name, sum)
+            else:
+                rule = sum
+            family.add_sample(sample_name, labels_of[key], rule(found))
+    return list(families.values())
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families
+
+
 class MetricsResource(ReadOnlyResource):
-    """``/metrics`` in the Prometheus text format."""
+    """
+    ``/metrics`` in the Prometheus text format, of the families *view*
+    gives: this process's (:meth:`Metrics.view`) or every process's.
+    """
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, view: View) -> None:
         super().__init__()
-        self._metrics = metrics
+        self._view = view
 
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader("Content-Type", CONTENT_TYPE_LATEST)
-        body: bytes = generate_latest(self._metrics.registry)
-        return body
+    def render_GET(self, request: Request) -> int:
+        async def body() -> bytes:
+            text: bytes = generate_latest(_Fixed(await self._view()))
+            request.setHeader("Content-Type", CONTENT_TYPE_LATEST)
+            return text
+
+        return answer_later(request, body, "the metrics")
 
     def render_HEAD(self, request: Request) -> bytes:
         request.setHeader("Content-Type", CONTENT_TYPE_LATEST)
         return b""
 
 
-__all__ = ["Metrics", "MetricsResource", "gauge"]
+__all__ = [
+    "Metrics",
+    "MetricsResource",
+    "View",
+    "combine",
+    "export",
+    "gauge",
+    "revive",
+    "total",
+]

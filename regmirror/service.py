@@ -1,22 +1,24 @@
 """
 Builds the running service tree from a configuration.
 
-:func:`make_service` is given the reactor; nothing below it imports the
-global one.
+:func:`build_tree` builds it for every process: the ``twistd`` process
+(:func:`make_service`, which the plugin calls) and each worker process
+(:mod:`regmirror.worker`).  It is given the reactor; nothing below it
+imports the global one.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
-from attrs import define, field
+from attrs import define, field, frozen
 from prometheus_client.core import Metric
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
@@ -32,8 +34,9 @@ from regmirror.channel import listener_factory
 from regmirror.cluster import Coordinator
 from regmirror.config import ClusterConfig, Config, ConfigError, S3Config, load
 from regmirror.fetch import Fetcher
+from regmirror.listeners import Adopt, Bind, BoundListener, Inherited, Listeners
 from regmirror.logs import MirrorSite
-from regmirror.metrics import Metrics, MetricsResource, gauge
+from regmirror.metrics import Metrics, MetricsResource, View, gauge, total
 from regmirror.nodes import Peers
 from regmirror.pool import UpstreamPool
 from regmirror.routing import Router
@@ -45,11 +48,10 @@ from regmirror.transport import (
     UpstreamTLS,
     agent_for,
     parse_tls_listener,
-    tls_listener,
 )
 from regmirror.upstream import Upstream
 from regmirror.web import Health, RegistryAPI, Root, TokenResource
-from regmirror.workers import Workers
+from regmirror.workers import Parent, Workers
 
 log = Logger()
 
@@ -138,20 +140,23 @@ def check_cache(config: Config) -> None:
 
 class MirrorService(MultiService):
     """
-    The top service: opens the cache before the listeners start, and reloads
-    TLS certificates on SIGHUP (certbot renewals) without dropping a
-    connection.
+    The top service: opens the cache before the listeners start (emptying
+    its spool folder in the *primary* process only: a worker joins a cache
+    in use), and reloads TLS certificates on SIGHUP (certbot renewals)
+    without dropping a connection; its :meth:`stopService` ends with
+    :meth:`Mirror.stop`.
     """
 
-    def __init__(self, mirror: Mirror, reactor: Any) -> None:
+    def __init__(self, mirror: Mirror, reactor: Any, *, primary: bool = True) -> None:
         super().__init__()
-        self._mirror = mirror
+        self.mirror = mirror
+        self.primary = primary
         self._reactor = reactor
         self.certificates: list[ReloadableTLS] = []
         self.workers: Workers | None = None
 
     def startService(self) -> None:
-        self._mirror.start()
+        self.mirror.start(clean=self.primary)
         # Always ours: the default action of SIGHUP would end the process
         # on `systemctl reload`.
         signal.signal(
@@ -161,7 +166,7 @@ class MirrorService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         d: Deferred[None] = super().stopService()
-        d.addCallback(lambda _: Deferred.fromCoroutine(self._mirror.stop()))
+        d.addCallback(lambda _: Deferred.fromCoroutine(self.mirror.stop()))
         return d
 
     def reload(self) -> None:
@@ -175,46 +180,6 @@ class MirrorService(MultiService):
                 log.error("certificate not reloaded, keeping the old one: {why}", why=e)
             else:
                 log.info("certificate reloaded")
-
-
-class _Listener(Service):
-    """
-    Listens on an endpoint, failing start-up at once if it cannot, and
-    keeps the port so that worker processes can be handed its socket.
-    """
-
-    def __init__(self, endpoint: Any, factory: Any, description: str) -> None:
-        self._endpoint = endpoint
-        self._factory = factory
-        self.description = description
-        self.port: Any = None
-
-    def privilegedStartService(self) -> None:
-        # Bound here, as twistd's own listeners are: before privileges are
-        # dropped and before the reactor runs, so that a port that cannot
-        # be had ends start-up with an error instead of a mirror that
-        # listens nowhere.
-        super().privilegedStartService()
-        outcome: list[Any] = []
-        self._endpoint.listen(self._factory).addBoth(outcome.append)
-        if outcome and isinstance(outcome[0], Failure):
-            raise SystemExit(
-                f"regmirror: cannot listen on {self.description}: "
-                f"{outcome[0].getErrorMessage()}"
-            )
-        self.port = outcome[0] if outcome else None
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self.port is not None:
-            return self.port.stopListening()
-        return None
-
-    def fileno(self) -> int:
-        return int(self.port.fileno())
-
-    def getHost(self) -> Any:
-        return self.port.getHost()
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -244,6 +209,10 @@ class Mirror:
     fetcher: Fetcher
     metrics: Metrics
     site: Site
+    #: every process's metric families, with worker processes
+    #: (:meth:`Workers.gather`, :meth:`Parent.gather`); ``None``: this
+    #: process serves alone
+    gather: View | None = None
     history: History = field(init=False)
     _recovery: LoopingCall = field(init=False)
 
@@ -295,19 +264,32 @@ class Mirror:
                 _recovery_failed, upstream.name
             )
 
-    def totals(self) -> dict[str, float]:
-        """Cumulative counts for the status page."""
-        total = self.metrics.total
+    def families(self) -> Deferred[list[Metric]]:
+        """The metric families of the machine: of every process serving."""
+        if self.gather is None:
+            return self.metrics.view()
+        return self.gather()
+
+    async def totals(self) -> dict[str, float]:
+        """Cumulative counts for the status page, of every process."""
+        families = await self.families()
         return {
-            "hits": total("regmirror_cache_lookups_total", result="hit"),
-            "misses": total("regmirror_cache_lookups_total", result="miss"),
-            "joined": total("regmirror_cache_lookups_total", result="joined"),
-            "cache_bytes": total("regmirror_served_bytes_total", source="cache"),
-            "upstream_bytes": total("regmirror_upstream_bytes_total"),
+            "hits": total(families, "regmirror_cache_lookups_total", result="hit"),
+            "misses": total(families, "regmirror_cache_lookups_total", result="miss"),
+            "joined": total(families, "regmirror_cache_lookups_total", result="joined"),
+            "cache_bytes": total(
+                families, "regmirror_served_bytes_total", source="cache"
+            ),
+            "upstream_bytes": total(families, "regmirror_upstream_bytes_total"),
         }
 
-    def status(self) -> dict[str, Any]:
-        """Everything the status page shows."""
+    async def status(self) -> dict[str, Any]:
+        """
+        Everything the status page shows: the totals and their history are
+        the machine's, the rest (upstreams, downloads) what the answering
+        process (``pid``) sees.
+        """
+        totals = await self.totals()
         now = self.fetcher.clock.seconds()
 
         def upstream(u: Upstream) -> dict[str, Any]:
@@ -353,8 +335,9 @@ class Mirror:
                 for d in self.fetcher.downloads
             ],
             "cluster": self._cluster_status(),
-            "totals": self.totals(),
+            "totals": totals,
             "history": list(self.history.samples),
+            "pid": os.getpid(),
         }
 
     def _cluster_status(self) -> dict[str, Any] | None:
@@ -373,7 +356,8 @@ class Mirror:
             "regmirror_downloads_in_flight",
             "Blob downloads under way",
             [],
-            [([], len(self.fetcher.downloads))],
+            # Another worker's download, followed here, is counted there.
+            [([], sum(not d.follower for d in self.fetcher.downloads))],
         )
         yield gauge(
             "regmirror_cache_size_bytes",
@@ -503,10 +487,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
     api = RegistryAPI(router, fetcher, reactor, metrics, gate)
     root = Root(api, {nodes.PATH: api} if fetcher.coordinator else None)
     if gate is not None:
-        root.putChild(
-            b"token",
-            TokenResource(gate, lambda name: router.route(name).namespace.name),
-        )
+        root.putChild(b"token", TokenResource(gate, router))
     trusted = config.access.trusted_proxies if config.access else ()
     mirror = Mirror(
         config,
@@ -524,7 +505,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
     root.putChild(b"healthz", Health(lambda: []))
     root.putChild(b"readyz", Health(mirror.problems, mirror.degraded))
     if not config.server.metrics_listen:
-        root.putChild(b"metrics", MetricsResource(metrics))
+        root.putChild(b"metrics", MetricsResource(mirror.families))
     return mirror
 
 
@@ -557,40 +538,90 @@ def coordinator(config: ClusterConfig, reactor: Any) -> Coordinator:
     )
 
 
-def make_service(config: Config, reactor: Any) -> MultiService:
-    """The service tree: one endpoint service per listener."""
+@frozen
+class Worker:
+    """
+    A worker process's place in the tree: the listening sockets it
+    inherited, and its socket to the parent.
+    """
+
+    inherited: tuple[Inherited, ...]
+    channel: int
+
+
+def make_service(config: Config, reactor: Any) -> MirrorService:
+    """The ``twistd`` process's service tree (see :func:`build_tree`)."""
+    return build_tree(config, reactor, None)
+
+
+def build_tree(config: Config, reactor: Any, worker: Worker | None) -> MirrorService:
+    """
+    The service tree of every process: the parent's (*worker* ``None``)
+    and each worker's.  The same mirror, listeners, timers (the status
+    history's samples, the upstreams' recovery in :meth:`Mirror.start`)
+    and clean stop (:meth:`Mirror.stop`: leases released) everywhere.
+
+    Only the parent binds the listeners (a worker adopts the sockets it
+    inherited), starts the workers, empties the spool folder at start and
+    does the housekeeping: eviction and tag expiry are work on the cache
+    folder the processes share, done once (several processes at it would
+    each walk the whole folder, and race over the same least recently used
+    files, evicting more than needed).
+    """
+    primary = worker is None
     mirror = build_mirror(config, reactor)
-    top = MirrorService(mirror, reactor)
-    for interval, work in (
-        (HOUSEKEEPING_INTERVAL, mirror.housekeep),
-        (SAMPLE_INTERVAL, mirror.history.sample),
-    ):
+    top = MirrorService(mirror, reactor, primary=primary)
+    if worker is not None:
+        # First: the timers and the listeners ask the parent through it.
+        parent = Parent(reactor, worker.channel, mirror.metrics.families, reactor.stop)
+        parent.setName("processes")
+        parent.setServiceParent(top)
+        mirror.gather = parent.gather
+    timers: list[tuple[str, float, Callable[[], object]]] = [
+        ("history", SAMPLE_INTERVAL, mirror.history.sample)
+    ]
+    if primary:
+        timers.append(("housekeeping", HOUSEKEEPING_INTERVAL, mirror.housekeep))
+    for name, interval, work in timers:
         timer = TimerService(interval, work)
         timer.clock = reactor
+        timer.setName(name)
         timer.setServiceParent(top)
-    listeners: list[tuple[str, Any]] = [
+    served: list[tuple[str, Any]] = [
         (d, listener_factory(mirror.site, d)) for d in config.server.listen
     ]
     if config.server.metrics_listen:
-        metrics_site = Site(MetricsResource(mirror.metrics))
-        listeners += [(d, metrics_site) for d in config.server.metrics_listen]
-    shared = []
-    for description, factory in listeners:
-        if description.startswith("ssl:"):
-            endpoint, certificate = tls_listener(reactor, description)
-            top.certificates.append(certificate)
-        else:
-            endpoint = serverFromString(reactor, description)
-        listener = _Listener(endpoint, factory, description)
-        listener.setServiceParent(top)
-        if description in config.server.listen:
-            shared.append((listener, description))
-    if config.server.workers > 1:
-        top.workers = Workers(reactor, config.path, config.server.workers - 1, shared)
-        top.workers.setServiceParent(top)
-    log.info(
-        "regmirror serving {namespaces} on {listen}",
-        namespaces=" ".join(n.name for n in config.namespaces),
-        listen=" ".join(config.server.listen),
+        metrics_site = Site(MetricsResource(mirror.families))
+        served += [(d, metrics_site) for d in config.server.metrics_listen]
+    source: Listeners = (
+        Bind(reactor) if worker is None else Adopt(reactor, worker.inherited)
     )
+    bound = []
+    for number, (description, factory) in enumerate(served):
+        listener, certificate = source.listener(description, factory)
+        if certificate is not None:
+            top.certificates.append(certificate)
+        listener.setName(f"listener {number}: {description}")
+        listener.setServiceParent(top)
+        if isinstance(listener, BoundListener):
+            bound.append(listener)
+    if primary and config.server.workers > 1:
+        # Last: started once this process serves, stopped first.
+        workers = Workers(
+            reactor,
+            config.path,
+            config.server.workers - 1,
+            bound,
+            mirror.metrics.families,
+        )
+        workers.setName("processes")
+        workers.setServiceParent(top)
+        top.workers = workers
+        mirror.gather = workers.gather
+    if primary:
+        log.info(
+            "regmirror serving {namespaces} on {listen}",
+            namespaces=" ".join(n.name for n in config.namespaces),
+            listen=" ".join(config.server.listen),
+        )
     return top

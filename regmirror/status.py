@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.web.server import Request
 
-from regmirror._resource import ReadOnlyResource
+from regmirror._resource import ReadOnlyResource, answer_later
 
 #: One history sample per this many seconds, this many samples kept (1 h).
 SAMPLE_INTERVAL = 10.0
@@ -23,28 +25,54 @@ SAMPLES = 360
 
 
 class History:
-    """Cumulative counters sampled over time, for the page's chart."""
+    """
+    Cumulative counters sampled over time, for the page's chart.  *read*
+    may take a while (it asks the other worker processes): the sample
+    takes the time it was asked at.
+    """
 
-    def __init__(self, read: Callable[[], dict[str, float]], now: Callable[[], float]):
+    log = Logger()
+
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[dict[str, float]]],
+        now: Callable[[], float],
+    ):
         self._read = read
         self._now = now
         self.samples: deque[dict[str, float]] = deque(maxlen=SAMPLES)
 
-    def sample(self) -> None:
-        self.samples.append({"time": self._now(), **self._read()})
+    def sample(self) -> Deferred[None]:
+        """Take a sample; never fails (a timer runs it: it would stop)."""
+        return Deferred.fromCoroutine(self._sample())
+
+    async def _sample(self) -> None:
+        now = self._now()
+        try:
+            read = await self._read()
+        except Exception:
+            self.log.failure("cannot sample the totals")
+            return
+        self.samples.append({"time": now, **read})
 
 
 class StatusJSON(ReadOnlyResource):
+    """``/_status.json``: the document *document* makes, as JSON."""
+
     isLeaf = True
 
-    def __init__(self, document: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, document: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         super().__init__()
         self._document = document
 
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader("Content-Type", "application/json")
-        request.setHeader("Cache-Control", "no-store")
-        return json.dumps(self._document(), sort_keys=True).encode("utf-8")
+    def render_GET(self, request: Request) -> int:
+        async def body() -> bytes:
+            document = await self._document()
+            request.setHeader("Content-Type", "application/json")
+            request.setHeader("Cache-Control", "no-store")
+            return json.dumps(document, sort_keys=True).encode("utf-8")
+
+        return answer_later(request, body, "the status document")
 
 
 class StatusPage(ReadOnlyResource):

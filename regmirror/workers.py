@@ -2,38 +2,42 @@
 Several processes, one mirror (``[server] workers = N``).
 
 The twistd process binds the listeners and serves on them; it then starts
-``N - 1`` worker processes (``python -m regmirror.workers``) that are handed
+``N - 1`` worker processes (``python -m regmirror.worker``) that are handed
 the same listening sockets and accept on them too, so the kernel spreads
-connections over every process.  All of them share the cache folder, where
-the spool lock gives one upstream download per digest machine-wide.  The
-parent restarts a worker that dies and passes SIGHUP on to them.
+connections over every process.  Each process runs the same service tree
+(:func:`regmirror.service.build_tree`).  All of them share the cache
+folder, where the spool lock gives one upstream download per digest
+machine-wide.  The parent restarts a worker that dies, passes SIGHUP on to
+them, and stops them when it stops.
 
-Each process keeps its own metrics, breaker states and tag answers: a
-scrape of ``/metrics`` sees the process that took the connection.
+Each worker and the parent talk over a :class:`Channel` (a socket pair):
+the parent asks every worker for its metric families and adds them up
+with its own (:meth:`Workers.gather`), so that ``/metrics`` and the status
+page's totals are the machine's whichever process answers; a worker asks
+the parent for them (:meth:`Parent.gather`), tells it its last counts when
+it stops, and stops when the parent is gone.  What ended workers had
+counted stays in the parent's totals, which never go down.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import signal
 import socket
 import sys
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
+from prometheus_client.core import Metric
 from twisted.application.service import Service
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 
-from regmirror.channel import listener_factory
-from regmirror.transport import ReloadableTLS, parse_tls_listener
+from regmirror.listeners import BoundListener
+from regmirror.metrics import combine, export, revive
 
 log = Logger(namespace="regmirror.workers")
 
@@ -45,13 +49,100 @@ MAX_LOG_LINE = 1024 * 1024
 STOP_GRACE = 10.0
 RESTART_DELAY = 1.0
 
+#: How long the parent waits for a worker's metrics before it counts the
+#: worker's last report instead; how long a worker waits for the machine's
+#: (beyond that, it answers with its own); how long a stopping worker waits
+#: for the parent to take its last counts.
+COLLECT_TIMEOUT = 2.0
+GATHER_TIMEOUT = COLLECT_TIMEOUT + 1.0
+FINAL_TIMEOUT = 2.0
 
-class Listening(Protocol):
-    """A bound listener whose socket can be handed to a worker."""
 
-    def fileno(self) -> int: ...
+class ChannelError(Exception):
+    """The other end could not answer a question."""
 
-    def getHost(self) -> Any: ...
+
+class Channel(Int32StringReceiver):
+    """
+    Questions and answers between the parent and one worker, either way:
+    JSON messages ``{"ask": question, "id": n, "with": argument}``, each
+    answered by ``{"id": n, "answer": value}`` or ``{"id": n, "error": why}``.
+
+    :ivar lost: fires when the connection ends.
+    """
+
+    MAX_LENGTH = 64 * 1024 * 1024
+
+    def __init__(self, answer: Callable[[str, Any], Awaitable[Any]]) -> None:
+        self._answer = answer
+        self._asked: dict[int, Deferred[Any]] = {}
+        self._next = 0
+        self._open = False
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self._open = True
+
+    def ask(self, question: str, argument: Any = None) -> Deferred[Any]:
+        """
+        The other end's answer; cancelling stops waiting for it.
+
+        :raises ChannelError: (asynchronously) when it could not answer.
+        """
+        if not self._open:
+            return fail(ChannelError("not connected to the other process"))
+        self._next += 1
+        number = self._next
+
+        def forget(_: Deferred[Any]) -> None:
+            self._asked.pop(number, None)
+
+        d: Deferred[Any] = Deferred(forget)
+        self._asked[number] = d
+        self._send({"ask": question, "id": number, "with": argument})
+        return d
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self.sendString(json.dumps(message).encode("utf-8"))
+
+    def stringReceived(self, string: bytes) -> None:
+        try:
+            message = json.loads(string)
+            number = message["id"]
+        except (ValueError, KeyError, TypeError):
+            log.warn("unreadable message on a worker channel: {data}", data=string[:80])
+            return
+        if "ask" in message:
+            question, argument = message["ask"], message.get("with")
+            Deferred.fromCoroutine(self._reply(number, question, argument))
+            return
+        d = self._asked.pop(number, None)
+        if d is None:
+            return  # asked, then no longer waited for
+        if "error" in message:
+            d.errback(ChannelError(message["error"]))
+        else:
+            d.callback(message.get("answer"))
+
+    async def _reply(self, number: int, question: str, argument: Any) -> None:
+        try:
+            reply = {"id": number, "answer": await self._answer(question, argument)}
+        except Exception as e:
+            log.failure("cannot answer {question}", question=question)
+            reply = {"id": number, "error": str(e) or type(e).__name__}
+        if self._open:
+            self._send(reply)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._open = False
+        asked, self._asked = self._asked, {}
+        for d in asked.values():
+            d.errback(reason)
+        self.lost.callback(None)
+
+
+def _serving(channel: Channel) -> protocol.Factory:
+    return protocol.Factory.forProtocol(lambda: channel)
 
 
 class _Worker(protocol.ProcessProtocol):
@@ -59,13 +150,40 @@ class _Worker(protocol.ProcessProtocol):
     One worker process.  It writes its log events as JSON lines on its
     standard output; they are published here, in the parent's log, with a
     ``worker`` field.
+
+    :ivar report: its metric families, as it last reported them.
     """
 
     def __init__(self, pool: Workers, index: int) -> None:
         self.pool = pool
         self.index = index
         self.ended: Deferred[None] = Deferred()
+        self.channel = Channel(self._answer)
+        self.report: list[Metric] = []
         self._partial = b""
+
+    async def _answer(self, question: str, argument: Any) -> Any:
+        if question == "gather":
+            return export(await self.pool.gather())
+        if question == "final":
+            self.report = revive(argument)
+            return None
+        raise ChannelError(f"no such question: {question}")
+
+    async def collect(self) -> list[Metric]:
+        """Its metric families now; its last report if it does not answer."""
+        d = self.channel.ask("collect")
+        d.addTimeout(COLLECT_TIMEOUT, self.pool.clock)
+        try:
+            self.report = revive(await d)
+        except Exception as e:
+            log.warn(
+                "worker {index} did not give its metrics ({why}): counted as "
+                "it last reported them",
+                index=self.index,
+                why=str(e) or type(e).__name__,
+            )
+        return self.report
 
     def outReceived(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
@@ -91,14 +209,15 @@ class _Worker(protocol.ProcessProtocol):
         )
 
     def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(None)
         self.pool.ended(self, reason)
+        self.ended.callback(None)
 
 
 class Workers(Service):
     """
     Starts and keeps ``count`` worker processes, each handed the listening
-    sockets of *ports* (``(port, endpoint description)`` pairs).
+    sockets of *listeners*, and adds up their metric families with *own*,
+    this process's.
     """
 
     def __init__(
@@ -106,13 +225,18 @@ class Workers(Service):
         reactor: Any,
         config_path: str,
         count: int,
-        ports: Sequence[tuple[Listening, str]],
+        listeners: Sequence[BoundListener],
+        own: Callable[[], list[Metric]],
     ) -> None:
         self._reactor = reactor
+        self.clock = reactor
         self._config = config_path
         self._count = count
-        self._ports = ports
+        self._listeners = listeners
+        self._own = own
         self._running: dict[int, tuple[_Worker, Any]] = {}
+        #: the cumulative families of the workers that ended
+        self._retired: list[Metric] = []
 
     def startService(self) -> None:
         super().startService()
@@ -121,34 +245,63 @@ class Workers(Service):
 
     def _spawn(self, index: int) -> None:
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
-        listeners = []
-        for number, (port, description) in enumerate(self._ports, start=3):
-            child_fds[number] = port.fileno()
-            family = socket.AF_INET6 if ":" in port.getHost().host else socket.AF_INET
-            listeners.append([number, int(family), description])
+        inherited = []
+        for number, listener in enumerate(self._listeners, start=3):
+            socket_ = listener.inheritable()
+            child_fds[number] = socket_.fd
+            inherited.append([number, socket_.family, socket_.description])
+        channel_fd = 3 + len(self._listeners)
+        ours, theirs = socket.socketpair()
+        child_fds[channel_fd] = theirs.fileno()
         worker = _Worker(self, index)
-        transport = self._reactor.spawnProcess(
-            worker,
-            sys.executable,
-            [
+        try:
+            transport = self._reactor.spawnProcess(
+                worker,
                 sys.executable,
-                "-m",
-                "regmirror.workers",
-                "-c",
-                self._config,
-                "--listeners",
-                json.dumps(listeners),
-            ],
-            env=os.environ.copy(),
-            childFDs=child_fds,
-        )
+                [
+                    sys.executable,
+                    "-m",
+                    "regmirror.worker",
+                    "-c",
+                    self._config,
+                    "--listeners",
+                    json.dumps(inherited),
+                    "--channel",
+                    str(channel_fd),
+                ],
+                env=os.environ.copy(),
+                childFDs=child_fds,
+            )
+            # The reactor's connection holds a socket of its own (a duplicate).
+            self._reactor.adoptStreamConnection(
+                ours.fileno(), socket.AF_UNIX, _serving(worker.channel)
+            )
+        finally:
+            ours.close()
+            theirs.close()
         self._running[index] = (worker, transport)
         log.info("started worker {index} (pid {pid})", index=index, pid=transport.pid)
+
+    def gather(self) -> Deferred[list[Metric]]:
+        """The machine's metric families: this process's and every worker's."""
+        return Deferred.fromCoroutine(self._gather())
+
+    async def _gather(self) -> list[Metric]:
+        asked = [
+            Deferred.fromCoroutine(worker.collect())
+            for worker, _ in self._running.values()
+        ]
+        reports = [await d for d in asked]
+        return combine([self._own(), *reports, self._retired])
 
     def ended(self, worker: _Worker, reason: Failure) -> None:
         if self._running.get(worker.index, (None,))[0] is not worker:
             return
         del self._running[worker.index]
+        # Its counts stay in the totals; what it was doing ended with it.
+        self._retired = combine(
+            [self._retired, [f for f in worker.report if f.type != "gauge"]]
+        )
         if self.running:
             log.warn(
                 "worker {index} ended ({why}); restarting it",
@@ -156,6 +309,12 @@ class Workers(Service):
                 why=reason.getErrorMessage(),
             )
             self._reactor.callLater(RESTART_DELAY, self._restart, worker.index)
+        else:
+            log.info(
+                "worker {index} ended ({why})",
+                index=worker.index,
+                why=reason.getErrorMessage(),
+            )
 
     def _restart(self, index: int) -> None:
         if self.running and index not in self._running:
@@ -190,59 +349,78 @@ def _kill(transport: Any) -> None:
         pass
 
 
-def serving_factory(
-    site: Site, description: str, clock: IReactorTime
-) -> tuple[IProtocolFactory, ReloadableTLS | None]:
+class Parent(Service):
     """
-    What serves an adopted listening socket described by *description*,
-    as the parent serves its own (:func:`regmirror.channel.listener_factory`),
-    with TLS added here for ``ssl:`` (an adopted socket has no endpoint to
-    add it): the factory, and the certificate to reload on SIGHUP.
+    A worker's link to the parent process, over the socket it inherited as
+    descriptor *fd*: answers the parent's questions with *own*, this
+    process's metric families; asks it for the machine's; gives it the last
+    counts when stopping; and calls *stop* (the reactor's) if the parent
+    goes away, so that no worker outlives it.
     """
-    factory = listener_factory(site, description)
-    if not description.startswith("ssl:"):
-        return factory, None
-    certificate = ReloadableTLS(parse_tls_listener(description))
-    return TLSMemoryBIOFactory(certificate, False, factory, clock=clock), certificate
 
+    def __init__(
+        self,
+        reactor: Any,
+        fd: int,
+        own: Callable[[], list[Metric]],
+        stop: Callable[[], None],
+    ) -> None:
+        self._reactor = reactor
+        self._fd = fd
+        self._own = own
+        self._stop = stop
+        self.channel = Channel(self._answer)
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """A worker process: serve the inherited listening sockets."""
-    parser = argparse.ArgumentParser(prog="python -m regmirror.workers")
-    parser.add_argument("-c", "--config", required=True)
-    parser.add_argument("--listeners", required=True)
-    arguments = parser.parse_args(argv)
+    async def _answer(self, question: str, argument: Any) -> Any:
+        if question == "collect":
+            return export(self._own())
+        raise ChannelError(f"no such question: {question}")
 
-    from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, jsonFileLogObserver
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.adoptStreamConnection(
+            self._fd, socket.AF_UNIX, _serving(self.channel)
+        )
+        # The reactor's connection holds a socket of its own (a duplicate).
+        os.close(self._fd)
+        self.channel.lost.addCallback(self._parent_gone)
 
-    from regmirror.service import build_mirror, validate
+    def _parent_gone(self, _: object) -> None:
+        if self.running:
+            log.error("the parent process is gone: stopping this worker")
+            self._stop()
 
-    globalLogBeginner.beginLoggingTo(
-        [jsonFileLogObserver(sys.stdout, recordSeparator="")]
-    )
-    config = validate(arguments.config)
-    mirror = build_mirror(config, reactor)
-    mirror.start(clean=False)
-    certificates = []
-    for number, family, description in json.loads(arguments.listeners):
-        factory, certificate = serving_factory(mirror.site, description, reactor)
-        if certificate is not None:
-            certificates.append(certificate)
-        reactor.adoptStreamPort(number, family, factory)  # type: ignore[attr-defined]
-        os.close(number)
+    def gather(self) -> Deferred[list[Metric]]:
+        """The machine's metric families, as the parent adds them up; this
+        process's alone if the parent does not answer."""
+        return Deferred.fromCoroutine(self._gather())
 
-    def reload() -> None:
-        for certificate in certificates:
-            try:
-                certificate.reload()
-            except ValueError as e:
-                log.error("certificate not reloaded: {why}", why=e)
+    async def _gather(self) -> list[Metric]:
+        d = self.channel.ask("gather")
+        d.addTimeout(GATHER_TIMEOUT, self._reactor)
+        try:
+            return revive(await d)
+        except Exception as e:
+            log.warn(
+                "the parent did not give the machine's metrics ({why}): "
+                "this worker's alone",
+                why=str(e) or type(e).__name__,
+            )
+            return self._own()
 
-    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload))  # type: ignore[attr-defined]
-    log.info("worker {pid} serving", pid=os.getpid())
-    reactor.run()
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._leave())
 
-
-if __name__ == "__main__":
-    main()
+    async def _leave(self) -> None:
+        d = self.channel.ask("final", export(self._own()))
+        d.addTimeout(FINAL_TIMEOUT, self._reactor)
+        try:
+            await d
+        except Exception as e:
+            log.warn(
+                "the parent did not take this worker's last counts: {why}",
+                why=str(e) or type(e).__name__,
+            )
+        if self.channel.transport is not None:
+            self.channel.transport.loseConnection()

@@ -1,12 +1,13 @@
 """
 The mirror's listeners in memory: TLS with ALPN as browsers, curl, Go and
-urllib3 offer it, wired as :func:`regmirror.service.make_service` and the
-worker processes wire them.
+urllib3 offer it, wired as :func:`regmirror.service.build_tree` wires them
+in the parent and in the worker processes.
 """
 
 from __future__ import annotations
 
 import datetime
+import socket
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,10 @@ from twisted.web.server import Site
 
 from regmirror.channel import PlainHTTPFactory
 from regmirror.config import load
+from regmirror.listeners import Inherited
 from regmirror.logs import MirrorSite
-from regmirror.service import make_service
+from regmirror.service import Worker, build_tree, make_service
 from regmirror.transport import ReloadableTLS
-from regmirror.workers import serving_factory
 
 HOST = "regmirror.test"
 GET = b"GET /healthz HTTP/1.1\r\nHost: regmirror.test\r\nConnection: close\r\n\r\n"
@@ -96,12 +97,16 @@ CLOCK = Clock()
 
 
 def handshake(
-    server: Any, certificate: bytes, offered: list[bytes] | None, data: bytes = GET
+    server: Any,
+    certificate: bytes,
+    offered: list[bytes] | None,
+    data: bytes = GET,
+    clock: Clock = CLOCK,
 ) -> _Client:
     """
     Connect a TLS client offering *offered* over ALPN (``None``: no ALPN)
-    to *server*, a TLS protocol factory using :data:`CLOCK`, in memory;
-    send *data*.
+    to *server*, a TLS protocol factory using *clock*, in memory; send
+    *data*.
 
     :return: the client's application protocol, once every byte has moved.
     """
@@ -112,13 +117,13 @@ def handshake(
     )
     application = _Client()
     client_factory = TLSMemoryBIOFactory(
-        options, True, Factory.forProtocol(lambda: application), clock=CLOCK
+        options, True, Factory.forProtocol(lambda: application), clock=clock
     )
     address = IPv4Address("TCP", "127.0.0.1", 443)
     _, _, pump = connectedServerAndClient(
         lambda: server.buildProtocol(address),
         lambda: client_factory.buildProtocol(address),
-        clock=CLOCK,
+        clock=clock,
     )
     assert application.transport is not None
     application.transport.write(data)
@@ -306,23 +311,49 @@ def test_service_tls_listeners_negotiate_http11(
     assert transport.value().startswith(b"HTTP/1.0 400 Bad Request\r\n")
 
 
-def test_worker_tls_listener_negotiates_http11(
-    certificate: tuple[ReloadableTLS, bytes], tmp_path: Path
+def _inherited(description: str) -> Inherited:
+    """A listening socket as a worker inherits it (the tree closes it)."""
+    return Inherited(socket.socket().detach(), socket.AF_INET, description)
+
+
+def test_worker_tls_listeners_negotiate_http11(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker process serves an adopted ``ssl:`` socket as the parent
-    does: ``http/1.1`` for ALPN clients, also after a reload."""
-    _, pem = certificate
-    description = (
-        f"ssl:0:privateKey={tmp_path / 'key.pem'}:certKey={tmp_path / 'cert.pem'}"
+    """
+    A worker process serves the sockets it adopted as the parent serves
+    them: its ``ssl:`` listeners (the API's and the metrics one) pick
+    ``http/1.1`` for ALPN clients and answer, also after a reload; its
+    plain listener still answers a TLS handshake with the plain-port 400.
+    """
+    write_certificate(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    config = load(str(_config(tmp_path)))
+    reactor = MemoryReactorClock()
+    descriptions = [*config.server.listen, *config.server.metrics_listen]
+    worker = Worker(
+        tuple(_inherited(d) for d in descriptions), socket.socket().detach()
     )
-    factory, tls = serving_factory(_mirror_site(), description, CLOCK)
-    assert tls is not None
+    service = build_tree(config, reactor, worker)
+    service.startService()
+    adopted = {fd: factory for fd, _, factory in reactor.adoptedPorts}
+    plain, api, metrics = (adopted[i.fd] for i in worker.inherited)
     for _ in range(2):
-        application = handshake(factory, pem, [b"h2", b"http/1.1"])
-        assert application.negotiated == b"http/1.1", application.lost
-        assert application.received.startswith(b"HTTP/1.1 200 ")
         pem = write_certificate(tmp_path)
-        tls.reload()
-    plain, none = serving_factory(_mirror_site(), "tcp:0", CLOCK)
-    assert none is None
+        service.reload()
+        for path, factory in ((b"/healthz", api), (b"/metrics", metrics)):
+            application = handshake(
+                factory,
+                pem,
+                [b"h2", b"http/1.1"],
+                GET.replace(b"/healthz", path),
+                clock=reactor,
+            )
+            assert application.negotiated == b"http/1.1", application.lost
+            assert application.received.startswith(b"HTTP/1.1 200 "), path
+    protocol = plain.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    assert transport.value().startswith(b"HTTP/1.0 400 Bad Request\r\n")
     assert isinstance(plain, PlainHTTPFactory)
+    service.stopService()

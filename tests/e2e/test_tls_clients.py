@@ -162,7 +162,7 @@ class Secure:
         process = self.mirror._process  # noqa: SLF001 (the harness keeps it)
         assert process is not None
         found = subprocess.run(
-            ["pgrep", "-P", str(process.pid), "-f", "regmirror.workers"],
+            ["pgrep", "-P", str(process.pid), "-f", "regmirror.worker"],
             capture_output=True,
             text=True,
             timeout=10,

@@ -29,7 +29,7 @@ def workers_of(mirror: MirrorProcess) -> list[int]:
     """The pids of the mirror's worker processes."""
     assert mirror._process is not None
     found = subprocess.run(
-        ["pgrep", "-P", str(mirror._process.pid), "-f", "regmirror.workers"],
+        ["pgrep", "-P", str(mirror._process.pid), "-f", "regmirror.worker"],
         capture_output=True,
         text=True,
     )

@@ -1,0 +1,179 @@
+"""
+Where a process's listeners come from.
+
+The ``twistd`` process binds each endpoint description of ``[server]
+listen`` and ``metrics_listen`` (:class:`Bind`); a worker process adopts
+the listening sockets it inherited from it (:class:`Adopt`).  Either way a
+listener is a service, started and stopped with the rest of the tree, and
+an ``ssl:`` listener comes with the certificate that SIGHUP reloads.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from attrs import frozen
+from twisted.application.service import Service
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from regmirror.transport import ReloadableTLS, parse_tls_listener, tls_listener
+
+
+class Listeners(Protocol):
+    """Makes the listener of an endpoint description, served by a factory."""
+
+    def listener(
+        self, description: str, factory: IProtocolFactory
+    ) -> tuple[Service, ReloadableTLS | None]:
+        """The listener's service, and the certificate of an ``ssl:`` one."""
+
+
+@frozen
+class Inherited:
+    """A listening socket a worker inherited: its descriptor, its address
+    family, and the description the parent bound it from."""
+
+    fd: int
+    family: int
+    description: str
+
+
+class BoundListener(Service):
+    """
+    Listens on an endpoint, failing start-up at once if it cannot, and
+    keeps the port so that worker processes can be handed its socket.
+    """
+
+    def __init__(self, endpoint: Any, factory: IProtocolFactory, description: str):
+        self._endpoint = endpoint
+        self._factory = factory
+        self.description = description
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        # Bound here, as twistd's own listeners are: before privileges are
+        # dropped and before the reactor runs, so that a port that cannot
+        # be had ends start-up with an error instead of a mirror that
+        # listens nowhere.
+        super().privilegedStartService()
+        outcome: list[Any] = []
+        self._endpoint.listen(self._factory).addBoth(outcome.append)
+        if outcome and isinstance(outcome[0], Failure):
+            raise SystemExit(
+                f"regmirror: cannot listen on {self.description}: "
+                f"{outcome[0].getErrorMessage()}"
+            )
+        self.port = outcome[0] if outcome else None
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+    def inheritable(self) -> Inherited:
+        """The socket, for a worker process to adopt."""
+        host = self.port.getHost()
+        if not hasattr(host, "host"):
+            family = socket.AF_UNIX
+        elif ":" in host.host:
+            family = socket.AF_INET6
+        else:
+            family = socket.AF_INET
+        return Inherited(int(self.port.fileno()), int(family), self.description)
+
+
+class AdoptedListener(Service):
+    """
+    Accepts on a listening socket this process inherited, from
+    :meth:`startService` to :meth:`stopService`.
+    """
+
+    def __init__(
+        self, reactor: Any, inherited: Inherited, factory: IProtocolFactory
+    ) -> None:
+        self._reactor = reactor
+        self._inherited = inherited
+        self._factory = factory
+        self.description = inherited.description
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        fd = self._inherited.fd
+        self.port = self._reactor.adoptStreamPort(
+            fd, self._inherited.family, self._factory
+        )
+        # The port holds a socket of its own (a duplicate).
+        os.close(fd)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class Bind:
+    """The parent's listeners: bound from their endpoint descriptions."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def listener(
+        self, description: str, factory: IProtocolFactory
+    ) -> tuple[BoundListener, ReloadableTLS | None]:
+        certificate = None
+        if description.startswith("ssl:"):
+            endpoint, certificate = tls_listener(self._reactor, description)
+        else:
+            endpoint = serverFromString(self._reactor, description)
+        return BoundListener(endpoint, factory, description), certificate
+
+
+class Adopt:
+    """
+    A worker's listeners: the sockets the parent bound, inherited in the
+    order the parent asked for them (two listeners may share a description,
+    ``tcp:0`` say).
+    """
+
+    def __init__(self, reactor: Any, inherited: Sequence[Inherited]) -> None:
+        self._reactor = reactor
+        self._inherited = list(inherited)
+
+    def listener(
+        self, description: str, factory: IProtocolFactory
+    ) -> tuple[AdoptedListener, ReloadableTLS | None]:
+        """
+        :raises ValueError: when the parent handed no socket for
+            *description* (its configuration was changed meanwhile).
+        """
+        if not self._inherited or self._inherited[0].description != description:
+            raise ValueError(f"no socket inherited for {description}")
+        inherited = self._inherited.pop(0)
+        factory, certificate = serving_factory(factory, description, self._reactor)
+        return AdoptedListener(self._reactor, inherited, factory), certificate
+
+
+def serving_factory(
+    factory: IProtocolFactory, description: str, clock: Any
+) -> tuple[IProtocolFactory, ReloadableTLS | None]:
+    """
+    What serves an adopted socket described by *description* as its
+    endpoint would: *factory* itself, or behind TLS for ``ssl:`` (an
+    adopted socket has no endpoint to add it); the certificate to reload
+    on SIGHUP.
+    """
+    if not description.startswith("ssl:"):
+        return factory, None
+    certificate = ReloadableTLS(parse_tls_listener(description))
+    return TLSMemoryBIOFactory(certificate, False, factory, clock=clock), certificate

@@ -1,0 +1,425 @@
+"""
+The service tree of the parent and of each worker process, as
+:func:`regmirror.service.build_tree` builds them, in memory: the same
+services, timers and clean stop in both; the machine's metrics and status
+totals added up over the channels between them, whichever process answers;
+a stopping worker releasing its cluster leases.
+
+Worker processes are not run: the parent's reactor records what it would
+spawn, and each worker's tree is built here, in this process, its channel
+to the parent connected in memory (``twisted.test.iosim``).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import treq
+from memory import result
+from memory_redis import FakeRedis
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.test.iosim import FakeTransport, IOPump, connect
+
+from regmirror import cluster
+from regmirror.cluster import Coordinator, Lease
+from regmirror.config import Config, load
+from regmirror.listeners import AdoptedListener, BoundListener, Inherited
+from regmirror.metrics import combine, export, revive, total
+from regmirror.reference import Digest
+from regmirror.service import (
+    HOUSEKEEPING_INTERVAL,
+    MirrorService,
+    Worker,
+    build_tree,
+    make_service,
+)
+from regmirror.status import SAMPLE_INTERVAL
+from regmirror.workers import COLLECT_TIMEOUT, RESTART_DELAY, Parent, Workers, _Worker
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def write_config(tmp_path: Path, workers: int = 3, extra: str = "") -> Config:
+    path = tmp_path / "mirror.ini"
+    path.write_text(
+        textwrap.dedent(
+            """\
+            [server]
+            listen = tcp:0:interface=127.0.0.1
+            workers = {workers}
+
+            [cache]
+            directory = cache
+
+            [upstream:one]
+            url = http://127.0.0.1:9
+
+            [namespace:docker.io]
+            upstreams = one
+            default = true
+            """
+        ).format(workers=workers)
+        + extra
+    )
+    return load(str(path))
+
+
+class _Port:
+    """A listening port of :class:`Machine`, with a descriptor to hand on."""
+
+    def __init__(self, port: Any) -> None:
+        self._port = port
+
+    def getHost(self) -> Any:
+        return self._port.getHost()
+
+    def fileno(self) -> int:
+        return 99
+
+    def stopListening(self) -> Any:
+        return self._port.stopListening()
+
+
+class _Process:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class _Now:
+    """A thread pool that runs the work at once, in this thread."""
+
+    def callInThreadWithCallback(
+        self, done: Any, work: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        try:
+            outcome = work(*args, **kwargs)
+        except Exception:
+            done(False, Failure())
+        else:
+            done(True, outcome)
+
+
+class Machine(MemoryReactorClock):
+    """A reactor that records the processes it is asked to spawn, and runs
+    the work meant for threads at once (the parent's housekeeping)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[_Worker, list[str], _Process]] = []
+
+    def getThreadPool(self) -> _Now:
+        return _Now()
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+    def spawnProcess(
+        self, protocol: Any, executable: str, args: list[str], **kwargs: Any
+    ) -> _Process:
+        process = _Process(1000 + len(self.spawned))
+        self.spawned.append((protocol, args, process))
+        return process
+
+    def listenTCP(self, *args: Any, **kwargs: Any) -> Any:
+        return _Port(super().listenTCP(*args, **kwargs))
+
+
+def _worker_place(config: Config) -> Worker:
+    """A worker's inherited sockets and channel: real descriptors of this
+    process (the tree closes them), of the right kinds."""
+    inherited = tuple(
+        Inherited(socket.socket().detach(), socket.AF_INET, d)
+        for d in config.server.listen
+    )
+    return Worker(inherited, socket.socket(socket.AF_UNIX).detach())
+
+
+class Family:
+    """A parent and its workers in memory, their channels connected."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: Any, workers: int = 3) -> None:
+        monkeypatch.chdir(tmp_path)
+        self.config = write_config(tmp_path, workers)
+        self.reactor = Machine()
+        self.parent = make_service(self.config, self.reactor)
+        self.parent.privilegedStartService()
+        self.parent.startService()
+        self.workers: list[MirrorService] = []
+        self.pumps: list[IOPump] = []
+        for spawned, args, _ in self.reactor.spawned:
+            self.connect(spawned, args)
+
+    def connect(self, spawned: _Worker, args: list[str]) -> MirrorService:
+        assert args[1:3] == ["-m", "regmirror.worker"]
+        tree = build_tree(self.config, self.reactor, _worker_place(self.config))
+        tree.startService()
+        link = tree.getServiceNamed("processes")
+        assert isinstance(link, Parent)
+        self.pumps.append(
+            connect(
+                spawned.channel,
+                FakeTransport(spawned.channel, isServer=True),
+                link.channel,
+                FakeTransport(link.channel, isServer=False),
+                greet=False,
+            )
+        )
+        self.workers.append(tree)
+        return tree
+
+    def settle(self, pumps: list[IOPump] | None = None) -> None:
+        for _ in range(10):
+            for pump in self.pumps if pumps is None else pumps:
+                pump.flush()
+
+    def get(self, tree: MirrorService, path: str) -> bytes:
+        agent = RequestTraversalAgent(tree.mirror.site.resource)
+        d = HTTPClient(agent).get(f"http://mirror.test{path}")
+        for _ in range(3):
+            agent.flush()
+            self.settle()
+        response = result(d)
+        assert response.code == 200
+        body: bytes = result(treq.content(response))
+        return body
+
+    def requests_total(self, tree: MirrorService) -> float:
+        return requests_in(self.get(tree, "/metrics").decode())
+
+
+def requests_in(metrics: str) -> float:
+    """The sum of ``regmirror_requests_total`` in a ``/metrics`` answer."""
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in metrics.splitlines()
+        if line.startswith("regmirror_requests_total{")
+    )
+
+
+def count(tree: MirrorService, requests: int, hits: int = 0) -> None:
+    """Count *requests* answered and *hits* in *tree*'s process."""
+    metrics = tree.mirror.metrics
+    metrics.requests.labels("docker.io", "blobs", "GET", "200").inc(requests)
+    metrics.cache.labels("blob", "hit").inc(hits)
+
+
+def test_parent_and_workers_run_the_same_tree(tmp_path: Path, monkeypatch: Any) -> None:
+    """
+    A worker's tree is the parent's: the same mirror, listeners and status
+    history timer on the injected clock; only the parent does the cache's
+    housekeeping, binds its listeners rather than adopting them, and runs
+    the workers rather than a link to its parent.
+    """
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path)
+    reactor = Machine()
+    parent = make_service(config, reactor)
+    worker = build_tree(config, reactor, _worker_place(config))
+
+    def named(tree: MirrorService) -> dict[str, Any]:
+        return {service.name: service for service in tree}
+
+    ours, theirs = named(parent), named(worker)
+    listener = "listener 0: tcp:0:interface=127.0.0.1"
+    assert set(ours) - set(theirs) == {"housekeeping"}
+    assert set(theirs) == {"history", listener, "processes"}
+    for tree, place in ((ours, "parent"), (theirs, "worker")):
+        timers = {n: s for n, s in tree.items() if isinstance(s, TimerService)}
+        assert all(t.clock is reactor for t in timers.values()), place
+        assert timers["history"].step == SAMPLE_INTERVAL
+    assert ours["housekeeping"].step == HOUSEKEEPING_INTERVAL
+    assert isinstance(ours[listener], BoundListener)
+    assert isinstance(theirs[listener], AdoptedListener)
+    assert isinstance(ours["processes"], Workers)
+    assert isinstance(theirs["processes"], Parent)
+    assert parent.primary and not worker.primary
+    # Alone, the parent has no workers to run, and the same tree otherwise.
+    alone = make_service(write_config(tmp_path, workers=1), reactor)
+    assert set(named(alone)) == set(ours) - {"processes"}
+
+
+def test_worker_samples_history_and_recovers_upstreams(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """
+    A started worker samples the totals for the status page's history every
+    ``SAMPLE_INTERVAL`` (its parent away: its own totals) and looks after
+    its upstreams marked down; stopped, it leaves no timer behind.
+    """
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path)
+    reactor = MemoryReactorClock()
+    tree = build_tree(config, reactor, _worker_place(config))
+    tree.startService()
+    mirror = tree.mirror
+    count(tree, 1, hits=2)
+    reactor.advance(SAMPLE_INTERVAL)
+    assert [s["hits"] for s in mirror.history.samples] == [0, 2]
+    document = result(Deferred.fromCoroutine(mirror.status()))
+    assert len(document["history"]) == 2
+    assert mirror._recovery.running
+    result(tree.stopService())
+    assert not mirror._recovery.running
+    assert reactor.getDelayedCalls() == []
+    assert reactor.hasStopped is False  # its own stop, not the parent's end
+
+
+def test_stopping_worker_releases_its_leases(tmp_path: Path, monkeypatch: Any) -> None:
+    """A worker's tree, stopped (SIGTERM), gives up its cluster leases at
+    once instead of letting them expire, and leaves no timer behind."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(
+        tmp_path,
+        extra="\n[cluster]\nredis = redis://127.0.0.1:9/0\n"
+        "advertise = http://127.0.0.1:5000\n",
+    )
+    reactor = MemoryReactorClock()
+    redis = FakeRedis(reactor)
+    tree = build_tree(config, reactor, _worker_place(config))
+    coordinator = Coordinator(
+        reactor, REDIS_URL, "http://127.0.0.1:5000", lease_ttl=3.0, endpoint=redis
+    )
+    tree.mirror.fetcher.coordinator = coordinator
+    tree.startService()
+    reactor.advance(0)
+    lease = result(Deferred.fromCoroutine(coordinator.acquire(Digest.of(b"blob"))))
+    assert isinstance(lease, Lease)
+    stopped = tree.stopService()
+    reactor.advance(0)
+    result(stopped)
+    assert redis.named(cluster._RELEASE.encode())[0][-1] == lease.value
+    assert not any(wire.connected for wire in redis.wires)
+    assert reactor.getDelayedCalls() == []
+
+
+def test_metrics_add_up_every_process_whichever_answers(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """
+    ``/metrics`` and the status page's totals are the machine's, asked of
+    the parent or of any worker: the parent gathers every worker's families
+    over its channel and adds them up with its own.
+    """
+    family = Family(tmp_path, monkeypatch)
+    parent, (one, two) = family.parent, family.workers
+    count(parent, 1, hits=1)
+    count(one, 2, hits=2)
+    count(two, 3, hits=4)
+    for tree in (parent, one, two):
+        assert family.requests_total(tree) == 6
+        status = json.loads(family.get(tree, "/_status.json"))
+        assert status["totals"]["hits"] == 7
+
+
+def test_counts_of_ended_workers_stay(tmp_path: Path, monkeypatch: Any) -> None:
+    """
+    A worker that stops gives the parent its last counts, which stay in the
+    totals after it ended and was restarted: counters never go down.  One
+    killed counts as it last reported.
+    """
+    family = Family(tmp_path, monkeypatch)
+    parent, (one, two) = family.parent, family.workers
+    count(one, 2)
+    count(two, 3)
+    assert family.requests_total(parent) == 5
+    count(one, 10)  # not reported yet: given when it stops
+    stopped = one.stopService()
+    family.settle()
+    result(stopped)
+    count(two, 100)  # reported, then killed: lost with it
+    assert family.requests_total(parent) == 115
+    count(two, 1000)  # never reported: lost with it
+    for index, (spawned, _, _) in enumerate(family.reactor.spawned):
+        reason = ProcessDone(0) if index == 0 else ProcessDone(9)
+        spawned.processEnded(Failure(reason))
+    assert family.requests_total(parent) == 115
+    family.reactor.advance(RESTART_DELAY)
+    assert len(family.reactor.spawned) == 4
+    for spawned, args, _ in family.reactor.spawned[2:]:
+        count(family.connect(spawned, args), 1)
+    assert family.requests_total(family.workers[-1]) == 117
+
+
+def test_silent_worker_counts_as_last_reported(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A worker that does not answer within ``COLLECT_TIMEOUT`` (stopped,
+    busy) is counted as it last reported: the scrape is answered anyway."""
+    family = Family(tmp_path, monkeypatch)
+    parent, (one, two) = family.parent, family.workers
+    count(one, 2)
+    assert family.requests_total(parent) == 2
+    count(one, 5)
+    count(two, 3)
+    agent = RequestTraversalAgent(parent.mirror.site.resource)
+    answered: list[Any] = []
+    HTTPClient(agent).get("http://mirror.test/metrics").addBoth(answered.append)
+    family.settle([family.pumps[1]])  # the first worker's never moves
+    agent.flush()
+    assert answered == []
+    family.reactor.advance(COLLECT_TIMEOUT)
+    agent.flush()
+    assert answered[0].code == 200
+    body = result(treq.content(answered[0])).decode()
+    assert requests_in(body) == 2 + 3
+    assert family.requests_total(parent) == 7 + 3
+
+
+def test_worker_stops_when_its_parent_is_gone(tmp_path: Path, monkeypatch: Any) -> None:
+    """A worker whose channel to the parent ends (the parent was killed)
+    stops its reactor, rather than serving on as an orphan."""
+    family = Family(tmp_path, monkeypatch)
+    assert family.reactor.hasStopped is False
+    spawned, _, _ = family.reactor.spawned[0]
+    assert spawned.channel.transport is not None
+    spawned.channel.transport.loseConnection()
+    family.settle()
+    assert family.reactor.hasStopped is True
+
+
+def _family(name: str, samples: list[tuple[dict[str, str], float]]) -> Metric:
+    metric = GaugeMetricFamily(name, "a gauge", labels=["upstream"])
+    for labels, value in samples:
+        metric.add_metric(list(labels.values()), value)
+    return metric
+
+
+def test_combine_adds_counters_and_takes_gauges_by_their_rule() -> None:
+    """Counters add up, their ``_created`` is the earliest; downloads in
+    flight add up; an upstream is down if it is down in any process; the
+    cache's size is the first process's; samples survive JSON."""
+    processes: list[list[Metric]] = []
+    for created, value, down in ((20.0, 1.0, 0.0), (10.0, 2.0, 1.0)):
+        counter = CounterMetricFamily(
+            "regmirror_requests", "requests", labels=["status"], created=created
+        )
+        counter.add_metric(["200"], value, created=created)
+        processes.append(
+            [
+                counter,
+                _family("regmirror_upstream_down", [({"upstream": "one"}, down)]),
+                GaugeMetricFamily("regmirror_downloads_in_flight", "d", value=value),
+                GaugeMetricFamily("regmirror_cache_size_bytes", "s", value=value),
+            ]
+        )
+    combined = revive(export(combine(revive(export(p)) for p in processes)))
+    assert total(combined, "regmirror_requests_total", status="200") == 3
+    assert total(combined, "regmirror_requests_created") == 10
+    assert total(combined, "regmirror_upstream_down", upstream="one") == 1
+    assert total(combined, "regmirror_downloads_in_flight") == 3
+    assert total(combined, "regmirror_cache_size_bytes") == 1
