@@ -22,6 +22,7 @@ bring new bytes (:class:`regmirror._attempts.Attempts` decides).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Coroutine
 from typing import IO, Any
 
@@ -92,6 +93,10 @@ MAX_TAINTED = 10_000
 #: of one per upstream read (for each reader), a slow one with little delay.
 WAKE_BYTES = 1024 * 1024
 WAKE_DELAY = 0.02
+
+#: What a reader waits for when only the end of the download (verified, or
+#: failed) lets it go on: no number of appended bytes.
+UNTIL_END = sys.maxsize
 
 #: Bytes read from disk per write to a client.
 CHUNK = 256 * 1024
@@ -212,7 +217,7 @@ class Download:
             if waiter.written <= written:
                 waking.append(waiter)
             else:
-                if waiter.deadline is None:
+                if waiter.deadline is None and waiter.written != UNTIL_END:
                     waiter.deadline = late
                 staying.append(waiter)
         self._waiting = staying
@@ -1341,12 +1346,17 @@ class BlobTail:
         self.done: Deferred[None] = Deferred()
 
     def _limit(self) -> int | None:
-        """How far we may read now, or ``None`` for "to the end of the file"."""
+        """
+        How far we may read now, or ``None`` for "to the end of the file".
+        While the blob downloads, a range's last byte waits for the digest
+        as the blob's does: a range is complete at its end, and must not be
+        complete with bytes that turn out wrong.
+        """
         download = self._download
         if download is None or download.state == "done":
             return self._end
         readable = download.readable
-        return readable if self._end is None else min(readable, self._end)
+        return readable if self._end is None else min(readable, self._end - 1)
 
     def _sent(self, size: int) -> None:
         self._position += size
@@ -1388,10 +1398,12 @@ class BlobTail:
                 self._more()
 
         # Enough for a large send, but never past what is asked for (a
-        # range, or the whole blob, whose last byte comes at the end).
+        # range, or the whole blob, whose last byte comes at the end); a
+        # range whose last byte alone is left waits for the end.
         wanted = self._position + WAKE_BYTES
         if self._end is not None:
-            wanted = min(wanted, self._end + 1)
+            held = self._position >= self._end - 1
+            wanted = UNTIL_END if held else min(wanted, self._end)
         download.changed(wanted).addCallback(woke)
 
     def _more(self) -> None:

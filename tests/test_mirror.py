@@ -291,6 +291,47 @@ def test_corrupt_blob_breaks_the_stream_and_is_not_stored(
     assert mirror.cached_files() == []
 
 
+def test_range_of_a_download_under_way_waits_for_the_digest(
+    mirror: Harness, origin: FakeRegistry
+) -> None:
+    """
+    A range of a blob still downloading streams what is there, but its
+    last byte waits for the digest like a whole body's: a range of wrong
+    bytes ends as a broken stream, never as a complete 206; a range of
+    right bytes completes once the blob is verified.
+    """
+    content = image(origin)
+    layer = content["layer"]
+    origin.corrupt.add(layer)
+    origin.hold[layer] = 4096
+    response = mirror.request(
+        "GET", f"/v2/app/blobs/{layer}", headers={"Range": "bytes=0-99"}
+    )
+    assert response.code == 206
+    received: list[bytes] = []
+    d = treq.collect(response, received.append)
+    mirror.settle()
+    assert len(b"".join(received)) == 99  # all of the range but its last byte
+    assert not d.called
+    origin.release()
+    mirror.settle()
+    with pytest.raises(Exception):  # noqa: B017 (a broken connection, whatever its class)
+        result(d)
+    assert mirror.cached_files() == []
+
+    origin.corrupt.clear()
+    response = mirror.request(
+        "GET", f"/v2/app/blobs/{layer}", headers={"Range": "bytes=100-199"}
+    )
+    d = treq.collect(response, received.append)
+    mirror.settle()
+    assert not d.called
+    origin.release()
+    mirror.settle()
+    assert result(d) is None
+    assert b"".join(received)[99:] == LAYER[100:200]
+
+
 def test_concurrent_pulls_share_one_download_and_stream_early(
     mirror: Harness, origin: FakeRegistry
 ) -> None:
