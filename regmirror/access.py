@@ -4,6 +4,14 @@ Who may pull: anonymous clients by address, users from an htpasswd file
 after a Basic login (the registry token flow, so that ``docker login``
 then ``docker pull`` work).
 
+A token names the namespace of every repository it is good for, as the
+router decided it when the token was asked for; a request is let through
+with a token only for the namespace and repository the router decides for
+that request.  The challenge a refused request gets names the namespace
+the way the router reads it back at ``/token``: the realm is on the
+request's own ``Host``, carries ``?ns=`` when the request was routed by
+``ns``, and the scope names the repository as the request wrote it.
+
 Client credentials are checked here and go no further: nothing a client
 sends is ever forwarded upstream, and no password reaches a log line.
 """
@@ -19,8 +27,9 @@ import json
 import os
 import re
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 import bcrypt
 from attrs import define, field
@@ -32,10 +41,12 @@ from twisted.web.server import Request
 
 from regmirror.config import AccessConfig, Network
 from regmirror.errors import Denied, RegistryError, TooManyRequests, Unauthorized
+from regmirror.routing import Route
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-#: Which namespace a repository name (as clients write it) belongs to.
-NamespaceOf = Callable[[str], str]
+#: What a token lets its holder pull: a namespace's name and a repository
+#: in it, as its upstreams name it (``library/`` added where it is).
+Grant = tuple[str, str]
 
 #: The ``service`` our tokens are for.
 SERVICE = "regmirror"
@@ -167,15 +178,35 @@ class Tokens:
     ttl: float
     _key: bytes = field(factory=lambda: os.urandom(32))
 
-    def issue(self, user: str, repositories: Sequence[str]) -> tuple[str, float]:
+    def issue(self, user: str, grants: Iterable[Grant]) -> tuple[str, float]:
+        """
+        A token for *user* to pull *grants*, and when it expires.  The
+        claim is ``pull``, a list of ``[namespace, repository]`` pairs;
+        tokens of the former format (``repositories``: bare names, no
+        namespace) name no grant and open nothing.
+        """
         expires = self.clock.seconds() + self.ttl
         claims = {
             "sub": user,
             "exp": expires,
-            "repositories": sorted(set(repositories)),
+            "pull": [list(grant) for grant in sorted(set(grants))],
         }
         payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
         return f"{payload}.{self._sign(payload)}", expires
+
+    @staticmethod
+    def grants(claims: dict[str, Any]) -> frozenset[Grant]:
+        """What verified *claims* let their holder pull."""
+        pulls = claims.get("pull")
+        if not isinstance(pulls, list):
+            return frozenset()
+        return frozenset(
+            (pair[0], pair[1])
+            for pair in pulls
+            if isinstance(pair, list)
+            and len(pair) == 2
+            and all(isinstance(part, str) for part in pair)
+        )
 
     def verify(self, token: str) -> dict[str, Any] | None:
         payload, _, signature = token.partition(".")
@@ -274,31 +305,32 @@ class Gate:
         )
         return all(n is None or contains(n, address) for n in narrowers)
 
-    def anonymous_scopes(
-        self, address: Address, names: Sequence[str], namespace_of: NamespaceOf
-    ) -> list[str]:
-        """The repositories among *names* that *address* may pull anonymously."""
-        allowed = []
-        for name in names:
-            try:
-                namespace = namespace_of(name)
-            except RegistryError:
-                continue
-            if self.anonymous_allowed(address, namespace):
-                allowed.append(name)
-        return allowed
-
-    async def check(
-        self, request: Request, namespace: str | None, name: str | None
-    ) -> str:
+    def grantable(
+        self, address: Address, user: str | None, routes: Iterable[Route]
+    ) -> list[Grant]:
         """
-        May this request pull *name* of *namespace* (``None``: the API root)?
+        What a token for *routes* (each decided by the router from the token
+        request, as for a pull) may grant: every one to a *user*, to an
+        anonymous client (``None``) those its address may pull anyway.
+        """
+        return [
+            (route.namespace.name, route.repository)
+            for route in routes
+            if user is not None or self.anonymous_allowed(address, route.namespace.name)
+        ]
+
+    async def check(self, request: Request, route: Route | None) -> str:
+        """
+        May this request pull what the router decided, *route* (``None``:
+        the API root)?  A token must name the route's namespace and
+        repository.
 
         :return: who: ``"anonymous"`` or the user name.
         :raises Unauthorized: with a challenge, when credentials could help.
         :raises Denied: when they could not.
         """
         address = client_address(request, self.config.trusted_proxies)
+        namespace = None if route is None else route.namespace.name
         if self.anonymous_allowed(address, namespace):
             return "anonymous"
         scheme, _, credentials = (
@@ -306,20 +338,27 @@ class Gate:
         ).partition(" ")
         if scheme.lower() == "bearer" and credentials:
             claims = self.tokens.verify(credentials.strip())
-            if claims is not None and (name is None or name in claims["repositories"]):
+            if claims is None:
+                raise self._challenge(
+                    request, address, route, "invalid or expired token", "invalid_token"
+                )
+            if route is None or (namespace, route.repository) in Tokens.grants(claims):
                 return str(claims["sub"])
             raise self._challenge(
                 request,
                 address,
-                name,
-                "invalid or expired token, or not for this repository",
+                route,
+                "the token is not for this repository of this namespace",
+                "insufficient_scope",
             )
         if scheme.lower() == "basic" and credentials:
             user = await self.login(address, credentials.strip())
             if user is not None:
                 return user
-            raise self._challenge(request, address, name, "wrong user name or password")
-        raise self._challenge(request, address, name, "authentication required")
+            raise self._challenge(
+                request, address, route, "wrong user name or password"
+            )
+        raise self._challenge(request, address, route, "authentication required")
 
     async def login(self, address: Address, basic: str) -> str | None:
         """Check Basic credentials; the user, or ``None`` (counted per address)."""
@@ -370,22 +409,37 @@ class Gate:
             )
 
     def _challenge(
-        self, request: Request, address: Address, name: str | None, why: str
+        self,
+        request: Request,
+        address: Address,
+        route: Route | None,
+        why: str,
+        error: str | None = None,
     ) -> RegistryError:
         """
         A 401 with a Bearer challenge when a token could help: a user could
         log in, or (at the API root) the address may pull some namespaces
         anonymously and gets an anonymous token for them.  Else 403.
+
+        What the client sends to the realm routes to *route*'s namespace
+        again: the realm is on this request's ``Host``, has ``?ns=`` (the
+        namespace's own name) when ``ns`` chose the route, and the scope is
+        the name as this request wrote it.  *error* (RFC 6750) tells why a
+        token was refused; containerd then asks the realm again.
         """
-        partly_open = name is None and contains(self.config.anonymous, address)
+        partly_open = route is None and contains(self.config.anonymous, address)
         if self._htpasswd is None and not partly_open:
             return Denied(f"access denied: {why}")
         scheme = _scheme(request, self.config.trusted_proxies)
         host = _text(request.getHeader(b"host")) or "localhost"
         realm = f"{scheme}://{host}/token"
+        if route is not None and route.via == "ns":
+            realm += "?" + urlencode({"ns": route.namespace.name})
         challenge = f'Bearer realm="{realm}",service="{SERVICE}"'
-        if name is not None:
-            challenge += f',scope="repository:{name}:pull"'
+        if route is not None:
+            challenge += f',scope="repository:{route.client_name}:pull"'
+        if error is not None:
+            challenge += f',error="{error}"'
         return Unauthorized(why, {"WWW-Authenticate": challenge})
 
 

@@ -6,11 +6,16 @@ header listed in a namespace's ``hosts``, a first path component naming a
 namespace or alias (``/v2/ghcr.io/org/app/...``), else the default
 namespace.  A name whose first component looks like a registry host the
 config does not name is refused: the mirror is no open proxy.
+
+This is the only place a namespace is decided: for a pull, and for each
+scope of a token request (see :mod:`regmirror.access`), so that a token
+names the namespace a pull routed the same way reaches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from attrs import frozen
 
@@ -18,6 +23,9 @@ from regmirror.config import NamespaceConfig
 from regmirror.errors import NameInvalid, NameUnknown
 from regmirror.pool import UpstreamPool
 from regmirror.reference import validate_name
+
+#: What chose a route's namespace.
+Via = Literal["ns", "host", "prefix", "default"]
 
 
 @frozen
@@ -27,12 +35,15 @@ class Route:
     :ivar pool: its upstreams.
     :ivar repository: the name to ask upstream for (``library/`` added).
     :ivar client_name: the name as the client wrote it, for links back.
+    :ivar via: what chose the namespace: the ``ns`` parameter, the ``Host``
+        header, the name's first component, or nothing (the default).
     """
 
     namespace: NamespaceConfig
     pool: UpstreamPool
     repository: str
     client_name: str
+    via: Via = "default"
 
 
 def _looks_like_registry(component: str) -> bool:
@@ -65,39 +76,37 @@ class Router:
         :raises NameUnknown: for a namespace the config does not name.
         """
         validate_name(name)
-        chosen = self._select(name, ns, host)
-        namespace, pool = chosen[0]
-        repository = chosen[1]
+        (namespace, pool), repository, via = self._select(name, ns, host)
         if namespace.library and "/" not in repository:
             repository = f"library/{repository}"
-        return Route(namespace, pool, validate_name(repository), name)
+        return Route(namespace, pool, validate_name(repository), name, via)
 
     def _select(
         self, name: str, ns: str | None, host: str | None
-    ) -> tuple[tuple[NamespaceConfig, UpstreamPool], str]:
+    ) -> tuple[tuple[NamespaceConfig, UpstreamPool], str, Via]:
         if ns is not None:
             found = self._by_name.get(ns.lower())
             if found is None:
                 raise NameUnknown(
                     f"namespace {ns[:80]!r} is not configured on this mirror"
                 )
-            return found, name
+            return found, name, "ns"
         if host:
             lowered = host.lower()
             found = self._by_host.get(lowered) or self._by_host.get(
                 lowered.rsplit(":", 1)[0]
             )
             if found is not None:
-                return found, name
+                return found, name, "host"
         first, slash, rest = name.partition("/")
         if slash:
             found = self._by_name.get(first)
             if found is not None:
-                return found, rest
+                return found, rest, "prefix"
             if _looks_like_registry(first):
                 raise NameUnknown(
                     f"namespace {first!r} is not configured on this mirror"
                 )
         if self._default is None:  # the config guarantees one
             raise NameInvalid("no default namespace")
-        return self._default, name
+        return self._default, name, "default"

@@ -25,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from regmirror import nodes
 from regmirror._resource import ReadOnlyResource
 from regmirror._sendfile import SocketSender
-from regmirror.access import Gate, NamespaceOf, client_address
+from regmirror.access import Gate, client_address
 from regmirror.channel import _PlainOnly
 from regmirror.cluster import CoordinatorDown
 from regmirror.errors import (
@@ -121,6 +121,31 @@ def _query(request: Request, name: str) -> str | None:
     if not values:
         return None
     return values[0].decode("utf-8", "replace")
+
+
+def route_request(router: Router, request: Request, name: str) -> Route:
+    """
+    The route of a request for repository *name*, from its ``ns`` parameter
+    and ``Host`` header: the one decision of a request's namespace, for a
+    pull and for a token (``/token`` routes each scope's name with its own
+    ``ns`` and ``Host``, which a client takes from our challenge's realm).
+
+    :raises BadRequest: for ``ns`` given more than once.
+    """
+    return router.route(name, ns=_ns(request), host=_text_header(request, "Host"))
+
+
+def _ns(request: Request) -> str | None:
+    """
+    The ``ns`` parameter.
+
+    :raises BadRequest: when given more than once: which one counts would
+        depend on who reads it (a proxy in front, or us).
+    """
+    values = request.args.get(b"ns") or []
+    if len(values) > 1:
+        raise BadRequest(f"{len(values)} ns parameters; one allowed")
+    return _query(request, "ns")
 
 
 def _text_header(request: Request, name: str) -> str | None:
@@ -303,18 +328,14 @@ class RegistryAPI(Resource):
         labels["endpoint"] = api.endpoint
         if api.endpoint == "base":
             if self._gate is not None:
-                labels["user"] = await self._gate.check(request, None, None)
+                labels["user"] = await self._gate.check(request, None)
             _write_body(request, "application/json", b"{}")
             return
-        route = self._router.route(
-            api.name, ns=_query(request, "ns"), host=_text_header(request, "Host")
-        )
+        route = route_request(self._router, request, api.name)
         request.setHeader("OCI-Namespace", route.namespace.name)
         labels["namespace"] = route.namespace.name
         if self._gate is not None:
-            labels["user"] = await self._gate.check(
-                request, route.namespace.name, api.name
-            )
+            labels["user"] = await self._gate.check(request, route)
         if api.endpoint == "manifests":
             await self._manifest(request, route, api.reference)
         elif api.endpoint == "blobs":
@@ -718,16 +739,20 @@ def _paginate(body: bytes, n: int | None, last: str | None) -> tuple[bytes, str 
 class TokenResource(ReadOnlyResource):
     """
     ``/token``: the registry token endpoint.  A Basic login gets a token for
-    the repositories named in its ``scope`` parameters.
+    the repositories named in its ``scope`` parameters, an anonymous client
+    one for those of them its address may pull anyway.  Each scope's name
+    is routed with this request's ``ns`` and ``Host`` by the router that
+    routes pulls, and the token names the namespace so decided: it is good
+    for that namespace only, however the pull is routed.
     """
 
     isLeaf = True
     log = Logger()
 
-    def __init__(self, gate: Gate, namespace_of: NamespaceOf) -> None:
+    def __init__(self, gate: Gate, router: Router) -> None:
         super().__init__()
         self._gate = gate
-        self._namespace_of = namespace_of
+        self._router = router
 
     def render_GET(self, request: Request) -> Any:
         d = Deferred.fromCoroutine(self._issue(request))
@@ -738,17 +763,22 @@ class TokenResource(ReadOnlyResource):
         gate = self._gate
         try:
             _refuse_repeated(request)
+            _ns(request)
             address = client_address(request, gate.config.trusted_proxies)
             scheme, _, credentials = (
                 _text_header(request, "Authorization") or ""
             ).partition(" ")
-            repositories = []
+            routes = []
             for value in request.args.get(b"scope", []):
                 for scope in value.decode("utf-8", "replace").split(" "):
                     kind, _, rest = scope.partition(":")
                     name, _, actions = rest.rpartition(":")
                     if kind == "repository" and "pull" in actions.split(","):
-                        repositories.append(name)
+                        try:
+                            routes.append(route_request(self._router, request, name))
+                        except RegistryError:
+                            continue  # a name no pull could use: no grant
+            user: str | None = None
             if scheme.lower() == "basic" and credentials:
                 user = await gate.login(address, credentials.strip())
                 if user is None:
@@ -756,15 +786,11 @@ class TokenResource(ReadOnlyResource):
                         "wrong user name or password",
                         {"WWW-Authenticate": 'Basic realm="regmirror"'},
                     )
-            else:
-                # Anonymous clients (the Docker daemon through
-                # registry-mirrors) get a token for what their address may
-                # pull anyway, as Docker Hub gives anonymous tokens.
-                user = "anonymous"
-                repositories = gate.anonymous_scopes(
-                    address, repositories, self._namespace_of
-                )
-            token, expires = gate.tokens.issue(user, repositories)
+            # Anonymous clients (the Docker daemon through registry-mirrors)
+            # get a token for what their address may pull anyway, as Docker
+            # Hub gives anonymous tokens.
+            grants = gate.grantable(address, user, routes)
+            token, expires = gate.tokens.issue(user or "anonymous", grants)
         except RegistryError as error:
             if not request.finished:
                 write_error(request, error)

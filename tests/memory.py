@@ -32,10 +32,18 @@ from regmirror.web import RegistryAPI, Root, TokenResource
 
 LAYER = bytes(range(256)) * 40  # 10 KiB
 CONFIG = b'{"architecture":"amd64","os":"linux"}'
+#: the other names the harness's namespaces answer to: a path prefix
+#: (or ``ns``) alias and a ``Host`` header each
+DOCKER_ALIAS, DOCKER_HOST = "index.docker.io", "hub.mirror.test"
+GHCR_ALIAS, GHCR_HOST = "ghcr.alias.test", "ghcr.mirror.test"
 
 
 class Harness:
-    """A mirror with one namespace over the given fake upstreams."""
+    """
+    A mirror over the given fake upstreams with two namespaces: docker.io
+    (the default, every upstream) and ghcr.io (the last upstream), each also
+    reachable by an alias and a ``Host`` header.
+    """
 
     def __init__(
         self,
@@ -73,9 +81,21 @@ class Harness:
         ]
         self.upstreams = {upstream.name: upstream for upstream in clients}
         namespace = NamespaceConfig(
-            "docker.io", tuple(self.stubs), clients[-1].name, default=True, library=True
+            "docker.io",
+            tuple(self.stubs),
+            clients[-1].name,
+            default=True,
+            library=True,
+            aliases=(DOCKER_ALIAS,),
+            hosts=(DOCKER_HOST,),
         )
-        ghcr = NamespaceConfig("ghcr.io", (clients[-1].name,), clients[-1].name)
+        ghcr = NamespaceConfig(
+            "ghcr.io",
+            (clients[-1].name,),
+            clients[-1].name,
+            aliases=(GHCR_ALIAS,),
+            hosts=(GHCR_HOST,),
+        )
         self.metrics = Metrics()
         pool = UpstreamPool("docker.io", clients, clients[-1], metrics=self.metrics)
         self.pools = {"docker.io": pool}
@@ -96,9 +116,7 @@ class Harness:
         children: dict[bytes, Resource] = {}
         if access is not None:
             self.gate = Gate(access, self.clock, maybeDeferred, narrower or {})
-            children[b"token"] = TokenResource(
-                self.gate, lambda name: router.route(name).namespace.name
-            )
+            children[b"token"] = TokenResource(self.gate, router)
         api = RegistryAPI(router, self.fetcher, self.clock, self.metrics, self.gate)
         if coordinator is not None:
             children[nodes.PATH] = api

@@ -4,22 +4,36 @@ the mirror's own tokens, in memory."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import bcrypt
 import pytest
-from fakeregistry import FakeRegistry
-from memory import Harness, error_code, image
+from attrs import frozen
+from fakeregistry import FakeRegistry, digest_of
+from memory import (
+    DOCKER_ALIAS,
+    DOCKER_HOST,
+    GHCR_ALIAS,
+    GHCR_HOST,
+    LAYER,
+    Harness,
+    error_code,
+    image,
+)
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent
 
 from regmirror.access import Tokens, shared_key
 from regmirror.config import EVERYONE, AccessConfig, parse_networks
 
-PASSWORD = "correct horse"
+ALICE, PASSWORD = "alice", "correct horse"
 
 
 def basic(user: str, password: str) -> dict[str, str]:
@@ -251,7 +265,7 @@ def test_token_key_is_shared_through_the_cache(tmp_path: Path) -> None:
     clock = Clock()
     one = Tokens(clock, 60.0, first)
     two = Tokens(clock, 60.0, second)
-    token, _ = one.issue("alice", ["app"])
+    token, _ = one.issue("alice", [("docker.io", "library/app")])
     assert two.verify(token) is not None
 
 
@@ -308,3 +322,402 @@ def test_token_endpoint_answers_an_internal_error(
     assert answer.code == 500
     assert error_code(harness, answer) == "UNKNOWN"
     assert any(e.get("log_failure") is not None for e in logged)
+
+
+# -- one namespace decision for the token and the request ------------------------
+
+
+@frozen
+class Form:
+    """
+    One way of asking for ``org/app`` (tag ``v1``): the repository name as
+    written in the path, the query string, and the ``Host`` header.
+    """
+
+    namespace: str
+    name: str
+    query: str = ""
+    host: str = "mirror.test"
+
+    def path(self, endpoint: str) -> str:
+        return f"/v2/{self.name}/{endpoint}" + (f"?{self.query}" if self.query else "")
+
+
+#: every routing form of each namespace, near variants included
+FORMS = {
+    "docker.io default": Form("docker.io", "org/app"),
+    "docker.io prefix": Form("docker.io", "docker.io/org/app"),
+    "docker.io ns": Form("docker.io", "org/app", "ns=docker.io"),
+    "docker.io ns alias": Form("docker.io", "org/app", f"ns={DOCKER_ALIAS}"),
+    "docker.io host": Form("docker.io", "org/app", host=DOCKER_HOST),
+    "docker.io alias": Form("docker.io", f"{DOCKER_ALIAS}/org/app"),
+    "ghcr.io prefix": Form("ghcr.io", "ghcr.io/org/app"),
+    "ghcr.io ns": Form("ghcr.io", "org/app", "ns=ghcr.io"),
+    "ghcr.io ns upper case": Form("ghcr.io", "org/app", "ns=GHCR.IO"),
+    "ghcr.io ns percent-encoded": Form("ghcr.io", "org/app", "ns=ghcr%2Eio"),
+    "ghcr.io ns alias": Form("ghcr.io", "org/app", f"ns={GHCR_ALIAS}"),
+    "ghcr.io host": Form("ghcr.io", "org/app", host=GHCR_HOST),
+    "ghcr.io host port case": Form(
+        "ghcr.io", "org/app", host=f"{GHCR_HOST.upper()}:5000"
+    ),
+    "ghcr.io alias": Form("ghcr.io", f"{GHCR_ALIAS}/org/app"),
+}
+#: where a client outside every narrowed network, and one inside, come from
+OUTSIDE, INSIDE = "192.0.2.1", "10.1.2.3"
+
+
+def two_namespaces(tmp_path: Path, anonymous: str, ghcr: str | None) -> Harness:
+    """
+    A mirror whose upstream has ``org/app:v1``, with ``[access] anonymous``
+    and ghcr.io's own ``anonymous`` (``None``: not narrowed).
+    """
+    harness, _ = guarded(
+        tmp_path,
+        anonymous=anonymous,
+        narrower=None if ghcr is None else {"ghcr.io": ghcr},
+    )
+    return harness
+
+
+#: the endpoints of a pull of ``org/app:v1``, and its tag list
+ENDPOINTS = ("manifests/v1", "tags/list", f"blobs/{digest_of(LAYER)}")
+
+
+def ask(
+    harness: Harness,
+    form: Form,
+    endpoint: str,
+    address: str = OUTSIDE,
+    authorization: str | None = None,
+) -> Any:
+    """A request of *form* for *endpoint* from *address*."""
+    headers = {"Host": form.host, "X-Forwarded-For": address}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    return harness.request("GET", form.path(endpoint), headers=headers)
+
+
+def challenge_of(response: Any) -> dict[str, str]:
+    """The parameters of a response's Bearer challenge."""
+    (value,) = response.headers.getRawHeaders("WWW-Authenticate")
+    scheme, _, rest = value.partition(" ")
+    assert scheme == "Bearer", value
+    return dict(re.findall(r'(\w+)="([^"]*)"', rest))
+
+
+def token_from_realm(
+    harness: Harness,
+    realm: str,
+    scope: str,
+    address: str = OUTSIDE,
+    authorization: str | None = None,
+) -> str:
+    """
+    What a client does with a challenge: ask the realm (keeping its query)
+    for a token for *scope*, with Basic credentials or none.
+    """
+    parts = urlsplit(realm)
+    query = "&".join(
+        part
+        for part in (parts.query, urlencode({"service": "regmirror", "scope": scope}))
+        if part
+    )
+    headers = {"Host": parts.netloc, "X-Forwarded-For": address}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    answer = harness.request("GET", f"{parts.path}?{query}", headers=headers)
+    assert answer.code == 200, harness.body(answer)
+    return str(json.loads(harness.body(answer))["token"])
+
+
+def client_token(
+    harness: Harness,
+    form: Form,
+    address: str = OUTSIDE,
+    authorization: str | None = None,
+) -> str:
+    """
+    The token a registry client gets for pulling *form*: from the realm
+    and scope of the request's own challenge when it is challenged
+    (containerd), else from the challenge of its ``/v2/`` ping with a scope
+    of its own (Docker, skopeo: they ping first), as anonymous or with
+    *authorization* (Basic).
+    """
+    first = ask(harness, form, "manifests/v1", address)
+    ping = harness.request(
+        "GET", "/v2/", headers={"Host": form.host, "X-Forwarded-For": address}
+    )
+    if first.code == 401:
+        parameters = challenge_of(first)
+        realm, scope = parameters["realm"], parameters["scope"]
+    elif ping.code == 401:
+        realm = challenge_of(ping)["realm"]
+        scope = f"repository:{form.name}:pull"
+    else:
+        # Nothing is challenged for this address: no client would ask for
+        # a token, but one may, from the realm it would be given.
+        realm = f"http://{form.host}/token" + (f"?{form.query}" if form.query else "")
+        scope = f"repository:{form.name}:pull"
+    return token_from_realm(harness, realm, scope, address, authorization)
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
+def outcomes(
+    harness: Harness, forms: list[str], token: str, address: str = OUTSIDE
+) -> dict[tuple[str, str], int]:
+    """The status of every endpoint of every form named, with *token*."""
+    return {
+        (name, endpoint): ask(
+            harness, FORMS[name], endpoint, address, bearer(token)
+        ).code
+        for name in forms
+        for endpoint in ENDPOINTS
+    }
+
+
+DOCKER_FORMS = [name for name, form in FORMS.items() if form.namespace == "docker.io"]
+GHCR_FORMS = [name for name, form in FORMS.items() if form.namespace == "ghcr.io"]
+
+
+@pytest.mark.parametrize("ghcr", ["none", "10.0.0.0/8"])
+@pytest.mark.parametrize("who", ["anonymous", "alice"])
+def test_a_token_for_the_open_namespace_never_opens_a_closed_one(
+    tmp_path: Path, ghcr: str, who: str
+) -> None:
+    """
+    docker.io is open to everyone, ghcr.io closed (``anonymous = none``) or
+    narrowed to a network the client is not in.  A token issued at
+    ``/token`` for docker.io's ``org/app``, however the client routed its
+    token request (default, prefix, ``ns``, alias, Host), anonymous or as a
+    user who may pull ghcr.io, is refused (401, ``insufficient_scope``) for
+    ``org/app`` of ghcr.io by every routing form and endpoint, and ghcr.io's
+    upstream is not asked.
+    """
+    harness = two_namespaces(tmp_path, "any", ghcr)
+    credentials = (
+        None if who == "anonymous" else basic(ALICE, PASSWORD)["Authorization"]
+    )
+    origin = harness.fakes["origin"]
+    for name in DOCKER_FORMS:
+        form = FORMS[name]
+        token = token_from_realm(
+            harness,
+            f"http://{form.host}/token" + (f"?{form.query}" if form.query else ""),
+            f"repository:{form.name}:pull",
+            authorization=credentials,
+        )
+        assert outcomes(harness, [name], token) == dict.fromkeys(
+            [(name, e) for e in ENDPOINTS], 200
+        )
+        asked = len(origin.requests)
+        refused = outcomes(harness, GHCR_FORMS, token)
+        assert refused == dict.fromkeys(refused, 401), (name, refused)
+        assert len(origin.requests) == asked
+        answer = ask(
+            harness, FORMS["ghcr.io ns"], "manifests/v1", OUTSIDE, bearer(token)
+        )
+        assert challenge_of(answer)["error"] == "insufficient_scope"
+
+
+@pytest.mark.parametrize("issued_by", list(FORMS))
+def test_a_token_pulls_its_own_namespace_by_every_form_and_no_other(
+    tmp_path: Path, issued_by: str
+) -> None:
+    """
+    With both namespaces closed to anonymous clients, alice's token got the
+    way a client gets it for one routing form (the realm and scope of that
+    request's challenge) pulls ``org/app`` of that namespace through every
+    routing form, and is refused (401) for ``org/app`` of the other.
+    """
+    harness = two_namespaces(tmp_path, "none", None)
+    form = FORMS[issued_by]
+    token = client_token(
+        harness, form, authorization=basic(ALICE, PASSWORD)["Authorization"]
+    )
+    own = DOCKER_FORMS if form.namespace == "docker.io" else GHCR_FORMS
+    other = GHCR_FORMS if form.namespace == "docker.io" else DOCKER_FORMS
+    served = outcomes(harness, own, token)
+    assert served == dict.fromkeys(served, 200)
+    refused = outcomes(harness, other, token)
+    assert refused == dict.fromkeys(refused, 401)
+
+
+@pytest.mark.parametrize("ghcr", ["none", "10.0.0.0/8"])
+def test_every_routing_form_under_every_access_setting(
+    tmp_path: Path, ghcr: str
+) -> None:
+    """
+    docker.io open to everyone, ghcr.io closed or narrowed to 10.0.0.0/8;
+    clients inside and outside that network, with no credentials, alice's
+    Basic credentials, an anonymous token and alice's token, each token got
+    as a client gets it for that routing form.  A client is served exactly
+    when its address may pull the namespace anonymously or it is alice:
+    an anonymous token adds nothing.
+    """
+    harness = two_namespaces(tmp_path, "any", ghcr)
+    alice = basic(ALICE, PASSWORD)["Authorization"]
+    wrong: list[tuple[str, str, str, str, int]] = []
+    for name, form in FORMS.items():
+        for address in (OUTSIDE, INSIDE):
+            open_to_address = form.namespace == "docker.io" or (
+                ghcr != "none" and address == INSIDE
+            )
+            credentials = {
+                "nothing": None,
+                "basic": alice,
+                "anonymous token": bearer(client_token(harness, form, address)),
+                "alice's token": bearer(client_token(harness, form, address, alice)),
+            }
+            for what, authorization in credentials.items():
+                expected = (
+                    200
+                    if open_to_address or "alice" in what or what == "basic"
+                    else 401
+                )
+                for endpoint in ENDPOINTS:
+                    code = ask(harness, form, endpoint, address, authorization).code
+                    if code != expected:
+                        wrong.append((name, address, what, endpoint, code))
+    assert wrong == []
+
+
+@pytest.mark.parametrize(
+    ("name", "realm_query"),
+    [
+        ("ghcr.io prefix", ""),
+        ("ghcr.io ns", "?ns=ghcr.io"),
+        ("ghcr.io ns upper case", "?ns=ghcr.io"),
+        ("ghcr.io ns alias", "?ns=ghcr.io"),
+        ("ghcr.io host", ""),
+        ("ghcr.io alias", ""),
+    ],
+)
+def test_the_challenge_names_what_token_routes_back_to_the_namespace(
+    tmp_path: Path, name: str, realm_query: str
+) -> None:
+    """
+    The challenge of a request routed by ``ns`` names the namespace in the
+    realm's query (``?ns=ghcr.io``, its own name whatever the client
+    wrote); a request routed by Host names that Host in the realm; the
+    scope names the repository as the request wrote it.  A token that does
+    not cover the request is ``error="insufficient_scope"``, one that is
+    no good ``error="invalid_token"`` (containerd then asks the realm
+    again).
+    """
+    harness = two_namespaces(tmp_path, "any", "none")
+    form = FORMS[name]
+    plain = challenge_of(ask(harness, form, "manifests/v1"))
+    assert plain == {
+        "realm": f"http://{form.host}/token{realm_query}",
+        "service": "regmirror",
+        "scope": f"repository:{form.name}:pull",
+    }
+    anonymous = client_token(harness, FORMS["docker.io default"])
+    other = challenge_of(ask(harness, form, "manifests/v1", OUTSIDE, bearer(anonymous)))
+    assert other == {**plain, "error": "insufficient_scope"}
+    forged = challenge_of(ask(harness, form, "manifests/v1", OUTSIDE, "Bearer x.y"))
+    assert forged == {**plain, "error": "invalid_token"}
+
+
+def test_ns_is_read_once_and_by_its_exact_name(tmp_path: Path) -> None:
+    """
+    ``ns`` given twice is refused (400) at the API and at ``/token``, in
+    either order, and nothing is asked upstream; ``NS`` is no routing
+    parameter anywhere: ``/v2/org/app/...?NS=ghcr.io`` is docker.io's, and
+    an anonymous token asked with ``?NS=ghcr.io`` is docker.io's too.
+    """
+    harness = two_namespaces(tmp_path, "any", "none")
+    origin = harness.fakes["origin"]
+    for query in (
+        "ns=docker.io&ns=ghcr.io",
+        "ns=ghcr.io&ns=docker.io",
+        "ns=ghcr.io&ns=ghcr.io",
+    ):
+        for endpoint in ENDPOINTS:
+            answer = ask(harness, Form("ghcr.io", "org/app", query), endpoint)
+            assert answer.code == 400, (query, endpoint)
+        issued = harness.request(
+            "GET",
+            f"/token?{query}&scope=repository:org/app:pull",
+            headers=basic(ALICE, PASSWORD),
+        )
+        assert issued.code == 400
+        assert "token" not in json.loads(harness.body(issued))
+    assert origin.requests == []
+
+    upper = Form("docker.io", "org/app", "NS=ghcr.io")
+    served = ask(harness, upper, "manifests/v1")
+    assert served.code == 200
+    assert served.headers.getRawHeaders("OCI-Namespace") == ["docker.io"]
+    token = token_from_realm(
+        harness, "http://mirror.test/token?NS=ghcr.io", "repository:org/app:pull"
+    )
+    refused = outcomes(harness, GHCR_FORMS, token)
+    assert refused == dict.fromkeys(refused, 401)
+
+
+@pytest.mark.parametrize(
+    ("scope", "grants"),
+    [
+        ("repository%3Aghcr.io%2Forg%2Fapp%3Apull", True),
+        ("repository:ghcr.io%2Forg/app:pull", True),
+        ("repository:ghcr.io%252Forg%252Fapp:pull", False),
+        ("repository:ghcr.io/org/../org/app:pull", False),
+        ("repository:GHCR.IO/org/app:pull", False),
+    ],
+)
+def test_percent_encoded_scopes(tmp_path: Path, scope: str, grants: bool) -> None:
+    """
+    A scope is decoded once, as any query parameter, then routed like a
+    request's path: ``ghcr.io%2Forg%2Fapp`` is ghcr.io's ``org/app`` (for
+    alice; an anonymous client gets nothing for it), a double encoding or
+    a name the grammar refuses grants nothing.
+    """
+    harness = two_namespaces(tmp_path, "any", "none")
+    for authorization, expected in (
+        (basic(ALICE, PASSWORD)["Authorization"], 200 if grants else 401),
+        (None, 401),
+    ):
+        headers = {"X-Forwarded-For": OUTSIDE}
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        issued = harness.request(
+            "GET", f"/token?service=regmirror&scope={scope}", headers=headers
+        )
+        assert issued.code == 200
+        token = json.loads(harness.body(issued))["token"]
+        answers = outcomes(harness, GHCR_FORMS, token)
+        assert answers == dict.fromkeys(answers, expected), authorization
+
+
+def test_a_token_in_the_former_format_is_refused(tmp_path: Path) -> None:
+    """
+    A token signed with the mirror's key in the former format (bare
+    repository names, no namespace) opens nothing any more, not even the
+    repository it names.
+    """
+    harness, _ = guarded(tmp_path)
+    assert harness.gate is not None
+    payload = (
+        base64.urlsafe_b64encode(
+            json.dumps(
+                {"sub": "alice", "exp": 10**12, "repositories": ["org/app"]}
+            ).encode()
+        )
+        .decode()
+        .rstrip("=")
+    )
+    signature = (
+        base64.urlsafe_b64encode(
+            hmac.new(harness.gate.key, payload.encode(), hashlib.sha256).digest()
+        )
+        .decode()
+        .rstrip("=")
+    )
+    token = f"{payload}.{signature}"
+    assert harness.gate.tokens.verify(token) is not None  # well signed
+    answers = outcomes(harness, list(FORMS), token)
+    assert answers == dict.fromkeys(answers, 401)

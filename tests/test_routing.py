@@ -233,3 +233,32 @@ def test_default_namespace_without_library() -> None:
     assert route.namespace == default
     assert route.pool is pool
     assert route.repository == "busybox"
+
+
+@pytest.mark.parametrize(
+    ("name", "ns", "host", "namespace", "via"),
+    [
+        ("org/app", "ghcr.io", None, GHCR, "ns"),
+        ("org/app", "Index.Docker.IO", "ghcr.mirror.example", DOCKER, "ns"),
+        ("org/app", None, "GHCR.Mirror.Example:5000", GHCR, "host"),
+        ("ghcr.io/org/app", None, "elsewhere.example", GHCR, "prefix"),
+        ("index.docker.io/org/app", None, None, DOCKER, "prefix"),
+        ("org/app", None, "elsewhere.example", DOCKER, "default"),
+        ("org/app", None, None, DOCKER, "default"),
+    ],
+)
+def test_a_route_says_what_chose_its_namespace(
+    router: Router,
+    name: str,
+    ns: str | None,
+    host: str | None,
+    namespace: NamespaceConfig,
+    via: str,
+) -> None:
+    """
+    A route names what chose its namespace (``ns``, Host, the path prefix,
+    or the default), so that the access check can challenge a client with a
+    realm that routes its token request the same way.
+    """
+    route = router.route(name, ns=ns, host=host)
+    assert (route.namespace, route.via) == (namespace, via)
