@@ -59,6 +59,20 @@ def allowed_methods(target: bytes) -> tuple[bytes, ...]:
     return _METHODS.get(unquote_to_bytes(first[0]) if first else b"", _ANYWHERE)
 
 
+def _bare_lf(before: bytes, data: bytes) -> bool:
+    """Does *data* (after the byte *before*) hold an LF without its CR?"""
+    start = 0
+    for _ in range(len(data)):
+        index = data.find(b"\n", start)
+        if index < 0:
+            return False
+        previous = data[index - 1 : index] if index else before
+        if previous != b"\r":
+            return True
+        start = index + 1
+    return False
+
+
 class MirrorChannel(HTTPChannel):
     """
     twisted.web's HTTP connection, hardened for a read-only registry on the
@@ -78,6 +92,8 @@ class MirrorChannel(HTTPChannel):
 
     _head_timer: Any = None
     _refused = False
+    #: the last byte received, for a CRLF split between two reads
+    _before = b""
     #: between a request line and the end of its head
     _in_head = False
     _method = b""
@@ -92,6 +108,12 @@ class MirrorChannel(HTTPChannel):
         # must be cut too.
         if self._head_timer is None and self.line_mode and not self._refused:
             self._head_timer = self.callLater(HEADER_TIMEOUT, self._head_too_slow)
+        if self.line_mode and not self._refused and _bare_lf(self._before, data):
+            # Lines end with CRLF here; a head of bare LFs would otherwise
+            # wait, one unfinished line, for the head timeout.
+            self._refuse(400, "request lines must end with CRLF, not a bare LF")
+            return
+        self._before = data[-1:] or self._before
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:

@@ -354,3 +354,33 @@ def test_request_head_at_the_limits_is_served() -> None:
     assert raw.count(b"HTTP/1.1 200 ") == 2, raw[:300]
     assert leaf.rendered == [b"GET", b"GET"]
     assert not transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [b"GET /v2/ HTTP/1.1\nHost: x\n\n"],
+        [b"GET /v2/ HTTP/1.1\r\nHost: x\n\r\n"],
+        [b"GET /v2/ HTTP/1.1\r", b"\nHost: x\n"],
+        [b"GET /v2/ HTTP/1.1\r\n", b"\nHost: x\r\n\r\n"],
+    ],
+    ids=["bare-lf", "mixed", "split-crlf-then-lf", "lf-after-split"],
+)
+def test_bare_lf_gets_400_at_once(pieces: list[bytes]) -> None:
+    """A head whose lines end with a bare LF is answered 400 at once, not
+    after the 30 s head timeout; a CRLF split between two reads is fine."""
+    channel, transport, leaf = _connect()
+    for piece in pieces:
+        channel.dataReceived(piece)
+    assert transport.value().startswith(b"HTTP/1.1 400 "), transport.value()
+    assert transport.disconnecting
+    assert leaf.rendered == []
+
+
+def test_crlf_split_between_reads_is_served() -> None:
+    """Every byte in its own read: CRLF split across reads is a line end."""
+    channel, transport, leaf = _connect()
+    for byte in b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n":
+        channel.dataReceived(bytes([byte]))
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+    assert leaf.rendered == [b"GET"]
