@@ -1,24 +1,38 @@
-"""Several worker processes sharing the listeners and one cache."""
+"""
+Several worker processes sharing the listeners and one cache, each running
+the parent's service tree: one view of the metrics and the status page's
+totals whichever process answers, the status history in every process,
+and a clean stop of each.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import re
 import signal
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from .harness import (
+    _LABEL,
+    _SAMPLE,
     LOCALHOST,
     MirrorProcess,
     RegistryProcess,
+    free_port,
+    http_request,
     mirror_config,
     poll_until,
+    port_is_free,
 )
 from .images import Catalog
 
@@ -34,6 +48,79 @@ def workers_of(mirror: MirrorProcess) -> list[int]:
         text=True,
     )
     return [int(pid) for pid in found.stdout.split()]
+
+
+def two_processes(port: int, upstream_url: str) -> str:
+    return mirror_config(port, upstream_url).replace(
+        "[cache]", "workers = 2\n\n[cache]"
+    )
+
+
+def serving_worker(mirror: MirrorProcess) -> int:
+    """Wait (bounded) for the mirror's one worker to serve; its pid."""
+    poll_until(
+        lambda: len(workers_of(mirror)) == 1,
+        timeout=15,
+        describe=lambda: "no worker process",
+    )
+    (worker,) = workers_of(mirror)
+    mirror.wait_for_log(rf"worker {worker} serving", timeout=15)
+    return worker
+
+
+def alive(pid: int) -> bool:
+    """Is *pid* a process that has not exited (a zombie has)?"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """*pid* stopped (SIGSTOP) meanwhile: the other process takes every
+    connection."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def requests_total(metrics: bytes) -> float:
+    """The sum of every ``regmirror_requests_total`` sample of a scrape."""
+    found = 0.0
+    for line in metrics.decode().splitlines():
+        sample = _SAMPLE.fullmatch(line)
+        if sample is not None and sample["name"] == "regmirror_requests_total":
+            assert dict(_LABEL.findall(sample["labels"] or ""))
+            found += float(sample["value"])
+    return found
+
+
+def ask(port: int) -> tuple[dict[str, Any], float]:
+    """
+    ``/_status.json``, then ``/metrics`` on the same connection, so from
+    the same process (the document's ``pid``): the document, and the sum
+    of ``regmirror_requests_total``.
+    """
+    connection = http.client.HTTPConnection(LOCALHOST, port, timeout=10)
+    try:
+        connection.request("GET", "/_status.json")
+        status = json.loads(connection.getresponse().read())
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        assert response.status == 200
+        return status, requests_total(response.read())
+    finally:
+        connection.close()
+
+
+def get_ok(port: int, path: str, times: int = 1) -> None:
+    """*times* GETs of *path*, each on a new connection, each a 200."""
+    for _ in range(times):
+        assert http_request(port, "GET", path).status == 200
 
 
 def pull(port: int, path: str, digests: list[str]) -> None:
@@ -96,3 +183,135 @@ def test_two_workers_share_one_download_and_one_log(
         describe=lambda: "the worker was not restarted",
     )
     assert "restarting it" in mirror.log()
+
+
+def test_metrics_and_status_totals_are_every_process(
+    catalog: Catalog,
+    upstream: RegistryProcess,
+    start_mirror: Callable[..., MirrorProcess],
+) -> None:
+    """
+    Requests answered by the parent (the worker stopped) and by the worker
+    (the parent stopped) add up in ``regmirror_requests_total`` whichever
+    process answers the scrape, and so do the status page's totals (a blob
+    missed by the parent is the worker's miss too); the worker's status
+    history has samples of those machine-wide totals after the sample
+    interval.
+    """
+    mirror = start_mirror(lambda port: two_processes(port, upstream.url))
+    worker = serving_worker(mirror)
+    assert mirror._process is not None
+    parent = mirror._process.pid
+    layer = catalog.small.layers[0]
+    with stopped(worker):
+        get_ok(mirror.port, "/v2/", times=7)
+        get_ok(mirror.port, f"/v2/{catalog.small.repository}/blobs/{layer.digest}")
+    with stopped(parent):
+        get_ok(mirror.port, "/v2/", times=5)
+    answered: dict[int, dict[str, Any]] = {}
+
+    def both_answered() -> bool:
+        status, total = ask(mirror.port)
+        assert total == 7 + 1 + 5, (status["pid"], total)
+        answered[status["pid"]] = status
+        return set(answered) == {parent, worker}
+
+    poll_until(both_answered, timeout=30, describe=lambda: f"only {set(answered)}")
+    for status in answered.values():
+        assert status["totals"]["misses"] == 1
+        assert status["totals"]["upstream_bytes"] == layer.size
+
+    # The worker samples every SAMPLE_INTERVAL (10 s) from its start.
+    def worker_sampled_the_miss() -> bool:
+        status, _ = ask(mirror.port)
+        history = status["history"]
+        return (
+            status["pid"] == worker and len(history) >= 2 and history[-1]["misses"] == 1
+        )
+
+    poll_until(
+        worker_sampled_the_miss, timeout=30, describe=lambda: "no worker history"
+    )
+
+
+def test_stopped_worker_exits_cleanly_and_its_counts_stay(
+    upstream: RegistryProcess,
+    start_mirror: Callable[..., MirrorProcess],
+) -> None:
+    """
+    SIGTERM to a worker: its tree stops (``Mirror.stop`` included), it
+    exits 0 and is restarted; the requests it answered stay in the
+    machine's ``regmirror_requests_total``.
+    """
+    mirror = start_mirror(lambda port: two_processes(port, upstream.url))
+    worker = serving_worker(mirror)
+    assert mirror._process is not None
+    with stopped(mirror._process.pid):
+        get_ok(mirror.port, "/v2/", times=4)
+    os.kill(worker, signal.SIGTERM)
+    mirror.wait_for_log(rf"worker {worker} stopped", timeout=10)
+    mirror.wait_for_log(
+        r"worker 0 ended \(A process has ended without apparent errors: "
+        r"process finished with exit code 0\.\); restarting it",
+        timeout=10,
+    )
+    restarted = serving_worker(mirror)
+    assert restarted != worker
+    for _ in range(10):
+        _, total = ask(mirror.port)
+        assert total == 4
+
+
+def test_parent_stops_every_process(tmp_path: Path, upstream: RegistryProcess) -> None:
+    """
+    SIGTERM to the parent stops every process within a few seconds: each
+    worker stops its tree and exits 0, then the parent shuts down; nothing
+    listens any more.
+    """
+    port = free_port()
+    mirror = MirrorProcess(tmp_path / "mirror", two_processes(port, upstream.url), port)
+    mirror.start()
+    try:
+        worker = serving_worker(mirror)
+        assert mirror._process is not None
+        mirror._process.send_signal(signal.SIGTERM)
+        # twistd ends by raising again the signal it stopped for.
+        assert mirror._process.wait(timeout=5) == -signal.SIGTERM
+        poll_until(
+            lambda: not alive(worker), timeout=5, describe=lambda: "worker alive"
+        )
+        log = mirror.log()
+        assert "Server Shut Down." in log
+        assert f"worker {worker} stopped" in log
+        assert (
+            "worker 0 ended (A process has ended without apparent errors: "
+            "process finished with exit code 0.)" in log
+        )
+        assert port_is_free(port)
+        assert not mirror.unhandled_errors(), log
+    finally:
+        mirror.stop()
+
+
+def test_worker_ends_when_its_parent_is_killed(
+    tmp_path: Path, upstream: RegistryProcess
+) -> None:
+    """A worker whose parent is killed (SIGKILL: no chance to stop it)
+    stops by itself instead of serving on as an orphan."""
+    port = free_port()
+    mirror = MirrorProcess(tmp_path / "mirror", two_processes(port, upstream.url), port)
+    mirror.start()
+    worker = None
+    try:
+        worker = serving_worker(mirror)
+        assert mirror._process is not None
+        mirror._process.kill()
+        mirror._process.wait(timeout=5)
+        poll_until(
+            lambda: not alive(worker), timeout=10, describe=lambda: "worker alive"
+        )
+        assert port_is_free(port)
+    finally:
+        mirror.stop()
+        if worker is not None and alive(worker):
+            os.kill(worker, signal.SIGKILL)
