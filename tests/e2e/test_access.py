@@ -11,7 +11,10 @@ HTTP requests.
 - an ``ssl:`` listener verified against a test CA, its challenge naming an
   https realm;
 - failed logins throttled per address, passwords never logged;
-- client credentials never forwarded upstream.
+- client credentials never forwarded upstream;
+- one namespace decision for a token and a pull: a token names the
+  namespace it was issued for, whichever routing form (path prefix,
+  ``?ns=``, Host, alias, default) the token request and the pull use.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode, urlsplit
 
 import bcrypt
 import pytest
@@ -151,11 +156,13 @@ def get_manifest(
     )
 
 
-def challenge(scheme_host: str, name: str) -> str:
-    return (
+def challenge(scheme_host: str, name: str, error: str | None = None) -> str:
+    """The Bearer challenge of a refused pull of *name* (not routed by ``ns``)."""
+    text = (
         f'Bearer realm="{scheme_host}/token",service="regmirror",'
         f'scope="repository:{name}:pull"'
     )
+    return text if error is None else f'{text},error="{error}"'
 
 
 def assert_denied(response: Response, status: int, code: str) -> None:
@@ -474,7 +481,9 @@ def test_tokens_are_scoped_and_expire(
     assert fresh.status == 200 and fresh.body == catalog.small.root.data
     other = get_manifest(mirror.port, multi, bearer(token))
     assert_denied(other, 401, "UNAUTHORIZED")
-    assert other.header("WWW-Authenticate") == challenge(f"http://{mirror.host}", multi)
+    assert other.header("WWW-Authenticate") == challenge(
+        f"http://{mirror.host}", multi, "insufficient_scope"
+    )
 
     # Wall-clock expiry: poll (bounded) until the mirror stops honouring it.
     poll_until(
@@ -674,3 +683,237 @@ def test_client_authorization_headers_are_not_forwarded(
 
     seen = {record["authorization"] for record in fake.records()}
     assert seen == {f"Bearer {UPSTREAM_TOKEN}"}, seen
+
+
+# -- one namespace decision for a token and a pull ----------------------------------
+
+#: what the closed namespace answers to besides its prefix and ``ns``
+GHCR_HOST, GHCR_ALIAS = "ghcr.mirror.test", "ghcr.alias.test"
+#: a client address outside ``127.0.0.0/8``, as a trusted proxy says it
+OUTSIDE = {"X-Forwarded-For": "192.0.2.1"}
+
+
+@dataclass(frozen=True)
+class Form:
+    """
+    One way of naming ``test/small`` of a namespace: the name in the path,
+    the query string, the ``Host`` header (``None``: the listener's own
+    address), and whether over the TLS listener.
+    """
+
+    namespace: str
+    name: str
+    query: str = ""
+    host: str | None = None
+    tls: bool = False
+
+    def path(self, endpoint: str) -> str:
+        return f"/v2/{self.name}/{endpoint}" + (f"?{self.query}" if self.query else "")
+
+
+#: every routing form of both namespaces, near variants included
+FORMS = {
+    "docker.io default": Form("docker.io", "test/small"),
+    "docker.io prefix": Form("docker.io", "docker.io/test/small"),
+    "docker.io ns": Form("docker.io", "test/small", "ns=docker.io"),
+    "ghcr.io prefix": Form("ghcr.io", "ghcr.io/test/small"),
+    "ghcr.io alias": Form("ghcr.io", f"{GHCR_ALIAS}/test/small"),
+    "ghcr.io ns": Form("ghcr.io", "test/small", "ns=ghcr.io"),
+    "ghcr.io ns upper case": Form("ghcr.io", "test/small", "ns=GHCR.IO"),
+    "ghcr.io ns alias": Form("ghcr.io", "test/small", f"ns={GHCR_ALIAS}"),
+    "ghcr.io ns percent-encoded": Form("ghcr.io", "test/small", "ns=ghcr%2Eio"),
+    "ghcr.io host": Form("ghcr.io", "test/small", host=GHCR_HOST),
+    "ghcr.io host port case": Form("ghcr.io", "test/small", host="GHCR.MIRROR.TEST:1"),
+    "ghcr.io ns tls": Form("ghcr.io", "test/small", "ns=ghcr.io", tls=True),
+    "ghcr.io host tls": Form("ghcr.io", "test/small", host=GHCR_HOST, tls=True),
+    "ghcr.io prefix tls": Form("ghcr.io", "ghcr.io/test/small", tls=True),
+}
+GHCR_FORMS = [name for name, form in FORMS.items() if form.namespace == "ghcr.io"]
+DOCKER_FORMS = [name for name, form in FORMS.items() if form.namespace == "docker.io"]
+
+
+@dataclass(frozen=True)
+class Namespaces:
+    """
+    A mirror with ``[access] anonymous = 127.0.0.0/8`` (127.0.0.1 a
+    trusted proxy), alice in its htpasswd file, the default namespace
+    docker.io and ghcr.io with ``anonymous = none``, its Host and an
+    alias, both served from one upstream; a plain and a TLS listener.
+    """
+
+    mirror: MirrorProcess
+    upstream: RegistryProcess
+    secure: int
+    context: ssl.SSLContext
+    layer: str
+
+    def ask(
+        self,
+        form: Form,
+        endpoint: str = "manifests/latest",
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        """A request of *form* for *endpoint*."""
+        sent = {"Accept": MANIFEST_ACCEPT, **(headers or {})}
+        if form.host is not None:
+            sent["Host"] = form.host
+        if form.tls:
+            return request(
+                self.secure, "GET", form.path(endpoint), sent, context=self.context
+            )
+        return request(self.mirror.port, "GET", form.path(endpoint), sent)
+
+    def endpoints(self) -> list[str]:
+        return ["manifests/latest", "tags/list", f"blobs/{self.layer}"]
+
+    def token_at(
+        self, realm: str, scope: str, headers: Mapping[str, str] | None = None
+    ) -> str:
+        """
+        What a client does with a challenge: ask *realm* (its query kept,
+        its host as the ``Host`` header, over TLS for https) for *scope*.
+        """
+        parts = urlsplit(realm)
+        query = "&".join(
+            part
+            for part in (
+                parts.query,
+                urlencode({"service": "regmirror", "scope": scope}),
+            )
+            if part
+        )
+        sent = {"Host": parts.netloc, **(headers or {})}
+        path = f"{parts.path}?{query}"
+        if parts.scheme == "https":
+            answer = request(self.secure, "GET", path, sent, context=self.context)
+        else:
+            answer = request(self.mirror.port, "GET", path, sent)
+        assert answer.status == 200, (answer.status, answer.body)
+        return str(answer.json()["token"])
+
+    def statuses(
+        self, names: Sequence[str], headers: Mapping[str, str]
+    ) -> dict[tuple[str, str], int]:
+        """The status of every endpoint of every form named."""
+        return {
+            (name, endpoint): self.ask(FORMS[name], endpoint, headers).status
+            for name in names
+            for endpoint in self.endpoints()
+        }
+
+
+@pytest.fixture
+def namespaces(
+    start_mirror: StartMirror,
+    upstream: RegistryProcess,
+    catalog: Catalog,
+    tmp_path: Path,
+) -> Namespaces:
+    pki = Pki(tmp_path / "pki")
+    pair = pki.issue("mirror", server=True)
+    secure = free_port()
+    mirror = users_mirror(
+        start_mirror,
+        {"url": upstream.url},
+        {"anonymous": "127.0.0.0/8", "trusted_proxies": "127.0.0.1"},
+        namespaces={
+            "ghcr.io": {
+                "anonymous": "none",
+                "hosts": GHCR_HOST,
+                "aliases": GHCR_ALIAS,
+            }
+        },
+        listen=[
+            f"ssl:{secure}:privateKey=key.pem:certKey=cert.pem:interface={LOCALHOST}"
+        ],
+        files={
+            "key.pem": pair.key.read_bytes(),
+            "cert.pem": pair.certificate.read_bytes(),
+        },
+    )
+    context = ssl.create_default_context(cafile=str(pki.ca_path))
+    return Namespaces(mirror, upstream, secure, context, catalog.small.layers[0].digest)
+
+
+def test_an_anonymous_token_for_the_open_namespace_never_opens_the_closed_one(
+    namespaces: Namespaces, catalog: Catalog
+) -> None:
+    """
+    The black-box finding: an anonymous token from
+    ``/token?scope=repository:test/small:pull`` (the open default
+    namespace), and alice's token for the same scope, are refused (401,
+    ``insufficient_scope``) for ``test/small`` of ghcr.io (``anonymous =
+    none``) by every routing form over plain HTTP and TLS (``?ns=`` in any
+    case or by alias, Host with a port, prefix, alias) and every endpoint
+    (manifests, tags/list, blobs), and the upstream is asked nothing for
+    them; ``ns`` given twice is 400.  Each token still pulls docker.io's
+    ``test/small`` from outside 127.0.0.0/8.
+    """
+    n = namespaces
+    port = n.mirror.port
+    small = catalog.small
+    anonymous = request(
+        port, "GET", "/token?scope=repository:test/small:pull&service=regmirror"
+    )
+    assert anonymous.status == 200, anonymous.body
+    tokens = {
+        "anonymous": str(anonymous.json()["token"]),
+        "alice": str(get_token(port, ALICE, ALICE_PASSWORD, "test/small")["token"]),
+    }
+    for who, token in tokens.items():
+        outside = {**OUTSIDE, **bearer(token)}
+        served = n.ask(FORMS["docker.io default"], headers=outside)
+        assert served.status == 200 and served.body == small.root.data, who
+        asked = len(n.upstream.access_log())
+        refused = n.statuses(GHCR_FORMS, bearer(token))
+        assert refused == dict.fromkeys(refused, 401), (who, refused)
+        assert len(n.upstream.access_log()) == asked, who
+        answer = n.ask(FORMS["ghcr.io ns"], headers=bearer(token))
+        assert_denied(answer, 401, "UNAUTHORIZED")
+        assert answer.header("WWW-Authenticate") == (
+            f'Bearer realm="http://{n.mirror.host}/token?ns=ghcr.io",'
+            'service="regmirror",scope="repository:test/small:pull",'
+            'error="insufficient_scope"'
+        )
+    for query in ("ns=docker.io&ns=ghcr.io", "ns=ghcr.io&ns=docker.io"):
+        twice = Form("ghcr.io", "test/small", query)
+        answer = n.ask(twice, headers=bearer(tokens["anonymous"]))
+        assert_denied(answer, 400, "UNSUPPORTED")
+
+
+@pytest.mark.parametrize("name", GHCR_FORMS + DOCKER_FORMS)
+def test_the_challenge_of_each_routing_form_leads_to_a_token_for_it(
+    namespaces: Namespaces, catalog: Catalog, name: str
+) -> None:
+    """
+    A client outside every anonymous network, pulling ``test/small`` by one
+    routing form, is challenged; asking the challenge's realm for its scope
+    as a client does (the realm's query kept, its host as Host) gets alice
+    a token that pulls through that form and every other form of the same
+    namespace, and is refused (401) by every form of the other namespace;
+    anonymously, it gets a token that opens nothing.
+    """
+    n = namespaces
+    form = FORMS[name]
+    first = n.ask(form, headers=OUTSIDE)
+    assert_denied(first, 401, "UNAUTHORIZED")
+    parameters = dict(
+        re.findall(r'(\w+)="([^"]*)"', first.header("WWW-Authenticate") or "")
+    )
+    realm, scope = parameters["realm"], parameters["scope"]
+    assert scope == f"repository:{form.name}:pull"
+
+    token = n.token_at(realm, scope, {**OUTSIDE, **basic(ALICE, ALICE_PASSWORD)})
+    served = n.ask(form, headers={**OUTSIDE, **bearer(token)})
+    assert served.status == 200 and served.body == catalog.small.root.data
+    own = GHCR_FORMS if form.namespace == "ghcr.io" else DOCKER_FORMS
+    other = DOCKER_FORMS if form.namespace == "ghcr.io" else GHCR_FORMS
+    with_token = {**OUTSIDE, **bearer(token)}
+    served_all = n.statuses(own, with_token)
+    assert served_all == dict.fromkeys(served_all, 200)
+    refused = n.statuses(other, with_token)
+    assert refused == dict.fromkeys(refused, 401)
+
+    anonymous = n.token_at(realm, scope, OUTSIDE)
+    nothing = n.statuses([name], {**OUTSIDE, **bearer(anonymous)})
+    assert nothing == dict.fromkeys(nothing, 401)

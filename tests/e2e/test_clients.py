@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import re
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import bcrypt
 import pytest
 
 from .daemons import (
@@ -28,7 +29,16 @@ from .daemons import (
     mounts_under,
     unmount_under,
 )
-from .harness import LOCALHOST, MirrorProcess, TwoNamespaces, poll_until
+from .harness import (
+    GHCR_HOST,
+    LOCALHOST,
+    MirrorProcess,
+    RegistryProcess,
+    Skopeo,
+    TwoNamespaces,
+    mirror_config_namespaces,
+    poll_until,
+)
 from .images import OCI_CONFIG, Catalog, ghcr_app
 from .servers import write_certificate
 
@@ -326,3 +336,144 @@ def test_containerd_pulls_over_https_and_after_a_certificate_reload(
     )
     assert (mirror.workdir / "cert.pem").read_bytes() != before
     pull("renewed")
+
+
+# -- a namespace closed to anonymous clients ---------------------------------------
+
+ALICE, ALICE_PASSWORD = "alice", "pw-alice-0c5e7a2d-lantern"
+
+
+@pytest.fixture
+def closed_ghcr(
+    tmp_path: Path,
+    skopeo: Skopeo,
+    upstream: RegistryProcess,
+    start_registry: Callable[..., RegistryProcess],
+    start_mirror: Callable[..., MirrorProcess],
+) -> TwoNamespaces:
+    """
+    :func:`two_namespaces` with ``[access] anonymous = 127.0.0.0/8``, alice
+    in its htpasswd file, and ``anonymous = none`` for ghcr.io: docker.io is
+    open to these clients, ghcr.io is alice's only.
+    """
+    ghcr = start_registry(storage=tmp_path / "ghcr-storage")
+    skopeo.push_images(ghcr.host, [ghcr_app()], tmp_path / "ghcr-push")
+
+    def config(port: int) -> str:
+        namespaces = mirror_config_namespaces(
+            port,
+            {"hub": {"url": upstream.url}, "ghcr": {"url": ghcr.url}},
+            {
+                "docker.io": {"upstreams": "hub", "origin": "hub", "default": "true"},
+                "ghcr.io": {
+                    "upstreams": "ghcr",
+                    "origin": "ghcr",
+                    "hosts": GHCR_HOST,
+                    "anonymous": "none",
+                },
+            },
+        )
+        return (
+            f"{namespaces}\n[access]\nanonymous = 127.0.0.0/8\n"
+            "htpasswd = users.htpasswd\n"
+        )
+
+    hashed = bcrypt.hashpw(ALICE_PASSWORD.encode(), bcrypt.gensalt(rounds=4))
+    mirror = start_mirror(
+        config, files={"users.htpasswd": f"{ALICE}:{hashed.decode()}\n"}
+    )
+    return TwoNamespaces(
+        mirror, upstream, ghcr, len(upstream.access_log()), len(ghcr.access_log())
+    )
+
+
+def test_containerd_pulls_a_closed_namespace_by_ns_only_as_its_user(
+    daemons_folder: Path,
+    containerd: ContainerdProcess,
+    catalog: Catalog,
+    closed_ghcr: TwoNamespaces,
+) -> None:
+    """
+    ``ctr images pull --hosts-dir`` (``?ns=``) on a mirror where docker.io is
+    open and ghcr.io closed to anonymous clients: docker.io's busybox
+    arrives anonymously; ghcr.io's ``org/app:v1`` does not, since the
+    anonymous token containerd gets from the realm of the challenge
+    (``/token?ns=ghcr.io``) opens nothing of ghcr.io, and nothing of it is
+    asked upstream; with ``--user alice:...`` it arrives, its token asked
+    at that realm.
+    """
+    mirror = closed_ghcr.mirror
+    hosts = daemons_folder / "certs.d"
+    _hosts_toml(hosts, "docker.io", "https://registry-1.docker.io", mirror.host)
+    _hosts_toml(hosts, "ghcr.io", "https://ghcr.io", mirror.host)
+    pull = [
+        "images",
+        "pull",
+        "--hosts-dir",
+        str(hosts),
+        "--plain-http",
+        "--snapshotter",
+        "native",
+    ]
+    containerd.ctr(*pull, "docker.io/library/busybox:latest")
+    assert (
+        _image_digests(containerd).get("docker.io/library/busybox:latest")
+        == catalog.busybox.root.digest
+    )
+
+    refused = containerd.ctr(*pull, "ghcr.io/org/app:v1", check=False)
+    assert refused.returncode != 0, refused.stdout
+    assert "ghcr.io/org/app:v1" not in _image_digests(containerd)
+    assert not [x for x in closed_ghcr.ghcr_log() if "org/app" in x]
+    lines = mirror.log_lines()
+    assert _access_lines(lines, r"/token\?\S*ns=ghcr\.io\S*"), mirror.log()
+
+    containerd.ctr(*pull, "--user", f"{ALICE}:{ALICE_PASSWORD}", "ghcr.io/org/app:v1")
+    assert _image_digests(containerd).get("ghcr.io/org/app:v1") == APP.root.digest
+    assert closed_ghcr.ghcr.count_blob_gets(APP.layers[0].digest) == 1
+    assert ALICE_PASSWORD not in mirror.log()
+
+
+def test_docker_daemon_on_a_partly_open_mirror(
+    daemons_folder: Path,
+    containerd: ContainerdProcess,
+    catalog: Catalog,
+    closed_ghcr: TwoNamespaces,
+) -> None:
+    """
+    ``dockerd --registry-mirror`` on a mirror whose ``/v2/`` is challenged
+    (ghcr.io is closed to anonymous clients): ``docker pull busybox`` gets
+    an anonymous token for docker.io's ``library/busybox`` and the image;
+    ``docker pull MIRROR/ghcr.io/org/app:v1`` (path prefix) is refused until
+    ``docker login MIRROR`` as alice, then arrives.
+    """
+    mirror = closed_ghcr.mirror
+    config = daemons_folder / "docker-config"
+    dockerd = DockerdProcess(daemons_folder / "docker", containerd, mirror.host)
+    dockerd.start()
+    try:
+        dockerd.docker("pull", "busybox")
+        inspected = json.loads(dockerd.docker("image", "inspect", "busybox").stdout)
+        assert inspected[0]["Id"] == catalog.busybox.blobs[0].digest
+
+        app = f"{mirror.host}/ghcr.io/{APP.reference}"
+        refused = dockerd.docker("--config", str(config), "pull", app, check=False)
+        assert refused.returncode != 0, refused.stdout
+        assert not [x for x in closed_ghcr.ghcr_log() if "org/app" in x]
+        dockerd.docker(
+            "--config",
+            str(config),
+            "login",
+            "--username",
+            ALICE,
+            "--password",
+            ALICE_PASSWORD,
+            mirror.host,
+        )
+        dockerd.docker("--config", str(config), "pull", app)
+        inspected = json.loads(dockerd.docker("image", "inspect", app).stdout)
+        assert inspected[0]["Id"] == APP.blobs[0].digest
+    finally:
+        died = dockerd.returncode
+        dockerd.stop()
+    assert died is None, f"dockerd died during the test:\n{dockerd.log()}"
