@@ -487,10 +487,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
     api = RegistryAPI(router, fetcher, reactor, metrics, gate)
     root = Root(api, {nodes.PATH: api} if fetcher.coordinator else None)
     if gate is not None:
-        root.putChild(
-            b"token",
-            TokenResource(gate, lambda name: router.route(name).namespace.name),
-        )
+        root.putChild(b"token", TokenResource(gate, router))
     trusted = config.access.trusted_proxies if config.access else ()
     mirror = Mirror(
         config,
