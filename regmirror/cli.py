@@ -16,13 +16,20 @@ exit status is 0 on success, 1 on failure, 2 for a usage error.
 from __future__ import annotations
 
 import argparse
+import base64
+import hmac
 import http.client
 import json
+import os
+import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 from urllib.parse import urlsplit
+
+import attrs
+from twisted.web.resource import NoResource, Resource
 
 from regmirror.config import Config, ConfigError
 from regmirror.errors import RegistryError
@@ -111,6 +118,15 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("-c", "--config", help="fill this config's cache directly")
     prefetch.add_argument(
         "--platform", help="only this platform of an index, e.g. linux/amd64"
+    )
+    prefetch.add_argument(
+        "--user",
+        help="with --mirror: log in as this [access] htpasswd user; the password "
+        "is read from the REGMIRROR_PASSWORD environment variable or "
+        "--password-file",
+    )
+    prefetch.add_argument(
+        "--password-file", help="the --user's password (its first line)"
     )
     prefetch.set_defaults(run=run_prefetch)
     return parser
@@ -306,41 +322,115 @@ CHUNK = 1024 * 1024
 
 def run_prefetch(arguments: argparse.Namespace, out: TextIO) -> dict[str, Any]:
     if arguments.mirror:
+        headers = {}
+        if arguments.user:
+            password = _password(arguments)
+            pair = f"{arguments.user}:{password}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
         return prefetch(
-            arguments.mirror, arguments.images, arguments.platform, out, arguments.json
+            arguments.mirror,
+            arguments.images,
+            arguments.platform,
+            out,
+            arguments.json,
+            headers,
         )
+    if arguments.user or arguments.password_file:
+        raise Failed("--user goes with --mirror: -c fills the cache as its owner")
     config = validate(arguments.config)
     return _prefetch_directly(config, arguments, out)
+
+
+def _password(arguments: argparse.Namespace) -> str:
+    """The --user's password: never on the command line, where ps shows it."""
+    if arguments.password_file:
+        try:
+            with open(arguments.password_file, encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n")
+        except OSError as e:
+            raise Failed(
+                f"cannot read {arguments.password_file}: {e.strerror}"
+            ) from None
+    password = os.environ.get("REGMIRROR_PASSWORD")
+    if password is None:
+        raise Failed("--user needs REGMIRROR_PASSWORD or --password-file")
+    return password
+
+
+#: The header that the in-process mirror of ``prefetch -c`` wants.
+PREFETCH_HEADER = "Regmirror-Prefetch"
+
+
+class _OwnerOnly(Resource):
+    """
+    The in-process mirror of ``prefetch -c`` answers only requests that
+    carry this run's secret: it serves every namespace without the
+    configuration's access rules (the command's user can read the
+    configuration and the cache anyway), so nobody else on the machine may
+    use its loopback port meanwhile.
+    """
+
+    def __init__(self, inner: Resource, secret: str) -> None:
+        super().__init__()
+        self._inner = inner
+        self._secret = secret.encode("ascii")
+
+    def getChildWithDefault(self, path: bytes, request: Any) -> Resource:
+        given = request.getHeader(PREFETCH_HEADER.lower().encode("ascii")) or b""
+        if not hmac.compare_digest(given, self._secret):
+            return NoResource("not this prefetch's mirror")
+        child: Resource = self._inner.getChildWithDefault(path, request)
+        return child
 
 
 def _prefetch_directly(
     config: Config, arguments: argparse.Namespace, out: TextIO
 ) -> dict[str, Any]:
-    """Run a mirror in this process on a loopback port and prefetch through it."""
+    """
+    Run a mirror in this process on a loopback port and prefetch through it,
+    without the configuration's access rules; then check that what was
+    fetched is still in the cache (a ``max_size`` smaller than the images
+    evicts them again).
+    """
     from twisted.internet import reactor, threads
     from twisted.internet.endpoints import TCP4ServerEndpoint
     from twisted.internet.task import react
+    from twisted.web.server import Site
 
     from regmirror.service import build_mirror
 
     outcome: dict[str, Any] = {}
+    secret = secrets.token_urlsafe(32)
 
     async def run(_: Any) -> None:
-        mirror = build_mirror(config, reactor)
-        mirror.store.open()
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            mirror.site
-        )
+        mirror = build_mirror(attrs.evolve(config, access=None), reactor)
+        mirror.store.open(clean=False)
+        site = Site(_OwnerOnly(mirror.site.resource, secret))
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
         url = f"http://127.0.0.1:{port.getHost().port}"
         try:
-            outcome["result"] = await threads.deferToThread(
+            result = await threads.deferToThread(
                 prefetch,
                 url,
                 arguments.images,
                 arguments.platform,
                 out,
                 arguments.json,
+                {PREFETCH_HEADER: secret},
             )
+            gone = [
+                digest
+                for digest in result["digests"]
+                if mirror.store.blob_size(parse_digest(digest)) is None
+            ]
+            if gone:
+                limit = mirror.store.max_size
+                raise Failed(
+                    f"{len(gone)} of {len(result['digests'])} blobs were evicted "
+                    f"again: the cache's max_size ({_size(limit or 0)}) is smaller "
+                    "than what was prefetched"
+                )
+            outcome["result"] = result
         except Failed as error:
             outcome["error"] = error
         finally:
@@ -367,12 +457,14 @@ def prefetch(
     platform: str | None,
     out: TextIO,
     quiet: bool = False,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """
     Pull every manifest and blob of *images* through the mirror at *mirror*,
-    reading and discarding the bytes.
+    reading and discarding the bytes; *headers* go with every request.
 
-    :raises Failed: for the first image that cannot be fetched.
+    :raises Failed: after trying every image, naming those that could not
+        be fetched.
     """
     parts = urlsplit(mirror)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -383,47 +475,59 @@ def prefetch(
         else http.client.HTTPConnection
     )
     connection = factory(parts.hostname, parts.port, timeout=300)
-    summary: dict[str, Any] = {"images": [], "bytes": 0, "blobs": 0}
+
+    def get(path: str, accept: str | None = None) -> http.client.HTTPResponse:
+        sent = {**(headers or {}), **({"Accept": accept} if accept else {})}
+        connection.request("GET", path, headers=sent)
+        response = connection.getresponse()
+        if response.status != 200:
+            body = response.read(64 * 1024).decode("utf-8", "replace")
+            connection.close()  # the rest of the body is not read
+            raise Failed(f"GET {path}: {response.status} {body.strip()[:200]}")
+        return response
+
+    summary: dict[str, Any] = {"images": [], "bytes": 0, "blobs": 0, "digests": []}
     progress = _Progress(out, enabled=not quiet)
+    failed = []
     for image in images:
         name, separator, reference = image.rpartition("@" if "@" in image else ":")
         if not separator:
             name, reference = image, "latest"
-        seen: set[str] = set()
-        digest = _fetch_image(
-            connection, name, reference, platform, seen, summary, progress
-        )
+        try:
+            digest = _fetch_image(get, name, reference, platform, summary, progress)
+        except (Failed, OSError, http.client.HTTPException, ValueError) as e:
+            connection.close()  # opened again by the next request
+            failed.append(f"{image} ({e})")
+            progress.line(f"{image}: {e}")
+            continue
         summary["images"].append({"image": image, "digest": digest})
         progress.line(f"{image}: {digest}")
     connection.close()
     progress.line(
-        f"{len(images)} images, {summary['blobs']} blobs, {_size(summary['bytes'])}"
+        f"{len(summary['images'])} images, {summary['blobs']} blobs, "
+        f"{_size(summary['bytes'])}"
     )
+    if failed:
+        raise Failed(
+            f"{len(failed)} of {len(images)} images failed: {'; '.join(failed)}"
+        )
     return summary
 
 
-def _get(
-    connection: http.client.HTTPConnection, path: str, accept: str | None = None
-) -> http.client.HTTPResponse:
-    headers = {"Accept": accept} if accept else {}
-    connection.request("GET", path, headers=headers)
-    response = connection.getresponse()
-    if response.status != 200:
-        body = response.read(64 * 1024).decode("utf-8", "replace")
-        raise Failed(f"GET {path}: {response.status} {body.strip()[:200]}")
-    return response
+Get = Callable[..., http.client.HTTPResponse]
 
 
 def _fetch_image(
-    connection: http.client.HTTPConnection,
+    get: Get,
     name: str,
     reference: str,
     platform: str | None,
-    seen: set[str],
     summary: dict[str, Any],
     progress: _Progress,
 ) -> str:
-    response = _get(connection, f"/v2/{name}/manifests/{reference}", ACCEPT)
+    """Fetch one image (every platform of an index, or *platform*'s); its
+    digest.  Blobs already in ``summary["digests"]`` are not fetched again."""
+    response = get(f"/v2/{name}/manifests/{reference}", ACCEPT)
     body = response.read()
     digest = response.getheader("Docker-Content-Digest") or ""
     media_type = (response.getheader("Content-Type") or "").split(";")[0]
@@ -439,22 +543,20 @@ def _fetch_image(
                 or label == platform
                 or label.startswith(platform + "/")
             ):
-                _fetch_image(
-                    connection, name, entry["digest"], None, seen, summary, progress
-                )
+                _fetch_image(get, name, entry["digest"], None, summary, progress)
         return digest
     blobs = [document.get("config", {}), *document.get("layers", [])]
     for blob in blobs:
         blob_digest = blob.get("digest")
-        if not blob_digest or blob_digest in seen:
+        if not blob_digest or blob_digest in summary["digests"]:
             continue
-        seen.add(blob_digest)
-        response = _get(connection, f"/v2/{name}/blobs/{blob_digest}")
+        response = get(f"/v2/{name}/blobs/{blob_digest}")
         total = int(response.getheader("Content-Length") or 0)
         received = 0
         while chunk := response.read(CHUNK):
             received += len(chunk)
             progress.bar(blob_digest, received, total)
+        summary["digests"].append(blob_digest)
         summary["bytes"] += received
         summary["blobs"] += 1
         progress.done(blob_digest, received)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from memory import result
 
 from regmirror.cli import main
 from regmirror.reference import Digest
@@ -157,3 +158,27 @@ def test_prefetch_refuses_a_bad_mirror_url(config: Path) -> None:
     """prefetch needs an http(s) URL."""
     code, text = run("prefetch", "--mirror", "ftp://x", "busybox", "--json")
     assert code == 1 and "http(s) URL" in json.loads(text)["error"]
+
+
+def test_in_process_prefetch_mirror_answers_its_owner_only() -> None:
+    """``prefetch -c`` serves every namespace without the access rules, so
+    its loopback mirror answers only requests carrying the run's secret."""
+    from treq.testing import StubTreq
+    from twisted.web.resource import Resource
+    from twisted.web.static import Data
+
+    from regmirror.cli import PREFETCH_HEADER, _OwnerOnly
+
+    inner = Resource()
+    inner.putChild(b"v2", Data(b"{}", "application/json"))
+    client = StubTreq(_OwnerOnly(inner, "s3cret"))
+
+    def status(headers: dict[str, str]) -> int:
+        d = client.get("http://127.0.0.1/v2", headers=headers)
+        client.flush()
+        code: int = result(d).code
+        return code
+
+    assert status({}) == 404
+    assert status({PREFETCH_HEADER: "guess"}) == 404
+    assert status({PREFETCH_HEADER: "s3cret"}) == 200
