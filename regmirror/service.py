@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -76,25 +76,26 @@ def validate(path: str) -> Config:
     """
     config = load(path)
     check_upstreams(config)
-    for check, section, key in (
-        (check_listeners, "server", "listen"),
-        (check_cache, "cache", "directory"),
-    ):
+    for key in ("listen", "metrics_listen"):
         try:
-            check(config)
+            check_listeners(getattr(config.server, key))
         except ValueError as error:
-            raise ConfigError(config.path, section, key, str(error)) from None
+            raise ConfigError(config.path, "server", key, str(error)) from None
+    try:
+        check_cache(config)
+    except ValueError as error:
+        raise ConfigError(config.path, "cache", "directory", str(error)) from None
     return config
 
 
-def check_listeners(config: Config) -> None:
+def check_listeners(descriptions: Sequence[str]) -> None:
     """
-    Parse every listener description, so that a bad one (or a missing
+    Parse listener descriptions, so that a bad one (or a missing
     certificate file) stops start-up before anything listens.
 
     :raises ValueError: naming the listener and the problem.
     """
-    for description in (*config.server.listen, *config.server.metrics_listen):
+    for description in descriptions:
         try:
             if description.startswith("ssl:"):
                 ReloadableTLS(parse_tls_listener(description))

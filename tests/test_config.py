@@ -765,3 +765,30 @@ def test_s3_errors(
     monkeypatch.setenv("REGMIRROR_TEST_S3_SECRET", "s3-secret-value")
     path = _write(tmp_path, MINIMAL.replace("= data\n", "= data\n" + change(S3)))
     _assert_located(_error(path), path, "cache", key)
+
+
+@pytest.mark.parametrize("key", ["listen", "metrics_listen"])
+def test_a_bad_listener_names_its_own_key(tmp_path: Path, key: str) -> None:
+    """A bad endpoint description is reported under the key that holds it."""
+    from regmirror.service import validate
+
+    good = "tcp:0:interface=127.0.0.1"
+    listen, metrics = (
+        (good, "tcp:notaport")
+        if key == "metrics_listen"
+        else (
+            "tcp:notaport",
+            good,
+        )
+    )
+    path = tmp_path / "mirror.ini"
+    path.write_text(
+        f"[server]\nlisten = {listen}\nmetrics_listen = {metrics}\n\n"
+        "[cache]\ndirectory = data\n\n"
+        "[upstream:hub]\nurl = https://registry-1.docker.io\n\n"
+        "[namespace:docker.io]\nupstreams = hub\ndefault = true\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as caught:
+        validate(str(path))
+    assert f"[server] {key}: bad listener 'tcp:notaport'" in str(caught.value)
