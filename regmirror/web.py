@@ -414,8 +414,10 @@ class RegistryAPI(Resource):
         ):
             raise unacceptable from None
         child = await self._fetcher.manifest(route.pool, route.repository, digest)
-        if child.media_type not in accepted:
+        if child.media_type in INDEX_TYPES:
             raise unacceptable
+        # An image manifest, like any other, whatever type the client named
+        # (an OCI image for a client that names only Docker's, say).
         return child
 
     # -- blobs --------------------------------------------------------------

@@ -187,6 +187,21 @@ def test_a_client_accepting_no_index_type_gets_the_amd64_image_by_tag(
     assert response.headers.getRawHeaders("Docker-Content-Digest") == [content["amd64"]]
 
 
+def test_a_docker_v2_only_client_gets_the_oci_amd64_image_of_an_oci_index(
+    mirror: Harness,
+) -> None:
+    """A client naming only Docker's image type, asking by tag for an OCI
+    index of OCI images, gets the amd64 OCI image: image manifests are
+    served whatever the Accept header says, as the README promises."""
+    content = _index(mirror.fakes["origin"])
+    response = mirror.request(
+        "GET", "/v2/app/manifests/multi", headers={"Accept": [DOCKER_MANIFEST]}
+    )
+    assert response.code == 200
+    assert response.headers.getRawHeaders("Docker-Content-Digest") == [content["amd64"]]
+    assert response.headers.getRawHeaders("Content-Type") == [OCI_MANIFEST]
+
+
 def test_an_index_by_digest_for_a_client_accepting_no_index_type_is_unknown(
     mirror: Harness,
 ) -> None:
