@@ -61,9 +61,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         else:
             print(f"regmirror: {error}", file=sys.stderr)
         return 1
+    # A command that did its work but found something wrong (cache verify
+    # finding corrupt files) says so with "ok": false and status 1.
+    ok = bool(result.pop("ok", True))
     if arguments.json:
-        print(json.dumps({"ok": True, **result}, indent=2, sort_keys=True), file=out)
-    return 0
+        print(json.dumps({"ok": ok, **result}, indent=2, sort_keys=True), file=out)
+    return 0 if ok else 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -235,7 +238,7 @@ def cache_verify(arguments: argparse.Namespace, out: TextIO) -> dict[str, Any]:
                 print(f"corrupt, removed: {entry.digest}", file=out)
     if not arguments.json:
         print(f"{checked} files checked, {len(corrupt)} corrupt", file=out)
-    return {"checked": checked, "corrupt": corrupt}
+    return {"ok": not corrupt, "checked": checked, "corrupt": corrupt}
 
 
 def cache_gc(arguments: argparse.Namespace, out: TextIO) -> dict[str, Any]:

@@ -125,18 +125,21 @@ def check_upstreams(config: Config) -> None:
 
 def check_cache(config: Config) -> None:
     """
-    Make sure the cache folder exists and is writable, so that start-up
+    Make sure the cache folder is writable, or can be created (start-up
+    creates it; a configuration check changes nothing), so that start-up
     fails with one clear line rather than a traceback after listening.
 
     :raises ValueError: naming the problem.
     """
     directory = config.cache.directory
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create {directory}: {e.strerror}") from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ValueError(f"{directory} is not writable")
+    existing = directory
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"cannot create {directory}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == directory else "cannot be created"
+        raise ValueError(f"{directory} {what}")
 
 
 class MirrorService(MultiService):

@@ -121,14 +121,31 @@ def test_cache_purge_digest_and_tag(config: Path) -> None:
 
 
 def test_cache_verify_removes_corruption(config: Path) -> None:
-    """verify re-hashes everything and removes a file corrupted on disk."""
+    """verify re-hashes everything and removes a file corrupted on disk;
+    having found one, it exits 1 (for cron and monitoring); run again on
+    the repaired cache, 0."""
     store, _, blob = filled(config)
     with open(store.blob_path(blob), "r+b") as f:
         f.write(b"X")
     code, text = run("cache", "verify", "-c", str(config), "--json")
     result = json.loads(text)
-    assert code == 0 and result["checked"] == 2 and result["corrupt"] == [str(blob)]
+    assert code == 1 and result["ok"] is False
+    assert result["checked"] == 2 and result["corrupt"] == [str(blob)]
     assert not os.path.exists(store.blob_path(blob))
+    code, text = run("cache", "verify", "-c", str(config))
+    assert code == 0 and "1 files checked, 0 corrupt" in text
+
+
+def test_check_config_changes_nothing(config: Path, tmp_path: Path) -> None:
+    """check-config does not create the cache folder (start-up does), but
+    says when it could not be created."""
+    code, _ = run("check-config", "-c", str(config))
+    assert code == 0
+    assert not (config.parent / "cache").exists()
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    config.write_text(CONFIG.replace("directory = cache", "directory = blocker/c"))
+    code, _ = run("check-config", "-c", str(config), "--json")
+    assert code == 1
 
 
 def test_cache_gc_evicts_and_expires(config: Path) -> None:
