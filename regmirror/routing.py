@@ -90,6 +90,11 @@ class Router:
                 raise NameUnknown(
                     f"namespace {ns[:80]!r} is not configured on this mirror"
                 )
+            first, slash, rest = name.partition("/")
+            if slash and self._by_name.get(first) is found:
+                # containerd pointed at a path-prefix mirror
+                # (``.../v2/ghcr.io`` with ``override_path``) sends both.
+                return found, rest, "ns"
             return found, name, "ns"
         if host:
             lowered = host.lower()

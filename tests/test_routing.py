@@ -78,6 +78,16 @@ def test_ns_parameter_keeps_prefix_like_name(router: Router) -> None:
     assert route.repository == "quay.io/app"
 
 
+@pytest.mark.parametrize("ns", ["ghcr.io", "GHCR.IO"])
+def test_ns_parameter_and_the_same_namespace_as_prefix(router: Router, ns: str) -> None:
+    """containerd pointed at a path-prefix mirror (``/v2/ghcr.io`` with
+    ``override_path``) sends the prefix and ``ns`` both: the prefix naming
+    the same namespace is not part of the repository."""
+    route = router.route("ghcr.io/org/app", ns=ns)
+    assert route.namespace == GHCR
+    assert route.repository == "org/app"
+
+
 def test_ns_parameter_alias_and_case(router: Router) -> None:
     """``ns`` may name an alias, in any case; docker.io still adds ``library/``."""
     route = router.route("busybox", ns="Index.Docker.IO")
