@@ -201,3 +201,15 @@ def test_documented_key_is_accepted(tmp_path: Path, key: tuple[str, str]) -> Non
     path.write_text(textwrap.dedent(text), encoding="utf-8")
     config = validate(str(path))
     assert config.path == str(path)
+
+
+def test_every_documented_key_is_in_the_shipped_config() -> None:
+    """README: "etc/mirror.ini is a working default with every option
+    commented": each documented key appears there, set or commented."""
+    shipped = (README.parent / "etc" / "mirror.ini").read_text(encoding="utf-8")
+    missing = sorted(
+        f"[{section}] {key}"
+        for section, key in documented_keys()
+        if not re.search(rf"^[;#]?\s*{key}\s*=|\b{key}\b", shipped, re.MULTILINE)
+    )
+    assert missing == []
