@@ -26,7 +26,7 @@ from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
@@ -345,7 +345,7 @@ def test_counts_of_ended_workers_stay(tmp_path: Path, monkeypatch: Any) -> None:
     assert family.requests_total(parent) == 115
     count(two, 1000)  # never reported: lost with it
     for index, (spawned, _, _) in enumerate(family.reactor.spawned):
-        reason = ProcessDone(0) if index == 0 else ProcessDone(9)
+        reason = ProcessDone(0) if index == 0 else ProcessTerminated(signal=9)
         spawned.processEnded(Failure(reason))
     assert family.requests_total(parent) == 115
     family.reactor.advance(RESTART_DELAY)
