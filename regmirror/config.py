@@ -18,6 +18,7 @@ from typing import TypeVar
 from urllib.parse import SplitResult, urlsplit
 
 from attrs import field, frozen
+from attrs.validators import in_
 
 T = TypeVar("T")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -203,6 +204,10 @@ class ClusterConfig:
     redis_timeout: float = 1.0
 
 
+#: What ``[access] forwarded_header`` may name, the default first.
+FORWARDED_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+
+
 @frozen
 class AccessConfig:
     """The ``[access]`` section."""
@@ -210,10 +215,16 @@ class AccessConfig:
     #: client networks that may pull without credentials
     anonymous: tuple[Network, ...]
     htpasswd: str | None = None
-    #: peers whose X-Forwarded-For / Forwarded header is believed
+    #: peers whose forwarding header (``forwarded_header``) and
+    #: ``X-Forwarded-Proto`` are believed
     trusted_proxies: tuple[Network, ...] = ()
     #: lifetime of the tokens ``/token`` issues
     token_ttl: float = 300.0
+    #: the one header naming the client that the trusted proxies set, in
+    #: lower case: one of :data:`FORWARDED_HEADERS`; the others are ignored
+    forwarded_header: str = field(
+        default=FORWARDED_HEADERS[0], validator=in_(FORWARDED_HEADERS)
+    )
 
 
 EVERYONE: tuple[Network, ...] = (
@@ -637,6 +648,9 @@ def _access(reader: _Reader, base: str) -> AccessConfig:
         htpasswd=reader.get("htpasswd", path, None),
         trusted_proxies=reader.get("trusted_proxies", parse_networks, ()),
         token_ttl=reader.get("token_ttl", _positive(parse_duration), 300.0),
+        forwarded_header=reader.get(
+            "forwarded_header", _one_of(*FORWARDED_HEADERS), FORWARDED_HEADERS[0]
+        ),
     )
     reader.finish()
     return access

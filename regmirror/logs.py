@@ -19,7 +19,7 @@ from twisted.web.server import Site
 
 from regmirror.access import client_address
 from regmirror.channel import MirrorChannel
-from regmirror.config import Network
+from regmirror.config import FORWARDED_HEADERS, Network
 
 ACCESS_FORMAT = (
     '{client} - {user} "{method} {uri} {protocol}" {status} {bytes} '
@@ -47,11 +47,16 @@ class MirrorSite(Site):
     protocol = MirrorChannel  # type: ignore[assignment]
 
     def __init__(
-        self, resource: Any, clock: Any, trusted_proxies: Sequence[Network] = ()
+        self,
+        resource: Any,
+        clock: Any,
+        trusted_proxies: Sequence[Network] = (),
+        forwarded_header: str = FORWARDED_HEADERS[0],
     ) -> None:
         super().__init__(resource, reactor=clock)
         self._clock = clock
         self._trusted = trusted_proxies
+        self._forwarded_header = forwarded_header
 
     def acceptableProtocols(self) -> list[bytes]:
         """
@@ -65,9 +70,11 @@ class MirrorSite(Site):
         info: dict[str, Any] = getattr(request, "regmirror", {})
         started = info.get("started")
         try:
-            client = str(client_address(request, self._trusted))
+            address = client_address(request, self._trusted, self._forwarded_header)
         except ValueError:
             client = "-"
+        else:
+            client = "unknown" if address is None else str(address)
         access.info(
             ACCESS_FORMAT,
             client=client,

@@ -486,6 +486,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
             in_thread,
             {n.name: n.anonymous for n in config.namespaces if n.anonymous is not None},
             key=shared_key(os.path.join(config.cache.directory, "token.key")),
+            logins=os.path.join(config.cache.directory, "logins"),
         )
     router = Router(namespaces)
     api = RegistryAPI(router, fetcher, reactor, metrics, gate)
@@ -493,6 +494,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
     if gate is not None:
         root.putChild(b"token", TokenResource(gate, router))
     trusted = config.access.trusted_proxies if config.access else ()
+    forwarded = config.access.forwarded_header if config.access else "x-forwarded-for"
     mirror = Mirror(
         config,
         store,
@@ -500,7 +502,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
         [pool for _, pool in namespaces],
         fetcher,
         metrics,
-        MirrorSite(root, reactor, trusted),
+        MirrorSite(root, reactor, trusted, forwarded),
     )
     metrics.watch(mirror.live_metrics)
     root.putChild(b"", StatusPage())

@@ -25,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from regmirror import nodes
 from regmirror._resource import ReadOnlyResource
 from regmirror._sendfile import SocketSender
-from regmirror.access import Gate, client_address
+from regmirror.access import Gate, valid_host
 from regmirror.channel import _PlainOnly
 from regmirror.cluster import CoordinatorDown
 from regmirror.errors import (
@@ -169,14 +169,19 @@ def _text_header(request: Request, name: str) -> str | None:
 _SINGLETONS = (b"host", b"authorization")
 
 
-def _refuse_repeated(request: Request) -> None:
+def _refuse_malformed_head(request: Request) -> None:
     """
-    :raises BadRequest: when a field that may appear once appears more often.
+    :raises BadRequest: when a field that may appear once appears more
+        often, or the ``Host`` is no ``host[:port]`` (RFC 9112 3.2: 400),
+        before anything reads it: routing, and the challenge's realm.
     """
     for name in _SINGLETONS:
         lines = request.requestHeaders.getRawHeaders(name) or []
         if len(lines) > 1:
             raise BadRequest(f"{len(lines)} {name.decode()} header lines; one allowed")
+    host = request.requestHeaders.getRawHeaders(b"host")
+    if host and not valid_host(host[0].decode("latin-1")):
+        raise BadRequest("the Host header is not a host[:port]")
 
 
 def break_connection(request: Request) -> None:
@@ -314,7 +319,7 @@ class RegistryAPI(Resource):
             ).inc()
 
     async def _handle(self, request: Request, labels: dict[str, str]) -> None:
-        _refuse_repeated(request)
+        _refuse_malformed_head(request)
         if request.method not in (b"GET", b"HEAD"):
             raise Unsupported(
                 "this mirror is read-only: only GET and HEAD are allowed",
@@ -764,9 +769,9 @@ class TokenResource(ReadOnlyResource):
     async def _issue(self, request: Request) -> None:
         gate = self._gate
         try:
-            _refuse_repeated(request)
+            _refuse_malformed_head(request)
             _ns(request)
-            address = client_address(request, gate.config.trusted_proxies)
+            address = gate.client(request)
             scheme, _, credentials = (
                 _text_header(request, "Authorization") or ""
             ).partition(" ")

@@ -142,6 +142,7 @@ EXAMPLES: dict[tuple[str, str], dict[str, str]] = {
     ("access", "htpasswd"): {"access": "htpasswd = htpasswd"},
     ("access", "trusted_proxies"): {"access": "trusted_proxies = 127.0.0.1"},
     ("access", "token_ttl"): {"access": "token_ttl = 5m"},
+    ("access", "forwarded_header"): {"access": "forwarded_header = x-forwarded-for"},
     **{
         ("cluster", key): {
             "cluster": "redis = redis://127.0.0.1:6379/0\n"
