@@ -6,6 +6,7 @@ the nginx site proxies pulls to it over TLS.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import re
@@ -15,9 +16,11 @@ import signal
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import bcrypt
 import pytest
 
 from .harness import (
@@ -94,20 +97,18 @@ def test_compose_runs_the_same_command() -> None:
     assert "/healthz" in compose
 
 
-@pytest.fixture
-def nginx_front(
-    tmp_path: Path, upstream: RegistryProcess
-) -> Iterator[tuple[int, Path, MirrorProcess]]:
-    """The shipped nginx site, on a free port with a test certificate, in
-    front of a mirror on loopback port 5000's stand-in."""
+def start_nginx(
+    tmp_path: Path, mirror_port: int
+) -> tuple[subprocess.Popen[bytes], int]:
+    """
+    The shipped nginx site, on a free port of 127.0.0.1 with the test
+    certificate of ``tmp_path/tls``, in front of 127.0.0.1:*mirror_port*
+    (port 5000's stand-in): the process and its port.
+    """
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx).exists():
         pytest.fail("nginx is not installed: run scripts/dev test")
-    mirror_port, front = free_port(), free_port()
-    mirror = MirrorProcess(
-        tmp_path / "mirror", mirror_config(mirror_port, upstream.url), mirror_port
-    )
-    mirror.start()
+    front = free_port()
     write_certificate(tmp_path / "tls")
     site = (DEPLOY / "nginx-regmirror.conf").read_text()
     site = site.replace("listen 443 ssl;", f"listen {LOCALHOST}:{front} ssl;")
@@ -142,6 +143,25 @@ def nginx_front(
         [nginx, "-p", str(prefix), "-c", str(tmp_path / "nginx.conf")],
         stdin=subprocess.DEVNULL,
     )
+    return process, front
+
+
+@pytest.fixture
+def nginx_front(
+    tmp_path: Path, upstream: RegistryProcess
+) -> Iterator[tuple[int, Path, MirrorProcess]]:
+    """The shipped nginx site, on a free port with a test certificate, in
+    front of a mirror on loopback port 5000's stand-in."""
+    mirror_port = free_port()
+    mirror = MirrorProcess(
+        tmp_path / "mirror", mirror_config(mirror_port, upstream.url), mirror_port
+    )
+    mirror.start()
+    try:
+        process, front = start_nginx(tmp_path, mirror_port)
+    except BaseException:
+        mirror.stop()
+        raise
     try:
         yield front, tmp_path / "tls" / "cert.pem", mirror
     finally:
@@ -182,3 +202,205 @@ def test_nginx_site_proxies_pulls(
     while chunk := response.read(1024 * 1024):
         hasher.update(chunk)
     assert f"sha256:{hasher.hexdigest()}" == layer.digest
+
+
+# -- who the client is, behind the shipped site -------------------------------------
+
+PASSWORD = "pw-nginx-4b8e1f2a-lantern"
+
+
+@dataclass(frozen=True)
+class Front:
+    """The shipped nginx site over TLS in front of a mirror with ``[access]``."""
+
+    port: int
+    context: ssl.SSLContext
+    mirror: MirrorProcess
+
+    def get(
+        self,
+        source: str,
+        path: str = "/v2/test/small/manifests/latest",
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> tuple[int, http.client.HTTPResponse]:
+        """
+        GET *path* through nginx from the loopback address *source*, with
+        *headers* as given (a name twice is two lines).
+        """
+        connection = http.client.HTTPSConnection(
+            LOCALHOST,
+            self.port,
+            context=self.context,
+            timeout=30,
+            source_address=(source, 0),
+        )
+        try:
+            own_host = any(name.lower() == "host" for name, _ in headers)
+            connection.putrequest("GET", path, skip_host=own_host)
+            for name, value in headers:
+                connection.putheader(name, value)
+            connection.endheaders()
+            response = connection.getresponse()
+            response.read()
+            return response.status, response
+        finally:
+            connection.close()
+
+
+@pytest.fixture
+def guarded_front(tmp_path: Path, upstream: RegistryProcess) -> Iterator[Front]:
+    """
+    A mirror with ``[access] anonymous = 127.0.0.2`` (the only client
+    allowed without credentials), alice in its htpasswd file and nginx
+    (127.0.0.1) its trusted proxy, behind the shipped site.  Clients come
+    from other loopback addresses (127.0.0.3, ...), so that nginx's own
+    address and theirs differ.
+    """
+    yield from _front(
+        tmp_path,
+        upstream,
+        "anonymous = 127.0.0.2\nhtpasswd = users.htpasswd\n"
+        "trusted_proxies = 127.0.0.1\n",
+    )
+
+
+def _front(tmp_path: Path, upstream: RegistryProcess, access: str) -> Iterator[Front]:
+    mirror_port = free_port()
+    workdir = tmp_path / "mirror"
+    workdir.mkdir()
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    (workdir / "users.htpasswd").write_text(f"alice:{hashed}\n")
+    config = mirror_config(mirror_port, upstream.url) + f"\n[access]\n{access}"
+    mirror = MirrorProcess(workdir, config, mirror_port)
+    mirror.start()
+    nginx: subprocess.Popen[bytes] | None = None
+    try:
+        nginx, port = start_nginx(tmp_path, mirror_port)
+        context = ssl.create_default_context(cafile=str(tmp_path / "tls" / "cert.pem"))
+        front = Front(port, context, mirror)
+
+        def ready() -> bool:
+            try:
+                return front.get("127.0.0.2", "/healthz")[0] == 200
+            except OSError:
+                return False
+
+        poll_until(ready, timeout=15, describe=lambda: "nginx did not come up")
+        yield front
+    finally:
+        if nginx is not None:
+            stop_process(nginx)
+        mirror.stop()
+
+
+def _basic(password: str) -> tuple[str, str]:
+    pair = base64.b64encode(f"alice:{password}".encode()).decode()
+    return ("Authorization", f"Basic {pair}")
+
+
+#: what a client sends to pass for 127.0.0.2, the one anonymous address, in
+#: every forwarding header and spelling
+FORGED = [
+    [("Forwarded", "for=127.0.0.2")],
+    [("forwarded", 'FOR="127.0.0.2:4711"')],
+    [("Forwarded", "for=192.0.2.1"), ("Forwarded", "for=127.0.0.2")],
+    [("X-Forwarded-For", "127.0.0.2")],
+    [("x-forwarded-for", "192.0.2.1, 127.0.0.2")],
+    [("X-Forwarded-For", "127.0.0.2"), ("X-Forwarded-For", "127.0.0.2")],
+    [("X-Forwarded-For", "unknown")],
+    [("X-Real-IP", "127.0.0.2")],
+    [("X-Real-IP", "127.0.0.2"), ("Forwarded", 'for="[::1]:1234"')],
+    [("True-Client-IP", "127.0.0.2"), ("X-Client-IP", "127.0.0.2")],
+]
+
+
+def test_behind_nginx_only_the_address_nginx_saw_counts(
+    guarded_front: Front,
+) -> None:
+    """
+    Behind the shipped site, the client is the address nginx saw: 127.0.0.2
+    pulls anonymously, 127.0.0.3 is challenged, whatever it claims in
+    ``Forwarded`` (which the site clears), ``X-Forwarded-For`` (nginx
+    appends the real address, the right-most one counts), ``X-Real-IP``
+    (which the site sets) or any other header, in any case, on one line
+    or several.  The realm is https, as nginx says, whatever the client
+    sends as ``X-Forwarded-Proto``.
+    """
+    front = guarded_front
+    assert front.get("127.0.0.2")[0] == 200
+    for headers in FORGED:
+        assert front.get("127.0.0.2", headers=headers)[0] == 200, headers
+        status, response = front.get("127.0.0.3", headers=headers)
+        assert status == 401, headers
+    status, response = front.get(
+        "127.0.0.3", headers=[("X-Forwarded-Proto", "http"), ("Host", "mirror.example")]
+    )
+    assert status == 401
+    challenge = response.getheader("WWW-Authenticate") or ""
+    assert challenge.startswith('Bearer realm="https://mirror.example/token"'), (
+        challenge
+    )
+
+
+def test_behind_nginx_rotating_forwarding_headers_do_not_defeat_the_throttle(
+    guarded_front: Front,
+) -> None:
+    """
+    Five wrong passwords from 127.0.0.3, each claiming another address in
+    every forwarding header, make the sixth attempt 429, even with the
+    right password; 127.0.0.4 still logs in.
+    """
+    front = guarded_front
+    for n in range(5):
+        forged = [
+            ("Forwarded", f"for=10.0.0.{n}"),
+            ("X-Forwarded-For", f"10.0.1.{n}"),
+            ("X-Real-IP", f"10.0.2.{n}"),
+            _basic(f"wrong-{n}"),
+        ]
+        assert front.get("127.0.0.3", headers=forged)[0] == 401
+    sixth = [("Forwarded", "for=10.0.0.99"), _basic(PASSWORD)]
+    assert front.get("127.0.0.3", headers=sixth)[0] == 429
+    assert front.get("127.0.0.4", headers=[_basic(PASSWORD)])[0] == 200
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        'mirror.test",realm="https://evil.example',
+        "mirror test",
+        "mirror.test/other/path",
+    ],
+)
+def test_behind_nginx_a_bad_host_is_never_echoed(
+    guarded_front: Front, header: str
+) -> None:
+    """A ``Host`` that is no ``host[:port]`` never reaches a challenge
+    through the site: nginx or the mirror refuses it (400)."""
+    status, response = guarded_front.get("127.0.0.3", headers=[("Host", header)])
+    assert status == 400
+    assert response.getheader("WWW-Authenticate") is None
+
+
+def test_the_site_clears_a_client_forwarded_header(
+    tmp_path: Path, upstream: RegistryProcess
+) -> None:
+    """
+    The shipped site never passes a client's ``Forwarded`` on: even a
+    mirror set to believe ``forwarded_header = forwarded`` (which this site
+    does not set) sees none from a client claiming 10.1.2.3, an anonymous
+    address, and challenges it.
+    """
+    fronts = _front(
+        tmp_path,
+        upstream,
+        "anonymous = 10.0.0.0/8\nhtpasswd = users.htpasswd\n"
+        "trusted_proxies = 127.0.0.1\nforwarded_header = forwarded\n",
+    )
+    front = next(fronts)
+    try:
+        for value in ("for=10.1.2.3", 'for="10.1.2.3:1"', "For=10.1.2.3;proto=https"):
+            status, _ = front.get("127.0.0.3", headers=[("Forwarded", value)])
+            assert status == 401, value
+    finally:
+        fronts.close()
