@@ -825,6 +825,8 @@ VARIANTS: list[tuple[str, list[tuple[str, str]], bool]] = [
     ("x-forwarded-for", [("X-Forwarded-For", "[2001:db8::1")], False),
     ("x-forwarded-for", [("X-Forwarded-For", "167837955")], False),
     ("x-forwarded-for", [("X-Forwarded-For", "0x0a010203")], False),
+    ("x-forwarded-for", [("X-Forwarded-For", "10%2e1.2.3")], False),
+    ("x-forwarded-for", [("X-Forwarded-For", "10.1.2.3%0a")], False),
     (
         "x-forwarded-for",
         [("X-Forwarded-For", "10.1.2.3"), ("Forwarded", "for=_x")],
@@ -863,6 +865,8 @@ VARIANTS: list[tuple[str, list[tuple[str, str]], bool]] = [
     ("forwarded", [("Forwarded", 'for="10.1.2.3')], False),
     ("forwarded", [("Forwarded", "for=10.1.2.3:99999999")], False),
     ("forwarded", [("Forwarded", "for")], False),
+    ("forwarded", [("Forwarded", 'for="10%2e1%2e2%2e3"')], False),
+    ("forwarded", [("Forwarded", 'for="[2001:db8::1%2525eth0]"')], True),
     ("forwarded", [("Forwarded", "for=10.1.2.3"), ("X-Forwarded-For", "_x")], True),
     ("x-real-ip", [("X-Real-IP", "10.1.2.3")], True),
     ("x-real-ip", [("x-real-ip", "2001:db8::1")], True),

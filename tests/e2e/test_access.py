@@ -22,10 +22,15 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import re
+import signal
+import socket
 import ssl
+import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
@@ -277,10 +282,11 @@ def test_anonymous_networks_through_trusted_and_untrusted_proxies(
     start_mirror: StartMirror, upstream: RegistryProcess
 ) -> None:
     """``anonymous = 10.0.0.0/8 2001:db8::/32``: behind a trusted proxy
-    (127.0.0.1) the address in ``X-Forwarded-For`` / ``Forwarded`` decides,
-    and a refused client is challenged to the mirror's token realm (https
-    when the proxy says so).  When 127.0.0.1 is not a trusted proxy, the same
-    headers are ignored and the peer's own address is refused."""
+    (127.0.0.1) the address in ``X-Forwarded-For`` decides (``Forwarded``,
+    which this proxy does not set, is ignored), and a refused client is
+    challenged to the mirror's token realm (https when the proxy says so).
+    When 127.0.0.1 is not a trusted proxy, the same headers are ignored and
+    the peer's own address is refused."""
     networks = "10.0.0.0/8 2001:db8::/32"
     name = "test/small"
 
@@ -291,9 +297,11 @@ def test_anonymous_networks_through_trusted_and_untrusted_proxies(
     )
     port = trusting.port
     assert get_manifest(port, name, {"X-Forwarded-For": "10.1.2.3"}).status == 200
-    assert get_manifest(port, name, {"Forwarded": "for=10.4.5.6"}).status == 200
+    assert get_manifest(port, name, {"X-Forwarded-For": "2001:db8::7"}).status == 200
+    ignored = get_manifest(port, name, {"Forwarded": "for=10.4.5.6"})
+    assert_denied(ignored, 401, "UNAUTHORIZED")
     forwarded_v6 = {"Forwarded": 'for="[2001:db8::7]:4711";proto=https'}
-    assert get_manifest(port, name, forwarded_v6).status == 200
+    assert_denied(get_manifest(port, name, forwarded_v6), 401, "UNAUTHORIZED")
     # The nearest hop that is not a trusted proxy is the client.
     chained = {"X-Forwarded-For": "10.1.2.3, 192.0.2.1"}
     assert_denied(get_manifest(port, name, chained), 401, "UNAUTHORIZED")
@@ -917,3 +925,234 @@ def test_the_challenge_of_each_routing_form_leads_to_a_token_for_it(
     anonymous = n.token_at(realm, scope, OUTSIDE)
     nothing = n.statuses([name], {**OUTSIDE, **bearer(anonymous)})
     assert nothing == dict.fromkeys(nothing, 401)
+
+
+# -- the one forwarding header the proxies set -----------------------------------
+
+
+def raw_get(
+    port: int,
+    path: str,
+    lines: Sequence[tuple[str, str]] = (),
+    *,
+    host: str | None = "mirror.test",
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """
+    GET *path* over a raw socket, the header *lines* sent byte for byte as
+    given (names in any case, a name twice on two lines, any ``Host``):
+    the status, the response's header lines and its body.
+    """
+    head = [f"GET {path} HTTP/1.1"]
+    if host is not None:
+        head.append(f"Host: {host}")
+    head += [f"{name}: {value}" for name, value in lines]
+    data = "\r\n".join([*head, "Connection: close", "", ""]).encode("latin-1")
+    raw = b""
+    deadline = time.monotonic() + 10
+    with socket.create_connection((LOCALHOST, port), timeout=10) as sock:
+        sock.sendall(data)
+        while time.monotonic() < deadline:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            raw += chunk
+    answer, _, body = raw.partition(b"\r\n\r\n")
+    status, *fields = answer.decode("latin-1").split("\r\n")
+    pairs = [field.split(":", 1) for field in fields]
+    return int(status.split()[1]), [(n.strip(), v.strip()) for n, v in pairs], body
+
+
+def header_values(fields: Sequence[tuple[str, str]], name: str) -> list[str]:
+    return [value for field, value in fields if field.lower() == name.lower()]
+
+
+#: each setting's header, its name in another case, and how it names an
+#: address (IPv4, IPv6) and a hop that is not one
+SETTINGS = {
+    "x-forwarded-for": ("X-Forwarded-For", "x-FORWARDED-for", "{}", "{}"),
+    "forwarded": ("Forwarded", "FORWARDED", "for={}", 'For="[{}]:4711"'),
+    "x-real-ip": ("X-Real-IP", "x-real-IP", "{}", "{}"),
+}
+#: a value in every header of the others' kind, claiming 10.1.2.3
+CLAIMS = [
+    ("X-Forwarded-For", "10.1.2.3"),
+    ("Forwarded", "for=10.1.2.3"),
+    ("X-Real-IP", "10.1.2.3"),
+    ("X-Client-IP", "10.1.2.3"),
+    ("True-Client-IP", "10.1.2.3"),
+]
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_each_forwarding_header_setting_believes_its_header_alone(
+    start_mirror: StartMirror, upstream: RegistryProcess, setting: str
+) -> None:
+    """
+    ``forwarded_header = <setting>``, ``anonymous = 10.0.0.0/8
+    2001:db8::/32 127.0.0.1`` (127.0.0.1 is also the trusted proxy), raw
+    requests: the set header decides, whatever case its name is written
+    in, its right-most hop on one line or over several, IPv4 and IPv6
+    forms; every other header claiming 10.1.2.3 is ignored.  A hop that is
+    not an address (``unknown``, ``_hidden``, garbage) is refused: it is
+    not the proxy's 127.0.0.1, which is open.
+    """
+    name, other_case, v4, v6 = SETTINGS[setting]
+    mirror = users_mirror(
+        start_mirror,
+        {"url": upstream.url},
+        {
+            "anonymous": "10.0.0.0/8 2001:db8::/32 127.0.0.1",
+            "trusted_proxies": "127.0.0.1",
+            "forwarded_header": setting,
+        },
+    )
+    outside, inside = v4.format("192.0.2.1"), v4.format("10.1.2.3")
+    cases: list[tuple[list[tuple[str, str]], int]] = [
+        ([], 200),
+        ([(name, inside)], 200),
+        ([(other_case, inside)], 200),
+        ([(name, v6.format("2001:db8::7"))], 200),
+        ([(name, outside)], 401),
+        ([(name, v6.format("2001:db9::7"))], 401),
+        ([(name, outside), (name, inside)], 200),
+        ([(name, inside), (name, outside)], 401),
+        ([(name, f"{outside}, {inside}")], 200),
+        ([(name, f"{inside}, {outside}")], 401),
+        ([(name, outside), *[c for c in CLAIMS if c[0] != name]], 401),
+    ]
+    for hop in ("unknown", "_hidden", "10.1.2.3.4", "0x7f000001"):
+        cases.append(([(name, v4.format(hop))], 401))
+        cases.append(([(name, f"{inside}, {v4.format(hop)}")], 401))
+    path = "/v2/test/small/manifests/latest"
+    wrong = [
+        (lines, expected, status)
+        for lines, expected in cases
+        if (status := raw_get(mirror.port, path, lines)[0]) != expected
+    ]
+    assert wrong == []
+
+
+# -- the Host a challenge names --------------------------------------------------
+
+#: Host values that are no ``host[:port]``, including the realm injection
+BAD_HOSTS = [
+    f'{LOCALHOST}",realm="http://evil.example',
+    f'{LOCALHOST}"',
+    "mirror test",
+    "mirror.test/other",
+    "mirror.test:port",
+    "mirror.test:99999",
+    "user@mirror.test",
+    "[::1",
+    "::1",
+    "",
+]
+GOOD_HOSTS = ["mirror.test", "MIRROR.test:5000", "[::1]:5000", "127.0.0.1"]
+
+
+def test_a_host_that_is_not_host_and_port_is_refused_and_never_echoed(
+    start_mirror: StartMirror, upstream: RegistryProcess
+) -> None:
+    """
+    Raw requests (HTTP libraries refuse to send such a Host): a ``Host``
+    that is no ``host[:port]`` is 400 with an OCI body and no challenge at
+    the API root, on a pull and at ``/token``, so that a ``"`` never adds
+    parameters to ``WWW-Authenticate``; a valid one is named in the realm
+    as sent.  Nothing reaches the upstream.
+    """
+    mirror = users_mirror(start_mirror, {"url": upstream.url})
+    asked = len(upstream.access_log())
+    paths = ["/v2/", "/v2/test/small/manifests/latest", "/token?scope=x"]
+    for host in BAD_HOSTS:
+        for path in paths:
+            status, fields, body = raw_get(mirror.port, path, host=host)
+            assert status == 400, (host, path, status)
+            assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
+            assert header_values(fields, "WWW-Authenticate") == [], (host, path)
+    for host in GOOD_HOSTS:
+        status, fields, _ = raw_get(
+            mirror.port, "/v2/test/small/manifests/latest", host=host
+        )
+        assert status == 401
+        assert header_values(fields, "WWW-Authenticate") == [
+            challenge(f"http://{host}", "test/small")
+        ]
+    assert len(upstream.access_log()) == asked
+
+
+# -- failed logins across worker processes ---------------------------------------
+
+
+def workers_of(mirror: MirrorProcess) -> list[int]:
+    """The pids of the mirror's worker processes."""
+    assert mirror._process is not None
+    found = subprocess.run(
+        ["pgrep", "-P", str(mirror._process.pid), "-f", "regmirror.worker"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    return [int(pid) for pid in found.stdout.split()]
+
+
+@contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """*pid* stopped (SIGSTOP) meanwhile: the other process accepts every
+    connection."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_failed_logins_are_throttled_across_workers(
+    start_mirror: StartMirror, upstream: RegistryProcess, catalog: Catalog
+) -> None:
+    """
+    With ``workers = 2`` each process counted its own failed logins: ten
+    wrong passwords got through in a minute.  Now three failures at the
+    parent (the worker stopped) and two at the worker (the parent stopped)
+    make the sixth attempt 429 at either process, with the right password
+    too; and ten wrong passwords on new connections, whichever process
+    takes each, are five 401s, then 429s.
+    """
+    mirror = start_mirror(
+        lambda port: access_config(
+            port,
+            {"url": upstream.url},
+            {
+                "anonymous": "none",
+                "htpasswd": "users.htpasswd",
+                "trusted_proxies": "127.0.0.1",
+            },
+        ).replace("[server]\n", "[server]\nworkers = 2\n"),
+        files={"users.htpasswd": htpasswd_line(ALICE, ALICE_PASSWORD)},
+    )
+    poll_until(
+        lambda: len(workers_of(mirror)) == 1,
+        timeout=15,
+        describe=lambda: "no worker process",
+    )
+    (worker,) = workers_of(mirror)
+    mirror.wait_for_log(rf"worker {worker} serving", timeout=15)
+    assert mirror._process is not None
+    parent = mirror._process.pid
+    name = catalog.small.repository
+
+    def attempt(password: str, address: str = "192.0.2.1") -> int:
+        headers = {"X-Forwarded-For": address, **basic(ALICE, password)}
+        return get_manifest(mirror.port, name, headers).status
+
+    with stopped(worker):
+        assert [attempt(f"{WRONG_PASSWORD}-{n}") for n in range(3)] == [401] * 3
+    with stopped(parent):
+        assert [attempt(f"{WRONG_PASSWORD}-{n}") for n in range(2)] == [401] * 2
+        assert attempt(ALICE_PASSWORD) == 429
+    with stopped(worker):
+        assert attempt(ALICE_PASSWORD) == 429
+        assert attempt(ALICE_PASSWORD, "192.0.2.2") == 200
+
+    statuses = [attempt(f"{WRONG_PASSWORD}-{n}", "192.0.2.3") for n in range(10)]
+    assert statuses == [401] * 5 + [429] * 5
+    assert_not_logged(mirror, ALICE_PASSWORD, WRONG_PASSWORD)

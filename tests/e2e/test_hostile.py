@@ -3,9 +3,10 @@ The hostile-input and fault campaign, end to end.
 
 1. Bad client input, over raw sockets (no library normalises anything):
    path traversal in every part of a path, names, tags and digests that
-   break the grammar, ``Range`` headers, oversized request heads, request
-   smuggling, request bodies, slowloris connections and thousands of idle
-   keep-alive connections.  Each gets the right status, an OCI error body
+   break the grammar, ``Range`` headers, ``Host`` values that are no
+   ``host[:port]``, oversized request heads, request smuggling, request
+   bodies, slowloris connections and thousands of idle keep-alive
+   connections.  Each gets the right status, an OCI error body
    where the mirror answers, leaves the cache unchanged, and the mirror
    goes on serving.  These share one mirror in front of a real
    ``docker-registry`` (the ``target`` fixture), with a slowloris observer
@@ -1061,6 +1062,55 @@ def test_protocol_error_answers_carry_oci_error_body(
         assert answer.error_codes() is not None, (
             f"a {answer.status} answer without an OCI error body: {result.describe()}"
         )
+    assert_still_serving(target.mirror, mark)
+
+
+#: ``Host`` values that are no ``host[:port]`` (RFC 3986 reg-name, IPv4 or
+#: [IPv6], then an optional port): a challenge's realm echoed such a value,
+#: a ``"`` adding parameters to ``WWW-Authenticate``
+BAD_HOSTS: list[tuple[str, bytes]] = [
+    ("quote-injects-realm", b'mirror.test",realm="http://evil.example'),
+    ("quote", b'mirror.test"'),
+    ("space", b"mirror test"),
+    ("tab", b"mirror\t.test"),
+    ("path", b"mirror.test/v2/evil"),
+    ("query", b"mirror.test?x=1"),
+    ("backslash", b"mirror.test\\evil"),
+    ("userinfo", b"user@mirror.test"),
+    ("port-not-digits", b"mirror.test:http"),
+    ("port-too-big", b"mirror.test:65536"),
+    ("two-ports", b"mirror.test:80:80"),
+    ("bare-ipv6", b"::1"),
+    ("unclosed-ipv6", b"[::1"),
+    ("name-in-brackets", b"[mirror.test]"),
+    ("non-ascii", b"mirr\xc3\xb6r.test"),
+    ("empty", b""),
+    ("too-long", b"a" * 300),
+]
+
+
+@pytest.mark.parametrize("host", [pytest.param(h, id=i) for i, h in BAD_HOSTS])
+def test_host_that_is_not_host_and_port_is_refused(target: Target, host: bytes) -> None:
+    """
+    A ``Host`` line (in any case) that is no ``host[:port]`` is 400 with an
+    OCI error body before anything else, at the API root, on a manifest
+    and on a cached blob: nothing is routed by it, served for it or echoed
+    from it.
+    """
+    mark = log_mark(target.mirror)
+    for path in (
+        b"/v2/",
+        b"/v2/test/small/manifests/latest",
+        target.blob_path().encode(),
+    ):
+        for name in (b"Host", b"HOST"):
+            data = b"GET " + path + b" HTTP/1.1\r\n" + name + b": " + host
+            result = exchange(target.port, data + b"\r\nConnection: close\r\n\r\n")
+            answer = result.first
+            assert answer is not None, result.describe()
+            assert answer.status == 400, (path, result.describe())
+            assert answer.error_codes() == ["UNSUPPORTED"], result.describe()
+            assert host not in result.raw or not host
     assert_still_serving(target.mirror, mark)
 
 
