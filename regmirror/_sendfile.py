@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IPullProducer
 from zope.interface import implementer
 
 from regmirror.errors import DownloadFailed
-from regmirror.fetch import BlobSource, BlobTail
+from regmirror.readers import BlobSource, BlobTail
 
 #: Bytes asked of one ``sendfile`` call, and calls per writable socket
 #: before the other connections get their turn.

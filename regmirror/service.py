@@ -462,6 +462,12 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
     def in_thread(work: Any) -> Deferred[None]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
+    s3, cluster = config.cache.s3, config.cluster
+    shared = None if s3 is None else shared_store(s3, reactor, connections)
+    redis = None if cluster is None else coordinator(cluster, reactor)
+    peers = (
+        None if cluster is None else Peers(Agent(reactor, pool=connections), reactor)
+    )
     fetcher = Fetcher(
         store,
         reactor,
@@ -469,15 +475,12 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
         tag_ttl=config.cache.tag_ttl,
         max_blob_size=config.cache.max_blob_size,
         metrics=metrics,
+        shared=shared,
+        shared_max_size=None if s3 is None else s3.max_size,
+        redirect_ttl=s3.redirect_ttl if s3 is not None and s3.redirect else None,
+        coordinator=redis,
+        peers=peers,
     )
-    if config.cache.s3 is not None:
-        fetcher.shared = shared_store(config.cache.s3, reactor, connections)
-        fetcher.shared_max_size = config.cache.s3.max_size
-        if config.cache.s3.redirect:
-            fetcher.redirect_ttl = config.cache.s3.redirect_ttl
-    if config.cluster is not None:
-        fetcher.coordinator = coordinator(config.cluster, reactor)
-        fetcher.peers = Peers(Agent(reactor, pool=connections), reactor)
     gate = None
     if config.access is not None:
         gate = Gate(

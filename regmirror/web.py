@@ -43,9 +43,10 @@ from regmirror.errors import (
     UpstreamBadGateway,
     UpstreamUnavailable,
 )
-from regmirror.fetch import BlobSource, Fetcher, Relay, SpoolReader
+from regmirror.fetch import Fetcher
 from regmirror.metrics import Metrics
 from regmirror.pool import Manifest, NotFoundAnywhere, UpstreamPool
+from regmirror.readers import BlobSource, Relay, SpoolReader
 from regmirror.reference import (
     INDEX_TYPES,
     OCI_INDEX,

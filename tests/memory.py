@@ -23,9 +23,11 @@ from regmirror.cluster import Coordinator
 from regmirror.config import AccessConfig, NamespaceConfig, Network, UpstreamConfig
 from regmirror.fetch import Fetcher
 from regmirror.metrics import Metrics
+from regmirror.nodes import Peers
 from regmirror.pool import UpstreamPool
 from regmirror.reference import OCI_MANIFEST
 from regmirror.routing import Router
+from regmirror.s3 import SharedStore
 from regmirror.store import Store
 from regmirror.upstream import Upstream
 from regmirror.web import RegistryAPI, Root, TokenResource
@@ -54,6 +56,9 @@ class Harness:
         narrower: dict[str, tuple[Network, ...]] | None = None,
         clock: Clock | None = None,
         coordinator: Coordinator | None = None,
+        peers: Peers | None = None,
+        shared: SharedStore | None = None,
+        redirect_ttl: float | None = None,
     ) -> None:
         """
         :param clock: shared by several harnesses acting as one cluster.
@@ -61,6 +66,8 @@ class Harness:
             fetcher and the API, which then answers other nodes at
             ``/_cluster/blobs/`` as :func:`regmirror.service.build_mirror`
             wires it.
+        :param peers: how this node reaches the other nodes.
+        :param shared: the cluster's bucket; *redirect_ttl* as in the config.
         """
         self.clock = clock if clock is not None else Clock()
         self.store = Store(root, now=self.clock.seconds)
@@ -111,6 +118,9 @@ class Harness:
             tag_ttl=30.0,
             metrics=self.metrics,
             coordinator=coordinator,
+            peers=peers,
+            shared=shared,
+            redirect_ttl=redirect_ttl,
         )
         self.gate = None
         children: dict[bytes, Resource] = {}

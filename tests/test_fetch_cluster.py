@@ -42,11 +42,12 @@ from regmirror import cluster, nodes
 from regmirror._attempts import MAX_FRUITLESS
 from regmirror.cluster import Coordinator, Lease
 from regmirror.config import Secret, load
-from regmirror.fetch import CLAIM_POLLS, Download
+from regmirror.download import Download
 from regmirror.nodes import Peers
 from regmirror.reference import OCI_MANIFEST, Digest, parse_digest
 from regmirror.s3 import ObjectStore, S3Location, SharedStore
 from regmirror.service import build_mirror
+from regmirror.sources import CLAIM_POLLS
 
 REDIS = "redis://127.0.0.1:6379/0"
 ACCESS = "AKIDEXAMPLE7Q"
@@ -154,6 +155,7 @@ class Cluster:
         shared: bool = True,
         origin: FakeRegistry | None = None,
         s3: type[FakeS3] = FakeS3,
+        redirect_ttl: float | None = None,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(START)
@@ -165,6 +167,7 @@ class Cluster:
             "http://s3.test:7480", BUCKET, REGION, Secret(ACCESS), Secret(SECRET)
         )
         self.network = Network()
+        self.peers = Peers(self.network, self.clock)
         self.nodes: dict[str, Harness] = {}
         self.coordinators: dict[str, Coordinator] = {}
         self.links: dict[str, Link] = {}
@@ -176,12 +179,14 @@ class Cluster:
                 {"origin": self.origin},
                 clock=self.clock,
                 coordinator=coordinator,
+                peers=self.peers,
+                shared=(
+                    SharedStore(ObjectStore(self.s3_agent, self.clock, self.location))
+                    if shared
+                    else None
+                ),
+                redirect_ttl=redirect_ttl,
             )
-            node.fetcher.peers = Peers(self.network, self.clock)
-            if shared:
-                node.fetcher.shared = SharedStore(
-                    ObjectStore(self.s3_agent, self.clock, self.location)
-                )
             self.network.add(f"node-{name}", node.root)
             self.nodes[name] = node
             self.coordinators[name] = coordinator
@@ -693,9 +698,7 @@ def test_redirect_to_the_bucket_only_for_blobs_not_cached_here(tmp_path: Path) -
     is a 307 to a presigned URL of the bucket (which works, and holds no
     secret); a blob in this node's cache is served by the node.
     """
-    c = Cluster(tmp_path, "ab")
-    for node in c.nodes.values():
-        node.fetcher.redirect_ttl = 600.0
+    c = Cluster(tmp_path, "ab", redirect_ttl=600.0)
     content = image(c.origin)
     layer = content["layer"]
     first = c.stream("a", f"/v2/app/blobs/{layer}")
@@ -727,13 +730,14 @@ def test_redirect_to_the_bucket_only_for_blobs_not_cached_here(tmp_path: Path) -
 # -- the bucket's size ---------------------------------------------------------------
 
 
-def test_evict_shared_deletes_least_recently_used_blobs_until_under_the_limit(
+def test_bucket_eviction_deletes_least_recently_used_blobs_until_under_the_limit(
     tmp_path: Path,
 ) -> None:
     """
-    ``evict_shared`` deletes the bucket's least recently used blobs (a
+    ``Bucket.evict`` deletes the bucket's least recently used blobs (a
     blob read from the bucket counts as used) from the bucket and from
-    Redis's index, until the total is at most ``shared_max_size``.
+    Redis's index, until the total is at most its ``max_size``
+    (``s3_max_size``).
     """
     c = Cluster(tmp_path, "ac")
     blobs = {
@@ -747,13 +751,14 @@ def test_evict_shared_deletes_least_recently_used_blobs_until_under_the_limit(
     assert {bytes(k).decode() for k in index} == set(blobs.values())
     assert c.run(c.coordinators["c"].total_size()) == 6000
 
-    fetcher = c["c"].fetcher
-    fetcher.shared_max_size = 10**9
+    bucket = c["c"].fetcher.bucket
+    assert bucket is not None
+    bucket.max_size = 10**9
     assert c.body(c.request("c", "GET", f"/v2/app/blobs/{blobs['x']}"))  # x used now
     assert c.blob_gets() == 3
 
-    fetcher.shared_max_size = 4000
-    assert c.run(fetcher.evict_shared()) == 1
+    bucket.max_size = 4000
+    assert c.run(bucket.evict()) == 1
     assert [c.in_bucket(blob_key(blobs[n])) is not None for n in "xyz"] == [
         True,
         False,
@@ -761,10 +766,10 @@ def test_evict_shared_deletes_least_recently_used_blobs_until_under_the_limit(
     ]
     assert blobs["y"].encode() not in index
     assert c.run(c.coordinators["c"].total_size()) == 4000
-    assert c.run(fetcher.evict_shared()) == 0
+    assert c.run(bucket.evict()) == 0
 
-    fetcher.shared_max_size = 0
-    assert c.run(fetcher.evict_shared()) == 2
+    bucket.max_size = 0
+    assert c.run(bucket.evict()) == 2
     assert all(c.in_bucket(blob_key(digest)) is None for digest in blobs.values())
     assert index == {}
     assert c.run(c.coordinators["c"].total_size()) == 0
@@ -1014,7 +1019,7 @@ def test_a_peer_giving_up_on_a_holder_still_waiting_for_upstream_breaks_nothing(
     first = c.stream("a", f"/v2/app/blobs/{layer}")
     second = c.stream("b", f"/v2/app/blobs/{layer}")
     assert c.blob_gets() == 1 and not first.finished
-    c.tick(c["b"].fetcher.peers.timeout)  # b gives up on a
+    c.tick(c.peers.timeout)  # b gives up on a
     origin.answer()
     c.settle()
     c.tick(TTL / 4)  # b asks again

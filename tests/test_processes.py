@@ -31,7 +31,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 
-from regmirror import cluster
+from regmirror import cluster, service
 from regmirror.cluster import Coordinator, Lease
 from regmirror.config import Config, load
 from regmirror.listeners import AdoptedListener, BoundListener, Inherited
@@ -290,11 +290,13 @@ def test_stopping_worker_releases_its_leases(tmp_path: Path, monkeypatch: Any) -
     )
     reactor = MemoryReactorClock()
     redis = FakeRedis(reactor)
-    tree = build_tree(config, reactor, _worker_place(config))
     coordinator = Coordinator(
         reactor, REDIS_URL, "http://127.0.0.1:5000", lease_ttl=3.0, endpoint=redis
     )
-    tree.mirror.fetcher.coordinator = coordinator
+    # The tree's coordinator, reaching the fake Redis.
+    monkeypatch.setattr(service, "coordinator", lambda cluster, reactor: coordinator)
+    tree = build_tree(config, reactor, _worker_place(config))
+    assert tree.mirror.coordinator is coordinator
     tree.startService()
     reactor.advance(0)
     lease = result(Deferred.fromCoroutine(coordinator.acquire(Digest.of(b"blob"))))

@@ -279,7 +279,7 @@ def test_a_blob_without_length_is_bounded(tmp_path: Path) -> None:
     digest = origin.add_blob(b"endless" * 1000)
     origin.unsized.add(digest)
     harness = Harness(str(tmp_path), {"origin": origin})
-    harness.fetcher.max_blob_size = 3000
+    harness.fetcher.blobs.max_blob_size = 3000
     response = harness.request("GET", f"/v2/app/blobs/{digest}")
     received: list[bytes] = []
     outcome: list[object] = []

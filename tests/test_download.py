@@ -1,7 +1,7 @@
 """
-Tests for :class:`regmirror.fetch.Download`'s waits: when a reader waiting
+Tests for :class:`regmirror.download.Download`'s waits: when a reader waiting
 for more of a download under way is woken.  Readers ask for a large step
-(:data:`~regmirror.fetch.WAKE_BYTES`) so that a fast download reaches many
+(:data:`~regmirror.download.WAKE_BYTES`) so that a fast download reaches many
 clients in few, large sends, but never wait long for bytes that are there.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from regmirror.fetch import WAKE_DELAY, Download, Followed
+from regmirror.download import WAKE_DELAY, Download, Followed
 from regmirror.reference import parse_digest
 
 DIGEST = parse_digest("sha256:" + "a" * 64)

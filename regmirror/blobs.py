@@ -1,0 +1,415 @@
+"""
+Blobs as clients ask for them: one download per digest, any number of
+readers.
+
+:meth:`Blobs.blob` answers with the cached file, or with a download under
+way in this process, which it starts or joins: any number of requests for
+one digest share one download, whose spool each reader tails at its own
+pace (:mod:`regmirror.readers`), so a slow client never slows the download
+or the others.  A download another worker process runs is followed
+(:mod:`regmirror.siblings`); when the cache cannot be written, an upstream
+response is relayed to the client as it comes.
+
+A download's bytes come from the first of its :class:`~regmirror.sources.Sources`
+that has them.  Whatever the source, the bytes are verified here before
+they count as cached.  A transfer that breaks goes on where it stopped,
+from the sources again (the next upstream in the namespace's order, flaky
+ones taking turns), for as long as attempts bring new bytes
+(:class:`regmirror._attempts.Attempts` decides).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define, field
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IResponse
+
+from regmirror._flight import SingleFlight
+from regmirror.download import Download
+from regmirror.errors import BlobUnknown, RegistryError
+from regmirror.housekeeping import Housekeeping, RunInThread
+from regmirror.metrics import Metrics
+from regmirror.pool import NotFoundAnywhere, UpstreamPool
+from regmirror.readers import BlobSource
+from regmirror.reference import Digest
+from regmirror.siblings import Siblings
+from regmirror.sources import Sources
+from regmirror.store import AlreadyCached, DigestMismatch, SpoolBusy, Store
+from regmirror.upstream import UpstreamFailure
+
+#: How long a source other than an upstream may stay silent mid-body.
+IDLE_TIMEOUT = 60.0
+#: The largest blob taken from an upstream that does not say its size
+#: (``[cache] max_blob_size``).
+MAX_BLOB_SIZE = 64 * 1024**3
+
+
+class _CannotSpool(Exception):
+    """The cache cannot take a new download now."""
+
+
+@define(eq=False)
+class Blobs:
+    """
+    Serves blobs from the store, filling it from their sources with one
+    download per digest.
+    """
+
+    store: Store
+    clock: IReactorTime
+    sources: Sources
+    housekeeping: Housekeeping
+    metrics: Metrics
+    #: runs blocking work (fsync of a finished blob) off the reactor thread
+    run_in_thread: RunInThread = maybeDeferred
+    max_blob_size: int = MAX_BLOB_SIZE
+    _running: dict[Digest, Download] = field(factory=dict)
+    _starting: SingleFlight[Digest, Download] = field(factory=SingleFlight)
+    _siblings: Siblings = field(init=False)
+    log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        self._siblings = Siblings(self.store, self.clock, self._running)
+
+    @property
+    def downloads(self) -> list[Download]:
+        """The downloads under way."""
+        return list(self._running.values())
+
+    async def blob(
+        self, pool: UpstreamPool, repository: str, digest: Digest
+    ) -> BlobSource:
+        """
+        A source for the blob's bytes: the cached file, or a download that
+        this call starts or joins.
+
+        :raises BlobUnknown: when no upstream has it.
+        """
+        running = self._running.get(digest)
+        if running is not None:
+            self._lookup("joined")
+            return BlobSource(running.size, running.spool.path, running)
+        size = self.store.blob_size(digest)
+        if size is not None:
+            self._lookup("hit")
+            return BlobSource(size, self.store.blob_path(digest))
+
+        async def start() -> Download:
+            return await self._start(pool, repository, digest)
+
+        self._lookup("joined" if digest in self._starting else "miss")
+        if not self.store.writable():
+            return await self._relay(pool, repository, digest)
+        try:
+            download = await self._starting.run(digest, start)
+        except _CannotSpool:
+            return await self._relay(pool, repository, digest)
+        except AlreadyCached:
+            return BlobSource(
+                self.store.blob_size(digest), self.store.blob_path(digest)
+            )
+        if download.state == "done":
+            return BlobSource(download.written, download.spool.final_path)
+        return BlobSource(download.size, download.spool.path, download)
+
+    async def size(
+        self, pool: UpstreamPool, repository: str, digest: Digest
+    ) -> int | None:
+        """
+        The blob's size without downloading it (HEAD).
+
+        :raises BlobUnknown: when no upstream has it.
+        """
+        running = self._running.get(digest)
+        if running is not None and running.size is not None:
+            return running.size
+        size = self.store.blob_size(digest)
+        if size is not None:
+            return size
+        return await self.sources.size(pool, repository, digest)
+
+    async def redirect(self, digest: Digest) -> str | None:
+        """
+        Where to send a client for a blob that this node's cache does not
+        have (``redirect = true``: to the bucket, if it has the blob), else
+        ``None``.
+        """
+        if digest in self._running or self.store.blob_size(digest) is not None:
+            return None
+        location = await self.sources.redirect(digest)
+        if location is not None:
+            self._lookup("redirect")
+        return location
+
+    async def local(self, digest: Digest) -> BlobSource | None:
+        """
+        What this node has of *digest* without asking anyone: its cache,
+        its own download, another worker's.  For the other nodes, so never
+        what this node itself takes from another node.
+        """
+        flight = self._starting.join(digest)
+        running = self._running.get(digest)
+        if running is None and flight is not None:
+            try:
+                running = await flight
+            except CancelledError:
+                raise
+            except Exception:
+                return None
+        if running is None:
+            size = self.store.blob_size(digest)
+            if size is not None:
+                return BlobSource(size, self.store.blob_path(digest))
+            path = self.store.spool_path(digest)
+            if self.store.spool_abandoned(path):
+                return None
+            running = await self._starting.run(
+                digest, lambda: self._siblings.follow(digest, path)
+            )
+        if running.from_peer or running.state == "failed":
+            return None
+        if running.state == "done":
+            return BlobSource(running.written, running.spool.final_path)
+        return BlobSource(running.size, running.spool.path, running)
+
+    def _lookup(self, result: str) -> None:
+        self.metrics.cache.labels("blob", result).inc()
+
+    # -- one download ---------------------------------------------------------
+
+    async def _start(
+        self, pool: UpstreamPool, repository: str, digest: Digest
+    ) -> Download:
+        try:
+            spool = self.store.spool(digest)
+        except SpoolBusy as busy:
+            return await self._siblings.follow(digest, busy.path)
+        except OSError as error:
+            self.store.degrade(error)
+            raise _CannotSpool() from None
+        download = Download(digest, spool, pool, repository, clock=self.clock)
+        try:
+            response = await self.sources.open(download)
+        except NotFoundAnywhere:
+            self.sources.dropped(download)
+            spool.discard()
+            raise BlobUnknown(f"blob {digest} is unknown to every upstream") from None
+        except BaseException:
+            self.sources.dropped(download)
+            spool.discard()
+            raise
+        length = response.length
+        download.size = length if isinstance(length, int) else None
+        spool.announce(download.size)
+        self._running[digest] = download
+        self.log.info(
+            "downloading {digest} ({size} bytes) from {source}",
+            digest=str(digest),
+            size=download.size,
+            source=download.source,
+        )
+        self._receive(download, response, skip=0)
+        return download
+
+    async def _relay(
+        self, pool: UpstreamPool, repository: str, digest: Digest
+    ) -> BlobSource:
+        """An upstream response to stream straight through, uncached."""
+        try:
+            _, response = await pool.open_blob(repository, digest)
+        except NotFoundAnywhere:
+            raise BlobUnknown(f"blob {digest} is unknown to every upstream") from None
+        length = response.length
+        return BlobSource(
+            length if isinstance(length, int) else None, "", relay=response
+        )
+
+    def _receive(self, download: Download, response: IResponse, skip: int) -> None:
+        download.attempts.began(download.source, download.written)
+        idle = IDLE_TIMEOUT
+        if download.upstream is not None:
+            idle = download.upstream.config.idle_timeout
+        response.deliverBody(_SpoolWriter(self, download, self.clock, idle, skip))
+
+    async def _resume(self, download: Download, why: str) -> None:
+        """
+        Carry on a broken transfer where it stopped, with a Range request:
+        from the sources again, the upstreams in the order
+        :meth:`Attempts.next_order` gives (the next one first; one that
+        broke during this download only after the others), and as a last
+        resort those among them marked down, rather than fail a download
+        that progresses.  A transfer from the bucket goes on from an
+        upstream; one from another node, from whoever holds the digest's
+        lease next (this node, once the other's lease expired).
+        """
+        offset = download.written
+        download.resumed += 1
+        try:
+            response = await self.sources.open(download)
+        except (NotFoundAnywhere, RegistryError) as e:
+            self._fail(download, f"{why}; cannot resume: {e}")
+            return
+        self.log.info(
+            "resuming {digest} at byte {offset} from {source} ({why})",
+            digest=str(download.digest),
+            offset=offset,
+            source=download.source,
+            why=why,
+        )
+        self._receive(download, response, skip=offset if response.code == 200 else 0)
+
+    def _finish(self, download: Download, reason: Failure) -> None:
+        """The body ended: verify and commit, resume, or discard."""
+        download.attempts.ended(download.written)
+        if not reason.check(ResponseDone, PotentialDataLoss):
+            why = (
+                f"transfer from {download.source} broke after "
+                f"{download.written} bytes: {reason.getErrorMessage()}"
+            )
+            pool, broken = download.pool, download.upstream
+            assert pool is not None, "a follower does not receive"
+            if broken is not None:
+                pool.failed(broken, UpstreamFailure(broken.name, "broken", why))
+            if download.size is None:
+                self._fail(download, why)
+                return
+            enough = download.attempts.exhausted(
+                download.size, self.sources.upstreams.trusted(pool, download.digest)
+            )
+            if enough is not None:
+                self._fail(download, f"{why}; no further attempt: {enough}")
+                return
+            Deferred.fromCoroutine(self._resume(download, why)).addErrback(
+                lambda failure: self._fail(download, failure.getErrorMessage())
+            )
+            return
+        if download.size is not None and download.written != download.size:
+            self._fail(download, f"got {download.written} of {download.size} bytes")
+            return
+        if download.upstream is not None:
+            download.upstream.breaker.transferred()
+        d = self.run_in_thread(download.writer.commit)
+
+        def committed(_: None) -> None:
+            download.state = "done"
+            del self._running[download.digest]
+            self.store.added(download.written)
+            self.housekeeping.run()
+            self.log.info(
+                "cached {digest} ({size} bytes) from {source}",
+                digest=str(download.digest),
+                size=download.written,
+                source=download.source,
+            )
+            download.notify()
+            Deferred.fromCoroutine(self.sources.kept(download)).addErrback(
+                lambda failure: self.log.failure("cannot share a blob", failure)
+            )
+
+        def failed(failure: Failure) -> None:
+            if isinstance(failure.value, OSError):
+                self.store.degrade(failure.value)
+                self._fail(download, f"cannot store the blob: {failure.value}")
+            elif failure.check(DigestMismatch):
+                self.sources.upstreams.taint(download)
+                self._fail(download, f"digest mismatch: {failure.getErrorMessage()}")
+            else:
+                self.log.failure(
+                    "cannot store {digest}", failure, digest=str(download.digest)
+                )
+                self._fail(download, "cannot store the blob")
+
+        d.addCallbacks(committed, failed)
+
+    def _fail(self, download: Download, why: str) -> None:
+        download.attempts.ended(download.written)
+        self.log.error(
+            "download of {digest} from {source} failed: {why} (sources: {sources})",
+            digest=str(download.digest),
+            source=download.source,
+            why=why,
+            sources=download.attempts.summary(),
+        )
+        self.sources.dropped(download)
+        download.writer.discard()
+        download.state = "failed"
+        self._running.pop(download.digest, None)
+        download.notify()
+
+
+@define(eq=False)
+class _SpoolWriter:
+    """Receives a source's body into a download's spool (``deliverBody``)."""
+
+    blobs: Blobs
+    download: Download
+    clock: IReactorTime
+    idle_timeout: float
+    #: bytes at the start of the body the spool already has
+    skip: int = 0
+    _transport: Any = None
+    _idle: IDelayedCall | None = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self._transport = transport
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.idle_timeout)
+        else:
+            self._idle = self.clock.callLater(self.idle_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        download = self.download
+        source = download.source
+        if download.upstream is not None:
+            source = f"upstream {source}"
+        self.blobs.log.warn(
+            "{source} stalled on {digest}", source=source, digest=str(download.digest)
+        )
+        if self._transport is not None:
+            self._transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.download.state != "running":
+            return
+        self._arm()
+        self.blobs.metrics.upstream_bytes.labels(self.download.source).inc(len(data))
+        if self.skip:
+            dropped = min(self.skip, len(data))
+            self.skip -= dropped
+            data = data[dropped:]
+            if not data:
+                return
+        limit = self.download.size or self.blobs.max_blob_size
+        if self.download.written + len(data) > limit:
+            # More than announced, or an endless body without a length:
+            # no blob is worth filling the disk for.
+            self._abandon(f"the body went past {limit} bytes")
+            return
+        try:
+            self.download.writer.write(data)
+        except OSError as error:
+            self.blobs.store.degrade(error)
+            self._abandon(f"cannot write to the spool: {error}")
+            return
+        self.download.appended()
+
+    def _abandon(self, why: str) -> None:
+        self.blobs._fail(self.download, why)
+        if self._transport is not None:
+            self._transport.stopProducing()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        if self.download.state == "running":
+            self.blobs._finish(self.download, reason)

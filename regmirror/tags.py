@@ -1,0 +1,264 @@
+"""
+What a tag points at.
+
+The namespace's origin decides (:meth:`regmirror.pool.UpstreamPool.resolve_tag`,
+which also notes mirrors that answer otherwise as stale); its answer is
+reused for ``tag_ttl``, recorded on disk, and, with ``[cluster]``, posted in
+Redis for the other nodes, which take it from there while it is younger
+than ``tag_ttl`` instead of asking the origin themselves (a
+:class:`Board`).  When the origin cannot be reached, the namespace's
+``origin_unreachable`` policy decides among the answer on disk and those of
+the mirrors not known to be stale.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from attrs import define, field
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from regmirror._flight import SingleFlight
+from regmirror.blobs import Blobs
+from regmirror.cluster import Coordinator, CoordinatorDown
+from regmirror.errors import DownloadFailed, ManifestUnknown
+from regmirror.manifests import Manifests
+from regmirror.metrics import Metrics
+from regmirror.pool import NotFoundAnywhere, OriginUnreachable, TagAnswer, UpstreamPool
+from regmirror.reference import (
+    INDEX_TYPES,
+    Digest,
+    load_json,
+    parse_digest,
+    parse_timestamp,
+)
+from regmirror.store import Store
+
+#: Where a tag answer came from when it came from the cache.
+CACHE = "cache"
+#: Where a tag answer came from when another node asked the origin.
+CLUSTER = "cluster"
+#: Image configs read to date an image are read up to this size.
+MAX_CONFIG_SIZE = 1024 * 1024
+
+
+class Board(Protocol):
+    """Where the nodes of a cluster post the origin's tag answers for
+    each other."""
+
+    async def read(
+        self, namespace: str, repository: str, tag: str
+    ) -> tuple[TagAnswer, float] | None:
+        """Another node's answer from the origin and when the origin gave
+        it, while younger than ``tag_ttl``."""
+
+    async def post(
+        self, namespace: str, repository: str, tag: str, digest: Digest
+    ) -> None:
+        """The origin's answer, given now, for the other nodes."""
+
+
+class NoBoard:
+    """A node alone (or ``tag_ttl = 0``): every answer is its own."""
+
+    async def read(
+        self, namespace: str, repository: str, tag: str
+    ) -> tuple[TagAnswer, float] | None:
+        return None
+
+    async def post(
+        self, namespace: str, repository: str, tag: str, digest: Digest
+    ) -> None:
+        pass
+
+
+@define(eq=False)
+class RedisBoard:
+    """The cluster's tag answers, in its Redis; with Redis down, none."""
+
+    coordinator: Coordinator
+    clock: IReactorTime
+    ttl: float
+
+    async def read(
+        self, namespace: str, repository: str, tag: str
+    ) -> tuple[TagAnswer, float] | None:
+        try:
+            posted = await self.coordinator.tag(namespace, repository, tag)
+        except CoordinatorDown:
+            return None
+        if posted is None or self.clock.seconds() - posted[1] >= self.ttl:
+            return None
+        return TagAnswer(posted[0], CLUSTER), posted[1]
+
+    async def post(
+        self, namespace: str, repository: str, tag: str, digest: Digest
+    ) -> None:
+        try:
+            await self.coordinator.set_tag(
+                namespace, repository, tag, digest, self.clock.seconds(), self.ttl
+            )
+        except CoordinatorDown:
+            pass
+
+
+@define(eq=False)
+class Tags:
+    """Resolves tags: the origin's answers, reused for ``ttl`` seconds."""
+
+    store: Store
+    clock: IReactorTime
+    manifests: Manifests
+    #: to read image configs, when the freshest of several images is chosen
+    blobs: Blobs
+    metrics: Metrics
+    board: Board = field(factory=NoBoard)
+    ttl: float = 60.0
+    _answers: dict[tuple[str, str, str], tuple[TagAnswer, float]] = field(factory=dict)
+    _flight: SingleFlight[tuple[str, str, str], TagAnswer] = field(factory=SingleFlight)
+    log = Logger()
+
+    async def resolve(self, pool: UpstreamPool, repository: str, tag: str) -> TagAnswer:
+        """
+        What a tag points at.  The origin decides; its answer is reused for
+        ``ttl`` and recorded on disk.  When the origin cannot be reached
+        the namespace's policy applies: ``freshest`` takes the newest image
+        among the cached answer (if younger than ``max_stale``) and the
+        mirrors not known to be stale, ``cache`` only the cached answer,
+        ``fail`` nothing.
+
+        :return: the answer; its ``upstream`` says where it came from:
+            an upstream's name, ``"cache"`` or ``"cluster"``.
+        :raises ManifestUnknown: when the origin says the tag does not exist.
+        """
+        key = (pool.namespace, repository, tag)
+        remembered = self._answers.get(key)
+        if remembered is not None and self.clock.seconds() < remembered[1]:
+            return remembered[0]
+
+        async def ask() -> TagAnswer:
+            posted = await self.board.read(pool.namespace, repository, tag)
+            if posted is not None:
+                answer, confirmed = posted
+                # Kept like our own answer, for when the origin is down.
+                self._record(pool.namespace, repository, tag, answer.digest, confirmed)
+                self._answers[key] = (answer, confirmed + self.ttl)
+                return answer
+            started = self.clock.seconds()
+            try:
+                answer = await pool.resolve_tag(repository, tag)
+            except NotFoundAnywhere:
+                raise ManifestUnknown(
+                    f"{repository}:{tag} is unknown upstream"
+                ) from None
+            except OriginUnreachable as unreachable:
+                answer = await self._without_origin(pool, repository, tag, unreachable)
+            else:
+                self.metrics.tag_checks.labels(pool.namespace).observe(
+                    self.clock.seconds() - started
+                )
+                if answer.manifest is not None:
+                    self.manifests.keep(answer.manifest)
+                self._record(pool.namespace, repository, tag, answer.digest)
+                await self.board.post(pool.namespace, repository, tag, answer.digest)
+            self._answers[key] = (answer, self.clock.seconds() + self.ttl)
+            return answer
+
+        return await self._flight.run(key, ask)
+
+    def _record(
+        self,
+        namespace: str,
+        repository: str,
+        tag: str,
+        digest: Digest,
+        confirmed: float | None = None,
+    ) -> None:
+        """Keep the origin's answer on disk (confirmed now, unless said)."""
+        if not self.store.writable():
+            return
+        if confirmed is None:
+            confirmed = self.clock.seconds()
+        try:
+            self.store.set_tag(namespace, repository, tag, digest, confirmed)
+        except OSError as error:
+            self.store.degrade(error)
+
+    async def _without_origin(
+        self,
+        pool: UpstreamPool,
+        repository: str,
+        tag: str,
+        unreachable: OriginUnreachable,
+    ) -> TagAnswer:
+        """Apply the namespace's policy for a tag the origin did not answer."""
+        candidates: list[TagAnswer] = []
+        record = self.store.tag(pool.namespace, repository, tag)
+        if (
+            record is not None
+            and self.clock.seconds() - record.confirmed <= pool.max_stale
+        ):
+            candidates.append(TagAnswer(record.digest, CACHE))
+        if pool.origin_unreachable == "freshest":
+            candidates += unreachable.answers
+        elif pool.origin_unreachable == "fail":
+            candidates = []
+        if not candidates:
+            raise unreachable.error
+        chosen = candidates[0]
+        if len({c.digest for c in candidates}) > 1:
+            chosen = await self._freshest(pool, repository, candidates)
+        if chosen.manifest is not None:
+            self.manifests.keep(chosen.manifest)
+        self.log.warn(
+            "{namespace}: origin unreachable ({why}); {repository}:{tag} answered "
+            "by {source} as {digest}",
+            namespace=pool.namespace,
+            why=str(unreachable),
+            repository=repository,
+            tag=tag,
+            source=chosen.upstream,
+            digest=str(chosen.digest),
+        )
+        return chosen
+
+    async def _freshest(
+        self, pool: UpstreamPool, repository: str, candidates: list[TagAnswer]
+    ) -> TagAnswer:
+        """The candidate whose image was created last (the first on a tie)."""
+        dated = []
+        for position, candidate in enumerate(candidates):
+            try:
+                created = await self._created(pool, repository, candidate)
+            except Exception as e:  # an unreadable candidate just loses
+                self.log.info(
+                    "cannot date {digest}: {why}", digest=str(candidate.digest), why=e
+                )
+                continue
+            dated.append((created, -position, candidate))
+        if not dated:
+            return candidates[0]
+        return max(dated, key=lambda entry: (entry[0], entry[1]))[2]
+
+    async def _created(
+        self, pool: UpstreamPool, repository: str, candidate: TagAnswer
+    ) -> float:
+        """When an image was built, from its config (an index: its first image)."""
+        manifest = candidate.manifest or await self.manifests.get(
+            pool, repository, candidate.digest
+        )
+        if manifest.media_type in INDEX_TYPES:
+            entries = load_json(manifest.body)["manifests"]
+            child = parse_digest(entries[0]["digest"])
+            manifest = await self.manifests.get(pool, repository, child)
+        config = parse_digest(load_json(manifest.body)["config"]["digest"])
+        source = await self.blobs.blob(pool, repository, config)
+        if source.download is not None:
+            while source.download.state == "running":
+                await source.download.changed()
+            if source.download.state != "done":
+                raise DownloadFailed(f"config {config} did not arrive")
+        with open(self.store.blob_path(config), "rb") as f:
+            created = load_json(f.read(MAX_CONFIG_SIZE))["created"]
+        return parse_timestamp(created)
