@@ -14,8 +14,9 @@ decided once, at construction (:func:`places`):
   (another node may have put the blob there and let go of the lease since
   the first look), and downloads from the upstreams.
 
-Each transfer goes through the list again: one that breaks goes on where it
-stopped, from the next place that has the bytes (:mod:`regmirror.blobs`).
+A transfer that breaks goes on where it stopped, from the list again
+(:mod:`regmirror.blobs`): each place knows what it already gave the
+download, and the upstreams come in the order its attempts give.
 Before all of these, a download another worker process of this machine
 runs is followed through its spool (:mod:`regmirror.siblings`): that is no
 place to open a transfer from, but a download of its own.
@@ -294,10 +295,14 @@ class Leases:
         return None
 
     async def kept(self, download: Download) -> None:
-        """The other nodes take the blob from the bucket now."""
-        self.dropped(download)
+        """The lease goes: the other nodes take the blob from the bucket now."""
+        self._release(download)
 
     def dropped(self, download: Download) -> None:
+        """The lease goes: another node may try."""
+        self._release(download)
+
+    def _release(self, download: Download) -> None:
         """Give up the download's lease, if it has one."""
         lease, download.lease = download.lease, None
         if lease is not None:
