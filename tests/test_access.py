@@ -32,7 +32,7 @@ from memory import (
 )
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, Logger
+from twisted.logger import LogEvent, Logger, LogPublisher
 
 from regmirror.access import Gate, Htpasswd, Tokens, shared_key
 from regmirror.config import EVERYONE, AccessConfig, ConfigError, load, parse_networks
@@ -1110,7 +1110,7 @@ def test_failed_logins_from_100000_addresses_use_bounded_memory(
     addresses are still counted.
     """
     # Not 100,000 warnings kept by a log buffer: what is measured is the gate.
-    monkeypatch.setattr(Gate, "log", Logger(observer=lambda event: None))
+    monkeypatch.setattr(Gate, "log", Logger(observer=LogPublisher()))
     clock = Clock()
     logins = str(tmp_path / "logins") if shared else None
     gate = Gate(access_for(tmp_path), clock, lambda work: succeed(False), logins=logins)

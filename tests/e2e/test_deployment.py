@@ -16,7 +16,7 @@ import signal
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,7 +264,9 @@ def guarded_front(tmp_path: Path, upstream: RegistryProcess) -> Iterator[Front]:
     )
 
 
-def _front(tmp_path: Path, upstream: RegistryProcess, access: str) -> Iterator[Front]:
+def _front(
+    tmp_path: Path, upstream: RegistryProcess, access: str
+) -> Generator[Front, None, None]:
     mirror_port = free_port()
     workdir = tmp_path / "mirror"
     workdir.mkdir()
