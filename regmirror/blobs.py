@@ -141,6 +141,8 @@ class Blobs:
         have (``redirect = true``: to the bucket, if it has the blob), else
         ``None``.
         """
+        if not self.sources.redirects:
+            return None
         if digest in self._running or self.store.blob_size(digest) is not None:
             return None
         location = await self.sources.redirect(digest)

@@ -70,6 +70,11 @@ class Bucket:
 
     # -- a place blobs come from ------------------------------------------
 
+    @property
+    def redirects(self) -> bool:
+        """Are clients sent here (``redirect = true``)?"""
+        return self.redirect_ttl is not None
+
     async def open(self, download: Download) -> IResponse | None:
         """
         The blob from ``download.written`` on, if the bucket has it: asked

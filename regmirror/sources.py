@@ -55,6 +55,10 @@ MAX_TAINTED = 10_000
 class Place(Protocol):
     """A place before the upstreams where a blob's bytes may be."""
 
+    @property
+    def redirects(self) -> bool:
+        """Does this place ever take clients itself (:meth:`redirect`)?"""
+
     async def open(self, download: Download) -> IResponse | None:
         """
         The blob's bytes from ``download.written`` on, having set
@@ -180,6 +184,11 @@ class Sources:
                 return size
         return await self.upstreams.size(pool, repository, digest)
 
+    @property
+    def redirects(self) -> bool:
+        """Is a client ever sent elsewhere (``redirect = true``)?"""
+        return any(place.redirects for place in self.places)
+
     async def redirect(self, digest: Digest) -> str | None:
         """Where to send a client for the blob instead of serving it, if
         anywhere (``redirect = true``: the bucket)."""
@@ -221,6 +230,8 @@ class Leases:
     coordinator: Coordinator
     peers: Peers
     clock: IReactorTime
+    #: clients are never sent to another node
+    redirects = False
     log = Logger()
 
     async def open(self, download: Download) -> IResponse | None:
@@ -314,6 +325,7 @@ class _BucketAgain:
     """The bucket, looked at once more under the lease (see :func:`places`)."""
 
     bucket: Bucket
+    redirects = False
 
     async def open(self, download: Download) -> IResponse | None:
         return await self.bucket.open_again(download)
