@@ -89,7 +89,8 @@ class _Attempts:
 class _Keeper(ClientService):
     # ClientService says every retry at info level: while Redis is away, a
     # line every RECONNECT_MAX seconds.  The client says each change of
-    # state once instead.
+    # state once instead.  ``_log`` is ClientService's private logger, the
+    # only way to quiet it (tests/test_private_apis.py fails if it changes).
     _log = Logger(
         observer=FilteringLogObserver(
             globalLogPublisher, [LogLevelFilterPredicate(LogLevel.warn)]

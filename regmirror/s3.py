@@ -171,7 +171,9 @@ class _ClockedSigning:
     """
     SigV4 at the injected clock's time: botocore's ``add_auth`` reads the
     wall clock, so the same steps run here with ``context["timestamp"]``
-    set by the caller.
+    set by the caller.  Two of those steps are botocore's private methods,
+    used here only (tests/test_private_apis.py fails if their use in
+    ``add_auth`` changes).
     """
 
     def add_auth(self, request: Any) -> None:

@@ -1,9 +1,12 @@
 """
-The private Twisted APIs regmirror relies on, each in one place: these
-tests fail when a Twisted release changes them, before a user notices.
+The private APIs of Twisted and botocore that regmirror relies on, each in
+one place: these tests fail when a release changes them, before a user
+notices.
 """
 
 from __future__ import annotations
+
+import inspect
 
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import Clock
@@ -37,3 +40,28 @@ def test_malformed_requests_go_through_the_bad_request_hook() -> None:
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert b'"code": "UNSUPPORTED"' in answer
     channel.connectionLost(connectionDone)
+
+
+def test_client_service_logs_through_a_class_attribute() -> None:
+    """``_redis._Keeper`` quiets ClientService's retry lines by replacing
+    its private ``_log``, which ClientService's machinery logs through."""
+    from twisted.application import _client_service, internet
+    from twisted.logger import Logger
+
+    from regmirror._redis import _Keeper
+
+    assert internet.ClientService is _client_service.ClientService
+    assert isinstance(internet.ClientService._log, Logger)
+    assert "log=self._log" in inspect.getsource(_client_service)
+    assert _Keeper._log is not internet.ClientService._log
+
+
+def test_botocore_signs_in_the_steps_s3_repeats() -> None:
+    """``s3._ClockedSigning.add_auth`` repeats botocore's SigV4 ``add_auth``
+    step by step, two of the steps being private methods."""
+    from botocore.auth import S3SigV4Auth, SigV4Auth
+
+    steps = inspect.getsource(SigV4Auth.add_auth)
+    for name in ("_modify_request_before_signing", "_inject_signature_to_request"):
+        assert f"self.{name}(" in steps
+        assert callable(getattr(S3SigV4Auth, name))
