@@ -26,7 +26,7 @@ from regmirror.cluster import Coordinator, CoordinatorDown
 from regmirror.download import Download
 from regmirror.pool import Manifest
 from regmirror.reference import Digest
-from regmirror.s3 import NotFound, S3Error, SharedStore
+from regmirror.s3 import NoSuchKey, S3Error, SharedStore
 from regmirror.store import Store
 
 #: Where a download's bytes come from when they come from the bucket, for
@@ -99,7 +99,7 @@ class Bucket:
     ) -> IResponse | None:
         try:
             response = await self.objects.open_blob(download.digest, download.written)
-        except NotFound:
+        except NoSuchKey:
             download.bucket = absent
             return None
         except S3Error as e:

@@ -91,11 +91,11 @@ class S3Error(Exception):
         self.status = status
 
     def __str__(self) -> str:
-        # KeyError (a base of NotFound) would quote the message.
+        # KeyError (a base of NoSuchKey) would quote the message.
         return str(self.args[0])
 
 
-class NotFound(S3Error, KeyError):
+class NoSuchKey(S3Error, KeyError):
     """The object does not exist (404)."""
 
 
@@ -494,7 +494,7 @@ class ObjectStore:
         if region is not None and region.isascii() and len(region) < 64:
             detail = f"the bucket is in region {region!r}"
         kind = (
-            NotFound
+            NoSuchKey
             if response.code == 404 and code in (None, "NoSuchKey")
             else S3Error
         )
@@ -522,7 +522,7 @@ class ObjectStore:
         the object for ``None``) as a response whose body is not read yet:
         ``200`` for the whole object, ``206`` for a range.
 
-        :raises NotFound: when there is no such object.
+        :raises NoSuchKey: when there is no such object.
         :raises S3Error: for any other failure.
         """
         if start < 0 or (end is not None and end <= start):
@@ -549,7 +549,7 @@ class ObjectStore:
         """
         try:
             response = await self.get(key)
-        except NotFound:
+        except NoSuchKey:
             return None
         body = await self._read(response, limit, "GetObject", key)
         return body, header(response, "Content-Type")
@@ -766,7 +766,7 @@ class SharedStore:
         """
         The blob's bytes from *start* to *end* (exclusive), unread.
 
-        :raises NotFound: when it is not shared.
+        :raises NoSuchKey: when it is not shared.
         """
         return await self.objects.get(_blob_key(digest), start, end)
 

@@ -24,7 +24,7 @@ from twisted.web.iweb import IResponse
 from regmirror.config import Secret
 from regmirror.reference import MAX_MANIFEST_SIZE, OCI_MANIFEST, Digest
 from regmirror.s3 import (
-    NotFound,
+    NoSuchKey,
     ObjectInfo,
     ObjectStore,
     S3Error,
@@ -365,20 +365,20 @@ def test_ranged_gets_send_an_inclusive_range_for_an_exclusive_end() -> None:
 
 
 def test_missing_objects_are_none_or_not_found() -> None:
-    """404: head and get_bytes give None, get raises NotFound (a KeyError
+    """404: head and get_bytes give None, get raises NoSuchKey (a KeyError
     too), delete is fine."""
     world = World()
     assert world.run(world.objects.head("nope")) is None
     assert world.run(world.objects.get_bytes("nope", 100)) is None
     error = world.failure(world.objects.get("nope"))
-    assert isinstance(error, NotFound) and isinstance(error, KeyError)
+    assert isinstance(error, NoSuchKey) and isinstance(error, KeyError)
     assert str(error) == "S3 GetObject 'nope': NoSuchKey (HTTP 404)"
     world.run(world.objects.delete("nope"))
 
 
 def test_errors_name_s3s_code_and_a_missing_bucket_is_no_missing_key() -> None:
     """A bucket that is not there is NoSuchBucket (an S3Error, not
-    NotFound); a forbidden one is AccessDenied; check() reports both."""
+    NoSuchKey); a forbidden one is AccessDenied; check() reports both."""
     world = World()
     world.fake.buckets.clear()
     error = world.failure(world.objects.get("k"))

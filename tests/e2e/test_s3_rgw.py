@@ -152,7 +152,7 @@ def test_rgw_single_put_and_ranged_gets(
 
 def test_rgw_head_and_delete(tmp_path: Path, ceph_rgw: CephRGW, s3_bucket: str) -> None:
     """HEAD gives size and content type; after DELETE it gives nothing, a
-    GET is NotFound (NoSuchKey), and deleting again is fine."""
+    GET raises NoSuchKey, and deleting again is fine."""
     s3 = S3Client(ceph_rgw, s3_bucket)
     s3(
         "put-bytes",
@@ -165,7 +165,7 @@ def test_rgw_head_and_delete(tmp_path: Path, ceph_rgw: CephRGW, s3_bucket: str) 
     s3("delete", "x/small.json")
     assert s3("head", "x/small.json") is None
     failure = s3.fails("get", "x/small.json", str(tmp_path / "gone"))
-    assert failure["error"] == "NotFound" and failure["code"] == "NoSuchKey"
+    assert failure["error"] == "NoSuchKey" and failure["code"] == "NoSuchKey"
     assert failure["status"] == 404 and "GetObject 'x/small.json'" in failure["message"]
     s3("delete", "x/small.json")
 
