@@ -39,6 +39,8 @@ from regmirror.store import Store
 CACHE = "cache"
 #: Where a tag answer came from when another node asked the origin.
 CLUSTER = "cluster"
+#: How many tag answers are remembered in memory (each also on disk).
+MAX_ANSWERS = 10_000
 #: Image configs read to date an image are read up to this size.
 MAX_CONFIG_SIZE = 1024 * 1024
 
@@ -136,6 +138,9 @@ class Tags:
         remembered = self._answers.get(key)
         if remembered is not None and self.clock.seconds() < remembered[1]:
             return remembered[0]
+        recorded = self._recently_confirmed(pool, repository, tag)
+        if recorded is not None:
+            return recorded
 
         async def ask() -> TagAnswer:
             posted = await self.board.read(pool.namespace, repository, tag)
@@ -143,7 +148,7 @@ class Tags:
                 answer, confirmed = posted
                 # Kept like our own answer, for when the origin is down.
                 self._record(pool.namespace, repository, tag, answer.digest, confirmed)
-                self._answers[key] = (answer, confirmed + self.ttl)
+                self._remember(key, answer, confirmed)
                 return answer
             started = self.clock.seconds()
             try:
@@ -162,10 +167,42 @@ class Tags:
                     self.manifests.keep(answer.manifest)
                 self._record(pool.namespace, repository, tag, answer.digest)
                 await self.board.post(pool.namespace, repository, tag, answer.digest)
-            self._answers[key] = (answer, self.clock.seconds() + self.ttl)
+            self._remember(key, answer, self.clock.seconds())
             return answer
 
         return await self._flight.run(key, ask)
+
+    def _remember(
+        self, key: tuple[str, str, str], answer: TagAnswer, confirmed: float
+    ) -> None:
+        """Reuse *answer* until ``ttl`` after *confirmed*; the oldest
+        remembered answers go first beyond :data:`MAX_ANSWERS` (clients
+        choose the tags)."""
+        self._answers.pop(key, None)
+        while len(self._answers) >= MAX_ANSWERS:
+            del self._answers[next(iter(self._answers))]
+        self._answers[key] = (answer, confirmed + self.ttl)
+
+    def _recently_confirmed(
+        self, pool: UpstreamPool, repository: str, tag: str
+    ) -> TagAnswer | None:
+        """
+        The origin's answer as recorded on disk, while younger than
+        ``ttl``: the processes of ``workers = N`` share the cache folder,
+        so that the origin is asked about a tag once per ``ttl`` on this
+        machine, not once per process.
+        """
+        if self.ttl <= 0:
+            return None
+        try:
+            record = self.store.tag(pool.namespace, repository, tag)
+        except OSError:
+            return None
+        if record is None or self.clock.seconds() - record.confirmed >= self.ttl:
+            return None
+        answer = TagAnswer(record.digest, pool.origin.name)
+        self._remember((pool.namespace, repository, tag), answer, record.confirmed)
+        return answer
 
     def _record(
         self,

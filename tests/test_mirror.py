@@ -123,6 +123,46 @@ def test_tag_answer_is_reused_within_ttl(mirror: Harness, origin: FakeRegistry) 
     assert origin.count("HEAD", "/manifests/latest") == 2
 
 
+def test_processes_sharing_the_cache_share_tag_answers(
+    tmp_path: Any, origin: FakeRegistry
+) -> None:
+    """
+    Two mirrors on one cache folder (the processes of ``workers = 2``): the
+    origin's answer one of them got is the other's too while younger than
+    tag_ttl, so the origin is asked once per tag_ttl on the machine.
+    """
+    image(origin)
+    clock = Clock()
+    first, second = (
+        Harness(str(tmp_path / "cache"), {"origin": origin}, clock=clock)
+        for _ in range(2)
+    )
+    path = "/v2/app/manifests/latest"
+    assert first.request("GET", path).code == 200
+    clock.advance(10)
+    answer = second.request("GET", path)
+    assert answer.code == 200
+    assert answer.headers.getRawHeaders("Regmirror-Tag-Source") == ["origin"]
+    assert origin.count("HEAD", "/manifests/latest") == 1
+    clock.advance(21)  # 31 s after the origin's answer: tag_ttl is 30 s
+    assert second.request("GET", path).code == 200
+    assert origin.count("HEAD", "/manifests/latest") == 2
+
+
+def test_remembered_tag_answers_are_bounded(mirror: Harness) -> None:
+    """Clients choose the tags: the answers kept in memory are bounded."""
+    from regmirror.pool import TagAnswer
+    from regmirror.reference import Digest
+    from regmirror.tags import MAX_ANSWERS
+
+    tags = mirror.fetcher.tags
+    digest = Digest.of(b"x")
+    for n in range(MAX_ANSWERS + 50):
+        tags._remember(("docker.io", "app", f"t{n}"), TagAnswer(digest, "o"), 0.0)
+    assert len(tags._answers) == MAX_ANSWERS
+    assert ("docker.io", "app", f"t{MAX_ANSWERS + 49}") in tags._answers
+
+
 def test_tag_falls_back_to_cache_when_origin_is_down(
     mirror: Harness, origin: FakeRegistry, logged: list[LogEvent]
 ) -> None:
