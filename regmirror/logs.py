@@ -1,100 +1,21 @@
 """
-Logging: the access log, and JSON lines for log shippers.
+JSON lines for log shippers.
 
 ``twistd --logger regmirror.logs.json_lines regmirror -c …`` writes every
-event, access-log lines included, as one JSON object per line on standard
-output, with its structured fields (namespace, cache, upstream, bytes,
-duration, client) as keys.
+event, access-log lines included (:mod:`regmirror.http.site`), as one JSON
+object per line on standard output, with its structured fields (namespace,
+cache, upstream, bytes, duration, client) as keys.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
-from typing import Any
 
-from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
-from twisted.web import http
-from twisted.web.server import Site
+from twisted.logger import ILogObserver, jsonFileLogObserver
 
-from regmirror.access import client_address
-from regmirror.channel import MirrorChannel
-from regmirror.config import FORWARDED_HEADERS, Network
-
-ACCESS_FORMAT = (
-    '{client} - {user} "{method} {uri} {protocol}" {status} {bytes} '
-    '"{referrer}" "{agent}" ns={namespace} cache={cache} upstream={upstream} '
-    "{duration}s"
-)
+__all__ = ["json_lines"]
 
 
 def json_lines() -> ILogObserver:
     """An observer writing JSON lines to standard output (for ``--logger``)."""
     return jsonFileLogObserver(sys.stdout, recordSeparator="")
-
-
-#: The access log's own namespace, so that it can be routed or filtered.
-access = Logger(namespace="regmirror.access")
-
-
-class MirrorSite(Site):
-    """
-    A Site whose access log is structured events, one per request, and
-    whose connections are :class:`MirrorChannel`: hardened HTTP.
-    """
-
-    # HTTP/1.1 only: no HTTP/2 negotiation to harden as well.
-    protocol = MirrorChannel  # type: ignore[assignment]
-
-    def __init__(
-        self,
-        resource: Any,
-        clock: Any,
-        trusted_proxies: Sequence[Network] = (),
-        forwarded_header: str = FORWARDED_HEADERS[0],
-    ) -> None:
-        super().__init__(resource, reactor=clock)
-        self._clock = clock
-        self._trusted = trusted_proxies
-        self._forwarded_header = forwarded_header
-
-    def acceptableProtocols(self) -> list[bytes]:
-        """
-        What ALPN may pick for this site's connections: ``http/1.1`` only,
-        even where twisted.web could speak HTTP/2 (the ``h2`` package
-        installed), since :class:`MirrorChannel` speaks nothing else.
-        """
-        return [b"http/1.1"]
-
-    def log(self, request: http.Request) -> None:
-        info: dict[str, Any] = getattr(request, "regmirror", {})
-        started = info.get("started")
-        try:
-            address = client_address(request, self._trusted, self._forwarded_header)
-        except ValueError:
-            client = "-"
-        else:
-            client = "unknown" if address is None else str(address)
-        access.info(
-            ACCESS_FORMAT,
-            client=client,
-            user=info.get("user", "-"),
-            method=_text(request.method),
-            uri=_text(request.uri),
-            protocol=_text(request.clientproto),
-            status=request.code,
-            bytes=request.sentLength,
-            referrer=_text(request.getHeader(b"referer") or b"-"),
-            agent=_text(request.getHeader(b"user-agent") or b"-"),
-            namespace=info.get("namespace") or "-",
-            cache=info.get("cache", "-"),
-            upstream=info.get("upstream", "-"),
-            duration=0.0
-            if started is None
-            else round(self._clock.seconds() - started, 3),
-        )
-
-
-def _text(value: bytes | str) -> str:
-    text = value.decode("latin-1") if isinstance(value, bytes) else value
-    return text.replace('"', "%22")

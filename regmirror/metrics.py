@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred, succeed
 from twisted.web.server import Request
 
-from regmirror._resource import ReadOnlyResource, answer_later
+from regmirror.http.resource import ReadOnlyResource, answer_later
 
 #: The metric families of one process or of several, when asked for.
 View = Callable[[], Deferred[list[Metric]]]

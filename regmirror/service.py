@@ -30,12 +30,12 @@ from twisted.web.server import Site
 
 from regmirror import nodes
 from regmirror.access import Gate, shared_key
-from regmirror.channel import listener_factory
 from regmirror.cluster import Coordinator
 from regmirror.config import ClusterConfig, Config, ConfigError, S3Config, load
 from regmirror.fetch import Fetcher
+from regmirror.http.channel import listener_factory
+from regmirror.http.site import MirrorSite
 from regmirror.listeners import Adopt, Bind, BoundListener, Inherited, Listeners
-from regmirror.logs import MirrorSite
 from regmirror.metrics import Metrics, MetricsResource, View, gauge, total
 from regmirror.nodes import Peers
 from regmirror.pool import UpstreamPool

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from regmirror._resource import ReadOnlyResource, answer_later
+from regmirror.http.resource import ReadOnlyResource, answer_later
 
 #: One history sample per this many seconds, this many samples kept (1 h).
 SAMPLE_INTERVAL = 10.0

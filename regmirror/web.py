@@ -23,10 +23,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from regmirror import nodes
-from regmirror._resource import ReadOnlyResource
 from regmirror._sendfile import SocketSender
 from regmirror.access import Gate, valid_host
-from regmirror.channel import _PlainOnly
 from regmirror.cluster import CoordinatorDown
 from regmirror.errors import (
     BadRequest,
@@ -44,6 +42,8 @@ from regmirror.errors import (
     UpstreamUnavailable,
 )
 from regmirror.fetch import Fetcher
+from regmirror.http.channel import _PlainOnly
+from regmirror.http.resource import ReadOnlyResource
 from regmirror.metrics import Metrics
 from regmirror.pool import Manifest, NotFoundAnywhere, UpstreamPool
 from regmirror.readers import BlobSource, Relay, SpoolReader

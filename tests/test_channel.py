@@ -1,5 +1,5 @@
 """
-The HTTP connection (:mod:`regmirror.channel`) driven byte by byte over an
+The HTTP connection (:mod:`regmirror.http.channel`) driven byte by byte over an
 in-memory transport: what a read-only registry answers to writes and to
 request heads too big to take, before any resource sees the request.
 """
@@ -15,8 +15,8 @@ from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from regmirror.channel import MAX_HEADER_BYTES, MAX_HEADERS, MAX_REQUEST_LINE
-from regmirror.logs import MirrorSite
+from regmirror.http.channel import MAX_HEADER_BYTES, MAX_HEADERS, MAX_REQUEST_LINE
+from regmirror.http.site import MirrorSite
 
 
 class _Leaf(Resource):

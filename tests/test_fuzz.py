@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from regmirror.config import AccessConfig, parse_networks
-from regmirror.logs import MirrorSite
+from regmirror.http.site import MirrorSite
 
 #: Statuses the mirror may answer with (README, "Errors"); a 500 would be
 #: an internal error, i.e. a bug.

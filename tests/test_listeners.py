@@ -29,10 +29,10 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from regmirror.channel import PlainHTTPFactory
 from regmirror.config import load
+from regmirror.http.channel import PlainHTTPFactory
+from regmirror.http.site import MirrorSite
 from regmirror.listeners import Inherited
-from regmirror.logs import MirrorSite
 from regmirror.service import Worker, build_tree, make_service
 from regmirror.transport import ReloadableTLS
 

@@ -18,8 +18,8 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent
 from twisted.web.server import Site
 
-from regmirror.channel import PlainHTTPFactory
-from regmirror.logs import MirrorSite
+from regmirror.http.channel import PlainHTTPFactory
+from regmirror.http.site import MirrorSite
 from regmirror.reference import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from regmirror.store import Store
 from regmirror.web import Root

@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http import HTTPChannel
 
-from regmirror.channel import MirrorChannel
+from regmirror.http.channel import MirrorChannel
 from regmirror.service import _QuietPool
 
 

@@ -762,7 +762,7 @@ def test_range_on_uncached_blob_and_manifest(target: Target, catalog: Catalog) -
 
 #: (id, request head, expected status): the request line may be 16 KiB
 #: long, the header lines 16 KiB together (line ends not counted), and
-#: there may be 500 of them (``regmirror.channel``: ``MAX_REQUEST_LINE``,
+#: there may be 500 of them (``regmirror.http.channel``: ``MAX_REQUEST_LINE``,
 #: ``MAX_HEADER_BYTES``, ``MAX_HEADERS``).
 OVERSIZED_HEADS: list[tuple[str, bytes, int]] = [
     (
