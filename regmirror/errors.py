@@ -1,7 +1,7 @@
 """
 Domain errors, each carrying the OCI error code and HTTP status it maps to.
 
-Every part raises these; :mod:`regmirror.web` turns them into the OCI error
+Every part raises these; :mod:`regmirror.http.errors` turns them into the OCI error
 body (``{"errors": [{"code": …, "message": …}]}``) in one place.
 """
 

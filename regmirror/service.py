@@ -33,8 +33,11 @@ from regmirror.access import Gate, shared_key
 from regmirror.cluster import Coordinator
 from regmirror.config import ClusterConfig, Config, ConfigError, S3Config, load
 from regmirror.fetch import Fetcher
+from regmirror.http.api import RegistryAPI
 from regmirror.http.channel import listener_factory
+from regmirror.http.health import Health, Root
 from regmirror.http.site import MirrorSite
+from regmirror.http.token import TokenResource
 from regmirror.listeners import Adopt, Bind, BoundListener, Inherited, Listeners
 from regmirror.metrics import Metrics, MetricsResource, View, gauge, total
 from regmirror.nodes import Peers
@@ -50,7 +53,6 @@ from regmirror.transport import (
     parse_tls_listener,
 )
 from regmirror.upstream import Upstream
-from regmirror.web import Health, RegistryAPI, Root, TokenResource
 from regmirror.workers import Parent, Workers
 
 log = Logger()

@@ -22,6 +22,9 @@ from regmirror.access import Gate
 from regmirror.cluster import Coordinator
 from regmirror.config import AccessConfig, NamespaceConfig, Network, UpstreamConfig
 from regmirror.fetch import Fetcher
+from regmirror.http.api import RegistryAPI
+from regmirror.http.health import Root
+from regmirror.http.token import TokenResource
 from regmirror.metrics import Metrics
 from regmirror.nodes import Peers
 from regmirror.pool import UpstreamPool
@@ -30,7 +33,6 @@ from regmirror.routing import Router
 from regmirror.s3 import SharedStore
 from regmirror.store import Store
 from regmirror.upstream import Upstream
-from regmirror.web import RegistryAPI, Root, TokenResource
 
 LAYER = bytes(range(256)) * 40  # 10 KiB
 CONFIG = b'{"architecture":"amd64","os":"linux"}'

@@ -19,10 +19,10 @@ from twisted.logger import LogEvent
 from twisted.web.server import Site
 
 from regmirror.http.channel import PlainHTTPFactory
+from regmirror.http.health import Root
 from regmirror.http.site import MirrorSite
 from regmirror.reference import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from regmirror.store import Store
-from regmirror.web import Root
 
 # -- the API root and errors ------------------------------------------------
 

@@ -1,5 +1,5 @@
 """
-Tests for :func:`regmirror.web.parse_range`: how a ``Range`` header selects
+Tests for :func:`regmirror.http.blobs.parse_range`: how a ``Range`` header selects
 part of a blob of known size.
 """
 
@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from regmirror.errors import RangeInvalid
-from regmirror.web import parse_range
+from regmirror.http.blobs import parse_range
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from attrs import evolve
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -16,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 
 from regmirror.errors import Unsupported
+from regmirror.http.errors import error_answer
 
 # -- the HTTP connection ------------------------------------------------------
 
@@ -171,7 +173,7 @@ class MirrorChannel(HTTPChannel):
             "this mirror is read-only: only "
             + " and ".join(m.decode("ascii") for m in allowed)
             + " here",
-            {b"Allow": b", ".join(allowed)},
+            {"Allow": ", ".join(m.decode("ascii") for m in allowed)},
         )
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -204,7 +206,7 @@ class MirrorChannel(HTTPChannel):
         self._refuse(400, "malformed HTTP request")
 
     def _refuse(
-        self, status: int, message: str, headers: dict[bytes, bytes] | None = None
+        self, status: int, message: str, headers: dict[str, str] | None = None
     ) -> None:
         """Answer with an OCI error, drop whatever else comes, and close."""
         if self._refused:
@@ -215,16 +217,16 @@ class MirrorChannel(HTTPChannel):
         # else, in raw mode, makes rawDataReceived drop it all unparsed.
         self.length = None
         self.setRawMode()
-        body = Unsupported(message).body()
-        fields = b"".join(b"%s: %s\r\n" % item for item in (headers or {}).items())
+        # Every protocol error is UNSUPPORTED, with the status that names it.
+        answer = evolve(error_answer(Unsupported(message, headers)), status=status)
+        fields = b"".join(b"%s: %s\r\n" % field for field in answer.headers)
         transport: Any = self.transport
         transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n%sConnection: close\r\n\r\n"
-            % (status, _REASONS[status], len(body), fields)
+            b"HTTP/1.1 %d %s\r\n%sConnection: close\r\n\r\n"
+            % (answer.status, _REASONS[answer.status], fields)
         )
         if self._method != b"HEAD":
-            transport.write(body)
+            transport.write(answer.body)
         transport.loseConnection()
 
     def _stop_head_timer(self) -> None:

@@ -11,8 +11,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from regmirror.errors import Unsupported
+from regmirror.http.errors import write_error
 
-_log = Logger(namespace="regmirror.web")
+_log = Logger()
 
 
 class ReadOnlyResource(Resource):
@@ -23,13 +24,14 @@ class ReadOnlyResource(Resource):
 
     def render(self, request: Request) -> Any:
         if request.method not in (b"GET", b"HEAD"):
-            error = Unsupported("this mirror is read-only: only GET and HEAD")
-            body = error.body()
-            request.setResponseCode(error.status)
-            request.setHeader(b"allow", b"GET, HEAD")
-            request.setHeader(b"content-type", b"application/json")
-            request.setHeader(b"content-length", str(len(body)).encode("ascii"))
-            return b"" if request.method == b"HEAD" else body
+            write_error(
+                request,
+                Unsupported(
+                    "this mirror is read-only: only GET and HEAD",
+                    {"Allow": "GET, HEAD"},
+                ),
+            )
+            return NOT_DONE_YET
         return super().render(request)
 
 

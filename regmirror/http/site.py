@@ -1,5 +1,6 @@
 """
-The site: hardened connections (:mod:`regmirror.http.channel`), and an
+The site: hardened connections (:mod:`regmirror.http.channel`), requests
+that carry what the API learnt (:mod:`regmirror.http.request`), and an
 access log of one structured event per request, under the
 ``regmirror.access`` namespace (``twistd --logger regmirror.logs.json_lines``
 writes its fields as JSON keys).
@@ -17,6 +18,7 @@ from twisted.web.server import Site
 from regmirror.access import client_address
 from regmirror.config import FORWARDED_HEADERS, Network
 from regmirror.http.channel import MirrorChannel
+from regmirror.http.request import MirrorRequest
 
 ACCESS_FORMAT = (
     '{client} - {user} "{method} {uri} {protocol}" {status} {bytes} '
@@ -37,6 +39,7 @@ class MirrorSite(Site):
 
     # HTTP/1.1 only: no HTTP/2 negotiation to harden as well.
     protocol = MirrorChannel  # type: ignore[assignment]
+    requestFactory = MirrorRequest
 
     def __init__(
         self,
@@ -59,8 +62,7 @@ class MirrorSite(Site):
         return [b"http/1.1"]
 
     def log(self, request: http.Request) -> None:
-        info: dict[str, Any] = getattr(request, "regmirror", {})
-        started = info.get("started")
+        info = request.info if isinstance(request, MirrorRequest) else None
         try:
             address = client_address(request, self._trusted, self._forwarded_header)
         except ValueError:
@@ -70,7 +72,7 @@ class MirrorSite(Site):
         access.info(
             ACCESS_FORMAT,
             client=client,
-            user=info.get("user", "-"),
+            user=_field(None if info is None else info.user),
             method=_text(request.method),
             uri=_text(request.uri),
             protocol=_text(request.clientproto),
@@ -78,13 +80,18 @@ class MirrorSite(Site):
             bytes=request.sentLength,
             referrer=_text(request.getHeader(b"referer") or b"-"),
             agent=_text(request.getHeader(b"user-agent") or b"-"),
-            namespace=info.get("namespace") or "-",
-            cache=info.get("cache", "-"),
-            upstream=info.get("upstream", "-"),
+            namespace=(info and info.namespace) or "-",
+            cache=_field(None if info is None else info.cache),
+            upstream=_field(None if info is None else info.upstream),
             duration=0.0
-            if started is None
-            else round(self._clock.seconds() - started, 3),
+            if info is None
+            else round(self._clock.seconds() - info.started, 3),
         )
+
+
+def _field(value: str | None) -> str:
+    """A field of the access line: ``-`` when there is nothing to say."""
+    return "-" if value is None else value
 
 
 def _text(value: bytes | str) -> str:

@@ -1,0 +1,229 @@
+"""
+Lists passed through from upstream: ``/v2/<name>/tags/list`` (paged here
+when the upstream ignores ``n`` and ``last``) and
+``/v2/<name>/referrers/<digest>`` (from the upstream's referrers API, or
+else the referrers tag schema).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+from twisted.web.iweb import IResponse
+from twisted.web.server import Request
+
+from regmirror.errors import (
+    ManifestUnknown,
+    NameUnknown,
+    PaginationInvalid,
+    UpstreamBadGateway,
+)
+from regmirror.fetch import Fetcher
+from regmirror.http.request import query, write_body
+from regmirror.pool import NotFoundAnywhere, UpstreamPool
+from regmirror.reference import (
+    INDEX_TYPES,
+    OCI_INDEX,
+    Digest,
+    load_json,
+    referrers_tag,
+    validate_tag,
+)
+from regmirror.routing import Route
+from regmirror.upstream import Upstream, UpstreamFailure, header
+
+__all__ = ["referrers", "tag_source", "tags"]
+
+
+def tag_source(route: Route, upstream: str) -> str:
+    """The ``Regmirror-Tag-Source`` of a tag answered by *upstream*."""
+    return "origin" if upstream == route.pool.origin.name else upstream
+
+
+# -- tags/list ----------------------------------------------------------------
+
+
+async def tags(request: Request, route: Route) -> None:
+    """Answer ``tags/list`` for *route*'s repository."""
+    wanted: dict[str, str] = {}
+    n = query(request, "n")
+    if n is not None:
+        if not n.isdigit():
+            raise PaginationInvalid(f"n must be a number, not {n[:20]!r}")
+        wanted["n"] = n
+    last = query(request, "last")
+    if last is not None:
+        wanted["last"] = validate_tag(last)
+    pool = route.pool
+    order = [pool.origin, *pool.mirrors]
+    try:
+        upstream, response = await pool.first_answer(
+            order, "GET", f"{route.repository}/tags/list", query=wanted
+        )
+    except NotFoundAnywhere:
+        raise NameUnknown(f"repository {route.client_name} is unknown") from None
+    body = await _read(upstream, response)
+    link = header(response, "Link")
+    if link:
+        target = re.match(r"\s*<([^>]*)>", link)
+        if target is not None:
+            params = parse_qs(urlsplit(target.group(1)).query)
+            following = {k: v[0] for k, v in params.items() if k in ("n", "last")}
+            request.setHeader("Link", _next_link(request, route, following))
+    elif n is not None or last is not None:
+        # Some registries (distribution 2.8 among them) ignore n and
+        # last: paginate their full list here, as the spec describes
+        # (n is optional with last).
+        limit = None if n is None else int(n)
+        body, following_last = _paginate(body, limit, last)
+        if n is not None and following_last is not None:
+            following = {"n": n, "last": following_last}
+            request.setHeader("Link", _next_link(request, route, following))
+    write_body(request, "application/json", body)
+
+
+def _next_link(request: Request, route: Route, following: dict[str, str]) -> str:
+    """
+    A ``Link`` to the next page of tags on this mirror, with the name the
+    client used (upstream names lack our namespace prefix).
+    """
+    ns = query(request, "ns")
+    if ns is not None:
+        following = {**following, "ns": ns}
+    return f'</v2/{route.client_name}/tags/list?{urlencode(following)}>; rel="next"'
+
+
+def _paginate(body: bytes, n: int | None, last: str | None) -> tuple[bytes, str | None]:
+    """
+    Cut a full tag list to the page after *last* (all of it without) of at
+    most *n* tags (no limit without).
+
+    :return: the page's body, and the ``last`` of the next page if any.
+    """
+    try:
+        document = load_json(body)
+        names = sorted(str(t) for t in document.get("tags") or [])
+    except (ValueError, AttributeError, TypeError):
+        return body, None
+    if last is not None:
+        names = [t for t in names if t > last]
+    if n is None:
+        document["tags"] = names
+        return json.dumps(document).encode("utf-8"), None
+    more = len(names) > n
+    document["tags"] = names[:n]
+    following = names[n - 1] if more and n > 0 else None
+    return json.dumps(document).encode("utf-8"), following
+
+
+# -- referrers ----------------------------------------------------------------
+
+
+async def referrers(
+    request: Request, route: Route, digest: Digest, fetcher: Fetcher
+) -> None:
+    """
+    The referrers of *digest*, as a registry with the referrers API
+    answers: from the upstream's API when it has one, else from the
+    referrers tag schema; an empty index when there are none, never 404.
+    Filtered by ``artifactType`` here when the upstream did not.
+    """
+    artifact_type = query(request, "artifactType")
+    wanted = {} if artifact_type is None else {"artifactType": artifact_type}
+    answer = await _referrers_api(
+        route.pool, f"{route.repository}/referrers/{digest}", wanted
+    )
+    if answer is None:
+        # No referrers API (404 is what a registry without it answers):
+        # the referrers tag schema.
+        entries = await _tagged_referrers(request, route, digest, fetcher)
+    else:
+        upstream, response = answer
+        body = await _read(upstream, response)
+        entries = _index_entries(body, f"upstream {upstream.name}'s referrers")
+        applied = header(response, "OCI-Filters-Applied") or ""
+        filters = {f.strip().lower() for f in applied.split(",")}
+        if artifact_type is None or "artifacttype" in filters:
+            if applied:
+                request.setHeader("OCI-Filters-Applied", applied)
+            write_body(request, OCI_INDEX, body)
+            return
+    if artifact_type is not None:
+        entries = [e for e in entries if e.get("artifactType") == artifact_type]
+        request.setHeader("OCI-Filters-Applied", "artifactType")
+    document = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
+    body = json.dumps(document, separators=(",", ":")).encode("utf-8")
+    write_body(request, OCI_INDEX, body)
+
+
+async def _tagged_referrers(
+    request: Request, route: Route, digest: Digest, fetcher: Fetcher
+) -> list[dict[str, Any]]:
+    """
+    The entries of the index under *digest*'s referrers tag; none when
+    the tag does not exist.  The tag is resolved like any other (the
+    origin decides, ``tag_ttl``, the policy for an unreachable origin);
+    the index it names is content like any other.
+    """
+    tag = referrers_tag(digest)
+    try:
+        answer = await fetcher.resolve_tag(route.pool, route.repository, tag)
+    except ManifestUnknown:
+        return []
+    request.setHeader("Regmirror-Tag-Source", tag_source(route, answer.upstream))
+    what = f"the referrers tag {tag}"
+    try:
+        index = await fetcher.manifest(route.pool, route.repository, answer.digest)
+    except ManifestUnknown:
+        raise UpstreamBadGateway(
+            f"{what} names {answer.digest}, which no upstream has"
+        ) from None
+    if index.media_type not in INDEX_TYPES:
+        raise UpstreamBadGateway(f"{what} names a {index.media_type}, not an index")
+    return _index_entries(index.body, what)
+
+
+async def _referrers_api(
+    pool: UpstreamPool, path: str, wanted: dict[str, str]
+) -> tuple[Upstream, IResponse] | None:
+    """
+    An answer of the referrers API at *path*, or ``None`` when there is
+    none to have.  The list changes as artifacts are pushed, so like a tag
+    it is the origin's; the mirrors' APIs are asked, in order, only when the
+    origin gives no answer at all (a 404 is an answer: it has no such API).
+
+    :raises RegistryError: when no upstream answered.
+    """
+    try:
+        return pool.origin, await pool.ask(pool.origin, "GET", path, query=wanted)
+    except UpstreamFailure as failure:
+        if failure.status == 404:
+            return None
+    try:
+        return await pool.first_answer(pool.mirrors, "GET", path, query=wanted)
+    except NotFoundAnywhere:
+        # The referrers tag, then, under the policy for an unreachable origin.
+        return None
+
+
+def _index_entries(body: bytes, what: str) -> list[dict[str, Any]]:
+    """
+    The descriptors listed by an index document.
+
+    :raises UpstreamBadGateway: when *body* (named *what*) is no index.
+    """
+    document = load_json(body)
+    entries = document.get("manifests") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        raise UpstreamBadGateway(f"{what} is not an image index")
+    return [entry for entry in entries if isinstance(entry, dict)]
+
+
+async def _read(upstream: Upstream, response: IResponse) -> bytes:
+    try:
+        return await upstream.read(response)
+    except ValueError as e:
+        raise UpstreamBadGateway(f"upstream {upstream.name}: {e}") from None

@@ -1,0 +1,107 @@
+"""``/token``: the registry token endpoint."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.web.server import NOT_DONE_YET, Request
+
+from regmirror.access import Gate
+from regmirror.errors import RegistryError, Unauthorized
+from regmirror.http.errors import write_error
+from regmirror.http.request import (
+    ns,
+    refuse_malformed_head,
+    route_request,
+    text_header,
+)
+from regmirror.http.resource import ReadOnlyResource
+from regmirror.routing import Router
+
+__all__ = ["TokenResource"]
+
+
+class TokenResource(ReadOnlyResource):
+    """
+    ``/token``: the registry token endpoint.  A Basic login gets a token for
+    the repositories named in its ``scope`` parameters, an anonymous client
+    one for those of them its address may pull anyway.  Each scope's name
+    is routed with this request's ``ns`` and ``Host`` by the router that
+    routes pulls, and the token names the namespace so decided: it is good
+    for that namespace only, however the pull is routed.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, gate: Gate, router: Router) -> None:
+        super().__init__()
+        self._gate = gate
+        self._router = router
+
+    def render_GET(self, request: Request) -> Any:
+        d = Deferred.fromCoroutine(self._issue(request))
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        return NOT_DONE_YET
+
+    async def _issue(self, request: Request) -> None:
+        gate = self._gate
+        try:
+            refuse_malformed_head(request)
+            ns(request)
+            address = gate.client(request)
+            scheme, _, credentials = (
+                text_header(request, "Authorization") or ""
+            ).partition(" ")
+            routes = []
+            for value in request.args.get(b"scope", []):
+                for scope in value.decode("utf-8", "replace").split(" "):
+                    kind, _, rest = scope.partition(":")
+                    name, _, actions = rest.rpartition(":")
+                    if kind == "repository" and "pull" in actions.split(","):
+                        try:
+                            routes.append(route_request(self._router, request, name))
+                        except RegistryError:
+                            continue  # a name no pull could use: no grant
+            user: str | None = None
+            if scheme.lower() == "basic" and credentials:
+                user = await gate.login(address, credentials.strip())
+                if user is None:
+                    raise Unauthorized(
+                        "wrong user name or password",
+                        {"WWW-Authenticate": 'Basic realm="regmirror"'},
+                    )
+            # Anonymous clients (the Docker daemon through registry-mirrors)
+            # get a token for what their address may pull anyway, as Docker
+            # Hub gives anonymous tokens.
+            grants = gate.grantable(address, user, routes)
+            token, expires = gate.tokens.issue(user or "anonymous", grants)
+        except RegistryError as error:
+            if not request.finished:
+                write_error(request, error)
+            return
+        except CancelledError:
+            return  # the client went away
+        except Exception:
+            self.log.failure("cannot issue a token")
+            if not request.finished:
+                write_error(request, RegistryError("internal error"))
+            return
+        body = json.dumps(
+            {
+                "token": token,
+                "access_token": token,
+                "expires_in": int(gate.config.token_ttl),
+                "issued_at": datetime.fromtimestamp(
+                    expires - gate.config.token_ttl, UTC
+                ).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+        ).encode()
+        request.setHeader("Content-Type", "application/json")
+        request.setHeader("Cache-Control", "no-store")
+        request.write(body)
+        request.finish()
