@@ -1,0 +1,119 @@
+"""
+The per-request state (:mod:`regmirror.http.request`) and the one mapping
+of errors to answers (:mod:`regmirror.http.errors`): what the API learns
+about a request reaches the access log through the request itself, and
+every writer of an OCI error writes the same answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fakeregistry import FakeRegistry
+from memory import LAYER, Harness, image
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogEvent
+
+from regmirror.errors import RangeInvalid, Unsupported
+from regmirror.http.errors import error_answer
+from regmirror.http.request import MirrorRequest
+from regmirror.http.site import MirrorSite
+
+
+def _get(mirror: Harness, target: str) -> tuple[bytes, list[Any]]:
+    """A GET of *target* through a MirrorSite over the harness's resources:
+    the raw response and the requests the site made."""
+    site = MirrorSite(mirror.root, mirror.clock)
+    made: list[Any] = []
+
+    def factory(*args: Any, **kwargs: Any) -> MirrorRequest:
+        request = MirrorRequest(*args, **kwargs)
+        made.append(request)
+        return request
+
+    site.requestFactory = factory
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(
+        b"GET %s HTTP/1.1\r\nHost: mirror.test\r\n\r\n" % target.encode()
+    )
+    for _ in range(5):
+        mirror.settle()
+    return transport.value(), made
+
+
+def _access(logged: list[LogEvent]) -> list[LogEvent]:
+    return [e for e in logged if e.get("log_namespace") == "regmirror.access"]
+
+
+def test_site_makes_mirror_requests() -> None:
+    """The site's requests are MirrorRequests, which carry the state."""
+    assert MirrorSite.requestFactory is MirrorRequest
+
+
+def test_access_log_reads_the_request_info(
+    mirror: Harness, origin: FakeRegistry, logged: list[LogEvent]
+) -> None:
+    """A blob pulled through the site: the access line has the namespace,
+    how the cache served it and the upstream, from the request's info; the
+    second pull is a hit."""
+    content = image(origin)
+    target = f"/v2/library/app/blobs/{content['layer']}"
+    raw, made = _get(mirror, target)
+    assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(LAYER)
+    [request] = made
+    assert request.info is not None
+    assert (request.info.namespace, request.info.endpoint) == ("docker.io", "blobs")
+    info = request.info
+    [line] = _access(logged)
+    assert (line["namespace"], line["cache"], line["upstream"]) == (
+        "docker.io",
+        info.cache,
+        info.upstream or "-",
+    )
+    assert info.cache in ("miss", "hit")
+    logged.clear()
+    _get(mirror, target)
+    [line] = _access(logged)
+    assert (line["cache"], line["upstream"]) == ("hit", "-")
+
+
+def test_access_log_outside_the_api(mirror: Harness, logged: list[LogEvent]) -> None:
+    """A request the API did not answer has no info: dashes, no duration."""
+    raw, [request] = _get(mirror, "/elsewhere")
+    assert raw.startswith(b"HTTP/1.1 404 ")
+    assert request.info is None
+    [line] = _access(logged)
+    assert (line["namespace"], line["cache"], line["user"]) == ("-", "-", "-")
+    assert line["duration"] == 0.0
+
+
+def test_error_answer_is_type_length_then_the_errors_headers() -> None:
+    """An error's answer: its status, JSON type and length, its own headers
+    after them, and the OCI body."""
+    error = RangeInvalid("no", {"Content-Range": "bytes */10"})
+    answer = error_answer(error)
+    assert answer.status == 416
+    assert answer.body == error.body()
+    assert answer.headers == (
+        (b"Content-Type", b"application/json"),
+        (b"Content-Length", b"%d" % len(error.body())),
+        (b"Content-Range", b"bytes */10"),
+    )
+
+
+def test_channel_and_resources_write_the_same_error(mirror: Harness) -> None:
+    """A write method refused by the channel (no request object) and by
+    the API (in memory, no channel) gets the same OCI body and Allow."""
+    site = MirrorSite(mirror.root, mirror.clock)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"DELETE /healthz HTTP/1.1\r\nHost: mirror.test\r\n\r\n")
+    raw = transport.value()
+    message = "this mirror is read-only: only GET and HEAD here"
+    expected = error_answer(Unsupported(message, {"Allow": "GET, HEAD"}))
+    assert raw.startswith(b"HTTP/1.1 405 ")
+    assert raw.endswith(b"\r\n\r\n" + expected.body)
+    assert b"Allow: GET, HEAD\r\n" in raw
