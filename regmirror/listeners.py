@@ -44,7 +44,20 @@ class Inherited:
     description: str
 
 
-class BoundListener(Service):
+class _Listening(Service):
+    """A service holding a listening port from its start to its stop."""
+
+    port: Any = None
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class BoundListener(_Listening):
     """
     Listens on an endpoint, failing start-up at once if it cannot, and
     keeps the port so that worker processes can be handed its socket.
@@ -71,13 +84,6 @@ class BoundListener(Service):
             )
         self.port = outcome[0] if outcome else None
 
-    def stopService(self) -> Any:
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
-
     def inheritable(self) -> Inherited:
         """The socket, for a worker process to adopt."""
         host = self.port.getHost()
@@ -90,7 +96,7 @@ class BoundListener(Service):
         return Inherited(int(self.port.fileno()), int(family), self.description)
 
 
-class AdoptedListener(Service):
+class AdoptedListener(_Listening):
     """
     Accepts on a listening socket this process inherited, from
     :meth:`startService` to :meth:`stopService`.
@@ -113,13 +119,6 @@ class AdoptedListener(Service):
         )
         # The port holds a socket of its own (a duplicate).
         os.close(fd)
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
 
 
 class Bind:
