@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import datetime
 import socket
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+from configs import write_config
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -251,29 +251,10 @@ def test_mirror_site_offers_http11_only(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def _config(tmp_path: Path) -> Path:
-    config = tmp_path / "mirror.ini"
-    config.write_text(
-        textwrap.dedent(
-            """\
-            [server]
-            listen = tcp:0:interface=127.0.0.1
-                ssl:0:privateKey=key.pem:certKey=cert.pem:interface=127.0.0.1
-            metrics_listen =
-                ssl:0:privateKey=key.pem:certKey=cert.pem:interface=127.0.0.1
-
-            [cache]
-            directory = cache
-
-            [upstream:one]
-            url = http://127.0.0.1:9
-
-            [namespace:docker.io]
-            upstreams = one
-            default = true
-            """
-        )
+    tls = "ssl:0:privateKey=key.pem:certKey=cert.pem:interface=127.0.0.1"
+    return write_config(
+        tmp_path, f"metrics_listen = {tls}", listen=f"tcp:0:interface=127.0.0.1 {tls}"
     )
-    return config
 
 
 def test_service_tls_listeners_negotiate_http11(

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import treq
+from configs import write_config
 from fakeregistry import FakeRegistry
 from memory import LAYER, Harness, image, result
 from treq.testing import RequestTraversalAgent, StubTreq
@@ -96,29 +96,6 @@ def test_metrics_after_a_scripted_sequence(tmp_path: Path) -> None:
     assert (
         sample(harness, "regmirror_tag_check_seconds_count", namespace="docker.io") == 1
     )
-
-
-def write_config(tmp_path: Path, extra: str = "") -> Path:
-    config = tmp_path / "mirror.ini"
-    config.write_text(
-        textwrap.dedent(
-            """\
-            [server]
-            listen = tcp:0:interface=127.0.0.1
-            {extra}
-            [cache]
-            directory = cache
-
-            [upstream:one]
-            url = http://127.0.0.1:9
-
-            [namespace:docker.io]
-            upstreams = one
-            default = true
-            """
-        ).format(extra=extra)
-    )
-    return config
 
 
 def test_probes_and_metrics_endpoint(tmp_path: Path) -> None:

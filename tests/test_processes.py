@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import socket
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import treq
+from configs import write_config
 from memory import result
 from memory_redis import FakeRedis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -50,29 +50,8 @@ from regmirror.workers import COLLECT_TIMEOUT, RESTART_DELAY, Parent, Workers, _
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-def write_config(tmp_path: Path, workers: int = 3, extra: str = "") -> Config:
-    path = tmp_path / "mirror.ini"
-    path.write_text(
-        textwrap.dedent(
-            """\
-            [server]
-            listen = tcp:0:interface=127.0.0.1
-            workers = {workers}
-
-            [cache]
-            directory = cache
-
-            [upstream:one]
-            url = http://127.0.0.1:9
-
-            [namespace:docker.io]
-            upstreams = one
-            default = true
-            """
-        ).format(workers=workers)
-        + extra
-    )
-    return load(str(path))
+def config_of(tmp_path: Path, workers: int = 3, extra: str = "") -> Config:
+    return load(str(write_config(tmp_path, f"workers = {workers}", extra)))
 
 
 class _Port:
@@ -154,7 +133,7 @@ class Family:
 
     def __init__(self, tmp_path: Path, monkeypatch: Any, workers: int = 3) -> None:
         monkeypatch.chdir(tmp_path)
-        self.config = write_config(tmp_path, workers)
+        self.config = config_of(tmp_path, workers)
         self.reactor = Machine()
         self.parent = make_service(self.config, self.reactor)
         self.parent.privilegedStartService()
@@ -226,7 +205,7 @@ def test_parent_and_workers_run_the_same_tree(tmp_path: Path, monkeypatch: Any) 
     the workers rather than a link to its parent.
     """
     monkeypatch.chdir(tmp_path)
-    config = write_config(tmp_path)
+    config = config_of(tmp_path)
     reactor = Machine()
     parent = make_service(config, reactor)
     worker = build_tree(config, reactor, _worker_place(config))
@@ -249,7 +228,7 @@ def test_parent_and_workers_run_the_same_tree(tmp_path: Path, monkeypatch: Any) 
     assert isinstance(theirs["processes"], Parent)
     assert parent.primary and not worker.primary
     # Alone, the parent has no workers to run, and the same tree otherwise.
-    alone = make_service(write_config(tmp_path, workers=1), reactor)
+    alone = make_service(config_of(tmp_path, workers=1), reactor)
     assert set(named(alone)) == set(ours) - {"processes"}
 
 
@@ -262,7 +241,7 @@ def test_worker_samples_history_and_recovers_upstreams(
     its upstreams marked down; stopped, it leaves no timer behind.
     """
     monkeypatch.chdir(tmp_path)
-    config = write_config(tmp_path)
+    config = config_of(tmp_path)
     reactor = MemoryReactorClock()
     tree = build_tree(config, reactor, _worker_place(config))
     tree.startService()
@@ -283,7 +262,7 @@ def test_stopping_worker_releases_its_leases(tmp_path: Path, monkeypatch: Any) -
     """A worker's tree, stopped (SIGTERM), gives up its cluster leases at
     once instead of letting them expire, and leaves no timer behind."""
     monkeypatch.chdir(tmp_path)
-    config = write_config(
+    config = config_of(
         tmp_path,
         extra="\n[cluster]\nredis = redis://127.0.0.1:9/0\n"
         "advertise = http://127.0.0.1:5000\n",
