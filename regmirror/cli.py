@@ -421,10 +421,14 @@ def _prefetch_directly(
                 arguments.json,
                 {PREFETCH_HEADER: secret},
             )
+            store = mirror.store
+            if store.over_limit():
+                # What each download's own eviction would do a moment later.
+                store.evict(await threads.deferToThread(store.by_last_use))
             gone = [
                 digest
                 for digest in result["digests"]
-                if mirror.store.blob_size(parse_digest(digest)) is None
+                if store.blob_size(parse_digest(digest)) is None
             ]
             if gone:
                 limit = mirror.store.max_size
