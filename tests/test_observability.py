@@ -191,3 +191,24 @@ def test_readiness_returns_without_client_traffic(tmp_path: Path) -> None:
         reactor.advance(1)
     assert [(host, port) for host, port, *_ in reactor.tcpClients] == [("127.0.0.1", 9)]
     result(Deferred.fromCoroutine(mirror.stop()))
+
+
+def test_request_metric_labels_are_a_fixed_set(tmp_path: Path) -> None:
+    """
+    Clients choose methods: 2,000 requests with distinct made-up methods
+    count under one ``other`` label, so /metrics does not grow with them
+    (issue 16 item 5).
+    """
+    harness = Harness(str(tmp_path), {"origin": FakeRegistry()})
+    for n in range(2000):
+        assert harness.request(f"M{n}", "/v2/").code == 405
+    samples = [
+        sample
+        for family in harness.metrics.registry.collect()
+        if family.name == "regmirror_requests"
+        for sample in family.samples
+        if sample.name == "regmirror_requests_total"
+    ]
+    methods = {sample.labels["method"] for sample in samples}
+    assert methods == {"other"}
+    assert sum(sample.value for sample in samples) == 2000

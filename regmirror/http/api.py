@@ -52,6 +52,10 @@ __all__ = ["API_VERSION", "RegistryAPI"]
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 
 
+#: The methods the API serves (anything else is 405).
+SERVED = (b"GET", b"HEAD")
+
+
 class RegistryAPI(Resource):
     """
     Everything under ``/v2/`` (and ``/_cluster/blobs/`` for the other
@@ -108,13 +112,14 @@ class RegistryAPI(Resource):
             self._metrics.requests.labels(
                 info.namespace,
                 info.endpoint,
-                request.method.decode("ascii", "replace"),
+                # Clients choose methods: a label of fixed values.
+                request.method.decode() if request.method in SERVED else "other",
                 str(request.code),
             ).inc()
 
     async def _handle(self, request: Request, info: RequestInfo) -> None:
         refuse_malformed_head(request)
-        if request.method not in (b"GET", b"HEAD"):
+        if request.method not in SERVED:
             raise Unsupported(
                 "this mirror is read-only: only GET and HEAD are allowed",
                 {"Allow": "GET, HEAD"},
