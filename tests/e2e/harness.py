@@ -201,6 +201,21 @@ def responds_ok(port: int, path: str = "/v2/") -> bool:
         return False
 
 
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON records in the log at *path* that a process has finished
+    writing: a last line without its newline is still being written (a
+    buffered writer flushes at its buffer's size, mid-line) and is left for
+    the next look."""
+    if not path.exists():
+        return []
+    text = path.read_text(errors="replace")
+    return [
+        json.loads(line)
+        for line in text[: text.rfind("\n") + 1].splitlines()
+        if line.strip()
+    ]
+
+
 # -- a browser ---------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

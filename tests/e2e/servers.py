@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .harness import LOCALHOST, HarnessError, poll_until, stop_process
+from .harness import LOCALHOST, HarnessError, json_lines, poll_until, stop_process
 
 PROGRAMS = Path(__file__).resolve().parent / "programs"
 PROGRAM_START_TIMEOUT = 15.0
@@ -300,13 +300,7 @@ class ProgramProcess:
 
     def records(self) -> list[dict[str, Any]]:
         """Every request the program saw, oldest first."""
-        if not self.log_path.exists():
-            return []
-        return [
-            json.loads(line)
-            for line in self.log_path.read_text().splitlines()
-            if line.strip()
-        ]
+        return json_lines(self.log_path)
 
 
 class TokenIssuer(ProgramProcess):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import signal
 import threading
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from .harness import (
     Skopeo,
     free_port,
     http_request,
+    json_lines,
     mirror_config_upstreams,
     poll_until,
 )
@@ -99,10 +99,7 @@ def pull(
 
 def relay_finished(relay: ThrottleRelay, size: int) -> bool:
     """Has the relay delivered a whole body of *size* bytes and closed?"""
-    if not relay.log_path.exists():
-        return False
-    for line in relay.log_path.read_text().splitlines():
-        record = json.loads(line)
+    for record in json_lines(relay.log_path):
         if record.get("event") == "closed" and record.get("bytes", 0) >= size:
             return True
     return False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from .harness import (
     RegistryProcess,
     free_port,
     http_request,
+    json_lines,
     mirror_config,
     poll_until,
     responds_ok,
@@ -70,12 +70,6 @@ def json_mirror(
             stop_process(process)
 
 
-def events(output: Path) -> list[dict[str, object]]:
-    return [
-        json.loads(line) for line in output.read_text().splitlines() if line.strip()
-    ]
-
-
 def test_json_access_log_lines_without_secrets(
     json_mirror: tuple[int, Path], catalog: Catalog
 ) -> None:
@@ -92,7 +86,7 @@ def test_json_access_log_lines_without_secrets(
     def logged() -> list[dict[str, object]]:
         return [
             e
-            for e in events(output)
+            for e in json_lines(output)
             if e.get("log_namespace") == "regmirror.access" and e.get("uri") == path
         ]
 
