@@ -16,8 +16,8 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent
 
 from regmirror._attempts import MAX_FRUITLESS, max_attempts
+from regmirror.breaker import Breaker
 from regmirror.reference import parse_digest
-from regmirror.upstream import Breaker
 
 OLD = "2020-01-01T00:00:00Z"
 NEW = "2024-06-01T12:30:00.123456789Z"
