@@ -61,6 +61,10 @@ class BoundListener(_Listening):
     """
     Listens on an endpoint, failing start-up at once if it cannot, and
     keeps the port so that worker processes can be handed its socket.
+
+    Twisted's ``StreamServerEndpointService`` does the first only through
+    its private ``_raiseSynchronously`` and keeps the port in its private
+    ``_waitingForPort``; these few lines say both in public terms.
     """
 
     def __init__(self, endpoint: Any, factory: IProtocolFactory, description: str):
