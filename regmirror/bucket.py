@@ -26,7 +26,8 @@ from regmirror.cluster import Coordinator, CoordinatorDown
 from regmirror.download import Download
 from regmirror.pool import Manifest
 from regmirror.reference import Digest
-from regmirror.s3 import NoSuchKey, S3Error, SharedStore
+from regmirror.s3.errors import NoSuchKey, S3Error
+from regmirror.s3.shared import SharedStore
 from regmirror.store import Store
 
 #: Where a download's bytes come from when they come from the bucket, for

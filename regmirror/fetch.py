@@ -32,7 +32,7 @@ from regmirror.nodes import Peers
 from regmirror.pool import Manifest, TagAnswer, UpstreamPool
 from regmirror.readers import BlobSource
 from regmirror.reference import Digest
-from regmirror.s3 import SharedStore
+from regmirror.s3.shared import SharedStore
 from regmirror.sources import Leases, Sources, places
 from regmirror.store import Store
 from regmirror.tags import Board, NoBoard, RedisBoard, Tags

@@ -43,7 +43,9 @@ from regmirror.metrics import Metrics, MetricsResource, View, gauge, total
 from regmirror.nodes import Peers
 from regmirror.pool import UpstreamPool
 from regmirror.routing import Router
-from regmirror.s3 import ObjectStore, S3Location, SharedStore
+from regmirror.s3.location import S3Location
+from regmirror.s3.objects import ObjectStore
+from regmirror.s3.shared import SharedStore
 from regmirror.status import SAMPLE_INTERVAL, History, StatusJSON, StatusPage
 from regmirror.store import Store
 from regmirror.transport import (

@@ -30,7 +30,7 @@ from regmirror.nodes import Peers
 from regmirror.pool import UpstreamPool
 from regmirror.reference import OCI_MANIFEST
 from regmirror.routing import Router
-from regmirror.s3 import SharedStore
+from regmirror.s3.shared import SharedStore
 from regmirror.store import Store
 from regmirror.upstream import Upstream
 

@@ -45,7 +45,9 @@ from regmirror.config import Secret, load
 from regmirror.download import Download
 from regmirror.nodes import Peers
 from regmirror.reference import OCI_MANIFEST, Digest, parse_digest
-from regmirror.s3 import ObjectStore, S3Location, SharedStore
+from regmirror.s3.location import S3Location
+from regmirror.s3.objects import ObjectStore
+from regmirror.s3.shared import SharedStore
 from regmirror.service import build_mirror
 from regmirror.sources import CLAIM_POLLS
 

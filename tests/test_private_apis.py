@@ -57,7 +57,7 @@ def test_client_service_logs_through_a_class_attribute() -> None:
 
 
 def test_botocore_signs_in_the_steps_s3_repeats() -> None:
-    """``s3._ClockedSigning.add_auth`` repeats botocore's SigV4 ``add_auth``
+    """``s3.signing._ClockedSigning.add_auth`` repeats botocore's SigV4 ``add_auth``
     step by step, two of the steps being private methods."""
     from botocore.auth import S3SigV4Auth, SigV4Auth
 

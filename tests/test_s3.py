@@ -23,14 +23,10 @@ from twisted.web.iweb import IResponse
 
 from regmirror.config import Secret
 from regmirror.reference import MAX_MANIFEST_SIZE, OCI_MANIFEST, Digest
-from regmirror.s3 import (
-    NoSuchKey,
-    ObjectInfo,
-    ObjectStore,
-    S3Error,
-    S3Location,
-    SharedStore,
-)
+from regmirror.s3.errors import NoSuchKey, S3Error
+from regmirror.s3.location import S3Location
+from regmirror.s3.objects import ObjectInfo, ObjectStore
+from regmirror.s3.shared import SharedStore
 
 T = TypeVar("T")
 

@@ -46,7 +46,10 @@ from twisted.web.iweb import IResponse
 
 from regmirror.config import Secret
 from regmirror.reference import parse_digest
-from regmirror.s3 import ObjectStore, S3Error, S3Location, SharedStore
+from regmirror.s3.errors import S3Error
+from regmirror.s3.location import S3Location
+from regmirror.s3.objects import ObjectStore
+from regmirror.s3.shared import SharedStore
 
 
 class ToFile(Protocol):

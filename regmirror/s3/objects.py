@@ -1,46 +1,39 @@
 """
-Blobs and manifests shared by several nodes in S3-compatible object storage
-(AWS S3, Ceph RGW, MinIO): the layer under ``[cache] backend = s3``.
-
-:class:`ObjectStore` speaks the few S3 operations the cache needs over an
-injected ``IAgent``, each request signed with AWS Signature Version 4 by
-botocore's signer (only its signer: no boto session, no threads).  Bodies
-stream: a file is sent in slices of known length read in small chunks, and
-large files go up as multipart uploads, aborted when anything fails.
-:class:`SharedStore` keeps blobs and manifests under their digests on top
-of it.
-
-Credentials are revealed only to the signer.  They appear in no exception,
-``repr`` or log line; a presigned URL carries a signature made with them and
-is for the client it is handed to, never for a log.
+The few S3 operations the cache needs, on one bucket, each request signed
+(``signing``) and sent over an injected ``IAgent``; large files go up as
+multipart uploads, aborted when anything fails.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
 from attrs import define, field, frozen
-from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
-from zope.interface import implementer
 
 from regmirror._timeout import Idle
-from regmirror.config import Secret
-from regmirror.reference import MAX_MANIFEST_SIZE, Digest, manifest_media_type
+from regmirror.s3.bodies import BytesBody, FileSliceBody, Slice
+from regmirror.s3.errors import NoSuchKey, S3Error
+from regmirror.s3.location import DEFAULT_PORTS, S3Location
+from regmirror.s3.signing import (
+    EMPTY_SHA256,
+    UNSIGNED_PAYLOAD,
+    HeaderSigner,
+    QuerySigner,
+    aws_quote,
+    timestamp,
+)
 from regmirror.upstream import discard, header, read_small
 
 #: S3's smallest part (all but the last) and largest part count.
@@ -50,104 +43,6 @@ MAX_PARTS = 10_000
 MAX_PRESIGN_EXPIRY = 7 * 24 * 3600
 #: Error documents and the small answers of multipart calls stop here.
 MAX_ANSWER = 64 * 1024
-#: File bodies are read this much at a time, and at most this many chunks
-#: per turn of the reactor.
-CHUNK = 64 * 1024
-BURST = 16
-
-#: The payload hash that lets a body stream without being read twice.
-UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
-_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-class S3Error(Exception):
-    """
-    An S3 operation failed.
-
-    :ivar operation: the S3 API name (``PutObject``, ``UploadPart``, …).
-    :ivar key: the object key, or the bucket for bucket operations.
-    :ivar code: S3's error ``Code`` (``NoSuchKey``, ``AccessDenied``, …),
-        when it sent one.
-    :ivar status: the HTTP status, when there was an answer.
-    """
-
-    def __init__(
-        self,
-        operation: str,
-        key: str,
-        code: str | None = None,
-        status: int | None = None,
-        detail: str | None = None,
-    ) -> None:
-        what = code or detail or "failed"
-        if code and detail:
-            what = f"{code}: {detail}"
-        answered = f" (HTTP {status})" if status is not None else ""
-        super().__init__(f"S3 {operation} {key!r}: {what}{answered}")
-        self.operation = operation
-        self.key = key
-        self.code = code
-        self.status = status
-
-    def __str__(self) -> str:
-        # KeyError (a base of NoSuchKey) would quote the message.
-        return str(self.args[0])
-
-
-class NoSuchKey(S3Error, KeyError):
-    """The object does not exist (404)."""
-
-
-def _endpoint(instance: Any, attribute: Any, value: str) -> None:
-    parts = urlsplit(value)
-    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
-        raise ValueError(f"S3 endpoint must be an http(s) URL, not {value!r}")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError("S3 endpoint takes no query, fragment or user info")
-    parts.port  # noqa: B018 -- raises ValueError for a bad port
-
-
-def _bucket(instance: Any, attribute: Any, value: str) -> None:
-    if not value or any(c in value for c in "/?#% \t\r\n"):
-        raise ValueError(f"invalid S3 bucket name {value!r}")
-
-
-def _addressing(instance: S3Location, attribute: Any, value: str) -> None:
-    if value not in ("path", "virtual"):
-        raise ValueError(f"S3 addressing must be 'path' or 'virtual', not {value!r}")
-    if value == "virtual":
-        host = urlsplit(instance.endpoint).hostname or ""
-        if ":" in host or host.replace(".", "").isdigit():
-            raise ValueError("virtual addressing needs an endpoint host name")
-        if instance.bucket != instance.bucket.lower() or "_" in instance.bucket:
-            raise ValueError(
-                f"bucket {instance.bucket!r} cannot be a host name: use path addressing"
-            )
-
-
-def _region(instance: Any, attribute: Any, value: str) -> None:
-    if not value or "/" in value or value != value.strip():
-        raise ValueError(f"invalid S3 region {value!r}")
-
-
-@frozen
-class S3Location:
-    """
-    Where the shared objects live, and the credentials for them.
-
-    :ivar endpoint: ``http://127.0.0.1:7480``, ``https://s3.eu-west-1.amazonaws.com``;
-        a path after the host is kept as a prefix.
-    :ivar addressing: ``"path"`` (``endpoint/bucket/key``) or ``"virtual"``
-        (``bucket.host/key``).
-    """
-
-    endpoint: str = field(validator=_endpoint)
-    bucket: str = field(validator=_bucket)
-    region: str = field(validator=_region)
-    access_key: Secret
-    secret_key: Secret
-    addressing: str = field(default="path", validator=_addressing)
 
 
 @frozen
@@ -156,54 +51,6 @@ class ObjectInfo:
 
     size: int
     content_type: str | None
-
-
-@frozen
-class _Slice:
-    """*length* bytes of the file at *path* from *offset*."""
-
-    path: str
-    offset: int
-    length: int
-
-
-class _ClockedSigning:
-    """
-    SigV4 at the injected clock's time: botocore's ``add_auth`` reads the
-    wall clock, so the same steps run here with ``context["timestamp"]``
-    set by the caller.  Two of those steps are botocore's private methods,
-    used here only (tests/test_private_apis.py fails if their use in
-    ``add_auth`` changes).
-    """
-
-    def add_auth(self, request: Any) -> None:
-        signer: Any = self
-        signer._modify_request_before_signing(request)
-        canonical = signer.canonical_request(request)
-        signature = signer.signature(signer.string_to_sign(request, canonical), request)
-        signer._inject_signature_to_request(request, signature)
-
-
-class _HeaderSigner(_ClockedSigning, S3SigV4Auth):  # type: ignore[misc]
-    """``Authorization`` header signing, with the payload hash we chose."""
-
-    def payload(self, request: Any) -> str:
-        # A streamed body cannot be hashed before it is sent: the caller
-        # says UNSIGNED-PAYLOAD for those and a real hash for small ones.
-        return str(request.context["payload"])
-
-
-class _QuerySigner(_ClockedSigning, S3SigV4QueryAuth):  # type: ignore[misc]
-    """Presigned URLs."""
-
-
-def _timestamp(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y%m%dT%H%M%SZ")
-
-
-def _quote(text: str, safe: str = "") -> str:
-    """AWS's URI encoding: everything but ``A-Za-z0-9-_.~`` (and *safe*)."""
-    return quote(text, safe=safe + "~")
 
 
 def _local(tag: str) -> str:
@@ -237,119 +84,7 @@ def _error_code(body: bytes) -> str | None:
     return None
 
 
-@implementer(IBodyProducer)
-class _BytesBody:
-    """A small body, written at once."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-@implementer(IBodyProducer)
-class _FileSliceBody:
-    """
-    A slice of a file as a request body of known length (RGW answers a
-    chunked upload with 411), read :data:`CHUNK` bytes at a time while the
-    transport takes them: a push producer the transport pauses when its
-    buffer fills.  *progress* is called after every chunk.
-    """
-
-    def __init__(
-        self, part: _Slice, clock: IReactorTime, progress: Callable[[], None]
-    ) -> None:
-        self.length = part.length
-        self._part = part
-        self._clock = clock
-        self._progress = progress
-        self._left = part.length
-        self._file: Any = None
-        self._consumer: IConsumer | None = None
-        self._done: Deferred[None] = Deferred()
-        self._call: IDelayedCall | None = None
-        self._paused = False
-        self._stopped = False
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        self._consumer = consumer
-        try:
-            self._file = open(self._part.path, "rb")  # noqa: SIM115 -- closed in _end
-            self._file.seek(self._part.offset)
-        except OSError as e:
-            self._end(Failure(e))
-            return self._done
-        self._schedule()
-        return self._done
-
-    def _schedule(self) -> None:
-        if self._call is None and not (self._paused or self._stopped):
-            self._call = self._clock.callLater(0, self._produce)
-
-    def _produce(self) -> None:
-        self._call = None
-        try:
-            for _ in range(BURST):
-                if self._paused or self._stopped:
-                    return
-                if self._left == 0:
-                    self._end(None)
-                    return
-                data = self._file.read(min(CHUNK, self._left))
-                if not data:
-                    raise OSError(f"{self._part.path} ended {self._left} bytes early")
-                self._left -= len(data)
-                assert self._consumer is not None
-                self._consumer.write(data)
-                self._progress()
-        except OSError as e:
-            self._end(Failure(e))
-            return
-        self._schedule()
-
-    def _end(self, failure: Failure | None) -> None:
-        stopped, self._stopped = self._stopped, True
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if stopped:
-            return  # stopProducing: the Deferred must never fire
-        if failure is None:
-            self._done.callback(None)
-        else:
-            self._done.errback(failure)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._schedule()
-
-    def stopProducing(self) -> None:
-        self._stopped = True
-        self._end(None)
-
-
-Body = bytes | _Slice | None
+Body = bytes | Slice | None
 
 
 @define(eq=False)
@@ -390,7 +125,7 @@ class ObjectStore:
             host = f"[{host}]"
         if self.location.addressing == "virtual":
             host = f"{self.location.bucket}.{host}"
-        if parts.port is not None and parts.port != _DEFAULT_PORTS[parts.scheme]:
+        if parts.port is not None and parts.port != DEFAULT_PORTS[parts.scheme]:
             host = f"{host}:{parts.port}"
         self._host = host
         self._prefix = parts.path.rstrip("/")
@@ -401,9 +136,9 @@ class ObjectStore:
         """The URL of *key* (of the bucket for ``None``), encoded as sent."""
         path = self._prefix
         if self.location.addressing == "path":
-            path += "/" + _quote(self.location.bucket)
+            path += "/" + aws_quote(self.location.bucket)
         if key is not None:
-            path += "/" + _quote(key, safe="/")
+            path += "/" + aws_quote(key, safe="/")
         url = f"{self._scheme}://{self._host}{path or '/'}"
         return f"{url}?{query}" if query else url
 
@@ -417,9 +152,9 @@ class ObjectStore:
     ) -> Headers:
         """The headers to send, ``Authorization`` included."""
         request = AWSRequest(method=method, url=url, headers=headers)
-        request.context["timestamp"] = _timestamp(self.clock.seconds())
+        request.context["timestamp"] = timestamp(self.clock.seconds())
         request.context["payload"] = payload
-        _HeaderSigner(self._credentials(), "s3", self.location.region).add_auth(request)
+        HeaderSigner(self._credentials(), "s3", self.location.region).add_auth(request)
         sent = Headers()
         for name, value in request.headers.items():
             sent.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
@@ -446,14 +181,14 @@ class ObjectStore:
         unsigned["Host"] = self._host
         deadline = Idle(self.clock, self.timeout)
         producer: IBodyProducer | None
-        if isinstance(body, _Slice):
+        if isinstance(body, Slice):
             payload = UNSIGNED_PAYLOAD
-            producer = _FileSliceBody(body, self.clock, deadline.touch)
+            producer = FileSliceBody(body, self.clock, deadline.touch)
         elif body is not None:
             payload = hashlib.sha256(body).hexdigest()
-            producer = _BytesBody(body)
+            producer = BytesBody(body)
         else:
-            payload, producer = _EMPTY_SHA256, None
+            payload, producer = EMPTY_SHA256, None
         sent = self._signed(method, url, unsigned, payload)
         try:
             response: IResponse = await deadline.watch(
@@ -583,7 +318,7 @@ class ObjectStore:
                 "PUT",
                 self._url(key),
                 {"Content-Type": content_type},
-                _Slice(path, 0, size),
+                Slice(path, 0, size),
             )
             await self._expect(response, 200, "PutObject", key)
             return
@@ -592,7 +327,7 @@ class ObjectStore:
         try:
             etags = []
             for number, offset in enumerate(range(0, size, part_size), start=1):
-                part = _Slice(path, offset, min(part_size, size - offset))
+                part = Slice(path, offset, min(part_size, size - offset))
                 etags.append(await self._upload_part(key, upload, number, part))
             await self._complete_upload(key, upload, etags)
         except Exception:
@@ -624,11 +359,11 @@ class ObjectStore:
         return upload
 
     def _upload_query(self, upload: str, number: int | None = None) -> str:
-        query = f"uploadId={_quote(upload)}"
+        query = f"uploadId={aws_quote(upload)}"
         return query if number is None else f"partNumber={number}&{query}"
 
     async def _upload_part(
-        self, key: str, upload: str, number: int, part: _Slice
+        self, key: str, upload: str, number: int, part: Slice
     ) -> str:
         url = self._url(key, self._upload_query(upload, number))
         response = await self._request("UploadPart", key, "PUT", url, body=part)
@@ -699,8 +434,8 @@ class ObjectStore:
         request = AWSRequest(
             method="GET", url=self._url(key), headers={"Host": self._host}
         )
-        request.context["timestamp"] = _timestamp(self.clock.seconds())
-        _QuerySigner(
+        request.context["timestamp"] = timestamp(self.clock.seconds())
+        QuerySigner(
             self._credentials(), "s3", self.location.region, expires=expires
         ).add_auth(request)
         return str(request.url)
@@ -731,104 +466,3 @@ def _describe(error: Exception) -> str:
             reason.getErrorMessage() for reason in reasons
         )
     return f"cannot connect: {error.__class__.__name__}: {error}"
-
-
-def _blob_key(digest: Digest) -> str:
-    return f"blobs/{digest.algorithm}/{digest.hex}"
-
-
-def _manifest_key(digest: Digest) -> str:
-    return f"manifests/{digest.algorithm}/{digest.hex}"
-
-
-@define(eq=False)
-class SharedStore:
-    """
-    Blobs and manifests by digest in object storage, shared by every node:
-    ``blobs/<algorithm>/<hex>`` and ``manifests/<algorithm>/<hex>`` (the
-    manifest's media type as its ``Content-Type``).
-
-    Objects are written only after their bytes were verified against the
-    digest; manifests, being small, are checked again when read.
-    """
-
-    objects: ObjectStore
-    log = Logger()
-
-    async def blob_size(self, digest: Digest) -> int | None:
-        """The blob's size, or ``None`` when it is not shared yet."""
-        info = await self.objects.head(_blob_key(digest))
-        return None if info is None else info.size
-
-    async def open_blob(
-        self, digest: Digest, start: int = 0, end: int | None = None
-    ) -> IResponse:
-        """
-        The blob's bytes from *start* to *end* (exclusive), unread.
-
-        :raises NoSuchKey: when it is not shared.
-        """
-        return await self.objects.get(_blob_key(digest), start, end)
-
-    async def put_blob(self, digest: Digest, path: str, size: int) -> None:
-        """
-        Share the verified blob at *path*, unless another node already has
-        (same key, same size: content-addressed, so the same bytes).
-        """
-        key = _blob_key(digest)
-        info = await self.objects.head(key)
-        if info is not None and info.size == size:
-            return
-        await self.objects.put_file(key, path, size, "application/octet-stream")
-
-    async def manifest(self, digest: Digest) -> tuple[str, bytes] | None:
-        """
-        ``(media type, body)`` of a shared manifest, or ``None`` when it is
-        not there or what came back does not match *digest*.
-        """
-        key = _manifest_key(digest)
-        found = await self.objects.get_bytes(key, MAX_MANIFEST_SIZE)
-        if found is None:
-            return None
-        body, content_type = found
-        hasher = digest.hasher()
-        hasher.update(body)
-        if hasher.hexdigest() != digest.hex:
-            self.log.warn(
-                "shared manifest {digest} does not match its digest; ignored",
-                digest=str(digest),
-            )
-            return None
-        media_type = (content_type or "").split(";", 1)[0].strip()
-        if not media_type:
-            media_type = manifest_media_type(body, None) or ""
-        if not media_type:
-            self.log.warn(
-                "shared manifest {digest} has no media type; ignored",
-                digest=str(digest),
-            )
-            return None
-        return media_type, body
-
-    async def put_manifest(self, digest: Digest, media_type: str, body: bytes) -> None:
-        """
-        Share a manifest.
-
-        :raises ValueError: when *body* does not match *digest* or is over
-            the manifest size limit: such bytes are never shared.
-        """
-        hasher = digest.hasher()
-        hasher.update(body)
-        if hasher.hexdigest() != digest.hex:
-            raise ValueError(f"manifest body does not match {digest}")
-        if len(body) > MAX_MANIFEST_SIZE:
-            raise ValueError(f"manifest {digest} is over {MAX_MANIFEST_SIZE} bytes")
-        await self.objects.put_bytes(_manifest_key(digest), body, media_type)
-
-    async def delete_blob(self, digest: Digest) -> None:
-        """Stop sharing a blob."""
-        await self.objects.delete(_blob_key(digest))
-
-    def blob_url(self, digest: Digest, expires: int) -> str:
-        """A presigned ``GET`` URL of the blob, for a client's redirect."""
-        return self.objects.presign_get(_blob_key(digest), expires)
