@@ -14,6 +14,8 @@ import base64
 import ipaddress
 import re
 import socket
+from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
@@ -53,6 +55,9 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 #: Tokens are renewed this long before they expire.
 TOKEN_MARGIN = 10.0
+#: The most tokens one upstream keeps: one per repository (scope) clients
+#: ask for, so the clients choose how many there are.
+MAX_TOKENS = 4096
 
 
 class UpstreamFailure(Exception):
@@ -224,6 +229,48 @@ class _Discard:
 
 
 @define(eq=False)
+class Tokens:
+    """
+    Bearer tokens by scope, bounded in size and age: a token past its
+    expiry is dropped when it is looked up or reaches the front of the
+    line, and past *limit* tokens the oldest go first.  Tokens of one
+    upstream share a lifetime as a rule, so the oldest is the first to
+    expire.
+    """
+
+    clock: IReactorTime
+    limit: int = MAX_TOKENS
+    _entries: OrderedDict[str, tuple[str, float]] = field(factory=OrderedDict)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def get(self, scope: str) -> str | None:
+        """The token for *scope* while it is good, else ``None``."""
+        entry = self._entries.get(scope)
+        if entry is None:
+            return None
+        if self.clock.seconds() >= entry[1]:
+            del self._entries[scope]
+            return None
+        return entry[0]
+
+    def put(self, scope: str, token: str, expires: float) -> None:
+        """Keep *token* for *scope* until *expires*, as the newest."""
+        self._entries.pop(scope, None)
+        self._entries[scope] = (token, expires)
+        now = self.clock.seconds()
+        while self._entries:
+            oldest = next(iter(self._entries))
+            if len(self._entries) <= self.limit and self._entries[oldest][1] > now:
+                break
+            del self._entries[oldest]
+
+
+@define(eq=False)
 class Upstream:
     """
     One registry endpoint.
@@ -246,7 +293,7 @@ class Upstream:
     #: hosts redirects and token realms may not lead to
     deny: tuple[Network | str, ...] = DEFAULT_DENY
     breaker: Breaker = field(init=False)
-    _tokens: dict[str, tuple[str, float]] = field(factory=dict)
+    _tokens: Tokens = field(init=False)
     _token_flight: SingleFlight[str, str] = field(factory=SingleFlight)
     #: the upstream asked for Basic credentials: send them up front
     _basic: bool = False
@@ -256,6 +303,7 @@ class Upstream:
         self.breaker = Breaker(
             self.clock, self.config.breaker_failures, self.config.breaker_backoff
         )
+        self._tokens = Tokens(self.clock)
 
     @property
     def name(self) -> str:
@@ -351,8 +399,8 @@ class Upstream:
         if self.config.token is not None:
             return f"Bearer {self.config.token.reveal()}"
         cached = self._tokens.get(scope)
-        if cached is not None and self.clock.seconds() < cached[1]:
-            return f"Bearer {cached[0]}"
+        if cached is not None:
+            return f"Bearer {cached}"
         if self._basic:
             return self._basic_credentials()
         return None
@@ -555,7 +603,7 @@ class Upstream:
                 status=response.code,
             )
         expires = self.clock.seconds() + max(0.0, lifetime - TOKEN_MARGIN)
-        self._tokens[scope] = (token, expires)
+        self._tokens.put(scope, token, expires)
         return token
 
 
