@@ -184,7 +184,7 @@ def test_in_process_prefetch_mirror_answers_its_owner_only() -> None:
     from twisted.web.resource import Resource
     from twisted.web.static import Data
 
-    from regmirror.cli import PREFETCH_HEADER, _OwnerOnly
+    from regmirror.prefetch import PREFETCH_HEADER, _OwnerOnly
 
     inner = Resource()
     inner.putChild(b"v2", Data(b"{}", "application/json"))
