@@ -562,10 +562,20 @@ class Upstream:
 
     async def _fetch_token(self, challenge: Challenge, scope: str) -> str:
         realm = challenge.params["realm"]
-        if urlsplit(realm).scheme not in ("http", "https"):
+        scheme = urlsplit(realm).scheme
+        if scheme not in ("http", "https"):
             raise UpstreamFailure(
                 self.name, "invalid", "token realm is not an http(s) URL"
             )
+        if scheme == "http" and urlsplit(self.config.url).scheme == "https":
+            # Credentials, and the token itself, would travel in clear.
+            self.log.warn(
+                "upstream {upstream}: its token realm on {realm} is plain http; "
+                "refused (an https upstream gets tokens over https only)",
+                upstream=self.name,
+                realm=urlsplit(realm).hostname,
+            )
+            raise UpstreamFailure(self.name, "invalid", "token realm is plain http")
         self._refuse_denied(realm, "sent for a token")
         query = {"service": challenge.params.get("service", "")}
         query["scope"] = challenge.params.get("scope", scope)

@@ -9,16 +9,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import LogEvent, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from regmirror.config import UpstreamConfig
-from regmirror.upstream import MAX_TOKENS, Tokens, Upstream
+from regmirror.config import Secret, UpstreamConfig
+from regmirror.upstream import MAX_TOKENS, Tokens, Upstream, UpstreamFailure
 
 TOKEN_LIFETIME = 300
 
@@ -52,37 +54,53 @@ class TokenRegistry:
     :ivar issued: how many tokens the realm gave out.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, realm: str = "https://auth.origin.test/token") -> None:
         self.issued = 0
+        self.realm = realm
+        #: every URI asked for
+        self.asked: list[str] = []
 
     def request(
         self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None
     ) -> Deferred[_Response]:
-        if uri.startswith(b"https://auth.origin.test/token"):
+        self.asked.append(uri.decode("ascii"))
+        if uri.lower().startswith(self.realm.lower().encode("ascii")):
             self.issued += 1
             token = {"token": f"t{self.issued}", "expires_in": TOKEN_LIFETIME}
             return succeed(_Response(200, json.dumps(token).encode(), {}))
         sent = headers.getRawHeaders(b"authorization") if headers else None
         if not sent:
-            challenge = 'Bearer realm="https://auth.origin.test/token",service="o"'
+            challenge = f'Bearer realm="{self.realm}",service="o"'
             return succeed(_Response(401, b"{}", {"WWW-Authenticate": challenge}))
         return succeed(_Response(200, b"{}", {}))
 
 
-def upstream(clock: Clock) -> tuple[Upstream, TokenRegistry]:
-    registry = TokenRegistry()
-    config = UpstreamConfig("origin", "https://registry.origin.test")
+def upstream(
+    clock: Clock,
+    realm: str = "https://auth.origin.test/token",
+    url: str = "https://registry.origin.test",
+    **settings: Any,
+) -> tuple[Upstream, TokenRegistry]:
+    registry = TokenRegistry(realm)
+    config = UpstreamConfig("origin", url, **settings)
     return Upstream(config, registry, clock), registry
 
 
-def ask(upstream: Upstream, repository: str) -> int:
+def answer(upstream: Upstream, repository: str) -> Any:
+    """What :meth:`Upstream.request` gives: a response or a ``Failure``."""
     outcome: list[Any] = []
     d = Deferred.fromCoroutine(
         upstream.request("GET", f"{repository}/manifests/latest")
     )
     d.addBoth(outcome.append)
-    assert outcome and not isinstance(outcome[0], Failure), outcome
-    code: int = outcome[0].code
+    assert outcome, "no answer"
+    return outcome[0]
+
+
+def ask(upstream: Upstream, repository: str) -> int:
+    outcome = answer(upstream, repository)
+    assert not isinstance(outcome, Failure), outcome
+    code: int = outcome.code
     return code
 
 
@@ -135,3 +153,50 @@ def test_expired_tokens_go() -> None:
     clock.advance(TOKEN_LIFETIME)
     ask(origin, "r/new")
     assert registry.issued == 102, "an expired token was used"
+
+
+# -- where a token may be asked for (issue 16, item 8) --------------------------
+
+
+@pytest.mark.parametrize(
+    "realm",
+    [
+        "http://auth.origin.test/token",
+        "HTTP://auth.origin.test/token",
+        "Http://registry.origin.test/token",
+        "http://registry.origin.test:443/token",
+    ],
+)
+def test_plain_http_realm_of_an_https_upstream_is_refused(
+    realm: str, logged: list[LogEvent]
+) -> None:
+    """
+    An https upstream whose challenge names an ``http://`` realm (any case
+    of the scheme, its own host, port 443): no token is asked for, so the
+    credentials never travel in clear; the request fails as the upstream's
+    failure, and the log names the upstream but no secret.
+    """
+    origin, registry = upstream(
+        Clock(), realm, username="alice", password=Secret("s3cret-pass")
+    )
+    outcome = answer(origin, "app")
+    assert isinstance(outcome, Failure), outcome
+    failure = outcome.value
+    assert isinstance(failure, UpstreamFailure)
+    assert (failure.upstream, failure.reason) == ("origin", "invalid")
+    assert [uri for uri in registry.asked if "token" in uri] == []
+    lines = [formatEvent(event) for event in logged]
+    refusals = [line for line in lines if "plain http" in line]
+    assert refusals and "origin" in refusals[0], lines
+    text = " ".join(repr(event) for event in logged) + " ".join(lines)
+    assert "s3cret-pass" not in text
+    assert "czNjcmV0" not in text  # base64 of the password's start
+
+
+def test_plain_http_realm_of_a_plain_http_upstream_is_used() -> None:
+    """An upstream that is itself plain http may have a plain http realm."""
+    origin, registry = upstream(
+        Clock(), "http://auth.origin.test/token", url="http://registry.origin.test"
+    )
+    assert ask(origin, "app") == 200
+    assert registry.issued == 1
