@@ -29,7 +29,8 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 
 from regmirror import nodes
-from regmirror.access import Gate, shared_key
+from regmirror.access.gate import Gate
+from regmirror.access.tokens import shared_key
 from regmirror.cluster import Coordinator
 from regmirror.config import ClusterConfig, Config, ConfigError, S3Config, load
 from regmirror.fetch import Fetcher

@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
 from regmirror import nodes
-from regmirror.access import Gate
+from regmirror.access.gate import Gate
 from regmirror.cluster import Coordinator
 from regmirror.config import AccessConfig, NamespaceConfig, Network, UpstreamConfig
 from regmirror.fetch import Fetcher

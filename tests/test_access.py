@@ -34,7 +34,9 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, Logger, LogPublisher
 
-from regmirror.access import Gate, Htpasswd, Tokens, shared_key
+from regmirror.access.gate import Gate
+from regmirror.access.htpasswd import Htpasswd
+from regmirror.access.tokens import Tokens, shared_key
 from regmirror.config import EVERYONE, AccessConfig, ConfigError, load, parse_networks
 from regmirror.errors import TooManyRequests
 

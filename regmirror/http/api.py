@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from regmirror.access import Gate
+from regmirror.access.gate import Gate
 from regmirror.errors import (
     ManifestUnknown,
     NotFound,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from attrs import define
 from twisted.web.server import Request
 
-from regmirror.access import valid_host
+from regmirror.access.clients import valid_host
 from regmirror.errors import BadRequest
 from regmirror.routing import Route, Router
 

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.server import Site
 
-from regmirror.access import client_address
+from regmirror.access.clients import client_address
 from regmirror.config import FORWARDED_HEADERS, Network
 from regmirror.http.channel import MirrorChannel
 from regmirror.http.request import MirrorRequest

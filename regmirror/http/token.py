@@ -10,7 +10,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
 
-from regmirror.access import Gate
+from regmirror.access.gate import Gate
 from regmirror.errors import RegistryError, Unauthorized
 from regmirror.http.errors import write_error
 from regmirror.http.request import (

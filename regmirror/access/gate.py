@@ -1,0 +1,251 @@
+"""
+:class:`Gate`: whether a request may pull what the router decided, and
+the challenge it gets when it may not.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import urlencode
+
+import bcrypt
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.server import Request
+
+from regmirror.access.clients import (
+    Client,
+    client_address,
+    client_scheme,
+    contains,
+    valid_host,
+)
+from regmirror.access.htpasswd import BCRYPT_MAX_PASSWORD, Htpasswd
+from regmirror.access.logins import FailedLogins
+from regmirror.access.tokens import SERVICE, Grant, Tokens
+from regmirror.config import AccessConfig, Network
+from regmirror.errors import Denied, RegistryError, Unauthorized
+from regmirror.routing import Route
+
+#: A verified user/password pair is not re-hashed with bcrypt for this long.
+VERIFIED_FOR = 60.0
+#: At most this many verified pairs are remembered.
+VERIFIED_MAX = 1024
+
+
+@define(eq=False)
+class Gate:
+    """
+    Decides whether a request may pull, per namespace.
+
+    :ivar namespaces: a namespace's own ``anonymous`` networks, which only
+        narrow the section's.
+    :ivar run_in_thread: bcrypt is slow on purpose: it runs off the reactor.
+    :ivar logins: the file where every process sharing the cache folder
+        counts failed logins (``None``: this process counts its own).
+    """
+
+    config: AccessConfig
+    clock: IReactorTime
+    run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]]
+    namespaces: dict[str, tuple[Network, ...]] = field(factory=dict)
+    #: the token signing key (default: this process's own)
+    key: bytes = field(factory=lambda: os.urandom(32))
+    logins: str | None = None
+    tokens: Tokens = field(init=False)
+    _htpasswd: Htpasswd | None = field(init=False)
+    _failed: FailedLogins = field(init=False)
+    _verified: dict[tuple[str, str], float] = field(factory=dict)
+    log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        self.tokens = Tokens(self.clock, self.config.token_ttl, self.key)
+        self._htpasswd = (
+            Htpasswd(self.config.htpasswd) if self.config.htpasswd else None
+        )
+        self._failed = FailedLogins(self.clock, self.logins)
+
+    def client(self, request: http.Request) -> Client:
+        """Who *request* comes from, by the proxies' one forwarding header."""
+        return client_address(
+            request, self.config.trusted_proxies, self.config.forwarded_header
+        )
+
+    def anonymous_allowed(self, address: Client, namespace: str | None) -> bool:
+        """
+        May *address* pull *namespace* without credentials?  ``None`` (the
+        API root, which clients ping before deciding whether to log in):
+        only when every namespace allows it, so that a client is challenged
+        whenever some namespace needs credentials.
+        """
+        if not contains(self.config.anonymous, address):
+            return False
+        narrowers = (
+            self.namespaces.values()
+            if namespace is None
+            else [self.namespaces.get(namespace)]
+        )
+        return all(n is None or contains(n, address) for n in narrowers)
+
+    def grantable(
+        self, address: Client, user: str | None, routes: Iterable[Route]
+    ) -> list[Grant]:
+        """
+        What a token for *routes* (each decided by the router from the token
+        request, as for a pull) may grant: every one to a *user*, to an
+        anonymous client (``None``) those its address may pull anyway.
+        """
+        return [
+            (route.namespace.name, route.repository)
+            for route in routes
+            if user is not None or self.anonymous_allowed(address, route.namespace.name)
+        ]
+
+    async def check(self, request: Request, route: Route | None) -> str:
+        """
+        May this request pull what the router decided, *route* (``None``:
+        the API root)?  A token must name the route's namespace and
+        repository.
+
+        :return: who: ``"anonymous"`` or the user name.
+        :raises Unauthorized: with a challenge, when credentials could help.
+        :raises Denied: when they could not.
+        """
+        address = self.client(request)
+        namespace = None if route is None else route.namespace.name
+        if self.anonymous_allowed(address, namespace):
+            return "anonymous"
+        scheme, _, credentials = (
+            _text(request.getHeader(b"authorization")) or ""
+        ).partition(" ")
+        if scheme.lower() == "bearer" and credentials:
+            claims = self.tokens.verify(credentials.strip())
+            if claims is None:
+                raise self._challenge(
+                    request, address, route, "invalid or expired token", "invalid_token"
+                )
+            if route is None or (namespace, route.repository) in Tokens.grants(claims):
+                return str(claims["sub"])
+            raise self._challenge(
+                request,
+                address,
+                route,
+                "the token is not for this repository of this namespace",
+                "insufficient_scope",
+            )
+        if scheme.lower() == "basic" and credentials:
+            user = await self.login(address, credentials.strip())
+            if user is not None:
+                return user
+            raise self._challenge(
+                request, address, route, "wrong user name or password"
+            )
+        raise self._challenge(request, address, route, "authentication required")
+
+    async def login(self, address: Client, basic: str) -> str | None:
+        """
+        Check Basic credentials; the user, or ``None`` (counted per client).
+
+        Every check costs one bcrypt run, whether the user exists or not and
+        whatever the password's length (against :meth:`Htpasswd.stand_in`
+        when there is no hash to check), so that no stopwatch tells which
+        user names exist.
+
+        :raises TooManyRequests: when *address* has failed too often.
+        """
+        try:
+            user, _, password = (
+                base64.b64decode(basic, validate=True).decode("utf-8").partition(":")
+            )
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            user, password = "", ""
+        users = self._htpasswd
+        hashed = users.hash_for(user) if users is not None and user else None
+        key = (user, hashlib.sha256(f"{user}\0{password}".encode()).hexdigest())
+        if hashed is not None and self._verified.get(key, 0) > self.clock.seconds():
+            self._failed.check(address)
+            return user
+        attempt = self._failed.reserve(address)
+        secret = password.encode("utf-8")
+        # bcrypt reads 72 bytes at most (bcrypt 5 raises beyond): a longer
+        # password cannot be the one hashed, whatever its first 72 bytes.
+        usable = hashed is not None and len(secret) <= BCRYPT_MAX_PASSWORD
+        good = False
+        if users is not None:
+            against = hashed if usable and hashed is not None else users.stand_in()
+            checked = secret[:BCRYPT_MAX_PASSWORD]
+            matched = await self.run_in_thread(lambda: bcrypt.checkpw(checked, against))
+            good = usable and bool(matched)
+        if good:
+            self._failed.release(address, attempt)
+            self._remember(key)
+            return user
+        self.log.warn(
+            "failed login for user {user!r} from {address}",
+            user=user[:64],
+            address="unknown" if address is None else str(address),
+        )
+        return None
+
+    def _remember(self, key: tuple[str, str]) -> None:
+        """Remember a verified pair, at most :data:`VERIFIED_MAX` of them."""
+        now = self.clock.seconds()
+        if len(self._verified) >= VERIFIED_MAX:
+            for stale in [k for k, until in self._verified.items() if until <= now]:
+                del self._verified[stale]
+        while len(self._verified) >= VERIFIED_MAX:
+            del self._verified[next(iter(self._verified))]
+        self._verified.pop(key, None)
+        self._verified[key] = now + VERIFIED_FOR
+
+    def _challenge(
+        self,
+        request: Request,
+        address: Client,
+        route: Route | None,
+        why: str,
+        error: str | None = None,
+    ) -> RegistryError:
+        """
+        A 401 with a Bearer challenge when a token could help: a user could
+        log in, or (at the API root) the address may pull some namespaces
+        anonymously and gets an anonymous token for them.  Else 403.
+
+        What the client sends to the realm routes to *route*'s namespace
+        again: the realm is on this request's ``Host``, has ``?ns=`` (the
+        namespace's own name) when ``ns`` chose the route, and the scope is
+        the name as this request wrote it.  *error* (RFC 6750) tells why a
+        token was refused; containerd then asks the realm again.
+        """
+        partly_open = route is None and contains(self.config.anonymous, address)
+        if self._htpasswd is None and not partly_open:
+            return Denied(f"access denied: {why}")
+        scheme = client_scheme(
+            request, self.config.trusted_proxies, self.config.forwarded_header
+        )
+        # The API refuses a Host that is no host[:port] before this; should
+        # one come here all the same, it is not echoed.
+        host = _text(request.getHeader(b"host")) or "localhost"
+        realm = f"{scheme}://{host if valid_host(host) else 'localhost'}/token"
+        if route is not None and route.via == "ns":
+            realm += "?" + urlencode({"ns": route.namespace.name})
+        challenge = f'Bearer realm="{realm}",service="{SERVICE}"'
+        if route is not None:
+            challenge += f',scope="repository:{route.client_name}:pull"'
+        if error is not None:
+            challenge += f',error="{error}"'
+        return Unauthorized(why, {"WWW-Authenticate": challenge})
+
+
+def _text(value: bytes | str | None) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return value.decode("latin-1")
