@@ -65,7 +65,7 @@ async def tags(request: Request, route: Route) -> None:
         )
     except NotFoundAnywhere:
         raise NameUnknown(f"repository {route.client_name} is unknown") from None
-    body = await _read(upstream, response)
+    document = _tag_list(await _read(upstream, response), upstream)
     link = header(response, "Link")
     if link:
         target = re.match(r"\s*<([^>]*)>", link)
@@ -78,11 +78,41 @@ async def tags(request: Request, route: Route) -> None:
         # last: paginate their full list here, as the spec describes
         # (n is optional with last).
         limit = None if n is None else int(n)
-        body, following_last = _paginate(body, limit, last)
+        document, following_last = _paginate(document, limit, last)
         if n is not None and following_last is not None:
             following = {"n": n, "last": following_last}
             request.setHeader("Link", _next_link(request, route, following))
-    write_body(request, "application/json", body)
+    _write_json(request, "application/json", document)
+
+
+def _tag_list(body: bytes, upstream: Upstream) -> dict[str, Any]:
+    """
+    *body* as a tag list: a JSON object whose ``tags``, if any, are strings.
+
+    :raises UpstreamBadGateway: for anything else (a page, a JSON array):
+        only JSON the mirror wrote itself is passed on.
+    """
+    document = load_json(body)
+    tags = document.get("tags") if isinstance(document, dict) else None
+    if not isinstance(document, dict) or not (
+        tags is None
+        or (isinstance(tags, list) and all(isinstance(t, str) for t in tags))
+    ):
+        raise UpstreamBadGateway(
+            f"upstream {upstream.name}'s answer is not a JSON tag list"
+        )
+    return document
+
+
+def _write_json(request: Request, content_type: str, document: Any) -> None:
+    """
+    Answer with *document* as JSON the mirror wrote (ASCII, whatever the
+    upstream's encoding), under *content_type*, never the upstream's type,
+    and not to be sniffed as anything else.
+    """
+    request.setHeader("X-Content-Type-Options", "nosniff")
+    body = json.dumps(document, separators=(",", ":")).encode("ascii")
+    write_body(request, content_type, body)
 
 
 def _next_link(request: Request, route: Route, following: dict[str, str]) -> str:
@@ -96,27 +126,23 @@ def _next_link(request: Request, route: Route, following: dict[str, str]) -> str
     return f'</v2/{route.client_name}/tags/list?{urlencode(following)}>; rel="next"'
 
 
-def _paginate(body: bytes, n: int | None, last: str | None) -> tuple[bytes, str | None]:
+def _paginate(
+    document: dict[str, Any], n: int | None, last: str | None
+) -> tuple[dict[str, Any], str | None]:
     """
-    Cut a full tag list to the page after *last* (all of it without) of at
-    most *n* tags (no limit without).
+    Cut a full tag list (see :func:`_tag_list`) to the page after *last*
+    (all of it without) of at most *n* tags (no limit without).
 
-    :return: the page's body, and the ``last`` of the next page if any.
+    :return: the page, and the ``last`` of the next page if any.
     """
-    try:
-        document = load_json(body)
-        names = sorted(str(t) for t in document.get("tags") or [])
-    except (ValueError, AttributeError, TypeError):
-        return body, None
+    names = sorted(document.get("tags") or [])
     if last is not None:
         names = [t for t in names if t > last]
     if n is None:
-        document["tags"] = names
-        return json.dumps(document).encode("utf-8"), None
+        return {**document, "tags": names}, None
     more = len(names) > n
-    document["tags"] = names[:n]
     following = names[n - 1] if more and n > 0 else None
-    return json.dumps(document).encode("utf-8"), following
+    return {**document, "tags": names[:n]}, following
 
 
 # -- referrers ----------------------------------------------------------------
@@ -143,20 +169,20 @@ async def referrers(
     else:
         upstream, response = answer
         body = await _read(upstream, response)
-        entries = _index_entries(body, f"upstream {upstream.name}'s referrers")
+        document = _index(body, f"upstream {upstream.name}'s referrers")
+        entries = _entries(document)
         applied = header(response, "OCI-Filters-Applied") or ""
         filters = {f.strip().lower() for f in applied.split(",")}
         if artifact_type is None or "artifacttype" in filters:
             if applied:
                 request.setHeader("OCI-Filters-Applied", applied)
-            write_body(request, OCI_INDEX, body)
+            _write_json(request, OCI_INDEX, document)
             return
     if artifact_type is not None:
         entries = [e for e in entries if e.get("artifactType") == artifact_type]
         request.setHeader("OCI-Filters-Applied", "artifactType")
     document = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
-    body = json.dumps(document, separators=(",", ":")).encode("utf-8")
-    write_body(request, OCI_INDEX, body)
+    _write_json(request, OCI_INDEX, document)
 
 
 async def _tagged_referrers(
@@ -183,7 +209,7 @@ async def _tagged_referrers(
         ) from None
     if index.media_type not in INDEX_TYPES:
         raise UpstreamBadGateway(f"{what} names a {index.media_type}, not an index")
-    return _index_entries(index.body, what)
+    return _entries(_index(index.body, what))
 
 
 async def _referrers_api(
@@ -209,9 +235,9 @@ async def _referrers_api(
         return None
 
 
-def _index_entries(body: bytes, what: str) -> list[dict[str, Any]]:
+def _index(body: bytes, what: str) -> dict[str, Any]:
     """
-    The descriptors listed by an index document.
+    *body* as an index document: a JSON object listing ``manifests``.
 
     :raises UpstreamBadGateway: when *body* (named *what*) is no index.
     """
@@ -219,7 +245,13 @@ def _index_entries(body: bytes, what: str) -> list[dict[str, Any]]:
     entries = document.get("manifests") if isinstance(document, dict) else None
     if not isinstance(entries, list):
         raise UpstreamBadGateway(f"{what} is not an image index")
-    return [entry for entry in entries if isinstance(entry, dict)]
+    assert isinstance(document, dict)
+    return document
+
+
+def _entries(index: dict[str, Any]) -> list[dict[str, Any]]:
+    """The descriptors an index (see :func:`_index`) lists."""
+    return [entry for entry in index["manifests"] if isinstance(entry, dict)]
 
 
 async def _read(upstream: Upstream, response: IResponse) -> bytes:
