@@ -233,9 +233,15 @@ class Mirror:
     def start(self, clean: bool = True) -> None:
         """
         Open the cache (see :meth:`Store.open`); join the cluster; look
-        after upstreams marked down (:meth:`Upstream.recover`).
+        after upstreams marked down (:meth:`Upstream.recover`).  With
+        *clean* (the ``twistd`` process, before its workers start), the
+        upstreams' health records are reset too: what an earlier run learnt
+        may not hold for this one's configuration.
         """
         self.store.open(clean)
+        if clean:
+            for upstream in self.upstreams.values():
+                upstream.breaker.reset()
         self._recovery.clock = self.fetcher.clock
         self._recovery.start(RECOVERY_INTERVAL, now=False).addErrback(
             lambda failure: log.failure("upstream recovery stopped", failure)
@@ -260,6 +266,8 @@ class Mirror:
         """Leave the cluster (its leases go at once, not at expiry)."""
         if self._recovery.running:
             self._recovery.stop()
+        for upstream in self.upstreams.values():
+            upstream.breaker.close()
         if self.coordinator is not None:
             await self.coordinator.stop()
 
@@ -302,10 +310,11 @@ class Mirror:
         now = self.fetcher.clock.seconds()
 
         def upstream(u: Upstream) -> dict[str, Any]:
+            health = u.breaker.health()
             return {
                 "name": u.name,
-                "down": u.breaker.opened > 0,
-                "retry_in": max(0.0, u.breaker.open_until - now),
+                "down": health.opened > 0,
+                "retry_in": max(0.0, health.open_until - now),
                 "rate_limited": u.backing_off(),
                 "quota": (
                     {"limit": u.rate_limit[0], "remaining": u.rate_limit[1]}
@@ -440,6 +449,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
             agent_for(upstream, reactor, connections),
             reactor,
             deny=config.server.deny_hosts,
+            health_record=os.path.join(config.cache.directory, "health", name),
         )
         for name, upstream in config.upstreams.items()
     }

@@ -282,16 +282,18 @@ class Upstream:
     :ivar clock: for timeouts, token lifetimes and back-off.
     :ivar rate_limit: the last ``(limit, remaining)`` pull quota the
         upstream announced (Docker Hub's ``RateLimit-*`` headers).
-    :ivar backoff_until: when a 429 lets this upstream be asked again.
+    :ivar health_record: the file where every process using it keeps this
+        upstream's breaker and 429 back-off (``None``: this object keeps
+        them in memory); see :class:`Breaker`.
     """
 
     config: UpstreamConfig
     agent: IAgent
     clock: IReactorTime
     rate_limit: tuple[int, int] | None = None
-    backoff_until: float = 0.0
     #: hosts redirects and token realms may not lead to
     deny: tuple[Network | str, ...] = DEFAULT_DENY
+    health_record: str | None = None
     breaker: Breaker = field(init=False)
     _tokens: Tokens = field(init=False)
     _token_flight: SingleFlight[str, str] = field(factory=SingleFlight)
@@ -301,7 +303,10 @@ class Upstream:
 
     def __attrs_post_init__(self) -> None:
         self.breaker = Breaker(
-            self.clock, self.config.breaker_failures, self.config.breaker_backoff
+            self.clock,
+            self.config.breaker_failures,
+            self.config.breaker_backoff,
+            record=self.health_record,
         )
         self._tokens = Tokens(self.clock)
 
@@ -330,16 +335,15 @@ class Upstream:
         """
         While the breaker is open, ask ``/v2/`` once per ``breaker_backoff``
         (not the doubled back-off of client requests: this costs no client
-        a failed attempt).  Any answer but a 5xx or 429 closes the breaker,
-        so an upstream that came back is used again, and readiness returns,
-        even while no client asks for anything (a load balancer sends none
-        to a node it took out).  A failed look leaves the breaker as it is.
+        a failed attempt), by one process of all that share the breaker.
+        Any answer but a 5xx or 429 closes the breaker, so an upstream that
+        came back is used again, and readiness returns, even while no client
+        asks for anything (a load balancer sends none to a node it took
+        out).  A failed look leaves the breaker as it is.
         """
         breaker = self.breaker
-        now = self.clock.seconds()
-        if breaker.opened == 0 or now < breaker.looked_at + self.config.breaker_backoff:
+        if not breaker.look(self.config.breaker_backoff):
             return
-        breaker.looked_at = now
         try:
             response = await self.request("GET", "")
         except UpstreamFailure as failure:
@@ -357,8 +361,7 @@ class Upstream:
 
     def backing_off(self) -> float | None:
         """Seconds left of a 429 back-off, or ``None``."""
-        left = self.backoff_until - self.clock.seconds()
-        return left if left > 0 else None
+        return self.breaker.backing_off()
 
     async def request(
         self,
@@ -448,7 +451,7 @@ class Upstream:
         if response.code == 429:
             wait = retry_after(response)
             wait = DEFAULT_BACKOFF if wait is None else min(wait, MAX_BACKOFF)
-            self.backoff_until = self.clock.seconds() + wait
+            self.breaker.rate_limited(self.clock.seconds() + wait)
             self.log.warn(
                 "upstream {upstream} is rate limiting (429): not asking it for {wait}s",
                 upstream=self.name,
