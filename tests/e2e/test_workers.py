@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,10 +32,12 @@ from .harness import (
     free_port,
     http_request,
     mirror_config,
+    mirror_config_upstreams,
     poll_until,
     port_is_free,
 )
 from .images import Catalog
+from .servers import FakeUpstream
 
 pytestmark = pytest.mark.e2e
 
@@ -315,3 +318,75 @@ def test_worker_ends_when_its_parent_is_killed(
         mirror.stop()
         if worker is not None and alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def blob_then_pid(port: int, digest: str) -> tuple[int, int]:
+    """A GET of blob *digest*, then ``/_status.json`` on the same connection
+    (so from the same process): the blob's status and that process's pid."""
+    connection = http.client.HTTPConnection(LOCALHOST, port, timeout=30)
+    try:
+        connection.request("GET", f"/v2/test/none/blobs/{digest}")
+        response = connection.getresponse()
+        response.read()
+        connection.request("GET", "/_status.json")
+        status = json.loads(connection.getresponse().read())
+        return response.status, int(status["pid"])
+    finally:
+        connection.close()
+
+
+def test_upstream_health_is_one_for_every_process(
+    tmp_path: Path,
+    start_program: Callable[[FakeUpstream], FakeUpstream],
+    start_mirror: Callable[..., MirrorProcess],
+) -> None:
+    """
+    With ``workers = 3``, upstreams ``dead`` (every answer a 503, marked
+    down at the first: ``breaker_failures = 1``, ``breaker_backoff = 60s``),
+    ``throttled`` (every answer a 429 with ``Retry-After: 60``) and the
+    origin: blob requests on separate connections, each process answering
+    several, cost ``dead`` two requests machine-wide (the one that marked it
+    down and one recovery look) and ``throttled`` one, not that many per
+    process; one process logs ``dead`` marked down.
+    """
+    dead = start_program(FakeUpstream(tmp_path / "dead", status=503))
+    throttled = start_program(
+        FakeUpstream(tmp_path / "throttled", status=429, retry_after="60")
+    )
+    origin = start_program(FakeUpstream(tmp_path / "origin"))
+    mirror = start_mirror(
+        lambda port: mirror_config_upstreams(
+            port,
+            {
+                "dead": {
+                    "url": dead.url,
+                    "breaker_failures": "1",
+                    "breaker_backoff": "60s",
+                },
+                "throttled": {"url": throttled.url},
+                "origin": {"url": origin.url},
+            },
+            origin="origin",
+        ).replace("[cache]", "workers = 3\n\n[cache]")
+    )
+    poll_until(
+        lambda: len(re.findall(r"worker \d+ serving", mirror.log())) == 2,
+        timeout=30,
+        describe=mirror.log,
+    )
+    started = time.monotonic()
+    served: dict[int, int] = {}
+    for number in range(400):
+        digest = "sha256:" + hashlib.sha256(b"nowhere %d" % number).hexdigest()
+        status, pid = blob_then_pid(mirror.port, digest)
+        assert status in (404, 429, 502, 503), status
+        served[pid] = served.get(pid, 0) + 1
+        # A recovery look runs within a second of the breaker opening.
+        enough = len(served) == 3 and min(served.values()) >= 5
+        if enough and time.monotonic() - started > 3:
+            break
+    assert len(served) == 3 and min(served.values()) >= 5, served
+    assert len(dead.records()) == 2, (served, dead.records())
+    assert [r["path"] for r in dead.records()][1] == "/v2/"
+    assert len(throttled.records()) == 1, (served, throttled.records())
+    assert len(re.findall(r"upstream dead marked down", mirror.log())) == 1
