@@ -116,14 +116,30 @@ class NamespaceConfig:
 DEFAULT_LISTEN: tuple[str, ...] = ("tcp:5000",)
 
 
-#: Where an upstream's redirects and token realms may never send the mirror:
-#: link-local addresses (cloud metadata services live there) and the names
-#: of well-known metadata services.
+#: Where an upstream's redirects and token realms may never send the mirror
+#: (its own host excepted): the mirror's own machine (loopback, "this
+#: host"), the networks around it (RFC 1918, unique local and site-local
+#: IPv6, the shared address space of RFC 6598), link-local addresses (cloud
+#: metadata services live there: 169.254.169.254, fd00:ec2::254,
+#: 100.100.100.200 are all inside) and the names of metadata services.
 DEFAULT_DENY: tuple[Network | str, ...] = (
-    ipaddress.ip_network("169.254.0.0/16"),
-    ipaddress.ip_network("fe80::/10"),
-    ipaddress.ip_network("fd00:ec2::254/128"),
-    ipaddress.ip_network("100.100.100.200/32"),
+    *(
+        ipaddress.ip_network(network)
+        for network in (
+            "0.0.0.0/8",
+            "10.0.0.0/8",
+            "100.64.0.0/10",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "::/128",
+            "::1/128",
+            "fc00::/7",
+            "fe80::/10",
+            "fec0::/10",
+        )
+    ),
     "metadata.google.internal",
     "metadata",
 )

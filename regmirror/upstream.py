@@ -523,19 +523,27 @@ class Upstream:
             raise UpstreamFailure(self.name, "invalid", _describe(e)) from None
         return response
 
-    def _refuse_denied(self, url: str, how: str) -> None:
+    def _refuse_denied(self, url: str, how: str, listed: tuple[str, ...] = ()) -> None:
         """
-        :raises UpstreamFailure: when *url*'s host is on the deny list (cloud
-            metadata services and the like): an upstream may not send the
-            mirror there.
+        :raises UpstreamFailure: when *url*'s host is on the deny list
+            (loopback, private networks, cloud metadata services and the
+            like, however the address is spelled), unless it is the
+            upstream's own host or among *listed*: an upstream may not send
+            the mirror anywhere else on its own machine or networks.
         """
-        host = (urlsplit(url).hostname or "").lower().rstrip(".")
+        try:
+            host = (urlsplit(url).hostname or "").lower().rstrip(".")
+        except ValueError:
+            raise UpstreamFailure(self.name, "invalid", f"{how} to a bad URL") from None
+        if host in listed or self._is_own_host(host):
+            return
         addresses = _as_addresses(host)
         if addresses:
+            inside = [embedded for a in addresses for embedded in _embedded(a)]
             denied = any(
                 not isinstance(entry, str) and address in entry
                 for entry in self.deny
-                for address in addresses
+                for address in addresses + inside
             )
         else:
             denied = host in self.deny
@@ -547,6 +555,18 @@ class Upstream:
                 host=host,
             )
             raise UpstreamFailure(self.name, "invalid", f"{how} to a denied host")
+
+    def _is_own_host(self, host: str) -> bool:
+        """
+        Whether *host* is the one the upstream's URL names: the same name,
+        or the same address however it is spelled (``localhost`` stands
+        for ``127.0.0.1`` and ``::1``).
+        """
+        own = self.config.host.lower().rstrip(".")
+        if host == own:
+            return True
+        mine = {_identity(a) for a in _as_addresses(own)}
+        return any(_identity(a) in mine for a in _as_addresses(host))
 
     def _may_receive_credentials(self, realm_host: str) -> bool:
         """Credentials go only to the upstream's own site or allowed realms."""
@@ -579,7 +599,7 @@ class Upstream:
                 realm=urlsplit(realm).hostname,
             )
             raise UpstreamFailure(self.name, "invalid", "token realm is plain http")
-        self._refuse_denied(realm, "sent for a token")
+        self._refuse_denied(realm, "sent for a token", self.config.token_realms)
         query = {"service": challenge.params.get("service", "")}
         query["scope"] = challenge.params.get("scope", scope)
         url = realm + ("&" if "?" in realm else "?") + urlencode(query)
@@ -651,14 +671,25 @@ def _is_address(host: str) -> bool:
     return True
 
 
-def _as_addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: Loopback by definition, whatever a resolver is told (RFC 6761).
+_LOCALHOST = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+#: IPv6 prefixes whose last 32 bits are an IPv4 address a connection may
+#: end up at: IPv4-compatible (deprecated) and NAT64's well-known prefix.
+_EMBEDDING = (ipaddress.ip_network("::/96"), ipaddress.ip_network("64:ff9b::/96"))
+
+
+def _as_addresses(host: str) -> list[Address]:
     """
     The addresses a host name written as an address stands for, however it
     is spelled: ``169.254.169.254``, ``2852039166``, ``0xa9fea9fe``,
     ``0251.0376.0251.0376``, ``169.254.43518`` (resolvers accept all of
-    them), ``[::ffff:169.254.169.254]`` (also its IPv4 form).  Empty for a
+    them), ``[::ffff:169.254.169.254]`` (also its IPv4 form); ``localhost``
+    and names under it are ``127.0.0.1`` and ``::1``.  Empty for any other
     name.
     """
+    if host == "localhost" or host.endswith(".localhost"):
+        return list(_LOCALHOST)
     try:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -668,6 +699,31 @@ def _as_addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Addre
             return []
     mapped = getattr(address, "ipv4_mapped", None)
     return [address, mapped] if mapped is not None else [address]
+
+
+def _embedded(address: Address) -> list[Address]:
+    """
+    IPv4 addresses an IPv6 *address* leads to by way of a translator or a
+    tunnel (IPv4-compatible, NAT64, 6to4, Teredo's client).
+    """
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    found: list[Address] = []
+    if any(address in prefix for prefix in _EMBEDDING):
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if address.teredo is not None:
+        found.append(address.teredo[1])
+    return found
+
+
+def _identity(address: Address) -> tuple[int, int]:
+    """An address as a host to connect to: IPv4-mapped as IPv4, no zone."""
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        address = mapped
+    return address.version, int(address)
 
 
 def _scope_for(path: str) -> str:
