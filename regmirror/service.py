@@ -32,13 +32,14 @@ from regmirror import nodes
 from regmirror.access.gate import Gate
 from regmirror.access.tokens import shared_key
 from regmirror.cluster import Coordinator
-from regmirror.config import ClusterConfig, Config, ConfigError, S3Config, load
+from regmirror.config import ClusterConfig, Config, ConfigError, S3Config
 from regmirror.fetch import Fetcher
 from regmirror.http.api import RegistryAPI
 from regmirror.http.channel import listener_factory
 from regmirror.http.health import Health, Root
 from regmirror.http.site import MirrorSite
 from regmirror.http.token import TokenResource
+from regmirror.ini import load
 from regmirror.listeners import Adopt, Bind, BoundListener, Inherited, Listeners
 from regmirror.metrics import Metrics, MetricsResource, View, gauge, total
 from regmirror.nodes import Peers

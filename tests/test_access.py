@@ -37,8 +37,10 @@ from twisted.logger import LogEvent, Logger, LogPublisher
 from regmirror.access.gate import Gate
 from regmirror.access.htpasswd import Htpasswd
 from regmirror.access.tokens import Tokens, shared_key
-from regmirror.config import EVERYONE, AccessConfig, ConfigError, load, parse_networks
+from regmirror.config import EVERYONE, AccessConfig, ConfigError
 from regmirror.errors import TooManyRequests
+from regmirror.ini import load
+from regmirror.ini_values import parse_networks
 
 ALICE, PASSWORD = "alice", "correct horse"
 

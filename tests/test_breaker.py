@@ -20,7 +20,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent
 
 from regmirror.breaker import Breaker
-from regmirror.config import UpstreamConfig, load
+from regmirror.config import UpstreamConfig
+from regmirror.ini import load
 from regmirror.service import Mirror, build_mirror
 from regmirror.upstream import DEFAULT_BACKOFF, Upstream
 

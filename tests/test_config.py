@@ -1,6 +1,7 @@
 """
-Tests for :mod:`regmirror.config`: reading the INI file into frozen values,
-and one-line errors that name the file, the section and the key.
+Tests for :mod:`regmirror.ini` and :mod:`regmirror.config`: reading the INI
+file into frozen values, and one-line errors that name the file, the section
+and the key.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from regmirror.config import (
-    DEFAULT_LISTEN,
-    ConfigError,
-    load,
+from regmirror.config import DEFAULT_LISTEN, ConfigError
+from regmirror.ini import load
+from regmirror.ini_values import (
     parse_duration,
     parse_upstream_url,
     resolve_endpoint_paths,

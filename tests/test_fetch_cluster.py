@@ -41,8 +41,9 @@ from zope.interface import implementer
 from regmirror import cluster, nodes
 from regmirror._attempts import MAX_FRUITLESS
 from regmirror.cluster import Coordinator, Lease
-from regmirror.config import Secret, load
+from regmirror.config import Secret
 from regmirror.download import Download
+from regmirror.ini import load
 from regmirror.nodes import Peers
 from regmirror.reference import OCI_MANIFEST, Digest, parse_digest
 from regmirror.s3.location import S3Location

@@ -30,8 +30,9 @@ from twisted.logger import LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
-from regmirror.config import AccessConfig, parse_networks
+from regmirror.config import AccessConfig
 from regmirror.http.site import MirrorSite
+from regmirror.ini_values import parse_networks
 
 #: Statuses the mirror may answer with (README, "Errors"); a 500 would be
 #: an internal error, i.e. a bug.

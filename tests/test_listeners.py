@@ -29,9 +29,9 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from regmirror.config import load
 from regmirror.http.channel import PlainHTTPFactory
 from regmirror.http.site import MirrorSite
+from regmirror.ini import load
 from regmirror.listeners import Inherited
 from regmirror.service import Worker, build_tree, make_service
 from regmirror.transport import ReloadableTLS

@@ -13,7 +13,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
-from regmirror.config import UpstreamConfig, load
+from regmirror.config import UpstreamConfig
+from regmirror.ini import load
 from regmirror.service import build_mirror
 from regmirror.upstream import Upstream
 

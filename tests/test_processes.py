@@ -33,7 +33,8 @@ from twisted.test.iosim import FakeTransport, IOPump, connect
 
 from regmirror import cluster, service
 from regmirror.cluster import Coordinator, Lease
-from regmirror.config import Config, load
+from regmirror.config import Config
+from regmirror.ini import load
 from regmirror.listeners import AdoptedListener, BoundListener, Inherited
 from regmirror.metrics import combine, export, revive, total
 from regmirror.reference import Digest

@@ -1,0 +1,411 @@
+"""
+The INI configuration file read into :mod:`regmirror.config`'s frozen
+values, a section at a time; every problem is a
+:class:`~regmirror.config.ConfigError` naming the file, the section and
+the key.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from regmirror.config import (
+    DEFAULT_DENY,
+    DEFAULT_LISTEN,
+    EVERYONE,
+    FORWARDED_HEADERS,
+    AccessConfig,
+    CacheConfig,
+    ClusterConfig,
+    Config,
+    ConfigError,
+    NamespaceConfig,
+    S3Config,
+    Secret,
+    ServerConfig,
+    UpstreamConfig,
+)
+from regmirror.ini_values import (
+    existing_file,
+    list_of,
+    one_of,
+    parse_bool,
+    parse_bucket,
+    parse_deny,
+    parse_duration,
+    parse_hostname,
+    parse_networks,
+    parse_proxy_url,
+    parse_redis_url,
+    parse_size,
+    parse_upstream_url,
+    positive,
+    positive_int,
+    resolve_endpoint_paths,
+    words,
+)
+
+T = TypeVar("T")
+_SECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class _Reader:
+    """Reads one section's keys, turning every problem into a ConfigError."""
+
+    def __init__(self, path: str, parser: configparser.ConfigParser, section: str):
+        self.path = path
+        self.section = section
+        self.values = dict(parser.items(section))
+        self.used: set[str] = set()
+        self.finished = False
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        return ConfigError(self.path, self.section, key, message)
+
+    def get(
+        self,
+        key: str,
+        convert: Callable[[str], T],
+        default: T | None = None,
+        required: bool = False,
+    ) -> T:
+        # A key read after finish() would be refused as unknown first.
+        assert not self.finished, f"[{self.section}] {key} read after finish()"
+        self.used.add(key)
+        raw = self.values.get(key)
+        if raw is None or raw.strip() == "":
+            if required:
+                raise self.error(key, "is required")
+            return default  # type: ignore[return-value]
+        try:
+            return convert(raw)
+        except ValueError as e:
+            raise self.error(key, str(e)) from None
+
+    def reject(self, key: str, message: str) -> None:
+        if key in self.values:
+            raise self.error(key, message)
+
+    def finish(self) -> None:
+        self.finished = True
+        for key in self.values:
+            if key not in self.used:
+                raise self.error(key, "unknown key")
+
+
+def load(path: str) -> Config:
+    """
+    Read and validate the configuration file at *path*.
+
+    :raises ConfigError: for any problem, naming file, section and key.
+    """
+    path = os.path.abspath(path)
+    base = os.path.dirname(path)
+    parser = configparser.ConfigParser(interpolation=None, default_section="\x00")
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError(path, None, None, f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, None, f"not UTF-8 text: {e.reason}") from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(path, e.section, e.option, "given twice") from None
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(path, e.section, None, "section given twice") from None
+    except configparser.Error as e:
+        message = str(e).splitlines()[0]
+        raise ConfigError(path, None, None, message) from None
+
+    upstreams: dict[str, UpstreamConfig] = {}
+    namespace_sections: list[tuple[str, _Reader]] = []
+    server = ServerConfig()
+    cache: CacheConfig | None = None
+    access: AccessConfig | None = None
+    cluster: ClusterConfig | None = None
+
+    for section in parser.sections():
+        kind, colon, name = section.partition(":")
+        reader = _Reader(path, parser, section)
+        if colon and kind in ("upstream", "namespace"):
+            if kind == "upstream" and _SECTION_NAME.fullmatch(name) is None:
+                raise reader.error(None, f"bad upstream name {name!r}")
+            if kind == "upstream":
+                upstreams[name] = _upstream(reader, name, base)
+            else:
+                namespace_sections.append((name, reader))
+        elif section == "server":
+            server = _server(reader, base)
+        elif section == "cache":
+            cache = _cache(reader, base)
+        elif section == "access":
+            access = _access(reader, base)
+        elif section == "cluster":
+            cluster = _cluster(reader, base)
+        else:
+            raise reader.error(None, "unknown section")
+
+    if cache is None:
+        raise ConfigError(path, "cache", "directory", "is required")
+    namespaces = tuple(
+        _namespace(reader, name, upstreams) for name, reader in namespace_sections
+    )
+    _check_namespaces(path, namespaces)
+    if cache.s3 is not None and cache.s3.max_size is not None and cluster is None:
+        raise ConfigError(
+            path,
+            "cache",
+            "s3_max_size",
+            "needs a [cluster] section (the bucket's index lives in its Redis)",
+        )
+    return Config(path, server, cache, upstreams, namespaces, access, cluster)
+
+
+def _server(reader: _Reader, base: str) -> ServerConfig:
+    listen: tuple[str, ...] = tuple(
+        resolve_endpoint_paths(desc, base)
+        for desc in reader.get("listen", words, DEFAULT_LISTEN)
+    )
+    metrics_listen: tuple[str, ...] = tuple(
+        resolve_endpoint_paths(desc, base)
+        for desc in reader.get("metrics_listen", words, tuple[str, ...]())
+    )
+    workers = reader.get("workers", positive_int, 1)
+    if workers > 64:
+        raise reader.error("workers", "at most 64")
+    deny_hosts = reader.get("deny_hosts", parse_deny, DEFAULT_DENY)
+    reader.finish()
+    return ServerConfig(
+        listen=listen,
+        workers=workers,
+        metrics_listen=metrics_listen,
+        deny_hosts=deny_hosts,
+    )
+
+
+def _cache(reader: _Reader, base: str) -> CacheConfig:
+    directory = reader.get("directory", str, required=True).strip()
+    directory = os.path.normpath(os.path.join(base, directory))
+    tag_ttl = reader.get("tag_ttl", parse_duration, 60.0)
+    max_size = reader.get("max_size", parse_size, None)
+    min_free = reader.get("min_free", parse_size, None)
+    max_blob_size = reader.get("max_blob_size", parse_size, 64 * 1024**3)
+    backend = reader.get("backend", one_of("local", "s3"), "local")
+    s3 = _s3(reader, base) if backend == "s3" else None
+    if s3 is None:
+        for key in reader.values:
+            if key.startswith("s3_") or key in ("redirect", "redirect_ttl"):
+                raise reader.error(key, "needs backend = s3")
+    reader.finish()
+    return CacheConfig(
+        directory=directory,
+        tag_ttl=tag_ttl,
+        max_size=max_size,
+        min_free=min_free,
+        max_blob_size=max_blob_size,
+        s3=s3,
+    )
+
+
+def _s3(reader: _Reader, base: str) -> S3Config:
+    access_key = _secret(reader, "s3_access_key", base)
+    secret_key = _secret(reader, "s3_secret_key", base)
+    if access_key is None:
+        raise reader.error(
+            "s3_access_key_file", "is required (or s3_access_key_env, s3_access_key)"
+        )
+    if secret_key is None:
+        raise reader.error(
+            "s3_secret_key_file", "is required (or s3_secret_key_env, s3_secret_key)"
+        )
+    return S3Config(
+        endpoint=reader.get("s3_endpoint", parse_upstream_url, required=True),
+        bucket=reader.get("s3_bucket", parse_bucket, required=True),
+        region=reader.get("s3_region", str, "us-east-1").strip(),
+        access_key=access_key,
+        secret_key=secret_key,
+        addressing=reader.get("s3_addressing", one_of("path", "virtual"), "path"),
+        max_size=reader.get("s3_max_size", parse_size, None),
+        redirect=reader.get("redirect", parse_bool, False),
+        redirect_ttl=reader.get("redirect_ttl", positive(parse_duration), 600.0),
+    )
+
+
+def _cluster(reader: _Reader, base: str) -> ClusterConfig:
+    positive_duration = positive(parse_duration)
+    cluster = ClusterConfig(
+        redis=reader.get("redis", parse_redis_url, required=True),
+        advertise=reader.get("advertise", parse_upstream_url, required=True),
+        redis_password=_secret(reader, "redis_password", base),
+        lease_ttl=reader.get("lease_ttl", positive_duration, 5.0),
+        redis_timeout=reader.get("redis_timeout", positive_duration, 1.0),
+    )
+    reader.finish()
+    return cluster
+
+
+def _access(reader: _Reader, base: str) -> AccessConfig:
+    path = existing_file(base)
+
+    access = AccessConfig(
+        anonymous=reader.get("anonymous", parse_networks, EVERYONE),
+        htpasswd=reader.get("htpasswd", path, None),
+        trusted_proxies=reader.get("trusted_proxies", parse_networks, ()),
+        token_ttl=reader.get("token_ttl", positive(parse_duration), 300.0),
+        forwarded_header=reader.get(
+            "forwarded_header", one_of(*FORWARDED_HEADERS), FORWARDED_HEADERS[0]
+        ),
+    )
+    reader.finish()
+    return access
+
+
+def _upstream(reader: _Reader, name: str, base: str) -> UpstreamConfig:
+    positive_duration = positive(parse_duration)
+
+    path = existing_file(base)
+
+    username = reader.get("username", str, None)
+    password = _secret(reader, "password", base)
+    token = _secret(reader, "token", base)
+    if password is not None and not username:
+        raise reader.error("password", "needs a username")
+    if username and password is None:
+        raise reader.error("username", "needs password, password_file or password_env")
+    if token is not None and username:
+        raise reader.error("token", "give either username and password, or token")
+    client_cert = reader.get("client_cert", path, None)
+    client_key = reader.get("client_key", path, None)
+    if client_key is not None and client_cert is None:
+        raise reader.error("client_key", "needs client_cert")
+    upstream = UpstreamConfig(
+        name=name,
+        url=reader.get("url", parse_upstream_url, required=True),
+        connect_timeout=reader.get("connect_timeout", positive_duration, 10.0),
+        response_timeout=reader.get("response_timeout", positive_duration, 30.0),
+        idle_timeout=reader.get("idle_timeout", positive_duration, 60.0),
+        username=username.strip() if username else None,
+        password=password,
+        token=token,
+        token_realms=reader.get("token_realms", list_of(parse_hostname), ()),
+        ca_file=reader.get("ca_file", path, None),
+        client_cert=client_cert,
+        client_key=client_key,
+        insecure=reader.get("insecure", parse_bool, False),
+        proxy=reader.get("proxy", parse_proxy_url, None),
+        breaker_failures=reader.get("breaker_failures", positive_int, 3),
+        breaker_backoff=reader.get("breaker_backoff", positive_duration, 30.0),
+    )
+    reader.finish()
+    return upstream
+
+
+def _secret(reader: _Reader, key: str, base: str) -> Secret | None:
+    """
+    A secret given one of three ways: ``KEY`` inline, ``KEY_file`` (a path,
+    e.g. a systemd credential or a mounted Kubernetes secret) or ``KEY_env``
+    (the name of an environment variable).
+    """
+    given = [k for k in (key, f"{key}_file", f"{key}_env") if k in reader.values]
+    if len(given) > 1:
+        raise reader.error(given[1], f"give only one of {', '.join(given)}")
+    if not given:
+        return None
+    chosen = given[0]
+    raw = reader.get(chosen, str, required=True).strip()
+    if chosen.endswith("_file"):
+        location = os.path.join(base, raw)
+        try:
+            with open(location, encoding="utf-8") as f:
+                value = f.read().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise reader.error(chosen, f"cannot read {location}: {e}") from None
+    elif chosen.endswith("_env"):
+        value = os.environ.get(raw, "")
+        if not value:
+            raise reader.error(chosen, f"environment variable {raw} is not set")
+    else:
+        value = raw
+    if not value:
+        raise reader.error(chosen, "is empty")
+    return Secret(value)
+
+
+def _namespace(
+    reader: _Reader, name: str, upstreams: dict[str, UpstreamConfig]
+) -> NamespaceConfig:
+    try:
+        name = parse_hostname(name)
+    except ValueError as e:
+        raise reader.error(
+            None, f"namespace must be a registry host name: {e}"
+        ) from None
+    listed = reader.get("upstreams", words, required=True)
+    for upstream in listed:
+        if upstream not in upstreams:
+            raise reader.error("upstreams", f"no [upstream:{upstream}] section")
+    if len(set(listed)) != len(listed):
+        raise reader.error("upstreams", "an upstream is listed twice")
+    origin = reader.get("origin", str, listed[-1]).strip()
+    if origin not in listed:
+        raise reader.error("origin", f"{origin!r} is not in this namespace's upstreams")
+    aliases: tuple[str, ...] = reader.get("aliases", list_of(parse_hostname), ())
+    namespace = NamespaceConfig(
+        name=name,
+        upstreams=listed,
+        origin=origin,
+        default=reader.get("default", parse_bool, False),
+        aliases=aliases,
+        hosts=reader.get("hosts", list_of(parse_hostname), tuple[str, ...]()),
+        library=reader.get("library", parse_bool, "docker.io" in (name, *aliases)),
+        origin_unreachable=reader.get(
+            "origin_unreachable", one_of("freshest", "cache", "fail"), "freshest"
+        ),
+        max_stale=reader.get("max_stale", parse_duration, 7 * 86400.0),
+        anonymous=reader.get("anonymous", parse_networks, None),
+    )
+    reader.finish()
+    return namespace
+
+
+def _check_namespaces(path: str, namespaces: Iterable[NamespaceConfig]) -> None:
+    seen: dict[str, str] = {}
+    hosts: dict[str, str] = {}
+    defaults = []
+    for ns in namespaces:
+        section = f"namespace:{ns.name}"
+        for alias in (ns.name, *ns.aliases):
+            if alias in seen:
+                raise ConfigError(
+                    path,
+                    section,
+                    "aliases",
+                    f"{alias!r} is also [namespace:{seen[alias]}]",
+                )
+            seen[alias] = ns.name
+        for host in ns.hosts:
+            if host in hosts:
+                raise ConfigError(
+                    path,
+                    section,
+                    "hosts",
+                    f"{host!r} is also in [namespace:{hosts[host]}]",
+                )
+            hosts[host] = ns.name
+        if ns.default:
+            defaults.append(ns.name)
+    if not seen:
+        raise ConfigError(path, None, None, "no [namespace:NAME] section")
+    if not defaults:
+        raise ConfigError(path, None, None, "no namespace has default = true")
+    if len(defaults) > 1:
+        raise ConfigError(
+            path,
+            f"namespace:{defaults[1]}",
+            "default",
+            f"only one namespace may be the default (also {defaults[0]})",
+        )
