@@ -45,7 +45,8 @@ GAUGE_RULES: dict[str, Callable[[Sequence[float]], float]] = {
     # The cache folder's, which every process reads.
     "regmirror_cache_size_bytes": _first,
     "regmirror_cache_max_size_bytes": _first,
-    # Each process has its own breakers, quotas and Redis connection.
+    # The breakers are the machine's (every process reads one record per
+    # upstream); each process has its own quotas and Redis connection.
     "regmirror_upstream_down": max,
     "regmirror_upstream_ratelimit_remaining": min,
     "regmirror_cluster_coordinator_up": min,
