@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from attrs import define, field
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from attrs import Factory, define, field
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -33,7 +34,7 @@ from twisted.web.iweb import IResponse
 
 from regmirror._flight import SingleFlight
 from regmirror.download import Download
-from regmirror.errors import BlobUnknown, RegistryError
+from regmirror.errors import BlobUnknown, DownloadFailed, RegistryError
 from regmirror.housekeeping import Housekeeping, RunInThread
 from regmirror.metrics import Metrics
 from regmirror.pool import NotFoundAnywhere, UpstreamPool
@@ -43,16 +44,24 @@ from regmirror.siblings import Siblings
 from regmirror.sources import Sources
 from regmirror.store import AlreadyCached, DigestMismatch, SpoolBusy, Store
 from regmirror.upstream import UpstreamFailure
+from regmirror.vouches import Vouches
 
 #: How long a source other than an upstream may stay silent mid-body.
 IDLE_TIMEOUT = 60.0
 #: The largest blob taken from an upstream that does not say its size
 #: (``[cache] max_blob_size``).
 MAX_BLOB_SIZE = 64 * 1024**3
+#: How many times a start goes round again after another process's start
+#: of the same digest (for another namespace, maybe) came to nothing.
+START_ROUNDS = 3
 
 
 class _CannotSpool(Exception):
     """The cache cannot take a new download now."""
+
+
+class _StartAgain(Exception):
+    """Another process's start of the digest came to nothing: try ourselves."""
 
 
 @define(eq=False)
@@ -70,8 +79,23 @@ class Blobs:
     #: runs blocking work (fsync of a finished blob) off the reactor thread
     run_in_thread: RunInThread = maybeDeferred
     max_blob_size: int = MAX_BLOB_SIZE
+    #: which namespaces vouch for which digests
+    vouches: Vouches = field(
+        default=Factory(lambda self: Vouches(self.store), takes_self=True)
+    )
     _running: dict[Digest, Download] = field(factory=dict)
-    _starting: SingleFlight[Digest, Download] = field(factory=SingleFlight)
+    #: the start of a download, one per namespace and digest: where the
+    #: bytes come from (and a 404) is each namespace's own decision
+    _starting: SingleFlight[tuple[str, Digest], Download] = field(factory=SingleFlight)
+    #: digest → those waiting for the start under way in this process
+    #: (of whichever namespace) to end, before they start their own
+    _opening: dict[Digest, list[Deferred[None]]] = field(factory=dict)
+    #: another process's download, followed once however many ask
+    _following: SingleFlight[Digest, Download] = field(factory=SingleFlight)
+    #: a namespace's upstreams asked whether they have a digest, once at a time
+    _confirming: SingleFlight[tuple[str, Digest], int | None] = field(
+        factory=SingleFlight
+    )
     _siblings: Siblings = field(init=False)
     log = Logger()
 
@@ -88,10 +112,14 @@ class Blobs:
     ) -> BlobSource:
         """
         A source for the blob's bytes: the cached file, or a download that
-        this call starts or joins.
+        this call starts or joins.  Whatever another namespace fetched is
+        served through *pool*'s namespace only once it vouches for it
+        (:mod:`regmirror.vouches`): else its upstreams are asked first.
 
-        :raises BlobUnknown: when no upstream has it.
+        :raises BlobUnknown: when no upstream of the namespace has it.
         """
+        if not self.vouches.has(pool.namespace, digest) and self._elsewhere(digest):
+            await self._confirm(pool, repository, digest)
         running = self._running.get(digest)
         if running is not None:
             self._lookup("joined")
@@ -104,11 +132,12 @@ class Blobs:
         async def start() -> Download:
             return await self._start(pool, repository, digest)
 
-        self._lookup("joined" if digest in self._starting else "miss")
+        key = (pool.namespace, digest)
+        self._lookup("joined" if key in self._starting else "miss")
         if not self.store.writable():
             return await self._relay(pool, repository, digest)
         try:
-            download = await self._starting.run(digest, start)
+            download = await self._starting.run(key, start)
         except _CannotSpool:
             return await self._relay(pool, repository, digest)
         except AlreadyCached:
@@ -119,14 +148,73 @@ class Blobs:
             return BlobSource(download.written, download.spool.final_path)
         return BlobSource(download.size, download.spool.path, download)
 
+    def _elsewhere(self, digest: Digest) -> bool:
+        """
+        Is *digest* here already, from whichever namespace: in this cache,
+        or a download under way or starting in this process?  (Then the
+        asking namespace must vouch for it first.  The bucket and the other
+        nodes are asked in :meth:`_open`.)
+        """
+        return (
+            digest in self._running
+            or digest in self._opening
+            or self.store.has_blob(digest)
+        )
+
+    async def _confirm(
+        self, pool: UpstreamPool, repository: str, digest: Digest
+    ) -> int | None:
+        """
+        Ask the namespace's upstreams whether they have *digest* (``HEAD``,
+        once at a time per namespace and digest); if one does, the
+        namespace vouches for it from now on.
+
+        :return: the size the upstream says.
+        :raises BlobUnknown: when none has it.
+        """
+        namespace = pool.namespace
+
+        async def ask() -> int | None:
+            try:
+                size = await pool.blob_size(repository, digest)
+            except NotFoundAnywhere:
+                raise BlobUnknown(
+                    f"blob {digest} is unknown to every upstream of {namespace}"
+                ) from None
+            self._vouched(namespace, digest)
+            return size
+
+        return await self._confirming.run((namespace, digest), ask)
+
+    def _vouched(self, namespace: str, digest: Digest) -> None:
+        """*namespace*'s upstream confirmed *digest*: record it with the
+        content (at once when cached, at the end of a download under way
+        here), else remember it."""
+        running = self._running.get(digest)
+        if running is not None and not running.follower:
+            self.vouches.remember(namespace, digest)
+            running.vouchers.add(namespace)
+        elif self.store.has_blob(digest):
+            self.vouches.add(namespace, [digest])
+        else:
+            self.vouches.remember(namespace, digest)
+
+    async def _vouch(self, pool: UpstreamPool, repository: str, digest: Digest) -> None:
+        """Make sure the namespace vouches for *digest*: asking, if need be."""
+        if not self.vouches.has(pool.namespace, digest):
+            await self._confirm(pool, repository, digest)
+
     async def size(
         self, pool: UpstreamPool, repository: str, digest: Digest
     ) -> int | None:
         """
         The blob's size without downloading it (HEAD).
 
-        :raises BlobUnknown: when no upstream has it.
+        :raises BlobUnknown: when no upstream of the namespace has it.
         """
+        if not self.vouches.has(pool.namespace, digest):
+            # Its own upstreams, not what the bucket knows.
+            return await self._confirm(pool, repository, digest)
         running = self._running.get(digest)
         if running is not None and running.size is not None:
             return running.size
@@ -135,11 +223,16 @@ class Blobs:
             return size
         return await self.sources.size(pool, repository, digest)
 
-    async def redirect(self, digest: Digest) -> str | None:
+    async def redirect(
+        self, pool: UpstreamPool, repository: str, digest: Digest
+    ) -> str | None:
         """
         Where to send a client for a blob that this node's cache does not
-        have (``redirect = true``: to the bucket, if it has the blob), else
-        ``None``.
+        have (``redirect = true``: to the bucket, if it has the blob, and
+        the namespace vouches for it), else ``None``.
+
+        :raises BlobUnknown: when the namespace does not vouch for a blob
+            that the bucket has, nor do its upstreams have it.
         """
         if not self.sources.redirects:
             return None
@@ -147,6 +240,7 @@ class Blobs:
             return None
         location = await self.sources.redirect(digest)
         if location is not None:
+            await self._vouch(pool, repository, digest)
             self._lookup("redirect")
         return location
 
@@ -156,15 +250,8 @@ class Blobs:
         its own download, another worker's.  For the other nodes, so never
         what this node itself takes from another node.
         """
-        flight = self._starting.join(digest)
+        await self._opened(digest)
         running = self._running.get(digest)
-        if running is None and flight is not None:
-            try:
-                running = await flight
-            except CancelledError:
-                raise
-            except Exception:
-                return None
         if running is None:
             size = self.store.blob_size(digest)
             if size is not None:
@@ -172,9 +259,7 @@ class Blobs:
             path = self.store.spool_path(digest)
             if self.store.spool_abandoned(path):
                 return None
-            running = await self._starting.run(
-                digest, lambda: self._siblings.follow(digest, path)
-            )
+            running = await self._follow(digest, path)
         if running.from_peer or running.state == "failed":
             return None
         if running.state == "done":
@@ -189,10 +274,59 @@ class Blobs:
     async def _start(
         self, pool: UpstreamPool, repository: str, digest: Digest
     ) -> Download:
+        """
+        Start the namespace's download of *digest*, or join one that began
+        meanwhile (another namespace's, once this one vouches for it).  A
+        start under way in this process for another namespace is waited
+        for first: if it comes to nothing (a 404 there), this namespace
+        still asks its own sources.
+        """
+        for _ in range(START_ROUNDS):
+            await self._opened(digest)
+            running = self._running.get(digest)
+            if running is not None:
+                await self._vouch(pool, repository, digest)
+                return running
+            waiting: list[Deferred[None]] = []
+            self._opening[digest] = waiting
+            try:
+                return await self._open(pool, repository, digest)
+            except _StartAgain:
+                continue
+            finally:
+                del self._opening[digest]
+                for waiter in waiting:
+                    waiter.callback(None)
+        raise DownloadFailed(f"other processes' downloads of {digest} kept failing")
+
+    async def _opened(self, digest: Digest) -> None:
+        """Return once no start of *digest* is under way in this process."""
+        while digest in self._opening:
+            ended: Deferred[None] = Deferred()
+            self._opening[digest].append(ended)
+            await ended
+
+    async def _follow(self, digest: Digest, path: str) -> Download:
+        """Another process's download of *digest*, followed once."""
+        return await self._following.run(
+            digest, lambda: self._siblings.follow(digest, path)
+        )
+
+    async def _open(
+        self, pool: UpstreamPool, repository: str, digest: Digest
+    ) -> Download:
         try:
             spool = self.store.spool(digest)
         except SpoolBusy as busy:
-            return await self._siblings.follow(digest, busy.path)
+            # Another process downloads it, for whichever namespace.
+            await self._vouch(pool, repository, digest)
+            followed = await self._follow(digest, busy.path)
+            if followed.state == "failed":
+                raise _StartAgain() from None
+            return followed
+        except AlreadyCached:
+            await self._vouch(pool, repository, digest)
+            raise
         except OSError as error:
             self.store.degrade(error)
             raise _CannotSpool() from None
@@ -207,6 +341,17 @@ class Blobs:
             self.sources.dropped(download)
             spool.discard()
             raise
+        if download.upstream is None:
+            # From the bucket or another node, which hold every namespace's
+            # blobs: only for a namespace that vouches for it.
+            try:
+                await self._vouch(pool, repository, digest)
+            except BaseException:
+                response.deliverBody(_Discard())
+                self.sources.dropped(download)
+                spool.discard()
+                raise
+        self.vouches.remember(pool.namespace, digest)
         length = response.length
         download.size = length if isinstance(length, int) else None
         spool.announce(download.size)
@@ -302,6 +447,9 @@ class Blobs:
         def committed(_: None) -> None:
             download.state = "done"
             del self._running[download.digest]
+            assert download.pool is not None, "a follower does not commit"
+            for namespace in {download.pool.namespace, *download.vouchers}:
+                self.vouches.add(namespace, [download.digest])
             self.store.added(download.written)
             self.housekeeping.run()
             self.log.info(
@@ -344,6 +492,13 @@ class Blobs:
         download.state = "failed"
         self._running.pop(download.digest, None)
         download.notify()
+
+
+class _Discard(Protocol):
+    """Takes a body nobody will read: the connection goes at once."""
+
+    def makeConnection(self, transport: Any) -> None:
+        transport.stopProducing()
 
 
 @define(eq=False)

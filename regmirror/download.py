@@ -76,6 +76,9 @@ class Download:
     attempts: Attempts = field(factory=Attempts)
     #: how many times the transfer was resumed after breaking
     resumed: int = 0
+    #: the other namespaces whose upstreams confirmed the digest while it
+    #: downloaded, recorded with it once it is cached
+    vouchers: set[str] = field(factory=set)
     #: bounds how long a reader waits for more bytes; without it, every
     #: append wakes every reader
     clock: IReactorTime | None = None

@@ -8,6 +8,8 @@ each call to its part:
   of its sources (:mod:`regmirror.sources`) that has the bytes, which every
   reader tails (:mod:`regmirror.readers`);
 - manifests by digest (:mod:`regmirror.manifests`);
+- which namespaces vouch for which content (:mod:`regmirror.vouches`),
+  which both of them heed;
 - tags (:mod:`regmirror.tags`): the origin's answers, reused for a while;
 - housekeeping (:mod:`regmirror.housekeeping`): the cache within its limits.
 
@@ -36,6 +38,7 @@ from regmirror.s3.shared import SharedStore
 from regmirror.sources import Leases, Sources, places
 from regmirror.store import Store
 from regmirror.tags import Board, NoBoard, RedisBoard, Tags
+from regmirror.vouches import UNUSED_RECORD_AGE, Vouches
 
 
 class Fetcher:
@@ -97,6 +100,7 @@ class Fetcher:
         self.housekeeping = Housekeeping(
             store, run_in_thread, self.metrics, self.bucket
         )
+        self.vouches = Vouches(store)
         self.blobs = Blobs(
             store,
             clock,
@@ -105,8 +109,9 @@ class Fetcher:
             self.metrics,
             run_in_thread,
             max_blob_size,
+            self.vouches,
         )
-        self.manifests = Manifests(store, self.metrics, self.bucket)
+        self.manifests = Manifests(store, self.metrics, self.vouches, self.bucket)
         board: Board = NoBoard()
         if coordinator is not None and tag_ttl > 0:
             board = RedisBoard(coordinator, clock, tag_ttl)
@@ -141,19 +146,26 @@ class Fetcher:
         """See :meth:`Blobs.size`."""
         return await self.blobs.size(pool, repository, digest)
 
-    async def redirect(self, digest: Digest) -> str | None:
+    async def redirect(
+        self, pool: UpstreamPool, repository: str, digest: Digest
+    ) -> str | None:
         """See :meth:`Blobs.redirect`."""
-        return await self.blobs.redirect(digest)
+        return await self.blobs.redirect(pool, repository, digest)
 
     async def local_blob(self, digest: Digest) -> BlobSource | None:
         """See :meth:`Blobs.local`."""
         return await self.blobs.local(digest)
 
     async def manifest(
-        self, pool: UpstreamPool, repository: str, digest: Digest
+        self,
+        pool: UpstreamPool,
+        repository: str,
+        digest: Digest,
+        *,
+        named: bool = False,
     ) -> Manifest:
         """See :meth:`Manifests.get`."""
-        return await self.manifests.get(pool, repository, digest)
+        return await self.manifests.get(pool, repository, digest, named=named)
 
     async def resolve_tag(
         self, pool: UpstreamPool, repository: str, tag: str
@@ -162,5 +174,12 @@ class Fetcher:
         return await self.tags.resolve(pool, repository, tag)
 
     def housekeep(self) -> None:
-        """See :meth:`Housekeeping.run`."""
+        """See :meth:`Housekeeping.run`; and the records of who vouches for
+        content that never arrived go after a day (in a thread)."""
         self.housekeeping.run()
+        cutoff = self.clock.seconds() - UNUSED_RECORD_AGE
+        self.run_in_thread(lambda: self.store.expire_vouches(cutoff)).addErrback(
+            lambda failure: self.housekeeping.log.failure(
+                "cannot expire the records of who vouches", failure
+            )
+        )

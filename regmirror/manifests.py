@@ -2,7 +2,8 @@
 Manifests by digest: from the cache, else from the cluster's bucket, else
 from the namespace's upstreams (one request per namespace and digest at a
 time), kept in the cache, and put in the bucket when they came from an
-upstream.
+upstream.  Through a namespace that vouches for them only
+(:mod:`regmirror.vouches`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from regmirror._flight import SingleFlight
 from regmirror.bucket import Bucket
 from regmirror.errors import ManifestUnknown
 from regmirror.metrics import Metrics
-from regmirror.pool import Manifest, NotFoundAnywhere, UpstreamPool
+from regmirror.pool import MANIFEST_ACCEPT, Manifest, NotFoundAnywhere, UpstreamPool
 from regmirror.reference import Digest
 from regmirror.store import Store
+from regmirror.vouches import Vouches
 
 
 @define(eq=False)
@@ -25,26 +27,49 @@ class Manifests:
 
     store: Store
     metrics: Metrics
+    #: which namespaces vouch for which manifests
+    vouches: Vouches
     bucket: Bucket | None = None
     _flight: SingleFlight[tuple[str, Digest], Manifest] = field(factory=SingleFlight)
     log = Logger()
 
     async def get(
-        self, pool: UpstreamPool, repository: str, digest: Digest
+        self,
+        pool: UpstreamPool,
+        repository: str,
+        digest: Digest,
+        *,
+        named: bool = False,
     ) -> Manifest:
         """
         A manifest by digest: from the store, else from the bucket or
-        upstream (kept).
+        upstream (kept).  A manifest another namespace fetched is served
+        through *pool*'s namespace only once it vouches for it: a tag of
+        the namespace named it (*named*), a manifest it vouches for
+        references it, or one of its upstreams confirms it (``HEAD``).
+        Serving a manifest through a namespace records that the namespace
+        vouches for what the manifest references.
 
-        :raises ManifestUnknown: when no upstream has it.
+        :raises ManifestUnknown: when no upstream of the namespace has it.
         """
+        namespace = pool.namespace
+        vouched = named or self.vouches.has(namespace, digest)
         cached = self.store.manifest(digest)
         if cached is not None:
+            manifest = Manifest(digest, *cached)
+            if not vouched:
+                await self._flight.run(
+                    (namespace, digest),
+                    lambda: self._confirm(pool, repository, manifest),
+                )
             self._lookup("hit")
-            return Manifest(digest, *cached)
+            self.vouches.add_manifest(namespace, digest, manifest.body)
+            return manifest
 
         async def fetch() -> Manifest:
-            if self.bucket is not None:
+            # The bucket holds every namespace's manifests: only for one
+            # this namespace vouches for.
+            if vouched and self.bucket is not None:
                 shared = await self.bucket.manifest(digest)
                 if shared is not None:
                     self.keep(shared, share=False)
@@ -58,9 +83,35 @@ class Manifests:
             self.keep(manifest)
             return manifest
 
-        key = (pool.namespace, digest)
+        key = (namespace, digest)
         self._lookup("joined" if key in self._flight else "miss")
-        return await self._flight.run(key, fetch)
+        manifest = await self._flight.run(key, fetch)
+        self.vouches.add_manifest(namespace, digest, manifest.body)
+        return manifest
+
+    async def _confirm(
+        self, pool: UpstreamPool, repository: str, manifest: Manifest
+    ) -> Manifest:
+        """
+        Ask the namespace's upstreams whether they have a manifest cached
+        through another namespace (``HEAD``).
+
+        :raises ManifestUnknown: when none has it.
+        """
+        try:
+            upstream, response = await pool.first_answer(
+                pool.upstreams,
+                "HEAD",
+                f"{repository}/manifests/{manifest.digest}",
+                {"Accept": MANIFEST_ACCEPT},
+            )
+        except NotFoundAnywhere:
+            raise ManifestUnknown(
+                f"manifest {manifest.digest} is unknown to every upstream of "
+                f"{pool.namespace}"
+            ) from None
+        await upstream.drain(response)
+        return manifest
 
     def keep(self, manifest: Manifest, share: bool = True) -> None:
         """Keep a manifest, unless the cache cannot be written, and put it

@@ -6,6 +6,7 @@ Layout under the cache directory::
     blobs/<alg>/<hex[:2]>/<hex>        bytes of a blob or a manifest
     manifests/<alg>/<hex[:2]>/<hex>    media type of a stored manifest
     tags/<namespace>/<repo>/_tags/<tag>  last digest seen for a tag
+    vouches/<alg>/<hex[:2]>/<hex>      namespaces that vouch for it, one a line
     spool/                             downloads in progress
     size                               bytes of content, for every process
 
@@ -271,7 +272,7 @@ class Store:
         takes the size the first process measured), and measure what is
         there.
         """
-        for sub in ("blobs", "manifests", "tags", "spool"):
+        for sub in ("blobs", "manifests", "tags", "spool", "vouches"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         spool = os.path.join(self.root, "spool")
         for leftover in os.listdir(spool) if clean else ():
@@ -382,6 +383,55 @@ class Store:
             os.close(fd)
         return True
 
+    def has_blob(self, digest: Digest) -> bool:
+        """Is *digest* in the cache (a blob or a manifest)?  Not a use."""
+        return os.path.exists(self.blob_path(digest))
+
+    # -- who vouches for what (see regmirror.vouches) -------------------------
+
+    def vouchers(self, digest: Digest) -> frozenset[str]:
+        """The namespaces recorded as vouching for *digest*."""
+        try:
+            with open(self._path("vouches", digest), "rb") as f:
+                text = f.read(64 * 1024).decode("utf-8", "replace")
+        except FileNotFoundError:
+            return frozenset()
+        return frozenset(line for line in text.split("\n") if line)
+
+    def vouch(self, digest: Digest, namespace: str) -> None:
+        """
+        Record that *namespace* vouches for *digest*: a line appended
+        (``O_APPEND``: whole lines, whatever other processes append).
+        """
+        path = self._path("vouches", digest)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{namespace}\n".encode())
+        finally:
+            os.close(fd)
+
+    def expire_vouches(self, older_than: float) -> int:
+        """
+        Remove the records of content that is not in the cache, written
+        before *older_than* (a layer of an image whose manifest was pulled,
+        never pulled itself).  Blocking: a thread's job.
+        """
+        removed = 0
+        top = os.path.join(self.root, "vouches")
+        for folder, _, files in os.walk(top):
+            for name in files:
+                path = os.path.join(folder, name)
+                blob = os.path.join(self.root, "blobs", os.path.relpath(path, top))
+                try:
+                    if os.path.exists(blob) or os.stat(path).st_mtime >= older_than:
+                        continue
+                    os.unlink(path)
+                except OSError:
+                    continue
+                removed += 1
+        return removed
+
     def manifest(self, digest: Digest) -> tuple[str, bytes] | None:
         """The media type and bytes of a cached manifest, or ``None``."""
         try:
@@ -472,6 +522,7 @@ class Store:
         except FileNotFoundError:
             return False
         _unlink(self._path("manifests", digest))
+        _unlink(self._path("vouches", digest))
         self.added(-size)
         return True
 

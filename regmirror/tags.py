@@ -283,7 +283,7 @@ class Tags:
     ) -> float:
         """When an image was built, from its config (an index: its first image)."""
         manifest = candidate.manifest or await self.manifests.get(
-            pool, repository, candidate.digest
+            pool, repository, candidate.digest, named=True
         )
         if manifest.media_type in INDEX_TYPES:
             entries = load_json(manifest.body)["manifests"]

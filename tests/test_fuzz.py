@@ -62,7 +62,7 @@ OCI_CODES = frozenset(
 _HEX = r"[0-9a-f]{2}/[0-9a-f]{64}"
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 LAYOUT = re.compile(
-    rf"(?:size|blobs/sha256/{_HEX}|manifests/sha256/{_HEX}"
+    rf"(?:size|blobs/sha256/{_HEX}|manifests/sha256/{_HEX}|vouches/sha256/{_HEX}"
     rf"|tags/(?:docker\.io|ghcr\.io)/{_COMPONENT}(?:/{_COMPONENT})*"
     r"/_tags/[A-Za-z0-9_][A-Za-z0-9._-]{0,127})"
 )

@@ -166,7 +166,10 @@ class RegistryAPI(Resource):
             digest = answer.digest
             source = listing.tag_source(route, answer.upstream)
             request.setHeader("Regmirror-Tag-Source", source)
-        manifest = await self._fetcher.manifest(pool, route.repository, digest)
+        # A digest the namespace's tag named is one it vouches for.
+        manifest = await self._fetcher.manifest(
+            pool, route.repository, digest, named=not isinstance(reference, Digest)
+        )
         accepted = accepted_types(text_header(request, "Accept"))
         if accepted is not None and manifest.media_type not in accepted:
             manifest = await self._negotiate(route, manifest, accepted, reference)

@@ -158,7 +158,7 @@ class BlobEndpoint:
                 request.setHeader("Content-Length", str(size))
             request.finish()
             return
-        location = await self.fetcher.redirect(digest)
+        location = await self.fetcher.redirect(route.pool, route.repository, digest)
         if location is not None:
             info.cache = "redirect"
             request.setResponseCode(307)

@@ -1,0 +1,377 @@
+"""
+Content and failures stay in their namespace, in memory (issue 16, items
+3 and 4): bytes are stored once, but a namespace serves a digest only when
+it vouches for it, and one namespace's answer (a 404, a failure) never
+answers another's request.
+
+The harness's docker.io asks every upstream, ghcr.io the last one only
+(``origin``).  The fakes serve any blob under any repository; a ``fault``
+makes ``origin`` deny a blob to one repository, as a registry does for a
+blob that is not linked into it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import treq
+from fakeregistry import FakeRegistry, digest_of
+from memory import LAYER, Harness, error_code, image, result
+from twisted.web.server import NOT_DONE_YET, Request
+
+from regmirror.reference import parse_digest
+from regmirror.vouches import MAX_REMEMBERED, Vouches
+
+MISSING = b'{"errors":[{"code":"BLOB_UNKNOWN","message":"not in this repository"}]}'
+
+
+def deny(prefix: str) -> Any:
+    """A ``fault`` answering 404 to every request under ``/v2/<prefix>``."""
+
+    def fault(request: Request) -> tuple[int, bytes] | None:
+        if request.path.startswith(f"/v2/{prefix}".encode()):
+            return 404, MISSING
+        return None
+
+    return fault
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> tuple[Harness, FakeRegistry, FakeRegistry]:
+    """A mirror over ``hub`` (docker.io only) and ``origin`` (both)."""
+    hub, origin = FakeRegistry(), FakeRegistry()
+    return Harness(str(tmp_path / "cache"), {"hub": hub, "origin": origin}), hub, origin
+
+
+def get(harness: Harness, path: str, **kwargs: Any) -> Any:
+    """A request sent without waiting for it (see ``Harness.settle``)."""
+    return harness.client.request(
+        kwargs.pop("method", "GET"), f"http://mirror.test{path}", **kwargs
+    )
+
+
+# -- item 4: one namespace's failure answers no other's request ---------------------
+
+
+class Paused(FakeRegistry):
+    """A fake registry that answers only once told to (a slow upstream)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused: list[Request] | None = []
+
+    def render(self, request: Request) -> Any:
+        if self.paused is not None:
+            self.paused.append(request)
+            return NOT_DONE_YET
+        return super().render(request)
+
+    def go(self) -> None:
+        """Answer what waited, and from now on at once."""
+        paused, self.paused = self.paused or [], None
+        for request in paused:
+            body = super().render(request)
+            if body is not NOT_DONE_YET:
+                request.write(body)
+                request.finish()
+
+
+def race(
+    tmp_path: Path, first: str, second: str, **kwargs: Any
+) -> tuple[Harness, Any, Any]:
+    """
+    *first* is sent; while its start waits for the paused upstream that
+    its namespace asks first, *second* is sent; then the upstream answers.
+    The upstreams: ``hub`` (docker.io's first) and ``origin`` (the last of
+    docker.io's, ghcr.io's only), the paused one named by ``paused``.
+    """
+    paused = kwargs.pop("paused")
+    hub = Paused() if paused == "hub" else FakeRegistry()
+    origin = Paused() if paused == "origin" else FakeRegistry()
+    harness = Harness(str(tmp_path / "cache"), {"hub": hub, "origin": origin})
+    harness.hub, harness.origin = hub, origin  # type: ignore[attr-defined]
+    layer = kwargs.pop("layer")
+    hub.blobs[layer] = origin.blobs[layer] = LAYER
+    hub.fault = origin.fault = kwargs.pop("fault")
+    one = get(harness, first.format(layer=layer))
+    harness.settle()
+    two = get(harness, second.format(layer=layer), **kwargs)
+    harness.settle()
+    held = hub if paused == "hub" else origin
+    assert isinstance(held, Paused) and held.paused, "the first start is not waiting"
+    held.go()
+    harness.settle()
+    return harness, one, two
+
+
+def test_a_404_for_one_namespace_does_not_answer_another_starting_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """
+    A docker.io request for a blob its upstreams deny it (404 from both)
+    is starting when a ghcr.io request for the same digest arrives, whose
+    upstream has it: docker.io gets 404 BLOB_UNKNOWN, ghcr.io the blob,
+    downloaded from its upstream once and stored once.
+    """
+    layer = digest_of(LAYER)
+    harness, docker, ghcr = race(
+        tmp_path,
+        "/v2/app/blobs/{layer}",
+        "/v2/ghcr.io/org/app/blobs/{layer}",
+        paused="hub",
+        layer=layer,
+        fault=deny("library/"),
+    )
+    refused = result(docker)
+    assert refused.code == 404
+    assert error_code(harness, refused) == "BLOB_UNKNOWN"
+    served = result(ghcr)
+    assert served.code == 200
+    assert harness.body(served) == LAYER
+    origin: FakeRegistry = harness.origin  # type: ignore[attr-defined]
+    assert origin.count("GET", f"/v2/org/app/blobs/{layer}") == 1
+    assert os.path.exists(harness.store.blob_path(parse_digest(layer)))
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        "/v2/ghcr.io/org/app/blobs/{layer}",
+        "/v2/org/app/blobs/{layer}?ns=ghcr.io",
+        "/v2/ghcr.alias.test/org/app/blobs/{layer}",
+    ],
+)
+def test_each_routing_form_gets_its_own_start_of_a_download(
+    tmp_path: Path, second: str
+) -> None:
+    """The same race through each routing form of ghcr.io (prefix, ``ns``,
+    alias), with a ``Range``: its upstream's answer, not docker.io's."""
+    harness, docker, ghcr = race(
+        tmp_path,
+        "/v2/app/blobs/{layer}",
+        second,
+        paused="hub",
+        layer=digest_of(LAYER),
+        fault=deny("library/"),
+        headers={"Range": "bytes=10-19"},
+    )
+    assert result(docker).code == 404
+    served = result(ghcr)
+    assert served.code == 206
+    assert harness.body(served) == LAYER[10:20]
+
+
+@pytest.mark.parametrize("first", ["host", "prefix"])
+def test_a_namespace_that_fails_first_does_not_answer_the_default_one(
+    tmp_path: Path, first: str
+) -> None:
+    """
+    The race the other way round: ghcr.io (by ``Host``, or by prefix)
+    starts a blob its upstream denies it (``org/``: 404), and the default
+    namespace's request, arriving meanwhile, is served by its own first
+    upstream.
+    """
+    path = "/v2/org/app/blobs/{layer}"
+    if first == "prefix":
+        path = "/v2/ghcr.io/org/app/blobs/{layer}"
+    paused = Paused()
+    harness = Harness(
+        str(tmp_path / "cache"), {"hub": FakeRegistry(), "origin": paused}
+    )
+    layer = digest_of(LAYER)
+    harness.fakes["hub"].blobs[layer] = LAYER
+    paused.blobs[layer] = LAYER
+    paused.fault = deny("org/")
+    headers = {"Host": "ghcr.mirror.test"} if first == "host" else {}
+    ghcr = get(harness, path.format(layer=layer), headers=headers)
+    harness.settle()
+    docker = get(harness, f"/v2/app/blobs/{layer}")
+    harness.settle()
+    paused.go()
+    harness.settle()
+    assert result(ghcr).code == 404
+    served = result(docker)
+    assert served.code == 200
+    assert harness.body(served) == LAYER
+
+
+def test_a_second_namespace_joins_a_download_its_upstream_confirms(
+    two: tuple[Harness, FakeRegistry, FakeRegistry],
+) -> None:
+    """
+    A ghcr.io request for a blob docker.io is downloading (the body held
+    halfway) joins that download once ghcr.io's upstream confirms it has
+    the blob (one HEAD): one GET upstream, both clients get every byte.
+    """
+    harness, _, origin = two
+    layer = origin.add_blob(LAYER)
+    origin.hold[layer] = 4096
+    received: list[list[bytes]] = [[], []]
+    finished: list[object] = []
+    for path, sink in zip(
+        (f"/v2/app/blobs/{layer}", f"/v2/ghcr.io/org/app/blobs/{layer}"),
+        received,
+        strict=True,
+    ):
+        d = harness.client.get(f"http://mirror.test{path}", unbuffered=True)
+        d.addCallback(treq.collect, sink.append).addBoth(finished.append)
+        harness.settle()
+    assert origin.count("HEAD", f"/v2/org/app/blobs/{layer}") == 1
+    origin.release()
+    harness.settle()
+    assert finished == [None, None]
+    assert all(b"".join(sink) == LAYER for sink in received)
+    assert origin.count("GET", "/blobs/") == 1
+
+
+# -- item 3: content is served only through a namespace that vouches for it ---------
+
+
+def test_a_download_under_way_is_not_joined_through_a_namespace_without_it(
+    two: tuple[Harness, FakeRegistry, FakeRegistry],
+) -> None:
+    """While docker.io downloads a blob, a ghcr.io request for it whose
+    upstream denies it (404 to the HEAD) gets 404, not the bytes."""
+    harness, _, origin = two
+    layer = origin.add_blob(LAYER)
+    origin.hold[layer] = 4096
+    origin.fault = deny("org/")
+    downloading = harness.client.get(
+        f"http://mirror.test/v2/app/blobs/{layer}", unbuffered=True
+    )
+    harness.settle()
+    for method in ("GET", "HEAD"):
+        refused = harness.request(method, f"/v2/ghcr.io/org/app/blobs/{layer}")
+        assert refused.code == 404, method
+    origin.release()
+    harness.settle()
+    assert result(downloading).code == 200
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_cached_blob_is_served_through_another_namespace_only_when_it_vouches(
+    two: tuple[Harness, FakeRegistry, FakeRegistry], method: str
+) -> None:
+    """
+    A blob cached through docker.io: ghcr.io, whose upstream denies it, gets
+    404 after asking that upstream; once its upstream has it, one HEAD
+    confirms it and the cached bytes are served, again without asking.
+    """
+    harness, _, origin = two
+    layer = origin.add_blob(LAYER)
+    assert harness.body(harness.request("GET", f"/v2/app/blobs/{layer}")) == LAYER
+    origin.fault = deny("org/")
+    path = f"/v2/ghcr.io/org/app/blobs/{layer}"
+    refused = harness.request(method, path)
+    assert refused.code == 404
+    assert origin.count("HEAD", f"/v2/org/app/blobs/{layer}") == 1
+
+    origin.fault = None
+    for _ in range(2):
+        served = harness.request(method, path)
+        assert served.code == 200
+        if method == "GET":
+            assert harness.body(served) == LAYER
+        else:
+            length = served.headers.getRawHeaders("Content-Length")
+            assert length == [str(len(LAYER))]
+    assert origin.count("HEAD", f"/v2/org/app/blobs/{layer}") == 2
+    assert origin.count("GET", "/blobs/") == 1
+
+
+def test_a_manifest_vouches_for_what_it_references(
+    two: tuple[Harness, FakeRegistry, FakeRegistry],
+) -> None:
+    """
+    An image pulled through docker.io (by tag): ghcr.io gets its manifest
+    by digest only after its upstream confirms it (HEAD), and then its
+    config and layer with no further question, the manifest vouching for
+    them; a blob no manifest of ghcr.io names is still asked about.
+    """
+    harness, _, origin = two
+    content = image(origin, "library/app", "v1")
+    harness.request("GET", "/v2/app/manifests/v1")
+    for blob in (content["config"], content["layer"]):
+        harness.body(harness.request("GET", f"/v2/app/blobs/{blob}"))
+    origin.requests.clear()
+
+    manifest = harness.request(
+        "GET", f"/v2/ghcr.io/org/app/manifests/{content['manifest']}"
+    )
+    assert manifest.code == 200
+    assert harness.body(manifest).decode() == content["body"]
+    assert origin.requests == [("HEAD", f"/v2/org/app/manifests/{content['manifest']}")]
+    for blob in (content["config"], content["layer"]):
+        served = harness.request("GET", f"/v2/ghcr.io/org/app/blobs/{blob}")
+        assert served.code == 200
+        harness.body(served)
+    assert len(origin.requests) == 1
+
+
+def test_a_cached_manifest_is_refused_through_a_namespace_whose_upstream_lacks_it(
+    two: tuple[Harness, FakeRegistry, FakeRegistry],
+) -> None:
+    """A manifest cached through docker.io, asked by digest through ghcr.io
+    whose upstream denies it: 404 MANIFEST_UNKNOWN, GET and HEAD alike."""
+    harness, _, origin = two
+    content = image(origin, "library/app", "v1")
+    assert harness.request("GET", "/v2/app/manifests/v1").code == 200
+    origin.fault = deny("org/")
+    for method in ("GET", "HEAD"):
+        refused = harness.request(
+            method, f"/v2/ghcr.io/org/app/manifests/{content['manifest']}"
+        )
+        assert refused.code == 404, method
+    refused = harness.request(
+        "GET", f"/v2/ghcr.io/org/app/manifests/{content['manifest']}"
+    )
+    assert error_code(harness, refused) == "MANIFEST_UNKNOWN"
+
+
+def test_what_a_namespace_vouches_for_is_shared_by_processes_and_restarts(
+    two: tuple[Harness, FakeRegistry, FakeRegistry], tmp_path: Path
+) -> None:
+    """
+    A second mirror on the same cache folder (another worker, or this one
+    restarted) serves through ghcr.io what ghcr.io vouched for in the
+    first, without asking; and what only docker.io fetched, only after
+    asking ghcr.io's upstream.
+    """
+    harness, hub, origin = two
+    layer = origin.add_blob(LAYER)
+    other = origin.add_blob(LAYER[::-1])
+    harness.body(harness.request("GET", f"/v2/ghcr.io/org/app/blobs/{layer}"))
+    harness.body(harness.request("GET", f"/v2/app/blobs/{other}"))
+    again = Harness(str(tmp_path / "cache"), {"hub": hub, "origin": origin})
+    origin.requests.clear()
+
+    served = again.request("GET", f"/v2/ghcr.io/org/app/blobs/{layer}")
+    assert again.body(served) == LAYER
+    assert origin.requests == []
+    served = again.request("GET", f"/v2/ghcr.io/org/app/blobs/{other}")
+    assert again.body(served) == LAYER[::-1]
+    assert origin.requests == [("HEAD", f"/v2/org/app/blobs/{other}")]
+
+
+def test_vouches_go_with_the_content_and_memory_is_bounded(tmp_path: Path) -> None:
+    """A removed blob takes its record along; the remembered answers stay
+    within ``MAX_REMEMBERED`` however many digests are vouched for."""
+    harness = Harness(str(tmp_path / "cache"), {"origin": FakeRegistry()})
+    store = harness.store
+    vouches = Vouches(store)
+    digest = parse_digest("sha256:" + "1" * 64)
+    os.makedirs(os.path.dirname(store.blob_path(digest)), exist_ok=True)
+    with open(store.blob_path(digest), "wb") as f:
+        f.write(b"x")
+    vouches.add("ghcr.io", [digest])
+    assert Vouches(store).has("ghcr.io", digest)
+    assert not Vouches(store).has("docker.io", digest)
+    store.remove(digest)
+    assert not Vouches(store).has("ghcr.io", digest)
+
+    for number in range(MAX_REMEMBERED + 10):
+        vouches.remember("ghcr.io", parse_digest(f"sha256:{number:064x}"))
+    assert len(vouches) == MAX_REMEMBERED
