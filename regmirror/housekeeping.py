@@ -4,7 +4,7 @@ Keeping the cache within its limits: this node's cache folder
 each by evicting its least recently used blobs.
 
 Run after each blob this process caches, and periodically by the
-service (:meth:`regmirror.service.Mirror.housekeep`).
+service (:meth:`regmirror.mirror.Mirror.housekeep`).
 """
 
 from __future__ import annotations

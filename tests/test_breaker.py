@@ -22,7 +22,8 @@ from twisted.logger import LogEvent
 from regmirror.breaker import Breaker
 from regmirror.config import UpstreamConfig
 from regmirror.ini import load
-from regmirror.service import Mirror, build_mirror
+from regmirror.mirror import Mirror
+from regmirror.service import build_mirror
 from regmirror.upstream import DEFAULT_BACKOFF, Upstream
 
 #: a wall-clock time, as every process reads it

@@ -1,0 +1,270 @@
+"""
+:class:`Mirror`: every part of a running mirror, as
+:func:`regmirror.service.build_mirror` wired them; it starts and stops
+them, and is what the status page, ``/metrics``, the health probes and
+housekeeping ask.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from attrs import define, field
+from prometheus_client.core import Metric
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from regmirror.cluster import Coordinator
+from regmirror.config import Config
+from regmirror.fetch import Fetcher
+from regmirror.metrics import Metrics, View, gauge, total
+from regmirror.pool import UpstreamPool
+from regmirror.status import History
+from regmirror.store import Store
+from regmirror.upstream import Upstream
+
+log = Logger()
+
+#: How often upstreams marked down are looked at (each at most once per
+#: its ``breaker_backoff``).
+RECOVERY_INTERVAL = 1.0
+
+
+def _recovery_failed(failure: Failure, upstream: str) -> None:
+    log.failure("cannot probe upstream {upstream}", failure, upstream=upstream)
+
+
+@define(eq=False)
+class Mirror:
+    """Every part of a running mirror, wired together from the config."""
+
+    config: Config
+    store: Store
+    upstreams: dict[str, Upstream]
+    pools: list[UpstreamPool]
+    fetcher: Fetcher
+    metrics: Metrics
+    site: Site
+    #: every process's metric families, with worker processes
+    #: (:meth:`Workers.gather`, :meth:`Parent.gather`); ``None``: this
+    #: process serves alone
+    gather: View | None = None
+    history: History = field(init=False)
+    _recovery: LoopingCall = field(init=False)
+
+    @property
+    def coordinator(self) -> Coordinator | None:
+        """The other nodes, through Redis (``[cluster]``)."""
+        return self.fetcher.coordinator
+
+    def start(self, clean: bool = True) -> None:
+        """
+        Open the cache (see :meth:`Store.open`); join the cluster; look
+        after upstreams marked down (:meth:`Upstream.recover`).  With
+        *clean* (the ``twistd`` process, before its workers start), the
+        upstreams' health records are reset too: what an earlier run learnt
+        may not hold for this one's configuration.
+        """
+        self.store.open(clean)
+        if clean:
+            for upstream in self.upstreams.values():
+                upstream.breaker.reset()
+        self._recovery.clock = self.fetcher.clock
+        self._recovery.start(RECOVERY_INTERVAL, now=False).addErrback(
+            lambda failure: log.failure("upstream recovery stopped", failure)
+        )
+        if self.coordinator is not None:
+            self.coordinator.start()
+        shared = self.fetcher.shared
+        if shared is not None:
+            # Said at once, not at the first pull: a wrong key or bucket.
+            location = shared.objects.location
+            where = f"{location.endpoint} bucket {location.bucket}"
+            Deferred.fromCoroutine(shared.objects.check()).addCallbacks(
+                lambda _: log.info("shared store {where} ready", where=where),
+                lambda failure: log.warn(
+                    "shared store {where} unusable, serving without it for now: {why}",
+                    where=where,
+                    why=failure.getErrorMessage(),
+                ),
+            )
+
+    async def stop(self) -> None:
+        """Leave the cluster (its leases go at once, not at expiry)."""
+        if self._recovery.running:
+            self._recovery.stop()
+        for upstream in self.upstreams.values():
+            upstream.breaker.close()
+        if self.coordinator is not None:
+            await self.coordinator.stop()
+
+    def __attrs_post_init__(self) -> None:
+        self.history = History(self.totals, self.fetcher.clock.seconds)
+        self._recovery = LoopingCall(self._recover)
+
+    def _recover(self) -> None:
+        for upstream in self.upstreams.values():
+            Deferred.fromCoroutine(upstream.recover()).addErrback(
+                _recovery_failed, upstream.name
+            )
+
+    def families(self) -> Deferred[list[Metric]]:
+        """The metric families of the machine: of every process serving."""
+        if self.gather is None:
+            return self.metrics.view()
+        return self.gather()
+
+    async def totals(self) -> dict[str, float]:
+        """Cumulative counts for the status page, of every process."""
+        families = await self.families()
+        return {
+            "hits": total(families, "regmirror_cache_lookups_total", result="hit"),
+            "misses": total(families, "regmirror_cache_lookups_total", result="miss"),
+            "joined": total(families, "regmirror_cache_lookups_total", result="joined"),
+            "cache_bytes": total(
+                families, "regmirror_served_bytes_total", source="cache"
+            ),
+            "upstream_bytes": total(families, "regmirror_upstream_bytes_total"),
+        }
+
+    async def status(self) -> dict[str, Any]:
+        """
+        Everything the status page shows: the totals and their history are
+        the machine's, the rest (upstreams, downloads) what the answering
+        process (``pid``) sees.
+        """
+        totals = await self.totals()
+        now = self.fetcher.clock.seconds()
+
+        def upstream(u: Upstream) -> dict[str, Any]:
+            health = u.breaker.health()
+            return {
+                "name": u.name,
+                "down": health.opened > 0,
+                "retry_in": max(0.0, health.open_until - now),
+                "rate_limited": u.backing_off(),
+                "quota": (
+                    {"limit": u.rate_limit[0], "remaining": u.rate_limit[1]}
+                    if u.rate_limit
+                    else None
+                ),
+            }
+
+        return {
+            "namespaces": [
+                {
+                    "name": pool.namespace,
+                    "origin": pool.origin.name,
+                    "upstreams": [upstream(u) for u in pool.upstreams],
+                    "stale": [
+                        {
+                            "mirror": mirror,
+                            "repository": repository,
+                            "tag": stale.tag,
+                            "theirs": str(stale.theirs),
+                            "origin": str(stale.origin),
+                        }
+                        for (mirror, repository), stale in pool.stale.items()
+                    ],
+                }
+                for pool in self.pools
+            ],
+            "cache": {"size": self.store.size, "max_size": self.store.max_size},
+            "downloads": [
+                {
+                    "digest": str(d.digest),
+                    "upstream": d.source,
+                    "written": d.written,
+                    "size": d.size,
+                }
+                for d in self.fetcher.downloads
+            ],
+            "cluster": self._cluster_status(),
+            "totals": totals,
+            "history": list(self.history.samples),
+            "pid": os.getpid(),
+        }
+
+    def _cluster_status(self) -> dict[str, Any] | None:
+        if self.coordinator is None or self.config.cluster is None:
+            return None
+        return {
+            "redis": self.coordinator.where,
+            "available": self.coordinator.available,
+            "advertise": self.config.cluster.advertise,
+        }
+
+    def live_metrics(self) -> Iterator[Metric]:
+        """Values read at each scrape from the objects that own them."""
+        upstreams = self.upstreams.values()
+        yield gauge(
+            "regmirror_downloads_in_flight",
+            "Blob downloads under way",
+            [],
+            # Another worker's download, followed here, is counted there.
+            [([], sum(not d.follower for d in self.fetcher.downloads))],
+        )
+        yield gauge(
+            "regmirror_cache_size_bytes",
+            "Bytes of content in the cache",
+            [],
+            [([], self.store.size)],
+        )
+        yield gauge(
+            "regmirror_cache_max_size_bytes",
+            "The cache's size limit (0: none)",
+            [],
+            [([], self.store.max_size or 0)],
+        )
+        yield gauge(
+            "regmirror_upstream_down",
+            "1 while an upstream's circuit breaker is open",
+            ["upstream"],
+            [([u.name], float(u.breaker.opened > 0)) for u in upstreams],
+        )
+        if self.coordinator is not None:
+            yield gauge(
+                "regmirror_cluster_coordinator_up",
+                "1 while the cluster's Redis answers (0: this node works alone)",
+                [],
+                [([], float(self.coordinator.available))],
+            )
+        yield gauge(
+            "regmirror_upstream_ratelimit_remaining",
+            "Pulls left in the upstream's quota (RateLimit-Remaining)",
+            ["upstream"],
+            [([u.name], u.rate_limit[1]) for u in upstreams if u.rate_limit],
+        )
+
+    def housekeep(self) -> None:
+        """Periodic: evict if over the limits, expire old tag records."""
+        self.fetcher.housekeep()
+        keep = max(n.max_stale for n in self.config.namespaces)
+        cutoff = self.fetcher.clock.seconds() - keep
+        d = self.fetcher.run_in_thread(lambda: self.store.expire_tags(cutoff))
+        d.addErrback(lambda failure: log.failure("tag expiry failed", failure))
+
+    def problems(self) -> list[str]:
+        """Why the mirror is not ready to serve, if it is not."""
+        found = []
+        spool = os.path.join(self.store.root, "spool")
+        if not os.access(spool, os.W_OK | os.X_OK):
+            found.append(f"cache folder {spool} is not writable")
+        for pool in self.pools:
+            if all(u.breaker.opened > 0 for u in pool.upstreams):
+                found.append(f"namespace {pool.namespace}: every upstream is down")
+        return found
+
+    def degraded(self) -> list[str]:
+        """What works less well than it should, without making the node
+        unready: taking every node out of the load balancer because Redis
+        is down would be worse than each working alone."""
+        found = []
+        if self.coordinator is not None and not self.coordinator.available:
+            found.append("cluster: Redis unreachable, this node works alone")
+        return found
