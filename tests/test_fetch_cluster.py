@@ -45,7 +45,7 @@ from regmirror.config import Secret
 from regmirror.download import Download
 from regmirror.ini import load
 from regmirror.nodes import Peers
-from regmirror.reference import OCI_MANIFEST, Digest, parse_digest
+from regmirror.reference import OCI_INDEX, OCI_MANIFEST, Digest, parse_digest
 from regmirror.s3.location import S3Location
 from regmirror.s3.objects import ObjectStore
 from regmirror.s3.shared import SharedStore
@@ -419,6 +419,34 @@ def test_the_holder_shares_blob_and_manifests_then_a_cold_node_needs_no_upstream
     assert c.origin.requests == before
     # Taken from the bucket, the blob is not put there again.
     assert c.s3.operations().count("PutObject") == 3  # config, layer, manifest
+
+
+@pytest.mark.parametrize(
+    ("stored_type", "from_bucket"), [("text/html", True), (OCI_INDEX, False)]
+)
+def test_a_manifest_from_the_bucket_gets_the_check_an_upstream_answer_gets(
+    tmp_path: Path, stored_type: str, from_bucket: bool
+) -> None:
+    """
+    A manifest read back from the bucket is served with the media type its
+    document says, not with the object's Content-Type (``text/html`` would
+    be served from the mirror's origin); an object whose Content-Type names
+    another shape of manifest is no manifest, and the node asks upstream
+    instead (issue 16, item 10).
+    """
+    c = Cluster(tmp_path, "ac")
+    content = image(c.origin)
+    assert c.request("a", "GET", "/v2/app/manifests/latest").code == 200
+    key = (BUCKET, manifest_key(content["manifest"]))
+    c.s3.objects[key] = (c.s3.objects[key][0], stored_type)
+    before = c.origin.count("GET", "/manifests/")
+
+    answer = c.request("c", "GET", "/v2/app/manifests/latest")
+    assert answer.code == 200
+    assert answer.headers.getRawHeaders("Content-Type") == [OCI_MANIFEST]
+    assert c.body(answer) == content["body"].encode()
+    asked = c.origin.count("GET", "/manifests/") - before
+    assert asked == (0 if from_bucket else 1)
 
 
 # -- the node-to-node endpoint -------------------------------------------------

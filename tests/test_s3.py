@@ -22,7 +22,13 @@ from twisted.logger import LogEvent, formatEvent
 from twisted.web.iweb import IResponse
 
 from regmirror.config import Secret
-from regmirror.reference import MAX_MANIFEST_SIZE, OCI_MANIFEST, Digest
+from regmirror.reference import (
+    DOCKER_MANIFEST,
+    MAX_MANIFEST_SIZE,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Digest,
+)
 from regmirror.s3.errors import NoSuchKey, S3Error
 from regmirror.s3.location import S3Location
 from regmirror.s3.objects import ObjectInfo, ObjectStore
@@ -482,6 +488,56 @@ def test_manifests_are_checked_against_their_digest() -> None:
     world.fake.objects[key] = (body + b" ", OCI_MANIFEST)
     assert world.run(world.shared.manifest(digest)) is None
     assert world.run(world.shared.manifest(Digest.of(b"other"))) is None
+
+
+IMAGE = b'{"schemaVersion":2,"config":{},"layers":[]}'
+INDEX = b'{"schemaVersion":2,"manifests":[]}'
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "expected"),
+    [
+        # The document's shape and mediaType decide, as for an upstream's.
+        (IMAGE, OCI_MANIFEST, OCI_MANIFEST),
+        (IMAGE, f"{OCI_MANIFEST}; charset=utf-8", OCI_MANIFEST),
+        (IMAGE, "text/html", OCI_MANIFEST),
+        (INDEX, "", OCI_INDEX),
+        (
+            b'{"schemaVersion":2,"mediaType":"%s","layers":[]}'
+            % DOCKER_MANIFEST.encode(),
+            DOCKER_MANIFEST,
+            DOCKER_MANIFEST,
+        ),
+        # No manifest at all, whatever the object's Content-Type says.
+        (b"<html>hello</html>", OCI_MANIFEST, None),
+        (b'{"schemaVersion":1,"layers":[]}', OCI_MANIFEST, None),
+        (b'{"schemaVersion":2,"layers":[],"manifests":[]}', OCI_MANIFEST, None),
+        # A Content-Type of another manifest shape than the document's.
+        (INDEX, OCI_MANIFEST, None),
+        (IMAGE, OCI_INDEX, None),
+        (
+            b'{"schemaVersion":2,"mediaType":"%s","layers":[]}' % OCI_MANIFEST.encode(),
+            DOCKER_MANIFEST,
+            None,
+        ),
+    ],
+)
+def test_shared_manifests_get_the_check_upstream_manifests_get(
+    body: bytes, content_type: str, expected: str | None
+) -> None:
+    """A manifest read back from the bucket gets the media type and shape
+    check an upstream's answer gets (``reference.manifest_media_type``):
+    its Content-Type is believed only when the document agrees, and an
+    object that is no manifest is ignored, never served as one (issue 16,
+    item 10)."""
+    world = World()
+    digest = Digest.of(body)
+    world.fake.objects[(BUCKET, f"manifests/sha256/{digest.hex}")] = (
+        body,
+        content_type,
+    )
+    found = world.run(world.shared.manifest(digest))
+    assert found == (None if expected is None else (expected, body))
 
 
 def test_shared_manifests_are_capped() -> None:

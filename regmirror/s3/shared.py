@@ -64,7 +64,9 @@ class SharedStore:
     async def manifest(self, digest: Digest) -> tuple[str, bytes] | None:
         """
         ``(media type, body)`` of a shared manifest, or ``None`` when it is
-        not there or what came back does not match *digest*.
+        not there, what came back does not match *digest*, or it is no
+        manifest (:func:`~regmirror.reference.manifest_media_type`, as for
+        an upstream's answer).
         """
         key = _manifest_key(digest)
         found = await self.objects.get_bytes(key, MAX_MANIFEST_SIZE)
@@ -79,13 +81,16 @@ class SharedStore:
                 digest=str(digest),
             )
             return None
-        media_type = (content_type or "").split(";", 1)[0].strip()
-        if not media_type:
-            media_type = manifest_media_type(body, None) or ""
-        if not media_type:
+        # The check an upstream's answer gets: the object's Content-Type
+        # only where the document agrees with it.
+        media_type = manifest_media_type(body, content_type)
+        if media_type is None:
             self.log.warn(
-                "shared manifest {digest} has no media type; ignored",
+                "shared manifest {digest} is no manifest of a known type"
+                " (its shape, its mediaType and its Content-Type {declared!r});"
+                " ignored",
                 digest=str(digest),
+                declared=(content_type or "")[:100],
             )
             return None
         return media_type, body
