@@ -21,10 +21,11 @@ from twisted.web.server import Site
 
 from regmirror.cluster import Coordinator
 from regmirror.config import Config
+from regmirror.download import Download
 from regmirror.fetch import Fetcher
 from regmirror.metrics import Metrics, View, gauge, total
 from regmirror.pool import UpstreamPool
-from regmirror.status import History
+from regmirror.status import EVERYTHING, History, Shown
 from regmirror.store import Store
 from regmirror.upstream import Upstream
 
@@ -132,14 +133,17 @@ class Mirror:
             "upstream_bytes": total(families, "regmirror_upstream_bytes_total"),
         }
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self, shown: Shown = EVERYTHING) -> dict[str, Any]:
         """
         Everything the status page shows: the totals and their history are
         the machine's, the rest (upstreams, downloads) what the answering
-        process (``pid``) sees.
+        process (``pid``) sees.  Stale tags and downloads only of the
+        repositories *shown* lets the client see (``downloads_hidden``:
+        how many others there are).
         """
         totals = await self.totals()
         now = self.fetcher.clock.seconds()
+        downloads = self.fetcher.downloads
 
         def upstream(u: Upstream) -> dict[str, Any]:
             health = u.breaker.health()
@@ -170,6 +174,7 @@ class Mirror:
                             "origin": str(stale.origin),
                         }
                         for (mirror, repository), stale in pool.stale.items()
+                        if shown(pool.namespace, repository)
                     ],
                 }
                 for pool in self.pools
@@ -182,8 +187,10 @@ class Mirror:
                     "written": d.written,
                     "size": d.size,
                 }
-                for d in self.fetcher.downloads
+                for d in downloads
+                if shown(*_whose(d))
             ],
+            "downloads_hidden": sum(not shown(*_whose(d)) for d in downloads),
             "cluster": self._cluster_status(),
             "totals": totals,
             "history": list(self.history.samples),
@@ -268,3 +275,11 @@ class Mirror:
         if self.coordinator is not None and not self.coordinator.available:
             found.append("cluster: Redis unreachable, this node works alone")
         return found
+
+
+def _whose(download: Download) -> tuple[str | None, str | None]:
+    """The namespace and repository a download is for, where known (not
+    for another worker process's, followed here)."""
+    if download.pool is None:
+        return None, None
+    return download.pool.namespace, download.repository

@@ -285,7 +285,10 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
     metrics.watch(mirror.live_metrics)
     root.putChild(b"", StatusPage())
     root.putChild(b"_status", StatusPage())
-    root.putChild(b"_status.json", StatusJSON(mirror.status))
+    root.putChild(
+        b"_status.json",
+        StatusJSON(mirror.status, gate, [n.name for n in config.namespaces]),
+    )
     root.putChild(b"healthz", Health(lambda: []))
     root.putChild(b"readyz", Health(mirror.problems, mirror.degraded))
     if not config.server.metrics_listen:

@@ -12,17 +12,27 @@ blob that is not linked into it.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import treq
+from configs import write_config
 from fakeregistry import FakeRegistry, digest_of
 from memory import LAYER, Harness, error_code, image, result
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent
+from twisted.internet.testing import MemoryReactorClock
 from twisted.web.server import NOT_DONE_YET, Request
 
-from regmirror.reference import parse_digest
+from regmirror.access.tokens import Tokens, shared_key
+from regmirror.download import Download, Followed
+from regmirror.ini import load
+from regmirror.pool import StaleAnswer
+from regmirror.reference import Digest, parse_digest
+from regmirror.service import build_mirror
 from regmirror.vouches import MAX_REMEMBERED, Vouches
 
 MISSING = b'{"errors":[{"code":"BLOB_UNKNOWN","message":"not in this repository"}]}'
@@ -375,3 +385,82 @@ def test_vouches_go_with_the_content_and_memory_is_bounded(tmp_path: Path) -> No
     for number in range(MAX_REMEMBERED + 10):
         vouches.remember("ghcr.io", parse_digest(f"sha256:{number:064x}"))
     assert len(vouches) == MAX_REMEMBERED
+
+
+# -- the status document names only what the client may pull ------------------------
+
+STATUS_ACCESS = """
+[upstream:two]
+url = http://127.0.0.1:9
+
+[namespace:ghcr.io]
+upstreams = two
+anonymous = none
+
+[access]
+anonymous = 10.0.0.0/8
+trusted_proxies = 127.0.0.1
+"""
+
+
+def status_as(mirror: Any, headers: dict[str, str]) -> dict[str, Any]:
+    """``/_status.json`` as a client with *headers* gets it."""
+    agent = RequestTraversalAgent(mirror.site.resource)
+    d = HTTPClient(agent).get("http://mirror.test/_status.json", headers=headers)
+    agent.flush()
+    response = result(d)
+    assert response.code == 200
+    body = treq.content(response)
+    agent.flush()
+    document: dict[str, Any] = json.loads(result(body))
+    return document
+
+
+def test_the_status_document_names_only_repositories_the_client_may_pull(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    With ``[access]``, ``/_status.json`` lists a stale tag or a download
+    only to a client who may pull its repository: docker.io's to an
+    address in its anonymous network, ghcr.io's (``anonymous = none``) to
+    the holder of a token for it, nothing to anyone else (who learns how
+    many downloads are hidden); a download of another worker process, whose
+    repository is unknown here, to nobody.
+    """
+    monkeypatch.chdir(tmp_path)
+    reactor = MemoryReactorClock()
+    mirror = build_mirror(
+        load(str(write_config(tmp_path, extra=STATUS_ACCESS))), reactor
+    )
+    theirs, ours = Digest.of(b"theirs"), Digest.of(b"ours")
+    running = mirror.fetcher.blobs._running
+    for pool in mirror.pools:
+        repository = "library/app" if pool.namespace == "docker.io" else "org/app"
+        pool.stale[("one", repository)] = StaleAnswer("v1", theirs, ours)
+        digest = Digest.of(pool.namespace.encode())
+        running[digest] = Download(digest, Followed("s", "f"), pool, repository)
+    other = Digest.of(b"another worker's")
+    running[other] = Download(other, Followed("s", "f"), None, "", follower=True)
+
+    def seen(document: dict[str, Any]) -> tuple[set[str], set[str], int]:
+        stale = {
+            f"{n['name']}/{s['repository']}"
+            for n in document["namespaces"]
+            for s in n["stale"]
+        }
+        downloads = {d["digest"] for d in document["downloads"]}
+        return stale, downloads, document["downloads_hidden"]
+
+    docker, ghcr = (str(Digest.of(n.encode())) for n in ("docker.io", "ghcr.io"))
+    inside = status_as(mirror, {"X-Forwarded-For": "10.1.2.3"})
+    assert seen(inside) == ({"docker.io/library/app"}, {docker}, 2)
+    outside = status_as(mirror, {"X-Forwarded-For": "192.0.2.1"})
+    assert seen(outside) == (set(), set(), 3)
+    assert [n["name"] for n in outside["namespaces"]] == ["docker.io", "ghcr.io"]
+    key = shared_key(str(tmp_path / "cache" / "token.key"))
+    token, _ = Tokens(reactor, 300.0, key).issue("alice", [("ghcr.io", "org/app")])
+    holder = status_as(
+        mirror,
+        {"X-Forwarded-For": "192.0.2.1", "Authorization": f"Bearer {token}"},
+    )
+    assert seen(holder) == ({"ghcr.io/org/app"}, {ghcr}, 2)
