@@ -24,7 +24,7 @@ from typing import Any
 
 from attrs import Factory, define, field
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,6 +33,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from regmirror._flight import SingleFlight
+from regmirror._timeout import Idle
 from regmirror.download import Download
 from regmirror.errors import BlobUnknown, DownloadFailed, RegistryError
 from regmirror.housekeeping import Housekeeping, RunInThread
@@ -512,17 +513,14 @@ class _SpoolWriter:
     #: bytes at the start of the body the spool already has
     skip: int = 0
     _transport: Any = None
-    _idle: IDelayedCall | None = None
+    _idle: Idle = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._idle = Idle(self.clock, self.idle_timeout)
 
     def makeConnection(self, transport: Any) -> None:
         self._transport = transport
-        self._arm()
-
-    def _arm(self) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(self.idle_timeout)
-        else:
-            self._idle = self.clock.callLater(self.idle_timeout, self._stalled)
+        self._idle.start(self._stalled)
 
     def _stalled(self) -> None:
         download = self.download
@@ -538,7 +536,7 @@ class _SpoolWriter:
     def dataReceived(self, data: bytes) -> None:
         if self.download.state != "running":
             return
-        self._arm()
+        self._idle.touch()
         self.blobs.metrics.upstream_bytes.labels(self.download.source).inc(len(data))
         if self.skip:
             dropped = min(self.skip, len(data))
@@ -566,7 +564,6 @@ class _SpoolWriter:
             self._transport.stopProducing()
 
     def connectionLost(self, reason: Failure) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
+        self._idle.stop()
         if self.download.state == "running":
             self.blobs._finish(self.download, reason)

@@ -152,6 +152,31 @@ def test_broken_transfer_is_resumed_with_a_range_request(
         assert f.read() == LAYER
 
 
+def test_a_silent_transfer_is_given_up_after_idle_timeout_and_resumed(
+    tmp_path: Path,
+) -> None:
+    """An upstream that stops sending mid-blob without closing is given up
+    after ``idle_timeout`` seconds of silence, not before, and the blob is
+    resumed from the next upstream; the client sees one correct stream."""
+    harness, mirror_up, origin = two(tmp_path, mirror={"idle_timeout": 20.0})
+    content = image(mirror_up)
+    image(origin)
+    mirror_up.hold[content["layer"]] = 3000
+    response = harness.request("GET", f"/v2/app/blobs/{content['layer']}")
+    assert response.code == 200
+    received: list[bytes] = []
+    done = treq.collect(response, received.append)
+    harness.settle()
+    harness.clock.advance(19.9)
+    harness.settle()
+    assert origin.ranges == []
+    harness.clock.advance(0.1)
+    harness.settle()
+    result(done)
+    assert b"".join(received) == LAYER
+    assert origin.ranges == ["bytes=3000-"]
+
+
 def test_transfer_that_cannot_be_resumed_breaks_the_client(tmp_path: Path) -> None:
     """When no upstream can carry on, the client's stream breaks and nothing
     is cached."""

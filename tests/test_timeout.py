@@ -55,3 +55,23 @@ class IdleTests(SynchronousTestCase):
         other.cancel()
         self.failureResultOf(other, CancelledError)
         assert self.clock.getDelayedCalls() == []
+
+    def test_a_function_is_called_after_silence_unless_stopped(self) -> None:
+        """``start`` calls back after ``seconds`` without a touch, once;
+        ``stop`` ends the count, and touches after it change nothing."""
+        expired: list[float] = []
+        self.idle.start(lambda: expired.append(self.clock.seconds()))
+        self.clock.advance(25)
+        self.idle.touch()
+        self.clock.advance(29.9)
+        assert expired == []
+        self.clock.advance(0.1)
+        assert expired == [55.0]
+        self.clock.advance(100)
+        assert expired == [55.0]
+
+        stopped = Idle(self.clock, 30)
+        stopped.start(lambda: expired.append(-1.0))
+        stopped.stop()
+        stopped.touch()
+        assert self.clock.getDelayedCalls() == []
