@@ -422,6 +422,10 @@ class ConnectProxy(ProgramProcess):
 
     program = "connect_proxy"
 
+    def __init__(self, workdir: Path, aliases: Sequence[str] = ()) -> None:
+        """*aliases*: host names the proxy reaches at 127.0.0.1 too."""
+        super().__init__(workdir, [f"--alias={alias}" for alias in aliases])
+
     @property
     def url(self) -> str:
         return f"http://{LOCALHOST}:{self.port}"

@@ -1906,6 +1906,244 @@ def test_redirect_to_encoded_metadata_address_refused(
     _check_refused_redirect(redirect_rig, location, r"denied host")
 
 
+#: Redirect targets on the mirror's own machine and its private networks
+#: (issue 16, item 7), for an upstream named by a host name (so that none of
+#: them is its own host).  ``{port}`` is the hostile upstream's own port:
+#: the proxy would reach it there at 127.0.0.1, had the mirror followed.
+LOOPBACK_REDIRECTS = [
+    "http://127.0.0.1:{port}/v2/plain/blobs/{digest}",
+    "HTTP://127.0.0.1:{port}/v2/plain/blobs/{digest}",
+    "https://127.0.0.1:{port}/v2/plain/blobs/{digest}",
+    "//127.0.0.1:{port}/v2/plain/blobs/{digest}",
+    "http://127.0.0.2:{port}/v2/plain/blobs/{digest}",
+    "http://localhost:{port}/v2/plain/blobs/{digest}",
+    "http://LOCALHOST.:{port}/v2/plain/blobs/{digest}",
+    "http://registry.localhost:{port}/v2/plain/blobs/{digest}",
+    "http://[::1]:{port}/v2/plain/blobs/{digest}",
+    "http://[::ffff:127.0.0.1]:{port}/v2/plain/blobs/{digest}",
+    "http://[::ffff:7f00:1]:{port}/v2/plain/blobs/{digest}",
+    "http://[::127.0.0.1]:{port}/v2/plain/blobs/{digest}",
+    "http://0.0.0.0:{port}/v2/plain/blobs/{digest}",
+    "http://0:{port}/v2/plain/blobs/{digest}",
+    "http://[::]:{port}/v2/plain/blobs/{digest}",
+    "http://2130706433:{port}/v2/plain/blobs/{digest}",
+    "http://0x7f000001:{port}/v2/plain/blobs/{digest}",
+    "http://0x7f.1:{port}/v2/plain/blobs/{digest}",
+    "http://0177.0.0.1:{port}/v2/plain/blobs/{digest}",
+    "http://127.1:{port}/v2/plain/blobs/{digest}",
+]
+PRIVATE_REDIRECTS = [
+    "http://10.0.0.1/v2/plain/blobs/{digest}",
+    "http://172.16.0.1/v2/plain/blobs/{digest}",
+    "http://192.168.1.1/v2/plain/blobs/{digest}",
+    "http://0xc0a80101/v2/plain/blobs/{digest}",
+    "http://100.64.0.1/v2/plain/blobs/{digest}",
+    "http://[fc00::1]/v2/plain/blobs/{digest}",
+    "http://[fd12:3456::1]/v2/plain/blobs/{digest}",
+    "http://[::ffff:10.0.0.1]/v2/plain/blobs/{digest}",
+    "http://[64:ff9b::a00:1]/v2/plain/blobs/{digest}",
+    "http://[2002:c0a8:101::1]/v2/plain/blobs/{digest}",
+]
+#: The upstream's own host, however written: followed.
+OWN_HOST_REDIRECTS = [
+    "http://registry.test:{port}/v2/plain/blobs/{digest}",
+    "http://REGISTRY.Test.:{port}/v2/plain/blobs/{digest}",
+]
+#: Token realms the upstream's challenges name: refused like redirects.
+PRIVATE_REALMS = [
+    "http://127.0.0.1:{port}/token",
+    "http://localhost:{port}/token",
+    "http://[::1]:{port}/token",
+    "http://[::ffff:127.0.0.1]:{port}/token",
+    "http://2130706433:{port}/token",
+    "http://10.0.0.1/token",
+    "http://169.254.169.254/token",
+]
+#: The hostile upstream's name: the proxy reaches it at 127.0.0.1.
+REGISTRY_NAME = "registry.test"
+
+
+@dataclass
+class PrivateRig:
+    mirror: MirrorProcess
+    hostile: HostileUpstream
+    proxy: ConnectProxy
+    layer: Blob
+    #: one blob for each of OWN_HOST_REDIRECTS (a cached one is not fetched)
+    own: list[bytes]
+
+
+@pytest.fixture(scope="module")
+def private_rig(
+    tmp_path_factory: pytest.TempPathFactory, catalog: Catalog
+) -> Iterator[PrivateRig]:
+    """
+    A hostile upstream configured as ``http://registry.test:PORT`` (a name,
+    so that no loopback or private address is its own host), reached
+    through the test proxy, which knows that name as 127.0.0.1 and records
+    every target it is asked for; blob GETs of ``loopback/N``,
+    ``private/N`` and ``own/N`` redirect to the lists above, manifest and
+    blob requests of ``realm/N`` are challenged with ``PRIVATE_REALMS[N]``.
+    """
+    root = tmp_path_factory.mktemp("private")
+    plan = Plan(root / "plan")
+    layer = catalog.small.layers[0]
+    plan.blob(layer.data)
+    lists = {"loopback": LOOPBACK_REDIRECTS, "private": PRIVATE_REDIRECTS}
+    for prefix, locations in lists.items():
+        for number, location in enumerate(locations):
+            plan.mode(
+                f"{prefix}/{number}",
+                mode="redirect",
+                location=location.replace("{digest}", layer.digest),
+            )
+    own = [
+        b"own host %d\n" % number * 1000 for number in range(len(OWN_HOST_REDIRECTS))
+    ]
+    for number, location in enumerate(OWN_HOST_REDIRECTS):
+        digest = plan.blob(own[number])
+        plan.mode(
+            f"own/{number}",
+            mode="redirect",
+            location=location.replace("{digest}", digest),
+        )
+    for number, realm in enumerate(PRIVATE_REALMS):
+        plan.mode(f"realm/{number}", mode="challenge", realm=realm)
+    hostile = HostileUpstream(root / "hostile", plan)
+    proxy = ConnectProxy(root / "proxy", aliases=[REGISTRY_NAME])
+    started: list[Any] = []
+    try:
+        for program in (hostile, proxy):
+            program.start()
+            started.append(program)
+        port = free_port()
+        config = mirror_config_upstreams(
+            port,
+            {
+                "hostile": {
+                    "url": f"http://{REGISTRY_NAME}:{hostile.port}",
+                    "proxy": proxy.url,
+                    "breaker_failures": "1000",
+                    "breaker_backoff": "1s",
+                }
+            },
+            origin="hostile",
+        )
+        mirror = MirrorProcess(root / "mirror", config, port)
+        mirror.start()
+        started.append(mirror)
+        yield PrivateRig(mirror, hostile, proxy, layer, own)
+        assert mirror.returncode is None, mirror.log()
+    finally:
+        for program in reversed(started):
+            program.stop()
+
+
+def _asked_of_the_proxy(setup: PrivateRig, mark: int) -> list[str]:
+    return [str(r["target"]) for r in setup.proxy.records()[mark:]]
+
+
+def _check_refused_private(setup: PrivateRig, path: str, asked: str) -> None:
+    """
+    *path* leads the mirror elsewhere than the upstream's own host: 502
+    ``UNAVAILABLE`` after one request to the upstream (for *asked*), no
+    other target ever asked of the proxy, "denied host" in the log,
+    nothing cached.
+    """
+    mark = log_mark(setup.mirror)
+    proxy_mark = len(setup.proxy.records())
+    before = setup.mirror.cache_listing()
+    response = http_request(setup.mirror.port, "GET", path, timeout=15)
+    targets = _asked_of_the_proxy(setup, proxy_mark)
+    log = "\n".join(setup.mirror.log_lines()[mark:])
+    own = f"{REGISTRY_NAME}:{setup.hostile.port}"
+    assert any(asked in t for t in targets), f"not asked: {targets}"
+    strays = [t for t in targets if own not in t]
+    assert not strays, f"followed: the proxy was asked for {strays}; log:\n{log}"
+    assert (response.status, response.error_codes()) == (502, ["UNAVAILABLE"]), (
+        f"{response.status} {response.body!r}; log:\n{log}"
+    )
+    assert re.search("denied host", log), log
+    assert setup.mirror.cache_listing() == before
+    assert_still_serving(setup.mirror, mark)
+
+
+@pytest.mark.parametrize("number", range(len(LOOPBACK_REDIRECTS)))
+def test_redirect_to_loopback_refused_before_connecting(
+    private_rig: PrivateRig, number: int
+) -> None:
+    """
+    A blob redirect to the mirror's own machine, the hostile upstream's own
+    port included: 127.0.0.1 with any case of the scheme, https or
+    scheme-relative; 127.0.0.2; ``localhost`` (any case, trailing dot) and
+    a name under it; ``::1``; IPv4-mapped (both spellings) and
+    IPv4-compatible IPv6; ``0.0.0.0``, ``0`` and ``::``; decimal, hex, short
+    and octal IPv4: refused before any connection, a 502, nothing cached.
+    """
+    path = f"/v2/loopback/{number}/blobs/{private_rig.layer.digest}"
+    _check_refused_private(private_rig, path, f"/v2/loopback/{number}/blobs/")
+
+
+@pytest.mark.parametrize("number", range(len(PRIVATE_REDIRECTS)))
+def test_redirect_to_private_network_refused_before_connecting(
+    private_rig: PrivateRig, number: int
+) -> None:
+    """
+    A blob redirect into a private network (RFC 1918 in dotted and hex
+    form, the shared ``100.64.0.0/10``, unique local IPv6, and private IPv4
+    inside IPv6: mapped, NAT64, 6to4): refused before any connection.
+    """
+    path = f"/v2/private/{number}/blobs/{private_rig.layer.digest}"
+    _check_refused_private(private_rig, path, f"/v2/private/{number}/blobs/")
+
+
+@pytest.mark.parametrize("number", range(len(OWN_HOST_REDIRECTS)))
+def test_redirect_to_the_upstreams_own_host_is_followed(
+    private_rig: PrivateRig, number: int
+) -> None:
+    """A blob redirect to the upstream's own host name, another path, any
+    case, a trailing dot: followed, and the blob served whole."""
+    setup = private_rig
+    mark = log_mark(setup.mirror)
+    proxy_mark = len(setup.proxy.records())
+    blob = setup.own[number]
+    path = f"/v2/own/{number}/blobs/{sha256_digest(blob)}"
+    response = http_request(setup.mirror.port, "GET", path, timeout=15)
+    log = "\n".join(setup.mirror.log_lines()[mark:])
+    assert response.status == 200, f"{response.status}; log:\n{log}"
+    assert response.body == blob
+    targets = _asked_of_the_proxy(setup, proxy_mark)
+    assert any("/v2/plain/blobs/" in t for t in targets), targets
+    assert_still_serving(setup.mirror, mark)
+
+
+@pytest.mark.parametrize("number", range(len(PRIVATE_REALMS)))
+def test_token_realm_on_loopback_or_private_address_refused(
+    private_rig: PrivateRig, number: int
+) -> None:
+    """
+    A challenge naming a token realm on loopback (``127.0.0.1``,
+    ``localhost``, ``::1``, IPv4-mapped, decimal), a private network or a
+    metadata service: no token is asked for anywhere (the proxy sees only
+    the challenged request), a 502 or 503 OCI error, "denied host" logged.
+    """
+    setup = private_rig
+    mark = log_mark(setup.mirror)
+    proxy_mark = len(setup.proxy.records())
+    path = f"/v2/realm/{number}/manifests/latest"
+    response = http_request(
+        setup.mirror.port, "GET", path, {"Accept": MANIFEST_ACCEPT}, timeout=15
+    )
+    log = "\n".join(setup.mirror.log_lines()[mark:])
+    targets = _asked_of_the_proxy(setup, proxy_mark)
+    own = f"{REGISTRY_NAME}:{setup.hostile.port}"
+    assert targets and all(own in t and "/token" not in t for t in targets), targets
+    assert response.status in (502, 503), f"{response.status}; log:\n{log}"
+    assert response.error_codes() == ["UNAVAILABLE"], response.body
+    assert re.search("denied host", log), log
+    assert_still_serving(setup.mirror, mark)
+
+
 def _gzip_bomb(expanded: int) -> bytes:
     """gzip of *expanded* zero bytes (about 1/1000 of that)."""
     compressor = zlib.compressobj(9, zlib.DEFLATED, 31)

@@ -7,7 +7,9 @@ A tiny outbound HTTP proxy for the end-to-end tests, run as
   forwarded in origin form, one request per connection (``Connection:
   close`` both ways);
 - any target other than 127.0.0.1, or anything else: 403 / 400, never
-  contacted.
+  contacted; ``--alias NAME`` (repeatable) makes the host name NAME (any
+  case, a trailing dot or not) a target too, reached at 127.0.0.1, so that
+  a test can name an upstream by a host name that is no address.
 
 Each request line is appended to ``--log`` as one JSON line
 (``{"method", "target", "allowed"}``).  Standard library only; binds
@@ -40,8 +42,15 @@ HOP_BY_HOP = {
 
 
 class Proxy:
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, aliases: list[str]) -> None:
         self.log_path = log_path
+        self.aliases = {alias.lower().rstrip(".") for alias in aliases}
+
+    def allowed(self, host: str | None) -> bool:
+        """Whether *host* is 127.0.0.1, or one of its aliases."""
+        if host is None:
+            return False
+        return host == ALLOWED_HOST or host.lower().rstrip(".") in self.aliases
 
     def record(self, method: str, target: str, allowed: bool) -> None:
         entry = {"method": method, "target": target, "allowed": allowed}
@@ -93,13 +102,15 @@ class Proxy:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str
     ) -> None:
         host, _, port = target.rpartition(":")
-        allowed = host == ALLOWED_HOST and port.isdigit()
+        allowed = self.allowed(host) and port.isdigit()
         self.record("CONNECT", target, allowed)
         if not allowed:
             await self.refuse(writer, 403, "target not allowed")
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+            up_reader, up_writer = await asyncio.open_connection(
+                ALLOWED_HOST, int(port)
+            )
         except OSError:
             await self.refuse(writer, 502, "cannot connect")
             return
@@ -115,14 +126,14 @@ class Proxy:
         headers: list[str],
     ) -> None:
         url = urlsplit(target)
-        allowed = url.hostname == ALLOWED_HOST and url.port is not None
+        allowed = self.allowed(url.hostname) and url.port is not None
         self.record(method, target, allowed)
         if not allowed:
             await self.refuse(writer, 403, "target not allowed")
             return
-        assert url.hostname is not None and url.port is not None
+        assert url.port is not None
         try:
-            up_reader, up_writer = await asyncio.open_connection(url.hostname, url.port)
+            up_reader, up_writer = await asyncio.open_connection(ALLOWED_HOST, url.port)
         except OSError:
             await self.refuse(writer, 502, "cannot connect")
             return
@@ -184,7 +195,7 @@ class Proxy:
 
 
 async def serve(options: argparse.Namespace) -> None:
-    proxy = Proxy(Path(options.log))
+    proxy = Proxy(Path(options.log), options.alias)
     server = await asyncio.start_server(proxy.handle, ALLOWED_HOST, 0, limit=MAX_HEAD)
     port = server.sockets[0].getsockname()[1]
     ready = Path(options.ready_file)
@@ -202,6 +213,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ready-file", required=True)
     parser.add_argument("--log", required=True)
+    parser.add_argument("--alias", action="append", default=[])
     asyncio.run(serve(parser.parse_args()))
 
 

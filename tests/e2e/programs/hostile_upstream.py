@@ -26,7 +26,14 @@ Blob modes (GET only; HEAD answers honestly):
 - ``corrupt``: the blob with its first byte flipped, same length;
 - ``gzip``: the blob's bytes unchanged, with ``Content-Encoding: gzip``;
 - ``loop``: ``302`` to the same path with ``?hop=N+1``, forever;
-- ``redirect``: ``302`` to ``location``.
+- ``redirect``: ``302`` to ``location`` (``{port}`` in it: this server's
+  port).
+
+Modes of any request (manifest or blob, GET or HEAD):
+
+- ``challenge``: ``401`` with ``WWW-Authenticate: Bearer realm="REALM"``,
+  ``realm`` as in the mode (``{port}`` as above), whatever
+  ``Authorization`` says.
 
 Manifest modes (GET by tag or digest; HEAD answers honestly if it can):
 
@@ -78,6 +85,8 @@ class Hostile(Resource):
         self.tags: dict[str, dict[str, str]] = plan.get("tags", {})
         self.modes: dict[str, dict[str, Any]] = plan.get("modes", {})
         self.random = random.Random(1234)
+        #: the port this server listens on, once it does
+        self.port = 0
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -116,6 +125,15 @@ class Hostile(Resource):
         if len(parts) < 3 or parts[-2] not in ("manifests", "blobs"):
             return self.missing(request, "NAME_UNKNOWN")
         name, kind, reference = "/".join(parts[:-2]), parts[-2], parts[-1]
+        mode = self.modes.get(name, {})
+        if mode.get("mode") == "challenge":
+            request.setResponseCode(401)
+            realm = mode["realm"].replace("{port}", str(self.port))
+            request.setHeader(
+                "WWW-Authenticate", f'Bearer realm="{realm}",service="hostile"'
+            )
+            request.setHeader("Content-Type", "application/json")
+            return b'{"errors":[{"code":"UNAUTHORIZED","message":"token"}]}'
         if kind == "blobs":
             return self.blob(request, name, reference)
         return self.manifest(request, name, reference)
@@ -135,7 +153,8 @@ class Hostile(Resource):
             return b""
         if kind == "redirect":
             request.setResponseCode(302)
-            request.setHeader("Location", mode["location"])
+            location = mode["location"].replace("{port}", str(self.port))
+            request.setHeader("Location", location)
             return b""
         data = self.blobs.get(digest)
         if data is None:
@@ -286,12 +305,14 @@ def main() -> None:
     parser.add_argument("--plan", required=True)
     options = parser.parse_args()
     plan = json.loads(Path(options.plan).read_text())
-    site = Site(Hostile(plan, Path(options.log)))
+    hostile = Hostile(plan, Path(options.log))
+    site = Site(hostile)
 
     async def start() -> None:
         listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             site
         )
+        hostile.port = listening.getHost().port
         ready = Path(options.ready_file)
         partial = ready.with_suffix(".partial")
         partial.write_text(json.dumps({"registry": listening.getHost().port}))
