@@ -36,6 +36,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from regmirror._flight import SingleFlight
+from regmirror._timeout import Idle
 from regmirror.breaker import Breaker
 from regmirror.config import DEFAULT_DENY, Network, UpstreamConfig
 from regmirror.reference import load_json
@@ -157,8 +158,8 @@ class _Collect:
         self._chunks: list[bytes] = []
         self._received = 0
         self._transport: Any = None
-        self._idle = idle
-        self._timer = clock.callLater(idle, self._give_up, f"silent for {idle:g}s")
+        self._idle = Idle(clock, idle)
+        self._idle.start(lambda: self._give_up(f"silent for {idle:g}s"))
 
     def makeConnection(self, transport: Any) -> None:
         self._transport = transport
@@ -166,7 +167,7 @@ class _Collect:
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
-        self._timer.reset(self._idle)
+        self._idle.touch()
         self._received += len(data)
         if self._received > self._limit:
             self._give_up(f"body is over the limit of {self._limit} bytes")
@@ -174,16 +175,14 @@ class _Collect:
         self._chunks.append(data)
 
     def _give_up(self, why: str) -> None:
-        if self._timer.active():
-            self._timer.cancel()
+        self._idle.stop()
         if not self.done.called:
             self.done.errback(ValueError(why))
         if self._transport is not None:
             self._transport.stopProducing()
 
     def connectionLost(self, reason: Failure) -> None:
-        if self._timer.active():
-            self._timer.cancel()
+        self._idle.stop()
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from regmirror._timeout import Idle
+from regmirror.upstream import read_small
 
 
 class IdleTests(SynchronousTestCase):
@@ -75,3 +79,44 @@ class IdleTests(SynchronousTestCase):
         stopped.stop()
         stopped.touch()
         assert self.clock.getDelayedCalls() == []
+
+
+class _Response:
+    """Just enough of an ``IResponse`` for ``read_small``: a body of no
+    announced length, delivered to a protocol over a transport that
+    records being stopped."""
+
+    length = None
+
+    def __init__(self) -> None:
+        self.protocol: Any = None
+        self.stopped = False
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self)
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+def test_a_small_body_that_goes_silent_is_given_up() -> None:
+    """``upstream.read_small`` gives up a body after ``idle`` seconds
+    without a byte, not before (each chunk pushes the limit back), and
+    closes its connection."""
+    clock = Clock()
+    response = _Response()
+    body = read_small(response, 100, clock, 5)  # type: ignore[arg-type]
+    d = Deferred.fromCoroutine(body)
+    for _ in range(3):
+        clock.advance(4.9)
+        response.protocol.dataReceived(b"x")
+    clock.advance(4.9)
+    assert not d.called and not response.stopped
+    clock.advance(0.1)
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert failures[0].check(ValueError)
+    assert failures[0].getErrorMessage() == "silent for 5s"
+    assert response.stopped
+    assert clock.getDelayedCalls() == []
