@@ -202,7 +202,10 @@ async def _tagged_referrers(
     request.setHeader("Regmirror-Tag-Source", tag_source(route, answer.upstream))
     what = f"the referrers tag {tag}"
     try:
-        index = await fetcher.manifest(route.pool, route.repository, answer.digest)
+        # Named by the namespace's own tag: a digest it vouches for.
+        index = await fetcher.manifest(
+            route.pool, route.repository, answer.digest, named=True
+        )
     except ManifestUnknown:
         raise UpstreamBadGateway(
             f"{what} names {answer.digest}, which no upstream has"
