@@ -49,6 +49,7 @@ from regmirror.s3.shared import SharedStore
 from regmirror.status import SAMPLE_INTERVAL, StatusJSON, StatusPage
 from regmirror.store import Store
 from regmirror.transport import (
+    ConnectionPools,
     ReloadableTLS,
     UpstreamTLS,
     agent_for,
@@ -198,15 +199,23 @@ class _QuietPool(HTTPConnectionPool):
     _factory = _QuietFactory
 
 
+def _quiet_pool(reactor: Any) -> HTTPConnectionPool:
+    pool = _QuietPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    return pool
+
+
 def build_mirror(config: Config, reactor: Any) -> Mirror:
-    """Every part, wired to upstreams over one connection pool."""
+    """
+    Every part, wired to upstreams over persistent connection pools, one
+    per way of connecting (TLS settings, proxy: :class:`ConnectionPools`).
+    """
     metrics = Metrics()
-    connections = _QuietPool(reactor, persistent=True)
-    connections.maxPersistentPerHost = 8
+    connections = ConnectionPools(lambda: _quiet_pool(reactor))
     upstreams = {
         name: Upstream(
             upstream,
-            agent_for(upstream, reactor, connections),
+            agent_for(upstream, reactor, connections.pool_for(upstream)),
             reactor,
             deny=config.server.deny_hosts,
             health_record=os.path.join(config.cache.directory, "health", name),
@@ -238,10 +247,12 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
     s3, cluster = config.cache.s3, config.cluster
-    shared = None if s3 is None else shared_store(s3, reactor, connections)
+    shared = None if s3 is None else shared_store(s3, reactor, connections.pool_for())
     redis = None if cluster is None else coordinator(cluster, reactor)
     peers = (
-        None if cluster is None else Peers(Agent(reactor, pool=connections), reactor)
+        None
+        if cluster is None
+        else Peers(Agent(reactor, pool=connections.pool_for()), reactor)
     )
     fetcher = Fetcher(
         store,

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import Any
 
+from attrs import define, field
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
@@ -214,6 +216,53 @@ class _ProxiedAgent:
     ) -> Deferred[Any]:
         agent = self._https if uri.startswith(b"https:") else self._http
         return agent.request(method, uri, headers, bodyProducer)
+
+
+def connection_identity(config: UpstreamConfig | None) -> tuple[object, ...]:
+    """
+    What a connection opened for *config*'s upstream is bound to: its
+    outbound proxy, and its TLS settings with the host they apply to (see
+    :class:`UpstreamTLS`).  ``None`` (the bucket's and the other nodes'
+    agents) is an upstream without either.
+    """
+    if config is None:
+        return (None, ())
+    tls: tuple[object, ...] = ()
+    if config.insecure or config.ca_file or config.client_cert or config.client_key:
+        tls = (
+            config.host,
+            config.insecure,
+            config.ca_file,
+            config.client_cert,
+            config.client_key,
+        )
+    return (config.proxy, tls)
+
+
+@define(eq=False)
+class ConnectionPools:
+    """
+    Persistent connection pools, one per way of connecting
+    (:func:`connection_identity`).  Twisted's pool keys connections by
+    scheme, host and port alone: in one pool, a connection opened with one
+    upstream's TLS settings (no verification, a client certificate, its
+    own CA) or through its proxy would carry another upstream's request or
+    redirect to the same host.  Upstreams that connect alike share a pool,
+    and each keeps its warm connections.
+
+    :ivar make: a new, empty pool.
+    """
+
+    make: Callable[[], HTTPConnectionPool]
+    _pools: dict[tuple[object, ...], HTTPConnectionPool] = field(factory=dict)
+
+    def pool_for(self, config: UpstreamConfig | None = None) -> HTTPConnectionPool:
+        """The pool for *config*'s upstream (``None``: no TLS settings)."""
+        identity = connection_identity(config)
+        pool = self._pools.get(identity)
+        if pool is None:
+            pool = self._pools[identity] = self.make()
+        return pool
 
 
 def agent_for(config: UpstreamConfig, reactor: Any, pool: HTTPConnectionPool) -> IAgent:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ from .harness import (
     RegistryProcess,
     RegistryTls,
     Skopeo,
+    mirror_config_namespaces,
     mirror_config_upstreams,
 )
 from .images import MANIFEST_ACCEPT, Catalog, assert_layout_matches
@@ -228,3 +230,97 @@ def test_mutual_tls_upstream_without_client_certificate_is_unavailable(
     certificate: without one the client gets 502/503 ``UNAVAILABLE``."""
     mirror = tls_mirror(start_mirror, mtls_registry, {"ca_file": str(pki.ca_path)})
     assert_unavailable(mirror, catalog.small.reference)
+
+
+# -- one registry, two ways of reaching it (issue 16, item 9) -------------------
+
+
+def two_ways(
+    start_mirror: StartMirror,
+    registry: RegistryProcess,
+    first: dict[str, str],
+    second: dict[str, str],
+) -> MirrorProcess:
+    """
+    A mirror whose docker.io namespace reaches *registry* through upstream
+    ``first`` and whose ghcr.io namespace reaches the same host and port
+    through upstream ``second``, with other TLS settings; ghcr.io never
+    answers from what docker.io fetched (``origin_unreachable = fail``).
+    """
+    return start_mirror(
+        lambda port: mirror_config_namespaces(
+            port,
+            {
+                "first": {"url": registry.url, **first},
+                "second": {"url": registry.url, **second},
+            },
+            {
+                "docker.io": {
+                    "upstreams": "first",
+                    "origin": "first",
+                    "default": "true",
+                },
+                "ghcr.io": {
+                    "upstreams": "second",
+                    "origin": "second",
+                    "origin_unreachable": "fail",
+                },
+            },
+        )
+    )
+
+
+def manifest(mirror: MirrorProcess, prefix: str, reference: str) -> Any:
+    name, _, tag = reference.partition(":")
+    return mirror.request(
+        "GET", f"/v2/{prefix}{name}/manifests/{tag}", {"Accept": MANIFEST_ACCEPT}
+    )
+
+
+def test_a_connection_opened_insecurely_is_not_used_by_a_verifying_upstream(
+    catalog: Catalog, tls_registry: RegistryProcess, start_mirror: StartMirror
+) -> None:
+    """
+    Upstream ``first`` (``insecure = true``) pulls from the TLS registry and
+    leaves a persistent connection; upstream ``second``, same host and port,
+    verifying against the system store (which does not know the test CA),
+    must not send its request over that connection: 502/503, the
+    certificate refused, and the registry never sees ``second``'s request.
+    """
+    mirror = two_ways(start_mirror, tls_registry, {"insecure": "true"}, {})
+    assert manifest(mirror, "", catalog.small.reference).status == 200
+    before = tls_registry.count_requests("GET", r"/v2/\S+/manifests/\S+")
+    response = manifest(mirror, "ghcr.io/", catalog.multi.reference)
+    assert response.status in (502, 503), (response.status, response.body)
+    assert response.error_codes() == ["UNAVAILABLE"], response.body
+    after = tls_registry.count_requests("GET", r"/v2/\S+/manifests/\S+")
+    assert after == before, "the verifying upstream used the insecure connection"
+
+
+def test_a_connection_with_a_client_certificate_is_not_used_without_one(
+    catalog: Catalog,
+    pki: Pki,
+    client_pair: CertificatePair,
+    mtls_registry: RegistryProcess,
+    start_mirror: StartMirror,
+) -> None:
+    """
+    Upstream ``first`` presents a client certificate to the mutual-TLS
+    registry; upstream ``second``, same host and port and CA, has none: it
+    must not ride on ``first``'s authenticated connection, so it is refused
+    (502/503) as it is when it is alone.
+    """
+    mirror = two_ways(
+        start_mirror,
+        mtls_registry,
+        {
+            "ca_file": str(pki.ca_path),
+            "client_cert": str(client_pair.certificate),
+            "client_key": str(client_pair.key),
+        },
+        {"ca_file": str(pki.ca_path)},
+    )
+    assert manifest(mirror, "", catalog.small.reference).status == 200
+    response = manifest(mirror, "ghcr.io/", catalog.multi.reference)
+    assert response.status in (502, 503), (response.status, response.body)
+    assert response.error_codes() == ["UNAVAILABLE"], response.body
