@@ -44,7 +44,7 @@ from regmirror.reference import Digest
 from regmirror.siblings import Siblings
 from regmirror.sources import Sources
 from regmirror.store import AlreadyCached, DigestMismatch, SpoolBusy, Store
-from regmirror.upstream import UpstreamFailure
+from regmirror.upstream import Upstream, UpstreamFailure
 from regmirror.vouches import Vouches
 
 #: How long a source other than an upstream may stay silent mid-body.
@@ -124,6 +124,7 @@ class Blobs:
         running = self._running.get(digest)
         if running is not None:
             self._lookup("joined")
+            self._join(running, pool, repository)
             return BlobSource(running.size, running.spool.path, running)
         size = self.store.blob_size(digest)
         if size is not None:
@@ -287,6 +288,7 @@ class Blobs:
             running = self._running.get(digest)
             if running is not None:
                 await self._vouch(pool, repository, digest)
+                self._join(running, pool, repository)
                 return running
             waiting: list[Deferred[None]] = []
             self._opening[digest] = waiting
@@ -399,11 +401,14 @@ class Blobs:
         """
         offset = download.written
         download.resumed += 1
+        response: IResponse | None
         try:
             response = await self.sources.open(download)
         except (NotFoundAnywhere, RegistryError) as e:
-            self._fail(download, f"{why}; cannot resume: {e}")
-            return
+            response = await self._resume_elsewhere(download)
+            if response is None:
+                self._fail(download, f"{why}; cannot resume: {e}")
+                return
         self.log.info(
             "resuming {digest} at byte {offset} from {source} ({why})",
             digest=str(download.digest),
@@ -412,6 +417,42 @@ class Blobs:
             why=why,
         )
         self._receive(download, response, skip=offset if response.code == 200 else 0)
+
+    async def _resume_elsewhere(self, download: Download) -> IResponse | None:
+        """
+        The rest of a download its own namespace's upstreams cannot give,
+        from those of the other namespaces that joined it (having vouched
+        for the digest), in the order they joined; ``None`` if none can.
+        From then on, the download goes on in that namespace's name.
+        """
+        for namespace, (pool, repository) in list(download.joined.items()):
+            del download.joined[namespace]
+            download.pool, download.repository = pool, repository
+            try:
+                return await self.sources.upstreams.open(download)
+            except (NotFoundAnywhere, RegistryError):
+                continue
+        return None
+
+    def _upstreams_of(self, download: Download) -> list[Upstream]:
+        """The upstreams a download may go on from: its namespace's and
+        those of the namespaces that joined it."""
+        assert download.pool is not None, "a follower does not receive"
+        found = self.sources.upstreams.trusted(download.pool, download.digest)
+        for pool, _ in download.joined.values():
+            found += [
+                u
+                for u in self.sources.upstreams.trusted(pool, download.digest)
+                if u not in found
+            ]
+        return found
+
+    def _join(self, running: Download, pool: UpstreamPool, repository: str) -> None:
+        """A namespace that vouches for *running*'s digest joins it: should
+        the download's own upstreams fail, its upstreams may give the rest."""
+        own = running.pool
+        if own is not None and own.namespace != pool.namespace:
+            running.joined.setdefault(pool.namespace, (pool, repository))
 
     def _finish(self, download: Download, reason: Failure) -> None:
         """The body ended: verify and commit, resume, or discard."""
@@ -429,7 +470,7 @@ class Blobs:
                 self._fail(download, why)
                 return
             enough = download.attempts.exhausted(
-                download.size, self.sources.upstreams.trusted(pool, download.digest)
+                download.size, self._upstreams_of(download)
             )
             if enough is not None:
                 self._fail(download, f"{why}; no further attempt: {enough}")

@@ -79,6 +79,9 @@ class Download:
     #: the other namespaces whose upstreams confirmed the digest while it
     #: downloaded, recorded with it once it is cached
     vouchers: set[str] = field(factory=set)
+    #: the other namespaces that joined it, vouching for the digest: their
+    #: upstreams give the rest if this namespace's cannot
+    joined: dict[str, tuple[UpstreamPool, str]] = field(factory=dict)
     #: bounds how long a reader waits for more bytes; without it, every
     #: append wakes every reader
     clock: IReactorTime | None = None

@@ -237,6 +237,39 @@ def test_a_second_namespace_joins_a_download_its_upstream_confirms(
     assert origin.count("GET", "/blobs/") == 1
 
 
+def test_a_download_another_namespace_joined_goes_on_from_its_upstreams(
+    two: tuple[Harness, FakeRegistry, FakeRegistry],
+) -> None:
+    """
+    ghcr.io downloads a blob from its only upstream, and docker.io's
+    request, its upstream having confirmed the blob, joins it; when that
+    upstream breaks off and fails from then on, the download goes on from
+    docker.io's upstream (a Range from where it stopped), so neither
+    client's stream ends while an upstream can give the rest.
+    """
+    harness, hub, origin = two
+    layer = origin.add_blob(LAYER)
+    hub.add_blob(LAYER)
+    origin.hold[layer] = 4096
+    received: list[list[bytes]] = [[], []]
+    finished: list[object] = []
+    for path, sink in zip(
+        (f"/v2/ghcr.io/org/app/blobs/{layer}", f"/v2/app/blobs/{layer}"),
+        received,
+        strict=True,
+    ):
+        d = harness.client.get(f"http://mirror.test{path}", unbuffered=True)
+        d.addCallback(treq.collect, sink.append).addBoth(finished.append)
+        harness.settle()
+    assert hub.count("HEAD", f"/v2/library/app/blobs/{layer}") == 1
+    origin.fault = lambda request: (500, b"down")
+    origin.cut()
+    harness.settle()
+    assert finished == [None, None]
+    assert all(b"".join(sink) == LAYER for sink in received)
+    assert hub.ranges == ["bytes=4096-"]
+
+
 # -- item 3: content is served only through a namespace that vouches for it ---------
 
 
