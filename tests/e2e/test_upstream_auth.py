@@ -20,6 +20,7 @@ import pytest
 from .harness import (
     MirrorProcess,
     RegistryProcess,
+    RegistryTls,
     Response,
     Skopeo,
     mirror_config_upstreams,
@@ -28,6 +29,7 @@ from .images import MANIFEST_ACCEPT, Catalog, assert_layout_matches, sha256_dige
 from .servers import (
     CertificatePair,
     FakeUpstream,
+    Pki,
     TokenIssuer,
     write_htpasswd,
     write_token_signing_pair,
@@ -461,3 +463,49 @@ def test_static_token_sent_to_upstream_never_to_the_cdn(
     assert fetched == {b.digest for b in image.blobs}, cdn_side
     assert all(r["authorization"] is None for r in cdn_side), cdn_side
     assert_not_logged(mirror, STATIC_TOKEN)
+
+
+def test_plain_http_realm_of_an_https_upstream_is_refused(
+    tmp_path: Path,
+    catalog: Catalog,
+    token_issuer: TokenIssuer,
+    token_signing: CertificatePair,
+    start_registry: StartRegistry,
+    start_mirror: StartMirror,
+) -> None:
+    """
+    An https upstream (``docker-registry`` with TLS, trusted by
+    ``ca_file``) whose challenge names a plain ``http://`` realm (issue 16,
+    item 8): the mirror asks no token there, so neither the credentials
+    nor a token travel in clear; the client gets 502/503 ``UNAVAILABLE``,
+    the log names the upstream and the plain-http realm, never the
+    password.
+    """
+    pki = Pki(tmp_path / "pki")
+    server = pki.issue("registry", server=True)
+    registry = start_registry(
+        auth={
+            "token": {
+                "realm": token_issuer.realm(),
+                "service": token_issuer.service,
+                "issuer": token_issuer.issuer,
+                "rootcertbundle": token_signing.certificate,
+            }
+        },
+        tls=RegistryTls(server.certificate, server.key),
+    )
+    assert registry.url.startswith("https://")
+    assert token_issuer.realm().startswith("http://")
+    options = {"username": USERNAME, "password": PASSWORD, "ca_file": str(pki.ca_path)}
+    mirror = secured_mirror(start_mirror, "tls-upstream", registry.url, options)
+    response = get_manifest(mirror, catalog.small.reference)
+    assert response.status in (502, 503), (response.status, response.body)
+    assert response.error_codes() == ["UNAVAILABLE"], response.body
+    assert token_issuer.token_requests() == [], "the plain http realm was asked"
+    refusals = [
+        line
+        for line in mirror.log_lines()
+        if "tls-upstream" in line and "plain http" in line
+    ]
+    assert refusals, mirror.log()
+    assert_not_logged(mirror, PASSWORD)
