@@ -2144,6 +2144,65 @@ def test_token_realm_on_loopback_or_private_address_refused(
     assert_still_serving(setup.mirror, mark)
 
 
+#: What an upstream may serve as a list, and what the mirror must answer:
+#: (repository, body, Content-Type, endpoint, status the client gets).
+PAGE = "<html><body><script>alert(document.cookie)</script></body></html>"
+LISTINGS = [
+    ("list/html", PAGE, "text/html", "tags/list", 502),
+    ("list/html-as-json", PAGE, "application/json", "tags/list", 502),
+    ("list/array", '["v1","<b>v2</b>"]', "application/json", "tags/list", 502),
+    ("list/tags-text", '{"name":"x","tags":"<b>"}', "text/html", "tags/list", 502),
+    ("list/good-as-html", '{"name":"x","tags":["v1"]}', "text/html", "tags/list", 200),
+    ("list/referrers-html", PAGE, "text/html", "referrers", 502),
+    ("list/referrers-as-index", PAGE, OCI_INDEX, "referrers", 502),
+    (
+        "list/referrers-good-as-html",
+        json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}),
+        "text/html",
+        "referrers",
+        200,
+    ),
+]
+
+
+def test_lists_go_out_only_as_json_the_mirror_wrote(
+    tmp_path: Path, rig: Callable[..., Rig]
+) -> None:
+    """
+    ``tags/list`` and referrers answers from an upstream that serves a page
+    (as ``text/html`` or claiming JSON), JSON that is no tag list, or a
+    real list labelled ``text/html`` (issue 16, item 7): the client gets
+    either a 502 ``UNAVAILABLE`` OCI error or the list, always as
+    ``application/json`` (the OCI index type for referrers) with
+    ``X-Content-Type-Options: nosniff``, and never the page's bytes.
+    """
+    plan = Plan(tmp_path / "plan")
+    for repository, body, content_type, _, _ in LISTINGS:
+        plan.mode(repository, mode="listing", body=body, type=content_type)
+    setup = rig(plan)
+    mark = log_mark(setup.mirror)
+    subject = "sha256:" + "a" * 64
+    outcomes = []
+    for repository, _, _, endpoint, status in LISTINGS:
+        path = f"/v2/{repository}/" + (
+            "tags/list" if endpoint == "tags/list" else f"referrers/{subject}"
+        )
+        response = http_request(setup.mirror.port, "GET", path, timeout=15)
+        kind = response.headers.get("Content-Type")
+        outcomes.append((repository, response.status, kind, response.body[:80]))
+        assert response.status == status, outcomes[-1]
+        assert b"<script>" not in response.body, outcomes[-1]
+        if status == 200:
+            expected = "application/json" if endpoint == "tags/list" else OCI_INDEX
+            assert kind == expected, outcomes[-1]
+            assert response.headers.get("X-Content-Type-Options") == "nosniff"
+            json.loads(response.body)
+        else:
+            assert kind == "application/json", outcomes[-1]
+            assert response.error_codes() == ["UNAVAILABLE"], outcomes[-1]
+    assert_still_serving(setup.mirror, mark)
+
+
 def _gzip_bomb(expanded: int) -> bytes:
     """gzip of *expanded* zero bytes (about 1/1000 of that)."""
     compressor = zlib.compressobj(9, zlib.DEFLATED, 31)

@@ -29,6 +29,10 @@ Blob modes (GET only; HEAD answers honestly):
 - ``redirect``: ``302`` to ``location`` (``{port}`` in it: this server's
   port).
 
+Listing mode (``tags/list`` and ``referrers/<digest>``, otherwise 404):
+
+- ``listing``: ``200`` with ``body`` (text) as ``Content-Type: type``.
+
 Modes of any request (manifest or blob, GET or HEAD):
 
 - ``challenge``: ``401`` with ``WWW-Authenticate: Bearer realm="REALM"``,
@@ -122,6 +126,8 @@ class Hostile(Resource):
             request.setHeader("Content-Type", "application/json")
             return b"{}"
         parts = path.split("/")[2:]
+        if len(parts) >= 3 and parts[-2] in ("tags", "referrers"):
+            return self.listing(request, "/".join(parts[:-2]))
         if len(parts) < 3 or parts[-2] not in ("manifests", "blobs"):
             return self.missing(request, "NAME_UNKNOWN")
         name, kind, reference = "/".join(parts[:-2]), parts[-2], parts[-1]
@@ -137,6 +143,13 @@ class Hostile(Resource):
         if kind == "blobs":
             return self.blob(request, name, reference)
         return self.manifest(request, name, reference)
+
+    def listing(self, request: Request, name: str) -> bytes:
+        mode = self.modes.get(name, {})
+        if mode.get("mode") != "listing":
+            return self.missing(request, "NAME_UNKNOWN")
+        request.setHeader("Content-Type", mode["type"])
+        return str(mode["body"]).encode("utf-8")
 
     def missing(self, request: Request, code: str) -> bytes:
         request.setResponseCode(404)
