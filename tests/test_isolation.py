@@ -24,6 +24,7 @@ from fakeregistry import FakeRegistry, digest_of
 from memory import LAYER, Harness, error_code, image, result
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -33,6 +34,7 @@ from regmirror.ini import load
 from regmirror.pool import StaleAnswer
 from regmirror.reference import Digest, parse_digest
 from regmirror.service import build_mirror
+from regmirror.siblings import FOLLOW_INTERVAL
 from regmirror.vouches import MAX_REMEMBERED, Vouches
 
 MISSING = b'{"errors":[{"code":"BLOB_UNKNOWN","message":"not in this repository"}]}'
@@ -206,6 +208,43 @@ def test_a_namespace_that_fails_first_does_not_answer_the_default_one(
     served = result(docker)
     assert served.code == 200
     assert harness.body(served) == LAYER
+
+
+def test_another_process_starting_for_another_namespace_does_not_answer_either(
+    tmp_path: Path,
+) -> None:
+    """
+    With two worker processes on one cache folder: the first starts
+    docker.io's download of a blob its upstreams deny it (the spool
+    locked while the first upstream is slow); the second, asked for the
+    blob through ghcr.io, whose upstream has it, does not take the first's
+    404 for its answer when that spool ends unfinished: it downloads the
+    blob itself and serves it.
+    """
+    hub, origin = Paused(), FakeRegistry()
+    layer = origin.add_blob(LAYER)
+    origin.fault = deny("library/")
+    clock = Clock()
+    first = Harness(
+        str(tmp_path / "cache"), {"hub": hub, "origin": origin}, clock=clock
+    )
+    second = Harness(
+        str(tmp_path / "cache"), {"hub": hub, "origin": origin}, clock=clock
+    )
+    docker = get(first, f"/v2/app/blobs/{layer}")
+    first.settle()
+    assert hub.paused
+    ghcr = get(second, f"/v2/ghcr.io/org/app/blobs/{layer}")
+    second.settle()
+    hub.go()
+    for _ in range(10):
+        first.settle()
+        second.settle()
+        clock.advance(FOLLOW_INTERVAL)
+    assert result(docker).code == 404
+    served = result(ghcr)
+    assert served.code == 200
+    assert second.body(served) == LAYER
 
 
 def test_a_second_namespace_joins_a_download_its_upstream_confirms(
