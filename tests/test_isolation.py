@@ -35,7 +35,7 @@ from regmirror.pool import StaleAnswer
 from regmirror.reference import Digest, parse_digest
 from regmirror.service import build_mirror
 from regmirror.siblings import FOLLOW_INTERVAL
-from regmirror.vouches import MAX_REMEMBERED, Vouches
+from regmirror.vouches import MAX_REMEMBERED, UNUSED_RECORD_AGE, Vouches
 
 MISSING = b'{"errors":[{"code":"BLOB_UNKNOWN","message":"not in this repository"}]}'
 
@@ -457,6 +457,35 @@ def test_vouches_go_with_the_content_and_memory_is_bounded(tmp_path: Path) -> No
     for number in range(MAX_REMEMBERED + 10):
         vouches.remember("ghcr.io", parse_digest(f"sha256:{number:064x}"))
     assert len(vouches) == MAX_REMEMBERED
+
+
+def test_records_of_content_that_never_came_are_swept_after_a_day(
+    tmp_path: Path,
+) -> None:
+    """
+    A manifest vouches for layers nobody may ever pull: their records go
+    when the periodic housekeeping finds them older than a day with no
+    content, while those of cached content, and young ones, stay.
+    """
+    harness = Harness(str(tmp_path / "cache"), {"origin": FakeRegistry()})
+    store, clock = harness.store, harness.clock
+    cached, absent = Digest.of(b"cached"), Digest.of(b"absent")
+    os.makedirs(os.path.dirname(store.blob_path(cached)), exist_ok=True)
+    with open(store.blob_path(cached), "wb") as f:
+        f.write(b"cached")
+    harness.fetcher.vouches.add("docker.io", [cached, absent])
+    for digest in (cached, absent):
+        os.utime(store._path("vouches", digest), (0, 0))
+    young = Digest.of(b"young")
+    clock.advance(UNUSED_RECORD_AGE + 10)
+    harness.fetcher.vouches.add("docker.io", [young])
+    os.utime(store._path("vouches", young), (clock.seconds(),) * 2)
+
+    harness.fetcher.housekeep()
+
+    assert store.vouchers(cached) == {"docker.io"}
+    assert store.vouchers(absent) == frozenset()
+    assert store.vouchers(young) == {"docker.io"}
 
 
 # -- the status document names only what the client may pull ------------------------
