@@ -25,7 +25,7 @@ from .harness import (
     Skopeo,
     mirror_config_namespaces,
 )
-from .images import MANIFEST_ACCEPT, ghcr_app
+from .images import MANIFEST_ACCEPT, Catalog, ghcr_app
 from .test_access import ALICE, ALICE_PASSWORD, basic, htpasswd_line
 
 pytestmark = pytest.mark.e2e
@@ -198,3 +198,48 @@ def test_content_both_upstreams_have_is_served_from_one_copy_once_vouched_for(
     hub_seen = len(c.hub.access_log())
     pull_open()
     assert c.hub.access_log()[hub_seen:] == []
+
+
+#: every way of naming ``test/small`` of the closed namespace
+CLOSED_FORMS = {
+    "prefix": ("ghcr.io/test/small", "", {}),
+    "ns": ("test/small", "?ns=ghcr.io", {}),
+    "host": ("test/small", "", {"Host": GHCR_HOST}),
+}
+
+
+def test_what_the_open_namespace_cached_is_not_served_through_the_closed_one(
+    closed: Closed, skopeo: Skopeo, catalog: Catalog, tmp_path: Path
+) -> None:
+    """
+    The other way round: ``test/small``, pulled anonymously through
+    docker.io, is not served to alice through ghcr.io (prefix, ``?ns=``,
+    Host; manifest by digest and blobs, GET and HEAD), whose upstream does
+    not have it and is asked: 404, nothing fetched again from docker.io's.
+    """
+    c = closed
+    small = catalog.small
+    skopeo.push_images(c.hub.host, [small], tmp_path / "hub-push")
+    manifest = c.mirror.request(
+        "GET", "/v2/test/small/manifests/latest", {"Accept": MANIFEST_ACCEPT}
+    )
+    assert manifest.status == 200 and manifest.body == small.root.data
+    for blob in small.blobs:
+        got = c.mirror.request("GET", f"/v2/test/small/blobs/{blob.digest}")
+        assert got.status == 200 and got.body == blob.data
+    hub_seen = len(c.hub.access_log())
+    ghcr_seen = len(c.ghcr.access_log())
+    alice = {"Accept": MANIFEST_ACCEPT, **basic(ALICE, ALICE_PASSWORD)}
+    for form, (name, query, extra) in CLOSED_FORMS.items():
+        for method in ("GET", "HEAD"):
+            for endpoint in (
+                f"manifests/{small.root.digest}",
+                *(f"blobs/{blob.digest}" for blob in small.blobs),
+            ):
+                answer = c.mirror.request(
+                    method, f"/v2/{name}/{endpoint}{query}", {**alice, **extra}
+                )
+                assert answer.status == 404, (form, method, endpoint, answer.status)
+    asked = c.ghcr.access_log()[ghcr_seen:]
+    assert any(small.root.digest in line for line in asked), asked
+    assert len(c.hub.access_log()) == hub_seen
