@@ -471,7 +471,12 @@ class Upstream:
             if response.code not in REDIRECTS or not location:
                 return response
             await self.drain(response)
-            url = urljoin(url, location)
+            try:
+                url = urljoin(url, location)
+            except ValueError:  # an unclosed or bad IPv6 bracket
+                raise UpstreamFailure(
+                    self.name, "invalid", "redirected to a URL that cannot be parsed"
+                ) from None
             allowed = (
                 ("https", "http") if self.config.url.startswith("http:") else ("https",)
             )
@@ -584,7 +589,10 @@ class Upstream:
 
     async def _fetch_token(self, challenge: Challenge, scope: str) -> str:
         realm = challenge.params["realm"]
-        scheme = urlsplit(realm).scheme
+        try:
+            scheme = urlsplit(realm).scheme
+        except ValueError:  # an unclosed or bad IPv6 bracket
+            scheme = ""
         if scheme not in ("http", "https"):
             raise UpstreamFailure(
                 self.name, "invalid", "token realm is not an http(s) URL"

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from fakeregistry import FakeRegistry
-from memory import LAYER, image
+from memory import LAYER, Harness, image
 from treq import content
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
@@ -290,3 +290,35 @@ def test_blob_bytes_pass_once_redirected_to_the_own_host() -> None:
     body: list[bytes] = []
     content(outcome).addCallback(body.append)
     assert body == [LAYER]
+
+
+# -- URLs no parser takes -----------------------------------------------------------
+
+MALFORMED = ["http://[::1", "http://[zz]", "http://[127.0.0.1]", "http://[::1]]"]
+
+
+@pytest.mark.parametrize("target", MALFORMED)
+def test_a_redirect_to_a_malformed_url_is_an_upstream_failure(
+    tmp_path: Any, target: str
+) -> None:
+    """A ``Location`` no URL parser takes (an unclosed or bad IPv6
+    bracket): the upstream's failure, a 502 OCI error, never a crash."""
+    outcome, fake = redirected(target)
+    assert isinstance(outcome, Failure), outcome
+    assert isinstance(outcome.value, UpstreamFailure), outcome.value
+    assert fake.count("GET", "/cdn/") == 0
+    origin = FakeRegistry()
+    digest = image(origin)["layer"]
+    origin.redirect = target
+    mirror = Harness(str(tmp_path), {"origin": origin})
+    response = mirror.request("GET", f"/v2/app/blobs/{digest}")
+    assert response.code == 502
+
+
+@pytest.mark.parametrize("realm", [f"{target}/token" for target in MALFORMED])
+def test_a_malformed_token_realm_is_an_upstream_failure(realm: str) -> None:
+    """A challenge whose realm no URL parser takes: the upstream's failure."""
+    outcome, fake = realm_answer(realm)
+    assert isinstance(outcome, Failure), outcome
+    assert isinstance(outcome.value, UpstreamFailure), outcome.value
+    assert fake.count("GET", "/token") == 0
