@@ -1944,6 +1944,13 @@ PRIVATE_REDIRECTS = [
     "http://[64:ff9b::a00:1]/v2/plain/blobs/{digest}",
     "http://[2002:c0a8:101::1]/v2/plain/blobs/{digest}",
 ]
+#: Locations no URL parser takes (an unclosed or bad IPv6 bracket).
+MALFORMED_REDIRECTS = [
+    "http://[::1",
+    "http://[::1/v2/plain/blobs/{digest}",
+    "http://[zz]/v2/plain/blobs/{digest}",
+    "http://[127.0.0.1]:{port}/v2/plain/blobs/{digest}",
+]
 #: The upstream's own host, however written: followed.
 OWN_HOST_REDIRECTS = [
     "http://registry.test:{port}/v2/plain/blobs/{digest}",
@@ -1989,7 +1996,11 @@ def private_rig(
     plan = Plan(root / "plan")
     layer = catalog.small.layers[0]
     plan.blob(layer.data)
-    lists = {"loopback": LOOPBACK_REDIRECTS, "private": PRIVATE_REDIRECTS}
+    lists = {
+        "loopback": LOOPBACK_REDIRECTS,
+        "private": PRIVATE_REDIRECTS,
+        "malformed": MALFORMED_REDIRECTS,
+    }
     for prefix, locations in lists.items():
         for number, location in enumerate(locations):
             plan.mode(
@@ -2043,12 +2054,13 @@ def _asked_of_the_proxy(setup: PrivateRig, mark: int) -> list[str]:
     return [str(r["target"]) for r in setup.proxy.records()[mark:]]
 
 
-def _check_refused_private(setup: PrivateRig, path: str, asked: str) -> None:
+def _check_refused_private(
+    setup: PrivateRig, path: str, asked: str, why: str = "denied host"
+) -> None:
     """
     *path* leads the mirror elsewhere than the upstream's own host: 502
     ``UNAVAILABLE`` after one request to the upstream (for *asked*), no
-    other target ever asked of the proxy, "denied host" in the log,
-    nothing cached.
+    other target ever asked of the proxy, *why* in the log, nothing cached.
     """
     mark = log_mark(setup.mirror)
     proxy_mark = len(setup.proxy.records())
@@ -2063,7 +2075,7 @@ def _check_refused_private(setup: PrivateRig, path: str, asked: str) -> None:
     assert (response.status, response.error_codes()) == (502, ["UNAVAILABLE"]), (
         f"{response.status} {response.body!r}; log:\n{log}"
     )
-    assert re.search("denied host", log), log
+    assert re.search(why, log), log
     assert setup.mirror.cache_listing() == before
     assert_still_serving(setup.mirror, mark)
 
@@ -2095,6 +2107,21 @@ def test_redirect_to_private_network_refused_before_connecting(
     """
     path = f"/v2/private/{number}/blobs/{private_rig.layer.digest}"
     _check_refused_private(private_rig, path, f"/v2/private/{number}/blobs/")
+
+
+@pytest.mark.parametrize("number", range(len(MALFORMED_REDIRECTS)))
+def test_redirect_to_a_malformed_url_is_an_upstream_failure(
+    private_rig: PrivateRig, number: int
+) -> None:
+    """
+    A blob redirect to a URL no parser takes (an unclosed IPv6 bracket, a
+    bracket that holds no IPv6 address): a 502 naming the unparsable URL in
+    the log, no traceback, nothing asked of anyone else.
+    """
+    path = f"/v2/malformed/{number}/blobs/{private_rig.layer.digest}"
+    _check_refused_private(
+        private_rig, path, f"/v2/malformed/{number}/blobs/", "cannot be parsed"
+    )
 
 
 @pytest.mark.parametrize("number", range(len(OWN_HOST_REDIRECTS)))
