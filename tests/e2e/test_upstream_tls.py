@@ -324,3 +324,39 @@ def test_a_connection_with_a_client_certificate_is_not_used_without_one(
     response = manifest(mirror, "ghcr.io/", catalog.multi.reference)
     assert response.status in (502, 503), (response.status, response.body)
     assert response.error_codes() == ["UNAVAILABLE"], response.body
+
+
+def _established_to(port: int) -> set[int]:
+    """
+    The local ports of this machine's ESTABLISHED IPv4 connections to
+    127.0.0.1:*port* (the client sides: only the mirror connects there).
+    """
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, state = fields[1], fields[2], fields[3]
+        if state == "01" and remote == f"0100007F:{port:04X}":
+            found.add(int(local.rsplit(":", 1)[1], 16))
+    return found
+
+
+def test_the_warm_path_keeps_its_connection(
+    catalog: Catalog, pki: Pki, tls_registry: RegistryProcess, start_mirror: StartMirror
+) -> None:
+    """
+    Pools per way of connecting keep connections persistent: ten tag
+    look-ups in a row (``tag_ttl = 0s``: each asks the registry) over TLS
+    travel on one connection, the same from the first to the last.
+    """
+    mirror = tls_mirror(start_mirror, tls_registry, {"ca_file": str(pki.ca_path)})
+    port = int(tls_registry.url.rsplit(":", 1)[1])
+    seen = []
+    for _ in range(10):
+        assert manifest(mirror, "", catalog.small.reference).status == 200
+        seen.append(_established_to(port))
+    asked = sum(
+        tls_registry.count_requests(method, r"/v2/\S+/manifests/\S+")
+        for method in ("GET", "HEAD")
+    )
+    assert asked >= 10, asked
+    assert len(seen[0]) == 1 and all(ports == seen[0] for ports in seen), seen
