@@ -67,11 +67,13 @@ class Manifests:
             return manifest
 
         async def fetch() -> Manifest:
-            # The bucket holds every namespace's manifests: only for one
-            # this namespace vouches for.
-            if vouched and self.bucket is not None:
+            if self.bucket is not None:
                 shared = await self.bucket.manifest(digest)
                 if shared is not None:
+                    # The bucket holds every namespace's manifests: one this
+                    # namespace does not vouch for, its upstreams confirm.
+                    if not vouched:
+                        await self._confirm(pool, repository, shared)
                     self.keep(shared, share=False)
                     return shared
             try:

@@ -22,6 +22,7 @@ import treq
 from configs import write_config
 from fakeregistry import FakeRegistry, digest_of
 from memory import LAYER, Harness, error_code, image, result
+from test_fetch_cluster import Cluster
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Clock
@@ -565,3 +566,34 @@ def test_the_status_document_names_only_repositories_the_client_may_pull(
         {"X-Forwarded-For": "192.0.2.1", "Authorization": f"Bearer {token}"},
     )
     assert seen(holder) == ({"ghcr.io/org/app"}, {ghcr}, 2)
+
+
+def test_the_clusters_bucket_serves_a_namespace_only_what_it_vouches_for(
+    tmp_path: Path,
+) -> None:
+    """
+    The bucket holds every namespace's content: what node ``a`` put there
+    through docker.io, node ``b`` serves through ghcr.io only once ghcr.io's
+    upstream confirms it (``HEAD``): 404 while it denies it, then the
+    bucket's copy, no GET upstream, GET and HEAD alike.
+    """
+    c = Cluster(tmp_path)
+    content = image(c.origin)
+    assert c.request("a", "GET", "/v2/app/manifests/latest").code == 200
+    for blob in ("config", "layer"):
+        assert c.body(c.request("a", "GET", f"/v2/app/blobs/{content[blob]}"))
+    c.origin.fault = deny("org/")
+    manifest = f"/v2/ghcr.io/org/app/manifests/{content['manifest']}"
+    layer = f"/v2/ghcr.io/org/app/blobs/{content['layer']}"
+    for method in ("GET", "HEAD"):
+        for path in (manifest, layer):
+            assert c.request("b", method, path).code == 404, (method, path)
+    assert c["b"].cached_files() == []
+
+    c.origin.fault = None
+    gets = c.origin.count("GET", "/")
+    served = c.request("b", "GET", manifest)
+    assert c.body(served) == content["body"].encode()
+    served = c.request("b", "GET", layer)
+    assert c.body(served) == LAYER
+    assert c.origin.count("GET", "/") == gets
