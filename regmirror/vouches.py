@@ -32,28 +32,32 @@ from attrs import define, field
 from regmirror.reference import Digest, load_json, parse_digest
 from regmirror.store import Store
 
-#: How many ``(namespace, digest)`` answers each process remembers.
-MAX_REMEMBERED = 50_000
+#: How many ``(namespace, digest)`` answers each process remembers (a few
+#: hundred bytes each).
+MAX_REMEMBERED = 20_000
 #: Records of content that is not in the cache are removed after this long.
 UNUSED_RECORD_AGE = 86400.0
 
 
 class _Recent:
-    """A set of at most :data:`MAX_REMEMBERED` keys, the oldest used out first."""
+    """A set of at most :data:`MAX_REMEMBERED` pairs, the oldest used out first."""
 
     def __init__(self) -> None:
-        self._keys: OrderedDict[tuple[str, Digest], None] = OrderedDict()
+        # Kept as text: a third of the memory of a tuple with a Digest.
+        self._keys: OrderedDict[str, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def __contains__(self, key: tuple[str, Digest]) -> bool:
+    def __contains__(self, pair: tuple[str, Digest]) -> bool:
+        key = f"{pair[0]} {pair[1]}"
         if key not in self._keys:
             return False
         self._keys.move_to_end(key)
         return True
 
-    def add(self, key: tuple[str, Digest]) -> None:
+    def add(self, pair: tuple[str, Digest]) -> None:
+        key = f"{pair[0]} {pair[1]}"
         self._keys[key] = None
         self._keys.move_to_end(key)
         while len(self._keys) > MAX_REMEMBERED:
