@@ -40,6 +40,9 @@ from regmirror.upstream import (
 )
 
 MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES)
+#: Stale answers remembered per namespace; the oldest go first beyond it
+#: (clients choose the repositories asked about).
+MAX_STALE = 10_000
 
 
 @frozen
@@ -103,7 +106,8 @@ class UpstreamPool:
     origin_unreachable: str = "freshest"
     #: cached tag answers older than this are not used in that case
     max_stale: float = 7 * 86400.0
-    #: (mirror, repository) → its last answer that differed from the origin
+    #: (mirror, repository) → its last answer that differed from the origin,
+    #: at most :data:`MAX_STALE`, oldest first
     stale: dict[tuple[str, str], StaleAnswer] = field(factory=dict)
     #: how many stale answers each mirror gave
     stale_counts: dict[str, int] = field(factory=dict)
@@ -395,6 +399,9 @@ class UpstreamPool:
                     repository=repository,
                 )
             return
+        self.stale.pop(key, None)
+        while len(self.stale) >= MAX_STALE:
+            del self.stale[next(iter(self.stale))]
         self.stale[key] = StaleAnswer(tag, theirs.digest, ours.digest)
         self.stale_counts[theirs.upstream] = (
             self.stale_counts.get(theirs.upstream, 0) + 1

@@ -17,7 +17,8 @@ from twisted.logger import LogEvent, formatEvent
 
 from regmirror._attempts import MAX_FRUITLESS, max_attempts
 from regmirror.breaker import Breaker
-from regmirror.reference import parse_digest
+from regmirror.pool import MAX_STALE, TagAnswer
+from regmirror.reference import Digest, parse_digest
 
 OLD = "2020-01-01T00:00:00Z"
 NEW = "2024-06-01T12:30:00.123456789Z"
@@ -511,6 +512,21 @@ def test_stale_mirror_is_detected_and_its_tag_never_wins(
     assert harness.body(harness.request("GET", f"/v2/app/blobs/{fresh['layer']}"))
     assert mirror_up.count("GET", f"/blobs/{fresh['layer']}") == 1
     assert origin.count("GET", "/blobs/") == 0
+
+
+def test_stale_answers_remembered_are_bounded(tmp_path: Path) -> None:
+    """Clients choose the repositories asked about: 100,000 repositories a
+    mirror answers differently leave :data:`MAX_STALE` records, the newest."""
+    harness, _, _ = two(tmp_path)
+    pool = harness.router_pool("docker.io")
+    theirs, ours = Digest.of(b"old"), Digest.of(b"new")
+    for n in range(100_000):
+        pool._compare(
+            TagAnswer(theirs, "mirror"), f"r{n}", "latest", TagAnswer(ours, "origin")
+        )
+    assert len(pool.stale) == MAX_STALE
+    assert ("mirror", "r99999") in pool.stale and ("mirror", "r0") not in pool.stale
+    assert pool.stale_counts == {"mirror": 100_000}
 
 
 def test_origin_down_freshest_answer_wins(tmp_path: Path) -> None:
