@@ -23,7 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from regmirror.reference import Digest
-from regmirror.upstream import discard
+from regmirror.responses import discard
 
 #: The path prefix of the node-to-node blob endpoint.
 PATH = b"_cluster"

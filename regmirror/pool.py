@@ -32,12 +32,8 @@ from regmirror.reference import (
     manifest_media_type,
     parse_digest,
 )
-from regmirror.upstream import (
-    Upstream,
-    UpstreamFailure,
-    header,
-    retry_after,
-)
+from regmirror.responses import header
+from regmirror.upstream import Upstream, UpstreamFailure, retry_after
 
 MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES)
 #: Stale answers remembered per namespace; the oldest go first beyond it

@@ -39,7 +39,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from regmirror.config import UpstreamConfig
-from regmirror.upstream import same_site
+from regmirror.hosts import same_site
 
 log = Logger()
 

@@ -11,17 +11,13 @@ named realm, caches tokens per scope, and turns transport problems into
 from __future__ import annotations
 
 import base64
-import ipaddress
 import re
-import socket
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from attrs import define, field, frozen
-from publicsuffixlist import PublicSuffixList
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.error import (
     ConnectError,
     ConnectingCancelledError,
@@ -29,19 +25,16 @@ from twisted.internet.error import (
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from regmirror._flight import SingleFlight
-from regmirror._timeout import Idle
 from regmirror.breaker import Breaker
 from regmirror.config import DEFAULT_DENY, Network, UpstreamConfig
+from regmirror.hosts import is_denied, same_host, same_site
 from regmirror.reference import load_json
-
-_SUFFIXES = PublicSuffixList()
+from regmirror.responses import header, read_small
 
 #: Bodies read whole (errors, tokens, manifests, tag lists) stop here.
 MAX_SMALL_BODY = 4 * 1024 * 1024
@@ -135,96 +128,6 @@ def retry_after(response: IResponse) -> float | None:
         except (UnicodeDecodeError, ValueError):
             continue
     return None
-
-
-def header(response: IResponse, name: str) -> str | None:
-    """The first value of a response header, decoded, or ``None``."""
-    values = response.headers.getRawHeaders(name.encode("ascii"))
-    if not values:
-        return None
-    first: bytes = values[0]
-    return first.decode("latin-1")
-
-
-class _Collect:
-    """
-    Gathers a small body (``deliverBody``), giving up — and closing the
-    connection — past *limit* bytes or after *idle* seconds of silence.
-    """
-
-    def __init__(self, limit: int, clock: IReactorTime, idle: float) -> None:
-        self.done: Deferred[bytes] = Deferred()
-        self._limit = limit
-        self._chunks: list[bytes] = []
-        self._received = 0
-        self._transport: Any = None
-        self._idle = Idle(clock, idle)
-        self._idle.start(lambda: self._give_up(f"silent for {idle:g}s"))
-
-    def makeConnection(self, transport: Any) -> None:
-        self._transport = transport
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        self._idle.touch()
-        self._received += len(data)
-        if self._received > self._limit:
-            self._give_up(f"body is over the limit of {self._limit} bytes")
-            return
-        self._chunks.append(data)
-
-    def _give_up(self, why: str) -> None:
-        self._idle.stop()
-        if not self.done.called:
-            self.done.errback(ValueError(why))
-        if self._transport is not None:
-            self._transport.stopProducing()
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._idle.stop()
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self._chunks))
-        else:
-            self.done.errback(ValueError(f"body broke off: {reason.getErrorMessage()}"))
-
-
-async def read_small(
-    response: IResponse, limit: int, clock: IReactorTime, idle: float
-) -> bytes:
-    """
-    A body that should be small, from any HTTP server.
-
-    :raises ValueError: if it is over *limit* bytes, goes silent for *idle*
-        seconds, or breaks off; the connection is closed then.
-    """
-    length = response.length
-    if isinstance(length, int) and length > limit:
-        discard(response)
-        raise ValueError(f"body of {length} bytes is over the limit of {limit}")
-    collect = _Collect(limit, clock, idle)
-    response.deliverBody(collect)
-    return await collect.done
-
-
-def discard(response: IResponse) -> None:
-    """Drop a body unread, closing its connection."""
-    response.deliverBody(_Discard())
-
-
-class _Discard:
-    """A body protocol that drops everything and closes."""
-
-    def makeConnection(self, transport: Any) -> None:
-        transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Any) -> None:
-        pass
 
 
 @define(eq=False)
@@ -539,19 +442,9 @@ class Upstream:
             host = (urlsplit(url).hostname or "").lower().rstrip(".")
         except ValueError:
             raise UpstreamFailure(self.name, "invalid", f"{how} to a bad URL") from None
-        if host in listed or self._is_own_host(host):
+        if host in listed or same_host(host, self.config.host):
             return
-        addresses = _as_addresses(host)
-        if addresses:
-            inside = [embedded for a in addresses for embedded in _embedded(a)]
-            denied = any(
-                not isinstance(entry, str) and address in entry
-                for entry in self.deny
-                for address in addresses + inside
-            )
-        else:
-            denied = host in self.deny
-        if denied:
+        if is_denied(host, self.deny):
             self.log.warn(
                 "upstream {upstream} {how} to a denied host {host}",
                 upstream=self.name,
@@ -559,18 +452,6 @@ class Upstream:
                 host=host,
             )
             raise UpstreamFailure(self.name, "invalid", f"{how} to a denied host")
-
-    def _is_own_host(self, host: str) -> bool:
-        """
-        Whether *host* is the one the upstream's URL names: the same name,
-        or the same address however it is spelled (``localhost`` stands
-        for ``127.0.0.1`` and ``::1``).
-        """
-        own = self.config.host.lower().rstrip(".")
-        if host == own:
-            return True
-        mine = {_identity(a) for a in _as_addresses(own)}
-        return any(_identity(a) in mine for a in _as_addresses(host))
 
     def _may_receive_credentials(self, realm_host: str) -> bool:
         """Credentials go only to the upstream's own site or allowed realms."""
@@ -653,84 +534,6 @@ def _quota(value: str | None) -> int | None:
         return None
     head = value.split(";", 1)[0].strip()
     return int(head) if head.isdigit() else None
-
-
-def same_site(host: str, other: str) -> bool:
-    """
-    Whether two hosts share a registrable domain (``auth.docker.io`` and
-    ``registry-1.docker.io``); IP addresses and single labels only match
-    themselves.
-    """
-    host, other = host.lower().rstrip("."), other.lower().rstrip(".")
-    if host == other:
-        return True
-    if _is_address(host) or _is_address(other):
-        return False
-    mine = _SUFFIXES.privatesuffix(host)
-    return mine is not None and mine == _SUFFIXES.privatesuffix(other)
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
-
-
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-#: Loopback by definition, whatever a resolver is told (RFC 6761).
-_LOCALHOST = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
-#: IPv6 prefixes whose last 32 bits are an IPv4 address a connection may
-#: end up at: IPv4-compatible (deprecated) and NAT64's well-known prefix.
-_EMBEDDING = (ipaddress.ip_network("::/96"), ipaddress.ip_network("64:ff9b::/96"))
-
-
-def _as_addresses(host: str) -> list[Address]:
-    """
-    The addresses a host name written as an address stands for, however it
-    is spelled: ``169.254.169.254``, ``2852039166``, ``0xa9fea9fe``,
-    ``0251.0376.0251.0376``, ``169.254.43518`` (resolvers accept all of
-    them), ``[::ffff:169.254.169.254]`` (also its IPv4 form); ``localhost``
-    and names under it are ``127.0.0.1`` and ``::1``.  Empty for any other
-    name.
-    """
-    if host == "localhost" or host.endswith(".localhost"):
-        return list(_LOCALHOST)
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        try:
-            return [ipaddress.IPv4Address(socket.inet_aton(host))]
-        except OSError:
-            return []
-    mapped = getattr(address, "ipv4_mapped", None)
-    return [address, mapped] if mapped is not None else [address]
-
-
-def _embedded(address: Address) -> list[Address]:
-    """
-    IPv4 addresses an IPv6 *address* leads to by way of a translator or a
-    tunnel (IPv4-compatible, NAT64, 6to4, Teredo's client).
-    """
-    if not isinstance(address, ipaddress.IPv6Address):
-        return []
-    found: list[Address] = []
-    if any(address in prefix for prefix in _EMBEDDING):
-        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-    if address.sixtofour is not None:
-        found.append(address.sixtofour)
-    if address.teredo is not None:
-        found.append(address.teredo[1])
-    return found
-
-
-def _identity(address: Address) -> tuple[int, int]:
-    """An address as a host to connect to: IPv4-mapped as IPv4, no zone."""
-    mapped = getattr(address, "ipv4_mapped", None)
-    if mapped is not None:
-        address = mapped
-    return address.version, int(address)
 
 
 def _scope_for(path: str) -> str:

@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from regmirror._timeout import Idle
-from regmirror.upstream import read_small
+from regmirror.responses import read_small
 
 
 class IdleTests(SynchronousTestCase):
@@ -101,7 +101,7 @@ class _Response:
 
 
 def test_a_small_body_that_goes_silent_is_given_up() -> None:
-    """``upstream.read_small`` gives up a body after ``idle`` seconds
+    """``responses.read_small`` gives up a body after ``idle`` seconds
     without a byte, not before (each chunk pushes the limit back), and
     closes its connection."""
     clock = Clock()

@@ -17,7 +17,7 @@ from twisted.logger import LogEvent
 from twisted.web.server import Request
 
 from regmirror.config import Secret
-from regmirror.upstream import same_site
+from regmirror.hosts import same_site
 
 CREDENTIALS = {"username": "alice", "password": Secret("s3cret-pass")}
 BASIC = "Basic " + base64.b64encode(b"alice:s3cret-pass").decode()

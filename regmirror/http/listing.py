@@ -32,8 +32,9 @@ from regmirror.reference import (
     referrers_tag,
     validate_tag,
 )
+from regmirror.responses import header
 from regmirror.routing import Route
-from regmirror.upstream import Upstream, UpstreamFailure, header
+from regmirror.upstream import Upstream, UpstreamFailure
 
 __all__ = ["referrers", "tag_source", "tags"]
 

@@ -23,6 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 
 from regmirror._timeout import Idle
+from regmirror.responses import discard, header, read_small
 from regmirror.s3.bodies import BytesBody, FileSliceBody, Slice
 from regmirror.s3.errors import NoSuchKey, S3Error
 from regmirror.s3.location import DEFAULT_PORTS, S3Location
@@ -34,7 +35,6 @@ from regmirror.s3.signing import (
     aws_quote,
     timestamp,
 )
-from regmirror.upstream import discard, header, read_small
 
 #: S3's smallest part (all but the last) and largest part count.
 MIN_PART_SIZE = 5 * 1024 * 1024
