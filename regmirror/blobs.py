@@ -25,7 +25,6 @@ from typing import Any
 from attrs import Factory, define, field
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -41,6 +40,7 @@ from regmirror.metrics import Metrics
 from regmirror.pool import NotFoundAnywhere, UpstreamPool
 from regmirror.readers import BlobSource
 from regmirror.reference import Digest
+from regmirror.responses import discard
 from regmirror.siblings import Siblings
 from regmirror.sources import Sources
 from regmirror.store import AlreadyCached, DigestMismatch, SpoolBusy, Store
@@ -350,7 +350,7 @@ class Blobs:
             try:
                 await self._vouch(pool, repository, digest)
             except BaseException:
-                response.deliverBody(_Discard())
+                discard(response)
                 self.sources.dropped(download)
                 spool.discard()
                 raise
@@ -534,13 +534,6 @@ class Blobs:
         download.state = "failed"
         self._running.pop(download.digest, None)
         download.notify()
-
-
-class _Discard(Protocol):
-    """Takes a body nobody will read: the connection goes at once."""
-
-    def makeConnection(self, transport: Any) -> None:
-        transport.stopProducing()
 
 
 @define(eq=False)
