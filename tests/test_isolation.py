@@ -120,6 +120,20 @@ def race(
     return harness, one, two
 
 
+def stream_in_turn(
+    harness: Harness, *paths: str
+) -> tuple[list[list[bytes]], list[object]]:
+    """GET each of *paths* in turn, streamed, letting each start before the
+    next: what each client received so far, and how each ended."""
+    received: list[list[bytes]] = [[] for _ in paths]
+    finished: list[object] = []
+    for path, sink in zip(paths, received, strict=True):
+        d = harness.client.get(f"http://mirror.test{path}", unbuffered=True)
+        d.addCallback(treq.collect, sink.append).addBoth(finished.append)
+        harness.settle()
+    return received, finished
+
+
 def test_a_404_for_one_namespace_does_not_answer_another_starting_meanwhile(
     tmp_path: Path,
 ) -> None:
@@ -259,16 +273,9 @@ def test_a_second_namespace_joins_a_download_its_upstream_confirms(
     harness, _, origin = two
     layer = origin.add_blob(LAYER)
     origin.hold[layer] = 4096
-    received: list[list[bytes]] = [[], []]
-    finished: list[object] = []
-    for path, sink in zip(
-        (f"/v2/app/blobs/{layer}", f"/v2/ghcr.io/org/app/blobs/{layer}"),
-        received,
-        strict=True,
-    ):
-        d = harness.client.get(f"http://mirror.test{path}", unbuffered=True)
-        d.addCallback(treq.collect, sink.append).addBoth(finished.append)
-        harness.settle()
+    received, finished = stream_in_turn(
+        harness, f"/v2/app/blobs/{layer}", f"/v2/ghcr.io/org/app/blobs/{layer}"
+    )
     assert origin.count("HEAD", f"/v2/org/app/blobs/{layer}") == 1
     origin.release()
     harness.settle()
@@ -291,16 +298,9 @@ def test_a_download_another_namespace_joined_goes_on_from_its_upstreams(
     layer = origin.add_blob(LAYER)
     hub.add_blob(LAYER)
     origin.hold[layer] = 4096
-    received: list[list[bytes]] = [[], []]
-    finished: list[object] = []
-    for path, sink in zip(
-        (f"/v2/ghcr.io/org/app/blobs/{layer}", f"/v2/app/blobs/{layer}"),
-        received,
-        strict=True,
-    ):
-        d = harness.client.get(f"http://mirror.test{path}", unbuffered=True)
-        d.addCallback(treq.collect, sink.append).addBoth(finished.append)
-        harness.settle()
+    received, finished = stream_in_turn(
+        harness, f"/v2/ghcr.io/org/app/blobs/{layer}", f"/v2/app/blobs/{layer}"
+    )
     assert hub.count("HEAD", f"/v2/library/app/blobs/{layer}") == 1
     origin.fault = lambda request: (500, b"down")
     origin.cut()
