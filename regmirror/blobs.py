@@ -150,6 +150,11 @@ class Blobs:
             return BlobSource(download.written, download.spool.final_path)
         return BlobSource(download.size, download.spool.path, download)
 
+    def underway(self, digest: Digest) -> bool:
+        """Is a download of *digest* under way or starting in this process
+        (for whichever namespace)?"""
+        return digest in self._running or digest in self._opening
+
     def _elsewhere(self, digest: Digest) -> bool:
         """
         Is *digest* here already, from whichever namespace: in this cache,
