@@ -17,6 +17,11 @@ from attrs.validators import in_
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+#: ``[namespace:NAME] prefetch``: its default, as many blobs ahead as
+#: Docker pulls at once (README.rst says why), and the most it may be.
+DEFAULT_PREFETCH = 3
+MAX_PREFETCH = 64
+
 
 class ConfigError(Exception):
     """A problem in the configuration file, located by file, section and key."""
@@ -105,6 +110,11 @@ class NamespaceConfig:
     #: client networks that may pull this namespace without credentials;
     #: narrows ``[access] anonymous``
     anonymous: tuple[Network, ...] | None = None
+    #: blobs fetched ahead of clients at once, in each process, when an
+    #: image manifest is served (:mod:`regmirror.ahead`); 0: none
+    prefetch: int = field(
+        default=DEFAULT_PREFETCH, validator=in_(range(MAX_PREFETCH + 1))
+    )
 
 
 DEFAULT_LISTEN: tuple[str, ...] = ("tcp:5000",)

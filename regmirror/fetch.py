@@ -11,7 +11,9 @@ each call to its part:
 - which namespaces vouch for which content (:mod:`regmirror.vouches`),
   which both of them heed;
 - tags (:mod:`regmirror.tags`): the origin's answers, reused for a while;
-- housekeeping (:mod:`regmirror.housekeeping`): the cache within its limits.
+- housekeeping (:mod:`regmirror.housekeeping`): the cache within its limits;
+- pulling ahead (:mod:`regmirror.ahead`): the blobs of an image manifest
+  served, fetched before its client asks.
 
 A node of a cluster is given the cluster's pieces here, at construction:
 the bucket, the coordinator (Redis) and the other nodes; a node alone is
@@ -23,6 +25,7 @@ from __future__ import annotations
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 
+from regmirror.ahead import Ahead
 from regmirror.blobs import MAX_BLOB_SIZE, Blobs
 from regmirror.bucket import Bucket
 from regmirror.cluster import Coordinator
@@ -48,6 +51,7 @@ class Fetcher:
     :ivar blobs: the blobs, and the downloads under way.
     :ivar manifests: the manifests by digest.
     :ivar tags: what tags point at.
+    :ivar ahead: the blobs fetched ahead of clients.
     :ivar bucket: the cluster's bucket, when there is one.
     """
 
@@ -112,6 +116,7 @@ class Fetcher:
             self.vouches,
         )
         self.manifests = Manifests(store, self.metrics, self.vouches, self.bucket)
+        self.ahead = Ahead(self.blobs, store, clock, self.metrics)
         board: Board = NoBoard()
         if coordinator is not None and tag_ttl > 0:
             board = RedisBoard(coordinator, clock, tag_ttl)
@@ -166,6 +171,12 @@ class Fetcher:
     ) -> Manifest:
         """See :meth:`Manifests.get`."""
         return await self.manifests.get(pool, repository, digest, named=named)
+
+    def pull_ahead(
+        self, pool: UpstreamPool, repository: str, manifest: Manifest, limit: int
+    ) -> None:
+        """See :meth:`Ahead.served`."""
+        self.ahead.served(pool, repository, manifest, limit)
 
     async def resolve_tag(
         self, pool: UpstreamPool, repository: str, tag: str

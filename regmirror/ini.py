@@ -16,8 +16,10 @@ from typing import TypeVar
 from regmirror.config import (
     DEFAULT_DENY,
     DEFAULT_LISTEN,
+    DEFAULT_PREFETCH,
     EVERYONE,
     FORWARDED_HEADERS,
+    MAX_PREFETCH,
     AccessConfig,
     CacheConfig,
     ClusterConfig,
@@ -46,6 +48,7 @@ from regmirror.ini_values import (
     positive,
     positive_int,
     resolve_endpoint_paths,
+    whole_number,
     words,
 )
 
@@ -354,6 +357,9 @@ def _namespace(
     if origin not in listed:
         raise reader.error("origin", f"{origin!r} is not in this namespace's upstreams")
     aliases: tuple[str, ...] = reader.get("aliases", list_of(parse_hostname), ())
+    prefetch = reader.get("prefetch", whole_number, DEFAULT_PREFETCH)
+    if prefetch > MAX_PREFETCH:
+        raise reader.error("prefetch", f"at most {MAX_PREFETCH}")
     namespace = NamespaceConfig(
         name=name,
         upstreams=listed,
@@ -367,6 +373,7 @@ def _namespace(
         ),
         max_stale=reader.get("max_stale", parse_duration, 7 * 86400.0),
         anonymous=reader.get("anonymous", parse_networks, None),
+        prefetch=prefetch,
     )
     reader.finish()
     return namespace

@@ -198,6 +198,14 @@ def positive_int(text: str) -> int:
     return int(stripped)
 
 
+def whole_number(text: str) -> int:
+    """A whole number, zero or more."""
+    stripped = text.strip()
+    if not stripped.isdigit():
+        raise ValueError(f"must be a whole number, 0 or more: {text[:40]!r}")
+    return int(stripped)
+
+
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 

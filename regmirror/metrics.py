@@ -113,6 +113,15 @@ class Metrics:
             "Bytes evicted to keep the cache within its limits",
             registry=registry,
         )
+        self.prefetch = Counter(
+            "regmirror_prefetch",
+            "Blobs of a served image manifest fetched ahead of the client, by "
+            "result: fetched (now cached), failed, full (the cache's size "
+            "limit would be passed, or it cannot be written), down (every "
+            "upstream of the namespace marked down), busy (too many waiting)",
+            ["namespace", "result"],
+            registry=registry,
+        )
         self.tag_checks = Histogram(
             "regmirror_tag_check_seconds",
             "Time to learn from upstream what a tag points at",

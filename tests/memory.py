@@ -61,6 +61,8 @@ class Harness:
         peers: Peers | None = None,
         shared: SharedStore | None = None,
         redirect_ttl: float | None = None,
+        prefetch: int = 0,
+        max_size: int | None = None,
     ) -> None:
         """
         :param clock: shared by several harnesses acting as one cluster.
@@ -70,9 +72,12 @@ class Harness:
             wires it.
         :param peers: how this node reaches the other nodes.
         :param shared: the cluster's bucket; *redirect_ttl* as in the config.
+        :param prefetch: both namespaces' ``prefetch`` (none by default, so
+            that the upstreams see only what the clients ask for).
+        :param max_size: the cache's ``max_size``.
         """
         self.clock = clock if clock is not None else Clock()
-        self.store = Store(root, now=self.clock.seconds)
+        self.store = Store(root, max_size=max_size, now=self.clock.seconds)
         self.store.open()
         self.fakes = upstreams
         self.stubs = {
@@ -97,6 +102,7 @@ class Harness:
             library=True,
             aliases=(DOCKER_ALIAS,),
             hosts=(DOCKER_HOST,),
+            prefetch=prefetch,
         )
         ghcr = NamespaceConfig(
             "ghcr.io",
@@ -104,6 +110,7 @@ class Harness:
             clients[-1].name,
             aliases=(GHCR_ALIAS,),
             hosts=(GHCR_HOST,),
+            prefetch=prefetch,
         )
         self.metrics = Metrics()
         pool = UpstreamPool("docker.io", clients, clients[-1], metrics=self.metrics)

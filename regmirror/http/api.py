@@ -176,6 +176,12 @@ class RegistryAPI(Resource):
         request.setHeader("Docker-Content-Digest", str(manifest.digest))
         request.setHeader("ETag", f'"{manifest.digest}"')
         write_body(request, manifest.media_type, manifest.body)
+        if request.method == b"GET":
+            # Not for a HEAD: clients send one to see whether a tag moved,
+            # and then pull nothing when it did not.
+            self._fetcher.pull_ahead(
+                pool, route.repository, manifest, route.namespace.prefetch
+            )
 
     async def _negotiate(
         self,

@@ -1,0 +1,266 @@
+"""
+Pulling ahead: when an image manifest is served to a client, its config
+and layers that are not cached start downloading, so that the client's own
+requests for them, a moment later, find them cached or in flight.
+
+A prefetch is an ordinary download of :mod:`regmirror.blobs` (the one
+download per digest that a client's request joins: one upstream ``GET``
+either way), started through the namespace that served the manifest (which
+vouches for what it references: :mod:`regmirror.vouches`), from its
+sources in their order.  It is a guess, so it gives way:
+
+- at most ``[namespace:NAME] prefetch`` blobs ahead at once for each
+  namespace in each process; the others wait their turn, and are dropped
+  from the queue when meanwhile cached or under way;
+- none that would take the cache past ``max_size`` (counting the downloads
+  under way) or below ``min_free``: nothing is evicted for a guess;
+- none while every upstream of the namespace is marked down or backing off
+  after a 429 (a guess is not a breaker's probe);
+- none for a digest another worker process is downloading (its spool is
+  locked): a client's request follows that download, as it would anyway.
+
+Each prefetch that is not started, and each that ends, is counted in
+``regmirror_prefetch_total`` by namespace and result (:data:`RESULTS`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from regmirror.blobs import Blobs
+from regmirror.download import UNTIL_END
+from regmirror.metrics import Metrics
+from regmirror.pool import Manifest, UpstreamPool
+from regmirror.reference import (
+    DOCKER_MANIFEST,
+    OCI_MANIFEST,
+    Digest,
+    load_json,
+    parse_digest,
+)
+from regmirror.responses import discard
+from regmirror.store import Store
+
+#: The manifests whose blobs are fetched ahead: a single image's (an index
+#: names manifests for every platform, of which a client pulls one).
+IMAGE_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+
+#: The values of ``regmirror_prefetch_total``'s ``result`` label.
+RESULTS = ("fetched", "failed", "full", "down", "busy")
+
+#: Blobs waiting for their turn, per namespace; beyond, they are not queued.
+MAX_WAITING = 1000
+
+#: Layers a registry does not serve (Windows' foreign layers): a client
+#: fetches them from the descriptor's ``urls``, if at all.
+_NOT_SERVED = ("foreign", "nondistributable")
+
+
+@frozen
+class _Wanted:
+    """One blob to fetch ahead, through the namespace that served it."""
+
+    pool: UpstreamPool
+    repository: str
+    digest: Digest
+    size: int
+
+
+@define(eq=False)
+class _Lane:
+    """One namespace's prefetches: those running, those waiting."""
+
+    limit: int
+    running: int = 0
+    waiting: deque[_Wanted] = field(factory=deque)
+    #: the digests waiting or running
+    planned: set[Digest] = field(factory=set)
+
+
+@define(eq=False)
+class Ahead:
+    """Fetches the blobs of served image manifests ahead of their clients."""
+
+    blobs: Blobs
+    store: Store
+    clock: IReactorTime
+    metrics: Metrics
+    _lanes: dict[str, _Lane] = field(factory=dict)
+    #: the size each prefetch under way is expected to add to the cache
+    _reserved: dict[Digest, int] = field(factory=dict)
+    log = Logger()
+
+    def served(
+        self, pool: UpstreamPool, repository: str, manifest: Manifest, limit: int
+    ) -> None:
+        """
+        *manifest* was served to a client through *pool*'s namespace (a
+        ``GET``): fetch its config and layers that are not here, at most
+        *limit* at once for the namespace.  Returns at once; the first
+        starts once the reactor has sent the answer on its way.
+        """
+        if limit <= 0 or manifest.media_type not in IMAGE_TYPES:
+            return
+        namespace = pool.namespace
+        lane = self._lanes.get(namespace)
+        if lane is None:
+            lane = self._lanes[namespace] = _Lane(limit)
+        lane.limit = limit
+        queued = 0
+        for digest, size in contents(manifest.body):
+            if digest in lane.planned or self._here(digest):
+                continue
+            if len(lane.waiting) >= MAX_WAITING:
+                self._count(namespace, "busy")
+                continue
+            lane.waiting.append(_Wanted(pool, repository, digest, size))
+            lane.planned.add(digest)
+            queued += 1
+        if queued:
+            self.log.debug(
+                "{namespace}: {count} blobs of {repository} to fetch ahead",
+                namespace=namespace,
+                count=queued,
+                repository=repository,
+            )
+            self.clock.callLater(0, self._next, lane)
+
+    def _here(self, digest: Digest) -> bool:
+        """Is *digest* cached, or on its way (this process, or another)?"""
+        return (
+            self.store.has_blob(digest)
+            or self.blobs.underway(digest)
+            or not self.store.spool_abandoned(self.store.spool_path(digest))
+        )
+
+    def _next(self, lane: _Lane) -> None:
+        """Start waiting prefetches while the lane has room."""
+        while lane.running < lane.limit and lane.waiting:
+            wanted = lane.waiting.popleft()
+            if self._here(wanted.digest):
+                lane.planned.discard(wanted.digest)
+                continue
+            refused = self._refused(wanted)
+            if refused is not None:
+                lane.planned.discard(wanted.digest)
+                self._count(wanted.pool.namespace, refused)
+                continue
+            lane.running += 1
+            self._reserved[wanted.digest] = wanted.size
+            d = Deferred.fromCoroutine(self._fetch(wanted))
+            d.addErrback(self._crashed, wanted)
+            d.addCallback(self._ended, lane, wanted)
+
+    def _refused(self, wanted: _Wanted) -> str | None:
+        """Why *wanted* is not to be fetched now (a result), if it is not."""
+        store = self.store
+        if not store.writable():
+            return "full"
+        # What the downloads under way will add once cached, and the
+        # prefetches starting (not yet downloads).
+        downloads = self.blobs.downloads
+        pending = sum(self._reserved.values()) + sum(
+            d.written if d.size is None else d.size
+            for d in downloads
+            if d.digest not in self._reserved
+        )
+        coming = pending - sum(d.written for d in downloads)
+        if (
+            store.max_size is not None
+            and store.size + pending + wanted.size > store.max_size
+        ):
+            return "full"
+        if store.min_free is not None:
+            try:
+                free = store.free_space()
+            except OSError:
+                return "full"
+            if free - coming - wanted.size < store.min_free:
+                return "full"
+        if not any(
+            u.breaker.opened == 0 and u.backing_off() is None
+            for u in wanted.pool.upstreams
+        ):
+            return "down"
+        return None
+
+    async def _fetch(self, wanted: _Wanted) -> str:
+        """Download *wanted* (or join its download); the result."""
+        try:
+            source = await self.blobs.blob(
+                wanted.pool, wanted.repository, wanted.digest
+            )
+        except Exception as e:
+            self.log.warn(
+                "{namespace}: cannot fetch {digest} ahead: {why}",
+                namespace=wanted.pool.namespace,
+                digest=str(wanted.digest),
+                why=str(e) or type(e).__name__,
+            )
+            return "failed"
+        if source.relay is not None:
+            # The cache could not take it after all: nobody reads this.
+            discard(source.relay)
+            return "full"
+        download = source.download
+        if download is None:
+            return "fetched"
+        while download.state == "running":
+            await download.changed(UNTIL_END)
+        return "fetched" if download.state == "done" else "failed"
+
+    def _crashed(self, failure: Failure, wanted: _Wanted) -> str:
+        self.log.failure("fetching {digest} ahead", failure, digest=str(wanted.digest))
+        return "failed"
+
+    def _ended(self, result: str, lane: _Lane, wanted: _Wanted) -> None:
+        lane.running -= 1
+        self._reserved.pop(wanted.digest, None)
+        lane.planned.discard(wanted.digest)
+        self._count(wanted.pool.namespace, result)
+        self._next(lane)
+
+    def _count(self, namespace: str, result: str) -> None:
+        self.metrics.prefetch.labels(namespace, result).inc()
+
+
+def contents(body: bytes) -> list[tuple[Digest, int]]:
+    """
+    An image manifest's config and layers that a registry serves, in that
+    order (a client asks for the config first), with the sizes the
+    manifest gives; nothing for a body that is no such document, and no
+    entry without a digest and size.
+    """
+    try:
+        document = load_json(body)
+    except ValueError:
+        return []
+    if not isinstance(document, dict):
+        return []
+    descriptors = [document.get("config")]
+    layers = document.get("layers")
+    if isinstance(layers, list):
+        descriptors += layers
+    found: list[tuple[Digest, int]] = []
+    for descriptor in descriptors:
+        if not isinstance(descriptor, dict):
+            continue
+        media_type = str(descriptor.get("mediaType", ""))
+        size = descriptor.get("size")
+        if any(word in media_type for word in _NOT_SERVED):
+            continue
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            continue
+        try:
+            digest = parse_digest(str(descriptor.get("digest")))
+        except Exception:  # a malformed entry is nothing to fetch
+            continue
+        if all(digest != seen for seen, _ in found):
+            found.append((digest, size))
+    return found

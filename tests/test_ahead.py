@@ -1,0 +1,331 @@
+"""
+Pulling ahead (issue 17, target 3): an image manifest served to a client
+starts the downloads of its config and layers that are not cached, at most
+``prefetch`` at once per namespace, as downloads a client's later request
+joins (one upstream GET either way); never for an index or a HEAD, never
+past the cache's size limit, never from upstreams all marked down; a
+prefetch that fails fails nothing a client asked, and each one is counted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import treq
+from fakeregistry import FakeRegistry, digest_of
+from memory import CONFIG, Harness, result
+
+from regmirror.ahead import contents
+from regmirror.reference import OCI_INDEX, OCI_MANIFEST, parse_digest
+from regmirror.siblings import FOLLOW_INTERVAL
+
+LAYER_SIZE = 10 * 1024
+FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+
+
+def layer(number: int) -> bytes:
+    """Distinct layer bytes of LAYER_SIZE."""
+    return bytes((number + i) % 251 for i in range(LAYER_SIZE))
+
+
+def push(fake: FakeRegistry, layers: int, tag: str = "latest") -> dict[str, Any]:
+    """An image of *layers* layers as ``library/app:<tag>`` in *fake*."""
+    config = fake.add_blob(CONFIG)
+    blobs = [fake.add_blob(layer(n)) for n in range(layers)]
+    document = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config,
+            "size": len(CONFIG),
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": digest,
+                "size": LAYER_SIZE,
+            }
+            for digest in blobs
+        ],
+    }
+    manifest, body = fake.add_manifest("library/app", tag, document, OCI_MANIFEST)
+    return {"config": config, "layers": blobs, "manifest": manifest, "body": body}
+
+
+def blob_gets(fake: FakeRegistry) -> list[str]:
+    """The digests of the blob GETs the upstream saw, in order."""
+    return [
+        p.rsplit("/", 1)[1] for m, p in fake.requests if m == "GET" and "/blobs/" in p
+    ]
+
+
+def prefetched(harness: Harness, result: str, namespace: str = "docker.io") -> float:
+    return harness.metrics.total(
+        "regmirror_prefetch_total", namespace=namespace, result=result
+    )
+
+
+def mirror(tmp_path: Path, **kwargs: Any) -> tuple[Harness, FakeRegistry]:
+    origin = FakeRegistry()
+    return Harness(str(tmp_path / "cache"), {"origin": origin}, **kwargs), origin
+
+
+def test_a_served_manifest_starts_at_most_prefetch_downloads_at_once(
+    tmp_path: Path,
+) -> None:
+    """
+    With ``prefetch = 2``, serving an image of a config and four layers
+    starts two downloads (the config first, then the first layer); as each
+    ends the next starts, until every blob is cached, each fetched once.
+    """
+    harness, origin = mirror(tmp_path, prefetch=2)
+    image = push(origin, 4)
+    wanted = [image["config"], *image["layers"]]
+    for digest in wanted:
+        origin.hold[digest] = 10
+    served = harness.request("GET", "/v2/app/manifests/latest")
+    assert served.code == 200
+    assert harness.body(served) == image["body"]
+    assert blob_gets(origin) == wanted[:2]
+    for done in (4, 5):
+        origin.release()
+        harness.settle()
+        assert blob_gets(origin) == wanted[:done]
+    origin.release()
+    harness.settle()
+    assert blob_gets(origin) == wanted
+    for digest in wanted:
+        assert harness.store.has_blob(parse_digest(digest))
+    assert prefetched(harness, "fetched") == 5
+
+
+def test_a_clients_request_joins_the_prefetch(tmp_path: Path) -> None:
+    """
+    A client asking for a layer the mirror is fetching ahead joins that
+    download: it streams every byte, and the upstream sees one GET of it.
+    """
+    harness, origin = mirror(tmp_path, prefetch=3)
+    image = push(origin, 1)
+    (digest,) = image["layers"]
+    origin.hold[digest] = 4096
+    harness.body(harness.request("GET", "/v2/app/manifests/latest"))
+    assert blob_gets(origin) == [image["config"], digest]
+    received: list[bytes] = []
+    done: list[object] = []
+    d = harness.client.get(f"http://mirror.test/v2/app/blobs/{digest}", unbuffered=True)
+    d.addCallback(treq.collect, received.append).addBoth(done.append)
+    harness.settle()
+    assert done == []
+    origin.release()
+    harness.settle()
+    assert done == [None]
+    assert b"".join(received) == layer(0)
+    assert blob_gets(origin) == [image["config"], digest]
+    assert (
+        harness.metrics.total(
+            "regmirror_cache_lookups_total", kind="blob", result="joined"
+        )
+        == 1
+    )
+    assert prefetched(harness, "fetched") == 2
+
+
+def test_prefetch_0_fetches_nothing_ahead(tmp_path: Path) -> None:
+    """``prefetch = 0``: the upstream sees only what clients ask for."""
+    harness, origin = mirror(tmp_path, prefetch=0)
+    push(origin, 2)
+    harness.body(harness.request("GET", "/v2/app/manifests/latest"))
+    harness.clock.advance(60)
+    harness.settle()
+    assert blob_gets(origin) == []
+    assert harness.metrics.total("regmirror_prefetch_total") == 0
+
+
+def test_a_head_of_a_manifest_fetches_nothing_ahead(tmp_path: Path) -> None:
+    """A HEAD (a client checking whether a tag moved) pulls nothing."""
+    harness, origin = mirror(tmp_path, prefetch=3)
+    push(origin, 2)
+    assert harness.request("HEAD", "/v2/app/manifests/latest").code == 200
+    harness.settle()
+    assert blob_gets(origin) == []
+
+
+def test_an_index_is_not_pulled_ahead(tmp_path: Path) -> None:
+    """
+    An index served fetches neither its manifests nor their blobs ahead
+    (a client pulls one platform of it); that platform's manifest, once
+    served, does.
+    """
+    harness, origin = mirror(tmp_path, prefetch=3)
+    image = push(origin, 1, tag="amd64")
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": image["manifest"],
+                "size": len(image["body"]),
+                "platform": {"os": "linux", "architecture": "amd64"},
+            }
+        ],
+    }
+    origin.add_manifest("library/app", "latest", index, OCI_INDEX)
+    served = harness.request(
+        "GET", "/v2/app/manifests/latest", headers={"Accept": OCI_INDEX}
+    )
+    assert json.loads(harness.body(served))["mediaType"] == OCI_INDEX
+    harness.settle()
+    assert blob_gets(origin) == []
+    assert origin.count("GET", f"/manifests/{image['manifest']}") == 0
+    harness.body(harness.request("GET", f"/v2/app/manifests/{image['manifest']}"))
+    assert blob_gets(origin) == [image["config"], *image["layers"]]
+
+
+def test_no_prefetch_takes_the_cache_past_its_size_limit(tmp_path: Path) -> None:
+    """
+    With room in ``max_size`` for the manifest, the config and one layer,
+    the second layer is not fetched ahead (counted ``full``), and nothing
+    is evicted for it; the client's own request still gets it.
+    """
+    probe = FakeRegistry()
+    body = push(probe, 2)["body"]
+    room = len(body) + len(CONFIG) + LAYER_SIZE + LAYER_SIZE // 2
+    harness, origin = mirror(tmp_path, prefetch=3, max_size=room)
+    image = push(origin, 2)
+    assert image["body"] == body
+    harness.body(harness.request("GET", "/v2/app/manifests/latest"))
+    first, second = image["layers"]
+    assert blob_gets(origin) == [image["config"], first]
+    assert prefetched(harness, "full") == 1
+    assert prefetched(harness, "fetched") == 2
+    assert harness.store.has_blob(parse_digest(first))
+    assert harness.store.size <= room
+    served = harness.request("GET", f"/v2/app/blobs/{second}")
+    assert harness.body(served) == layer(1)
+
+
+def test_a_failing_prefetch_fails_nothing_a_client_asked(tmp_path: Path) -> None:
+    """
+    A layer the upstream fails to give (a 500) is counted ``failed``; the
+    manifest was served whole, the config fetched ahead is served, and the
+    client's own request for the layer, once the upstream recovered,
+    fetches it: the failure was not remembered as an answer.
+    """
+    harness, origin = mirror(tmp_path, prefetch=3)
+    image = push(origin, 1)
+    (digest,) = image["layers"]
+
+    def broken(request: Any) -> tuple[int, bytes] | None:
+        if request.path.endswith(digest.encode()):
+            return 500, b"oops"
+        return None
+
+    origin.fault = broken
+    served = harness.request("GET", "/v2/app/manifests/latest")
+    assert served.code == 200
+    assert harness.body(served) == image["body"]
+    harness.settle()
+    assert prefetched(harness, "failed") == 1
+    assert prefetched(harness, "fetched") == 1
+    config = harness.request("GET", f"/v2/app/blobs/{image['config']}")
+    assert config.code == 200
+    assert harness.body(config) == CONFIG
+    origin.fault = None
+    harness.clock.advance(60)  # past the breaker's back-off, if it opened
+    again = harness.request("GET", f"/v2/app/blobs/{digest}")
+    assert again.code == 200
+    assert harness.body(again) == layer(0)
+
+
+def test_nothing_is_fetched_ahead_from_upstreams_marked_down(tmp_path: Path) -> None:
+    """A cached manifest served while the namespace's only upstream is
+    marked down fetches nothing ahead (counted ``down``): a guess is not
+    the breaker's probe."""
+    harness, origin = mirror(tmp_path, prefetch=3)
+    image = push(origin, 1)
+    assert harness.request("HEAD", f"/v2/app/manifests/{image['manifest']}").code == 200
+    harness.upstreams["origin"].breaker.failed(True)
+    origin.requests.clear()
+    served = harness.request("GET", f"/v2/app/manifests/{image['manifest']}")
+    assert served.code == 200
+    harness.settle()
+    assert origin.requests == []
+    assert prefetched(harness, "down") == 2
+
+
+def test_an_image_whose_blobs_are_cached_does_nothing(tmp_path: Path) -> None:
+    """A manifest by tag whose config and layers are all cached starts
+    nothing and counts nothing."""
+    harness, origin = mirror(tmp_path, prefetch=3)
+    image = push(origin, 2)
+    harness.body(harness.request("GET", "/v2/app/manifests/latest"))
+    assert prefetched(harness, "fetched") == 3
+    origin.requests.clear()
+    harness.clock.advance(60)  # past tag_ttl: the origin is asked again
+    harness.body(harness.request("GET", "/v2/app/manifests/latest"))
+    harness.settle()
+    assert blob_gets(origin) == []
+    assert harness.metrics.total("regmirror_prefetch_total") == 3
+    assert all(
+        harness.store.has_blob(parse_digest(d))
+        for d in [image["config"], *image["layers"]]
+    )
+
+
+def test_another_worker_joins_a_prefetch_through_the_spool_lock(
+    tmp_path: Path,
+) -> None:
+    """
+    With two worker processes on one cache folder, a layer the first is
+    fetching ahead is asked of the second: the second follows the first's
+    spool (one upstream GET, no HEAD: the first recorded that docker.io
+    vouches for it), and its client gets every byte.
+    """
+    origin = FakeRegistry()
+    image = push(origin, 1)
+    (digest,) = image["layers"]
+    origin.hold[digest] = 4096
+    first = Harness(str(tmp_path / "cache"), {"origin": origin}, prefetch=3)
+    second = Harness(str(tmp_path / "cache"), {"origin": origin}, clock=first.clock)
+    first.body(first.request("GET", "/v2/app/manifests/latest"))
+    assert blob_gets(origin) == [image["config"], digest]
+    asked = second.client.get(f"http://mirror.test/v2/app/blobs/{digest}")
+    second.settle()
+    origin.release()
+    for _ in range(10):
+        first.settle()
+        second.settle()
+        first.clock.advance(FOLLOW_INTERVAL)
+    served = result(asked)
+    assert served.code == 200
+    assert second.body(served) == layer(0)
+    assert blob_gets(origin) == [image["config"], digest]
+    assert origin.count("HEAD", "/blobs/") == 0
+
+
+def test_contents_are_the_config_then_the_served_layers() -> None:
+    """Foreign (non-distributable) layers, entries without a size and
+    repeats are left out."""
+    good, other, foreign = digest_of(b"a"), digest_of(b"b"), digest_of(b"c")
+    body = json.dumps(
+        {
+            "config": {"digest": good, "size": 1},
+            "layers": [
+                {"digest": other, "size": 2},
+                {"digest": good, "size": 1},
+                {
+                    "mediaType": FOREIGN,
+                    "digest": foreign,
+                    "size": 3,
+                },
+                {"digest": foreign},
+                {"digest": "nonsense", "size": 4},
+            ],
+        }
+    ).encode()
+    assert contents(body) == [(parse_digest(good), 1), (parse_digest(other), 2)]
+    assert contents(b"not json") == []
