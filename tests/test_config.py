@@ -792,3 +792,16 @@ def test_a_bad_listener_names_its_own_key(tmp_path: Path, key: str) -> None:
     with pytest.raises(ConfigError) as caught:
         validate(str(path))
     assert f"[server] {key}: bad listener 'tcp:notaport'" in str(caught.value)
+
+
+def test_prefetch(tmp_path: Path) -> None:
+    """``prefetch`` defaults to 3 (Docker's layers at a time); ``0`` turns
+    pulling ahead off; more than 64, a negative or a word is refused with
+    the key named."""
+    assert load(_write(tmp_path, MINIMAL)).namespaces[0].prefetch == 3
+    for value, expected in (("0", 0), ("8", 8), ("64", 64)):
+        text = MINIMAL + f"prefetch = {value}\n"
+        assert load(_write(tmp_path, text)).namespaces[0].prefetch == expected
+    for value in ("65", "-1", "some", "2.5"):
+        path = _write(tmp_path, MINIMAL + f"prefetch = {value}\n")
+        _assert_located(_error(path), path, "namespace:docker.io", "prefetch")

@@ -138,6 +138,7 @@ EXAMPLES: dict[tuple[str, str], dict[str, str]] = {
     ("namespace", "library"): {"namespace": "library = true"},
     ("namespace", "origin_unreachable"): {"namespace": "origin_unreachable = cache"},
     ("namespace", "max_stale"): {"namespace": "max_stale = 7d"},
+    ("namespace", "prefetch"): {"namespace": "prefetch = 6"},
     ("access", "anonymous"): {"access": "anonymous = 10.0.0.0/8 127.0.0.0/8 ::1"},
     ("access", "htpasswd"): {"access": "htpasswd = htpasswd"},
     ("access", "trusted_proxies"): {"access": "trusted_proxies = 127.0.0.1"},
