@@ -119,7 +119,10 @@ class Blobs:
 
         :raises BlobUnknown: when no upstream of the namespace has it.
         """
-        if not self.vouches.has(pool.namespace, digest) and self._elsewhere(digest):
+        key = (pool.namespace, digest)
+        # A start of this namespace's own under way is joined: no asking.
+        vouched = key in self._starting or self._vouches_for(*key)
+        if not vouched and self._elsewhere(digest):
             await self._confirm(pool, repository, digest)
         running = self._running.get(digest)
         if running is not None:
@@ -134,7 +137,6 @@ class Blobs:
         async def start() -> Download:
             return await self._start(pool, repository, digest)
 
-        key = (pool.namespace, digest)
         self._lookup("joined" if key in self._starting else "miss")
         if not self.store.writable():
             return await self._relay(pool, repository, digest)
@@ -167,6 +169,20 @@ class Blobs:
             or digest in self._opening
             or self.store.has_blob(digest)
         )
+
+    def _vouches_for(self, namespace: str, digest: Digest) -> bool:
+        """
+        Does *namespace* vouch for *digest*: on record, or by a download of
+        it under way here that is its own or that it joined?
+        """
+        running = self._running.get(digest)
+        if running is not None and (
+            (running.pool is not None and running.pool.namespace == namespace)
+            or namespace in running.vouchers
+            or namespace in running.joined
+        ):
+            return True
+        return self.vouches.has(namespace, digest)
 
     async def _confirm(
         self, pool: UpstreamPool, repository: str, digest: Digest
@@ -208,7 +224,7 @@ class Blobs:
 
     async def _vouch(self, pool: UpstreamPool, repository: str, digest: Digest) -> None:
         """Make sure the namespace vouches for *digest*: asking, if need be."""
-        if not self.vouches.has(pool.namespace, digest):
+        if not self._vouches_for(pool.namespace, digest):
             await self._confirm(pool, repository, digest)
 
     async def size(
@@ -219,7 +235,7 @@ class Blobs:
 
         :raises BlobUnknown: when no upstream of the namespace has it.
         """
-        if not self.vouches.has(pool.namespace, digest):
+        if not self._vouches_for(pool.namespace, digest):
             # Its own upstreams, not what the bucket knows.
             return await self._confirm(pool, repository, digest)
         running = self._running.get(digest)

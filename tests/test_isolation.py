@@ -163,6 +163,38 @@ def test_a_404_for_one_namespace_does_not_answer_another_starting_meanwhile(
     assert os.path.exists(harness.store.blob_path(parse_digest(layer)))
 
 
+def test_a_second_request_of_the_same_namespace_joins_its_start_asking_nobody(
+    tmp_path: Path,
+) -> None:
+    """
+    Two docker.io requests for one blob, the second arriving while the
+    first's start waits on the upstream: the second joins that start (no
+    ``HEAD`` to confirm what its own namespace is fetching, no second
+    request to the upstream), and counts as joined, not as a miss.  (Seen
+    end to end: behind a dead first upstream, a second connection attempt
+    doubled its back-off.)
+    """
+    layer = digest_of(LAYER)
+    harness, one, two = race(
+        tmp_path,
+        "/v2/app/blobs/{layer}",
+        "/v2/app/blobs/{layer}",
+        paused="hub",
+        layer=layer,
+        fault=None,
+    )
+    assert harness.body(result(one)) == harness.body(result(two)) == LAYER
+    hub: FakeRegistry = harness.hub  # type: ignore[attr-defined]
+    assert [m for m, p in hub.requests if layer in p] == ["GET"]
+    for looked_up, count in (("miss", 1), ("joined", 1)):
+        assert (
+            harness.metrics.registry.get_sample_value(
+                "regmirror_cache_lookups_total", {"kind": "blob", "result": looked_up}
+            )
+            == count
+        )
+
+
 @pytest.mark.parametrize(
     "second",
     [
