@@ -25,7 +25,7 @@ Each prefetch that is not started, and each that ends, is counted in
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
@@ -56,6 +56,9 @@ RESULTS = ("fetched", "failed", "full", "down", "busy")
 
 #: Blobs waiting for their turn, per namespace; beyond, they are not queued.
 MAX_WAITING = 1000
+#: Manifests remembered as having every blob here (not looked at again
+#: while remembered: a blob evicted since is fetched by its client).
+MAX_COMPLETE = 10_000
 
 #: Layers a registry does not serve (Windows' foreign layers): a client
 #: fetches them from the descriptor's ``urls``, if at all.
@@ -94,6 +97,9 @@ class Ahead:
     _lanes: dict[str, _Lane] = field(factory=dict)
     #: the size each prefetch under way is expected to add to the cache
     _reserved: dict[Digest, int] = field(factory=dict)
+    #: (namespace, manifest) whose blobs were all here when last served,
+    #: at most MAX_COMPLETE, the least recently served first
+    _complete: OrderedDict[tuple[str, Digest], None] = field(factory=OrderedDict)
     log = Logger()
 
     def served(
@@ -102,34 +108,54 @@ class Ahead:
         """
         *manifest* was served to a client through *pool*'s namespace (a
         ``GET``): fetch its config and layers that are not here, at most
-        *limit* at once for the namespace.  Returns at once; the first
-        starts once the reactor has sent the answer on its way.
+        *limit* at once for the namespace.  Returns at once, having queued
+        those neither cached nor downloading here (a ``stat`` each; a
+        manifest found complete is remembered, and not even parsed when
+        served again): the first starts once the reactor has sent the
+        answer on its way, and nothing here can fail the client's request.
         """
         if limit <= 0 or manifest.media_type not in IMAGE_TYPES:
             return
+        try:
+            self._queue(pool, repository, manifest, limit)
+        except Exception:
+            self.log.failure(
+                "cannot fetch the blobs of {digest} ahead", digest=str(manifest.digest)
+            )
+
+    def _queue(
+        self, pool: UpstreamPool, repository: str, manifest: Manifest, limit: int
+    ) -> None:
         namespace = pool.namespace
+        if (namespace, manifest.digest) in self._complete:
+            self._complete.move_to_end((namespace, manifest.digest))
+            return
         lane = self._lanes.get(namespace)
         if lane is None:
             lane = self._lanes[namespace] = _Lane(limit)
         lane.limit = limit
-        queued = 0
+        queued, everything_here = False, True
         for digest, size in contents(manifest.body):
-            if digest in lane.planned or self._here(digest):
+            # Only the cheap looks here; another process's download is
+            # looked for when its turn comes.
+            if self.store.has_blob(digest):
+                continue
+            everything_here = False
+            if digest in lane.planned or self.blobs.underway(digest):
                 continue
             if len(lane.waiting) >= MAX_WAITING:
                 self._count(namespace, "busy")
                 continue
             lane.waiting.append(_Wanted(pool, repository, digest, size))
             lane.planned.add(digest)
-            queued += 1
+            queued = True
         if queued:
-            self.log.debug(
-                "{namespace}: {count} blobs of {repository} to fetch ahead",
-                namespace=namespace,
-                count=queued,
-                repository=repository,
-            )
             self.clock.callLater(0, self._next, lane)
+        if everything_here:
+            # The warm path, which from now on parses nothing.
+            self._complete[(namespace, manifest.digest)] = None
+            while len(self._complete) > MAX_COMPLETE:
+                self._complete.popitem(last=False)
 
     def _here(self, digest: Digest) -> bool:
         """Is *digest* cached, or on its way (this process, or another)?"""
@@ -140,19 +166,30 @@ class Ahead:
         )
 
     def _next(self, lane: _Lane) -> None:
-        """Start waiting prefetches while the lane has room."""
+        """Start waiting prefetches while the lane has room; those cached or
+        on their way meanwhile are dropped without a count."""
         while lane.running < lane.limit and lane.waiting:
             wanted = lane.waiting.popleft()
-            if self._here(wanted.digest):
+            try:
+                result = "here" if self._here(wanted.digest) else self._refused(wanted)
+            except Exception:
+                self.log.failure(
+                    "cannot fetch {digest} ahead", digest=str(wanted.digest)
+                )
+                result = "failed"
+            if result is not None:
                 lane.planned.discard(wanted.digest)
-                continue
-            refused = self._refused(wanted)
-            if refused is not None:
-                lane.planned.discard(wanted.digest)
-                self._count(wanted.pool.namespace, refused)
+                if result != "here":
+                    self._count(wanted.pool.namespace, result)
                 continue
             lane.running += 1
             self._reserved[wanted.digest] = wanted.size
+            self.log.debug(
+                "{namespace}: fetching {digest} of {repository} ahead",
+                namespace=wanted.pool.namespace,
+                digest=str(wanted.digest),
+                repository=wanted.repository,
+            )
             d = Deferred.fromCoroutine(self._fetch(wanted))
             d.addErrback(self._crashed, wanted)
             d.addCallback(self._ended, lane, wanted)
