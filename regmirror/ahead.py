@@ -17,7 +17,9 @@ sources in their order.  It is a guess, so it gives way:
 - none while every upstream of the namespace is marked down or backing off
   after a 429 (a guess is not a breaker's probe);
 - none for a digest another worker process is downloading (its spool is
-  locked): a client's request follows that download, as it would anyway.
+  locked): a client's request follows that download, as it would anyway;
+- none for a blob whose clients are sent to the cluster's bucket
+  (``redirect = true``).
 
 Each prefetch that is not started, and each that ends, is counted in
 ``regmirror_prefetch_total`` by namespace and result (:data:`RESULTS`).
@@ -227,9 +229,14 @@ class Ahead:
             return "down"
         return None
 
-    async def _fetch(self, wanted: _Wanted) -> str:
-        """Download *wanted* (or join its download); the result."""
+    async def _fetch(self, wanted: _Wanted) -> str | None:
+        """Download *wanted* (or join its download); the result, if any."""
+        sources = self.blobs.sources
         try:
+            if sources.redirects and await sources.redirect(wanted.digest):
+                # Its client will be sent to the bucket (``redirect =
+                # true``): the bytes are not to flow through this node.
+                return None
             source = await self.blobs.blob(
                 wanted.pool, wanted.repository, wanted.digest
             )
@@ -256,11 +263,12 @@ class Ahead:
         self.log.failure("fetching {digest} ahead", failure, digest=str(wanted.digest))
         return "failed"
 
-    def _ended(self, result: str, lane: _Lane, wanted: _Wanted) -> None:
+    def _ended(self, result: str | None, lane: _Lane, wanted: _Wanted) -> None:
         lane.running -= 1
         self._reserved.pop(wanted.digest, None)
         lane.planned.discard(wanted.digest)
-        self._count(wanted.pool.namespace, result)
+        if result is not None:
+            self._count(wanted.pool.namespace, result)
         self._next(lane)
 
     def _count(self, namespace: str, result: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import treq
 from fakeregistry import FakeRegistry, digest_of
 from memory import CONFIG, Harness, result
+from test_fetch_cluster import Cluster, cached
 
 from regmirror.ahead import contents
 from regmirror.reference import OCI_INDEX, OCI_MANIFEST, parse_digest
@@ -305,6 +306,51 @@ def test_another_worker_joins_a_prefetch_through_the_spool_lock(
     assert second.body(served) == layer(0)
     assert blob_gets(origin) == [image["config"], digest]
     assert origin.count("HEAD", "/blobs/") == 0
+
+
+def test_another_node_joins_a_prefetch_through_its_lease(tmp_path: Path) -> None:
+    """
+    In a cluster, a layer node a is fetching ahead (holding the digest's
+    lease) is asked of node b: b streams it from a, and the upstream sees
+    one GET of it.
+    """
+    c = Cluster(tmp_path, "ab", prefetch=3)
+    image = push(c.origin, 1)
+    (digest,) = image["layers"]
+    c.origin.hold[digest] = 4096
+    c.body(c.request("a", "GET", "/v2/app/manifests/latest"))
+    assert blob_gets(c.origin) == [image["config"], digest]
+    streamed = c.stream("b", f"/v2/app/blobs/{digest}")
+    c.origin.release()
+    c.settle()
+    assert streamed.outcome == [None]
+    assert streamed.data == layer(0)
+    assert blob_gets(c.origin) == [image["config"], digest]
+
+
+def test_a_blob_the_bucket_redirects_clients_to_is_not_fetched_ahead(
+    tmp_path: Path,
+) -> None:
+    """
+    With ``redirect = true``, node b serving a manifest whose blobs node a
+    put in the bucket fetches none of them (its clients are sent to the
+    bucket: the bytes are not to flow through b); a blob not in the bucket
+    yet is fetched ahead as ever.
+    """
+    c = Cluster(tmp_path, "ab", redirect_ttl=600.0, prefetch=3)
+    image = push(c.origin, 1)
+    c.body(c.request("a", "GET", "/v2/app/manifests/latest"))
+    assert prefetched(c["a"], "fetched") == 2
+    c.origin.requests.clear()
+    c.body(c.request("b", "GET", "/v2/app/manifests/latest"))
+    c.settle()
+    assert blob_gets(c.origin) == []
+    for digest in (image["config"], *image["layers"]):
+        assert cached(c["b"], digest) is None
+    assert c["b"].metrics.total("regmirror_prefetch_total") == 0
+    (digest,) = image["layers"]
+    sent = c.request("b", "GET", f"/v2/app/blobs/{digest}", allow_redirects=False)
+    assert sent.code == 307
 
 
 def test_contents_are_the_config_then_the_served_layers() -> None:

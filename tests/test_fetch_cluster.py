@@ -159,6 +159,7 @@ class Cluster:
         origin: FakeRegistry | None = None,
         s3: type[FakeS3] = FakeS3,
         redirect_ttl: float | None = None,
+        prefetch: int = 0,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(START)
@@ -189,6 +190,7 @@ class Cluster:
                     else None
                 ),
                 redirect_ttl=redirect_ttl,
+                prefetch=prefetch,
             )
             self.network.add(f"node-{name}", node.root)
             self.nodes[name] = node
