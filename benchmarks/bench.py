@@ -65,6 +65,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -81,6 +82,9 @@ from typing import IO, Any
 LOCALHOST = "127.0.0.1"
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 NGINX_BINARY = "/usr/sbin/nginx"
+SKOPEO_BINARY = "/usr/bin/skopeo"
+OPENSSL_BINARY = "/usr/bin/openssl"
+RELAY_SCRIPT = Path(__file__).resolve().parent / "relay.py"
 
 REPOSITORY = "bench/big"
 TAG = "latest"
@@ -114,6 +118,19 @@ STORED_TIMEOUT = 120.0
 
 COLD_CLIENTS = (1, 32)
 WARM_CLIENTS = (1, 8)
+
+#: What a run measures: the side-by-side rows above, the warm blob over
+#: TLS, and cold pulls through a slow link (``--only``).
+SECTIONS = ("main", "tls", "slow")
+TLS_CLIENTS = (1, 8)
+TLS_WORKERS = (1, 2)
+#: The slow link: every upstream connection, each direction, at this rate.
+SLOW_MIB_S = 10.0
+#: The many-layer image of the slow section: layer *i* (from 1) is
+#: ``i * SLOW_LAYER_STEP_MIB`` MiB, 156 MiB in all.
+SLOW_REPOSITORY = "bench/layers"
+SLOW_LAYERS = 12
+SLOW_LAYER_STEP_MIB = 2
 
 # ``python -m twisted`` is the newer ``twist`` runner; twistd has no __main__.
 _TWISTD = "import sys; from twisted.scripts.twistd import run; sys.exit(run())"
@@ -232,7 +249,7 @@ class Blob:
     path: Path
 
 
-def write_layer(path: Path, size: int) -> Blob:
+def write_layer(path: Path, size: int, seed: int = SEED) -> Blob:
     """
     An uncompressed tar holding one file of *size* seeded pseudo-random
     bytes, written and hashed a chunk at a time.
@@ -244,7 +261,7 @@ def write_layer(path: Path, size: int) -> Blob:
     info.uname = info.gname = "root"
     hasher = hashlib.sha256()
     written = 0
-    generator = random.Random(SEED)
+    generator = random.Random(seed)
     with path.open("wb") as f:
 
         def put(data: bytes) -> None:
@@ -272,9 +289,14 @@ def canonical_json(document: dict[str, Any]) -> bytes:
 
 @dataclass(frozen=True)
 class Image:
-    layer: Blob
+    layers: tuple[Blob, ...]
     config: bytes
     manifest: bytes
+
+    @property
+    def layer(self) -> Blob:
+        """The first layer: the main section's image has only one."""
+        return self.layers[0]
 
     @property
     def manifest_digest(self) -> str:
@@ -282,14 +304,33 @@ class Image:
 
 
 def make_image(folder: Path, size: int) -> Image:
-    layer = write_layer(folder / "layer.tar", size)
+    return image_of((write_layer(folder / "layer.tar", size),))
+
+
+def make_layered_image(folder: Path) -> Image:
+    """The slow section's image: ``SLOW_LAYERS`` layers of growing sizes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return image_of(
+        tuple(
+            write_layer(
+                folder / f"layer{i}.tar", i * SLOW_LAYER_STEP_MIB * MIB, SEED + i
+            )
+            for i in range(1, SLOW_LAYERS + 1)
+        )
+    )
+
+
+def image_of(layers: tuple[Blob, ...]) -> Image:
     config = canonical_json(
         {
             "architecture": "amd64",
             "os": "linux",
             "created": "2024-06-01T00:00:00Z",
             "config": {"Cmd": ["/bin/true"]},
-            "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
+            "rootfs": {
+                "type": "layers",
+                "diff_ids": [layer.digest for layer in layers],
+            },
         }
     )
     manifest = canonical_json(
@@ -307,19 +348,26 @@ def make_image(folder: Path, size: int) -> Image:
                     "digest": layer.digest,
                     "size": layer.size,
                 }
+                for layer in layers
             ],
         }
     )
-    return Image(layer, config, manifest)
+    return Image(layers, config, manifest)
 
 
-def _upload(port: int, digest: str, size: int, body: bytes | IO[bytes]) -> None:
+def _upload(
+    port: int,
+    digest: str,
+    size: int,
+    body: bytes | IO[bytes],
+    repository: str = REPOSITORY,
+) -> None:
     """A monolithic blob upload: ``POST`` a session, ``PUT`` all the bytes."""
     connection = http.client.HTTPConnection(
         LOCALHOST, port, timeout=SOCKET_TIMEOUT, blocksize=READ_BUFFER
     )
     try:
-        connection.request("POST", f"/v2/{REPOSITORY}/blobs/uploads/")
+        connection.request("POST", f"/v2/{repository}/blobs/uploads/")
         response = connection.getresponse()
         response.read()
         location = response.getheader("Location")
@@ -344,16 +392,17 @@ def _upload(port: int, digest: str, size: int, body: bytes | IO[bytes]) -> None:
         connection.close()
 
 
-def push_image(port: int, image: Image) -> None:
-    with image.layer.path.open("rb") as f:
-        _upload(port, image.layer.digest, image.layer.size, f)
+def push_image(port: int, image: Image, repository: str = REPOSITORY) -> None:
+    for layer in image.layers:
+        with layer.path.open("rb") as f:
+            _upload(port, layer.digest, layer.size, f, repository)
     config_digest = "sha256:" + hashlib.sha256(image.config).hexdigest()
-    _upload(port, config_digest, len(image.config), image.config)
+    _upload(port, config_digest, len(image.config), image.config, repository)
     connection = http.client.HTTPConnection(LOCALHOST, port, timeout=SOCKET_TIMEOUT)
     try:
         connection.request(
             "PUT",
-            f"/v2/{REPOSITORY}/manifests/{TAG}",
+            f"/v2/{repository}/manifests/{TAG}",
             body=image.manifest,
             headers={"Content-Type": OCI_MANIFEST},
         )
@@ -528,23 +577,88 @@ class Registry(Server):
         ).exists()
 
 
+@dataclass(frozen=True)
+class Certificate:
+    """A self-signed certificate for 127.0.0.1 and its key (PEM files)."""
+
+    key: Path
+    cert: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client's TLS settings: Python's defaults, trusting *cert*."""
+        return ssl.create_default_context(cafile=str(self.cert))
+
+
+def write_certificate(folder: Path) -> Certificate:
+    """An ECDSA P-256 key and a certificate for 127.0.0.1, with ``openssl``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    certificate = Certificate(folder / "key.pem", folder / "cert.pem")
+    subprocess.run(
+        [
+            OPENSSL_BINARY,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=regmirror bench",
+            "-addext",
+            f"subjectAltName=IP:{LOCALHOST}",
+            "-keyout",
+            str(certificate.key),
+            "-out",
+            str(certificate.cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return certificate
+
+
 class Mirror(Server):
-    """``twistd -n regmirror`` with one upstream and default settings."""
+    """
+    ``twistd -n regmirror`` with one upstream and default settings; with a
+    *tls* certificate, an ``ssl:`` listener on ``tls_port`` beside the
+    plain one.
+    """
 
     name = "regmirror"
 
-    def __init__(self, workdir: Path, upstream_url: str, workers: int = 1) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        upstream_url: str,
+        workers: int = 1,
+        tls: Certificate | None = None,
+    ) -> None:
         super().__init__(workdir)
         self.upstream_url = upstream_url
         self.workers = workers
+        self.tls = tls
+        self.tls_port = free_port() if tls is not None else None
 
     def prepare(self) -> None:
         (self.workdir / "mirror.ini").write_text(self.config())
 
+    def listen(self) -> str:
+        plain = f"tcp:{self.port}:interface={LOCALHOST}"
+        if self.tls is None:
+            return plain
+        return (
+            f"{plain} ssl:{self.tls_port}:interface={LOCALHOST}"
+            f":privateKey={self.tls.key}:certKey={self.tls.cert}"
+        )
+
     def config(self) -> str:
         return f"""\
 [server]
-listen = tcp:{self.port}:interface={LOCALHOST}
+listen = {self.listen()}
 workers = {self.workers}
 
 [cache]
@@ -577,13 +691,26 @@ default = true
 
 
 class Nginx(Server):
-    """nginx serving one file at ``/blob`` with ``sendfile on``."""
+    """
+    nginx serving one file at ``/blob`` with ``sendfile on``; with a *tls*
+    certificate, also over TLS on ``tls_port`` (OpenSSL's defaults, no
+    kernel TLS: the body is read into memory and encrypted there).
+    """
 
     name = "nginx"
 
-    def __init__(self, workdir: Path, blob: Path) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        blob: Path,
+        tls: Certificate | None = None,
+        workers: int | None = None,
+    ) -> None:
         super().__init__(workdir)
         self.blob = blob
+        self.tls = tls
+        self.tls_port = free_port() if tls is not None else None
+        self.workers = workers
 
     def ready_path(self) -> str:
         return "/ready"
@@ -598,9 +725,18 @@ class Nginx(Server):
         # As root the workers would drop to "nobody", who cannot read the
         # benchmark's private temporary folder.
         user = "user root;\n" if os.geteuid() == 0 else ""
+        tls = ""
+        if self.tls is not None:
+            tls = (
+                f"    listen {LOCALHOST}:{self.tls_port} ssl;\n"
+                "    ssl_protocols TLSv1.2 TLSv1.3;\n"
+                f"    ssl_certificate {self.tls.cert};\n"
+                f"    ssl_certificate_key {self.tls.key};\n"
+            )
+        workers = self.workers or "auto"
         (self.workdir / "nginx.conf").write_text(
             f"""\
-{user}worker_processes auto;
+{user}worker_processes {workers};
 daemon off;
 pid {self.workdir / "nginx.pid"};
 error_log {self.workdir / "error.log"} warn;
@@ -611,7 +747,7 @@ http {{
   tcp_nopush on;
 {temps}  server {{
     listen {LOCALHOST}:{self.port};
-    location = /blob {{
+{tls}    location = /blob {{
       alias {self.blob};
       default_type application/octet-stream;
     }}
@@ -631,6 +767,33 @@ http {{
             "-c",
             str(self.workdir / "nginx.conf"),
         ]
+
+
+class SlowLink(Server):
+    """``relay.py``: every connection to the *target* port at *mib_s*."""
+
+    name = "relay"
+
+    def __init__(self, workdir: Path, target: int, mib_s: float) -> None:
+        super().__init__(workdir)
+        self.target = target
+        self.mib_s = mib_s
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            str(RELAY_SCRIPT),
+            "--port",
+            str(self.port),
+            "--target",
+            str(self.target),
+            "--mib-s",
+            str(self.mib_s),
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOCALHOST}:{self.port}"
 
 
 @contextmanager
@@ -658,6 +821,8 @@ class Transfer:
     last_byte_wait: float | None = None
     elapsed: float = 0.0
     error: str | None = None
+    #: over TLS: the protocol and cipher suite negotiated
+    cipher: str | None = None
 
 
 MAX_HEADER_READS = 64
@@ -676,18 +841,27 @@ def _parse_head(head: bytes) -> tuple[int, int]:
     return status, int(fields["content-length"])
 
 
-def get_blob(port: int, path: str) -> Transfer:
+def get_blob(port: int, path: str, tls: ssl.SSLContext | None = None) -> Transfer:
     """
     GET *path* over a raw socket, receiving the body into one reusable
-    buffer (``recv_into``: whatever has arrived, no copy) and discarding it.
+    buffer (``recv_into``: whatever has arrived, no copy) and discarding it;
+    with *tls*, over TLS on that socket (Python's ``ssl``: each
+    ``recv_into`` decrypts at most one TLS record, without the GIL).
     """
     transfer = Transfer()
     view = memoryview(bytearray(READ_BUFFER))
     started = time.perf_counter()
     try:
-        with socket.create_connection(
-            (LOCALHOST, port), timeout=SOCKET_TIMEOUT
-        ) as sock:
+        with ExitStack() as stack:
+            sock = stack.enter_context(
+                socket.create_connection((LOCALHOST, port), timeout=SOCKET_TIMEOUT)
+            )
+            if tls is not None:
+                sock = stack.enter_context(
+                    tls.wrap_socket(sock, server_hostname=LOCALHOST)
+                )
+                version, cipher = sock.version(), sock.cipher()
+                transfer.cipher = f"{version} {cipher[0] if cipher else '?'}"
             sock.sendall(
                 f"GET {path} HTTP/1.1\r\nHost: {LOCALHOST}:{port}\r\n"
                 "Connection: close\r\n\r\n".encode()
@@ -770,19 +944,29 @@ def spread(values: Sequence[float]) -> dict[str, float] | None:
 
 
 def blob_load(
-    port: int | Sequence[int], path: str, clients: int, size: int
+    port: int | Sequence[int],
+    path: str,
+    clients: int,
+    size: int,
+    tls: ssl.SSLContext | None = None,
 ) -> dict[str, Any]:
-    """*clients* GETs of *path* at once, spread in turn over the *port* (s)."""
+    """
+    *clients* GETs of *path* at once, spread in turn over the *port* (s);
+    over TLS with *tls*.
+    """
     ports = [port] if isinstance(port, int) else list(port)
     # next() of a count is atomic under the GIL: client i goes to ports[i % n].
     slots = itertools.count()
     transfers, wall = concurrently(
-        clients, lambda: get_blob(ports[next(slots) % len(ports)], path)
+        clients, lambda: get_blob(ports[next(slots) % len(ports)], path, tls)
     )
     bad = [t for t in transfers if t.status != 200 or t.received != size or t.error]
     if bad:
         raise BenchError(f"{len(bad)} of {clients} transfers failed: {bad[0]}")
-    return {
+    extra: dict[str, Any] = {}
+    if tls is not None:
+        extra["ciphers"] = sorted({t.cipher for t in transfers if t.cipher})
+    return extra | {
         "clients": clients,
         "wall_s": wall,
         "mib_s": clients * size / MIB / wall,
@@ -1002,6 +1186,190 @@ def bench_nginx(ctx: Context) -> None:
     server = Nginx(ctx.workdir / "nginx", ctx.upstream_blob_file)
     # Its master's RSS says nothing about its workers: not recorded.
     ctx.results["nginx"] = {"warm": warm(ctx, server, "/blob", usage=False)}
+
+
+# -- TLS -----------------------------------------------------------------------
+
+
+def tls_warm(
+    ctx: Context, port: int, path: str, client: ssl.SSLContext
+) -> dict[str, Any]:
+    """Warm reads over TLS: ``TLS_CLIENTS`` at once, ``--repeat`` times."""
+    result: dict[str, Any] = {}
+    # One untimed read first: the cache hit path, and the page cache.
+    get_blob(port, path, client)
+    for clients in TLS_CLIENTS:
+        runs = [
+            blob_load(port, path, clients, ctx.image.layer.size, client)
+            for _ in range(ctx.repeat)
+        ]
+        result[f"x{clients}"] = median_run(runs, "mib_s")
+    return result
+
+
+def bench_tls(ctx: Context, skip: Collection[str], have_nginx: bool) -> None:
+    """
+    The warm blob over TLS with one certificate for all: regmirror's
+    ``ssl:`` listener with ``workers`` 1 and 2 (on a cache filled once over
+    its plain listener), nginx with ``worker_processes`` 1 and 2.
+    """
+    certificate = write_certificate(ctx.workdir / "tls")
+    client = certificate.client_context()
+    digest = ctx.image.layer.digest
+    if "regmirror" not in skip:
+        print("  regmirror: TLS, workers", end="", flush=True)
+        folder = ctx.workdir / "regmirror-tls"
+        results: dict[str, Any] = {}
+        for workers in TLS_WORKERS:
+            mirror = Mirror(folder, ctx.upstream.url, workers, tls=certificate)
+            with running(mirror):
+                if not mirror.stored(digest):
+                    get_blob(mirror.port, ctx.blob_path)
+                    wait_until(
+                        lambda m=mirror: m.stored(digest),
+                        timeout=STORED_TIMEOUT,
+                        what=lambda: f"regmirror never stored {digest}",
+                    )
+                assert mirror.tls_port is not None
+                results[f"workers_{workers}"] = tls_warm(
+                    ctx, mirror.tls_port, ctx.blob_path, client
+                )
+            print(f" {workers}", end="", flush=True)
+        print(flush=True)
+        ctx.results.setdefault("regmirror", {})["tls"] = results
+        shutil.rmtree(folder, ignore_errors=True)
+    if "nginx" in skip or not have_nginx:
+        return
+    print("  nginx: TLS, workers", end="", flush=True)
+    results = {}
+    for workers in TLS_WORKERS:
+        server = Nginx(
+            ctx.workdir / f"nginx-tls-{workers}",
+            ctx.upstream_blob_file,
+            tls=certificate,
+            workers=workers,
+        )
+        with running(server):
+            assert server.tls_port is not None
+            results[f"workers_{workers}"] = tls_warm(
+                ctx, server.tls_port, "/blob", client
+            )
+        print(f" {workers}", end="", flush=True)
+    print(flush=True)
+    ctx.results.setdefault("nginx", {})["tls"] = results
+
+
+# -- a slow link to the upstream ------------------------------------------------
+
+
+def skopeo_copy(port: int, destination: Path) -> float:
+    """A cold ``skopeo copy`` of the layered image to a folder: its wall time."""
+    started = time.perf_counter()
+    result = subprocess.run(
+        [
+            SKOPEO_BINARY,
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--retry-times",
+            "0",
+            "--src-tls-verify=false",
+            f"docker://{LOCALHOST}:{port}/{SLOW_REPOSITORY}:{TAG}",
+            f"dir:{destination}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=CLIENTS_TIMEOUT,
+        check=False,
+    )
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise BenchError(f"skopeo copy failed: {result.stderr[-2000:]}")
+    return wall
+
+
+def slow_run(
+    ctx: Context,
+    system: str,
+    make: Factory,
+    blobs: Sequence[Blob],
+    work: Callable[[Mirror | Registry], dict[str, Any]],
+) -> dict[str, Any]:
+    """
+    One cold run through the slow link: a fresh process with an empty
+    cache, *work*, then the upstream's GETs of *blobs* once all are stored.
+    """
+    folder = ctx.workdir / f"{system}-slow"
+    shutil.rmtree(folder, ignore_errors=True)
+    server = make(folder)
+    with running(server):
+        before = sum(ctx.upstream.blob_gets(b.digest) for b in blobs)
+        result = work(server)
+        wait_until(
+            lambda: all(server.stored(b.digest) for b in blobs),
+            timeout=STORED_TIMEOUT,
+            what=lambda: f"{system} never stored every blob",
+        )
+        result["upstream_blob_gets"] = (
+            sum(ctx.upstream.blob_gets(b.digest) for b in blobs) - before
+        )
+        result.update(server.usage())
+    shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def bench_slow(ctx: Context, skip: Collection[str], mib_s: float) -> None:
+    """
+    Through ``relay.py`` at *mib_s* per upstream connection: a cold
+    ``skopeo copy`` of the ``SLOW_LAYERS``-layer image, and one cold client
+    of the big blob, for regmirror and the reference proxy.
+    """
+    image = make_layered_image(ctx.workdir / "layers")
+    push_image(ctx.upstream.port, image, SLOW_REPOSITORY)
+    for layer in image.layers:
+        layer.path.unlink()
+    link = SlowLink(ctx.workdir / "relay", ctx.upstream.port, mib_s)
+    systems: list[tuple[str, Factory]] = [
+        ("regmirror", lambda d: Mirror(d, link.url)),
+        ("proxy", lambda d: Registry(d, d / "storage", remote=link.url)),
+    ]
+    size = ctx.image.layer.size
+    with running(link):
+        for system, make in systems:
+            if system in skip:
+                continue
+            print(f"  {system}: slow link, skopeo", end="", flush=True)
+
+            def copy(server: Mirror | Registry, system: str = system) -> dict[str, Any]:
+                destination = ctx.workdir / f"{system}-copied"
+                shutil.rmtree(destination, ignore_errors=True)
+                try:
+                    return {"wall_s": skopeo_copy(server.port, destination)}
+                finally:
+                    shutil.rmtree(destination, ignore_errors=True)
+
+            def one_client(server: Mirror | Registry) -> dict[str, Any]:
+                return blob_load(server.port, ctx.blob_path, 1, size)
+
+            results: dict[str, Any] = {}
+            runs = [
+                slow_run(ctx, system, make, image.layers, copy)
+                for _ in range(ctx.repeat)
+            ]
+            results["skopeo"] = median_run(runs, "wall_s")
+            results["skopeo"]["upstream_blob_gets_runs"] = [
+                run["upstream_blob_gets"] for run in runs
+            ]
+            print(", blob x1", flush=True)
+            runs = [
+                slow_run(ctx, system, make, [ctx.image.layer], one_client)
+                for _ in range(ctx.repeat)
+            ]
+            results["blob_x1"] = median_run(runs, "mib_s")
+            results["blob_x1"]["upstream_blob_gets_runs"] = [
+                run["upstream_blob_gets"] for run in runs
+            ]
+            ctx.results.setdefault(system, {})["slow"] = results
 
 
 # -- the cluster ---------------------------------------------------------------
@@ -1417,7 +1785,9 @@ def _num(value: Any, digits: int = 0) -> str:
 
 
 def table_rows(
-    results: dict[str, Any], skip: Collection[str] = ()
+    results: dict[str, Any],
+    skip: Collection[str] = (),
+    sections: Collection[str] = SECTIONS,
 ) -> list[tuple[str, list[str]]]:
     rows: list[tuple[str, list[str]]] = []
     systems = [system for system, _ in columns(results, skip)]
@@ -1432,92 +1802,93 @@ def table_rows(
 
         return cell
 
-    for clients in COLD_CLIENTS:
-        phase = f"cold_x{clients}"
+    if "main" in sections:
+        for clients in COLD_CLIENTS:
+            phase = f"cold_x{clients}"
+            row(
+                f"cold x{clients}: wall s",
+                number(phase, "wall_s", digits=2),
+            )
+            row(
+                f"cold x{clients}: MiB/s (aggregate)",
+                number(phase, "mib_s"),
+            )
+
+            def ttfb(s: str, p: str = phase) -> str:
+                t = _get(results, s, p, "ttfb_ms")
+                if t is None:
+                    return "–"
+                return f"{t['min']:.0f} / {t['median']:.0f} / {t['max']:.0f}"
+
+            row(f"cold x{clients}: TTFB ms min/med/max", ttfb)
+
+            def last_byte(s: str, p: str = phase) -> str:
+                t = _get(results, s, p, "last_byte_wait_ms")
+                return "–" if t is None else f"{t['median']:.0f}"
+
+            row(f"cold x{clients}: last-byte wait ms (median)", last_byte)
+
+            def gets(s: str, p: str = phase) -> str:
+                # Every run's count, if they differ.
+                counts = _get(results, s, p, "upstream_blob_gets_runs")
+                if not counts:
+                    return "–"
+                return " / ".join(str(c) for c in sorted(set(counts)))
+
+            row(f"cold x{clients}: upstream GETs of the blob", gets)
+        if cluster:
+            bucket = f"from the bucket x{CLUSTER_WARM_CLIENTS}"
+
+            row(f"{bucket}: wall s", number("bucket", "wall_s", digits=2))
+            row(f"{bucket}: MiB/s (aggregate)", number("bucket", "mib_s"))
+
+            def bucket_ttfb(s: str) -> str:
+                t = _get(results, s, "bucket", "ttfb_ms")
+                if t is None:
+                    return "–"
+                return f"{t['min']:.0f} / {t['median']:.0f} / {t['max']:.0f}"
+
+            row(f"{bucket}: TTFB ms min/med/max", bucket_ttfb)
+            row(
+                f"{bucket}: upstream GETs of the blob in all",
+                number("bucket", "upstream_blob_gets_in_all"),
+            )
+        for clients in WARM_CLIENTS:
+            row(
+                f"warm x{clients}: MiB/s (aggregate)",
+                number("warm", f"x{clients}", "mib_s"),
+            )
+        for kind, label in (("by_tag", "by tag"), ("by_digest", "by digest")):
+
+            def latency(s: str, k: str = kind) -> str:
+                m = _get(results, s, "manifests", k)
+                if m is None:
+                    return "–"
+                return f"{m['p50_ms']:.1f} / {m['p99_ms']:.1f}"
+
+            row(f"manifest {label}: p50 / p99 ms", latency)
+            row(
+                f"manifest {label}: requests/s",
+                number("manifests", kind, "rps"),
+            )
         row(
-            f"cold x{clients}: wall s",
-            number(phase, "wall_s", digits=2),
+            "manifests: upstream requests per run",
+            number("manifests", "upstream_manifest_requests"),
         )
-        row(
-            f"cold x{clients}: MiB/s (aggregate)",
-            number(phase, "mib_s"),
-        )
+        phases = [f"cold_x{c}" for c in COLD_CLIENTS] + ["warm", "manifests"]
+        names = "/".join(p.replace("cold_", "c") for p in phases)
 
-        def ttfb(s: str, p: str = phase) -> str:
-            t = _get(results, s, p, "ttfb_ms")
-            if t is None:
-                return "–"
-            return f"{t['min']:.0f} / {t['median']:.0f} / {t['max']:.0f}"
+        def per_phase(key: str, digits: int) -> Callable[[str], str]:
+            def cell(s: str) -> str:
+                values = [_get(results, s, p, key) for p in phases]
+                if all(v is None for v in values):
+                    return "–"
+                return " / ".join(_num(v, digits) for v in values)
 
-        row(f"cold x{clients}: TTFB ms min/med/max", ttfb)
+            return cell
 
-        def last_byte(s: str, p: str = phase) -> str:
-            t = _get(results, s, p, "last_byte_wait_ms")
-            return "–" if t is None else f"{t['median']:.0f}"
-
-        row(f"cold x{clients}: last-byte wait ms (median)", last_byte)
-
-        def gets(s: str, p: str = phase) -> str:
-            # Every run's count, if they differ.
-            counts = _get(results, s, p, "upstream_blob_gets_runs")
-            if not counts:
-                return "–"
-            return " / ".join(str(c) for c in sorted(set(counts)))
-
-        row(f"cold x{clients}: upstream GETs of the blob", gets)
-    if cluster:
-        bucket = f"from the bucket x{CLUSTER_WARM_CLIENTS}"
-
-        row(f"{bucket}: wall s", number("bucket", "wall_s", digits=2))
-        row(f"{bucket}: MiB/s (aggregate)", number("bucket", "mib_s"))
-
-        def bucket_ttfb(s: str) -> str:
-            t = _get(results, s, "bucket", "ttfb_ms")
-            if t is None:
-                return "–"
-            return f"{t['min']:.0f} / {t['median']:.0f} / {t['max']:.0f}"
-
-        row(f"{bucket}: TTFB ms min/med/max", bucket_ttfb)
-        row(
-            f"{bucket}: upstream GETs of the blob in all",
-            number("bucket", "upstream_blob_gets_in_all"),
-        )
-    for clients in WARM_CLIENTS:
-        row(
-            f"warm x{clients}: MiB/s (aggregate)",
-            number("warm", f"x{clients}", "mib_s"),
-        )
-    for kind, label in (("by_tag", "by tag"), ("by_digest", "by digest")):
-
-        def latency(s: str, k: str = kind) -> str:
-            m = _get(results, s, "manifests", k)
-            if m is None:
-                return "–"
-            return f"{m['p50_ms']:.1f} / {m['p99_ms']:.1f}"
-
-        row(f"manifest {label}: p50 / p99 ms", latency)
-        row(
-            f"manifest {label}: requests/s",
-            number("manifests", kind, "rps"),
-        )
-    row(
-        "manifests: upstream requests per run",
-        number("manifests", "upstream_manifest_requests"),
-    )
-    phases = [f"cold_x{c}" for c in COLD_CLIENTS] + ["warm", "manifests"]
-    names = "/".join(p.replace("cold_", "c") for p in phases)
-
-    def per_phase(key: str, digits: int) -> Callable[[str], str]:
-        def cell(s: str) -> str:
-            values = [_get(results, s, p, key) for p in phases]
-            if all(v is None for v in values):
-                return "–"
-            return " / ".join(_num(v, digits) for v in values)
-
-        return cell
-
-    row(f"peak RSS MiB ({names})", per_phase("peak_rss_mib", 0))
-    row(f"CPU s ({names})", per_phase("cpu_s", 1))
+        row(f"peak RSS MiB ({names})", per_phase("peak_rss_mib", 0))
+        row(f"CPU s ({names})", per_phase("cpu_s", 1))
     if cluster:
         cluster_phases = [f"cold_x{CLUSTER_COLD_CLIENTS}", "bucket", "warm"]
 
@@ -1550,12 +1921,60 @@ def table_rows(
             return " / ".join(cells)
 
         row("3 nodes: where each took the blob (cx32/bucket)", sources)
+    if "tls" in sections:
+        for workers in TLS_WORKERS:
+            for clients in TLS_CLIENTS:
+                row(
+                    f"TLS warm x{clients}, workers {workers}: MiB/s",
+                    number("tls", f"workers_{workers}", f"x{clients}", "mib_s"),
+                )
+
+        def ciphers(s: str) -> str:
+            found = {
+                cipher
+                for workers in TLS_WORKERS
+                for clients in TLS_CLIENTS
+                for cipher in _get(
+                    results, s, "tls", f"workers_{workers}", f"x{clients}", "ciphers"
+                )
+                or ()
+            }
+            return ", ".join(sorted(found)) or "–"
+
+        row("TLS: negotiated", ciphers)
+    if "slow" in sections:
+        slow = "slow link"
+        row(
+            f"{slow}: skopeo copy, {SLOW_LAYERS} layers, wall s",
+            number("slow", "skopeo", "wall_s", digits=2),
+        )
+
+        def slow_gets(s: str, p: str) -> str:
+            counts = _get(results, s, "slow", p, "upstream_blob_gets_runs")
+            if not counts:
+                return "–"
+            return " / ".join(str(c) for c in sorted(set(counts)))
+
+        row(
+            f"{slow}: skopeo copy, upstream GETs of the layers",
+            lambda s: slow_gets(s, "skopeo"),
+        )
+        row(f"{slow}: cold x1: MiB/s", number("slow", "blob_x1", "mib_s"))
+        row(f"{slow}: cold x1: wall s", number("slow", "blob_x1", "wall_s", digits=2))
+        row(
+            f"{slow}: cold x1: upstream GETs of the blob",
+            lambda s: slow_gets(s, "blob_x1"),
+        )
     return rows
 
 
-def render_table(results: dict[str, Any], skip: Collection[str] = ()) -> str:
+def render_table(
+    results: dict[str, Any],
+    skip: Collection[str] = (),
+    sections: Collection[str] = SECTIONS,
+) -> str:
     """The results as a reStructuredText simple table."""
-    rows = table_rows(results, skip)
+    rows = table_rows(results, skip, sections)
     header = ["metric", *(heading for _, heading in columns(results, skip))]
     body = [[label, *cells] for label, cells in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
@@ -1604,8 +2023,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=("regmirror", "proxy", "nginx"),
         help="leave a system out (repeatable)",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        choices=SECTIONS,
+        help="run only this section (repeatable; default: all): main (cold, "
+        "warm, manifests), tls (the warm blob over TLS, workers 1 and 2), "
+        "slow (cold pulls through a slow link to the upstream)",
+    )
+    parser.add_argument(
+        "--slow-mib-s",
+        type=float,
+        default=SLOW_MIB_S,
+        help=f"the slow link's rate per connection (default {SLOW_MIB_S:g})",
+    )
     options = parser.parse_args(argv)
-    for binary in (REGISTRY_BINARY,):
+    sections = [s for s in SECTIONS if s in options.only] if options.only else SECTIONS
+    needed = [REGISTRY_BINARY]
+    if "tls" in sections:
+        needed.append(OPENSSL_BINARY)
+    if "slow" in sections:
+        needed.append(SKOPEO_BINARY)
+    for binary in needed:
         if not os.access(binary, os.X_OK):
             parser.error(f"{binary} is not installed")
     have_nginx = os.access(NGINX_BINARY, os.X_OK)
@@ -1634,26 +2074,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 options.repeat,
             )
             print("benchmarking", flush=True)
-            if "regmirror" not in options.skip:
-                bench_system(
-                    ctx,
-                    "regmirror",
-                    lambda d: Mirror(d, upstream.url, options.workers),
-                )
-            if options.cluster:
-                bench_cluster(ctx, options.workers)
-            if "proxy" not in options.skip:
-                bench_system(
-                    ctx,
-                    "proxy",
-                    lambda d: Registry(d, d / "storage", remote=upstream.url),
-                )
-            if "nginx" in options.skip:
-                pass
-            elif have_nginx:
-                bench_nginx(ctx)
-            else:
-                print(f"  nginx: {NGINX_BINARY} not installed, skipped")
+            if "main" in sections:
+                if "regmirror" not in options.skip:
+                    bench_system(
+                        ctx,
+                        "regmirror",
+                        lambda d: Mirror(d, upstream.url, options.workers),
+                    )
+                if options.cluster:
+                    bench_cluster(ctx, options.workers)
+                if "proxy" not in options.skip:
+                    bench_system(
+                        ctx,
+                        "proxy",
+                        lambda d: Registry(d, d / "storage", remote=upstream.url),
+                    )
+                if "nginx" in options.skip:
+                    pass
+                elif have_nginx:
+                    bench_nginx(ctx)
+                else:
+                    print(f"  nginx: {NGINX_BINARY} not installed, skipped")
+            if "tls" in sections:
+                bench_tls(ctx, options.skip, have_nginx)
+            if "slow" in sections:
+                bench_slow(ctx, options.skip, options.slow_mib_s)
     finally:
         upstream.stop()
         if options.workdir is None:
@@ -1673,6 +2118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "manifest_requests": options.manifest_requests,
         "manifest_clients": options.manifest_clients,
         "repeat": options.repeat,
+        "sections": list(sections),
+        "slow_mib_s": options.slow_mib_s if "slow" in sections else None,
         "runtime_s": round(time.monotonic() - started, 1),
         # Other work on the machine skews everything: say how much there was.
         "other_cpu_s": round(other_cpu, 1),
@@ -1691,7 +2138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{options.size_mib} MiB layer, {report['runtime_s']} s, "
         f"{other_cpu:.1f} CPU-s of other work on the machine meanwhile"
     )
-    print(render_table(ctx.results, options.skip))
+    print(render_table(ctx.results, options.skip, sections))
     print(
         f"Each figure: the run with the median throughput of {options.repeat}; "
         "peak RSS: the highest of them."
