@@ -195,6 +195,7 @@ class Ahead:
             d = Deferred.fromCoroutine(self._fetch(wanted))
             d.addErrback(self._crashed, wanted)
             d.addCallback(self._ended, lane, wanted)
+            d.addErrback(lambda f: self.log.failure("pulling ahead", f))
 
     def _refused(self, wanted: _Wanted) -> str | None:
         """Why *wanted* is not to be fetched now (a result), if it is not."""

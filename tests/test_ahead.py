@@ -13,11 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import treq
 from fakeregistry import FakeRegistry, digest_of
 from memory import CONFIG, Harness, result
 from test_fetch_cluster import Cluster, cached
 
+from regmirror import ahead
 from regmirror.ahead import contents
 from regmirror.reference import OCI_INDEX, OCI_MANIFEST, parse_digest
 from regmirror.siblings import FOLLOW_INTERVAL
@@ -207,6 +209,38 @@ def test_no_prefetch_takes_the_cache_past_its_size_limit(tmp_path: Path) -> None
     assert harness.store.size <= room
     served = harness.request("GET", f"/v2/app/blobs/{second}")
     assert harness.body(served) == layer(1)
+
+
+def test_no_prefetch_below_min_free_or_into_a_cache_that_cannot_be_written(
+    tmp_path: Path,
+) -> None:
+    """Nothing is fetched ahead while the file system has less free space
+    than ``min_free`` would leave, nor while the cache cannot be written
+    (both counted ``full``)."""
+    harness, origin = mirror(tmp_path, prefetch=3)
+    image = push(origin, 1)
+    harness.store.min_free = harness.store.free_space() + 1
+    harness.body(harness.request("GET", "/v2/app/manifests/latest"))
+    assert blob_gets(origin) == []
+    assert prefetched(harness, "full") == 2
+    harness.store.min_free = None
+    harness.store.degraded_until = harness.clock.seconds() + 60
+    harness.body(harness.request("GET", f"/v2/app/manifests/{image['manifest']}"))
+    assert blob_gets(origin) == []
+    assert prefetched(harness, "full") == 4
+
+
+def test_beyond_so_many_waiting_a_namespace_queues_no_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for two waiting, the third blob of an image is not
+    queued (counted ``busy``); the client fetches it itself."""
+    monkeypatch.setattr(ahead, "MAX_WAITING", 2)
+    harness, origin = mirror(tmp_path, prefetch=1)
+    image = push(origin, 2)
+    harness.body(harness.request("GET", "/v2/app/manifests/latest"))
+    assert prefetched(harness, "busy") == 1
+    assert blob_gets(origin) == [image["config"], image["layers"][0]]
 
 
 def test_a_failing_prefetch_fails_nothing_a_client_asked(tmp_path: Path) -> None:
