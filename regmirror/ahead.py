@@ -294,6 +294,7 @@ def contents(body: bytes) -> list[tuple[Digest, int]]:
     if isinstance(layers, list):
         descriptors += layers
     found: list[tuple[Digest, int]] = []
+    seen: set[Digest] = set()
     for descriptor in descriptors:
         if not isinstance(descriptor, dict):
             continue
@@ -307,6 +308,7 @@ def contents(body: bytes) -> list[tuple[Digest, int]]:
             digest = parse_digest(str(descriptor.get("digest")))
         except Exception:  # a malformed entry is nothing to fetch
             continue
-        if all(digest != seen for seen, _ in found):
+        if digest not in seen:
+            seen.add(digest)
             found.append((digest, size))
     return found
