@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import treq
 from fakeregistry import FakeRegistry, digest_of
+from hypothesis import given
+from hypothesis import strategies as st
 from memory import CONFIG, Harness, result
 from test_fetch_cluster import Cluster, cached
 
@@ -409,3 +411,27 @@ def test_contents_are_the_config_then_the_served_layers() -> None:
     ).encode()
     assert contents(body) == [(parse_digest(good), 1), (parse_digest(other), 2)]
     assert contents(b"not json") == []
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=80),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(
+            st.sampled_from(["config", "layers", "digest", "size", "mediaType", "x"]),
+            inner,
+            max_size=5,
+        )
+    ),
+    max_leaves=30,
+)
+
+
+@given(JSON)
+def test_contents_of_any_document_never_raise(document: object) -> None:
+    """Whatever an upstream's manifest holds, reading it for blobs to fetch
+    ahead gives digests with sizes, or nothing, never an exception."""
+    body = json.dumps(document).encode()
+    for digest, size in contents(body):
+        assert isinstance(size, int) and size >= 0
+        assert str(parse_digest(str(digest))) == str(digest)
