@@ -25,6 +25,7 @@ from .images import Catalog, Image, assert_layout_matches
 pytestmark = pytest.mark.e2e
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 def blob_gets(upstream: RegistryProcess, image: Image) -> dict[str, int]:
@@ -61,6 +62,46 @@ def test_a_manifest_get_alone_brings_the_image_into_the_cache(
     assert blob_gets(upstream, image) == dict.fromkeys(wanted, 1)
     assert mirror.metric("regmirror_prefetch_total", result="fetched") == len(wanted)
     assert mirror.metric("regmirror_prefetch_total", result="failed") == 0
+
+
+def test_a_head_or_an_index_fetches_nothing_ahead(
+    catalog: Catalog, upstream: RegistryProcess, mirror: MirrorProcess
+) -> None:
+    """
+    A HEAD of ``test/small``'s manifest and a GET of ``test/multi``'s
+    index fetch none of their blobs: once busybox's manifest, asked for
+    after them, has brought busybox's blobs in, the upstream has seen no
+    GET of theirs.
+    """
+    small, multi, busybox = catalog.small, catalog.multi, catalog.busybox
+    head = mirror.request(
+        "HEAD",
+        f"/v2/{small.repository}/manifests/{small.tag}",
+        {"Accept": OCI_MANIFEST},
+    )
+    assert head.status == 200
+    index = mirror.request(
+        "GET", f"/v2/{multi.repository}/manifests/{multi.tag}", {"Accept": OCI_INDEX}
+    )
+    assert index.status == 200 and index.body == multi.root.data
+    served = mirror.request(
+        "GET",
+        f"/v2/{busybox.repository}/manifests/{busybox.tag}",
+        {"Accept": OCI_MANIFEST},
+    )
+    assert served.status == 200
+    wanted = {blob.digest for blob in busybox.blobs}
+    poll_until(
+        lambda: wanted <= set(mirror.cached_blobs()),
+        timeout=20,
+        describe=lambda: f"cached: {sorted(mirror.cached_blobs())}\n{mirror.log()}",
+    )
+    assert set(blob_gets(upstream, small).values()) == {0}
+    assert set(blob_gets(upstream, multi).values()) == {0}
+    for manifest in multi.manifests:
+        assert (
+            upstream.count_requests("GET", rf"/v2/\S+/manifests/{manifest.digest}") == 0
+        )
 
 
 @pytest.mark.parametrize("workers", [1, 2])
