@@ -64,8 +64,8 @@ class Fetcher:
         max_blob_size: int = MAX_BLOB_SIZE,
         tag_ttl: float = 60.0,
         metrics: Metrics | None = None,
-        shared: SharedStore | None = None,
-        shared_max_size: int | None = None,
+        bucket: SharedStore | None = None,
+        bucket_max_size: int | None = None,
         redirect_ttl: float | None = None,
         coordinator: Coordinator | None = None,
         peers: Peers | None = None,
@@ -77,9 +77,9 @@ class Fetcher:
         :param max_blob_size: the largest blob taken from an upstream that
             does not say its size.
         :param tag_ttl: how long the origin's answer for a tag is reused.
-        :param shared: the bucket the cluster's nodes share (``[cache]
+        :param bucket: the bucket the cluster's nodes share (``[cache]
             backend = s3``).
-        :param shared_max_size: evict the bucket's least recently used
+        :param bucket_max_size: evict the bucket's least recently used
             blobs beyond this size (by its index in Redis).
         :param redirect_ttl: answer with presigned URLs of the bucket for
             this long (``redirect = true``); ``None``: never.
@@ -93,8 +93,8 @@ class Fetcher:
         self._coordinator = coordinator
         self.bucket = (
             None
-            if shared is None
-            else Bucket(shared, store, coordinator, shared_max_size, redirect_ttl)
+            if bucket is None
+            else Bucket(bucket, store, coordinator, bucket_max_size, redirect_ttl)
         )
         leases = (
             None
@@ -128,11 +128,6 @@ class Fetcher:
     def coordinator(self) -> Coordinator | None:
         """The other nodes, through Redis (``[cluster]``)."""
         return self._coordinator
-
-    @property
-    def shared(self) -> SharedStore | None:
-        """The bucket the cluster's nodes share (``[cache] backend = s3``)."""
-        return None if self.bucket is None else self.bucket.objects
 
     @property
     def downloads(self) -> list[Download]:

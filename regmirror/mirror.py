@@ -81,8 +81,9 @@ class Mirror:
         )
         if self.coordinator is not None:
             self.coordinator.start()
-        shared = self.fetcher.shared
-        if shared is not None:
+        bucket = self.fetcher.bucket
+        if bucket is not None:
+            shared = bucket.objects
             # Said at once, not at the first pull: a wrong key or bucket.
             location = shared.objects.location
             where = f"{location.endpoint} bucket {location.bucket}"

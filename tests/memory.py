@@ -59,7 +59,7 @@ class Harness:
         clock: Clock | None = None,
         coordinator: Coordinator | None = None,
         peers: Peers | None = None,
-        shared: SharedStore | None = None,
+        bucket: SharedStore | None = None,
         redirect_ttl: float | None = None,
         prefetch: int = 0,
         max_size: int | None = None,
@@ -71,7 +71,7 @@ class Harness:
             ``/_cluster/blobs/`` as :func:`regmirror.service.build_mirror`
             wires it.
         :param peers: how this node reaches the other nodes.
-        :param shared: the cluster's bucket; *redirect_ttl* as in the config.
+        :param bucket: the cluster's bucket; *redirect_ttl* as in the config.
         :param prefetch: both namespaces' ``prefetch`` (none by default, so
             that the upstreams see only what the clients ask for).
         :param max_size: the cache's ``max_size``.
@@ -128,7 +128,7 @@ class Harness:
             metrics=self.metrics,
             coordinator=coordinator,
             peers=peers,
-            shared=shared,
+            bucket=bucket,
             redirect_ttl=redirect_ttl,
         )
         self.gate = None

@@ -184,7 +184,7 @@ class Cluster:
                 clock=self.clock,
                 coordinator=coordinator,
                 peers=self.peers,
-                shared=(
+                bucket=(
                     SharedStore(ObjectStore(self.s3_agent, self.clock, self.location))
                     if shared
                     else None
