@@ -10,8 +10,10 @@ vouches for what it references: :mod:`regmirror.vouches`), from its
 sources in their order.  It is a guess, so it gives way:
 
 - at most ``[namespace:NAME] prefetch`` blobs ahead at once for each
-  namespace in each process; the others wait their turn, and are dropped
-  from the queue when meanwhile cached or under way;
+  namespace in each process: a blob a client of this process asks for is
+  no longer ahead, and its download (which the client joins) leaves its
+  place to the next; the others wait their turn, and are dropped from the
+  queue when meanwhile cached or under way;
 - none that would take the cache past ``max_size`` (counting the downloads
   under way) or below ``min_free``: nothing is evicted for a guess;
 - none while every upstream of the namespace is marked down or backing off
@@ -82,6 +84,7 @@ class _Lane:
     """One namespace's prefetches: those running, those waiting."""
 
     limit: int
+    #: prefetches started that no client has asked for yet
     running: int = 0
     waiting: deque[_Wanted] = field(factory=deque)
     #: the digests waiting or running
@@ -99,6 +102,8 @@ class Ahead:
     _lanes: dict[str, _Lane] = field(factory=dict)
     #: the size each prefetch under way is expected to add to the cache
     _reserved: dict[Digest, int] = field(factory=dict)
+    #: the prefetches under way that no client has asked for yet
+    _ahead: dict[Digest, _Lane] = field(factory=dict)
     #: (namespace, manifest) whose blobs were all here when last served,
     #: at most MAX_COMPLETE, the least recently served first
     _complete: OrderedDict[tuple[str, Digest], None] = field(factory=OrderedDict)
@@ -124,6 +129,17 @@ class Ahead:
             self.log.failure(
                 "cannot fetch the blobs of {digest} ahead", digest=str(manifest.digest)
             )
+
+    def asked(self, digest: Digest) -> None:
+        """
+        A client of this process asks for *digest* (a ``GET``): if it is
+        being fetched ahead, the download is the client's now, and its
+        place goes to the next blob waiting (once the reactor is free).
+        """
+        lane = self._ahead.pop(digest, None)
+        if lane is not None:
+            lane.running -= 1
+            self.clock.callLater(0, self._next, lane)
 
     def _queue(
         self, pool: UpstreamPool, repository: str, manifest: Manifest, limit: int
@@ -185,6 +201,7 @@ class Ahead:
                     self._count(wanted.pool.namespace, result)
                 continue
             lane.running += 1
+            self._ahead[wanted.digest] = lane
             self._reserved[wanted.digest] = wanted.size
             self.log.debug(
                 "{namespace}: fetching {digest} of {repository} ahead",
@@ -265,7 +282,8 @@ class Ahead:
         return "failed"
 
     def _ended(self, result: str | None, lane: _Lane, wanted: _Wanted) -> None:
-        lane.running -= 1
+        if self._ahead.pop(wanted.digest, None) is not None:
+            lane.running -= 1
         self._reserved.pop(wanted.digest, None)
         lane.planned.discard(wanted.digest)
         if result is not None:

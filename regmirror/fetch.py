@@ -137,7 +137,9 @@ class Fetcher:
     async def blob(
         self, pool: UpstreamPool, repository: str, digest: Digest
     ) -> BlobSource:
-        """See :meth:`Blobs.blob`."""
+        """See :meth:`Blobs.blob`.  A client's request: a blob being
+        fetched ahead is no longer ahead (:meth:`Ahead.asked`)."""
+        self.ahead.asked(digest)
         return await self.blobs.blob(pool, repository, digest)
 
     async def blob_size(

@@ -138,6 +138,35 @@ def test_a_clients_request_joins_the_prefetch(tmp_path: Path) -> None:
     assert prefetched(harness, "fetched") == 2
 
 
+def test_a_blob_a_client_asks_for_leaves_its_place_ahead_to_the_next(
+    tmp_path: Path,
+) -> None:
+    """
+    With ``prefetch = 1``: the config is fetched ahead; once the client
+    asks for it (joining that download), it is no longer ahead, and the
+    first layer starts while the config is still coming; the second waits
+    for the client to ask for the first.
+    """
+    harness, origin = mirror(tmp_path, prefetch=1)
+    image = push(origin, 2)
+    wanted = [image["config"], *image["layers"]]
+    for digest in wanted:
+        origin.hold[digest] = 10
+    harness.body(harness.request("GET", "/v2/app/manifests/latest"))
+    assert blob_gets(origin) == wanted[:1]
+    asked = [harness.client.get(f"http://mirror.test/v2/app/blobs/{wanted[0]}")]
+    harness.settle()
+    assert blob_gets(origin) == wanted[:2]
+    asked.append(harness.client.get(f"http://mirror.test/v2/app/blobs/{wanted[1]}"))
+    harness.settle()
+    assert blob_gets(origin) == wanted
+    origin.release()
+    harness.settle()
+    assert [result(d).code for d in asked] == [200, 200]
+    assert blob_gets(origin) == wanted
+    assert prefetched(harness, "fetched") == 3
+
+
 def test_prefetch_0_fetches_nothing_ahead(tmp_path: Path) -> None:
     """``prefetch = 0``: the upstream sees only what clients ask for."""
     harness, origin = mirror(tmp_path, prefetch=0)
