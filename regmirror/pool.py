@@ -33,12 +33,10 @@ from regmirror.reference import (
     parse_digest,
 )
 from regmirror.responses import header
+from regmirror.stale import StaleAnswer, StaleMirrors
 from regmirror.upstream import Upstream, UpstreamFailure, retry_after
 
 MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES)
-#: Stale answers remembered per namespace; the oldest go first beyond it
-#: (clients choose the repositories asked about).
-MAX_STALE = 10_000
 
 
 @frozen
@@ -68,22 +66,18 @@ class OriginUnreachable(Exception):
     The origin gave no answer about a tag.
 
     :ivar error: what to tell a client if nothing else will do.
-    :ivar answers: what the mirrors not known to be stale said.
+    :ivar answers: what the mirrors not known to be stale said (asked only
+        with ``origin_unreachable = freshest``).
+    :ivar not_found: every mirror asked said the tag does not exist.
     """
 
-    def __init__(self, error: Exception, answers: list[TagAnswer]) -> None:
+    def __init__(
+        self, error: Exception, answers: list[TagAnswer], not_found: bool = False
+    ) -> None:
         super().__init__(str(error))
         self.error = error
         self.answers = answers
-
-
-@frozen
-class StaleAnswer:
-    """A mirror's tag answer that differed from the origin's."""
-
-    tag: str
-    theirs: Digest
-    origin: Digest
+        self.not_found = not_found
 
 
 @define(eq=False)
@@ -103,8 +97,8 @@ class UpstreamPool:
     #: cached tag answers older than this are not used in that case
     max_stale: float = 7 * 86400.0
     #: (mirror, repository) → its last answer that differed from the origin,
-    #: at most :data:`MAX_STALE`, oldest first
-    stale: dict[tuple[str, str], StaleAnswer] = field(factory=dict)
+    #: at most :data:`MAX_STALE`; with a folder, every process's
+    stale: StaleMirrors = field(factory=StaleMirrors)
     #: how many stale answers each mirror gave
     stale_counts: dict[str, int] = field(factory=dict)
     metrics: Metrics = field(factory=Metrics)
@@ -351,7 +345,8 @@ class UpstreamPool:
 
         :raises NotFoundAnywhere: when the origin says the tag does not exist.
         :raises OriginUnreachable: carrying the mirrors' answers, when the
-            origin gave none.
+            origin gave none (with ``origin_unreachable = freshest``: the
+            other policies use no mirror's answer, which is not awaited).
         """
         asked = [
             (mirror, Deferred.fromCoroutine(self.ask_tag(mirror, repository, tag)))
@@ -360,26 +355,55 @@ class UpstreamPool:
         try:
             answer = await self.ask_tag(self.origin, repository, tag)
         except UpstreamFailure as failure:
-            for _, pending in asked:
-                pending.addErrback(lambda _: None)
-            if failure.status == 404:
-                raise NotFoundAnywhere() from None
-            answers = []
-            for mirror, pending in asked:
-                try:
-                    mirror_answer = await pending
-                except UpstreamFailure:
-                    continue
-                if (mirror.name, repository) not in self.stale:
-                    answers.append(mirror_answer)
-            raise OriginUnreachable(
-                summarise(self.namespace, [failure]), answers
-            ) from None
+            if failure.status == 404 or self.origin_unreachable != "freshest":
+                for _, pending in asked:
+                    pending.addErrback(lambda _: None)
+                if failure.status == 404:
+                    raise NotFoundAnywhere() from None
+                raise OriginUnreachable(
+                    summarise(self.namespace, [failure]), []
+                ) from None
+            raise await self._without_origin(repository, failure, asked) from None
         for _, pending in asked:
             pending.addCallbacks(
                 self._compare, lambda _: None, (repository, tag, answer)
             )
         return answer
+
+    async def _without_origin(
+        self,
+        repository: str,
+        failure: UpstreamFailure,
+        asked: list[tuple[Upstream, Deferred[TagAnswer]]],
+    ) -> OriginUnreachable:
+        """
+        The mirrors' answers, once the origin gave none: those of mirrors
+        not known to be stale (by any process sharing the record), and
+        whether every mirror said the tag does not exist.
+        """
+        answers: list[TagAnswer] = []
+        failures = [failure]
+        not_found = bool(asked)
+        for mirror, pending in asked:
+            try:
+                mirror_answer = await pending
+            except UpstreamFailure as theirs:
+                if theirs.status != 404:
+                    not_found = False
+                    failures.append(theirs)
+                continue
+            except Exception as unexpected:  # no answer, like a failure
+                not_found = False
+                failures.append(
+                    UpstreamFailure(mirror.name, "invalid", str(unexpected))
+                )
+                continue
+            not_found = False
+            if (mirror.name, repository) not in self.stale:
+                answers.append(mirror_answer)
+        return OriginUnreachable(
+            summarise(self.namespace, failures), answers, not_found
+        )
 
     def _compare(
         self, theirs: TagAnswer, repository: str, tag: str, ours: TagAnswer
@@ -395,10 +419,9 @@ class UpstreamPool:
                     repository=repository,
                 )
             return
-        self.stale.pop(key, None)
-        while len(self.stale) >= MAX_STALE:
-            del self.stale[next(iter(self.stale))]
-        self.stale[key] = StaleAnswer(tag, theirs.digest, ours.digest)
+        self.stale[key] = StaleAnswer(
+            tag, theirs.digest, ours.digest, self.origin.clock.seconds()
+        )
         self.stale_counts[theirs.upstream] = (
             self.stale_counts.get(theirs.upstream, 0) + 1
         )

@@ -242,6 +242,11 @@ class Tags:
         elif pool.origin_unreachable == "fail":
             candidates = []
         if not candidates:
+            if unreachable.not_found and pool.origin_unreachable == "freshest":
+                raise ManifestUnknown(
+                    f"{repository}:{tag} is unknown upstream (the origin is "
+                    "unreachable, no other upstream has it)"
+                )
             raise unreachable.error
         chosen = candidates[0]
         if len({c.digest for c in candidates}) > 1:

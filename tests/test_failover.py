@@ -17,8 +17,9 @@ from twisted.logger import LogEvent, formatEvent
 
 from regmirror._attempts import MAX_FRUITLESS, max_attempts
 from regmirror.breaker import Breaker
-from regmirror.pool import MAX_STALE, TagAnswer
+from regmirror.pool import TagAnswer
 from regmirror.reference import Digest, parse_digest
+from regmirror.stale import MAX_STALE
 
 OLD = "2020-01-01T00:00:00Z"
 NEW = "2024-06-01T12:30:00.123456789Z"
@@ -578,6 +579,64 @@ def test_origin_down_fail_policy(tmp_path: Path) -> None:
     origin.fault = failing
     harness.clock.advance(60)
     assert harness.request("GET", "/v2/app/manifests/latest").code == 502
+
+
+def test_origin_down_a_tag_never_seen_is_asked_of_the_mirrors(tmp_path: Path) -> None:
+    """
+    With the origin unreachable and nothing cached for a tag, the default
+    policy (``freshest``) takes a mirror's answer; a tag every mirror says
+    does not exist is ``404 MANIFEST_UNKNOWN``; a mirror failing too leaves
+    the upstreams' error (502), never a 500.
+    """
+    harness, mirror_up, origin = two(tmp_path)
+    origin.fault = failing
+    there = image(mirror_up, tag="v1", created=NEW)
+    response = harness.request("GET", "/v2/app/manifests/v1")
+    assert response.code == 200, harness.body(response)
+    assert response.headers.getRawHeaders("Regmirror-Tag-Source") == ["mirror"]
+    assert response.headers.getRawHeaders("Docker-Content-Digest") == [
+        there["manifest"]
+    ]
+    response = harness.request("GET", "/v2/neverseen/manifests/v1")
+    assert response.code == 404
+    assert error_code(harness, response) == "MANIFEST_UNKNOWN"
+    mirror_up.fault = failing
+    response = harness.request("GET", "/v2/neverseen/manifests/v2")
+    assert response.code == 502
+    assert error_code(harness, response) == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize("policy", ["cache", "fail"])
+def test_origin_down_a_tag_never_seen_without_the_mirrors(
+    tmp_path: Path, policy: str
+) -> None:
+    """``origin_unreachable = cache`` or ``fail`` take no mirror's answer:
+    a tag never seen, whether a mirror has it or not, gets the origin's
+    error (502 for its 500s), never a 500."""
+    harness, mirror_up, origin = two(tmp_path)
+    harness.router_pool("docker.io").origin_unreachable = policy
+    origin.fault = failing
+    image(mirror_up, tag="v1")
+    for path in ("/v2/app/manifests/v1", "/v2/neverseen/manifests/v1"):
+        response = harness.request("GET", path)
+        assert response.code == 502, (path, harness.body(response))
+        assert error_code(harness, response) == "UNAVAILABLE"
+
+
+def test_origin_down_a_stale_mirror_answers_no_tag_never_seen(
+    tmp_path: Path,
+) -> None:
+    """A mirror the origin contradicted about a repository gives no answer
+    for its tags while the origin is down, not even for a tag never seen."""
+    harness, mirror_up, origin = two(tmp_path)
+    image(mirror_up, created=OLD)
+    image(origin, created=NEW)
+    assert harness.request("GET", "/v2/app/manifests/latest").code == 200
+    image(mirror_up, tag="v1", created=OLD)
+    origin.fault = failing
+    harness.clock.advance(60)
+    response = harness.request("GET", "/v2/app/manifests/v1")
+    assert response.code == 502, harness.body(response)
 
 
 def test_tag_record_survives_on_disk(tmp_path: Path) -> None:
