@@ -251,6 +251,9 @@ class Config:
     access: AccessConfig | None = None
     #: ``None``: no ``[cluster]`` section, the node works alone
     cluster: ClusterConfig | None = None
+    #: the file's text as it was read: what worker processes run (inline
+    #: secrets included, hence out of every ``repr``)
+    text: str = field(default="", repr=False, eq=False)
 
     @property
     def default_namespace(self) -> NamespaceConfig:

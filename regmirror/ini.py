@@ -107,19 +107,50 @@ def load(path: str) -> Config:
     :raises ConfigError: for any problem, naming file, section and key.
     """
     path = os.path.abspath(path)
-    base = os.path.dirname(path)
-    parser = configparser.ConfigParser(interpolation=None, default_section="\x00")
+    return parse(read(path), path)
+
+
+def read(path: str) -> str:
+    """
+    The text of the configuration file at *path*.
+
+    :raises ConfigError: when it cannot be read, or is not UTF-8.
+    """
     try:
         with open(path, encoding="utf-8") as f:
-            parser.read_file(f)
+            return f.read()
     except OSError as e:
         raise ConfigError(path, None, None, f"cannot read: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(path, None, None, f"not UTF-8 text: {e.reason}") from None
+
+
+def parse(text: str, path: str) -> Config:
+    """
+    Validate *text*, the configuration file at *path* as it was read
+    (relative paths resolve against *path*'s folder).
+
+    :raises ConfigError: for any problem, naming file, section and key.
+    """
+    path = os.path.abspath(path)
+    base = os.path.dirname(path)
+    parser = configparser.ConfigParser(interpolation=None, default_section="\x00")
+    try:
+        parser.read_string(text, source=path)
     except configparser.DuplicateOptionError as e:
-        raise ConfigError(path, e.section, e.option, "given twice") from None
+        raise ConfigError(
+            path, e.section, e.option, f"given twice (line {e.lineno})"
+        ) from None
     except configparser.DuplicateSectionError as e:
-        raise ConfigError(path, e.section, None, "section given twice") from None
+        raise ConfigError(
+            path, e.section, None, f"section given twice (line {e.lineno})"
+        ) from None
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError(
+            path, None, None, f"line {e.lineno}: text before the first [section]"
+        ) from None
+    except configparser.ParsingError as e:
+        raise ConfigError(path, None, None, _unparsable(e)) from None
     except configparser.Error as e:
         message = str(e).splitlines()[0]
         raise ConfigError(path, None, None, message) from None
@@ -165,7 +196,24 @@ def load(path: str) -> Config:
             "s3_max_size",
             "needs a [cluster] section (the bucket's index lives in its Redis)",
         )
-    return Config(path, server, cache, upstreams, namespaces, access, cluster)
+    return Config(
+        path, server, cache, upstreams, namespaces, access, cluster, text=text
+    )
+
+
+def _unparsable(error: configparser.ParsingError) -> str:
+    """
+    Where the first line configparser could not read is, and what is wrong;
+    not the line itself, which may be a secret pasted on a line of its own.
+    """
+    lineno = error.errors[0][0]
+    message = (
+        f"line {lineno} is not a [section], a key = value, an indented "
+        "continuation or a comment"
+    )
+    if len(error.errors) > 1:
+        message += f" (and {len(error.errors) - 1} more such lines)"
+    return message
 
 
 def _server(reader: _Reader, base: str) -> ServerConfig:

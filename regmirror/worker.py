@@ -2,6 +2,10 @@
 A worker process (``python -m regmirror.worker``), started by the parent's
 :class:`regmirror.workers.Workers`: the parent's service tree, serving the
 listening sockets it inherited, until SIGTERM or the parent's end.
+
+Its configuration is the text the parent loaded, read from standard input
+to its end; ``-c`` names the file it came from, against whose folder
+relative paths resolve.
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ log = Logger(namespace="regmirror.workers")
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the arguments, log to standard output, serve, stop cleanly."""
     parser = argparse.ArgumentParser(prog="python -m regmirror.worker")
-    parser.add_argument("-c", "--config", required=True)
+    parser.add_argument(
+        "-c",
+        "--config",
+        required=True,
+        help="the configuration file the text on standard input was read from",
+    )
     parser.add_argument(
         "--listeners",
         required=True,
@@ -44,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         lambda *_: reactor.callFromThread(reactor.stop),  # type: ignore[attr-defined]
     )
 
+    from regmirror.config import ConfigError
     from regmirror.service import Worker, build_tree, validate
 
     # The parent reads these lines and logs them as its own.
@@ -54,7 +64,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         Inherited(fd, family, description)
         for fd, family, description in json.loads(arguments.listeners)
     )
-    config = validate(arguments.config)
+    text = sys.stdin.buffer.read().decode("utf-8")
+    try:
+        config = validate(arguments.config, text)
+    except ConfigError as error:
+        # The parent's text passed; a file it names has changed since.
+        log.critical(
+            "worker {pid} cannot start: {error}", pid=os.getpid(), error=str(error)
+        )
+        sys.exit(1)
     tree = build_tree(config, reactor, Worker(inherited, arguments.channel))
     tree.startService()
     # SIGTERM stops the reactor; the tree stops before it does.

@@ -5,7 +5,11 @@ The twistd process binds the listeners and serves on them; it then starts
 ``N - 1`` worker processes (``python -m regmirror.worker``) that are handed
 the same listening sockets and accept on them too, so the kernel spreads
 connections over every process.  Each process runs the same service tree
-(:func:`regmirror.service.build_tree`).  All of them share the cache
+(:func:`regmirror.service.build_tree`) from the same configuration: a
+worker reads the text twistd loaded at its start from its standard input,
+never the file again (edited since, a restarted worker would run another
+mirror, or none), and never from its command line or environment, which
+other users may read.  All of them share the cache
 folder, where the spool lock gives one upstream download per digest
 machine-wide.  The parent restarts a worker that dies, passes SIGHUP on to
 them, and stops them when it stops.
@@ -36,6 +40,7 @@ from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
+from regmirror.config import Config
 from regmirror.listeners import BoundListener
 from regmirror.metrics import combine, export, revive
 
@@ -216,21 +221,21 @@ class _Worker(protocol.ProcessProtocol):
 class Workers(Service):
     """
     Starts and keeps ``count`` worker processes, each handed the listening
-    sockets of *listeners*, and adds up their metric families with *own*,
-    this process's.
+    sockets of *listeners* and the text of *config*, and adds up their
+    metric families with *own*, this process's.
     """
 
     def __init__(
         self,
         reactor: Any,
-        config_path: str,
+        config: Config,
         count: int,
         listeners: Sequence[BoundListener],
         own: Callable[[], list[Metric]],
     ) -> None:
         self._reactor = reactor
         self.clock = reactor
-        self._config = config_path
+        self._config = config
         self._count = count
         self._listeners = listeners
         self._own = own
@@ -263,7 +268,7 @@ class Workers(Service):
                     "-m",
                     "regmirror.worker",
                     "-c",
-                    self._config,
+                    self._config.path,
                     "--listeners",
                     json.dumps(inherited),
                     "--channel",
@@ -279,6 +284,10 @@ class Workers(Service):
         finally:
             ours.close()
             theirs.close()
+        # The configuration, secrets and all, through a pipe only the
+        # worker reads; it starts once it has read to the end.
+        transport.write(self._config.text.encode("utf-8"))
+        transport.closeStdin()
         self._running[index] = (worker, transport)
         log.info("started worker {index} (pid {pid})", index=index, pid=transport.pid)
 

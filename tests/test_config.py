@@ -546,15 +546,35 @@ def test_not_utf8(tmp_path: Path) -> None:
 
 
 def test_no_section_header(tmp_path: Path) -> None:
-    """A key before any section is a one-line ConfigError."""
-    path = _write(tmp_path, "directory = data\n" + MINIMAL)
-    _assert_located(_error(path), path, None, None)
+    """A key before any section is a one-line ConfigError saying its line
+    and what is wrong, not the line itself (it may be a secret)."""
+    path = _write(tmp_path, "; a comment\ndirectory = data\n" + MINIMAL)
+    error = _error(path)
+    _assert_located(error, path, None, None)
+    assert str(error) == f"{path}: line 2: text before the first [section]"
 
 
 def test_line_without_equals(tmp_path: Path) -> None:
-    """A line that is neither a key nor a section is a one-line ConfigError."""
+    """A line that is neither a key nor a section is a one-line ConfigError
+    saying its line number and what is wrong, not the line itself (it may
+    be a password pasted on a line of its own); more such lines are
+    counted."""
     path = _write(tmp_path, MINIMAL.replace("= data", "= data\njust words"))
-    _assert_located(_error(path), path, None, None)
+    error = _error(path)
+    _assert_located(error, path, None, None)
+    assert str(error) == (
+        f"{path}: line 3 is not a [section], a key = value, an indented "
+        "continuation or a comment"
+    )
+    assert "just words" not in str(error)
+    path = _write(tmp_path, MINIMAL.replace("= data", "= data\n[cache\nsecret"))
+    assert str(_error(path)).endswith("(and 1 more such lines)")
+
+
+def test_duplicate_key_says_its_line(tmp_path: Path) -> None:
+    """A key given twice in a section names it, and the second line."""
+    path = _write(tmp_path, MINIMAL.replace("= data", "= data\ndirectory = d"))
+    assert str(_error(path)) == f"{path}: [cache] directory: given twice (line 3)"
 
 
 def test_multi_line_bad_value_stays_one_line(tmp_path: Path) -> None:

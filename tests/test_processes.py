@@ -72,9 +72,20 @@ class _Port:
 
 
 class _Process:
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, env: dict[str, str]) -> None:
         self.pid = pid
+        self.env = env
         self.signals: list[str] = []
+        #: what the parent wrote to the worker's standard input
+        self.stdin = b""
+        self.stdin_closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.stdin_closed
+        self.stdin += data
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
 
     def signalProcess(self, name: str) -> None:
         self.signals.append(name)
@@ -111,7 +122,7 @@ class Machine(MemoryReactorClock):
     def spawnProcess(
         self, protocol: Any, executable: str, args: list[str], **kwargs: Any
     ) -> _Process:
-        process = _Process(1000 + len(self.spawned))
+        process = _Process(1000 + len(self.spawned), kwargs["env"])
         self.spawned.append((protocol, args, process))
         return process
 
@@ -141,12 +152,19 @@ class Family:
         self.parent.startService()
         self.workers: list[MirrorService] = []
         self.pumps: list[IOPump] = []
-        for spawned, args, _ in self.reactor.spawned:
-            self.connect(spawned, args)
+        for spawned, args, process in self.reactor.spawned:
+            self.connect(spawned, args, process)
 
-    def connect(self, spawned: _Worker, args: list[str]) -> MirrorService:
+    def connect(
+        self, spawned: _Worker, args: list[str], process: _Process
+    ) -> MirrorService:
+        """The tree a worker builds from its arguments and standard input."""
         assert args[1:3] == ["-m", "regmirror.worker"]
-        tree = build_tree(self.config, self.reactor, _worker_place(self.config))
+        assert process.stdin_closed
+        path = args[args.index("-c") + 1]
+        config = service.validate(path, process.stdin.decode("utf-8"))
+        assert config == self.config
+        tree = build_tree(config, self.reactor, _worker_place(config))
         tree.startService()
         link = tree.getServiceNamed("processes")
         assert isinstance(link, Parent)
@@ -332,8 +350,8 @@ def test_counts_of_ended_workers_stay(tmp_path: Path, monkeypatch: Any) -> None:
     assert family.requests_total(parent) == 115
     family.reactor.advance(RESTART_DELAY)
     assert len(family.reactor.spawned) == 4
-    for spawned, args, _ in family.reactor.spawned[2:]:
-        count(family.connect(spawned, args), 1)
+    for spawned, args, process in family.reactor.spawned[2:]:
+        count(family.connect(spawned, args, process), 1)
     assert family.requests_total(family.workers[-1]) == 117
 
 
@@ -405,3 +423,42 @@ def test_combine_adds_counters_and_takes_gauges_by_their_rule() -> None:
     assert total(combined, "regmirror_upstream_down", upstream="one") == 1
     assert total(combined, "regmirror_downloads_in_flight") == 3
     assert total(combined, "regmirror_cache_size_bytes") == 1
+
+
+def test_a_worker_runs_the_text_the_parent_loaded(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """
+    A worker, restarted too, is given the configuration's text as the
+    parent read it at start, on its standard input, whatever the file says
+    since: not the file's name alone (an edited file would make it another
+    mirror, a broken one none).  Its inline secrets are neither in the
+    worker's arguments nor in its environment.
+    """
+    monkeypatch.chdir(tmp_path)
+    secret = "inline-secret-3e9a"
+    path = write_config(
+        tmp_path,
+        "workers = 2",
+        "\n[upstream:two]\nurl = http://127.0.0.1:9\nusername = u\n"
+        f"password = {secret}\n",
+    )
+    config = load(str(path))
+    reactor = Machine()
+    parent = make_service(config, reactor)
+    parent.privilegedStartService()
+    parent.startService()
+    path.write_text("[server\nbroken\n")
+    ((worker, _, process),) = reactor.spawned
+    worker.processEnded(Failure(ProcessTerminated(signal=9)))
+    reactor.advance(RESTART_DELAY)
+    for _, args, process in reactor.spawned:
+        assert process.stdin.decode("utf-8") == config.text
+        assert process.stdin_closed
+        assert service.validate(args[args.index("-c") + 1], config.text) == config
+        assert not any(secret in arg for arg in args)
+        assert not any(secret in value for value in process.env.values())
+    assert len(reactor.spawned) == 2
+    stopping = parent.stopService()
+    reactor.spawned[-1][0].processEnded(Failure(ProcessDone(0)))
+    result(stopping)

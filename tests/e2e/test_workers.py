@@ -390,3 +390,75 @@ def test_upstream_health_is_one_for_every_process(
     assert [r["path"] for r in dead.records()][1] == "/v2/"
     assert len(throttled.records()) == 1, (served, throttled.records())
     assert len(re.findall(r"upstream dead marked down", mirror.log())) == 1
+
+
+#: an inline secret of the configuration (the upstream never asks for it)
+_INLINE_PASSWORD = "inline-secret-8f2c1e"
+
+
+def edited_mirror(port: int) -> str:
+    """Two processes, anonymous pulls for everyone, an inline password."""
+    return (
+        two_processes(port, "http://127.0.0.1:9").replace(
+            "connect_timeout = 2s",
+            f"username = alice\npassword = {_INLINE_PASSWORD}\nconnect_timeout = 2s",
+        )
+        + "\n[access]\nanonymous = any\n"
+    )
+
+
+def shows_the_password(pid: int) -> bool:
+    """Is the inline password on *pid*'s command line or in its environment?"""
+    return any(
+        _INLINE_PASSWORD.encode() in Path(f"/proc/{pid}/{place}").read_bytes()
+        for place in ("cmdline", "environ")
+    )
+
+
+def restarted(mirror: MirrorProcess, worker: int) -> int:
+    """Kill *worker* (SIGKILL); the pid of the one started instead, serving."""
+    os.kill(worker, signal.SIGKILL)
+    poll_until(
+        lambda: workers_of(mirror) not in ([], [worker]),
+        timeout=15,
+        describe=lambda: f"the worker was not restarted:\n{mirror.log()}",
+    )
+    (new,) = workers_of(mirror)
+    mirror.wait_for_log(rf"worker {new} serving", timeout=15)
+    return new
+
+
+def test_a_restarted_worker_runs_the_configuration_twistd_started_with(
+    start_mirror: Callable[..., MirrorProcess],
+) -> None:
+    """
+    The file edited while the mirror runs (``anonymous = any`` made
+    ``10.0.0.0/8``), then the worker killed: the worker started instead runs
+    the configuration twistd loaded, and answers anonymous requests from
+    127.0.0.1 as the parent does (200, not 401).  The file then broken, and
+    the worker killed again: the next one serves too, without a traceback.
+    The configuration's inline password is on no worker's command line nor
+    in its environment.
+    """
+    mirror = start_mirror(edited_mirror)
+    assert mirror._process is not None
+    parent = mirror._process.pid
+    worker = serving_worker(mirror)
+    assert not shows_the_password(worker)
+
+    text = mirror.config_path.read_text()
+    mirror.config_path.write_text(
+        text.replace("anonymous = any", "anonymous = 10.0.0.0/8")
+    )
+    worker = restarted(mirror, worker)
+    with stopped(parent):
+        for _ in range(5):
+            assert http_request(mirror.port, "GET", "/v2/").status == 200
+
+    mirror.config_path.write_text("[server\nthis is no INI file\n")
+    worker = restarted(mirror, worker)
+    with stopped(parent):
+        for _ in range(5):
+            assert http_request(mirror.port, "GET", "/v2/").status == 200
+    assert not mirror.unhandled_errors(), mirror.log()
+    assert not shows_the_password(worker)
