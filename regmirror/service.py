@@ -36,7 +36,7 @@ from regmirror.http.channel import listener_factory
 from regmirror.http.health import Health, Root
 from regmirror.http.site import MirrorSite
 from regmirror.http.token import TokenResource
-from regmirror.ini import load
+from regmirror.ini import load, parse
 from regmirror.listeners import Adopt, Bind, BoundListener, Inherited, Listeners
 from regmirror.metrics import Metrics, MetricsResource
 from regmirror.mirror import Mirror
@@ -64,14 +64,15 @@ log = Logger()
 HOUSEKEEPING_INTERVAL = 300.0
 
 
-def validate(path: str) -> Config:
+def validate(path: str, text: str | None = None) -> Config:
     """
-    Everything start-up checks before it listens: the file, the listener
-    descriptions, the certificate files, the cache folder.
+    Everything start-up checks before it listens: the file (or *text*, the
+    file at *path* as it was read), the listener descriptions, the
+    certificate files, the cache folder.
 
     :raises ConfigError: naming file, section and key.
     """
-    config = load(path)
+    config = load(path) if text is None else parse(text, path)
     check_upstreams(config)
     for key in ("listen", "metrics_listen"):
         try:
@@ -407,7 +408,7 @@ def build_tree(config: Config, reactor: Any, worker: Worker | None) -> MirrorSer
         # Last: started once this process serves, stopped first.
         workers = Workers(
             reactor,
-            config.path,
+            config,
             config.server.workers - 1,
             bound,
             mirror.metrics.families,
