@@ -167,6 +167,27 @@ def test_a_blob_a_client_asks_for_leaves_its_place_ahead_to_the_next(
     assert prefetched(harness, "fetched") == 3
 
 
+def test_a_clients_request_never_waits_for_the_prefetches(tmp_path: Path) -> None:
+    """
+    With ``prefetch = 1`` and the config's download held, a client asking
+    for the second layer (still waiting its turn ahead) gets it at once
+    from its own download; when the turn comes, it is not fetched again.
+    """
+    harness, origin = mirror(tmp_path, prefetch=1)
+    image = push(origin, 2)
+    config, first, second = image["config"], *image["layers"]
+    origin.hold[config] = 10
+    harness.body(harness.request("GET", "/v2/app/manifests/latest"))
+    assert blob_gets(origin) == [config]
+    served = harness.request("GET", f"/v2/app/blobs/{second}")
+    assert served.code == 200
+    assert harness.body(served) == layer(1)
+    origin.release()
+    harness.settle()
+    assert blob_gets(origin) == [config, second, first]
+    assert prefetched(harness, "fetched") == 2
+
+
 def test_prefetch_0_fetches_nothing_ahead(tmp_path: Path) -> None:
     """``prefetch = 0``: the upstream sees only what clients ask for."""
     harness, origin = mirror(tmp_path, prefetch=0)
