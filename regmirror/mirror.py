@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 from attrs import define, field
@@ -136,11 +137,11 @@ class Mirror:
 
     async def status(self, shown: Shown = EVERYTHING) -> dict[str, Any]:
         """
-        Everything the status page shows: the totals and their history are
-        the machine's, the rest (upstreams, downloads) what the answering
-        process (``pid``) sees.  Stale tags and downloads only of the
-        repositories *shown* lets the client see (``downloads_hidden``:
-        how many others there are).
+        Everything the status page shows: the totals and their history,
+        the upstreams' health and the stale mirrors are the machine's, the
+        downloads what the answering process (``pid``) sees.  Stale tags
+        and downloads only of the repositories *shown* lets the client see
+        (``downloads_hidden``: how many others there are).
         """
         totals = await self.totals()
         now = self.fetcher.clock.seconds()
@@ -250,12 +251,19 @@ class Mirror:
         )
 
     def housekeep(self) -> None:
-        """Periodic: evict if over the limits, expire old tag records."""
+        """Periodic: evict if over the limits, expire old tag records and
+        stale mirrors' records older than their namespace's ``max_stale``."""
         self.fetcher.housekeep()
+        now = self.fetcher.clock.seconds()
         keep = max(n.max_stale for n in self.config.namespaces)
-        cutoff = self.fetcher.clock.seconds() - keep
+        cutoff = now - keep
         d = self.fetcher.run_in_thread(lambda: self.store.expire_tags(cutoff))
         d.addErrback(lambda failure: log.failure("tag expiry failed", failure))
+        for pool in self.pools:
+            expire = partial(pool.stale.expire, now - pool.max_stale)
+            self.fetcher.run_in_thread(expire).addErrback(
+                lambda failure: log.failure("stale mirror expiry failed", failure)
+            )
 
     def problems(self) -> list[str]:
         """Why the mirror is not ready to serve, if it is not."""

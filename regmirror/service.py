@@ -46,6 +46,7 @@ from regmirror.routing import Router
 from regmirror.s3.location import S3Location
 from regmirror.s3.objects import ObjectStore
 from regmirror.s3.shared import SharedStore
+from regmirror.stale import StaleMirrors
 from regmirror.status import SAMPLE_INTERVAL, StatusJSON, StatusPage
 from regmirror.store import Store
 from regmirror.transport import (
@@ -232,6 +233,9 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
                 upstreams[namespace.origin],
                 origin_unreachable=namespace.origin_unreachable,
                 max_stale=namespace.max_stale,
+                stale=StaleMirrors(
+                    os.path.join(config.cache.directory, "stale", namespace.name)
+                ),
                 metrics=metrics,
             ),
         )

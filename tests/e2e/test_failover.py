@@ -7,18 +7,24 @@ the origin; then the origin stopped with ``origin_unreachable = freshest``.
 from __future__ import annotations
 
 import dataclasses
+import http.client
+import json
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from .harness import (
+    LOCALHOST,
     MirrorProcess,
     RegistryProcess,
     Skopeo,
     free_port,
     mirror_config_namespaces,
+    poll_until,
     port_is_free,
 )
 from .images import (
@@ -225,3 +231,86 @@ def test_origin_down_freshest_takes_newest_non_stale_mirror(
         rf"{WARN}.*origin unreachable .*test/small:latest answered by fresh "
         rf"as {NEWER.root.digest}"
     )
+
+
+def _tag_then_status(port: int, path: str) -> tuple[int, dict[str, str], Any]:
+    """A manifest GET of *path*, then ``/_status.json`` on the same
+    connection (so from the same process): the answer's status and
+    headers, and that process's status document."""
+    connection = http.client.HTTPConnection(LOCALHOST, port, timeout=30)
+    try:
+        connection.request("GET", path, headers={"Accept": MANIFEST_ACCEPT})
+        response = connection.getresponse()
+        response.read()
+        headers = {k.lower(): v for k, v in response.getheaders()}
+        connection.request("GET", "/_status.json")
+        status = json.loads(connection.getresponse().read())
+        return response.status, headers, status
+    finally:
+        connection.close()
+
+
+def test_a_stale_mirror_is_stale_for_every_worker_process(
+    tmp_path: Path,
+    catalog: Catalog,
+    skopeo: Skopeo,
+    start_registry: StartRegistry,
+    start_mirror: StartMirror,
+) -> None:
+    """
+    With ``workers = 3``, ``tag_ttl = 1s`` and upstreams ``stale origin``:
+    one pull of ``test/small:latest`` is answered by the origin, and the
+    process that asked logs ``stale`` as stale (it has an older image under
+    the tag).  With the origin stopped, every process answers the tag from
+    the cache with the origin's digest, none with the stale mirror's, and
+    every process's status page lists the stale mirror: what one process
+    learnt holds for all of them.
+    """
+    image = catalog.small
+    origin = start_registry()
+    stale = start_registry(storage=tmp_path / "stale-storage")
+    skopeo.push_images(stale.host, [OLDER], tmp_path / "push-stale")
+    mirror = start_mirror(
+        lambda port: mirror_config_namespaces(
+            port,
+            {"stale": {"url": stale.url}, "origin": {"url": origin.url}},
+            {
+                "docker.io": {
+                    "upstreams": "stale origin",
+                    "origin": "origin",
+                    "default": "true",
+                }
+            },
+            tag_ttl="1s",
+        ).replace("[cache]", "workers = 3\n\n[cache]")
+    )
+    poll_until(
+        lambda: len(re.findall(r"worker \d+ serving", mirror.log())) == 2,
+        timeout=30,
+        describe=mirror.log,
+    )
+    path = "/v2/test/small/manifests/latest"
+    first = mirror.request("GET", path, {"Accept": MANIFEST_ACCEPT})
+    assert first.status == 200, first.body
+    assert first.header("Regmirror-Tag-Source") == "origin"
+    mirror.wait_for_log(
+        rf"{WARN}.*stale mirror stale: test/small:latest is {OLDER.root.digest}"
+    )
+    origin.stop()
+    time.sleep(1.5)  # past tag_ttl: the origin is asked, and is gone
+
+    answered: dict[int, list[tuple[str | None, str | None]]] = {}
+    for _ in range(60):
+        status, headers, document = _tag_then_status(mirror.port, path)
+        assert status == 200, (status, mirror.log())
+        source = headers.get("regmirror-tag-source")
+        digest = headers.get("docker-content-digest")
+        assert (source, digest) == ("cache", image.root.digest), document["pid"]
+        answered.setdefault(document["pid"], []).append((source, digest))
+        (namespace,) = document["namespaces"]
+        assert [(s["mirror"], s["repository"]) for s in namespace["stale"]] == [
+            ("stale", "test/small")
+        ], (document["pid"], namespace["stale"])
+        if len(answered) == 3 and min(map(len, answered.values())) >= 2:
+            break
+    assert len(answered) == 3, answered
