@@ -26,6 +26,7 @@ from regmirror.config import (
     Config,
     ConfigError,
     NamespaceConfig,
+    Network,
     S3Config,
     Secret,
     ServerConfig,
@@ -189,6 +190,16 @@ def parse(text: str, path: str) -> Config:
         _namespace(reader, name, upstreams) for name, reader in namespace_sections
     )
     _check_namespaces(path, namespaces)
+    for ns in namespaces if access is None else ():
+        if ns.anonymous is not None:
+            # Without [access] everyone may pull: a namespace that says
+            # otherwise would be open although its section says closed.
+            raise ConfigError(
+                path,
+                f"namespace:{ns.name}",
+                "anonymous",
+                "needs an [access] section (without one everyone may pull)",
+            )
     if cache.s3 is not None and cache.s3.max_size is not None and cluster is None:
         raise ConfigError(
             path,
@@ -302,10 +313,17 @@ def _cluster(reader: _Reader, base: str) -> ClusterConfig:
 def _access(reader: _Reader, base: str) -> AccessConfig:
     path = existing_file(base)
 
+    trusted: tuple[Network, ...] = reader.get("trusted_proxies", parse_networks, ())
+    if any(network.prefixlen == 0 for network in trusted):
+        raise reader.error(
+            "trusted_proxies",
+            "trusts every peer's forwarding header, so any client chooses its "
+            "address: list only the proxies in front",
+        )
     access = AccessConfig(
         anonymous=reader.get("anonymous", parse_networks, EVERYONE),
         htpasswd=reader.get("htpasswd", path, None),
-        trusted_proxies=reader.get("trusted_proxies", parse_networks, ()),
+        trusted_proxies=trusted,
         token_ttl=reader.get("token_ttl", positive(parse_duration), 300.0),
         forwarded_header=reader.get(
             "forwarded_header", one_of(*FORWARDED_HEADERS), FORWARDED_HEADERS[0]

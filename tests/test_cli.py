@@ -85,6 +85,21 @@ def test_check_config_failure_exit_code(
     assert code == 1 and json.loads(text)["ok"] is False
 
 
+def test_check_config_refuses_a_namespace_anonymous_without_access(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A namespace closed with ``anonymous = none`` in a file without
+    ``[access]`` (which would be open to everyone) fails check-config with
+    exit status 1 and one line naming the file, the section and the key."""
+    bad = tmp_path / "closed.ini"
+    bad.write_text(CONFIG + "anonymous = none\n")
+    code, _ = run("check-config", "-c", str(bad))
+    assert code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0], lines
+    assert "[namespace:docker.io] anonymous: " in lines[0]
+
+
 def test_cache_stats_and_ls(config: Path) -> None:
     """stats counts what is cached; ls lists tag records."""
     _, manifest, _ = filled(config)

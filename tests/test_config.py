@@ -825,3 +825,22 @@ def test_prefetch(tmp_path: Path) -> None:
     for value in ("65", "-1", "some", "2.5"):
         path = _write(tmp_path, MINIMAL + f"prefetch = {value}\n")
         _assert_located(_error(path), path, "namespace:docker.io", "prefetch")
+
+
+@pytest.mark.parametrize("value", ["none", "any", "10.0.0.0/8"])
+def test_a_namespace_anonymous_without_access_is_an_error(
+    tmp_path: Path, value: str
+) -> None:
+    """
+    A namespace's ``anonymous = none`` without an ``[access]`` section was
+    silently ignored: the namespace was open to everyone although the file
+    said closed.  Any ``anonymous`` of a namespace then is an error naming
+    the namespace's section and the key; with ``[access]`` it loads.
+    """
+    text = MINIMAL + f"anonymous = {value}\n"
+    path = _write(tmp_path, text)
+    error = _error(path)
+    _assert_located(error, path, "namespace:docker.io", "anonymous")
+    assert "[access]" in str(error)
+    loaded = load(_write(tmp_path, text + "\n[access]\nanonymous = any\n"))
+    assert loaded.namespaces[0].anonymous is not None
