@@ -51,6 +51,22 @@ def _looks_like_registry(component: str) -> bool:
     return "." in component or ":" in component or component == "localhost"
 
 
+def _host_keys(host: str) -> tuple[str, ...]:
+    """
+    What a ``Host`` header may match in ``hosts``: the host with its port,
+    then without; a trailing dot (``mirror.example.``, the fully qualified
+    form) names the same host.  An ``[IPv6]`` literal is never in
+    ``hosts``.
+    """
+    lowered = host.lower()
+    if lowered.startswith("["):
+        return ()
+    name, colon, port = lowered.partition(":")
+    if name.endswith("."):
+        name = name[:-1]
+    return (f"{name}:{port}", name) if colon else (name,)
+
+
 class Router:
     """Maps requests to namespaces; built once from the configuration."""
 
@@ -97,12 +113,10 @@ class Router:
                 return found, rest, "ns"
             return found, name, "ns"
         if host:
-            lowered = host.lower()
-            found = self._by_host.get(lowered) or self._by_host.get(
-                lowered.rsplit(":", 1)[0]
-            )
-            if found is not None:
-                return found, name, "host"
+            for key in _host_keys(host):
+                found = self._by_host.get(key)
+                if found is not None:
+                    return found, name, "host"
         first, slash, rest = name.partition("/")
         if slash:
             found = self._by_name.get(first)

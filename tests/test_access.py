@@ -32,8 +32,9 @@ from memory import (
 )
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, Logger, LogPublisher
+from twisted.logger import LogEvent, Logger, LogPublisher, formatEvent
 
+from regmirror.access.clients import client_address
 from regmirror.access.gate import Gate
 from regmirror.access.htpasswd import Htpasswd
 from regmirror.access.tokens import Tokens, shared_key
@@ -1336,3 +1337,158 @@ def _ini(tmp_path: Path, access: str) -> str:
         f"[access]\nanonymous = none\n{access}"
     )
     return str(path)
+
+
+# -- what the fresh-eyes review found ------------------------------------------
+
+
+def _rewrite_users(path: Path, text: str, stamp: int) -> None:
+    """Write the htpasswd file anew, with a modification time of its own
+    (two writes within one clock tick of the file system look alike)."""
+    path.write_text(text)
+    os.utime(path, ns=(stamp, stamp))
+
+
+def test_a_changed_password_forgets_every_remembered_login(tmp_path: Path) -> None:
+    """
+    A login verified before the htpasswd file changed was remembered for a
+    minute: the old password kept working for ~60 s after alice's hash was
+    replaced.  A reload forgets it, at every process (each gate reads the
+    file on its own, as each worker does): the old password fails at once,
+    the new one works, and bob, whose hash did not change, still logs in.
+    """
+    clock = Clock()
+    config = access_for(tmp_path)
+    assert config.htpasswd is not None
+    path = Path(config.htpasswd)
+    bob = bcrypt.hashpw(b"bob's", bcrypt.gensalt(rounds=4)).decode()
+    alice = path.read_text().splitlines()[1]
+    _rewrite_users(path, f"{alice}\nbob:{bob}\n", 10**18)
+    gates = [Gate(config, clock, maybeDeferred) for _ in range(2)]
+    for gate in gates:
+        assert logged_in(gate, "192.0.2.1", ALICE, PASSWORD) == ALICE
+        assert logged_in(gate, "192.0.2.1", "bob", "bob's") == "bob"
+    new = bcrypt.hashpw(b"new one", bcrypt.gensalt(rounds=4)).decode()
+    _rewrite_users(path, f"alice:{new}\nbob:{bob}\n", 10**18 + 10**9)
+    clock.advance(1)
+    for gate in gates:
+        assert logged_in(gate, "192.0.2.1", ALICE, PASSWORD) is None
+        assert logged_in(gate, "192.0.2.1", ALICE, "new one") == ALICE
+        assert logged_in(gate, "192.0.2.1", "bob", "bob's") == "bob"
+
+
+def test_a_removed_user_is_refused_at_once(tmp_path: Path) -> None:
+    """A user removed from the file no longer logs in, remembered or not."""
+    clock = Clock()
+    config = access_for(tmp_path)
+    assert config.htpasswd is not None
+    path = Path(config.htpasswd)
+    gate = Gate(config, clock, maybeDeferred)
+    assert logged_in(gate, "192.0.2.1", ALICE, PASSWORD) == ALICE
+    _rewrite_users(path, "# nobody\n", 10**18)
+    assert logged_in(gate, "192.0.2.1", ALICE, PASSWORD) is None
+
+
+def test_a_user_given_twice_is_warned_about_without_the_hash(
+    tmp_path: Path, logged: list[LogEvent]
+) -> None:
+    """A user on two lines of the htpasswd file: the last line counts, as
+    before, and a warning names the user and both line numbers, never the
+    hash."""
+    first = bcrypt.hashpw(b"one", bcrypt.gensalt(rounds=4)).decode()
+    second = bcrypt.hashpw(b"two", bcrypt.gensalt(rounds=4)).decode()
+    path = tmp_path / "users.htpasswd"
+    path.write_text(f"alice:{first}\n# again\nalice:{second}\n")
+    users = Htpasswd(str(path))
+    assert users.hash_for("alice") == second.encode()
+    warnings = [formatEvent(e) for e in logged if "given twice" in formatEvent(e)]
+    assert len(warnings) == 1, [formatEvent(e) for e in logged]
+    (warning,) = warnings
+    assert "'alice'" in warning and "line 3" in warning and "line 1" in warning
+    text = " ".join(repr(e) for e in logged)
+    assert first not in text and second not in text
+    assert first[7:] not in text and second[7:] not in text
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        b"NOCOLON-PASSWORD-SECRET",
+        b"\xff\xfeNOCOLON-PASSWORD-SECRET",
+    ],
+)
+def test_malformed_basic_credentials_are_logged_without_their_value(
+    tmp_path: Path, logged: list[LogEvent], credentials: bytes
+) -> None:
+    """
+    ``Authorization: Basic base64("NOCOLON-PASSWORD-SECRET")``, a value
+    without a colon (likely a password pasted alone), was logged verbatim
+    as the user name of a failed login.  It is a failed login whose log
+    line says the credentials were malformed, without their value; and
+    so is one that is not UTF-8.
+    """
+    harness, _ = guarded(tmp_path)
+    encoded = base64.b64encode(credentials).decode()
+    answer = harness.request(
+        "GET",
+        "/v2/app/manifests/latest",
+        headers={"Authorization": f"Basic {encoded}"},
+    )
+    assert answer.code == 401
+    text = " ".join(repr(e) for e in logged) + " ".join(formatEvent(e) for e in logged)
+    assert "NOCOLON" not in text and encoded not in text
+    assert any("malformed" in formatEvent(e) for e in logged)
+
+
+@pytest.mark.parametrize(
+    ("peer", "logged_as"),
+    [("::ffff:127.0.0.7", "127.0.0.7"), ("::ffff:10.1.2.3", "10.1.2.3")],
+)
+def test_an_ipv4_mapped_peer_is_its_ipv4_address(peer: str, logged_as: str) -> None:
+    """
+    A client over IPv4 on a listener bound to ``::`` is seen as
+    ``::ffff:7f00:7``: it is logged, counted by the login throttle (which
+    takes IPv6 clients by /64, all of IPv4 in one) and matched by access
+    rules as the IPv4 address it is, as a peer and as a forwarded hop.
+    """
+    from twisted.internet.address import IPv6Address
+    from twisted.web.test.requesthelper import DummyRequest
+
+    request = DummyRequest([b""])
+    request.client = IPv6Address("TCP", peer, 40000)
+    found = client_address(request, ())
+    assert found == ipaddress.IPv4Address(logged_as)
+    proxied = DummyRequest([b""])
+    proxied.client = IPv6Address("TCP", "::1", 40000)
+    proxied.requestHeaders.setRawHeaders(b"x-forwarded-for", [peer.encode()])
+    assert client_address(proxied, parse_networks("::1")) == found
+
+
+@pytest.mark.parametrize(
+    "value", ["any", "0.0.0.0/0", "::/0", "127.0.0.1 0.0.0.0/0", "::/0 10.0.0.1"]
+)
+def test_trusting_every_peer_is_a_configuration_error(
+    tmp_path: Path, value: str
+) -> None:
+    """``trusted_proxies = any`` (or a network of every address) let any
+    client choose its address with a forwarding header: refused, naming
+    the key."""
+    with pytest.raises(
+        ConfigError, match=r"\[access\] trusted_proxies: .*any client"
+    ) as raised:
+        load(_ini(tmp_path, f"trusted_proxies = {value}\n"))
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("host", ["ghcr.mirror.test.", "GHCR.mirror.test.:5000"])
+def test_a_host_with_a_trailing_dot_routes_as_without(
+    tmp_path: Path, host: str
+) -> None:
+    """``Host: ghcr.mirror.test.`` names the same host as ``hosts =
+    ghcr.mirror.test`` (a fully qualified name): it routes to that
+    namespace, not to the default one, for a pull and for a token."""
+    harness = two_namespaces(tmp_path, "any", "none")
+    answer = harness.request("GET", "/v2/org/app/manifests/v1", headers={"Host": host})
+    assert answer.code == 401
+    assert answer.headers.getRawHeaders("OCI-Namespace") == ["ghcr.io"]
+    assert challenge_of(answer)["realm"] == f"http://{host}/token"

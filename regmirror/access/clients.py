@@ -29,9 +29,19 @@ def contains(networks: Sequence[Network], address: Client) -> bool:
     """Is *address* in one of *networks*?  A client without one never is."""
     if address is None:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
+    address = unmapped(address)
     return any(address in network for network in networks)
+
+
+def unmapped(address: Address) -> Address:
+    """
+    An IPv4-mapped IPv6 address (``::ffff:127.0.0.1``: an IPv4 client of a
+    listener on ``::``) as the IPv4 address it is, for the log and the
+    login throttle (which counts IPv6 clients by /64); any other as is.
+    """
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
 
 
 def client_address(
@@ -48,10 +58,13 @@ def client_address(
     (``None``), and is never taken for the proxy.  Without *header*, or
     with trusted proxies only in it, the furthest of them.
     """
-    peer = ipaddress.ip_address(_peer_host(request))
+    peer = unmapped(ipaddress.ip_address(_peer_host(request)))
     if not contains(trusted, peer):
         return peer
-    hops = forwarded_hops(request, header)
+    hops = [
+        None if hop is None else unmapped(hop)
+        for hop in forwarded_hops(request, header)
+    ]
     for hop in reversed(hops):
         if hop is None or not contains(trusted, hop):
             return hop

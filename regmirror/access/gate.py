@@ -58,12 +58,14 @@ class Gate:
     run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]]
     namespaces: dict[str, tuple[Network, ...]] = field(factory=dict)
     #: the token signing key (default: this process's own)
-    key: bytes = field(factory=lambda: os.urandom(32))
+    key: bytes = field(factory=lambda: os.urandom(32), repr=False)
     logins: str | None = None
     tokens: Tokens = field(init=False)
     _htpasswd: Htpasswd | None = field(init=False)
     _failed: FailedLogins = field(init=False)
-    _verified: dict[tuple[str, str], float] = field(factory=dict)
+    _verified: dict[tuple[str, str], float] = field(factory=dict, repr=False)
+    #: the htpasswd file's reading the verified logins were checked against
+    _generation: int = 0
     log = Logger()
 
     def __attrs_post_init__(self) -> None:
@@ -162,14 +164,31 @@ class Gate:
         :raises TooManyRequests: when *address* has failed too often.
         """
         try:
-            user, _, password = (
+            user, colon, password = (
                 base64.b64decode(basic, validate=True).decode("utf-8").partition(":")
             )
         except (ValueError, binascii.Error, UnicodeDecodeError):
+            user, colon, password = "", "", ""
+        # Without a colon the value is no user name: likely a password
+        # pasted alone, which must not reach the log as one.
+        malformed = not colon
+        if malformed:
             user, password = "", ""
         users = self._htpasswd
         hashed = users.hash_for(user) if users is not None and user else None
-        key = (user, hashlib.sha256(f"{user}\0{password}".encode()).hexdigest())
+        if users is not None and users.generation != self._generation:
+            # The file changed: what was verified against it is forgotten.
+            self._verified.clear()
+            self._generation = users.generation
+        # The hash is part of the key: a login verified against a hash the
+        # htpasswd file no longer has (a password changed) is not taken
+        # for verified, in whichever process reads the file again.
+        key = (
+            user,
+            hashlib.sha256(
+                b"%s\0%s\0%s" % (user.encode(), password.encode(), hashed or b"")
+            ).hexdigest(),
+        )
         if hashed is not None and self._verified.get(key, 0) > self.clock.seconds():
             self._failed.check(address)
             return user
@@ -188,11 +207,19 @@ class Gate:
             self._failed.release(address, attempt)
             self._remember(key)
             return user
-        self.log.warn(
-            "failed login for user {user!r} from {address}",
-            user=user[:64],
-            address="unknown" if address is None else str(address),
-        )
+        where = "unknown" if address is None else str(address)
+        if malformed:
+            self.log.warn(
+                "failed login from {address}: malformed Basic credentials "
+                "(not base64 of user:password)",
+                address=where,
+            )
+        else:
+            self.log.warn(
+                "failed login for user {user!r} from {address}",
+                user=user[:64],
+                address=where,
+            )
         return None
 
     def _remember(self, key: tuple[str, str]) -> None:

@@ -33,9 +33,13 @@ class Htpasswd:
     """
 
     path: str
-    _stamp: tuple[float, int] | None = None
-    _users: dict[str, bytes] = field(factory=dict)
-    _stand_in: bytes = b""
+    #: how many times the file was read: a change tells
+    #: :class:`~regmirror.access.gate.Gate` to forget the logins it verified
+    generation: int = 0
+    _stamp: tuple[int, int, int, int] | None = None
+    #: kept out of ``repr``: a log event carries its source
+    _users: dict[str, bytes] = field(factory=dict, repr=False)
+    _stand_in: bytes = field(default=b"", repr=False)
     log = Logger()
 
     def hash_for(self, user: str) -> bytes | None:
@@ -64,14 +68,19 @@ class Htpasswd:
                 path=self.path,
                 why=e.strerror,
             )
+            if self._stamp is not None or self.generation == 0:
+                self.generation += 1
             self._users = {}
             self._stand_in = b""
             self._stamp = None
             return
-        stamp = (status.st_mtime, status.st_size)
+        # The inode too: a file replaced by a rename (how editors and
+        # configuration tools write) may keep its size and time.
+        stamp = (status.st_mtime_ns, status.st_ctime_ns, status.st_size, status.st_ino)
         if stamp == self._stamp:
             return
-        users = {}
+        users: dict[str, bytes] = {}
+        lines: dict[str, int] = {}
         with open(self.path, encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, start=1):
                 line = line.strip()
@@ -85,10 +94,21 @@ class Htpasswd:
                         number=number,
                     )
                     continue
+                if user in users:
+                    self.log.warn(
+                        "{path} line {number}: user {user!r} given twice "
+                        "(also line {first}): the last line counts",
+                        path=self.path,
+                        number=number,
+                        user=user[:64],
+                        first=lines[user],
+                    )
                 users[user] = hashed.encode("ascii")
+                lines[user] = number
         self._users = users
         self._stand_in = b""
         self._stamp = stamp
+        self.generation += 1
         self.log.info(
             "loaded {count} users from {path}", count=len(users), path=self.path
         )
