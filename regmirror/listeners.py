@@ -10,6 +10,7 @@ an ``ssl:`` listener comes with the certificate that SIGHUP reloads.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Sequence
@@ -42,6 +43,117 @@ class Inherited:
     fd: int
     family: int
     description: str
+
+
+#: The wildcard addresses: every IPv4 address, every address.
+_ANY_IPV4 = ipaddress.ip_address("0.0.0.0")
+_ANY = ipaddress.ip_address("::")
+
+
+@frozen
+class Address:
+    """
+    What a listener binds: a TCP *port* on *interface* (an address, or a
+    name as written), or the UNIX socket at *path*.
+    """
+
+    port: int | None = None
+    interface: str = ""
+    path: str | None = None
+
+    def _ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        try:
+            return ipaddress.ip_address(self.interface)
+        except ValueError:
+            return None
+
+    def where(self) -> str:
+        ip = self._ip()
+        if ip == _ANY_IPV4:
+            return "every IPv4 address"
+        if ip == _ANY:
+            return "every address"
+        return self.interface
+
+    def clashes(self, other: Address) -> bool:
+        """Can the two not be bound at once? Only when that is certain."""
+        if self.path is not None or other.path is not None:
+            return self.path == other.path
+        if self.port != other.port or not self.port:
+            return False  # port 0: the kernel picks a free one each time
+        mine, theirs = self._ip(), other._ip()
+        if mine is None or theirs is None:
+            return self.interface == other.interface
+        if _ANY in (mine, theirs):
+            # An IPv6 socket on :: takes IPv4 too (Linux's default).
+            return True
+        if _ANY_IPV4 in (mine, theirs):
+            return mine.version == theirs.version
+        return mine == theirs
+
+
+def _endpoint_arguments(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    The arguments of a Twisted endpoint string after its type, positional
+    and by keyword, as Twisted reads them (``\\`` escapes the next
+    character, ``:`` separates, the first ``=`` names).
+    """
+    positional: list[str] = []
+    named: dict[str, str] = {}
+    pieces: list[tuple[str | None, str]] = []
+    key: str | None = None
+    text = ""
+    characters = iter(description)
+    for character in characters:
+        if character == "\\":
+            text += next(characters, "")
+        elif character == ":":
+            pieces.append((key, text))
+            key, text = None, ""
+        elif character == "=" and key is None:
+            key, text = text, ""
+        else:
+            text += character
+    pieces.append((key, text))
+    for key, text in pieces[1:]:
+        if key is None:
+            positional.append(text)
+        else:
+            named[key] = text
+    return positional, named
+
+
+#: Per type of endpoint: the order of its positional arguments, and the
+#: interface it binds by default.
+_TCP_ARGUMENTS = {
+    "tcp": (("port", "interface", "backlog"), "0.0.0.0"),
+    "tcp6": (("port", "backlog", "interface"), "::"),
+    "ssl": (("port",), "0.0.0.0"),
+}
+
+
+def listen_address(description: str) -> Address | None:
+    """
+    What the listener of *description* binds, for ``tcp:``, ``tcp6:``,
+    ``ssl:`` and ``unix:`` endpoints; ``None`` for other kinds.
+
+    :raises ValueError: for a port number above 65535.
+    """
+    kind = description.partition(":")[0].lower()
+    positional, named = _endpoint_arguments(description)
+    if kind == "unix":
+        path = named.get("address", positional[0] if positional else "")
+        return Address(path=os.path.abspath(path)) if path else None
+    if kind not in _TCP_ARGUMENTS:
+        return None
+    order, default = _TCP_ARGUMENTS[kind]
+    arguments = {**dict(zip(order, positional, strict=False)), **named}
+    port = arguments.get("port", "")
+    if not port.isdigit():
+        return None  # Twisted's parser says what is wrong
+    if int(port) > 65535:
+        raise ValueError(f"port {port} is not between 0 and 65535")
+    return Address(int(port), arguments.get("interface") or default)
 
 
 class _Listening(Service):

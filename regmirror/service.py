@@ -37,7 +37,15 @@ from regmirror.http.health import Health, Root
 from regmirror.http.site import MirrorSite
 from regmirror.http.token import TokenResource
 from regmirror.ini import load, parse
-from regmirror.listeners import Adopt, Bind, BoundListener, Inherited, Listeners
+from regmirror.listeners import (
+    Address,
+    Adopt,
+    Bind,
+    BoundListener,
+    Inherited,
+    Listeners,
+    listen_address,
+)
 from regmirror.metrics import Metrics, MetricsResource
 from regmirror.mirror import Mirror
 from regmirror.nodes import Peers
@@ -50,6 +58,7 @@ from regmirror.stale import StaleMirrors
 from regmirror.status import SAMPLE_INTERVAL, StatusJSON, StatusPage
 from regmirror.store import Store
 from regmirror.transport import (
+    CertificateError,
     ConnectionPools,
     ReloadableTLS,
     UpstreamTLS,
@@ -75,9 +84,13 @@ def validate(path: str, text: str | None = None) -> Config:
     """
     config = load(path) if text is None else parse(text, path)
     check_upstreams(config)
-    for key in ("listen", "metrics_listen"):
+    server = config.server
+    for key, descriptions, taken in (
+        ("listen", server.listen, ()),
+        ("metrics_listen", server.metrics_listen, server.listen),
+    ):
         try:
-            check_listeners(getattr(config.server, key))
+            check_listeners(descriptions, taken)
         except ValueError as error:
             raise ConfigError(config.path, "server", key, str(error)) from None
     try:
@@ -87,13 +100,15 @@ def validate(path: str, text: str | None = None) -> Config:
     return config
 
 
-def check_listeners(descriptions: Sequence[str]) -> None:
+def check_listeners(descriptions: Sequence[str], taken: Sequence[str] = ()) -> None:
     """
-    Parse listener descriptions, so that a bad one (or a missing
-    certificate file) stops start-up before anything listens.
+    Parse listener descriptions, so that a bad one (a port out of range, a
+    missing or unusable certificate file, an address that one of them or
+    of *taken* binds already) stops start-up before anything listens.
 
     :raises ValueError: naming the listener and the problem.
     """
+    bound = [(d, a) for d in taken if (a := _address(d)) is not None]
     for description in descriptions:
         try:
             if description.startswith("ssl:"):
@@ -101,8 +116,29 @@ def check_listeners(descriptions: Sequence[str]) -> None:
             else:
                 # Parsing needs no reactor; a real one is given in make_service.
                 serverFromString(None, description)
+            address = listen_address(description)
         except Exception as e:
             raise ValueError(f"bad listener {description!r}: {e}") from None
+        if address is None:
+            continue
+        for other, theirs in bound:
+            if address.clashes(theirs):
+                what = (
+                    f"port {address.port} on {address.where()}"
+                    if address.path is None
+                    else f"socket {address.path}"
+                )
+                raise ValueError(
+                    f"bad listener {description!r}: {what} clashes with {other!r}"
+                )
+        bound.append((description, address))
+
+
+def _address(description: str) -> Address | None:
+    try:
+        return listen_address(description)
+    except ValueError:
+        return None  # reported under its own key
 
 
 def check_upstreams(config: Config) -> None:
@@ -115,10 +151,9 @@ def check_upstreams(config: Config) -> None:
     for upstream in config.upstreams.values():
         try:
             UpstreamTLS(upstream)
-        except ValueError as e:
-            key = "ca_file" if "ca_file" in str(e) else "client_cert"
+        except CertificateError as e:
             raise ConfigError(
-                config.path, f"upstream:{upstream.name}", key, str(e)
+                config.path, f"upstream:{upstream.name}", e.key, str(e)
             ) from None
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from attrs import define, field
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -50,9 +50,108 @@ _PEM_CERTIFICATE = re.compile(
 _MAX_PROXY_HEAD = 16 * 1024
 
 
+#: A private key in PEM: PKCS#8 (``PRIVATE KEY``, ``ENCRYPTED PRIVATE KEY``)
+#: or traditional (``RSA PRIVATE KEY``, ``EC PRIVATE KEY``).
+_PEM_KEY = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.+?-----END \1PRIVATE KEY-----",
+    re.DOTALL,
+)
+
+
+class CertificateError(ValueError):
+    """
+    A certificate or key file that cannot be used, with the configuration
+    *key* that names it (``ca_file``, ``client_cert``, ``client_key``).
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    """
+    :raises ValueError: naming *path*, when it cannot be read.
+    """
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _reasons(error: Exception) -> str:
+    """OpenSSL's reasons, from its error queue's (library, function, reason)."""
+    found = error.args[0] if error.args else None
+    if isinstance(found, list):
+        reasons = [str(entry[-1]) for entry in found if entry]
+        if reasons:
+            return ", ".join(reasons)
+    return str(error) or type(error).__name__
+
+
+def load_certificates(path: str) -> list[ssl.Certificate]:
+    """
+    Every PEM certificate in the file at *path*, in order.
+
+    :raises ValueError: naming *path*: unreadable, no PEM certificate in
+        it, or one that OpenSSL cannot read.
+    """
+    found = _PEM_CERTIFICATE.findall(_read(path))
+    if not found:
+        raise ValueError(f"no PEM certificate in {path}")
+    try:
+        return [ssl.Certificate.loadPEM(pem) for pem in found]
+    except (crypto.Error, SSL.Error) as e:
+        raise ValueError(
+            f"a certificate in {path} is unusable: {_reasons(e)}"
+        ) from None
+
+
+def _no_passphrase(*_: object) -> bytes:
+    # Never OpenSSL's prompt on the terminal: an encrypted key fails.
+    return b""
+
+
+def load_private_key(path: str) -> ssl.KeyPair:
+    """
+    The first PEM private key in the file at *path* (with or without
+    certificates around it).
+
+    :raises ValueError: naming *path*: unreadable, no PEM private key in
+        it, an encrypted one, or one that OpenSSL cannot read.
+    """
+    found = _PEM_KEY.search(_read(path))
+    if found is None:
+        raise ValueError(f"no PEM private key in {path}")
+    pem = found.group(0)
+    if b"ENCRYPTED" in found.group(1) or b"Proc-Type: 4,ENCRYPTED" in pem:
+        raise ValueError(f"the private key in {path} is encrypted: give it in clear")
+    try:
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, pem, _no_passphrase)
+    except (crypto.Error, SSL.Error) as e:
+        raise ValueError(
+            f"the private key in {path} is unusable: {_reasons(e)}"
+        ) from None
+    return ssl.KeyPair(key)
+
+
+def _certificate_with_key(
+    certificate: ssl.Certificate, key: ssl.KeyPair, key_path: str, cert_path: str
+) -> ssl.PrivateCertificate:
+    """
+    :raises ValueError: when *key* is not the certificate's.
+    """
+    try:
+        both: ssl.PrivateCertificate = ssl.PrivateCertificate.fromCertificateAndKeyPair(
+            certificate, key
+        )
+    except VerifyError:
+        raise ValueError(
+            f"the private key in {key_path} is not the key of the certificate "
+            f"in {cert_path}"
+        ) from None
+    return both
 
 
 @implementer(IPolicyForHTTPS)
@@ -63,8 +162,8 @@ class UpstreamTLS:
     ``ca_file`` when one is given and get the client certificate; any other
     host (a CDN a blob redirects to) against the system trust store.
 
-    :raises ValueError: from the constructor, for unreadable or malformed
-        certificate files.
+    :raises CertificateError: from the constructor, for an unreadable or
+        malformed certificate file, naming it and the key that gives it.
     """
 
     def __init__(self, config: UpstreamConfig) -> None:
@@ -73,21 +172,14 @@ class UpstreamTLS:
         self._default = BrowserLikePolicyForHTTPS()
         self._trust: Any = None
         self._client: ssl.PrivateCertificate | None = None
-        try:
-            if config.ca_file is not None:
-                found = _PEM_CERTIFICATE.findall(_read(config.ca_file))
-                if not found:
-                    raise ValueError(f"no PEM certificate in {config.ca_file}")
-                self._trust = ssl.trustRootFromCertificates(
-                    [ssl.Certificate.loadPEM(pem) for pem in found]
-                )
-            if config.client_cert is not None:
-                pem = _read(config.client_cert)
-                if config.client_key is not None:
-                    pem += b"\n" + _read(config.client_key)
-                self._client = ssl.PrivateCertificate.loadPEM(pem)
-        except (OSError, SSL.Error) as e:
-            raise ValueError(f"unusable certificate file: {e}") from None
+        if config.ca_file is not None:
+            try:
+                certificates = load_certificates(config.ca_file)
+            except ValueError as e:
+                raise CertificateError("ca_file", str(e)) from None
+            self._trust = ssl.trustRootFromCertificates(certificates)
+        if config.client_cert is not None:
+            self._client = _client_certificate(config.client_cert, config.client_key)
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         name = hostname.decode("ascii")
@@ -98,6 +190,29 @@ class UpstreamTLS:
         return ssl.optionsForClientTLS(
             name, trustRoot=self._trust, clientCertificate=self._client
         )
+
+
+def _client_certificate(cert_path: str, key_path: str | None) -> ssl.PrivateCertificate:
+    """
+    ``client_cert``'s certificate with its key: from ``client_key``, else
+    from ``client_cert``'s own file.
+
+    :raises CertificateError: naming the key whose file is at fault.
+    """
+    try:
+        (certificate, *_) = load_certificates(cert_path)
+    except ValueError as e:
+        raise CertificateError("client_cert", str(e)) from None
+    key_key = "client_cert" if key_path is None else "client_key"
+    try:
+        key = load_private_key(cert_path if key_path is None else key_path)
+    except ValueError as e:
+        extra = " (give it in client_key)" if key_path is None else ""
+        raise CertificateError(key_key, f"{e}{extra}") from None
+    try:
+        return _certificate_with_key(certificate, key, key_path or cert_path, cert_path)
+    except ValueError as e:
+        raise CertificateError(key_key, str(e)) from None
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -367,15 +482,14 @@ class ReloadableTLS:
 
     def _load(self) -> ssl.CertificateOptions:
         parts = self._parts
+        # Each raises ValueError naming the file that is not usable.
+        key = load_private_key(parts["privateKey"])
+        chain = load_certificates(parts["certKey"])
+        if "extraCertChain" in parts:
+            chain += load_certificates(parts["extraCertChain"])
         try:
-            key = _read(parts["privateKey"])
-            chain = _PEM_CERTIFICATE.findall(_read(parts["certKey"]))
-            if "extraCertChain" in parts:
-                chain += _PEM_CERTIFICATE.findall(_read(parts["extraCertChain"]))
-            if not chain:
-                raise ValueError(f"no PEM certificate in {parts['certKey']}")
-            leaf = ssl.PrivateCertificate.loadPEM(key + b"\n" + chain[0])
-            extra = [ssl.Certificate.loadPEM(pem).original for pem in chain[1:]]
+            leaf = ssl.PrivateCertificate.fromCertificateAndKeyPair(chain[0], key)
+            extra = [certificate.original for certificate in chain[1:]]
             options = ssl.CertificateOptions(
                 privateKey=leaf.privateKey.original,
                 certificate=leaf.original,
@@ -388,8 +502,8 @@ class ReloadableTLS:
         except VerifyError as e:
             # A renewal that wrote the certificate but not yet the key.
             raise ValueError(f"{parts['certKey']}: {e}") from None
-        except (OSError, SSL.Error) as e:
-            raise ValueError(f"unusable certificate or key: {e}") from None
+        except SSL.Error as e:
+            raise ValueError(f"unusable certificate or key: {_reasons(e)}") from None
         return options
 
     def reload(self) -> None:

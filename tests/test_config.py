@@ -844,3 +844,54 @@ def test_a_namespace_anonymous_without_access_is_an_error(
     assert "[access]" in str(error)
     loaded = load(_write(tmp_path, text + "\n[access]\nanonymous = any\n"))
     assert loaded.namespaces[0].anonymous is not None
+
+
+@pytest.mark.parametrize(
+    ("listen", "clash"),
+    [
+        (["tcp:5000", "tcp:5000"], True),
+        (["tcp:5000", "tcp:5000:interface=127.0.0.1"], True),
+        (["tcp:5000:interface=127.0.0.1", "tcp:port=5000:interface=127.0.0.1"], True),
+        (["tcp:5000:127.0.0.1", "tcp:5000:interface=127.0.0.1"], True),
+        (["tcp:5000:interface=127.0.0.1", "tcp:5000:interface=127.0.0.2"], False),
+        (["tcp:5000", "tcp6:5000:interface=\\:\\:1"], False),
+        (["tcp6:5000", "tcp:5000:interface=127.0.0.1"], True),
+        (["tcp6:5000:interface=\\:\\:1", "tcp6:5000:interface=0\\:\\:1"], True),
+        (["tcp:5000", "tcp:5001"], False),
+        (["tcp:0", "tcp:0"], False),
+        (["tcp:5000", "ssl:5000:privateKey=k.pem"], True),
+        (["unix:/run/a.sock", "unix:address=/run/a.sock"], True),
+        (["unix:/run/a.sock", "unix:/run/b.sock"], False),
+    ],
+)
+def test_listeners_that_cannot_both_bind(listen: list[str], clash: bool) -> None:
+    """Two listeners on one port and address (spelled either way, or one on
+    every address) are refused before anything listens, naming the second
+    and the first; other pairs are not (port 0 is a new port each time)."""
+    from regmirror.listeners import listen_address
+    from regmirror.service import check_listeners
+
+    first, second = (listen_address(d) for d in listen)
+    assert first is not None and second is not None
+    assert first.clashes(second) is clash
+    assert second.clashes(first) is clash
+    if not listen[1].startswith("ssl:"):
+        try:
+            check_listeners(listen)
+        except ValueError as e:
+            assert clash, e
+            assert str(e).startswith(f"bad listener {listen[1]!r}: ")
+            assert str(e).endswith(f" clashes with {listen[0]!r}")
+        else:
+            assert not clash
+
+
+@pytest.mark.parametrize("port", ["65536", "99999", "port=70000"])
+def test_a_port_above_65535_is_refused(port: str) -> None:
+    """A port number out of range is a bad listener (Twisted would take it,
+    and fail only when binding)."""
+    from regmirror.service import check_listeners
+
+    for kind in ("tcp", "tcp6"):
+        with pytest.raises(ValueError, match="is not between 0 and 65535"):
+            check_listeners([f"{kind}:{port}"])

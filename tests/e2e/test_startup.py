@@ -172,7 +172,8 @@ _REFUSED = [
     ),
     pytest.param(
         _change("[cache]\n", "[cache\n"),
-        "mirror.ini: line 4 is not a [section]",
+        "line 4 is not a [section], a key = value, an indented continuation "
+        "or a comment",
         id="syntax-error",
     ),
     pytest.param(
@@ -183,20 +184,20 @@ _REFUSED = [
     ),
     pytest.param(
         _change(_LISTEN, _LISTEN + " tcp:{port}"),
-        "[server] listen: bad listener 'tcp:{port}': port {port} on every "
-        "interface is taken by 'tcp:{port}:interface=127.0.0.1' already",
+        "[server] listen: bad listener 'tcp:{port}': port {port} on every IPv4 "
+        "address clashes with 'tcp:{port}:interface=127.0.0.1'",
         id="listener-given-twice",
     ),
     pytest.param(
         _change(_LISTEN, _LISTEN + "\nmetrics_listen = tcp:{port}:interface=127.0.0.1"),
         "[server] metrics_listen: bad listener 'tcp:{port}:interface=127.0.0.1': "
-        "port {port} on 127.0.0.1 is taken by 'tcp:{port}:interface=127.0.0.1' "
-        "already",
+        "port {port} on 127.0.0.1 clashes with 'tcp:{port}:interface=127.0.0.1'",
         id="metrics-on-the-listen-port",
     ),
     pytest.param(
         _change(_LISTEN, _LISTEN + " ssl:0:privateKey=garbage.pem:certKey=cert.pem"),
-        "[server] listen: bad listener 'ssl:0:privateKey=",
+        "[server] listen: bad listener 'ssl:0:privateKey={folder}/garbage.pem:"
+        "certKey={folder}/cert.pem': no PEM private key in {folder}/garbage.pem",
         id="tls-listener-key-not-pem",
     ),
 ]
@@ -228,7 +229,7 @@ def test_check_config_and_twistd_refuse_in_one_line(
     _certificates(tmp_path)
     config = tmp_path / "mirror.ini"
     config.write_text(make_config(port))
-    expected = f"regmirror: {config}: " + expected.format(port=port)
+    expected = f"regmirror: {config}: " + expected.format(port=port, folder=tmp_path)
     checked = subprocess.run(
         [str(Path(sys.executable).parent / "regmirror"), "check-config", "-c", config],
         stdin=subprocess.DEVNULL,
