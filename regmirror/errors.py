@@ -139,5 +139,17 @@ class UpstreamTimeout(RegistryError):
     status = 504
 
 
+class UpstreamRefusedCredentials(RegistryError):
+    """
+    An upstream answered 401 to the mirror: it wants credentials the mirror
+    has not got, or refused those it has.  Not a 401 to the client, which
+    would ask it for credentials it cannot have (its own are the
+    mirror's, and none goes upstream): a bad gateway, named as such.
+    """
+
+    code = "UNAUTHORIZED"
+    status = 502
+
+
 class DownloadFailed(UpstreamBadGateway):
     """An upstream transfer broke, or delivered bytes that fail their digest."""

@@ -19,8 +19,8 @@ from regmirror.errors import (
     Denied,
     RegistryError,
     TooManyRequests,
-    Unauthorized,
     UpstreamBadGateway,
+    UpstreamRefusedCredentials,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -501,8 +501,13 @@ def summarise(namespace: str, failures: Sequence[UpstreamFailure]) -> Exception:
         return TooManyRequests(
             f"{namespace}: upstream pull limit reached, try again later", headers
         )
-    if any(f.status == 401 for f in failures):
-        return Unauthorized(f"{namespace}: the upstream registry refused access")
+    refused = sorted({f.upstream for f in failures if f.status == 401})
+    if refused:
+        return UpstreamRefusedCredentials(
+            f"{namespace}: upstream {', '.join(refused)} refused the mirror's "
+            "credentials (401): the mirror's configuration must give it some "
+            "that it accepts"
+        )
     if any(f.status == 403 for f in failures):
         return Denied(f"{namespace}: the upstream registry denied access")
     named = "; ".join(str(f) for f in failures)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from attrs import define, field, frozen
-from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.defer import CancelledError
 from twisted.internet.error import (
     ConnectError,
     ConnectingCancelledError,
@@ -413,20 +413,34 @@ class Upstream:
             d = self.agent.request(method.encode("ascii"), target, sent, None)
         except Exception as e:  # a URL the agent cannot even try
             raise UpstreamFailure(self.name, "invalid", _describe(e)) from None
-        d.addTimeout(self.config.response_timeout, self.clock)
+        # The timeout cancels the request; once connected, the agent fails
+        # it with ResponseNeverReceived (its reason a bare CancelledError),
+        # not the CancelledError addTimeout would turn into a TimeoutError.
+        timed_out = False
+
+        def timeout(result: object, seconds: float) -> object:
+            nonlocal timed_out
+            timed_out = True
+            return result
+
+        d.addTimeout(self.config.response_timeout, self.clock, timeout)
         try:
             response: IResponse = await d
-        except (CancelledError, TimeoutError):
-            raise UpstreamFailure(
-                self.name,
-                "timeout",
-                f"no response within {self.config.response_timeout:g}s",
-            ) from None
-        except (ConnectError, ConnectingCancelledError, DNSLookupError) as e:
-            raise UpstreamFailure(self.name, "connect", _describe(e)) from None
-        except (ResponseFailed, ResponseNeverReceived) as e:
-            raise UpstreamFailure(self.name, "connect", _describe(e)) from None
-        except Exception as e:  # e.g. SchemeNotSupported, a malformed URI
+        except Exception as e:
+            if timed_out:
+                raise UpstreamFailure(
+                    self.name,
+                    "timeout",
+                    f"no response within {self.config.response_timeout:g}s",
+                ) from None
+            if _cancelled(e):
+                # Cancelled from outside (a client gone): no upstream fault.
+                raise CancelledError() from None
+            if isinstance(e, ConnectError | ConnectingCancelledError | DNSLookupError):
+                raise UpstreamFailure(self.name, "connect", _describe(e)) from None
+            if isinstance(e, ResponseFailed | ResponseNeverReceived):
+                raise UpstreamFailure(self.name, "connect", _describe(e)) from None
+            # e.g. SchemeNotSupported, a malformed URI
             raise UpstreamFailure(self.name, "invalid", _describe(e)) from None
         return response
 
@@ -544,6 +558,15 @@ def _scope_for(path: str) -> str:
             index = len(parts) - 1 - parts[::-1].index(marker)
             return f"repository:{'/'.join(parts[:index])}:pull"
     return ""
+
+
+def _cancelled(error: BaseException) -> bool:
+    """Did *error* come of the request being cancelled?"""
+    if isinstance(error, CancelledError | ConnectingCancelledError):
+        return True
+    if isinstance(error, ResponseFailed | ResponseNeverReceived):
+        return any(r.check(CancelledError) for r in error.reasons)
+    return False
 
 
 def _describe(error: BaseException) -> str:

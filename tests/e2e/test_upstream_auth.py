@@ -72,9 +72,12 @@ def get_manifest(mirror: MirrorProcess, reference: str) -> Response:
 
 
 def assert_refused_access(response: Response) -> None:
-    """The upstream's refusal reaches the client as an OCI auth error."""
-    expected = {401: "UNAUTHORIZED", 403: "DENIED"}
+    """The upstream's refusal reaches the client as an OCI auth error: a
+    401 upstream (the mirror's credentials refused) as 502 ``UNAUTHORIZED``,
+    without a challenge no client could answer; a 403 as 403 ``DENIED``."""
+    expected = {502: "UNAUTHORIZED", 403: "DENIED"}
     assert response.status in expected, (response.status, response.body)
+    assert response.header("WWW-Authenticate") is None
     assert expected[response.status] in response.error_codes(), response.body
 
 
@@ -176,7 +179,7 @@ def test_basic_auth_wrong_password_is_unauthorized(
 ) -> None:
     """
     With a wrong password the pull fails, a manifest GET through the mirror
-    answers 401 ``UNAUTHORIZED`` (or 403 ``DENIED``) as OCI JSON, the log
+    answers 502 ``UNAUTHORIZED`` (or 403 ``DENIED``) as OCI JSON, the log
     names the upstream, and the wrong password is in neither the log nor
     the answer.
     """
@@ -343,7 +346,7 @@ def test_token_auth_wrong_password_is_unauthorized(
 ) -> None:
     """
     When the realm refuses the credentials, a manifest GET through the
-    mirror answers 401 ``UNAUTHORIZED`` (or 403 ``DENIED``); the log names
+    mirror answers 502 ``UNAUTHORIZED`` (or 403 ``DENIED``); the log names
     the upstream and holds no password.
     """
     options = {"username": USERNAME, "password": WRONG_PASSWORD}
