@@ -116,9 +116,10 @@ class StaleMirrors:
         """Remove the records noted before *older_than*; how many.
         Blocking (a walk of the folder): a thread's job."""
         if self.folder is None:
-            old = [k for k, a in self._memory.items() if a.noted < older_than]
+            # A copy first: the reactor's thread may change the dict meanwhile.
+            old = [k for k, a in list(self._memory.items()) if a.noted < older_than]
             for key in old:
-                del self._memory[key]
+                self._memory.pop(key, None)
             return len(old)
         removed = 0
         for path, (_, answer) in list(self._records()):
