@@ -22,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred, succeed
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from regmirror.http.resource import ReadOnlyResource, answer_later
@@ -271,8 +272,42 @@ class MetricsResource(ReadOnlyResource):
         return b""
 
 
+class _NotFound(Resource):
+    """A plain-text 404, whatever the method."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"not found: this port serves /metrics only\n"
+
+
+class MetricsOnly(Resource):
+    """
+    The root of ``[server] metrics_listen``'s listeners: ``/metrics`` (as
+    :class:`MetricsResource`), and a plain-text 404 for every other path,
+    the registry API and the status page included.
+    """
+
+    def __init__(self, view: View) -> None:
+        super().__init__()
+        self._metrics = MetricsResource(view)
+        self._not_found = _NotFound()
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
+        # What is left of the path once this segment is taken.
+        if path == b"metrics" and not request.postpath:
+            return self._metrics
+        return self._not_found
+
+    def render(self, request: Request) -> bytes:
+        return self._not_found.render(request)
+
+
 __all__ = [
     "Metrics",
+    "MetricsOnly",
     "MetricsResource",
     "View",
     "combine",

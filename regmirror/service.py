@@ -46,7 +46,7 @@ from regmirror.listeners import (
     Listeners,
     listen_address,
 )
-from regmirror.metrics import Metrics, MetricsResource
+from regmirror.metrics import Metrics, MetricsOnly, MetricsResource
 from regmirror.mirror import Mirror
 from regmirror.nodes import Peers
 from regmirror.pool import UpstreamPool
@@ -429,7 +429,7 @@ def build_tree(config: Config, reactor: Any, worker: Worker | None) -> MirrorSer
         (d, listener_factory(mirror.site, d)) for d in config.server.listen
     ]
     if config.server.metrics_listen:
-        metrics_site = Site(MetricsResource(mirror.families))
+        metrics_site = Site(MetricsOnly(mirror.families))
         served += [(d, metrics_site) for d in config.server.metrics_listen]
     source: Listeners = (
         Bind(reactor) if worker is None else Adopt(reactor, worker.inherited)

@@ -14,6 +14,8 @@ from .harness import (
     MirrorProcess,
     RegistryProcess,
     free_port,
+    http_request,
+    mirror_config,
     mirror_config_upstreams,
 )
 from .images import Catalog
@@ -88,3 +90,40 @@ def test_metrics_count_misses_hits_joins_and_failover(
     )
     assert mirror.metric("regmirror_upstream_down", upstream="dead") == 1
     assert upstream.count_blob_gets(layer.digest) == 1
+
+
+def test_metrics_listener_serves_metrics_alone(
+    start_mirror: Callable[..., MirrorProcess],
+) -> None:
+    """``metrics_listen``'s port answers ``/metrics`` (GET and HEAD) and
+    nothing else: the API, the status page and its JSON, the probes, any
+    other path get a plain-text 404 there, and stay on the main port."""
+    metrics_port = free_port()
+    mirror = start_mirror(
+        lambda port: mirror_config(port, "http://127.0.0.1:9").replace(
+            "[cache]",
+            f"metrics_listen = tcp:{metrics_port}:interface={LOCALHOST}\n\n[cache]",
+        )
+    )
+    scrape = http_request(metrics_port, "GET", "/metrics")
+    assert scrape.status == 200
+    assert scrape.headers.get("Content-Type", "").startswith("text/plain")
+    assert b"# TYPE regmirror_requests_total counter" in scrape.body
+    assert http_request(metrics_port, "HEAD", "/metrics").status == 200
+    for path in (
+        "/",
+        "/v2/",
+        "/v2/library/x/manifests/latest",
+        "/_status.json",
+        "/_status",
+        "/healthz",
+        "/metrics/x",
+        "/metricsx",
+        "/nothing",
+    ):
+        answer = http_request(metrics_port, "GET", path)
+        assert answer.status == 404, path
+        assert answer.headers.get("Content-Type", "").startswith("text/plain"), path
+        assert b"regmirror_" not in answer.body, path
+    assert mirror.request("GET", "/v2/").status == 200
+    assert mirror.request("GET", "/metrics").status == 404
