@@ -8,6 +8,7 @@ body written.
 from __future__ import annotations
 
 from attrs import define
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from regmirror.access.clients import valid_host
@@ -53,12 +54,33 @@ class RequestInfo:
 class MirrorRequest(Request):
     """
     The mirror's requests (``MirrorSite.requestFactory``): a request the
-    API answers carries its :class:`RequestInfo` for the access log.
+    API answers carries its :class:`RequestInfo` for the access log, and
+    one whose connection is lost before it finished (the client went away,
+    or the mirror broke the response) is logged all the same, as
+    ``aborted``.
 
     :ivar info: set by the API; ``None`` for other resources.
+    :ivar aborted: its connection was lost before it finished.
     """
 
     info: RequestInfo | None = None
+    aborted: bool = False
+    #: its head was read whole: a request the access log must have a line for
+    _received: bool = False
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._received = True
+        super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The site logs finished requests; the base class forgets the
+        # channel (and with it the site) here.
+        site = getattr(self.channel, "factory", None)
+        super().connectionLost(reason)
+        if self._received and not self.finished and not self.aborted:
+            self.aborted = True
+            if site is not None:
+                site.log(self)
 
 
 def start_info(request: Request, started: float) -> RequestInfo:

@@ -8,6 +8,8 @@ writes its fields as JSON keys).
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +27,11 @@ ACCESS_FORMAT = (
     '"{referrer}" "{agent}" ns={namespace} cache={cache} upstream={upstream} '
     "{duration}s"
 )
+#: The line of a request whose connection was lost before it finished.
+ABORTED_FORMAT = ACCESS_FORMAT + " aborted"
+#: The status logged for a request whose connection was lost before its
+#: head was sent (nginx's "client closed request").
+CLOSED_EARLY = 499
 
 
 #: The access log's own namespace, so that it can be routed or filtered.
@@ -62,7 +69,13 @@ class MirrorSite(Site):
         return [b"http/1.1"]
 
     def log(self, request: http.Request) -> None:
+        """
+        The access line of *request*: when it finished, or when its
+        connection was lost before (``aborted``: the status as sent, or
+        :data:`CLOSED_EARLY` when no head was, and the bytes written).
+        """
         info = request.info if isinstance(request, MirrorRequest) else None
+        aborted = isinstance(request, MirrorRequest) and request.aborted
         try:
             address = client_address(request, self._trusted, self._forwarded_header)
         except ValueError:
@@ -70,30 +83,70 @@ class MirrorSite(Site):
         else:
             client = "unknown" if address is None else str(address)
         access.info(
-            ACCESS_FORMAT,
+            ABORTED_FORMAT if aborted else ACCESS_FORMAT,
             client=client,
             user=_field(None if info is None else info.user),
             method=_text(request.method),
             uri=_text(request.uri),
             protocol=_text(request.clientproto),
-            status=request.code,
+            status=request.code
+            if request.startedWriting or not aborted
+            else CLOSED_EARLY,
             bytes=request.sentLength,
-            referrer=_text(request.getHeader(b"referer") or b"-"),
-            agent=_text(request.getHeader(b"user-agent") or b"-"),
-            namespace=(info and info.namespace) or "-",
+            referrer=_text(_header(request, b"referer") or b"-"),
+            agent=_text(_header(request, b"user-agent") or b"-"),
+            namespace=_field((info and info.namespace) or None),
             cache=_field(None if info is None else info.cache),
             upstream=_field(None if info is None else info.upstream),
             duration=0.0
             if info is None
             else round(self._clock.seconds() - info.started, 3),
+            aborted=aborted,
         )
+
+
+def _header(request: http.Request, name: bytes) -> bytes | None:
+    """A request header's last line, as bytes (a str name would make
+    Twisted decode it as UTF-8, which a client can make fail)."""
+    lines = request.requestHeaders.getRawHeaders(name)
+    return lines[-1] if lines else None
 
 
 def _field(value: str | None) -> str:
     """A field of the access line: ``-`` when there is nothing to say."""
-    return "-" if value is None else value
+    return "-" if value is None else _text(value)
+
+
+#: What a field of the access line shows as it is: printable ASCII but
+#: the quote (which ends a field of the text line) and the backslash
+#: (which starts an escape).
+_PLAIN = re.compile(r"[ !#-\[\]-~]*")
+#: Unicode categories escaped: controls (ESC and the C1 set among them),
+#: format characters (bidirectional overrides), line and paragraph
+#: separators, surrogates, private use and unassigned.
+_ESCAPED = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
 
 
 def _text(value: bytes | str) -> str:
-    text = value.decode("latin-1") if isinstance(value, bytes) else value
-    return text.replace('"', "%22")
+    """
+    A field of the access line, whose bytes a client chose (the request
+    line, ``User-Agent``, ``Referer``, a user name): nothing in it reaches
+    the terminal or the log shipper as a control.  Bytes are read as
+    UTF-8; a byte that is not, a control or format character, ``"`` and
+    ``\\`` are written ``\\xHH`` (``\\uHHHH`` beyond), in text and JSON
+    lines alike, as nginx escapes its log.
+    """
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "surrogateescape")
+    if _PLAIN.fullmatch(value):
+        return value
+    out = []
+    for character in value:
+        code = ord(character)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that is no UTF-8
+            out.append(f"\\x{code - 0xDC00:02X}")
+        elif character in '"\\' or unicodedata.category(character) in _ESCAPED:
+            out.append(f"\\x{code:02X}" if code < 0x100 else f"\\u{code:04X}")
+        else:
+            out.append(character)
+    return "".join(out)

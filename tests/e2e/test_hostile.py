@@ -1716,6 +1716,33 @@ def test_blob_with_wrong_bytes_is_taken_from_the_origin(
     assert_still_serving(setup.mirror, mark)
 
 
+def test_a_response_the_mirror_breaks_has_its_access_line(
+    tmp_path: Path, catalog: Catalog, rig: Callable[..., Rig]
+) -> None:
+    """
+    A blob whose only upstream serves wrong bytes: the mirror breaks the
+    client's response at the end (the digest does not match), and that
+    request had no access line.  It has one, with the status sent, the
+    bytes written (the last held back) and ``aborted``.
+    """
+    image = catalog.small
+    layer = image.layers[0]
+    plan = Plan(tmp_path / "plan")
+    plan.image(image)
+    plan.mode(image.repository, mode="corrupt", digest=layer.digest)
+    setup = rig(plan)
+    mark = log_mark(setup.mirror)
+    path = f"/v2/{image.repository}/blobs/{layer.digest}"
+    result = stream(setup.mirror.port, path)
+    assert not result.complete, result
+    (line,) = setup.mirror.wait_for_log(re.escape(f'"GET {path} HTTP/1.1" '))
+    assert line.endswith(" aborted"), line
+    status, sent = re.findall(r'HTTP/1.1" (\d+) (\d+) ', line)[0]
+    assert status == "200" and int(sent) < layer.size, line
+    assert " cache=miss upstream=hostile " in line, line
+    assert_still_serving(setup.mirror, mark)
+
+
 def test_redirect_loop_gives_up_after_five_hops(
     tmp_path: Path, catalog: Catalog, rig: Callable[..., Rig]
 ) -> None:

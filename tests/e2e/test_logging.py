@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import re
+import select
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from .harness import (
     LOCALHOST,
+    MirrorProcess,
     RegistryProcess,
     free_port,
     http_request,
@@ -101,3 +106,157 @@ def test_json_access_log_lines_without_secrets(
     assert first["client"] == LOCALHOST
     assert isinstance(first["duration"], float)
     assert SECRET not in output.read_text()
+
+
+# -- what a fresh-eyes review found ---------------------------------------------
+
+#: a request whose request line, User-Agent and Referer carry control bytes
+#: (ESC sequences that recolour or clear a terminal; the C1 CSI, which
+#: some terminals take for ESC [; DEL), a quote, a backslash and a byte
+#: that is no UTF-8 (twisted.web refuses C0 controls in the request line)
+HOSTILE_REQUEST = (
+    b"GET /v2/retitled\x9b2J\x7f/manifests/latest HTTP/1.1\r\n"
+    b"Host: mirror.test\r\n"
+    b'User-Agent: ua\x1b[31mred\x1b[0m "quoted" back\\slash \x9b2J\xff\r\n'
+    b"Referer: ref\x1b[2J\r\n"
+    b"Connection: close\r\n\r\n"
+)
+#: the same fields as the access line shows them
+ESCAPED_AGENT = r"ua\x1B[31mred\x1B[0m \x22quoted\x22 back\x5Cslash \x9B2J\xFF"
+ESCAPED_URI = r"/v2/retitled\x9B2J\x7F/manifests/latest"
+ESCAPED_REFERRER = r"ref\x1B[2J"
+
+
+def send_raw(port: int, data: bytes) -> bytes:
+    """Send *data* to 127.0.0.1:*port* and read until the mirror closes."""
+    answer = b""
+    deadline = time.monotonic() + 10
+    with socket.create_connection((LOCALHOST, port), timeout=10) as sock:
+        sock.sendall(data)
+        while time.monotonic() < deadline:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+def test_control_bytes_from_clients_are_escaped_in_the_text_log(
+    mirror: MirrorProcess,
+) -> None:
+    r"""
+    The access log wrote the request line, User-Agent and Referer as sent:
+    ESC sequences reached whoever ran ``tail -f`` on it.  Control bytes
+    (and the C1 set, bytes that are no UTF-8, ``"`` and ``\``) are written
+    ``\xHH``: the log has no control byte but its newlines.
+    """
+    answer = send_raw(mirror.port, HOSTILE_REQUEST)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    (line,) = mirror.wait_for_log(re.escape("retitled"))
+    assert f'"GET {ESCAPED_URI} HTTP/1.1" 400 ' in line, line
+    assert f'"{ESCAPED_REFERRER}" "{ESCAPED_AGENT}"' in line, line
+    raw = mirror.log_path.read_bytes()
+    controls = set(re.findall(rb"[\x00-\x09\x0b-\x1f\x7f]", raw))
+    assert not controls, controls
+    assert "\x9b" not in raw.decode("utf-8", "replace")
+
+
+def test_control_bytes_from_clients_are_escaped_in_json_lines(
+    json_mirror: tuple[int, Path],
+) -> None:
+    r"""With JSON lines, each field holds the escaped text too (JSON would
+    carry ESC as ``\u001b``, which a viewer decodes back into the byte)."""
+    port, output = json_mirror
+    send_raw(port, HOSTILE_REQUEST)
+
+    def logged() -> list[dict[str, object]]:
+        return [
+            e
+            for e in json_lines(output)
+            if e.get("log_namespace") == "regmirror.access"
+            and "retitled" in str(e.get("uri"))
+        ]
+
+    poll_until(lambda: bool(logged()), timeout=10, describe=output.read_text)
+    (event,) = logged()
+    assert (event["uri"], event["agent"], event["referrer"]) == (
+        ESCAPED_URI,
+        ESCAPED_AGENT,
+        ESCAPED_REFERRER,
+    )
+    assert event["status"] == 400 and event["aborted"] is False
+
+
+StartMirror = Callable[..., MirrorProcess]
+
+
+def test_an_ipv4_client_of_an_ipv6_listener_is_logged_as_ipv4(
+    start_mirror: StartMirror, upstream: RegistryProcess
+) -> None:
+    """
+    A listener on an IPv6 socket that takes IPv4 clients (``::``; here
+    ``::ffff:127.0.0.1``, to stay on loopback) logged them as
+    ``::ffff:7f00:1``.  The access line names ``127.0.0.1``, and an
+    ``anonymous = 127.0.0.1`` rule lets the client in.
+    """
+    v6_port = free_port()
+    mapped = r"\:\:ffff\:127.0.0.1"
+    mirror = start_mirror(
+        lambda port: (
+            mirror_config(port, upstream.url).replace(
+                f"listen = tcp:{port}:interface={LOCALHOST}",
+                f"listen = tcp:{port}:interface={LOCALHOST}\n"
+                f"    tcp6:{v6_port}:interface={mapped}",
+            )
+            + "\n[access]\nanonymous = 127.0.0.1\n"
+        )
+    )
+    served = http_request(v6_port, "GET", "/v2/test/small/manifests/latest")
+    assert served.status == 200, served.body
+    (line,) = mirror.wait_for_log(r'"GET /v2/test/small/manifests/latest ')
+    assert " 127.0.0.1 - anonymous " in f" {line.split(']', 1)[1]}", line
+    assert "ffff" not in line
+
+
+def test_a_client_that_goes_away_has_its_access_line(
+    start_mirror: StartMirror, upstream: RegistryProcess, catalog: Catalog
+) -> None:
+    """
+    A request whose connection is lost before it finished had no access
+    line.  A client that stops reading a blob mid-body and closes (``curl
+    --max-time``) gets one with the status sent, the bytes written and
+    ``aborted``; a client that goes away before any answer (its upstream
+    silent) gets one with status 499 and ``aborted``.
+    """
+    with socket.socket() as silent:
+        silent.bind((LOCALHOST, 0))
+        silent.listen(8)  # accepts nothing: the upstream never answers
+        silent_url = f"http://{LOCALHOST}:{silent.getsockname()[1]}"
+        mirror = start_mirror(
+            lambda port: (
+                mirror_config(port, upstream.url)
+                + f"\n[upstream:silent]\nurl = {silent_url}\nresponse_timeout = 30s\n"
+                "\n[namespace:ghcr.io]\nupstreams = silent\n"
+            )
+        )
+        big = catalog.big.layers[0]
+        path = f"/v2/{catalog.big.repository}/blobs/{big.digest}"
+        assert http_request(mirror.port, "GET", path, timeout=60).status == 200
+        with socket.create_connection((LOCALHOST, mirror.port), timeout=10) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
+            sock.recv(1 << 16)
+        (cut,) = mirror.wait_for_log(re.escape(path) + r" .* aborted$")
+        status, sent = re.findall(r'HTTP/1.1" (\d+) (\d+) ', cut)[0]
+        assert status == "200" and 0 < int(sent) < big.size, cut
+
+        stalled = "/v2/ghcr.io/org/app/manifests/v1"
+        with socket.create_connection((LOCALHOST, mirror.port), timeout=10) as sock:
+            sock.sendall(f"GET {stalled} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
+            # Gone once the mirror's request is on its way upstream.
+            poll_until(
+                lambda: bool(select.select([silent], [], [], 0)[0]),
+                timeout=10,
+                describe=mirror.log,
+            )
+        (gone,) = mirror.wait_for_log(re.escape(stalled) + r" .* aborted$")
+        assert re.search(r'HTTP/1.1" 499 0 ', gone), gone
