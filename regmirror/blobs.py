@@ -32,6 +32,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from regmirror._flight import SingleFlight
+from regmirror._spooling import Appender, CallFromThread, call_here
 from regmirror._timeout import Idle
 from regmirror.download import Download
 from regmirror.errors import BlobUnknown, DownloadFailed, RegistryError
@@ -77,13 +78,18 @@ class Blobs:
     sources: Sources
     housekeeping: Housekeeping
     metrics: Metrics
-    #: runs blocking work (fsync of a finished blob) off the reactor thread
+    #: runs blocking work (appending to a spool, fsync of a finished blob)
+    #: off the reactor thread
     run_in_thread: RunInThread = maybeDeferred
     max_blob_size: int = MAX_BLOB_SIZE
     #: which namespaces vouch for which digests
     vouches: Vouches = field(
         default=Factory(lambda self: Vouches(self.store), takes_self=True)
     )
+    #: how a thread appending to a spool hands its progress to the reactor
+    #: (``reactor.callFromThread``; with a synchronous ``run_in_thread``,
+    #: a plain call)
+    call_from_thread: CallFromThread = call_here
     _running: dict[Digest, Download] = field(factory=dict)
     #: the start of a download, one per namespace and digest: where the
     #: bytes come from (and a 404) is each namespace's own decision
@@ -559,7 +565,11 @@ class Blobs:
 
 @define(eq=False)
 class _SpoolWriter:
-    """Receives a source's body into a download's spool (``deliverBody``)."""
+    """
+    Receives a source's body into a download's spool (``deliverBody``):
+    the bytes are appended in a thread (:mod:`regmirror._spooling`), and
+    the body's end is taken once every byte is in the spool.
+    """
 
     blobs: Blobs
     download: Download
@@ -569,12 +579,21 @@ class _SpoolWriter:
     skip: int = 0
     _transport: Any = None
     _idle: Idle = field(init=False)
+    _appender: Appender = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._idle = Idle(self.clock, self.idle_timeout)
+        self._appender = Appender(
+            self.download.writer,
+            self.blobs.run_in_thread,
+            self.blobs.call_from_thread,
+            self._appended,
+            self._append_failed,
+        )
 
     def makeConnection(self, transport: Any) -> None:
         self._transport = transport
+        self._appender.producer = transport
         self._idle.start(self._stalled)
 
     def _stalled(self) -> None:
@@ -600,25 +619,49 @@ class _SpoolWriter:
             if not data:
                 return
         limit = self.download.size or self.blobs.max_blob_size
-        if self.download.written + len(data) > limit:
+        if self.download.written + self._appender.pending + len(data) > limit:
             # More than announced, or an endless body without a length:
             # no blob is worth filling the disk for.
             self._abandon(f"the body went past {limit} bytes")
             return
-        try:
-            self.download.writer.write(data)
-        except OSError as error:
+        self._appender.add(data)
+
+    def _appended(self) -> None:
+        # Bytes reaching the spool are progress, even with the source paused.
+        self._idle.touch()
+        if self.download.state == "running":
+            self.download.appended()
+
+    def _append_failed(self, failure: Failure) -> None:
+        if self.download.state != "running":
+            return
+        error = failure.value
+        if isinstance(error, OSError):
             self.blobs.store.degrade(error)
             self._abandon(f"cannot write to the spool: {error}")
             return
-        self.download.appended()
+        self.blobs.log.failure(
+            "cannot write {digest} to the spool",
+            failure,
+            digest=str(self.download.digest),
+        )
+        self._abandon("cannot write to the spool")
 
     def _abandon(self, why: str) -> None:
+        self._appender.stop()
         self.blobs._fail(self.download, why)
         if self._transport is not None:
             self._transport.stopProducing()
 
     def connectionLost(self, reason: Failure) -> None:
         self._idle.stop()
-        if self.download.state == "running":
-            self.blobs._finish(self.download, reason)
+
+        def appended(_: None) -> None:
+            if self.download.state == "running":
+                self.blobs._finish(self.download, reason)
+
+        self._appender.drained().addCallback(appended).addErrback(
+            lambda failure: self.blobs.log.failure(
+                "cannot finish {digest}", failure, digest=str(self.download.digest)
+            )
+        )

@@ -25,6 +25,7 @@ from __future__ import annotations
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 
+from regmirror._spooling import CallFromThread, call_here
 from regmirror.ahead import Ahead
 from regmirror.blobs import MAX_BLOB_SIZE, Blobs
 from regmirror.bucket import Bucket
@@ -61,6 +62,7 @@ class Fetcher:
         clock: IReactorTime,
         *,
         run_in_thread: RunInThread = maybeDeferred,
+        call_from_thread: CallFromThread = call_here,
         max_blob_size: int = MAX_BLOB_SIZE,
         tag_ttl: float = 60.0,
         metrics: Metrics | None = None,
@@ -73,7 +75,10 @@ class Fetcher:
         """
         :param run_in_thread: runs blocking work (the ``fsync`` of a
             finished blob, the walk of the cache folder) off the reactor
-            thread.
+            thread, and the appending of downloads to their spools.
+        :param call_from_thread: how those threads hand their progress back
+            (``reactor.callFromThread``; a plain call by default, for a
+            synchronous *run_in_thread*).
         :param max_blob_size: the largest blob taken from an upstream that
             does not say its size.
         :param tag_ttl: how long the origin's answer for a tag is reused.
@@ -114,6 +119,7 @@ class Fetcher:
             run_in_thread,
             max_blob_size,
             self.vouches,
+            call_from_thread,
         )
         self.manifests = Manifests(store, self.metrics, self.vouches, self.bucket)
         self.ahead = Ahead(self.blobs, store, clock, self.metrics)

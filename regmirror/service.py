@@ -298,6 +298,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
         store,
         reactor,
         run_in_thread=in_thread,
+        call_from_thread=lambda f, *args: reactor.callFromThread(f, *args),
         tag_ttl=config.cache.tag_ttl,
         max_blob_size=config.cache.max_blob_size,
         metrics=metrics,

@@ -19,12 +19,15 @@ repository path component, which never starts with ``_``.
 from __future__ import annotations
 
 import collections
+import ctypes
+import errno
 import fcntl
 import json
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO
 
 from attrs import define, field, frozen
@@ -41,6 +44,17 @@ DEGRADED_PERIOD = 60.0
 
 #: Uses are recorded (as the file's mtime) at most this often per blob.
 ACCESS_GRANULARITY = 3600.0
+
+#: A spool's bytes are handed to the disk as they come, so that the flush
+#: before the last byte waits for little: without ``sync_file_range``, an
+#: ``fdatasync`` every this many bytes.
+WRITEBACK_STEP = 16 * 1024 * 1024
+#: With ``sync_file_range``, the writer waits for the disk once more than
+#: this many bytes are on their way there (a disk slower than the network
+#: slows the download, rather than the last byte).
+WRITEBACK_WINDOW = 32 * 1024 * 1024
+#: The most buffers one ``writev`` takes (``IOV_MAX`` on Linux).
+MAX_BUFFERS = 1024
 
 
 @frozen
@@ -93,12 +107,103 @@ def _write_atomically(path: str, data: bytes, sync: bool = True) -> None:
         raise
 
 
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's ``sync_file_range`` from the C library (Python's ``os`` lacks
+    it), or ``None`` where there is none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+# <linux/fs.h>
+_WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
+#: ``sync_file_range`` cannot do this file: ``fdatasync`` now and then instead.
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.ESPIPE, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+class _Writeback:
+    """
+    Hands a growing file's bytes to the disk while it grows (blocking
+    calls, made by whoever writes it), so that the ``fsync`` at its end
+    finds little left to write.
+    """
+
+    def __init__(self) -> None:
+        self._sync = _SYNC_FILE_RANGE
+        #: bytes whose writeback was started, and those known on disk
+        self._started = 0
+        self._done = 0
+
+    def advance(self, fd: int, end: int) -> None:
+        """The file now has *end* bytes."""
+        if self._sync is not None:
+            try:
+                self._ranges(fd, end)
+                return
+            except OSError as e:
+                if e.errno not in _UNSUPPORTED:
+                    raise
+                self._sync = None  # this file system: fdatasync, then
+        if end - self._done >= WRITEBACK_STEP:
+            os.fdatasync(fd)
+            self._done = self._started = end
+
+    def _ranges(self, fd: int, end: int) -> None:
+        if end > self._started:
+            self._range(fd, self._started, end, _WRITE)
+            self._started = end
+        if end - self._done > WRITEBACK_WINDOW:
+            # Bounded dirty bytes: wait for the older half of the window.
+            until = end - WRITEBACK_WINDOW // 2
+            self._range(fd, self._done, until, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
+            self._done = until
+
+    def _range(self, fd: int, start: int, end: int, flags: int) -> None:
+        assert self._sync is not None
+        if self._sync(fd, start, end - start, flags) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+
+
+def _write_all(fd: int, buffers: Sequence[bytes]) -> int:
+    """Write every byte of *buffers* at the file's end; how many that is."""
+    total = 0
+    pending = [memoryview(b) for b in buffers if b]
+    while pending:
+        wrote = os.writev(fd, pending[:MAX_BUFFERS])
+        total += wrote
+        # A short write (rare for a file): carry on after what went.
+        while pending and wrote >= len(pending[0]):
+            wrote -= len(pending[0])
+            pending.pop(0)
+        if wrote:
+            pending[0] = pending[0][wrote:]
+    return total
+
+
+class SpoolClosed(Exception):
+    """The spool was committed or thrown away: nothing more goes in."""
+
+
 @define(eq=False)
 class Spool:
     """
-    A download in progress: bytes appended here are hashed as they go.
+    A download in progress: bytes appended here are hashed as they go, and
+    handed to the disk as they go (see :class:`_Writeback`).
+
+    :meth:`append` may run in a thread (one at a time, in the order of the
+    bytes); :meth:`discard` may come meanwhile from another thread, and
+    then leaves the closing of the file to that :meth:`append`.
 
     :ivar path: the spool file, which readers may open and tail.
+    :ivar written: the bytes readers may read: :meth:`write` counts them,
+        whoever runs :meth:`append` in a thread counts them once it ends.
     """
 
     digest: Digest
@@ -107,16 +212,47 @@ class Spool:
     _file: IO[bytes]
     _hasher: object = field(init=False)
     written: int = 0
+    #: bytes in the file (``written`` may lag behind, never run ahead)
+    _end: int = 0
+    _writeback: _Writeback = field(factory=_Writeback)
+    _lock: threading.Lock = field(factory=threading.Lock)
+    _appending: bool = False
+    _closed: bool = False
 
     def __attrs_post_init__(self) -> None:
         self._hasher = self.digest.hasher()
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
-        # Readers open the file by name: they must see every byte written.
-        self._file.flush()
-        self._hasher.update(data)  # type: ignore[attr-defined]
-        self.written += len(data)
+        self.written += self.append([data])
+
+    def append(self, buffers: Sequence[bytes]) -> int:
+        """
+        Add *buffers* to the file and to the hash, and start their writeback.
+        Blocking: large amounts are a thread's job.
+
+        :return: the number of bytes appended.
+        :raises SpoolClosed: when the spool was committed or discarded.
+        """
+        with self._lock:
+            if self._closed:
+                raise SpoolClosed(self.path)
+            self._appending = True
+        try:
+            fd = self._file.fileno()
+            # Readers open the file by name: what is counted must be there.
+            appended = _write_all(fd, buffers)
+            for data in buffers:
+                # hashlib lets other threads run while it hashes a large buffer
+                self._hasher.update(data)  # type: ignore[attr-defined]
+            self._end += appended
+            self._writeback.advance(fd, self._end)
+            return appended
+        finally:
+            with self._lock:
+                self._appending = False
+                close = self._closed
+            if close:
+                self._file.close()
 
     def verify(self) -> None:
         """
@@ -141,20 +277,29 @@ class Spool:
         """
         try:
             self.verify()
+            # Short: most of the bytes went to the disk on the way.
             os.fsync(self._file.fileno())
             os.makedirs(os.path.dirname(self.final_path), exist_ok=True)
             os.replace(self.path, self.final_path)
             _unlink(self.path + SIZE_SUFFIX)
-            self._file.close()  # releases the lock, after the rename
+            self._close()  # releases the lock, after the rename
         except BaseException:
             self.discard()
             raise
 
     def discard(self) -> None:
-        """Throw the bytes away."""
+        """Throw the bytes away (an :meth:`append` under way closes the file
+        when it ends: never is a file closed under a thread writing it)."""
         _unlink(self.path)
         _unlink(self.path + SIZE_SUFFIX)
-        self._file.close()
+        self._close()
+
+    def _close(self) -> None:
+        with self._lock:
+            self._closed = True
+            close = not self._appending
+        if close:
+            self._file.close()
 
 
 class _SharedCount:
@@ -367,7 +512,10 @@ class Store:
         # Whatever a dead process left here is not ours to trust.
         os.ftruncate(fd, 0)
         _unlink(path + SIZE_SUFFIX)
-        return Spool(digest, path, self.blob_path(digest), os.fdopen(fd, "wb"))
+        # Unbuffered: appends go straight to the file, readers see them.
+        return Spool(
+            digest, path, self.blob_path(digest), os.fdopen(fd, "wb", buffering=0)
+        )
 
     def spool_abandoned(self, path: str) -> bool:
         """Is nobody writing the spool at *path* any more?"""

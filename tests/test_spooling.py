@@ -1,0 +1,360 @@
+"""
+A download's bytes appended to its spool off the reactor thread
+(:mod:`regmirror._spooling`, :meth:`regmirror.store.Spool.append`): in
+order, hashed whole, counted for readers only once in the file, with the
+source paused while the thread is behind; and the last byte of a blob
+still waits for the digest check and the flush to disk.
+
+The "thread" here is a queue of jobs the test runs when it chooses.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import treq
+from fakeregistry import FakeRegistry
+from memory import LAYER, Harness, image, result
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+
+from regmirror import store as store_module
+from regmirror._spooling import BATCH, PAUSE_AT, RESUME_AT, Appender, call_here
+from regmirror.blobs import _SpoolWriter
+from regmirror.download import Download
+from regmirror.reference import Digest
+from regmirror.store import WRITEBACK_STEP, Spool, SpoolClosed, Store
+
+MIB = 1024 * 1024
+
+
+class Threads:
+    """``run_in_thread`` whose jobs wait until the test runs them."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def __call__(self, work: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((work, d))
+        return d
+
+    def run(self) -> None:
+        """Run the oldest job, as a thread would, and report its outcome."""
+        work, d = self.jobs.pop(0)
+        maybeDeferred(work).chainDeferred(d)
+
+    def run_all(self) -> None:
+        while self.jobs:
+            self.run()
+
+
+class Producer:
+    """A source that counts how often it was paused and resumed."""
+
+    def __init__(self) -> None:
+        self.paused = self.resumed = self.stopped = 0
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+
+    def stopProducing(self) -> None:
+        self.stopped += 1
+
+
+def spool_for(tmp_path: Path, data: bytes) -> tuple[Store, Spool]:
+    store = Store(str(tmp_path / "cache"))
+    store.open()
+    return store, store.spool(Digest.of(data))
+
+
+def appender(spool: Any, threads: Threads, events: list[str] | None = None) -> Appender:
+    log = events if events is not None else []
+    return Appender(
+        spool,
+        threads,
+        call_here,
+        lambda: log.append(f"appended {spool.written}"),
+        lambda failure: log.append(f"failed {failure.value!r}"),
+    )
+
+
+def file_bytes(spool: Spool) -> bytes:
+    with open(spool.path, "rb") as f:
+        return f.read()
+
+
+def test_bytes_count_for_readers_only_once_a_thread_appended_them(
+    tmp_path: Path,
+) -> None:
+    """What the source delivers waits for the thread: neither in the file
+    nor in ``written`` (how far readers may read) before it ran; then all
+    of it, in order, and the hash covers every byte."""
+    data = os.urandom(3 * MIB + 123)
+    _, spool = spool_for(tmp_path, data)
+    threads = Threads()
+    events: list[str] = []
+    a = appender(spool, threads, events)
+    pieces = [data[i : i + 65536] for i in range(0, len(data), 65536)]
+    for piece in pieces:
+        a.add(piece)
+    assert len(threads.jobs) == 1, "one thread at a time, however many pieces"
+    assert spool.written == 0 and file_bytes(spool) == b""
+    assert a.pending == len(data)
+    drained = a.drained()
+    assert not drained.called
+    threads.run()
+    assert file_bytes(spool) == data
+    assert spool.written == len(data) and a.pending == 0
+    assert events == [f"appended {BATCH}", f"appended {len(data)}"]
+    assert drained.called
+    spool.verify()  # raises if the hash missed or reordered a byte
+
+
+def test_a_source_faster_than_the_thread_is_paused_until_it_catches_up(
+    tmp_path: Path,
+) -> None:
+    """Once PAUSE_AT bytes wait for the thread, the source is paused (once),
+    and resumed (once) when the thread has brought them under RESUME_AT:
+    memory does not grow with a slow disk."""
+    data = os.urandom(PAUSE_AT + 2 * MIB)
+    _, spool = spool_for(tmp_path, data)
+    threads = Threads()
+    a = appender(spool, threads)
+    producer = Producer()
+    a.producer = producer
+    offset = 0
+    while not producer.paused:
+        a.add(data[offset : offset + MIB])
+        offset += MIB
+    assert offset == PAUSE_AT and a.pending == PAUSE_AT
+    # A source delivers what it had read before it stopped reading.
+    a.add(data[offset : offset + MIB])
+    offset += MIB
+    assert producer.paused == 1 and producer.resumed == 0
+    threads.run()
+    assert producer.resumed == 1 and a.pending == 0
+    assert spool.written == offset
+    a.add(data[offset:])
+    threads.run_all()
+    assert producer.paused == 1 and producer.resumed == 1
+    assert file_bytes(spool) == data
+    spool.verify()
+    assert RESUME_AT < PAUSE_AT
+
+
+def test_a_failed_append_drops_the_rest_and_is_reported_once(
+    tmp_path: Path,
+) -> None:
+    """A write error in the thread (a full disk): reported once on the
+    reactor thread; what was queued and whatever comes later is dropped,
+    and whoever waits for the end is let go."""
+
+    class FullDisk:
+        written = 0
+
+        def append(self, buffers: list[bytes]) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    threads = Threads()
+    events: list[str] = []
+    a = appender(FullDisk(), threads, events)
+    a.add(b"x" * 1000)
+    drained = a.drained()
+    threads.run()
+    assert events == [
+        "failed " + repr(OSError(errno.ENOSPC, "No space left on device"))
+    ]
+    assert drained.called
+    a.add(b"y" * 1000)
+    assert threads.jobs == [] and a.drained().called
+
+
+def test_a_spool_discarded_during_an_append_is_closed_by_that_append(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download failing (its spool discarded, on the reactor thread) while
+    a thread appends: the file is not closed under the thread's write, but
+    once it ends; nothing more can be appended."""
+    data = b"z" * 5000
+    _, spool = spool_for(tmp_path, data)
+    original = store_module._write_all
+    closed_during: list[bool] = []
+
+    def write_all(fd: int, buffers: Any) -> int:
+        spool.discard()
+        written = original(fd, buffers)  # the fd is still ours
+        closed_during.append(spool._file.closed)
+        return written
+
+    monkeypatch.setattr(store_module, "_write_all", write_all)
+    assert spool.append([data]) == len(data)
+    assert closed_during == [False]
+    assert spool._file.closed
+    assert not os.path.exists(spool.path)
+    with pytest.raises(SpoolClosed):
+        spool.append([data])
+
+
+def test_a_spools_bytes_are_handed_to_the_disk_as_they_come(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each append starts the writeback of what it wrote
+    (``sync_file_range``), so that the flush at the end is short."""
+    calls: list[tuple[int, int, int]] = []
+
+    def sync_file_range(fd: int, offset: int, count: int, flags: int) -> int:
+        calls.append((offset, count, flags))
+        return 0
+
+    monkeypatch.setattr(store_module, "_SYNC_FILE_RANGE", sync_file_range)
+    data = os.urandom(100_000)
+    _, spool = spool_for(tmp_path, data)
+    spool.append([data[:60_000]])
+    spool.append([data[60_000:]])
+    assert calls == [(0, 60_000, 2), (60_000, 40_000, 2)]  # SYNC_FILE_RANGE_WRITE
+
+
+@pytest.mark.parametrize("sync_file_range", ["missing", "unsupported"])
+def test_without_sync_file_range_a_spool_is_flushed_every_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync_file_range: str
+) -> None:
+    """Where ``sync_file_range`` is missing, or the file system refuses it,
+    an ``fdatasync`` every WRITEBACK_STEP bytes does the same job."""
+
+    def refuse(fd: int, offset: int, count: int, flags: int) -> int:
+        store_module.ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    monkeypatch.setattr(
+        store_module,
+        "_SYNC_FILE_RANGE",
+        None if sync_file_range == "missing" else refuse,
+    )
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", lambda fd: synced.append(fd))
+    data = b"s" * (WRITEBACK_STEP // 2)
+    _, spool = spool_for(tmp_path, data * 3)
+    spool.append([data])
+    assert synced == []
+    spool.append([data])
+    assert len(synced) == 1
+    spool.append([data])
+    assert len(synced) == 1
+
+
+# -- through the mirror -------------------------------------------------------
+
+
+@pytest.fixture
+def threads(mirror: Harness) -> Threads:
+    """The harness's downloads append and commit in "threads"."""
+    jobs = Threads()
+    mirror.fetcher.blobs.run_in_thread = jobs
+    return jobs
+
+
+def test_the_last_byte_waits_for_the_check_and_the_flush_in_a_thread(
+    mirror: Harness,
+    origin: FakeRegistry,
+    threads: Threads,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    A client of a download gets the bytes once the thread appended them,
+    all but the last; the last only after the digest was checked, the spool
+    flushed to disk (``fsync``) and moved into the cache.
+    """
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    layer = image(origin)["layer"]
+    answer = mirror.client.get(f"http://mirror.test/v2/app/blobs/{layer}")
+    mirror.settle()
+    assert len(threads.jobs) == 1  # the append: nothing to send before it
+    threads.run()
+    mirror.settle()
+    response = result(answer)
+    assert response.code == 200
+    received: list[bytes] = []
+    done = treq.collect(response, received.append)
+    mirror.settle()
+    assert b"".join(received) == LAYER[:-1]
+    assert len(threads.jobs) == 1  # the commit
+    assert synced == [] and mirror.cached_files() != []
+    assert not mirror.store.has_blob(Digest.of(LAYER))
+    threads.run()
+    assert len(synced) == 1
+    mirror.settle()
+    result(done)
+    assert b"".join(received) == LAYER
+    assert mirror.store.has_blob(Digest.of(LAYER))
+
+
+def test_wrong_bytes_appended_in_a_thread_fail_and_leave_nothing(
+    mirror: Harness, origin: FakeRegistry, threads: Threads
+) -> None:
+    """Bytes that do not match the digest, appended in a thread: the client's
+    stream breaks short of the end, and neither blob nor spool remains."""
+    layer = image(origin)["layer"]
+    origin.corrupt.add(layer)
+    answer = mirror.client.get(f"http://mirror.test/v2/app/blobs/{layer}")
+    mirror.settle()
+    threads.run()  # the append
+    mirror.settle()
+    received: list[bytes] = []
+    done = treq.collect(result(answer), received.append)
+    mirror.settle()
+    threads.run_all()  # the commit, which fails
+    mirror.settle()
+    with pytest.raises(Exception):  # noqa: B017 (a broken connection, whatever its class)
+        result(done)
+    assert len(b"".join(received)) < len(LAYER)
+    assert mirror.cached_files() == []
+
+
+def test_an_upstream_faster_than_the_spool_is_paused(
+    mirror: Harness, threads: Threads
+) -> None:
+    """The body's source (the upstream connection) is paused while the
+    thread is behind, resumed when it caught up, and the blob is cached
+    whole once the body ended."""
+    data = os.urandom(PAUSE_AT + 3 * MIB)
+    digest = Digest.of(data)
+    blobs = mirror.fetcher.blobs
+    download = Download(
+        digest,
+        mirror.store.spool(digest),
+        mirror.router_pool("docker.io"),
+        "app",
+        size=len(data),
+        clock=mirror.clock,
+    )
+    blobs._running[digest] = download
+    writer = _SpoolWriter(blobs, download, mirror.clock, 60.0)
+    transport = Producer()
+    writer.makeConnection(transport)
+    for offset in range(0, len(data), MIB):
+        writer.dataReceived(data[offset : offset + MIB])
+        if offset + MIB == PAUSE_AT:
+            assert transport.paused == 1
+    assert transport.paused == 1 and transport.resumed == 0
+    assert download.written == 0
+    threads.run()
+    assert transport.resumed == 1 and download.written == len(data)
+    writer.connectionLost(Failure(ResponseDone()))
+    threads.run_all()  # the commit
+    assert download.state == "done"
+    assert mirror.store.has_blob(digest)
+    with open(mirror.store.blob_path(digest), "rb") as f:
+        assert f.read() == data
+    assert transport.stopped == 0
