@@ -1492,3 +1492,19 @@ def test_a_host_with_a_trailing_dot_routes_as_without(
     assert answer.code == 401
     assert answer.headers.getRawHeaders("OCI-Namespace") == ["ghcr.io"]
     assert challenge_of(answer)["realm"] == f"http://{host}/token"
+
+
+def test_an_unknown_user_name_is_not_logged(
+    tmp_path: Path, logged: list[LogEvent]
+) -> None:
+    """A user name the htpasswd file does not have may be a password typed
+    in the wrong field: the failed login is logged without it; a known
+    user's failed login names the user."""
+    gate = Gate(access_for(tmp_path), Clock(), maybeDeferred)
+    assert logged_in(gate, "192.0.2.1", "PASTED-PASSWORD-SECRET", "x") is None
+    assert logged_in(gate, "192.0.2.1", ALICE, "wrong") is None
+    lines = [formatEvent(e) for e in logged if "failed login" in formatEvent(e)]
+    assert len(lines) == 2, lines
+    assert "PASTED" not in " ".join(lines + [repr(e) for e in logged])
+    assert "not in the htpasswd file" in lines[0]
+    assert "'alice'" in lines[1]

@@ -214,6 +214,15 @@ class Gate:
                 "(not base64 of user:password)",
                 address=where,
             )
+        elif hashed is None:
+            # A name no user has may be a password typed in the wrong
+            # field: it is not written down either.
+            self.log.warn(
+                "failed login for a user name not in the htpasswd file "
+                "({length} characters) from {address}",
+                length=len(user),
+                address=where,
+            )
         else:
             self.log.warn(
                 "failed login for user {user!r} from {address}",
