@@ -314,3 +314,63 @@ def test_a_stale_mirror_is_stale_for_every_worker_process(
         if len(answered) == 3 and min(map(len, answered.values())) >= 2:
             break
     assert len(answered) == 3, answered
+
+
+@pytest.mark.parametrize(
+    ("policy", "known", "unknown"),
+    [("freshest", 200, 404), ("cache", 503, 503), ("fail", 503, 503)],
+)
+def test_origin_down_tags_never_seen(
+    start_registry: StartRegistry,
+    start_mirror: StartMirror,
+    catalog: Catalog,
+    policy: str,
+    known: int,
+    unknown: int,
+) -> None:
+    """
+    Upstreams ``mirror origin``, the origin not listening, nothing cached.
+    With ``origin_unreachable = freshest`` (the default) a tag the mirror
+    has is answered by it (``Regmirror-Tag-Source: mirror``), and a tag it
+    lacks too is ``404 MANIFEST_UNKNOWN`` (it was a 500); with ``cache`` or
+    ``fail``, whose answers never come from a mirror, both are ``503``:
+    the origin is unreachable.
+    """
+    image = catalog.small
+    mirror_registry = start_registry()
+    origin_port = _closed_port()
+    mirror = start_mirror(
+        lambda port: mirror_config_namespaces(
+            port,
+            {
+                "mirror": {"url": mirror_registry.url},
+                "origin": {"url": f"http://{LOCALHOST}:{origin_port}"},
+            },
+            {
+                "docker.io": {
+                    "upstreams": "mirror origin",
+                    "origin": "origin",
+                    "default": "true",
+                    "origin_unreachable": policy,
+                }
+            },
+        )
+    )
+    answer = mirror.request(
+        "GET",
+        f"/v2/{image.repository}/manifests/{image.tag}",
+        {"Accept": MANIFEST_ACCEPT},
+    )
+    assert answer.status == known, answer.body
+    if known == 200:
+        assert answer.header("Regmirror-Tag-Source") == "mirror"
+        assert answer.header("Docker-Content-Digest") == image.root.digest
+    else:
+        assert answer.error_codes() == ["UNAVAILABLE"], answer.body
+    missing = mirror.request(
+        "GET", "/v2/library/neverseen/manifests/v1", {"Accept": MANIFEST_ACCEPT}
+    )
+    assert missing.status == unknown, missing.body
+    codes = ["MANIFEST_UNKNOWN"] if unknown == 404 else ["UNAVAILABLE"]
+    assert missing.error_codes() == codes, missing.body
+    assert "AttributeError" not in mirror.log()
