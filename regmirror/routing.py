@@ -5,7 +5,8 @@ First match wins: the ``ns`` query parameter (containerd), a ``Host``
 header listed in a namespace's ``hosts``, a first path component naming a
 namespace or alias (``/v2/ghcr.io/org/app/...``), else the default
 namespace.  A name whose first component looks like a registry host the
-config does not name is refused: the mirror is no open proxy.
+config does not name is refused: the mirror is no open proxy.  A namespace
+named with its port (``registry.local:5000``) is a path prefix too.
 
 This is the only place a namespace is decided: for a pull, and for each
 scope of a token request (see :mod:`regmirror.access`), so that a token
@@ -77,12 +78,15 @@ class Router:
         self._by_host: dict[str, tuple[NamespaceConfig, UpstreamPool]] = {}
         self._default: tuple[NamespaceConfig, UpstreamPool] | None = None
         for namespace, pool in namespaces:
+            # One entry per namespace, whatever it is named by: _select
+            # compares entries by identity.
+            entry = (namespace, pool)
             for name in (namespace.name, *namespace.aliases):
-                self._by_name[name] = (namespace, pool)
+                self._by_name[name] = entry
             for host in namespace.hosts:
-                self._by_host[host] = (namespace, pool)
+                self._by_host[host] = entry
             if namespace.default:
-                self._default = (namespace, pool)
+                self._default = entry
 
     def route(self, name: str, ns: str | None = None, host: str | None = None) -> Route:
         """
@@ -91,7 +95,14 @@ class Router:
         :raises NameInvalid: for a name that breaks the grammar.
         :raises NameUnknown: for a namespace the config does not name.
         """
-        validate_name(name)
+        first, slash, rest = name.partition("/")
+        if slash and ":" in first and first in self._by_name:
+            # A namespace named with its port (registry.local:5000): the
+            # one place a colon may be in a name; the rest obeys the
+            # grammar, and so does the repository asked for below.
+            validate_name(rest)
+        else:
+            validate_name(name)
         (namespace, pool), repository, via = self._select(name, ns, host)
         if namespace.library and "/" not in repository:
             repository = f"library/{repository}"

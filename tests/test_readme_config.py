@@ -215,3 +215,15 @@ def test_every_documented_key_is_in_the_shipped_config() -> None:
         if not re.search(rf"^[;#]?\s*{key}\s*=|\b{key}\b", shipped, re.MULTILINE)
     )
     assert missing == []
+
+
+def test_readme_names_every_key_that_takes_a_size() -> None:
+    """The README's list of keys that take a size is every key read as a
+    size in regmirror/ini.py, no more (it once said that none did)."""
+    source = (Path(__file__).parent.parent / "regmirror" / "ini.py").read_text()
+    read_as_size = set(re.findall(r'get\(\s*"([a-z0-9_]+)",\s*parse_size\b', source))
+    assert read_as_size, "no key read with parse_size: the pattern is stale"
+    text = README.read_text(encoding="utf-8")
+    listed = re.search(r"- sizes \(([^)]*)\)\s+are ``512MiB``", text)
+    assert listed is not None, "README's sizes sentence is gone"
+    assert set(re.findall(r"``([a-z0-9_]+)``", listed.group(1))) == read_as_size

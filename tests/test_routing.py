@@ -272,3 +272,77 @@ def test_a_route_says_what_chose_its_namespace(
     """
     route = router.route(name, ns=ns, host=host)
     assert (route.namespace, route.via) == (namespace, via)
+
+
+LOCAL = NamespaceConfig(
+    name="registry.local:5000",
+    upstreams=("local",),
+    origin="local",
+    aliases=("10.0.0.7:5000",),
+    hosts=("local.mirror.example:8443",),
+)
+
+
+@pytest.fixture
+def with_port() -> Router:
+    return Router(
+        [(ns, _Pool(ns.name)) for ns in (DOCKER, GHCR, QUAY, LOCAL)],
+    )
+
+
+@pytest.mark.parametrize("prefix", ["registry.local:5000", "10.0.0.7:5000"])
+def test_path_prefix_with_a_port_selects_namespace(
+    with_port: Router, prefix: str
+) -> None:
+    """A namespace (or alias) named with its port is a path prefix too, the
+    one place a colon may be in a name: ``registry.local:5000/app`` is
+    ``app`` there (it was refused as an invalid name)."""
+    route = with_port.route(f"{prefix}/team/app")
+    assert route.namespace == LOCAL
+    assert route.repository == "team/app"
+    assert route.client_name == f"{prefix}/team/app"
+    assert route.via == "prefix"
+    # containerd, pointed at the prefix with override_path, sends ns too.
+    route = with_port.route(f"{prefix}/app", ns="registry.local:5000")
+    assert (route.namespace, route.repository, route.via) == (LOCAL, "app", "ns")
+
+
+def test_names_with_a_port_reach_their_namespace_by_ns_and_host(
+    with_port: Router,
+) -> None:
+    """``?ns=registry.local:5000`` and a ``Host`` listed with its port reach
+    the namespace as before."""
+    assert with_port.route("app", ns="registry.local:5000").namespace == LOCAL
+    route = with_port.route("app", host="local.mirror.example:8443")
+    assert (route.namespace, route.via) == (LOCAL, "host")
+
+
+@pytest.mark.parametrize(
+    ("name", "ns"),
+    [
+        ("registry.other:5000/app", None),  # no such namespace
+        ("registry.local:5000:1/app", None),
+        ("team/registry.local:5000/app", None),  # not the first component
+        ("registry.local:5000/app:x", None),  # the rest obeys the grammar
+        ("registry.local:5000/app", "ghcr.io"),  # ns names another namespace
+    ],
+)
+def test_other_colons_in_names_stay_invalid(
+    with_port: Router, name: str, ns: str | None
+) -> None:
+    """A colon anywhere else in a name is refused as before (400)."""
+    with pytest.raises(NameInvalid):
+        with_port.route(name, ns=ns)
+
+
+def test_a_request_path_with_a_port_prefix_reaches_its_namespace(
+    with_port: Router,
+) -> None:
+    """``GET /v2/registry.local:5000/app/manifests/v1``, as the API reads
+    its path and routes it: namespace registry.local:5000, repository app."""
+    from regmirror.reference import parse_api_path
+
+    api = parse_api_path(b"/v2/registry.local:5000/app/manifests/v1")
+    assert (api.endpoint, api.reference) == ("manifests", "v1")
+    route = with_port.route(api.name)
+    assert (route.namespace, route.repository) == (LOCAL, "app")
