@@ -7,15 +7,20 @@ notices.
 from __future__ import annotations
 
 import inspect
+import socket
 
+from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python.failure import Failure
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http import HTTPChannel
 
 from regmirror.http.channel import MirrorChannel
-from regmirror.service import _QuietPool
+from regmirror.service import UPSTREAM_READ_SIZE, _QuietPool
 
 
 def test_connection_pool_builds_its_factories_from_a_class_attribute() -> None:
@@ -26,6 +31,33 @@ def test_connection_pool_builds_its_factories_from_a_class_attribute() -> None:
     factory = pool._factory(lambda protocol: None, "upstream")
     assert isinstance(factory, _HTTP11ClientFactory)
     assert factory.noisy is False
+
+
+def test_the_pools_connections_read_large_pieces_over_plain_tcp() -> None:
+    """``service._QuietFactory`` builds its protocols with the pool's
+    quiescent callback, which ``_HTTP11ClientFactory`` keeps in its private
+    ``_quiescentCallback``; over plain TCP they read UPSTREAM_READ_SIZE
+    bytes at once (Twisted's ``bufferSize``), other transports are left
+    alone."""
+
+    def returned(protocol: object) -> None:
+        pass
+
+    factory = _QuietPool(Clock(), persistent=True)._factory(returned, "upstream")
+    assert factory._quiescentCallback is returned
+    protocol = factory.buildProtocol(None)
+    assert isinstance(protocol, HTTP11ClientProtocol)
+    assert protocol._quiescentCallback is returned
+    with socket.socket() as skt:
+        connection = tcp.Connection(skt, protocol, reactor=MemoryReactor())
+        assert connection.bufferSize < UPSTREAM_READ_SIZE
+        protocol.makeConnection(connection)
+        assert connection.bufferSize == UPSTREAM_READ_SIZE
+        protocol.connectionLost(Failure(ConnectionDone()))
+    other = factory.buildProtocol(None)
+    transport = StringTransport()
+    other.makeConnection(transport)
+    assert not hasattr(transport, "bufferSize")
 
 
 def test_malformed_requests_go_through_the_bad_request_hook() -> None:
