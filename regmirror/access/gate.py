@@ -136,13 +136,15 @@ class Gate:
                 )
             if route is None or (namespace, route.repository) in Tokens.grants(claims):
                 return str(claims["sub"])
-            raise self._challenge(
-                request,
-                address,
-                route,
-                "the token is not for this repository of this namespace",
-                "insufficient_scope",
+            # An anonymous token (what a client without credentials gets
+            # at /token) names only what its address may pull anyway: its
+            # holder needs credentials, not another token.
+            why = (
+                "credentials required"
+                if Tokens.anonymous(claims)
+                else "the token is not for this repository of this namespace"
             )
+            raise self._challenge(request, address, route, why, "insufficient_scope")
         if scheme.lower() == "basic" and credentials:
             user = await self.login(address, credentials.strip())
             if user is not None:
@@ -150,7 +152,7 @@ class Gate:
             raise self._challenge(
                 request, address, route, "wrong user name or password"
             )
-        raise self._challenge(request, address, route, "authentication required")
+        raise self._challenge(request, address, route, "credentials required")
 
     async def login(self, address: Client, basic: str) -> str | None:
         """
@@ -263,7 +265,8 @@ class Gate:
         """
         partly_open = route is None and contains(self.config.anonymous, address)
         if self._htpasswd is None and not partly_open:
-            return Denied(f"access denied: {why}")
+            # No user to log in as: credentials could not help.
+            return Denied("access denied: not open to this client's address")
         scheme = client_scheme(
             request, self.config.trusted_proxies, self.config.forwarded_header
         )

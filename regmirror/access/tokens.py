@@ -38,19 +38,22 @@ class Tokens:
     ttl: float
     _key: bytes = field(factory=lambda: os.urandom(32))
 
-    def issue(self, user: str, grants: Iterable[Grant]) -> tuple[str, float]:
+    def issue(self, user: str | None, grants: Iterable[Grant]) -> tuple[str, float]:
         """
-        A token for *user* to pull *grants*, and when it expires.  The
-        claim is ``pull``, a list of ``[namespace, repository]`` pairs;
-        tokens of the former format (``repositories``: bare names, no
-        namespace) name no grant and open nothing.
+        A token for *user* (``None``: an anonymous client, ``sub`` then
+        ``anonymous`` and ``anon`` true) to pull *grants*, and when it
+        expires.  The claim is ``pull``, a list of ``[namespace,
+        repository]`` pairs; tokens of the former format (``repositories``:
+        bare names, no namespace) name no grant and open nothing.
         """
         expires = self.clock.seconds() + self.ttl
-        claims = {
-            "sub": user,
+        claims: dict[str, Any] = {
+            "sub": "anonymous" if user is None else user,
             "exp": expires,
             "pull": [list(grant) for grant in sorted(set(grants))],
         }
+        if user is None:
+            claims["anon"] = True
         payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
         return f"{payload}.{self._sign(payload)}", expires
 
@@ -67,6 +70,11 @@ class Tokens:
             and len(pair) == 2
             and all(isinstance(part, str) for part in pair)
         )
+
+    @staticmethod
+    def anonymous(claims: dict[str, Any]) -> bool:
+        """Were verified *claims* issued to a client without credentials?"""
+        return claims.get("anon") is True
 
     def verify(self, token: str) -> dict[str, Any] | None:
         payload, _, signature = token.partition(".")

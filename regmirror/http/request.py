@@ -164,7 +164,8 @@ _SINGLETONS = (b"host", b"authorization")
 def refuse_malformed_head(request: Request) -> None:
     """
     :raises BadRequest: when a field that may appear once appears more
-        often, or the ``Host`` is no ``host[:port]`` (RFC 9112 3.2: 400),
+        often, or the ``Host`` is missing (HTTP/1.1) or no ``host[:port]``
+        (RFC 9112 3.2: 400),
         before anything reads it: routing, and the challenge's realm.
     """
     for name in _SINGLETONS:
@@ -172,5 +173,7 @@ def refuse_malformed_head(request: Request) -> None:
         if len(lines) > 1:
             raise BadRequest(f"{len(lines)} {name.decode()} header lines; one allowed")
     host = request.requestHeaders.getRawHeaders(b"host")
+    if not host and request.clientproto == b"HTTP/1.1":
+        raise BadRequest("an HTTP/1.1 request must have a Host header")
     if host and not valid_host(host[0].decode("latin-1")):
         raise BadRequest("the Host header is not a host[:port]")

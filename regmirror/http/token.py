@@ -79,7 +79,7 @@ class TokenResource(ReadOnlyResource):
             # get a token for what their address may pull anyway, as Docker
             # Hub gives anonymous tokens.
             grants = gate.grantable(address, user, routes)
-            token, expires = gate.tokens.issue(user or "anonymous", grants)
+            token, expires = gate.tokens.issue(user, grants)
         except RegistryError as error:
             if not request.finished:
                 write_error(request, error)

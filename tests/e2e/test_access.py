@@ -1156,3 +1156,153 @@ def test_failed_logins_are_throttled_across_workers(
     statuses = [attempt(f"{WRONG_PASSWORD}-{n}", "192.0.2.3") for n in range(10)]
     assert statuses == [401] * 5 + [429] * 5
     assert_not_logged(mirror, ALICE_PASSWORD, WRONG_PASSWORD)
+
+
+# -- what a fresh-eyes review found ------------------------------------------------
+
+
+def test_a_changed_password_is_refused_at_once_by_every_worker(
+    start_mirror: StartMirror, upstream: RegistryProcess, catalog: Catalog
+) -> None:
+    """
+    With ``workers = 2``, alice logs in at each process; her password is
+    then changed in the htpasswd file.  A login verified before the change
+    was remembered for a minute: the old password kept working.  Now the
+    old password is refused at once by each process, and the new one
+    works at each.
+    """
+    mirror = start_mirror(
+        lambda port: access_config(
+            port,
+            {"url": upstream.url},
+            {"anonymous": "none", "htpasswd": "users.htpasswd"},
+        ).replace("[server]\n", "[server]\nworkers = 2\n"),
+        files={"users.htpasswd": htpasswd_line(ALICE, ALICE_PASSWORD)},
+    )
+    poll_until(
+        lambda: len(workers_of(mirror)) == 1,
+        timeout=15,
+        describe=lambda: "no worker process",
+    )
+    (worker,) = workers_of(mirror)
+    mirror.wait_for_log(rf"worker {worker} serving", timeout=15)
+    assert mirror._process is not None
+    parent = mirror._process.pid
+    name = catalog.small.repository
+
+    def pull(password: str) -> int:
+        return get_manifest(mirror.port, name, basic(ALICE, password)).status
+
+    for pid in (worker, parent):
+        with stopped(pid):
+            assert pull(ALICE_PASSWORD) == 200
+    new_password = "pw-alice-new-0b7e4f29-lantern"
+    (mirror.workdir / "users.htpasswd").write_text(htpasswd_line(ALICE, new_password))
+    for pid in (worker, parent):
+        with stopped(pid):
+            assert pull(ALICE_PASSWORD) == 401
+            assert pull(new_password) == 200
+    assert_not_logged(mirror, ALICE_PASSWORD, new_password)
+
+
+def test_a_request_without_host_or_without_credentials(
+    start_mirror: StartMirror, upstream: RegistryProcess
+) -> None:
+    """
+    An HTTP/1.1 request without ``Host`` was challenged with a
+    ``localhost`` realm: it is 400 (RFC 9112 3.2), at the API root, on a
+    pull and at ``/token``, with no challenge.  A pull of a closed
+    namespace without credentials is 401 with a challenge saying
+    "credentials required"; so is one with the anonymous token a client
+    without credentials gets from the realm (it said "the token is not
+    for this repository of this namespace").
+    """
+    mirror = users_mirror(
+        start_mirror,
+        {"url": upstream.url},
+        {"anonymous": "any"},
+        namespaces={"ghcr.io": {"anonymous": "none"}},
+    )
+    name = "ghcr.io/test/small"
+    for path in (
+        "/v2/",
+        f"/v2/{name}/manifests/latest",
+        f"/token?service=regmirror&scope=repository:{name}:pull",
+    ):
+        status, fields, body = raw_get(mirror.port, path, host=None)
+        assert status == 400, (path, status, body)
+        assert header_values(fields, "WWW-Authenticate") == [], path
+        assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED", body
+
+    refused = get_manifest(mirror.port, name)
+    assert_denied(refused, 401, "UNAUTHORIZED")
+    assert refused.json()["errors"][0]["message"] == "credentials required"
+    assert refused.header("WWW-Authenticate") == challenge(
+        f"http://{mirror.host}", name
+    )
+    anonymous = request(
+        mirror.port, "GET", f"/token?service=regmirror&scope=repository:{name}:pull"
+    )
+    assert anonymous.status == 200, anonymous.body
+    with_token = get_manifest(mirror.port, name, bearer(str(anonymous.json()["token"])))
+    assert_denied(with_token, 401, "UNAUTHORIZED")
+    assert with_token.json()["errors"][0]["message"] == "credentials required"
+
+
+def test_what_the_htpasswd_file_and_basic_credentials_log(
+    start_mirror: StartMirror, upstream: RegistryProcess, catalog: Catalog
+) -> None:
+    """
+    ``Authorization: Basic base64("NOCOLON-PASSWORD-SECRET")`` (no colon:
+    a password pasted alone) was logged as the user name of a failed
+    login: the line says the credentials were malformed, without them.
+    A user given twice in the htpasswd file is warned about, naming the
+    user and the lines, never a hash; the last line counts.
+    """
+    first = htpasswd_line(ALICE, "pw-first-4c2d8e1a-anchor")
+    mirror = users_mirror(
+        start_mirror,
+        {"url": upstream.url},
+        files={
+            "users.htpasswd": first + "# again\n" + htpasswd_line(ALICE, ALICE_PASSWORD)
+        },
+    )
+    name = catalog.small.repository
+    secret = "NOCOLON-PASSWORD-SECRET"
+    pasted = {"Authorization": "Basic " + base64.b64encode(secret.encode()).decode()}
+    assert_denied(get_manifest(mirror.port, name, pasted), 401, "UNAUTHORIZED")
+    assert get_manifest(mirror.port, name, basic(ALICE, ALICE_PASSWORD)).status == 200
+    mirror.wait_for_log(r"failed login from 127\.0\.0\.1: malformed Basic")
+    (warning,) = mirror.wait_for_log(r"user 'alice' given twice")
+    assert "line 3" in warning and "line 1" in warning, warning
+    assert_not_logged(mirror, secret, first.split(":", 1)[1].strip()[7:])
+
+
+def test_a_host_with_a_trailing_dot_routes_to_its_namespace(
+    start_mirror: StartMirror, upstream: RegistryProcess
+) -> None:
+    """``Host: priv.mirror.test.`` (the fully qualified form) fell to the
+    default namespace although ``hosts = priv.mirror.test``: it routes to
+    that namespace, closed, as the name without the dot does."""
+    mirror = users_mirror(
+        start_mirror,
+        {"url": upstream.url},
+        {"anonymous": "any"},
+        namespaces={
+            "ghcr.io": {"anonymous": "none", "hosts": "priv.mirror.test"},
+        },
+    )
+    for host in (
+        "priv.mirror.test",
+        "priv.mirror.test.",
+        f"PRIV.mirror.test.:{mirror.port}",
+    ):
+        status, fields, _ = raw_get(
+            mirror.port, "/v2/test/small/manifests/latest", host=host
+        )
+        assert status == 401, host
+        assert header_values(fields, "OCI-Namespace") == ["ghcr.io"], host
+    status, fields, _ = raw_get(
+        mirror.port, "/v2/test/small/manifests/latest", host="other.test."
+    )
+    assert header_values(fields, "OCI-Namespace") == ["docker.io"]
