@@ -20,10 +20,14 @@ from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from regmirror.transport import ReloadableTLS, parse_tls_listener, tls_listener
+from regmirror.transport import (
+    ListenerTLSFactory,
+    ReloadableTLS,
+    parse_tls_listener,
+    tls_listener,
+)
 
 
 class Listeners(Protocol):
@@ -291,4 +295,4 @@ def serving_factory(
     if not description.startswith("ssl:"):
         return factory, None
     certificate = ReloadableTLS(parse_tls_listener(description))
-    return TLSMemoryBIOFactory(certificate, False, factory, clock=clock), certificate
+    return ListenerTLSFactory(certificate, False, factory, clock=clock), certificate

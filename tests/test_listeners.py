@@ -34,7 +34,7 @@ from regmirror.http.site import MirrorSite
 from regmirror.ini import load
 from regmirror.listeners import Inherited
 from regmirror.service import Worker, build_tree, make_service
-from regmirror.transport import ReloadableTLS
+from regmirror.transport import ListenerTLSFactory, ReloadableTLS
 
 HOST = "regmirror.test"
 GET = b"GET /healthz HTTP/1.1\r\nHost: regmirror.test\r\nConnection: close\r\n\r\n"
@@ -271,20 +271,17 @@ def test_service_tls_listeners_negotiate_http11(
     reactor = MemoryReactorClock()
     service = make_service(load(str(_config(tmp_path))), reactor)
     service.privilegedStartService()
-    # The API's listeners first, then the metrics listener's.
-    for path, (_, factory, context, _, _) in zip(
-        (b"/healthz", b"/metrics"), reactor.sslServers, strict=True
-    ):
+    # TCP listeners whose factory puts TLS in front: the API's listeners
+    # first, then the metrics listener's.
+    tls = [f for _, f, _, _ in reactor.tcpServers if isinstance(f, ListenerTLSFactory)]
+    for path, factory in zip((b"/healthz", b"/metrics"), tls, strict=True):
         request = GET.replace(b"/healthz", path)
         application = handshake(
-            behind_tls(factory, context),
-            pem,
-            [b"h2", b"http/1.1"],
-            request,
+            factory, pem, [b"h2", b"http/1.1"], request, clock=reactor
         )
         assert application.negotiated == b"http/1.1", (path, application.lost)
         assert application.received.startswith(b"HTTP/1.1 200 "), path
-    [(_, plain, _, _)] = reactor.tcpServers
+    [plain] = [f for _, f, _, _ in reactor.tcpServers if f not in tls]
     protocol = plain.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     transport = StringTransport()
     protocol.makeConnection(transport)
