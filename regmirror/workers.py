@@ -50,9 +50,13 @@ log = Logger(namespace="regmirror.workers")
 MAX_LOG_LINE = 1024 * 1024
 
 #: How long a stopping worker gets before it is killed, and how long to wait
-#: before restarting one that died.
+#: before restarting one that died; for one that dies again within
+#: SETTLED of its start (a file its configuration names is broken since),
+#: twice as long each time, up to MAX_RESTART_DELAY.
 STOP_GRACE = 10.0
 RESTART_DELAY = 1.0
+SETTLED = 30.0
+MAX_RESTART_DELAY = 60.0
 
 #: How long the parent waits for a worker's metrics before it counts the
 #: worker's last report instead; how long a worker waits for the machine's
@@ -242,6 +246,10 @@ class Workers(Service):
         self._running: dict[int, tuple[_Worker, Any]] = {}
         #: the cumulative families of the workers that ended
         self._retired: list[Metric] = []
+        #: per worker: when it was last started, and the last wait before
+        #: it was restarted
+        self._started: dict[int, float] = {}
+        self._delays: dict[int, float] = {}
 
     def startService(self) -> None:
         super().startService()
@@ -289,6 +297,7 @@ class Workers(Service):
         transport.write(self._config.text.encode("utf-8"))
         transport.closeStdin()
         self._running[index] = (worker, transport)
+        self._started[index] = self._reactor.seconds()
         log.info("started worker {index} (pid {pid})", index=index, pid=transport.pid)
 
     def gather(self) -> Deferred[list[Metric]]:
@@ -312,18 +321,33 @@ class Workers(Service):
             [self._retired, [f for f in worker.report if f.type != "gauge"]]
         )
         if self.running:
+            delay = self._restart_delay(worker.index)
             log.warn(
-                "worker {index} ended ({why}); restarting it",
+                "worker {index} ended ({why}); restarting it in {delay}s",
                 index=worker.index,
                 why=reason.getErrorMessage(),
+                delay=delay,
             )
-            self._reactor.callLater(RESTART_DELAY, self._restart, worker.index)
+            self._reactor.callLater(delay, self._restart, worker.index)
         else:
             log.info(
                 "worker {index} ended ({why})",
                 index=worker.index,
                 why=reason.getErrorMessage(),
             )
+
+    def _restart_delay(self, index: int) -> float:
+        """How long to wait before starting worker *index* again: longer
+        each time it dies soon after it started, not to spin on a fault
+        that a restart does not mend."""
+        ran = self._reactor.seconds() - self._started.get(index, 0.0)
+        previous = self._delays.get(index)
+        if previous is None or ran >= SETTLED:
+            delay = RESTART_DELAY
+        else:
+            delay = min(previous * 2, MAX_RESTART_DELAY)
+        self._delays[index] = delay
+        return delay
 
     def _restart(self, index: int) -> None:
         if self.running and index not in self._running:

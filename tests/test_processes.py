@@ -46,7 +46,15 @@ from regmirror.service import (
     make_service,
 )
 from regmirror.status import SAMPLE_INTERVAL
-from regmirror.workers import COLLECT_TIMEOUT, RESTART_DELAY, Parent, Workers, _Worker
+from regmirror.workers import (
+    COLLECT_TIMEOUT,
+    MAX_RESTART_DELAY,
+    RESTART_DELAY,
+    SETTLED,
+    Parent,
+    Workers,
+    _Worker,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -459,6 +467,42 @@ def test_a_worker_runs_the_text_the_parent_loaded(
         assert not any(secret in arg for arg in args)
         assert not any(secret in value for value in process.env.values())
     assert len(reactor.spawned) == 2
+    stopping = parent.stopService()
+    reactor.spawned[-1][0].processEnded(Failure(ProcessDone(0)))
+    result(stopping)
+
+
+def test_a_worker_that_keeps_dying_at_start_is_restarted_less_often(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """
+    A worker that dies soon after its start (a certificate file broken
+    since twistd started, say) is restarted after RESTART_DELAY, then twice
+    as long each time, up to MAX_RESTART_DELAY, rather than every second
+    for ever; once one has run SETTLED, the next is restarted after
+    RESTART_DELAY again.
+    """
+    monkeypatch.chdir(tmp_path)
+    reactor = Machine()
+    parent = make_service(config_of(tmp_path, workers=2), reactor)
+    parent.privilegedStartService()
+    parent.startService()
+
+    def dies_after(ran: float) -> float:
+        """The last worker dies after *ran* s: the wait until the next."""
+        reactor.advance(ran)
+        spawned = len(reactor.spawned)
+        reactor.spawned[-1][0].processEnded(Failure(ProcessTerminated(1)))
+        waited = 0.0
+        while len(reactor.spawned) == spawned:
+            reactor.advance(0.5)
+            waited += 0.5
+            assert waited <= MAX_RESTART_DELAY
+        return waited
+
+    assert [dies_after(0.1) for _ in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert dies_after(SETTLED) == RESTART_DELAY
+    assert dies_after(0.1) == 2 * RESTART_DELAY
     stopping = parent.stopService()
     reactor.spawned[-1][0].processEnded(Failure(ProcessDone(0)))
     result(stopping)

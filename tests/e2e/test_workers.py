@@ -37,7 +37,7 @@ from .harness import (
     port_is_free,
 )
 from .images import Catalog
-from .servers import FakeUpstream
+from .servers import FakeUpstream, write_certificate
 
 pytestmark = pytest.mark.e2e
 
@@ -462,3 +462,44 @@ def test_a_restarted_worker_runs_the_configuration_twistd_started_with(
             assert http_request(mirror.port, "GET", "/v2/").status == 200
     assert not mirror.unhandled_errors(), mirror.log()
     assert not shows_the_password(worker)
+
+
+def test_a_worker_that_cannot_start_says_why_and_is_restarted_less_often(
+    tmp_path: Path, start_mirror: Callable[..., MirrorProcess]
+) -> None:
+    """
+    The key of an ``ssl:`` listener broken after twistd started, then the
+    worker killed: each worker started instead logs one line naming the
+    file that is not usable (no traceback) and is restarted after 1 s, then
+    2 s, while twistd serves on; the key mended, a worker serves again.
+    """
+    write_certificate(tmp_path / "pki")
+    files = {
+        name: (tmp_path / "pki" / name).read_bytes() for name in ("key.pem", "cert.pem")
+    }
+    mirror = start_mirror(
+        lambda port: two_processes(port, "http://127.0.0.1:9").replace(
+            "interface=127.0.0.1\n",
+            "interface=127.0.0.1 ssl:0:privateKey=key.pem:certKey=cert.pem"
+            ":interface=127.0.0.1\n",
+            1,
+        ),
+        files=files,
+    )
+    worker = serving_worker(mirror)
+    key = mirror.workdir / "key.pem"
+    key.write_bytes(b"not a key\n")
+    os.kill(worker, signal.SIGKILL)
+    mirror.wait_for_log(r"restarting it in 2\.0s", timeout=20)
+    cannot = mirror.wait_for_log(r"worker \d+ cannot start: ", timeout=5)
+    assert f"no PEM private key in {key}" in cannot[0], cannot
+    assert "[server] listen: bad listener" in cannot[0], cannot
+    assert mirror.request("GET", "/v2/").status == 200
+    assert not mirror.unhandled_errors(), mirror.log()
+    served = mirror.log().count(" serving")
+    key.write_bytes(files["key.pem"])
+    poll_until(
+        lambda: mirror.log().count(" serving") > served,
+        timeout=20,
+        describe=mirror.log,
+    )
