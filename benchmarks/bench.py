@@ -1191,72 +1191,113 @@ def bench_nginx(ctx: Context) -> None:
 # -- TLS -----------------------------------------------------------------------
 
 
-def tls_warm(
-    ctx: Context, port: int, path: str, client: ssl.SSLContext
-) -> dict[str, Any]:
-    """Warm reads over TLS: ``TLS_CLIENTS`` at once, ``--repeat`` times."""
-    result: dict[str, Any] = {}
-    # One untimed read first: the cache hit path, and the page cache.
-    get_blob(port, path, client)
-    for clients in TLS_CLIENTS:
-        runs = [
-            blob_load(port, path, clients, ctx.image.layer.size, client)
-            for _ in range(ctx.repeat)
-        ]
-        result[f"x{clients}"] = median_run(runs, "mib_s")
-    return result
+def process_tree(pid: int) -> list[int]:
+    """*pid* and its descendants (a mirror's workers, nginx's workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def tree_cpu_seconds(pids: Sequence[int]) -> float:
+    return sum(cpu_seconds(pid) or 0.0 for pid in pids)
+
+
+@dataclass
+class TLSServer:
+    """One server of the TLS section, started, and where it serves the blob."""
+
+    system: str
+    workers: int
+    server: Server
+    port: int
+    path: str
 
 
 def bench_tls(ctx: Context, skip: Collection[str], have_nginx: bool) -> None:
     """
     The warm blob over TLS with one certificate for all: regmirror's
-    ``ssl:`` listener with ``workers`` 1 and 2 (on a cache filled once over
-    its plain listener), nginx with ``worker_processes`` 1 and 2.
+    ``ssl:`` listener with ``workers`` 1 and 2 (each on a cache filled over
+    its plain listener), nginx with ``worker_processes`` 1 and 2.  All of
+    them run at once, idle but for the one measured, and each measurement
+    takes the systems in turn, run after run, so that other work on the
+    machine falls on every column alike.  Beside the MiB/s, the CPU seconds
+    the server's processes spent per GiB sent (the clients' share of the
+    cores does not blur it).
     """
     certificate = write_certificate(ctx.workdir / "tls")
     client = certificate.client_context()
     digest = ctx.image.layer.digest
-    if "regmirror" not in skip:
-        print("  regmirror: TLS, workers", end="", flush=True)
-        folder = ctx.workdir / "regmirror-tls"
-        results: dict[str, Any] = {}
+    size = ctx.image.layer.size
+    servers: list[TLSServer] = []
+    with ExitStack() as stack:
         for workers in TLS_WORKERS:
-            mirror = Mirror(folder, ctx.upstream.url, workers, tls=certificate)
-            with running(mirror):
-                if not mirror.stored(digest):
-                    get_blob(mirror.port, ctx.blob_path)
-                    wait_until(
-                        lambda m=mirror: m.stored(digest),
-                        timeout=STORED_TIMEOUT,
-                        what=lambda: f"regmirror never stored {digest}",
-                    )
-                assert mirror.tls_port is not None
-                results[f"workers_{workers}"] = tls_warm(
-                    ctx, mirror.tls_port, ctx.blob_path, client
+            if "regmirror" not in skip:
+                folder = ctx.workdir / f"regmirror-tls-{workers}"
+                mirror = Mirror(folder, ctx.upstream.url, workers, tls=certificate)
+                stack.enter_context(running(mirror))
+                stack.callback(shutil.rmtree, folder, ignore_errors=True)
+                get_blob(mirror.port, ctx.blob_path)
+                wait_until(
+                    lambda m=mirror: m.stored(digest),
+                    timeout=STORED_TIMEOUT,
+                    what=lambda: f"regmirror never stored {digest}",
                 )
+                assert mirror.tls_port is not None
+                servers.append(
+                    TLSServer(
+                        "regmirror", workers, mirror, mirror.tls_port, ctx.blob_path
+                    )
+                )
+            if "nginx" not in skip and have_nginx:
+                nginx = Nginx(
+                    ctx.workdir / f"nginx-tls-{workers}",
+                    ctx.upstream_blob_file,
+                    tls=certificate,
+                    workers=workers,
+                )
+                stack.enter_context(running(nginx))
+                assert nginx.tls_port is not None
+                servers.append(
+                    TLSServer("nginx", workers, nginx, nginx.tls_port, "/blob")
+                )
+        for tls in servers:
+            # One untimed read first: the cache hit path, and the page cache.
+            get_blob(tls.port, tls.path, client)
+        print("  TLS: workers", end="", flush=True)
+        for workers in TLS_WORKERS:
+            these = [tls for tls in servers if tls.workers == workers]
+            for clients in TLS_CLIENTS:
+                runs: dict[str, list[dict[str, Any]]] = {t.system: [] for t in these}
+                for _ in range(ctx.repeat):
+                    for tls in these:
+                        pids = process_tree(tls.server.pid)
+                        before = tree_cpu_seconds(pids)
+                        run = blob_load(tls.port, tls.path, clients, size, client)
+                        spent = tree_cpu_seconds(pids) - before
+                        run["server_cpu_s_per_gib"] = spent / (clients * size / 2**30)
+                        runs[tls.system].append(run)
+                for system, measured in runs.items():
+                    chosen = median_run(measured, "mib_s")
+                    cpu = [run["server_cpu_s_per_gib"] for run in measured]
+                    chosen["server_cpu_s_per_gib_runs"] = cpu
+                    chosen["server_cpu_s_per_gib_median"] = statistics.median(cpu)
+                    results = ctx.results.setdefault(system, {}).setdefault("tls", {})
+                    results.setdefault(f"workers_{workers}", {})[f"x{clients}"] = chosen
             print(f" {workers}", end="", flush=True)
         print(flush=True)
-        ctx.results.setdefault("regmirror", {})["tls"] = results
-        shutil.rmtree(folder, ignore_errors=True)
-    if "nginx" in skip or not have_nginx:
-        return
-    print("  nginx: TLS, workers", end="", flush=True)
-    results = {}
-    for workers in TLS_WORKERS:
-        server = Nginx(
-            ctx.workdir / f"nginx-tls-{workers}",
-            ctx.upstream_blob_file,
-            tls=certificate,
-            workers=workers,
-        )
-        with running(server):
-            assert server.tls_port is not None
-            results[f"workers_{workers}"] = tls_warm(
-                ctx, server.tls_port, "/blob", client
-            )
-        print(f" {workers}", end="", flush=True)
-    print(flush=True)
-    ctx.results.setdefault("nginx", {})["tls"] = results
 
 
 # -- a slow link to the upstream ------------------------------------------------
@@ -1924,9 +1965,14 @@ def table_rows(
     if "tls" in sections:
         for workers in TLS_WORKERS:
             for clients in TLS_CLIENTS:
+                where = ("tls", f"workers_{workers}", f"x{clients}")
                 row(
                     f"TLS warm x{clients}, workers {workers}: MiB/s",
-                    number("tls", f"workers_{workers}", f"x{clients}", "mib_s"),
+                    number(*where, "mib_s"),
+                )
+                row(
+                    f"TLS warm x{clients}, workers {workers}: server CPU s/GiB",
+                    number(*where, "server_cpu_s_per_gib_median", digits=2),
                 )
 
         def ciphers(s: str) -> str:
