@@ -6,6 +6,7 @@ and the key.
 
 from __future__ import annotations
 
+import datetime
 import os
 import textwrap
 from collections.abc import Callable
@@ -895,3 +896,56 @@ def test_a_port_above_65535_is_refused(port: str) -> None:
     for kind in ("tcp", "tcp6"):
         with pytest.raises(ValueError, match="is not between 0 and 65535"):
             check_listeners([f"{kind}:{port}"])
+
+
+def test_an_encrypted_client_key_is_refused_without_a_prompt(tmp_path: Path) -> None:
+    """A passphrase-protected ``client_key`` (PKCS#8 or traditional) is a
+    one-line error naming the key and the file: never OpenSSL's prompt for
+    a passphrase on the terminal, nor a traceback."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from regmirror.service import validate
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now.replace(year=now.year + 1))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(
+        certificate.public_bytes(serialization.Encoding.PEM)
+    )
+    for form in (
+        serialization.PrivateFormat.PKCS8,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+    ):
+        (tmp_path / "key.pem").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                form,
+                serialization.BestAvailableEncryption(b"passphrase"),
+            )
+        )
+        path = _write(
+            tmp_path,
+            MINIMAL.replace(
+                "[namespace:",
+                "client_cert = cert.pem\nclient_key = key.pem\n\n[namespace:",
+            ),
+        )
+        with pytest.raises(ConfigError) as caught:
+            validate(path)
+        assert str(caught.value) == (
+            f"{path}: [upstream:hub] client_key: the private key in "
+            f"{tmp_path / 'key.pem'} is encrypted: give it in clear"
+        )
