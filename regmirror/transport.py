@@ -598,7 +598,7 @@ class ReloadableTLS:
         except VerifyError as e:
             # A renewal that wrote the certificate but not yet the key.
             raise ValueError(f"{parts['certKey']}: {e}") from None
-        except SSL.Error as e:
+        except (SSL.Error, crypto.Error) as e:
             raise ValueError(f"unusable certificate or key: {_reasons(e)}") from None
         return options
 
