@@ -134,7 +134,7 @@ class Blobs:
         if running is not None:
             self._lookup("joined")
             self._join(running, pool, repository)
-            return BlobSource(running.size, running.spool.path, running)
+            return BlobSource(running.size, running.spool.path, running, joined=True)
         size = self.store.blob_size(digest)
         if size is not None:
             self._lookup("hit")
@@ -143,20 +143,31 @@ class Blobs:
         async def start() -> Download:
             return await self._start(pool, repository, digest)
 
-        self._lookup("joined" if key in self._starting else "miss")
+        joining = key in self._starting
         if not self.store.writable():
+            self._lookup("miss")
             return await self._relay(pool, repository, digest)
         try:
             download = await self._starting.run(key, start)
         except _CannotSpool:
+            self._lookup("miss")
             return await self._relay(pool, repository, digest)
         except AlreadyCached:
+            self._lookup("hit")
             return BlobSource(
                 self.store.blob_size(digest), self.store.blob_path(digest)
             )
+        except BaseException:
+            self._lookup("joined" if joining else "miss")
+            raise
+        # Started here, or joined: this namespace's start under way, a
+        # download of another namespace's (its pool), another worker's
+        # (followed, no pool).
+        joined = joining or download.pool is not pool
+        self._lookup("joined" if joined else "miss")
         if download.state == "done":
             return BlobSource(download.written, download.spool.final_path)
-        return BlobSource(download.size, download.spool.path, download)
+        return BlobSource(download.size, download.spool.path, download, joined=joined)
 
     def underway(self, digest: Digest) -> bool:
         """Is a download of *digest* under way or starting in this process

@@ -32,7 +32,7 @@ from regmirror.bucket import Bucket
 from regmirror.cluster import Coordinator
 from regmirror.download import Download
 from regmirror.housekeeping import Housekeeping, RunInThread
-from regmirror.manifests import Manifests
+from regmirror.manifests import Found, Manifests
 from regmirror.metrics import Metrics
 from regmirror.nodes import Peers
 from regmirror.pool import Manifest, TagAnswer, UpstreamPool
@@ -174,6 +174,17 @@ class Fetcher:
     ) -> Manifest:
         """See :meth:`Manifests.get`."""
         return await self.manifests.get(pool, repository, digest, named=named)
+
+    async def find_manifest(
+        self,
+        pool: UpstreamPool,
+        repository: str,
+        digest: Digest,
+        *,
+        named: bool = False,
+    ) -> Found:
+        """See :meth:`Manifests.find`."""
+        return await self.manifests.find(pool, repository, digest, named=named)
 
     def pull_ahead(
         self, pool: UpstreamPool, repository: str, manifest: Manifest, limit: int

@@ -8,10 +8,11 @@ upstream.  Through a namespace that vouches for them only
 
 from __future__ import annotations
 
-from attrs import define, field
+from attrs import define, evolve, field, frozen
 from twisted.logger import Logger
 
 from regmirror._flight import SingleFlight
+from regmirror.bucket import SOURCE as BUCKET_SOURCE
 from regmirror.bucket import Bucket
 from regmirror.errors import ManifestUnknown
 from regmirror.metrics import Metrics
@@ -19,6 +20,22 @@ from regmirror.pool import MANIFEST_ACCEPT, Manifest, NotFoundAnywhere, Upstream
 from regmirror.reference import Digest
 from regmirror.store import Store
 from regmirror.vouches import Vouches
+
+
+@frozen
+class Found:
+    """
+    A manifest and how the cache found it, for the access log.
+
+    :ivar cache: ``hit``, ``miss`` (this request fetched it) or ``joined``
+        (it waited for another request's fetch).
+    :ivar source: where a miss or a join read it: an upstream's name, or
+        the bucket's ``shared store``.
+    """
+
+    manifest: Manifest
+    cache: str
+    source: str | None = None
 
 
 @define(eq=False)
@@ -41,12 +58,25 @@ class Manifests:
         *,
         named: bool = False,
     ) -> Manifest:
+        """See :meth:`find`: the manifest alone."""
+        found = await self.find(pool, repository, digest, named=named)
+        return found.manifest
+
+    async def find(
+        self,
+        pool: UpstreamPool,
+        repository: str,
+        digest: Digest,
+        *,
+        named: bool = False,
+    ) -> Found:
         """
-        A manifest by digest: from the store, else from the bucket or
-        upstream (kept).  A manifest another namespace fetched is served
-        through *pool*'s namespace only once it vouches for it: a tag of
-        the namespace named it (*named*), a manifest it vouches for
-        references it, or one of its upstreams confirms it (``HEAD``).
+        A manifest by digest, and where it came from: from the store, else
+        from the bucket or upstream (kept).  A manifest another namespace
+        fetched is served through *pool*'s namespace only once it vouches
+        for it: a tag of the namespace named it (*named*), a manifest it
+        vouches for references it, or one of its upstreams confirms it
+        (``HEAD``).
         Serving a manifest through a namespace records that the namespace
         vouches for what the manifest references.
 
@@ -64,7 +94,7 @@ class Manifests:
                 )
             self._lookup("hit")
             self.vouches.add_manifest(namespace, digest, manifest.body)
-            return manifest
+            return Found(manifest, "hit")
 
         async def fetch() -> Manifest:
             if self.bucket is not None:
@@ -75,7 +105,7 @@ class Manifests:
                     if not vouched:
                         await self._confirm(pool, repository, shared)
                     self.keep(shared, share=False)
-                    return shared
+                    return evolve(shared, source=BUCKET_SOURCE)
             try:
                 manifest = await pool.manifest(repository, digest)
             except NotFoundAnywhere:
@@ -86,10 +116,11 @@ class Manifests:
             return manifest
 
         key = (namespace, digest)
-        self._lookup("joined" if key in self._flight else "miss")
+        result = "joined" if key in self._flight else "miss"
+        self._lookup(result)
         manifest = await self._flight.run(key, fetch)
         self.vouches.add_manifest(namespace, digest, manifest.body)
-        return manifest
+        return Found(manifest, result, manifest.source or None)
 
     async def _confirm(
         self, pool: UpstreamPool, repository: str, manifest: Manifest

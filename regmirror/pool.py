@@ -46,6 +46,8 @@ class Manifest:
     digest: Digest
     media_type: str
     body: bytes
+    #: the upstream it was read from, for the access log (empty otherwise)
+    source: str = field(default="", eq=False)
 
 
 @frozen
@@ -487,7 +489,7 @@ async def _read_manifest(
         raise UpstreamFailure(
             upstream.name, "invalid", f"manifest is {actual}, not {digest}"
         )
-    return Manifest(actual, media_type, body)
+    return Manifest(actual, media_type, body, upstream.name)
 
 
 def summarise(namespace: str, failures: Sequence[UpstreamFailure]) -> Exception:

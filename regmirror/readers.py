@@ -51,6 +51,9 @@ class BlobSource:
     #: an upstream response to relay as it comes, when the cache cannot
     #: be written
     relay: IResponse | None = None
+    #: the download was under way or starting for another request (this
+    #: process's, another worker's, one pulled ahead): joined, not started
+    joined: bool = False
 
 
 def _open_source(source: BlobSource) -> IO[bytes]:

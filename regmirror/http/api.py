@@ -142,7 +142,7 @@ class RegistryAPI(Resource):
         if self._gate is not None:
             info.user = await self._gate.check(request, route)
         if api.endpoint == "manifests":
-            await self._manifest(request, route, api.reference)
+            await self._manifest(request, info, route, api.reference)
         elif api.endpoint == "blobs":
             digest = parse_digest(api.reference)
             await self._blobs.blob(request, info, route, digest)
@@ -156,7 +156,9 @@ class RegistryAPI(Resource):
 
     # -- manifests ----------------------------------------------------------
 
-    async def _manifest(self, request: Request, route: Route, text: str) -> None:
+    async def _manifest(
+        self, request: Request, info: RequestInfo, route: Route, text: str
+    ) -> None:
         reference = parse_reference(text)
         pool = route.pool
         if isinstance(reference, Digest):
@@ -167,9 +169,11 @@ class RegistryAPI(Resource):
             source = listing.tag_source(route, answer.upstream)
             request.setHeader("Regmirror-Tag-Source", source)
         # A digest the namespace's tag named is one it vouches for.
-        manifest = await self._fetcher.manifest(
+        found = await self._fetcher.find_manifest(
             pool, route.repository, digest, named=not isinstance(reference, Digest)
         )
+        info.cache, info.upstream = found.cache, found.source
+        manifest = found.manifest
         accepted = accepted_types(text_header(request, "Accept"))
         if accepted is not None and manifest.media_type not in accepted:
             manifest = await self._negotiate(route, manifest, accepted, reference)

@@ -201,7 +201,8 @@ class BlobEndpoint:
     ) -> None:
         """Stream a blob source, whole or the requested range."""
         if source.download is not None:
-            info.cache, info.upstream = "miss", source.download.source
+            info.cache = "joined" if source.joined else "miss"
+            info.upstream = source.download.source
         else:
             info.cache = "relay" if source.relay is not None else "hit"
         if source.relay is not None:

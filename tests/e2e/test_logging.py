@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
 import re
 import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +27,9 @@ from .harness import (
     responds_ok,
     stop_process,
 )
-from .images import Catalog
+from .images import MANIFEST_ACCEPT, Catalog
+from .servers import ThrottleRelay
+from .test_access import stopped, workers_of
 
 pytestmark = pytest.mark.e2e
 
@@ -188,6 +192,7 @@ def test_control_bytes_from_clients_are_escaped_in_json_lines(
 
 
 StartMirror = Callable[..., MirrorProcess]
+MANIFEST_HEADERS = {"Accept": MANIFEST_ACCEPT}
 
 
 def test_an_ipv4_client_of_an_ipv6_listener_is_logged_as_ipv4(
@@ -260,3 +265,96 @@ def test_a_client_that_goes_away_has_its_access_line(
             )
         (gone,) = mirror.wait_for_log(re.escape(stalled) + r" .* aborted$")
         assert re.search(r'HTTP/1.1" 499 0 ', gone), gone
+
+
+def test_the_cache_and_upstream_fields_of_manifests_and_joined_downloads(
+    tmp_path: Path,
+    start_mirror: StartMirror,
+    start_program: Callable[[ThrottleRelay], ThrottleRelay],
+    upstream: RegistryProcess,
+    catalog: Catalog,
+) -> None:
+    """
+    Manifest requests were logged ``cache=- upstream=-``, even cold ones
+    fetched upstream: a cold one is ``cache=miss upstream=origin``, the
+    next ``cache=hit``.  With ``workers = 2``, a client following the
+    other process's download of a blob was logged ``cache=miss
+    upstream=another worker`` and counted as a miss: it joined that
+    download (``cache=joined``), counted as ``joined``; the client whose
+    request started it is the miss.
+    """
+    relay = start_program(ThrottleRelay(tmp_path / "relay", upstream.port, 8 << 20))
+    mirror = start_mirror(
+        lambda port: (
+            mirror_config(port, relay.url)
+            .replace("[server]\n", "[server]\nworkers = 2\n")
+            # Nothing pulled ahead: the blob look-ups are the clients' own.
+            .replace("default = true", "default = true\nprefetch = 0")
+        )
+    )
+    poll_until(lambda: len(workers_of(mirror)) == 1, timeout=15, describe=mirror.log)
+    (worker,) = workers_of(mirror)
+    mirror.wait_for_log(rf"worker {worker} serving", timeout=15)
+    assert mirror._process is not None
+    parent = mirror._process.pid
+
+    image = catalog.small
+    manifest = f"/v2/{image.repository}/manifests/{image.root.digest}"
+    for _ in range(2):
+        assert (
+            http_request(mirror.port, "GET", manifest, MANIFEST_HEADERS).status == 200
+        )
+    poll_until(
+        lambda: len(mirror.wait_for_log(re.escape(manifest))) == 2,
+        timeout=10,
+        describe=mirror.log,
+    )
+    first, second = mirror.wait_for_log(re.escape(f'"GET {manifest} HTTP/1.1" 200 '))
+    assert " cache=miss upstream=origin " in first, first
+    assert " cache=hit upstream=- " in second, second
+
+    big = catalog.big.layers[0]
+    path = f"/v2/{catalog.big.repository}/blobs/{big.digest}"
+    results: dict[str, int] = {}
+
+    def pull(who: str, connection: http.client.HTTPConnection) -> None:
+        response = connection.getresponse()
+        results[who] = len(response.read()) if response.status == 200 else -1
+        connection.close()
+
+    starter = http.client.HTTPConnection(LOCALHOST, mirror.port, timeout=60)
+    with stopped(worker):
+        starter.request("GET", path)
+        mirror.wait_for_log(rf"downloading {big.digest}")
+    first_thread = threading.Thread(target=pull, args=("starter", starter))
+    first_thread.start()
+    follower = http.client.HTTPConnection(LOCALHOST, mirror.port, timeout=60)
+    with stopped(parent):
+        # Only the worker accepts meanwhile: the head and the bytes already
+        # in the parent's spool come from it.
+        follower.request("GET", path)
+        response = follower.getresponse()
+        assert response.status == 200
+        got = len(response.read1(1 << 16))
+    got += len(response.read())
+    follower.close()
+    first_thread.join(60)
+    assert results == {"starter": big.size} and got == big.size
+    poll_until(
+        lambda: len(mirror.wait_for_log(re.escape(f'"GET {path} '))) == 2,
+        timeout=10,
+        describe=mirror.log,
+    )
+    started, joined = sorted(
+        mirror.wait_for_log(re.escape(f'"GET {path} HTTP/1.1" 200 ')),
+        key=lambda line: "joined" in line,
+    )
+    assert " cache=miss upstream=origin " in started, started
+    assert " cache=joined upstream=another worker " in joined, joined
+    assert (
+        mirror.metric("regmirror_cache_lookups_total", kind="blob", result="miss") == 1
+    )
+    assert (
+        mirror.metric("regmirror_cache_lookups_total", kind="blob", result="joined")
+        == 1
+    )
