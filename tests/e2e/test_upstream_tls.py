@@ -348,7 +348,15 @@ def test_the_warm_path_keeps_its_connection(
     look-ups in a row (``tag_ttl = 0s``: each asks the registry) over TLS
     travel on one connection, the same from the first to the last.
     """
-    mirror = tls_mirror(start_mirror, tls_registry, {"ca_file": str(pki.ca_path)})
+    # Without pulling ahead: the layers a manifest names would come on
+    # connections of their own.
+    mirror = start_mirror(
+        lambda port: mirror_config_upstreams(
+            port,
+            {UPSTREAM: {"url": tls_registry.url, "ca_file": str(pki.ca_path)}},
+            origin=UPSTREAM,
+        ).replace("default = true\n", "default = true\nprefetch = 0\n")
+    )
     port = int(tls_registry.url.rsplit(":", 1)[1])
     seen = []
     for _ in range(10):
