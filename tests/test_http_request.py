@@ -9,10 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from fakeregistry import FakeRegistry
 from memory import LAYER, Harness, image
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogEvent
+from twisted.logger import LogEvent, formatEvent
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from regmirror.errors import RangeInvalid, Unsupported
 from regmirror.http.errors import error_answer
@@ -117,3 +123,70 @@ def test_channel_and_resources_write_the_same_error(mirror: Harness) -> None:
     assert raw.startswith(b"HTTP/1.1 405 ")
     assert raw.endswith(b"\r\n\r\n" + expected.body)
     assert b"Allow: GET, HEAD\r\n" in raw
+
+
+class _Unfinished(Resource):
+    """Answers with the head and *body*, then never finishes."""
+
+    isLeaf = True
+
+    def __init__(self, body: bytes | None) -> None:
+        super().__init__()
+        self.body = body
+
+    def render_GET(self, request: Any) -> Any:
+        if self.body is not None:
+            request.setHeader("Content-Length", "1000")
+            request.write(self.body)
+        return NOT_DONE_YET
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "sent"), [(None, 499, 0), (b"x" * 100, 200, 100)]
+)
+def test_a_request_whose_connection_is_lost_has_its_line(
+    logged: list[LogEvent], body: bytes | None, status: int, sent: int
+) -> None:
+    """A request whose connection is lost before it finished had no access
+    line: it has one, marked aborted, with the status sent (499 when no
+    head was) and the bytes written; a finished request is not aborted."""
+    site = MirrorSite(_Unfinished(body), Clock())
+    channel = site.buildProtocol(None)
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: mirror.test\r\n\r\n")
+    assert _access(logged) == []
+    channel.connectionLost(Failure(ConnectionDone()))
+    [line] = _access(logged)
+    assert (line["status"], line["bytes"], line["aborted"]) == (status, sent, True)
+    assert formatEvent(line).endswith(" aborted")
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert len(_access(logged)) == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        (b"curl/8.5.0", "curl/8.5.0"),
+        (b"a\x1b[31mb", "a\\x1B[31mb"),
+        (b'say "hi" \\o/', "say \\x22hi\\x22 \\x5Co/"),
+        (b"\x07\x7f\x9b\xff", "\\x07\\x7F\\x9B\\xFF"),
+        ("caf\u00e9".encode(), "caf\u00e9"),
+        ("\u202eevil".encode(), "\\u202Eevil"),
+        ("\u0085".encode(), "\\x85"),
+    ],
+)
+def test_client_chosen_text_is_escaped_in_the_access_line(
+    logged: list[LogEvent], raw: bytes, shown: str
+) -> None:
+    """What a client chose reaches the access event escaped: controls
+    (C0, DEL, C1), format characters, bytes that are no UTF-8, the quote
+    and the backslash as ``\\xHH`` (``\\uHHHH`` beyond); other text as is."""
+    site = MirrorSite(_Unfinished(b""), Clock())
+    channel = site.buildProtocol(None)
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(
+        b"GET /x HTTP/1.1\r\nHost: mirror.test\r\nUser-Agent: " + raw + b"\r\n\r\n"
+    )
+    channel.connectionLost(Failure(ConnectionDone()))
+    [line] = _access(logged)
+    assert line["agent"] == shown
