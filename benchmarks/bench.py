@@ -5,6 +5,7 @@ nginx, on this machine, over loopback only.
 Run from the repository root::
 
     .venv/bin/python benchmarks/bench.py [--size-mib 256] [--out FILE] [--cluster]
+        [--only main|tls|slow ...]
 
 An upstream ``docker-registry`` (access log on) gets one generated image
 whose single layer is *size* MiB of seeded pseudo-random bytes, pushed with
@@ -37,6 +38,20 @@ both started with ``tests/e2e/engines.py``:
   since the cold run stay 1);
 - warm: those nodes restarted on the caches they filled, 8 clients;
 - each node's peak RSS and CPU seconds per phase.
+
+The TLS section (``--only tls`` runs it alone): the warm blob over TLS,
+one and eight clients, from regmirror's ``ssl:`` listener with ``workers``
+1 and 2 and from nginx with ``worker_processes`` 1 and 2, all with the
+same self-signed certificate; every server runs at once and the columns
+take turns, run after run; MiB/s, the server processes' CPU seconds per
+GiB sent, and the cipher the clients negotiated.
+
+The slow section (``--only slow``): ``relay.py`` between the servers under
+test and the upstream limits every connection to ``--slow-mib-s`` (10) MiB/s
+each way; through it, for regmirror and the reference proxy with empty
+caches, a cold ``skopeo copy`` of a 12-layer image (2 to 24 MiB layers,
+156 MiB) and one cold client of the big blob (wall time, MiB/s, the
+upstream's GETs).
 
 Clients are threads: blob clients on raw sockets, which receive every body
 to its end into one reusable buffer and discard it (time to first byte is
@@ -1230,10 +1245,10 @@ def bench_tls(ctx: Context, skip: Collection[str], have_nginx: bool) -> None:
     """
     The warm blob over TLS with one certificate for all: regmirror's
     ``ssl:`` listener with ``workers`` 1 and 2 (each on a cache filled over
-    its plain listener), nginx with ``worker_processes`` 1 and 2.  All of
-    them run at once, idle but for the one measured, and each measurement
-    takes the systems in turn, run after run, so that other work on the
-    machine falls on every column alike.  Beside the MiB/s, the CPU seconds
+    its plain listener), nginx with ``worker_processes`` 1 and 2.  All four
+    run at once, idle but for the one measured, and each number of clients
+    takes them in turn, run after run, so that other work on the machine
+    falls on every column and row alike.  Beside the MiB/s, the CPU seconds
     the server's processes spent per GiB sent (the clients' share of the
     cores does not blur it).
     """
@@ -1276,27 +1291,27 @@ def bench_tls(ctx: Context, skip: Collection[str], have_nginx: bool) -> None:
         for tls in servers:
             # One untimed read first: the cache hit path, and the page cache.
             get_blob(tls.port, tls.path, client)
-        print("  TLS: workers", end="", flush=True)
-        for workers in TLS_WORKERS:
-            these = [tls for tls in servers if tls.workers == workers]
-            for clients in TLS_CLIENTS:
-                runs: dict[str, list[dict[str, Any]]] = {t.system: [] for t in these}
-                for _ in range(ctx.repeat):
-                    for tls in these:
-                        pids = process_tree(tls.server.pid)
-                        before = tree_cpu_seconds(pids)
-                        run = blob_load(tls.port, tls.path, clients, size, client)
-                        spent = tree_cpu_seconds(pids) - before
-                        run["server_cpu_s_per_gib"] = spent / (clients * size / 2**30)
-                        runs[tls.system].append(run)
-                for system, measured in runs.items():
-                    chosen = median_run(measured, "mib_s")
-                    cpu = [run["server_cpu_s_per_gib"] for run in measured]
-                    chosen["server_cpu_s_per_gib_runs"] = cpu
-                    chosen["server_cpu_s_per_gib_median"] = statistics.median(cpu)
-                    results = ctx.results.setdefault(system, {}).setdefault("tls", {})
-                    results.setdefault(f"workers_{workers}", {})[f"x{clients}"] = chosen
-            print(f" {workers}", end="", flush=True)
+        print("  TLS: clients", end="", flush=True)
+        for clients in TLS_CLIENTS:
+            runs: dict[tuple[str, int], list[dict[str, Any]]] = {
+                (t.system, t.workers): [] for t in servers
+            }
+            for _ in range(ctx.repeat):
+                for tls in servers:
+                    pids = process_tree(tls.server.pid)
+                    before = tree_cpu_seconds(pids)
+                    run = blob_load(tls.port, tls.path, clients, size, client)
+                    spent = tree_cpu_seconds(pids) - before
+                    run["server_cpu_s_per_gib"] = spent / (clients * size / 2**30)
+                    runs[tls.system, tls.workers].append(run)
+            for (system, workers), measured in runs.items():
+                chosen = median_run(measured, "mib_s")
+                cpu = [run["server_cpu_s_per_gib"] for run in measured]
+                chosen["server_cpu_s_per_gib_runs"] = cpu
+                chosen["server_cpu_s_per_gib_median"] = statistics.median(cpu)
+                results = ctx.results.setdefault(system, {}).setdefault("tls", {})
+                results.setdefault(f"workers_{workers}", {})[f"x{clients}"] = chosen
+            print(f" {clients}", end="", flush=True)
         print(flush=True)
 
 
