@@ -2057,7 +2057,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Benchmark regmirror against docker-registry's proxy and nginx."
     )
     parser.add_argument("--size-mib", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where the JSON goes (default benchmarks/results.json, or "
+        "benchmarks/results-SECTION.json for --only SECTION)",
+    )
     parser.add_argument("--manifest-requests", type=int, default=2000)
     parser.add_argument("--manifest-clients", type=int, default=16)
     parser.add_argument(
@@ -2101,6 +2106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     options = parser.parse_args(argv)
     sections = [s for s in SECTIONS if s in options.only] if options.only else SECTIONS
+    if options.out is None:
+        # A run of some sections leaves the full run's results alone.
+        suffix = "" if list(sections) == list(SECTIONS) else "-" + "-".join(sections)
+        options.out = Path(f"benchmarks/results{suffix}.json")
     needed = [REGISTRY_BINARY]
     if "tls" in sections:
         needed.append(OPENSSL_BINARY)
