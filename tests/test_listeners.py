@@ -187,6 +187,64 @@ def test_tls_listener_negotiates_http11_with_alpn_clients(
     assert application.received.startswith(b"HTTP/1.1 200 "), application.lost
 
 
+class _Sender(Protocol):
+    """Writes *body* in one write once connected: before the TLS handshake
+    is over, so that TLS holds it until then."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.body)
+
+
+@pytest.mark.parametrize("size", [1, 16 * 1024, 1024 * 1024 + 5, 3 * 1024 * 1024])
+def test_tls_listener_writes_a_large_body_in_bulk(
+    certificate: tuple[ReloadableTLS, bytes], size: int
+) -> None:
+    """
+    A listener's TLS (``BulkTLS``) encrypts one large write whole and hands
+    its records to the TCP transport in a few writes, where Twisted's own
+    TLS makes one per 16 KiB record (65 for a MiB); the client gets every
+    byte, in order, also of a write made before the handshake was over.
+    """
+    listener, pem = certificate
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    server_factory = ListenerTLSFactory(
+        listener, False, Factory.forProtocol(lambda: _Sender(body)), clock=CLOCK
+    )
+    application = _Client()
+    client_factory = TLSMemoryBIOFactory(
+        ssl.optionsForClientTLS(HOST, trustRoot=ssl.Certificate.loadPEM(pem)),
+        True,
+        Factory.forProtocol(lambda: application),
+        clock=CLOCK,
+    )
+    address = IPv4Address("TCP", "127.0.0.1", 443)
+    _, server, pump = connectedServerAndClient(
+        lambda: server_factory.buildProtocol(address),
+        lambda: client_factory.buildProtocol(address),
+        greet=False,
+        clock=CLOCK,
+    )
+    writes: list[int] = []
+    tcp = server.transport
+    write = tcp.write
+
+    def counted(data: bytes) -> None:
+        writes.append(len(data))
+        write(data)
+
+    tcp.write = counted
+    pump.flush()
+    assert application.received == body, application.lost
+    assert sum(writes) > size
+    # The handshake's flights, a few small records after it, and the body's
+    # records: one write a MiB (Twisted's own TLS: 64).
+    assert len(writes) < 10 + size // (1024 * 1024), writes
+
+
 def test_tls_listener_without_alpn(certificate: tuple[ReloadableTLS, bytes]) -> None:
     """A client offering no ALPN (skopeo, ctr, ``openssl s_client``) gets
     no protocol named and is served HTTP/1.1."""

@@ -97,3 +97,27 @@ def test_botocore_signs_in_the_steps_s3_repeats() -> None:
     for name in ("_modify_request_before_signing", "_inject_signature_to_request"):
         assert f"self.{name}(" in steps
         assert callable(getattr(S3SigV4Auth, name))
+
+
+def test_tls_writes_go_through_the_methods_bulk_tls_overrides() -> None:
+    """``transport.BulkTLS`` replaces ``TLSMemoryBIOProtocol._write`` and
+    ``_flushSendBIO``, through which every application write and every
+    flush of the send BIO goes, and calls the private helpers and state its
+    ``_write`` relies on."""
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    from regmirror.transport import BulkTLS
+
+    assert "self._write(" in inspect.getsource(TLSMemoryBIOProtocol.write)
+    assert "self._write(" in inspect.getsource(
+        TLSMemoryBIOProtocol._unbufferPendingWrites
+    )
+    for name in ("_checkHandshakeStatus", "_flushReceiveBIO", "_shutdownTLS"):
+        source = inspect.getsource(getattr(TLSMemoryBIOProtocol, name))
+        assert "self._flushSendBIO()" in source, name
+    for name in ("_bufferedWrite", "_tlsShutdownFinished"):
+        assert callable(getattr(TLSMemoryBIOProtocol, name))
+    source = inspect.getsource(TLSMemoryBIOProtocol)
+    for state in ("self._lostTLSConnection", "self._tlsConnection"):
+        assert state in source
+    assert issubclass(BulkTLS, TLSMemoryBIOProtocol)
