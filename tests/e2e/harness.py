@@ -566,8 +566,11 @@ class Skopeo:
 # -- the mirror -----------------------------------------------------------------
 
 
-def mirror_config(port: int, upstream_url: str, *, tag_ttl: str = "0s") -> str:
-    """The INI configuration of a mirror with one upstream for docker.io."""
+def mirror_config(
+    port: int, upstream_url: str, *, tag_ttl: str = "0s", prefetch: int = 3
+) -> str:
+    """The INI configuration of a mirror with one upstream for docker.io
+    (pulling *prefetch* blobs ahead, the default)."""
     return f"""\
 [server]
 listen = tcp:{port}:interface={LOCALHOST}
@@ -587,6 +590,7 @@ upstreams = origin
 origin = origin
 default = true
 aliases = index.docker.io registry-1.docker.io
+prefetch = {prefetch}
 """
 
 
