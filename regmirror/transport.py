@@ -2,7 +2,9 @@
 How the mirror reaches one upstream: TLS verification (system trust store,
 a custom CA bundle, client certificates, or an explicit, loudly logged
 ``insecure``) and an optional outbound HTTP proxy (``CONNECT`` tunnels for
-https, absolute-form requests for http).
+https, absolute-form requests for http).  Also the TLS of the mirror's own
+``ssl:`` listeners: their certificate (:class:`ReloadableTLS`) and a TLS
+protocol that writes large bodies in bulk (:class:`BulkTLS`).
 """
 
 from __future__ import annotations
