@@ -27,11 +27,18 @@ class TLSConnection(Connection):
     """:class:`Connection` over TLS, verifying the mirror's certificate."""
 
     def __init__(
-        self, mirror: MirrorProcess, port: int, *, receive_buffer: int | None = None
+        self,
+        mirror: MirrorProcess,
+        port: int,
+        *,
+        receive_buffer: int | None = None,
+        version: ssl.TLSVersion = ssl.TLSVersion.MAXIMUM_SUPPORTED,
     ) -> None:
         super().__init__(port, receive_buffer=receive_buffer)
         context = ssl.create_default_context(cafile=str(mirror.workdir / "cert.pem"))
+        context.maximum_version = version
         self.sock = context.wrap_socket(self.sock, server_hostname=LOCALHOST)
+        self.version = self.sock.version()
 
 
 @pytest.fixture
@@ -41,15 +48,20 @@ def big(catalog: Catalog) -> tuple[str, Blob]:
     return blob_path(catalog.big.repository, layer.digest), layer
 
 
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["1.2", "1.3"]
+)
 def test_warm_blob_and_ranges_over_tls_byte_for_byte(
-    tls_mirror: tuple[MirrorProcess, int], big: tuple[str, Blob]
+    tls_mirror: tuple[MirrorProcess, int],
+    big: tuple[str, Blob],
+    version: ssl.TLSVersion,
 ) -> None:
     """
-    On one TLS connection, pipelined: the cached layer whole, then ranges
-    that start and end on and across TLS record and read-chunk boundaries,
-    a suffix and the last byte alone: each body exact, with its
-    ``Content-Range``; a HEAD says the length and sends no body; the
-    served-bytes count grows by exactly what went out, none by
+    On one TLS connection (TLS 1.2 and 1.3 alike), pipelined: the cached
+    layer whole, then ranges that start and end on and across TLS record
+    and read-chunk boundaries, a suffix and the last byte alone: each body
+    exact, with its ``Content-Range``; a HEAD says the length and sends no
+    body; the served-bytes count grows by exactly what went out, none by
     ``sendfile``.
     """
     mirror, secure = tls_mirror
@@ -66,7 +78,8 @@ def test_warm_blob_and_ranges_over_tls_byte_for_byte(
         (size // 2, size // 2 + 5 * MIB),
         (size - 1, size - 1),
     ]
-    connection = TLSConnection(mirror, secure)
+    connection = TLSConnection(mirror, secure, version=version)
+    assert connection.version == version.name.replace("_", ".")
     try:
         connection.send(path)
         for first, last in ranges:
