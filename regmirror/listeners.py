@@ -22,7 +22,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.python.failure import Failure
 
-from regmirror.transport import (
+from regmirror.tls_listener import (
     ListenerTLSFactory,
     ReloadableTLS,
     parse_tls_listener,

@@ -59,13 +59,12 @@ from regmirror.s3.shared import SharedStore
 from regmirror.stale import StaleMirrors
 from regmirror.status import SAMPLE_INTERVAL, StatusJSON, StatusPage
 from regmirror.store import Store
+from regmirror.tls_listener import ReloadableTLS, parse_tls_listener
 from regmirror.transport import (
     CertificateError,
     ConnectionPools,
-    ReloadableTLS,
     UpstreamTLS,
     agent_for,
-    parse_tls_listener,
 )
 from regmirror.upstream import Upstream
 from regmirror.workers import Parent, Workers

@@ -34,7 +34,7 @@ from regmirror.http.site import MirrorSite
 from regmirror.ini import load
 from regmirror.listeners import Inherited
 from regmirror.service import Worker, build_tree, make_service
-from regmirror.transport import ListenerTLSFactory, ReloadableTLS
+from regmirror.tls_listener import ListenerTLSFactory, ReloadableTLS
 
 HOST = "regmirror.test"
 GET = b"GET /healthz HTTP/1.1\r\nHost: regmirror.test\r\nConnection: close\r\n\r\n"

@@ -100,13 +100,13 @@ def test_botocore_signs_in_the_steps_s3_repeats() -> None:
 
 
 def test_tls_writes_go_through_the_methods_bulk_tls_overrides() -> None:
-    """``transport.BulkTLS`` replaces ``TLSMemoryBIOProtocol._write`` and
+    """``tls_listener.BulkTLS`` replaces ``TLSMemoryBIOProtocol._write`` and
     ``_flushSendBIO``, through which every application write and every
     flush of the send BIO goes, and calls the private helpers and state its
     ``_write`` relies on."""
     from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-    from regmirror.transport import BulkTLS
+    from regmirror.tls_listener import BulkTLS
 
     assert "self._write(" in inspect.getsource(TLSMemoryBIOProtocol.write)
     assert "self._write(" in inspect.getsource(

@@ -1,7 +1,7 @@
 """
 Cached blobs over the mirror's own TLS listener, which hands OpenSSL a
 reader's whole chunk at once and moves all its records to the socket in
-one write (``regmirror.transport.BulkTLS``): every byte exact, for whole
+one write (``regmirror.tls_listener.BulkTLS``): every byte exact, for whole
 blobs, ranges across TLS records and chunks, pipelined on one connection,
 and with back-pressure from a client that stops reading.
 """
