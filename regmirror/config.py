@@ -125,7 +125,9 @@ DEFAULT_LISTEN: tuple[str, ...] = ("tcp:5000",)
 #: host"), the networks around it (RFC 1918, unique local and site-local
 #: IPv6, the shared address space of RFC 6598), link-local addresses (cloud
 #: metadata services live there: 169.254.169.254, fd00:ec2::254,
-#: 100.100.100.200 are all inside) and the names of metadata services.
+#: 100.100.100.200 are all inside), special-purpose ranges no CDN is on
+#: (RFC 6890: IETF assignments, benchmarking, multicast, reserved, the
+#: discard prefix) and the names of metadata services.
 DEFAULT_DENY: tuple[Network | str, ...] = (
     *(
         ipaddress.ip_network(network)
@@ -137,15 +139,23 @@ DEFAULT_DENY: tuple[Network | str, ...] = (
             "169.254.0.0/16",
             "172.16.0.0/12",
             "192.168.0.0/16",
+            # special purpose (RFC 6890): no upstream's redirect leads there
+            "192.0.0.0/24",
+            "198.18.0.0/15",
+            "224.0.0.0/4",
+            "240.0.0.0/4",
             "::/128",
             "::1/128",
+            "100::/64",
             "fc00::/7",
             "fe80::/10",
             "fec0::/10",
+            "ff00::/8",
         )
     ),
     "metadata.google.internal",
     "metadata",
+    "instance-data",
 )
 
 

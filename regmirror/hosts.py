@@ -74,8 +74,13 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: Loopback by definition, whatever a resolver is told (RFC 6761).
 _LOCALHOST = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
 #: IPv6 prefixes whose last 32 bits are an IPv4 address a connection may
-#: end up at: IPv4-compatible (deprecated) and NAT64's well-known prefix.
-_EMBEDDING = (ipaddress.ip_network("::/96"), ipaddress.ip_network("64:ff9b::/96"))
+#: end up at: IPv4-compatible (deprecated), IPv4-translated (SIIT,
+#: RFC 2765), NAT64's well-known prefix and its local-use prefix
+#: (RFC 8215: a translator's /96 anywhere in it).
+_EMBEDDING = tuple(
+    ipaddress.ip_network(prefix)
+    for prefix in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48")
+)
 
 
 def as_addresses(host: str) -> list[Address]:
@@ -103,7 +108,8 @@ def as_addresses(host: str) -> list[Address]:
 def embedded(address: Address) -> list[Address]:
     """
     IPv4 addresses an IPv6 *address* leads to by way of a translator or a
-    tunnel (IPv4-compatible, NAT64, 6to4, Teredo's client).
+    tunnel (IPv4-compatible, IPv4-translated, NAT64 well-known and
+    local-use, 6to4, Teredo's client).
     """
     if not isinstance(address, ipaddress.IPv6Address):
         return []

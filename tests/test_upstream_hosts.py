@@ -43,6 +43,10 @@ LOOPBACK = [
     "http://[::ffff:7f00:1]",
     "http://[0:0:0:0:0:ffff:127.0.0.1]",
     "http://[::127.0.0.1]",
+    "http://[::ffff:0:127.0.0.2]",
+    "http://[::ffff:0:7f00:1]",
+    "http://[64:ff9b:1::7f00:2]",
+    "http://[64:ff9b:1:2:3:4:7f00:1]",
     "http://0.0.0.0",
     "http://0",
     "http://[::]",
@@ -72,6 +76,31 @@ PRIVATE = [
 LINK_LOCAL = [
     "http://169.254.169.254",
     "http://[fe80::1]",
+    "http://[64:ff9b:1::a9fe:a9fe]",
+    "http://[::ffff:0:169.254.169.254]",
+]
+#: Special-purpose ranges no redirect has business reaching (RFC 6890):
+#: IETF protocol assignments, benchmarking, multicast, reserved and the
+#: limited broadcast, the IPv6 discard prefix, IPv6 multicast; and AWS's
+#: name for its metadata service.
+SPECIAL = [
+    "http://192.0.0.1",
+    "http://192.0.0.170",
+    "http://198.18.0.1",
+    "http://198.19.255.254",
+    "http://224.0.0.1",
+    "http://239.255.255.250",
+    "http://240.0.0.1",
+    "http://255.255.255.255",
+    "http://4294967295",
+    "http://[::ffff:255.255.255.255]",
+    "http://[64:ff9b::e000:1]",
+    "http://[100::1]",
+    "http://[ff02::1]",
+    "http://[FF05::1:3]",
+    "http://instance-data",
+    "http://INSTANCE-DATA.",
+    "http://metadata",
 ]
 #: Near the ranges above, but outside them.
 PUBLIC = [
@@ -81,6 +110,14 @@ PUBLIC = [
     "http://11.0.0.1",
     "http://128.0.0.1",
     "http://[2001:db8::1]",
+    "http://192.0.1.1",
+    "http://198.17.255.255",
+    "http://198.20.0.1",
+    "http://223.255.255.255",
+    "http://[100:0:0:1::1]",
+    "http://[64:ff9b:2::7f00:1]",
+    "http://[::fffe:0:7f00:1]",
+    "http://instance-data.example",
     "http://cdn.example",
     "http://localhost.example",
 ]
@@ -132,7 +169,7 @@ def assert_refused(outcome: Any, fake: FakeRegistry, logged: list[LogEvent]) -> 
     assert any("denied host" in str(e.get("log_format")) for e in logged)
 
 
-@pytest.mark.parametrize("target", LOOPBACK + PRIVATE + LINK_LOCAL)
+@pytest.mark.parametrize("target", LOOPBACK + PRIVATE + LINK_LOCAL + SPECIAL)
 def test_redirect_to_a_loopback_private_or_link_local_address_is_refused(
     target: str, logged: list[LogEvent]
 ) -> None:
@@ -141,8 +178,12 @@ def test_redirect_to_a_loopback_private_or_link_local_address_is_refused(
     ``::``, ``localhost`` and names under it), private (RFC 1918,
     ``fc00::/7``), shared (``100.64.0.0/10``) or link-local addresses,
     in every spelling a resolver takes (decimal, hex, octal, short forms;
-    IPv4-mapped, -compatible, NAT64 and 6to4 IPv6; a zone; any case of the
-    scheme; user info; a port): refused before any connection.
+    IPv4-mapped, -compatible, -translated (``::ffff:0:0:0/96``), NAT64
+    (well-known and local-use ``64:ff9b:1::/48``) and 6to4 IPv6; a zone;
+    any case of the scheme; user info; a port), and the special-purpose
+    ranges and names no redirect has business reaching (``192.0.0.0/24``,
+    benchmarking, multicast, reserved, ``100::/64``, ``ff00::/8``,
+    ``instance-data``): refused before any connection.
     """
     outcome, fake = redirected(target)
     assert_refused(outcome, fake, logged)
