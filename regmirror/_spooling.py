@@ -2,15 +2,17 @@
 A body's bytes on their way into a download's spool, off the reactor
 thread.
 
-The reactor thread only queues what the source delivers.  A thread takes
-the queue a batch at a time and appends it to the spool
-(:meth:`regmirror.store.Spool.append`: written, hashed, handed to the
-disk), in order, for as long as there is more: hashing and writing run on
-another core, beside the network, with no round trip through the reactor
-between batches.  After each batch the reactor thread counts the bytes for
-readers (``Spool.written``): never before they are in the file.  While more
-than :data:`PAUSE_AT` bytes wait, the source is paused: a disk or a thread
-pool slower than the network slows the download, it does not fill memory.
+The reactor thread only queues what the source delivers, for two threads
+that each take their queue a batch at a time, in order, for as long as
+there is more: one writes the bytes to the spool and starts their
+writeback to the disk (:meth:`regmirror.store.Spool.put`), the other
+hashes them (:meth:`~regmirror.store.Spool.hash`).  Hashing, writing and the
+network each get a core when there is one, with no round trip through
+the reactor between batches.  After each batch written, the reactor
+thread counts the bytes for readers (``Spool.written``): never before they
+are in the file.  While more than :data:`PAUSE_AT` bytes are held (not yet
+both written and hashed), the source is paused: a disk or a thread pool
+slower than the network slows the download, it does not fill memory.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from twisted.python.failure import Failure
 
 from regmirror.store import Spool
 
-#: The most bytes one append takes from the queue.
+#: The most bytes a thread takes from its queue at once.
 BATCH = 2 * 1024 * 1024
-#: Bytes received and not yet in the spool at which the source is paused,
-#: and resumed (the socket's own buffer holds what comes meanwhile).
+#: Bytes held (received, not yet both written and hashed) at which the
+#: source is paused, and resumed (the socket's own buffer holds what comes
+#: meanwhile).
 PAUSE_AT = 8 * 1024 * 1024
 RESUME_AT = 4 * 1024 * 1024
 #: As many buffers waiting pause the source too: a source that delivers
@@ -47,72 +50,39 @@ def call_here(f: Callable[..., object], *args: object) -> None:
 
 
 @define(eq=False)
-class Appender:
+class _Lane:
     """
-    Appends one source's body to a spool in a thread, in order, pausing
-    the source (``pauseProducing``) while too much waits.
-
-    :ivar appended: called on the reactor thread after bytes reached the
-        file and were counted in ``spool.written``.
-    :ivar failed: called once, on the reactor thread, when an append
-        fails; what is queued is dropped, and so is whatever comes after.
+    One thread's share of the work on a body's bytes: a queue it takes in
+    batches, in order, while there is more; what each batch came to is
+    handed back to the reactor thread.
     """
 
-    spool: Spool
+    #: in the thread: a batch's work; the number of bytes it did
+    work: Callable[[list[bytes]], int]
+    #: on the reactor thread: that number
+    did: Callable[[int], object]
     run_in_thread: RunInThread
-    #: how the thread hands its progress to the reactor thread
     call_from_thread: CallFromThread
-    appended: Callable[[], object]
-    failed: Callable[[Failure], object]
-    #: the source (its ``pauseProducing``/``resumeProducing``), once known
-    producer: Any = None
-    #: bytes received and not yet counted in ``spool.written``
-    pending: int = 0
-    _paused: bool = False
-    _stopped: bool = False
-    _drained: list[Deferred[None]] = field(factory=list)
-    # Shared with the thread, under the lock: the queue, and whether a
-    # thread is taking it.
     _lock: threading.Lock = field(factory=threading.Lock)
     _queue: collections.deque[bytes] = field(factory=collections.deque)
     _taking: bool = False
 
-    def add(self, data: bytes) -> None:
-        """Queue *data* (after everything added before)."""
-        if self._stopped or not data:
-            return
-        self.pending += len(data)
+    def add(self, data: bytes) -> Deferred[None] | None:
+        """Queue *data*; a thread's work, if one had to be started."""
         with self._lock:
             self._queue.append(data)
             start, self._taking = not self._taking, True
-            waiting = len(self._queue)
-        if start:
-            self.run_in_thread(self._take).addErrback(self._failed)
-        if not self._paused and (
-            self.pending >= PAUSE_AT or waiting >= PAUSE_AT_BUFFERS
-        ):
-            self._paused = True
-            if self.producer is not None:
-                self.producer.pauseProducing()
+        return self.run_in_thread(self._take) if start else None
 
-    def drained(self) -> Deferred[None]:
-        """Fires once every byte added is in the spool (or dropped)."""
-        if self.pending == 0 or self._stopped:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._drained.append(d)
-        return d
+    def waiting(self) -> int:
+        """How many buffers wait."""
+        return len(self._queue)
 
-    def stop(self) -> None:
-        """Drop what is queued, and whatever comes: the download ended."""
-        self._stopped = True
+    def clear(self) -> None:
         with self._lock:
             self._queue.clear()
-        self._stop_waiting()
 
     def _take(self) -> None:
-        """In a thread: append what is queued, batch after batch, until
-        nothing is left."""
         while True:
             batch: list[bytes] = []
             size = 0
@@ -125,26 +95,121 @@ class Appender:
                     self._taking = False
                     return
             try:
-                appended = self.spool.append(batch)
+                done = self.work(batch)
             except BaseException:
                 with self._lock:
                     self._queue.clear()
                     self._taking = False
                 raise
-            self.call_from_thread(self._progress, appended)
+            self.call_from_thread(self.did, done)
 
-    def _progress(self, appended: int) -> None:
-        """On the reactor thread: *appended* more bytes are in the spool."""
+
+@define(eq=False)
+class Appender:
+    """
+    Appends one source's body to a spool in threads, in order, pausing
+    the source (``pauseProducing``) while too much is held.
+
+    :ivar appended: called on the reactor thread after bytes reached the
+        file and were counted in ``spool.written``.
+    :ivar failed: called once, on the reactor thread, when writing or
+        hashing fails; what is queued is dropped, and so is whatever comes
+        after.
+    """
+
+    spool: Spool
+    run_in_thread: RunInThread
+    #: how the threads hand their progress to the reactor thread
+    call_from_thread: CallFromThread
+    appended: Callable[[], object]
+    failed: Callable[[Failure], object]
+    #: the source (its ``pauseProducing``/``resumeProducing``), once known
+    producer: Any = None
+    _received: int = 0
+    _written: int = 0
+    _hashed: int = 0
+    _paused: bool = False
+    _stopped: bool = False
+    _drained: list[Deferred[None]] = field(factory=list)
+    _writing: _Lane = field(init=False)
+    _hashing: _Lane = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._writing = _Lane(
+            self.spool.put, self._wrote, self.run_in_thread, self.call_from_thread
+        )
+        self._hashing = _Lane(
+            self._hash, self._hashed_some, self.run_in_thread, self.call_from_thread
+        )
+
+    @property
+    def pending(self) -> int:
+        """Bytes received and not yet counted in ``spool.written``."""
+        return self._received - self._written
+
+    @property
+    def held(self) -> int:
+        """Bytes received and not yet both written and hashed (in memory)."""
+        return self._received - min(self._written, self._hashed)
+
+    def add(self, data: bytes) -> None:
+        """Queue *data* (after everything added before)."""
+        if self._stopped or not data:
+            return
+        self._received += len(data)
+        for lane in (self._writing, self._hashing):
+            started = lane.add(data)
+            if started is not None:
+                started.addErrback(self._failed)
+        if not self._paused and (
+            self.held >= PAUSE_AT
+            or max(self._writing.waiting(), self._hashing.waiting()) >= PAUSE_AT_BUFFERS
+        ):
+            self._paused = True
+            if self.producer is not None:
+                self.producer.pauseProducing()
+
+    def drained(self) -> Deferred[None]:
+        """Fires once every byte added is written and hashed (or dropped)."""
+        if self.held == 0 or self._stopped:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        return d
+
+    def stop(self) -> None:
+        """Drop what is queued, and whatever comes: the download ended."""
+        self._stopped = True
+        self._writing.clear()
+        self._hashing.clear()
+        self._stop_waiting()
+
+    def _hash(self, batch: list[bytes]) -> int:
+        """In a thread: hash *batch*."""
+        self.spool.hash(batch)
+        return sum(len(data) for data in batch)
+
+    def _wrote(self, count: int) -> None:
+        """On the reactor thread: *count* more bytes are in the file."""
         if self._stopped:
             return
-        self.spool.written += appended
-        self.pending -= appended
-        if self._paused and self.pending <= RESUME_AT:
+        self._written += count
+        self.spool.written += count
+        self._moved()
+        self.appended()
+
+    def _hashed_some(self, count: int) -> None:
+        if self._stopped:
+            return
+        self._hashed += count
+        self._moved()
+
+    def _moved(self) -> None:
+        if self._paused and self.held <= RESUME_AT:
             self._paused = False
             if self.producer is not None:
                 self.producer.resumeProducing()
-        self.appended()
-        if self.pending == 0:
+        if self.held == 0:
             self._stop_waiting()
 
     def _failed(self, failure: Failure) -> None:

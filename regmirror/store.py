@@ -19,6 +19,7 @@ repository path component, which never starts with ``_``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -197,13 +198,14 @@ class Spool:
     A download in progress: bytes appended here are hashed as they go, and
     handed to the disk as they go (see :class:`_Writeback`).
 
-    :meth:`append` may run in a thread (one at a time, in the order of the
-    bytes); :meth:`discard` may come meanwhile from another thread, and
-    then leaves the closing of the file to that :meth:`append`.
+    A thread may write bytes (:meth:`put`, in their order) while another
+    hashes the same bytes (:meth:`hash`, in the same order); :meth:`append`
+    does both.  :meth:`discard` may come meanwhile from another thread: a
+    :meth:`put` under way then closes the file when it ends.
 
     :ivar path: the spool file, which readers may open and tail.
-    :ivar written: the bytes readers may read: :meth:`write` counts them,
-        whoever runs :meth:`append` in a thread counts them once it ends.
+    :ivar written: the bytes readers may read: :meth:`write` counts them;
+        whoever puts bytes in a thread counts them once :meth:`put` ended.
     """
 
     digest: Digest
@@ -216,7 +218,8 @@ class Spool:
     _end: int = 0
     _writeback: _Writeback = field(factory=_Writeback)
     _lock: threading.Lock = field(factory=threading.Lock)
-    _appending: bool = False
+    #: calls using the file under way (in a thread)
+    _using: int = 0
     _closed: bool = False
 
     def __attrs_post_init__(self) -> None:
@@ -227,30 +230,52 @@ class Spool:
 
     def append(self, buffers: Sequence[bytes]) -> int:
         """
-        Add *buffers* to the file and to the hash, and start their writeback.
-        Blocking: large amounts are a thread's job.
+        Add *buffers* to the file and to the hash.  Blocking: large amounts
+        are a thread's job.
 
         :return: the number of bytes appended.
         :raises SpoolClosed: when the spool was committed or discarded.
         """
+        appended = self.put(buffers)
+        self.hash(buffers)
+        return appended
+
+    def put(self, buffers: Sequence[bytes]) -> int:
+        """
+        Add *buffers* to the file (not to the hash), and start their
+        writeback to the disk.  Blocking.
+
+        :return: the number of bytes written.
+        :raises SpoolClosed: when the spool was committed or discarded.
+        """
+        with self._using_file() as fd:
+            # Readers open the file by name: what is counted must be there.
+            written = _write_all(fd, buffers)
+            self._end += written
+            self._writeback.advance(fd, self._end)
+            return written
+
+    def hash(self, buffers: Sequence[bytes]) -> None:
+        """Add *buffers* to the hash, after those hashed before.  Blocking
+        for large buffers (hashlib lets other threads run meanwhile)."""
+        for data in buffers:
+            self._hasher.update(data)  # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def _using_file(self) -> Iterator[int]:
+        """The file descriptor, which is not closed until the caller is
+        done with it (a :meth:`discard` from another thread meanwhile
+        leaves the closing to the last user)."""
         with self._lock:
             if self._closed:
                 raise SpoolClosed(self.path)
-            self._appending = True
+            self._using += 1
         try:
-            fd = self._file.fileno()
-            # Readers open the file by name: what is counted must be there.
-            appended = _write_all(fd, buffers)
-            for data in buffers:
-                # hashlib lets other threads run while it hashes a large buffer
-                self._hasher.update(data)  # type: ignore[attr-defined]
-            self._end += appended
-            self._writeback.advance(fd, self._end)
-            return appended
+            yield self._file.fileno()
         finally:
             with self._lock:
-                self._appending = False
-                close = self._closed
+                self._using -= 1
+                close = self._closed and not self._using
             if close:
                 self._file.close()
 
@@ -288,8 +313,8 @@ class Spool:
             raise
 
     def discard(self) -> None:
-        """Throw the bytes away (an :meth:`append` under way closes the file
-        when it ends: never is a file closed under a thread writing it)."""
+        """Throw the bytes away (a call under way in a thread closes the
+        file when it ends: never is a file closed under a thread using it)."""
         _unlink(self.path)
         _unlink(self.path + SIZE_SUFFIX)
         self._close()
@@ -297,7 +322,7 @@ class Spool:
     def _close(self) -> None:
         with self._lock:
             self._closed = True
-            close = not self._appending
+            close = not self._using
         if close:
             self._file.close()
 

@@ -93,12 +93,14 @@ def file_bytes(spool: Spool) -> bytes:
         return f.read()
 
 
-def test_bytes_count_for_readers_only_once_a_thread_appended_them(
+def test_bytes_count_for_readers_once_written_and_the_end_waits_for_the_hash(
     tmp_path: Path,
 ) -> None:
-    """What the source delivers waits for the thread: neither in the file
-    nor in ``written`` (how far readers may read) before it ran; then all
-    of it, in order, and the hash covers every byte."""
+    """What the source delivers waits for two threads, one writing, one
+    hashing: it is neither in the file nor in ``written`` (how far readers
+    may read) before the writing thread ran; then all of it, in order; the
+    end (drained) waits for the hashing thread too, whose hash covers
+    every byte."""
     data = os.urandom(3 * MIB + 123)
     _, spool = spool_for(tmp_path, data)
     threads = Threads()
@@ -107,25 +109,26 @@ def test_bytes_count_for_readers_only_once_a_thread_appended_them(
     pieces = [data[i : i + 65536] for i in range(0, len(data), 65536)]
     for piece in pieces:
         a.add(piece)
-    assert len(threads.jobs) == 1, "one thread at a time, however many pieces"
+    assert len(threads.jobs) == 2, "two threads, however many pieces"
     assert spool.written == 0 and file_bytes(spool) == b""
     assert a.pending == len(data)
     drained = a.drained()
-    assert not drained.called
-    threads.run()
+    threads.run()  # writing
     assert file_bytes(spool) == data
     assert spool.written == len(data) and a.pending == 0
     assert events == [f"appended {BATCH}", f"appended {len(data)}"]
+    assert not drained.called
+    threads.run()  # hashing
     assert drained.called
     spool.verify()  # raises if the hash missed or reordered a byte
 
 
-def test_a_source_faster_than_the_thread_is_paused_until_it_catches_up(
+def test_a_source_faster_than_the_threads_is_paused_until_they_catch_up(
     tmp_path: Path,
 ) -> None:
-    """Once PAUSE_AT bytes wait for the thread, the source is paused (once),
-    and resumed (once) when the thread has brought them under RESUME_AT:
-    memory does not grow with a slow disk."""
+    """Once PAUSE_AT bytes are held (not yet both written and hashed), the
+    source is paused (once), and resumed (once) when the slower thread has
+    brought them under RESUME_AT: memory does not grow with a slow disk."""
     data = os.urandom(PAUSE_AT + 2 * MIB)
     _, spool = spool_for(tmp_path, data)
     threads = Threads()
@@ -136,14 +139,15 @@ def test_a_source_faster_than_the_thread_is_paused_until_it_catches_up(
     while not producer.paused:
         a.add(data[offset : offset + MIB])
         offset += MIB
-    assert offset == PAUSE_AT and a.pending == PAUSE_AT
+    assert offset == PAUSE_AT and a.held == PAUSE_AT
     # A source delivers what it had read before it stopped reading.
     a.add(data[offset : offset + MIB])
     offset += MIB
     assert producer.paused == 1 and producer.resumed == 0
-    threads.run()
-    assert producer.resumed == 1 and a.pending == 0
-    assert spool.written == offset
+    threads.run()  # writing: readers get the bytes, memory still holds them
+    assert spool.written == offset and producer.resumed == 0
+    threads.run()  # hashing
+    assert producer.resumed == 1 and a.held == 0
     a.add(data[offset:])
     threads.run_all()
     assert producer.paused == 1 and producer.resumed == 1
@@ -152,7 +156,7 @@ def test_a_source_faster_than_the_thread_is_paused_until_it_catches_up(
     assert RESUME_AT < PAUSE_AT
 
 
-def test_a_failed_append_drops_the_rest_and_is_reported_once(
+def test_a_failed_write_drops_the_rest_and_is_reported_once(
     tmp_path: Path,
 ) -> None:
     """A write error in the thread (a full disk): reported once on the
@@ -162,29 +166,31 @@ def test_a_failed_append_drops_the_rest_and_is_reported_once(
     class FullDisk:
         written = 0
 
-        def append(self, buffers: list[bytes]) -> int:
+        def put(self, buffers: list[bytes]) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
+
+        def hash(self, buffers: list[bytes]) -> None:
+            pass
 
     threads = Threads()
     events: list[str] = []
     a = appender(FullDisk(), threads, events)
     a.add(b"x" * 1000)
     drained = a.drained()
-    threads.run()
-    assert events == [
-        "failed " + repr(OSError(errno.ENOSPC, "No space left on device"))
-    ]
+    threads.run_all()
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert events == [f"failed {full!r}"]
     assert drained.called
     a.add(b"y" * 1000)
     assert threads.jobs == [] and a.drained().called
 
 
-def test_a_spool_discarded_during_an_append_is_closed_by_that_append(
+def test_a_spool_discarded_while_a_thread_writes_is_closed_by_that_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A download failing (its spool discarded, on the reactor thread) while
-    a thread appends: the file is not closed under the thread's write, but
-    once it ends; nothing more can be appended."""
+    a thread writes to it: the file is not closed under the thread's write,
+    but once it ends; nothing more can be written."""
     data = b"z" * 5000
     _, spool = spool_for(tmp_path, data)
     original = store_module._write_all
@@ -197,12 +203,12 @@ def test_a_spool_discarded_during_an_append_is_closed_by_that_append(
         return written
 
     monkeypatch.setattr(store_module, "_write_all", write_all)
-    assert spool.append([data]) == len(data)
+    assert spool.put([data]) == len(data)
     assert closed_during == [False]
     assert spool._file.closed
     assert not os.path.exists(spool.path)
     with pytest.raises(SpoolClosed):
-        spool.append([data])
+        spool.put([data])
 
 
 def test_a_spools_bytes_are_handed_to_the_disk_as_they_come(
@@ -280,8 +286,8 @@ def test_the_last_byte_waits_for_the_check_and_the_flush_in_a_thread(
     layer = image(origin)["layer"]
     answer = mirror.client.get(f"http://mirror.test/v2/app/blobs/{layer}")
     mirror.settle()
-    assert len(threads.jobs) == 1  # the append: nothing to send before it
-    threads.run()
+    assert len(threads.jobs) == 2  # writing, hashing: nothing to send before
+    threads.run()  # writing
     mirror.settle()
     response = result(answer)
     assert response.code == 200
@@ -289,6 +295,7 @@ def test_the_last_byte_waits_for_the_check_and_the_flush_in_a_thread(
     done = treq.collect(response, received.append)
     mirror.settle()
     assert b"".join(received) == LAYER[:-1]
+    threads.run()  # hashing
     assert len(threads.jobs) == 1  # the commit
     assert synced == [] and mirror.cached_files() != []
     assert not mirror.store.has_blob(Digest.of(LAYER))
@@ -309,7 +316,7 @@ def test_wrong_bytes_appended_in_a_thread_fail_and_leave_nothing(
     origin.corrupt.add(layer)
     answer = mirror.client.get(f"http://mirror.test/v2/app/blobs/{layer}")
     mirror.settle()
-    threads.run()  # the append
+    threads.run()  # writing
     mirror.settle()
     received: list[bytes] = []
     done = treq.collect(result(answer), received.append)
@@ -326,7 +333,7 @@ def test_an_upstream_faster_than_the_spool_is_paused(
     mirror: Harness, threads: Threads
 ) -> None:
     """The body's source (the upstream connection) is paused while the
-    thread is behind, resumed when it caught up, and the blob is cached
+    threads are behind, resumed when they caught up, and the blob is cached
     whole once the body ended."""
     data = os.urandom(PAUSE_AT + 3 * MIB)
     digest = Digest.of(data)
@@ -349,8 +356,10 @@ def test_an_upstream_faster_than_the_spool_is_paused(
             assert transport.paused == 1
     assert transport.paused == 1 and transport.resumed == 0
     assert download.written == 0
-    threads.run()
-    assert transport.resumed == 1 and download.written == len(data)
+    threads.run()  # writing
+    assert transport.resumed == 0 and download.written == len(data)
+    threads.run()  # hashing
+    assert transport.resumed == 1
     writer.connectionLost(Failure(ResponseDone()))
     threads.run_all()  # the commit
     assert download.state == "done"
