@@ -30,6 +30,10 @@ from regmirror.store import Spool
 
 #: The most bytes a thread takes from its queue at once.
 BATCH = 2 * 1024 * 1024
+#: After this many bytes a thread goes on in a new job of the pool, behind
+#: whatever else waits for one (another download's, a commit, a bcrypt
+#: check): a fast download does not keep a thread of the pool to itself.
+TURN = 16 * 1024 * 1024
 #: Bytes held (received, not yet both written and hashed) at which the
 #: source is paused, and resumed (the socket's own buffer holds what comes
 #: meanwhile).
@@ -61,18 +65,21 @@ class _Lane:
     work: Callable[[list[bytes]], int]
     #: on the reactor thread: that number
     did: Callable[[int], object]
+    #: on the reactor thread: the work failed (what was queued is dropped)
+    failed: Callable[[Failure], object]
     run_in_thread: RunInThread
     call_from_thread: CallFromThread
     _lock: threading.Lock = field(factory=threading.Lock)
     _queue: collections.deque[bytes] = field(factory=collections.deque)
     _taking: bool = False
 
-    def add(self, data: bytes) -> Deferred[None] | None:
-        """Queue *data*; a thread's work, if one had to be started."""
+    def add(self, data: bytes) -> None:
+        """Queue *data*, starting a thread's work if none is under way."""
         with self._lock:
             self._queue.append(data)
             start, self._taking = not self._taking, True
-        return self.run_in_thread(self._take) if start else None
+        if start:
+            self._start()
 
     def waiting(self) -> int:
         """How many buffers wait."""
@@ -82,8 +89,16 @@ class _Lane:
         with self._lock:
             self._queue.clear()
 
+    def _start(self) -> None:
+        self.run_in_thread(self._take).addErrback(self.failed)
+
     def _take(self) -> None:
+        taken = 0
         while True:
+            if taken >= TURN:
+                # The pool's other work gets its turn: carry on in a new job.
+                self.call_from_thread(self._start)
+                return
             batch: list[bytes] = []
             size = 0
             with self._lock:
@@ -101,6 +116,7 @@ class _Lane:
                     self._queue.clear()
                     self._taking = False
                 raise
+            taken += done
             self.call_from_thread(self.did, done)
 
 
@@ -136,10 +152,18 @@ class Appender:
 
     def __attrs_post_init__(self) -> None:
         self._writing = _Lane(
-            self.spool.put, self._wrote, self.run_in_thread, self.call_from_thread
+            self.spool.put,
+            self._wrote,
+            self._failed,
+            self.run_in_thread,
+            self.call_from_thread,
         )
         self._hashing = _Lane(
-            self._hash, self._hashed_some, self.run_in_thread, self.call_from_thread
+            self._hash,
+            self._hashed_some,
+            self._failed,
+            self.run_in_thread,
+            self.call_from_thread,
         )
 
     @property
@@ -157,10 +181,8 @@ class Appender:
         if self._stopped or not data:
             return
         self._received += len(data)
-        for lane in (self._writing, self._hashing):
-            started = lane.add(data)
-            if started is not None:
-                started.addErrback(self._failed)
+        self._writing.add(data)
+        self._hashing.add(data)
         if not self._paused and (
             self.held >= PAUSE_AT
             or max(self._writing.waiting(), self._hashing.waiting()) >= PAUSE_AT_BUFFERS

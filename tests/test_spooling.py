@@ -25,7 +25,14 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from regmirror import store as store_module
-from regmirror._spooling import BATCH, PAUSE_AT, RESUME_AT, Appender, call_here
+from regmirror._spooling import (
+    BATCH,
+    PAUSE_AT,
+    RESUME_AT,
+    TURN,
+    Appender,
+    call_here,
+)
 from regmirror.blobs import _SpoolWriter
 from regmirror.download import Download
 from regmirror.reference import Digest
@@ -154,6 +161,27 @@ def test_a_source_faster_than_the_threads_is_paused_until_they_catch_up(
     assert file_bytes(spool) == data
     spool.verify()
     assert RESUME_AT < PAUSE_AT
+
+
+def test_a_thread_takes_its_turn_in_the_pool_and_goes_on_in_order(
+    tmp_path: Path,
+) -> None:
+    """After TURN bytes a thread gives the pool's thread back and carries on
+    in a new job, behind the pool's other work; the bytes stay in order."""
+    data = os.urandom(TURN + 3 * MIB)
+    _, spool = spool_for(tmp_path, data)
+    threads = Threads()
+    a = appender(spool, threads)
+    for offset in range(0, len(data), MIB):
+        a.add(data[offset : offset + MIB])
+    threads.jobs.append((lambda: None, Deferred()))  # another's work
+    threads.run()  # writing: TURN bytes, then back in the queue
+    assert spool.written == TURN
+    assert len(threads.jobs) == 3  # hashing, the other work, writing again
+    threads.run_all()
+    assert spool.written == len(data)
+    assert file_bytes(spool) == data
+    spool.verify()
 
 
 def test_a_failed_write_drops_the_rest_and_is_reported_once(
