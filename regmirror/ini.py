@@ -33,6 +33,7 @@ from regmirror.config import (
     UpstreamConfig,
 )
 from regmirror.ini_values import (
+    covers_a_family,
     existing_file,
     list_of,
     one_of,
@@ -228,6 +229,12 @@ def _unparsable(error: configparser.ParsingError) -> str:
 
 
 def _server(reader: _Reader, base: str) -> ServerConfig:
+    if "listen" in reader.values and not reader.values["listen"].strip():
+        # Not the default (every interface's port 5000): whoever wrote the
+        # key meant something else.
+        raise reader.error(
+            "listen", "is empty: name at least one endpoint, e.g. tcp:5000"
+        )
     listen: tuple[str, ...] = tuple(
         resolve_endpoint_paths(desc, base)
         for desc in reader.get("listen", words, DEFAULT_LISTEN)
@@ -314,7 +321,7 @@ def _access(reader: _Reader, base: str) -> AccessConfig:
     path = existing_file(base)
 
     trusted: tuple[Network, ...] = reader.get("trusted_proxies", parse_networks, ())
-    if any(network.prefixlen == 0 for network in trusted):
+    if covers_a_family(trusted):
         raise reader.error(
             "trusted_proxies",
             "trusts every peer's forwarding header, so any client chooses its "

@@ -18,9 +18,12 @@ from regmirror.config import EVERYONE, Network
 
 T = TypeVar("T")
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
+# [0-9], not \d: int() and float() take the digits of every script
+# (``٢``, ``２``), which a configuration has no business holding.
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
+_DIGITS = re.compile(r"[0-9]+")
 _SIZE_UNITS = {"b": 1, None: 1}
 for _i, _p in enumerate("kmgt", start=1):
     _SIZE_UNITS[f"{_p}b"] = 1000**_i
@@ -139,6 +142,18 @@ def parse_deny(text: str) -> tuple[Network | str, ...]:
     return tuple(denied)
 
 
+def covers_a_family(networks: tuple[Network, ...]) -> bool:
+    """
+    Do *networks* together hold every IPv4 address, or every IPv6 one
+    (``0.0.0.0/0``, but also ``0.0.0.0/1 128.0.0.0/1``)?
+    """
+    v4 = [n for n in networks if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in networks if isinstance(n, ipaddress.IPv6Network)]
+    return any(n.prefixlen == 0 for n in ipaddress.collapse_addresses(v4)) or any(
+        n.prefixlen == 0 for n in ipaddress.collapse_addresses(v6)
+    )
+
+
 def parse_networks(text: str) -> tuple[Network, ...]:
     """``any``, ``none``, or addresses and CIDRs separated by white space."""
     words = text.split()
@@ -191,17 +206,17 @@ def one_of(*choices: str) -> Callable[[str], str]:
 
 
 def positive_int(text: str) -> int:
-    """A whole number greater than zero."""
+    """A whole number greater than zero, in ASCII digits."""
     stripped = text.strip()
-    if not stripped.isdigit() or int(stripped) <= 0:
+    if not _DIGITS.fullmatch(stripped) or int(stripped) <= 0:
         raise ValueError(f"must be a whole number greater than zero: {text[:40]!r}")
     return int(stripped)
 
 
 def whole_number(text: str) -> int:
-    """A whole number, zero or more."""
+    """A whole number, zero or more, in ASCII digits."""
     stripped = text.strip()
-    if not stripped.isdigit():
+    if not _DIGITS.fullmatch(stripped):
         raise ValueError(f"must be a whole number, 0 or more: {text[:40]!r}")
     return int(stripped)
 
@@ -224,7 +239,7 @@ def parse_redis_url(text: str) -> str:
     parts = _split_url(
         text, ("redis",), "no credentials in the URL: use redis_password_file"
     )
-    if parts.query or parts.fragment or not re.fullmatch(r"/?|/\d{1,2}", parts.path):
+    if parts.query or parts.fragment or not re.fullmatch(r"/?|/[0-9]{1,2}", parts.path):
         raise ValueError(f"URL must name only host, port and database: {text!r}")
     return text.strip()
 

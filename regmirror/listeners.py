@@ -141,7 +141,8 @@ def listen_address(description: str) -> Address | None:
     What the listener of *description* binds, for ``tcp:``, ``tcp6:``,
     ``ssl:`` and ``unix:`` endpoints; ``None`` for other kinds.
 
-    :raises ValueError: for a port number above 65535.
+    :raises ValueError: for a port number above 65535, or not in ASCII
+        digits.
     """
     kind = description.partition(":")[0].lower()
     positional, named = _endpoint_arguments(description)
@@ -155,6 +156,9 @@ def listen_address(description: str) -> Address | None:
     port = arguments.get("port", "")
     if not port.isdigit():
         return None  # Twisted's parser says what is wrong
+    if not port.isascii():
+        # int() (Twisted's too) takes the digits of every script.
+        raise ValueError(f"port {port} is not in ASCII digits")
     if int(port) > 65535:
         raise ValueError(f"port {port} is not between 0 and 65535")
     return Address(int(port), arguments.get("interface") or default)

@@ -1465,14 +1465,27 @@ def test_an_ipv4_mapped_peer_is_its_ipv4_address(peer: str, logged_as: str) -> N
 
 
 @pytest.mark.parametrize(
-    "value", ["any", "0.0.0.0/0", "::/0", "127.0.0.1 0.0.0.0/0", "::/0 10.0.0.1"]
+    "value",
+    [
+        "any",
+        "0.0.0.0/0",
+        "::/0",
+        "127.0.0.1 0.0.0.0/0",
+        "::/0 10.0.0.1",
+        "0.0.0.0/1 128.0.0.0/1",
+        "::/1 8000::/1",
+        "128.0.0.0/1 10.0.0.1 0.0.0.0/2 64.0.0.0/2",
+        "0.0.0.0/1 128.0.0.0/2 192.0.0.0/2",
+        "::1 ::/2 4000::/2 8000::/1",
+    ],
 )
 def test_trusting_every_peer_is_a_configuration_error(
     tmp_path: Path, value: str
 ) -> None:
-    """``trusted_proxies = any`` (or a network of every address) let any
-    client choose its address with a forwarding header: refused, naming
-    the key."""
+    """``trusted_proxies = any`` (or networks that together hold every
+    IPv4 or every IPv6 address, ``0.0.0.0/1 128.0.0.0/1``) let any client
+    choose its address with a forwarding header: refused, naming the
+    key."""
     with pytest.raises(
         ConfigError, match=r"\[access\] trusted_proxies: .*any client"
     ) as raised:
@@ -1508,3 +1521,16 @@ def test_an_unknown_user_name_is_not_logged(
     assert "PASTED" not in " ".join(lines + [repr(e) for e in logged])
     assert "not in the htpasswd file" in lines[0]
     assert "'alice'" in lines[1]
+
+
+@pytest.mark.parametrize(
+    "value", ["0.0.0.0/1 128.0.0.0/2", "::/1 8000::/2", "0.0.0.0/1 8000::/1"]
+)
+def test_trusting_less_than_every_address_of_a_family_is_taken(
+    tmp_path: Path, value: str
+) -> None:
+    """Networks that leave some addresses of each family out are a (wide)
+    list of proxies, not every peer: taken as written."""
+    config = load(_ini(tmp_path, f"trusted_proxies = {value}\n"))
+    assert config.access is not None
+    assert len(config.access.trusted_proxies) == len(value.split())

@@ -257,6 +257,55 @@ def _assert_located(
         pytest.param(
             "[server]\nworkers = many\n", "server", "workers", id="workers-nan"
         ),
+        # int() and float() take digits of any script: a config's are ASCII.
+        pytest.param(
+            "[server]\nworkers = \u0662\n", "server", "workers", id="workers-arabic"
+        ),
+        pytest.param(
+            "[server]\nworkers = \uff12\n", "server", "workers", id="workers-fullwidth"
+        ),
+        pytest.param(
+            "[server]\nworkers = \u00b2\n",
+            "server",
+            "workers",
+            id="workers-superscript",
+        ),
+        pytest.param(
+            "[namespace:ghcr.io]\nupstreams = hub\nprefetch = \u0663\n",
+            "namespace:ghcr.io",
+            "prefetch",
+            id="prefetch-arabic",
+        ),
+        pytest.param(
+            "[upstream:x]\nurl = https://x.example\nbreaker_failures = \u0665\n",
+            "upstream:x",
+            "breaker_failures",
+            id="breaker-failures-arabic",
+        ),
+        pytest.param(
+            "[upstream:x]\nurl = https://x.example\nconnect_timeout = \u0665s\n",
+            "upstream:x",
+            "connect_timeout",
+            id="duration-arabic",
+        ),
+        pytest.param(
+            "[upstream:x]\nurl = https://x.example\nconnect_timeout = 1.\u0665s\n",
+            "upstream:x",
+            "connect_timeout",
+            id="duration-fraction-arabic",
+        ),
+        pytest.param(
+            "[cluster]\nredis = redis://r/\u0661\nadvertise = http://n:5000\n",
+            "cluster",
+            "redis",
+            id="redis-db-arabic",
+        ),
+        # An empty listen would be the default, every interface's port 5000.
+        pytest.param("[server]\nlisten =\n", "server", "listen", id="listen-empty"),
+        pytest.param("[server]\nlisten =   \n", "server", "listen", id="listen-blank"),
+        pytest.param(
+            "[server]\nlisten =\n    \n", "server", "listen", id="listen-blank-lines"
+        ),
         pytest.param(
             "[upstream:x]\nurl = ftp://x\n", "upstream:x", "url", id="url-ftp"
         ),
@@ -449,6 +498,20 @@ def test_errors_name_file_section_key(
         ),
         pytest.param(
             "= data", "= data\nmax_size = lots", "cache", "max_size", id="max-size"
+        ),
+        pytest.param(
+            "= data",
+            "= data\nmax_size = \u0665GiB",
+            "cache",
+            "max_size",
+            id="max-size-arabic",
+        ),
+        pytest.param(
+            "= data",
+            "= data\nmin_free = \uff15",
+            "cache",
+            "min_free",
+            id="min-free-fullwidth",
         ),
         pytest.param(
             "directory = data", "tag_ttl = 1m", "cache", "directory", id="no-directory"
@@ -788,20 +851,16 @@ def test_s3_errors(
     _assert_located(_error(path), path, "cache", key)
 
 
+@pytest.mark.parametrize("bad", ["tcp:notaport", "tcp:\u0665\u0660\u0660\u0661"])
 @pytest.mark.parametrize("key", ["listen", "metrics_listen"])
-def test_a_bad_listener_names_its_own_key(tmp_path: Path, key: str) -> None:
-    """A bad endpoint description is reported under the key that holds it."""
+def test_a_bad_listener_names_its_own_key(tmp_path: Path, key: str, bad: str) -> None:
+    """A bad endpoint description (a port in other than ASCII digits, which
+    Twisted's int() would take, too) is reported under the key that holds
+    it."""
     from regmirror.service import validate
 
     good = "tcp:0:interface=127.0.0.1"
-    listen, metrics = (
-        (good, "tcp:notaport")
-        if key == "metrics_listen"
-        else (
-            "tcp:notaport",
-            good,
-        )
-    )
+    listen, metrics = (good, bad) if key == "metrics_listen" else (bad, good)
     path = tmp_path / "mirror.ini"
     path.write_text(
         f"[server]\nlisten = {listen}\nmetrics_listen = {metrics}\n\n"
@@ -812,7 +871,7 @@ def test_a_bad_listener_names_its_own_key(tmp_path: Path, key: str) -> None:
     )
     with pytest.raises(ConfigError) as caught:
         validate(str(path))
-    assert f"[server] {key}: bad listener 'tcp:notaport'" in str(caught.value)
+    assert f"[server] {key}: bad listener {bad!r}" in str(caught.value)
 
 
 def test_prefetch(tmp_path: Path) -> None:
