@@ -207,7 +207,9 @@ class Blobs:
         """
         Ask the namespace's upstreams whether they have *digest* (``HEAD``,
         once at a time per namespace and digest); if one does, the
-        namespace vouches for it from now on.
+        namespace vouches for it from now on.  Only an answer with the size
+        the mirror knows (the cached file's, a download's announced size)
+        counts: see :meth:`UpstreamPool.blob_size`.
 
         :return: the size the upstream says.
         :raises BlobUnknown: when none has it.
@@ -215,8 +217,12 @@ class Blobs:
         namespace = pool.namespace
 
         async def ask() -> int | None:
+            running = self._running.get(digest)
+            known = running.size if running is not None else None
+            if known is None:
+                known = self.store.blob_size(digest)
             try:
-                size = await pool.blob_size(repository, digest)
+                size = await pool.blob_size(repository, digest, known)
             except NotFoundAnywhere:
                 raise BlobUnknown(
                     f"blob {digest} is unknown to every upstream of {namespace}"

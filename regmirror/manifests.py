@@ -16,7 +16,7 @@ from regmirror.bucket import SOURCE as BUCKET_SOURCE
 from regmirror.bucket import Bucket
 from regmirror.errors import ManifestUnknown
 from regmirror.metrics import Metrics
-from regmirror.pool import MANIFEST_ACCEPT, Manifest, NotFoundAnywhere, UpstreamPool
+from regmirror.pool import Manifest, NotFoundAnywhere, UpstreamPool
 from regmirror.reference import Digest
 from regmirror.store import Store
 from regmirror.vouches import Vouches
@@ -127,23 +127,18 @@ class Manifests:
     ) -> Manifest:
         """
         Ask the namespace's upstreams whether they have a manifest cached
-        through another namespace (``HEAD``).
+        through another namespace (``HEAD``; only a registry's answer for
+        it counts, see :meth:`UpstreamPool.confirm_manifest`).
 
         :raises ManifestUnknown: when none has it.
         """
         try:
-            upstream, response = await pool.first_answer(
-                pool.upstreams,
-                "HEAD",
-                f"{repository}/manifests/{manifest.digest}",
-                {"Accept": MANIFEST_ACCEPT},
-            )
+            await pool.confirm_manifest(repository, manifest)
         except NotFoundAnywhere:
             raise ManifestUnknown(
                 f"manifest {manifest.digest} is unknown to every upstream of "
                 f"{pool.namespace}"
             ) from None
-        await upstream.drain(response)
         return manifest
 
     def keep(self, manifest: Manifest, share: bool = True) -> None:

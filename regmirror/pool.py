@@ -124,7 +124,9 @@ class UpstreamPool:
         Send one request to one upstream (unless its breaker is open and
         *heed_breaker*).
 
-        :return: a 2xx response, its body unread.
+        :return: a 2xx response, its body unread; the caller says whether
+            it was usable (:meth:`answered`, or :meth:`failed` with an
+            ``invalid`` failure), for the upstream's health.
         :raises UpstreamFailure: for any other answer, or none (logged unless
             it is a 404, which is an answer, not a fault).
         """
@@ -147,10 +149,12 @@ class UpstreamPool:
         except BaseException:
             upstream.breaker.abandoned()
             raise
-        if 200 <= response.code < 300 or response.code == 404:
-            self.answered(upstream)
         if 200 <= response.code < 300:
+            # Healthy only once the caller found the answer usable
+            # (:meth:`answered`): a 2xx of garbage counts as failing.
             return response
+        if response.code == 404:
+            self.answered(upstream)
         await upstream.drain(response)
         refused = UpstreamFailure(
             upstream.name,
@@ -169,6 +173,19 @@ class UpstreamPool:
         """The upstream gave a real answer: it is healthy."""
         if upstream.breaker.succeeded():
             self.log.info("upstream {upstream} is back", upstream=upstream.name)
+
+    def invalid(
+        self, upstream: Upstream, detail: str, status: int | None = None
+    ) -> UpstreamFailure:
+        """
+        The upstream's 2xx was unusable (a page, no manifest, not the
+        digest asked for): counted against its health like a 5xx.
+
+        :return: the failure, to raise or to summarise.
+        """
+        failure = UpstreamFailure(upstream.name, "invalid", detail, status=status)
+        self.failed(upstream, failure)
+        return failure
 
     def failed(self, upstream: Upstream, failure: UpstreamFailure) -> None:
         """Count a failure against the upstream's health, and log it."""
@@ -197,6 +214,8 @@ class UpstreamPool:
         """
         Send the request to each upstream in *order* until one answers with
         a 2xx.
+
+        The caller says whether the answer was usable (see :meth:`ask`).
 
         :raises NotFoundAnywhere: when every upstream answered 404.
         :raises RegistryError: describing the failures otherwise.
@@ -278,20 +297,85 @@ class UpstreamPool:
         )
         problem = _blob_problem(response, offset)
         if problem is None:
+            self.answered(upstream)
             return response
         await upstream.drain(response)
-        implausible = UpstreamFailure(upstream.name, "invalid", problem)
-        self.failed(upstream, implausible)
-        raise implausible
+        raise self.invalid(upstream, problem)
 
-    async def blob_size(self, repository: str, digest: Digest) -> int | None:
-        """The size of a blob as an upstream reports it (HEAD)."""
-        upstream, response = await self.first_answer(
-            self.upstreams, "HEAD", f"{repository}/blobs/{digest}"
+    async def blob_size(
+        self, repository: str, digest: Digest, known: int | None = None
+    ) -> int:
+        """
+        The size of a blob as an upstream says it has it (HEAD): from the
+        first upstream whose answer is a registry's answer for *digest*
+        (see :func:`_head_problem`; *known*: the size the mirror knows).
+        Any other 2xx (a page, no length, another length or digest, a 204
+        or 206) is no answer: it counts against that upstream's health
+        and, asked of every upstream, as if it said 404, so that it never
+        makes a namespace vouch for content.
+
+        :raises NotFoundAnywhere: when no upstream has it.
+        """
+        expected = known
+        if expected is None and digest == Digest.of(b"", digest.algorithm):
+            expected = 0
+        path = f"{repository}/blobs/{digest}"
+        failures: list[UpstreamFailure] = []
+        for upstream in self.upstreams:
+            try:
+                response = await self.ask(upstream, "HEAD", path)
+            except UpstreamFailure as failure:
+                failures.append(failure)
+                continue
+            await upstream.drain(response)
+            problem = _head_problem(response, digest, expected)
+            if problem is None:
+                self.answered(upstream)
+                return int(header(response, "Content-Length") or "")
+            failures.append(self._not_confirmed(upstream, digest, problem))
+        raise summarise(self.namespace, failures)
+
+    async def confirm_manifest(self, repository: str, manifest: Manifest) -> None:
+        """
+        Does an upstream have *manifest* (HEAD)?  Only a registry's answer
+        for it counts: 200, a manifest media type, the manifest's length,
+        its digest if the answer names one (see :meth:`blob_size`).
+
+        :raises NotFoundAnywhere: when no upstream has it.
+        """
+        path = f"{repository}/manifests/{manifest.digest}"
+        failures: list[UpstreamFailure] = []
+        for upstream in self.upstreams:
+            try:
+                response = await self.ask(
+                    upstream, "HEAD", path, {"Accept": MANIFEST_ACCEPT}
+                )
+            except UpstreamFailure as failure:
+                failures.append(failure)
+                continue
+            await upstream.drain(response)
+            problem = _head_problem(
+                response, manifest.digest, len(manifest.body), manifest=True
+            )
+            if problem is None:
+                self.answered(upstream)
+                return
+            failures.append(self._not_confirmed(upstream, manifest.digest, problem))
+        raise summarise(self.namespace, failures)
+
+    def _not_confirmed(
+        self, upstream: Upstream, digest: Digest, problem: str
+    ) -> UpstreamFailure:
+        """A HEAD answer that is no registry's answer for *digest*: counted
+        as invalid, and as a 404 for the client (it does not vouch)."""
+        self.log.info(
+            "{namespace}: upstream {upstream} does not vouch for {digest}: {problem}",
+            namespace=self.namespace,
+            upstream=upstream.name,
+            digest=str(digest),
+            problem=problem,
         )
-        await upstream.drain(response)
-        length = header(response, "Content-Length")
-        return int(length) if length and length.isdigit() else None
+        return self.invalid(upstream, f"{problem} for {digest}", status=404)
 
     async def manifest(self, repository: str, digest: Digest) -> Manifest:
         """A manifest by digest, from the first upstream with a correct copy."""
@@ -319,10 +403,12 @@ class UpstreamPool:
         path = f"{repository}/manifests/{reference}"
         response = await self.ask(upstream, "GET", path, {"Accept": MANIFEST_ACCEPT})
         try:
-            return await _read_manifest(upstream, response, digest)
+            manifest = await _read_manifest(upstream, response, digest)
         except UpstreamFailure as failure:
             self.failed(upstream, failure)
             raise
+        self.answered(upstream)
+        return manifest
 
     async def ask_tag(self, upstream: Upstream, repository: str, tag: str) -> TagAnswer:
         """
@@ -334,7 +420,8 @@ class UpstreamPool:
         response = await self.ask(upstream, "HEAD", path, {"Accept": MANIFEST_ACCEPT})
         await upstream.drain(response)
         announced = _digest_header(response)
-        if announced is not None:
+        if announced is not None and not _is_page(response):
+            self.answered(upstream)
             return TagAnswer(announced, upstream.name)
         manifest = await self.ask_manifest(upstream, repository, tag, None)
         return TagAnswer(manifest.digest, upstream.name, manifest)
@@ -441,10 +528,42 @@ class UpstreamPool:
         )
 
 
+def _is_page(response: IResponse) -> bool:
+    """Is the answer typed as a web page (a portal's, a site's fallback)?"""
+    return "html" in (header(response, "Content-Type") or "").lower()
+
+
+def _head_problem(
+    response: IResponse, digest: Digest, size: int | None, manifest: bool = False
+) -> str | None:
+    """
+    What makes a HEAD answer no registry's answer for *digest*, if
+    anything: not a 200; a page (or, for a *manifest*, no manifest media
+    type); a ``Content-Length`` that is not *size* (without one, not a
+    positive length); a ``Docker-Content-Digest`` that names another.
+    """
+    if response.code != 200:
+        return f"answered {response.code}"
+    content_type = (header(response, "Content-Type") or "").split(";", 1)[0]
+    content_type = content_type.strip().lower()
+    if manifest and content_type not in MANIFEST_TYPES:
+        return f"answered a {content_type or 'body without a type'}, not a manifest"
+    if _is_page(response):
+        return "answered with an HTML page"
+    text = header(response, "Content-Length") or ""
+    length = int(text) if text.isdigit() else None
+    if length is None or (length != size if size is not None else length <= 0):
+        wanted = "a size" if size is None else f"size {size}"
+        return f"answered length {text or 'none'}, not {wanted}"
+    announced = header(response, "Docker-Content-Digest")
+    if announced is not None and announced.strip() != str(digest):
+        return f"answered digest {announced[:80]!r}"
+    return None
+
+
 def _blob_problem(response: IResponse, offset: int) -> str | None:
     """What is wrong with a blob answer, if anything."""
-    content_type = (header(response, "Content-Type") or "").lower()
-    if content_type.startswith("text/html"):
+    if _is_page(response):
         return "answered with an HTML page instead of a blob"
     if offset and response.code == 206:
         content_range = header(response, "Content-Range") or ""

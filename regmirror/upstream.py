@@ -238,10 +238,10 @@ class Upstream:
         While the breaker is open, ask ``/v2/`` once per ``breaker_backoff``
         (not the doubled back-off of client requests: this costs no client
         a failed attempt), by one process of all that share the breaker.
-        Any answer but a 5xx or 429 closes the breaker, so an upstream that
-        came back is used again, and readiness returns, even while no client
-        asks for anything (a load balancer sends none to a node it took
-        out).  A failed look leaves the breaker as it is.
+        Any answer but a 5xx, a 429 or a web page closes the breaker, so an
+        upstream that came back is used again, and readiness returns, even
+        while no client asks for anything (a load balancer sends none to a
+        node it took out).  A failed look leaves the breaker as it is.
         """
         breaker = self.breaker
         if not breaker.look(self.config.breaker_backoff):
@@ -258,6 +258,8 @@ class Upstream:
         await self.drain(response)
         if response.code >= 500 or response.code == 429:
             return
+        if "html" in (header(response, "Content-Type") or "").lower():
+            return  # a portal's or a site's page: no registry answered
         if breaker.succeeded():
             self.log.info("upstream {upstream} is back", upstream=self.name)
 

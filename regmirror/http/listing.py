@@ -66,7 +66,12 @@ async def tags(request: Request, route: Route) -> None:
         )
     except NotFoundAnywhere:
         raise NameUnknown(f"repository {route.client_name} is unknown") from None
-    document = _tag_list(await _read(upstream, response), upstream)
+    try:
+        document = _tag_list(await _read(upstream, response), upstream)
+    except UpstreamBadGateway as e:
+        pool.invalid(upstream, str(e))
+        raise
+    pool.answered(upstream)
     link = header(response, "Link")
     if link:
         target = re.match(r"\s*<([^>]*)>", link)
@@ -102,7 +107,9 @@ def _tag_list(body: bytes, upstream: Upstream) -> dict[str, Any]:
         raise UpstreamBadGateway(
             f"upstream {upstream.name}'s answer is not a JSON tag list"
         )
-    return document
+    # ``null`` (a Go registry's empty list) or none at all: no tags, as
+    # the spec's array.
+    return {**document, "tags": tags or []}
 
 
 def _write_json(request: Request, content_type: str, document: Any) -> None:
@@ -112,7 +119,8 @@ def _write_json(request: Request, content_type: str, document: Any) -> None:
     and not to be sniffed as anything else.
     """
     request.setHeader("X-Content-Type-Options", "nosniff")
-    body = json.dumps(document, separators=(",", ":")).encode("ascii")
+    # Never NaN or Infinity, which are no JSON (load_json refuses them).
+    body = json.dumps(document, separators=(",", ":"), allow_nan=False).encode("ascii")
     write_body(request, content_type, body)
 
 
@@ -169,8 +177,13 @@ async def referrers(
         entries = await _tagged_referrers(request, route, digest, fetcher)
     else:
         upstream, response = answer
-        body = await _read(upstream, response)
-        document = _index(body, f"upstream {upstream.name}'s referrers")
+        try:
+            body = await _read(upstream, response)
+            document = _index(body, f"upstream {upstream.name}'s referrers")
+        except UpstreamBadGateway as e:
+            route.pool.invalid(upstream, str(e))
+            raise
+        route.pool.answered(upstream)
         entries = _entries(document)
         applied = header(response, "OCI-Filters-Applied") or ""
         filters = {f.strip().lower() for f in applied.split(",")}
