@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -207,15 +208,28 @@ def accepted_types(accept_header: str | None) -> frozenset[str] | None:
     return frozenset(types) if named else None
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text[:20]} is too large a number")
+    return number
+
+
 def load_json(body: bytes) -> Any:
     """
     Parse JSON from an untrusted source.
 
     :return: ``None`` for anything that is not JSON, including documents
-        nested too deeply for the parser.
+        nested too deeply for the parser and those with ``NaN``,
+        ``Infinity`` or a number too large to be finite (Python's parser
+        takes them, but they cannot be written out as JSON again).
     """
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, RecursionError):
         return None
 

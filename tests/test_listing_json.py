@@ -133,3 +133,105 @@ def test_a_referrers_index_typed_as_html_goes_out_as_an_oci_index(
     assert response.code == 200
     assert response.headers.getRawHeaders("Content-Type") == [OCI_INDEX]
     assert json.loads(mirror.body(response))["manifests"] == []
+
+
+def strict_json(body: bytes) -> Any:
+    """*body* parsed as JSON proper: ``NaN`` and ``Infinity`` refused."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} in the mirror's JSON")
+
+    return json.loads(body, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("query", ["", "?n=1"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b'{"name":"library/app","tags":["a"],"n":NaN}', id="nan"),
+        pytest.param(b'{"name":"library/app","tags":["a"],"x":-Infinity}', id="-inf"),
+        pytest.param(b'{"name":"library/app","tags":["a"],"x":Infinity}', id="inf"),
+        pytest.param(b'{"name":"library/app","tags":["a"],"x":1e999}', id="1e999"),
+    ],
+)
+def test_a_tag_list_with_numbers_json_has_not_is_a_clear_oci_error(
+    mirror: Harness, body: bytes, query: str
+) -> None:
+    """
+    A tag list with ``NaN``, ``Infinity`` or a number too large to be
+    finite (which Python's parser takes, and would write out as
+    ``Infinity``): 502 ``UNAVAILABLE`` naming the upstream, never a 200
+    whose body is no JSON.
+    """
+    origin = mirror.fakes["origin"]
+    image(origin)
+    origin.fault = answering("/tags/list", body, "application/json")
+    response = mirror.request("GET", f"/v2/app/tags/list{query}")
+    status, returned_type, code, message = oci_error(mirror, response)
+    assert (status, returned_type, code) == (502, "application/json", "UNAVAILABLE")
+    assert "origin" in message
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        pytest.param(b'"size":1e999', id="1e999"),
+        pytest.param(b'"size":NaN', id="nan"),
+        pytest.param(b'"size":-Infinity', id="-inf"),
+    ],
+)
+def test_a_referrers_index_with_numbers_json_has_not_is_a_clear_oci_error(
+    mirror: Harness, entry: bytes
+) -> None:
+    """A referrers entry whose size is ``1e999`` (read as infinity),
+    ``NaN`` or ``-Infinity``: 502 ``UNAVAILABLE``, not a body with
+    ``Infinity`` in it, filtered here or not."""
+    origin = mirror.fakes["origin"]
+    subject = image(origin)["manifest"]
+    body = (
+        b'{"schemaVersion":2,"manifests":[{"mediaType":"'
+        + OCI_INDEX.encode()
+        + b'","digest":"sha256:'
+        + b"a" * 64
+        + b'",'
+        + entry
+        + b',"artifactType":"application/x"}]}'
+    )
+    origin.fault = answering("/referrers/", body, OCI_INDEX)
+    for query in ("", "?artifactType=application/x"):
+        response = mirror.request("GET", f"/v2/app/referrers/{subject}{query}")
+        status, returned_type, code, message = oci_error(mirror, response)
+        assert (status, code) == (502, "UNAVAILABLE"), query
+        assert "origin" in message
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [
+        pytest.param(b'{"name":"library/app","tags":null}', id="null"),
+        pytest.param(b'{"name":"library/app"}', id="missing"),
+    ],
+)
+@pytest.mark.parametrize("query", ["", "?n=2", "?last=a"])
+def test_a_tag_list_of_null_is_an_empty_list(
+    mirror: Harness, listing: bytes, query: str
+) -> None:
+    """``"tags": null`` (a Go registry's empty list), or no ``tags`` at
+    all, goes out as ``"tags": []``, the array the spec describes."""
+    origin = mirror.fakes["origin"]
+    image(origin)
+    origin.fault = answering("/tags/list", listing, "application/json")
+    response = mirror.request("GET", f"/v2/app/tags/list{query}")
+    assert response.code == 200
+    assert strict_json(mirror.body(response)) == {"name": "library/app", "tags": []}
+
+
+def test_what_the_mirror_writes_is_strict_json(mirror: Harness) -> None:
+    """A tag list with large integers and nested values goes out parsed
+    by a strict parser alike."""
+    origin = mirror.fakes["origin"]
+    image(origin)
+    listing = b'{"name":"library/app","tags":["a"],"x":[1.5,10000000000000000000000]}'
+    origin.fault = answering("/tags/list", listing, "application/json")
+    response = mirror.request("GET", "/v2/app/tags/list")
+    assert strict_json(mirror.body(response)) == strict_json(listing)
