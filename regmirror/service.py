@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -161,8 +162,13 @@ def check_upstreams(config: Config) -> None:
 def check_cache(config: Config) -> None:
     """
     Make sure the cache folder is writable, or can be created (start-up
-    creates it; a configuration check changes nothing), so that start-up
-    fails with one clear line rather than a traceback after listening.
+    creates it; a configuration check does not), so that start-up fails
+    with one clear line rather than a traceback after listening.
+
+    Whether folders can be made in the nearest folder that exists is
+    asked of the file system itself, with an empty folder of our own made
+    and removed at once: ``access()`` says yes to root everywhere, also in
+    ``/proc``, where no folder can be made.
 
     :raises ValueError: naming the problem.
     """
@@ -175,6 +181,18 @@ def check_cache(config: Config) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "is not writable" if existing == directory else "cannot be created"
         raise ValueError(f"{directory} {what}")
+    try:
+        probe = tempfile.mkdtemp(prefix=".regmirror-check-", dir=existing)
+    except OSError as error:
+        why = error.strerror or str(error)
+        if existing == directory:
+            raise ValueError(
+                f"{directory} cannot hold the cache's folders ({why})"
+            ) from None
+        raise ValueError(
+            f"cannot create {directory}: no folder can be made in {existing} ({why})"
+        ) from None
+    os.rmdir(probe)
 
 
 class MirrorService(MultiService):

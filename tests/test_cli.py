@@ -152,11 +152,14 @@ def test_cache_verify_removes_corruption(config: Path) -> None:
 
 
 def test_check_config_changes_nothing(config: Path, tmp_path: Path) -> None:
-    """check-config does not create the cache folder (start-up does), but
-    says when it could not be created."""
+    """check-config does not create the cache folder (start-up does), nor
+    leaves anything where it asked whether it could, but says when it
+    could not be created."""
+    before = sorted(os.listdir(config.parent))
     code, _ = run("check-config", "-c", str(config))
     assert code == 0
     assert not (config.parent / "cache").exists()
+    assert sorted(os.listdir(config.parent)) == before
     (tmp_path / "blocker").write_text("a file, not a folder")
     config.write_text(CONFIG.replace("directory = cache", "directory = blocker/c"))
     code, _ = run("check-config", "-c", str(config), "--json")

@@ -170,6 +170,31 @@ _REFUSED = [
         "[upstream:origin] ca_file: no PEM certificate in ",
         id="ca-file-not-pem",
     ),
+    # A folder start-up cannot make, though its parent is a folder that
+    # access() calls writable (for root): check-config said ok, twistd
+    # died with a traceback from the store.
+    pytest.param(
+        _change("directory = cache", "directory = /proc/nope"),
+        "[cache] directory: cannot create /proc/nope: no folder can be made in /proc (",
+        id="cache-in-proc",
+    ),
+    pytest.param(
+        _change("directory = cache", "directory = /sys/nope/deeper"),
+        "[cache] directory: cannot create /sys/nope/deeper: no folder can be "
+        "made in /sys (",
+        id="cache-in-sys",
+    ),
+    pytest.param(
+        _change("directory = cache", "directory = /proc"),
+        "[cache] directory: /proc cannot hold the cache's folders (",
+        id="cache-is-proc",
+    ),
+    # An empty listen was the default: every interface's port 5000.
+    pytest.param(
+        _change(_LISTEN, "listen ="),
+        "[server] listen: is empty",
+        id="listen-empty",
+    ),
     pytest.param(
         _change("[cache]\n", "[cache\n"),
         "line 4 is not a [section], a key = value, an indented continuation "
@@ -218,9 +243,10 @@ def test_check_config_and_twistd_refuse_in_one_line(
 ) -> None:
     """
     Unusable certificate files (a certificate without its key, files that
-    are not PEM, a key of another certificate), a syntax error, a port out
-    of range, one port listened on twice, an ``ssl:`` listener whose key is
-    not one: ``regmirror check-config`` and ``twistd regmirror`` both exit
+    are not PEM, a key of another certificate), a cache folder that cannot
+    be made (under ``/proc``), an empty ``listen``, a syntax error, a port
+    out of range, one port listened on twice, an ``ssl:`` listener whose
+    key is not one: ``regmirror check-config`` and ``twistd regmirror`` both exit
     non-zero with one line on stderr naming the file, the section, the key
     and what is wrong (the file that is not usable), no traceback, and
     nothing ever listens.
