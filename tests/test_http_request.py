@@ -190,3 +190,32 @@ def test_client_chosen_text_is_escaped_in_the_access_line(
     channel.connectionLost(Failure(ConnectionDone()))
     [line] = _access(logged)
     assert line["agent"] == shown
+
+
+def test_a_token_login_logs_its_user(tmp_path: Any, logged: list[LogEvent]) -> None:
+    """A ``/token`` request that logged in with Basic had ``-`` as its
+    user in the access line: it names the user who logged in; a wrong
+    password names none."""
+    from test_access import ALICE, PASSWORD, basic, guarded
+
+    harness, _ = guarded(tmp_path)
+    site = MirrorSite(harness.root, harness.clock)
+    for password, status, user in ((PASSWORD, 200, ALICE), ("wrong", 401, "-")):
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(
+            b"GET /token?scope=repository:app:pull HTTP/1.1\r\n"
+            b"Host: mirror.test\r\nAuthorization: %s\r\n\r\n"
+            % basic(ALICE, password)["Authorization"].encode()
+        )
+        for _ in range(5):
+            harness.settle()
+        assert transport.value().startswith(b"HTTP/1.1 %d " % status)
+        [line] = _access(logged)
+        assert (line["user"], line["status"], line["uri"]) == (
+            user,
+            status,
+            "/token?scope=repository:app:pull",
+        )
+        logged.clear()

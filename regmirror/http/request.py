@@ -36,7 +36,7 @@ class RequestInfo:
     :ivar started: when the API took it, in the reactor's seconds.
     :ivar namespace: the namespace it was routed to; empty before routing.
     :ivar endpoint: ``base``, ``manifests``, ``blobs``, ``tags``,
-        ``referrers``, ``cluster`` or ``other``.
+        ``referrers``, ``cluster``, ``token`` or ``other``.
     :ivar user: who the access rules let in, if anyone logged in.
     :ivar cache: how a blob was served: ``hit``, ``miss``, ``relay``,
         ``redirect``.

@@ -17,6 +17,7 @@ from regmirror.http.request import (
     ns,
     refuse_malformed_head,
     route_request,
+    start_info,
     text_header,
 )
 from regmirror.http.resource import ReadOnlyResource
@@ -50,6 +51,9 @@ class TokenResource(ReadOnlyResource):
 
     async def _issue(self, request: Request) -> None:
         gate = self._gate
+        # For the access line: who logged in, and how long it took.
+        info = start_info(request, gate.clock.seconds())
+        info.endpoint = "token"
         try:
             refuse_malformed_head(request)
             ns(request)
@@ -75,6 +79,7 @@ class TokenResource(ReadOnlyResource):
                         "wrong user name or password",
                         {"WWW-Authenticate": 'Basic realm="regmirror"'},
                     )
+                info.user = user
             # Anonymous clients (the Docker daemon through registry-mirrors)
             # get a token for what their address may pull anyway, as Docker
             # Hub gives anonymous tokens.
