@@ -143,23 +143,20 @@ class Blobs:
         async def start() -> Download:
             return await self._start(pool, repository, digest)
 
+        # A lookup is counted once the blob comes (a 404 or a failure is
+        # none: the access log's cache=-).
         joining = key in self._starting
         if not self.store.writable():
-            self._lookup("miss")
-            return await self._relay(pool, repository, digest)
+            return self._missed(await self._relay(pool, repository, digest))
         try:
             download = await self._starting.run(key, start)
         except _CannotSpool:
-            self._lookup("miss")
-            return await self._relay(pool, repository, digest)
+            return self._missed(await self._relay(pool, repository, digest))
         except AlreadyCached:
             self._lookup("hit")
             return BlobSource(
                 self.store.blob_size(digest), self.store.blob_path(digest)
             )
-        except BaseException:
-            self._lookup("joined" if joining else "miss")
-            raise
         # Started here, or joined: this namespace's start under way, a
         # download of another namespace's (its pool), another worker's
         # (followed, no pool).
@@ -314,6 +311,10 @@ class Blobs:
 
     def _lookup(self, result: str) -> None:
         self.metrics.cache.labels("blob", result).inc()
+
+    def _missed(self, source: BlobSource) -> BlobSource:
+        self._lookup("miss")
+        return source
 
     # -- one download ---------------------------------------------------------
 

@@ -117,8 +117,9 @@ class Manifests:
 
         key = (namespace, digest)
         result = "joined" if key in self._flight else "miss"
-        self._lookup(result)
         manifest = await self._flight.run(key, fetch)
+        # Counted once it came: a manifest no upstream has is no miss.
+        self._lookup(result)
         self.vouches.add_manifest(namespace, digest, manifest.body)
         return Found(manifest, result, manifest.source or None)
 

@@ -213,3 +213,36 @@ def test_request_metric_labels_are_a_fixed_set(tmp_path: Path) -> None:
     methods = {sample.labels["method"] for sample in samples}
     assert methods == {"other"}
     assert sum(sample.value for sample in samples) == 2000
+
+
+def test_a_digest_no_upstream_has_is_no_cache_miss(tmp_path: Path) -> None:
+    """
+    Five requests for blobs and two for manifests by digest that no
+    upstream has (404), and one for a blob whose upstream fails (502):
+    no lookup counted, as the access log's ``cache=-`` says; a blob and a
+    manifest fetched and come count one miss each, then hits.
+    """
+    origin = FakeRegistry()
+    harness = Harness(str(tmp_path), {"origin": origin})
+    for i in range(5):
+        assert harness.request("GET", f"/v2/app/blobs/sha256:{i:064x}").code == 404
+    for i in range(2):
+        unknown = f"/v2/app/manifests/sha256:{i:064x}"
+        assert harness.request("GET", unknown).code == 404
+    origin.fault = lambda request: (500, b"down")
+    assert harness.request("GET", f"/v2/app/blobs/sha256:{9:064x}").code == 502
+    origin.fault = None
+    for kind in ("blob", "manifest"):
+        for result_ in ("miss", "joined", "hit"):
+            labels = {"kind": kind, "result": result_}
+            assert sample(harness, "regmirror_cache_lookups_total", **labels) == 0
+
+    content = image(origin)
+    for _ in range(2):
+        harness.body(harness.request("GET", f"/v2/app/blobs/{content['layer']}"))
+        manifest = f"/v2/app/manifests/{content['manifest']}"
+        harness.body(harness.request("GET", manifest))
+    for kind in ("blob", "manifest"):
+        for result_, count in (("miss", 1), ("hit", 1)):
+            labels = {"kind": kind, "result": result_}
+            assert sample(harness, "regmirror_cache_lookups_total", **labels) == count
