@@ -11,7 +11,10 @@ namespace vouches for them:
 - its origin (or, without the origin, one of its mirrors or its own tag
   record) named them for a tag;
 - its upstream confirmed that it has them (a ``HEAD`` with the namespace's
-  credentials), asked because another namespace cached them.
+  credentials), asked because another namespace cached them: a registry's
+  answer for the digest only, never any 2xx
+  (:meth:`regmirror.pool.UpstreamPool.blob_size`,
+  :meth:`~regmirror.pool.UpstreamPool.confirm_manifest`).
 
 The record is the store's (:meth:`Store.vouchers`): a file per digest
 beside the content, shared by every process using the cache folder and
