@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -243,3 +244,105 @@ def test_what_the_open_namespace_cached_is_not_served_through_the_closed_one(
     asked = c.ghcr.access_log()[ghcr_seen:]
     assert any(small.root.digest in line for line in asked), asked
     assert len(c.hub.access_log()) == hub_seen
+
+
+#: HEAD answers of a portal or a site's fallback, by the open repository
+#: that gets them: none is a registry's answer for a digest
+PORTAL_HEADS = {
+    "open/html": (200, {"Content-Type": "text/html", "Content-Length": "1234"}),
+    "open/bare": (200, {}),
+    "open/zero": (200, {"Content-Type": "application/octet-stream"}),
+    "open/nocontent": (204, {}),
+    "open/partial": (
+        206,
+        {
+            "Content-Type": "application/octet-stream",
+            "Content-Range": "bytes 0-0/1",
+            "Content-Length": "1",
+        },
+    ),
+}
+
+
+def test_a_portal_answering_every_head_does_not_open_the_closed_namespace(
+    tmp_path: Path,
+    start_program: Callable[[Any], Any],
+    start_mirror: Callable[..., MirrorProcess],
+) -> None:
+    """
+    The finding: an open namespace whose upstream answers every ``HEAD``
+    with a 2xx (``200 text/html``, ``200`` with no headers or no length,
+    ``204``, ``206 bytes 0-0/1``) made it vouch for what alice pulled
+    through the closed one, and serve it anonymously.  Now each is asked
+    (its ``HEAD`` reaches the upstream) and each is a 404, for the
+    manifest by digest and every blob, GET and HEAD, asked twice (nothing
+    recorded); the closed namespace still serves alice.
+    """
+    from .test_hostile import HostileUpstream, Plan
+
+    plan = Plan(tmp_path / "plan")
+    plan.image(APP, "org/app")
+    for repository, (status, headers) in PORTAL_HEADS.items():
+        plan.mode(repository, mode="head", status=status, headers=headers)
+    hostile = start_program(HostileUpstream(tmp_path / "hostile", plan))
+    mirror = start_mirror(
+        lambda port: (
+            mirror_config_namespaces(
+                port,
+                {
+                    "private": {"url": hostile.url},
+                    # Never marked down, so that every request is checked.
+                    "portal": {"url": hostile.url, "breaker_failures": "1000"},
+                },
+                {
+                    "docker.io": {
+                        "upstreams": "portal",
+                        "origin": "portal",
+                        "default": "true",
+                        "prefetch": "0",
+                    },
+                    "ghcr.io": {
+                        "upstreams": "private",
+                        "origin": "private",
+                        "hosts": GHCR_HOST,
+                        "anonymous": "none",
+                        "prefetch": "0",
+                    },
+                },
+            )
+            + "\n[access]\nanonymous = 127.0.0.0/8\nhtpasswd = users.htpasswd\n"
+        ),
+        files={"users.htpasswd": htpasswd_line(ALICE, ALICE_PASSWORD)},
+    )
+    alice = {"Accept": MANIFEST_ACCEPT, **basic(ALICE, ALICE_PASSWORD)}
+
+    def pull_closed() -> None:
+        manifest = mirror.request("GET", "/v2/ghcr.io/org/app/manifests/v1", alice)
+        assert manifest.status == 200 and manifest.body == APP.root.data
+        for blob in APP.blobs:
+            got = mirror.request(
+                "GET", f"/v2/ghcr.io/org/app/blobs/{blob.digest}", alice
+            )
+            assert got.status == 200 and got.body == blob.data
+
+    pull_closed()
+    cached = mirror.cached_blobs()
+    endpoints = [
+        f"manifests/{APP.root.digest}",
+        *(f"blobs/{blob.digest}" for blob in APP.blobs),
+    ]
+    for repository in PORTAL_HEADS:
+        for _ in range(2):
+            for method in ("GET", "HEAD"):
+                for endpoint in endpoints:
+                    answer = mirror.request(
+                        method,
+                        f"/v2/{repository}/{endpoint}",
+                        {"Accept": MANIFEST_ACCEPT},
+                    )
+                    assert answer.status == 404, (repository, method, endpoint)
+        asked = hostile.requests_for(f"/v2/{repository}/", method="HEAD")
+        assert asked, repository
+        assert hostile.requests_for(f"/v2/{repository}/", method="GET") == []
+    assert mirror.cached_blobs() == cached
+    pull_closed()

@@ -35,6 +35,10 @@ Listing mode (``tags/list`` and ``referrers/<digest>``, otherwise 404):
 
 Modes of any request (manifest or blob, GET or HEAD):
 
+- ``head``: a ``HEAD`` is answered ``status`` with exactly ``headers``
+  (no Content-Type unless named there), whatever is asked (a captive
+  portal, a site's fallback); a ``GET`` is ``404``;
+
 - ``challenge``: ``401`` with ``WWW-Authenticate: Bearer realm="REALM"``,
   ``realm`` as in the mode (``{port}`` as above), whatever
   ``Authorization`` says.
@@ -140,6 +144,14 @@ class Hostile(Resource):
             )
             request.setHeader("Content-Type", "application/json")
             return b'{"errors":[{"code":"UNAUTHORIZED","message":"token"}]}'
+        if mode.get("mode") == "head":
+            if request.method != b"HEAD":
+                return self.missing(request, "NAME_UNKNOWN")
+            request.setResponseCode(int(mode["status"]))
+            request.defaultContentType = None
+            for header, value in mode["headers"].items():
+                request.setHeader(header, value)
+            return b""
         if kind == "blobs":
             return self.blob(request, name, reference)
         return self.manifest(request, name, reference)
