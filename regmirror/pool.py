@@ -419,9 +419,13 @@ class UpstreamPool:
         path = f"{repository}/manifests/{tag}"
         response = await self.ask(upstream, "HEAD", path, {"Accept": MANIFEST_ACCEPT})
         await upstream.drain(response)
+        if _is_page(response):
+            raise self.invalid(upstream, "answered a tag's HEAD with an HTML page")
+        # A registry's answer, if perhaps without the digest: healthy (a
+        # probe's answer, which lets the GET below through).
+        self.answered(upstream)
         announced = _digest_header(response)
-        if announced is not None and not _is_page(response):
-            self.answered(upstream)
+        if announced is not None:
             return TagAnswer(announced, upstream.name)
         manifest = await self.ask_manifest(upstream, repository, tag, None)
         return TagAnswer(manifest.digest, upstream.name, manifest)

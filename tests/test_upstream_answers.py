@@ -332,3 +332,40 @@ def test_a_page_at_v2_does_not_bring_an_upstream_marked_down_back() -> None:
     clock.advance(30)
     look()
     assert upstream.breaker.opened == 0
+
+
+def test_a_tag_head_without_a_digest_probing_an_upstream_lets_its_get_through(
+    tmp_path: Path,
+) -> None:
+    """
+    An upstream marked down whose back-off has passed: the next tag's
+    ``HEAD`` is the probe, and its answer (a registry's, without
+    ``Docker-Content-Digest``) lets the ``GET`` of the manifest that
+    follows through, which closes the breaker; a page as that ``HEAD``
+    answer counts as failing, and no ``GET`` follows it.
+    """
+    origin = FakeRegistry()
+    harness = Harness(str(tmp_path / "cache"), {"origin": origin})
+    image(origin, "library/app", "v1")
+    breaker = harness.upstreams["origin"].breaker
+    breaker.failed(transport=True)
+    harness.clock.advance(breaker.open_until - harness.clock.seconds())
+
+    def no_digest(request: Request) -> tuple[int, bytes] | None:
+        if request.method == b"HEAD":
+            request.setHeader("Content-Type", OCI_MANIFEST)
+            return 200, b""
+        return None
+
+    origin.fault = no_digest
+    served = harness.request("GET", "/v2/app/manifests/v1")
+    assert served.code == 200
+    assert breaker.opened == 0
+
+    origin.fault = answer(
+        200, {"Content-Type": "text/html"}, under="/v2/", method="HEAD"
+    )
+    origin.requests.clear()
+    assert harness.request("GET", "/v2/app/manifests/v2").code >= 500
+    assert [m for m, _ in origin.requests] == ["HEAD"]
+    assert breaker.health().failures == 1
