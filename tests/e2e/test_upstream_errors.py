@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,3 +101,45 @@ def test_an_upstream_refusing_the_mirror_is_a_502_not_a_401(
         message = response.json()["errors"][0]["message"]
         assert "refused the mirror's credentials" in message, message
         assert "private" in message, message
+
+
+def test_an_upstream_answering_every_request_with_a_page_is_marked_down(
+    tmp_path: Path, start_program: Callable[[Any], Any], start_mirror: StartMirror
+) -> None:
+    """
+    The finding: an upstream answering every request ``200 text/html`` (a
+    captive portal) was asked every time (72 of 72) and never marked down,
+    while one answering 500 was after a few.  Now, of 24 requests (blobs,
+    manifests by digest and by tag, tag lists), the page counts as a
+    failed answer: after ``breaker_failures`` (3) it is marked down
+    (``regmirror_upstream_down`` 1, ``invalid`` errors counted) and few
+    requests reach it; clients get 5xx, never the page.
+    """
+    from .test_hostile import HostileUpstream, Plan
+
+    plan = Plan(tmp_path / "plan")
+    plan.mode("*", mode="page")
+    portal = start_program(HostileUpstream(tmp_path / "portal", plan))
+    mirror = start_mirror(
+        lambda port: mirror_config_upstreams(
+            port,
+            {"portal": {"url": portal.url, "breaker_failures": "3"}},
+            origin="portal",
+        )
+    )
+    paths = []
+    for i in range(1, 7):
+        paths += [
+            f"/v2/test/small/blobs/sha256:{i:064x}",
+            f"/v2/test/small/manifests/sha256:{i:064x}",
+            f"/v2/test/small/manifests/v{i}",
+            f"/v2/test/app{i}/tags/list",
+        ]
+    for path in paths:
+        response = mirror.request("GET", path, {"Accept": MANIFEST_ACCEPT})
+        assert response.status >= 500, (path, response.status)
+        assert b"hotel" not in response.body
+    asked = [r for r in portal.records() if r["path"].startswith("/v2/test/")]
+    assert len(asked) <= 5, [r["path"] for r in asked]
+    assert mirror.metric("regmirror_upstream_down", upstream="portal") == 1
+    assert mirror.metric("regmirror_upstream_errors_total", kind="invalid") >= 3

@@ -35,6 +35,9 @@ Listing mode (``tags/list`` and ``referrers/<digest>``, otherwise 404):
 
 Modes of any request (manifest or blob, GET or HEAD):
 
+- ``page``: every request is answered ``200 text/html`` with a page (a
+  captive portal); name it under the repository ``*`` for every path
+  under ``/v2/`` but ``/v2/`` itself;
 - ``head``: a ``HEAD`` is answered ``status`` with exactly ``headers``
   (no Content-Type unless named there), whatever is asked (a captive
   portal, a site's fallback); a ``GET`` is ``404``;
@@ -129,6 +132,9 @@ class Hostile(Resource):
         if path in ("/v2", "/v2/"):
             request.setHeader("Content-Type", "application/json")
             return b"{}"
+        if self.modes.get("*", {}).get("mode") == "page":
+            request.setHeader("Content-Type", "text/html; charset=utf-8")
+            return b"<html><body>Welcome to the hotel network</body></html>"
         parts = path.split("/")[2:]
         if len(parts) >= 3 and parts[-2] in ("tags", "referrers"):
             return self.listing(request, "/".join(parts[:-2]))
