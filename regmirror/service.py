@@ -373,7 +373,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
         [pool for _, pool in namespaces],
         fetcher,
         metrics,
-        MirrorSite(root, reactor, trusted, forwarded),
+        MirrorSite(root, reactor, trusted, forwarded, metrics),
     )
     metrics.watch(mirror.live_metrics)
     root.putChild(b"", StatusPage())

@@ -24,6 +24,8 @@ from regmirror.errors import RangeInvalid, Unsupported
 from regmirror.http.errors import error_answer
 from regmirror.http.request import MirrorRequest
 from regmirror.http.site import MirrorSite
+from regmirror.ini_values import parse_networks
+from regmirror.metrics import Metrics
 
 
 def _get(mirror: Harness, target: str) -> tuple[bytes, list[Any]]:
@@ -219,3 +221,88 @@ def test_a_token_login_logs_its_user(tmp_path: Any, logged: list[LogEvent]) -> N
             "/token?scope=repository:app:pull",
         )
         logged.clear()
+
+
+# -- requests the connection refuses, before any resource ------------------------
+
+
+class _Ok(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return b"ok"
+
+
+def _refused_site(**kwargs: Any) -> tuple[MirrorSite, Clock, Metrics]:
+    clock, metrics = Clock(), Metrics()
+    return MirrorSite(_Ok(), clock, metrics=metrics, **kwargs), clock, metrics
+
+
+def _requests_total(metrics: Metrics, **labels: str) -> float:
+    total = 0.0
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == "regmirror_requests_total" and all(
+                sample.labels.get(k) == v for k, v in labels.items()
+            ):
+                total += sample.value
+    return total
+
+
+def test_a_head_too_slow_has_its_line_with_what_came(
+    logged: list[LogEvent],
+) -> None:
+    """A request line dripped past the head timeout gets 408 and an access
+    line with what of it came (no version yet: ``-``), counted as a
+    request refused before routing."""
+    site, clock, metrics = _refused_site()
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /v2/sl")
+    channel.dataReceived(b"ow/manifests")
+    clock.advance(31)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    [line] = _access(logged)
+    assert (line["method"], line["uri"], line["protocol"]) == (
+        "GET",
+        "/v2/slow/manifests",
+        "-",
+    )
+    assert line["status"] == 408 and line["client"] == "192.168.1.1"
+    assert line["bytes"] == len(transport.value().partition(b"\r\n\r\n")[2])
+    assert _requests_total(metrics, namespace="", endpoint="other", status="408") == 1
+
+
+def test_a_refused_request_behind_a_trusted_proxy_names_the_client(
+    logged: list[LogEvent],
+) -> None:
+    """A GET with a body, from a trusted proxy: its 413 line names the
+    client the proxy's header names, with its User-Agent, as any request's
+    line does; a 405 after a served GET on one connection has its own
+    line, the GET its own."""
+    site, _, metrics = _refused_site(trusted_proxies=parse_networks("192.168.1.1"))
+    channel = site.buildProtocol(None)
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(
+        b"GET /v2/x/manifests/y HTTP/1.1\r\nHost: m\r\nX-Forwarded-For: 10.9.8.7\r\n"
+        b"User-Agent: curl\x1b\r\nContent-Length: 3\r\n\r\nabc"
+    )
+    [line] = _access(logged)
+    assert (line["client"], line["status"], line["agent"]) == (
+        "10.9.8.7",
+        413,
+        "curl\\x1B",
+    )
+    logged.clear()
+    channel = site.buildProtocol(None)
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(
+        b"GET /a HTTP/1.1\r\nHost: m\r\n\r\nDELETE /b HTTP/1.1\r\nHost: m\r\n\r\n"
+    )
+    assert [(e["method"], e["uri"], e["status"]) for e in _access(logged)] == [
+        ("GET", "/a", 200),
+        ("DELETE", "/b", 405),
+    ]
+    assert _requests_total(metrics, method="other", status="405") == 1
+    assert _requests_total(metrics, method="GET", status="413") == 1

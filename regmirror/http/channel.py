@@ -37,6 +37,11 @@ MAX_HEADERS = 500
 _METHODS = {b"token": (b"GET",)}
 _ANYWHERE = (b"GET", b"HEAD")
 
+#: The most bytes of a refused request's line its access line shows (a
+#: request line may be 16 KiB, and one refused as too long is longer); a
+#: line cut there ends in ``...``.  One more is kept, to tell.
+REFUSED_LINE_LIMIT = 512
+
 _REASONS = {
     400: b"Bad Request",
     405: b"Method Not Allowed",
@@ -103,6 +108,14 @@ class MirrorChannel(HTTPChannel):
     _header_lines = 0
     #: what the request's method should have been, when it is not
     _not_allowed: tuple[bytes, ...] | None = None
+    #: the request line of the request whose head is being read, for the
+    #: access line of a refusal
+    _line: bytes | None = None
+    #: the first bytes of a request line not yet whole (as many as the
+    #: access line would show, and one more)
+    _start = b""
+    #: the request object twisted.web made for that request, if any
+    _current: Any = None
 
     def dataReceived(self, data: bytes) -> None:
         # The clock for a request head starts at its first byte, not at its
@@ -110,6 +123,9 @@ class MirrorChannel(HTTPChannel):
         # must be cut too.
         if self._head_timer is None and self.line_mode and not self._refused:
             self._head_timer = self.callLater(HEADER_TIMEOUT, self._head_too_slow)
+        kept = len(self._start)
+        if self.line_mode and not self._in_head and kept <= REFUSED_LINE_LIMIT:
+            self._start += data[: REFUSED_LINE_LIMIT + 1 - kept]
         if self.line_mode and not self._refused and _bare_lf(self._before, data):
             # Lines end with CRLF here; a head of bare LFs would otherwise
             # wait, one unfinished line, for the head timeout.
@@ -135,7 +151,11 @@ class MirrorChannel(HTTPChannel):
         self._in_head = True
         self._header_bytes = self._header_lines = 0
         self._not_allowed = None
+        self._line, self._start, self._current = line, b"", None
+        made = len(self.requests)
         super().lineReceived(line)
+        if len(self.requests) > made:
+            self._current = self.requests[-1]
         parts = line.split(b" ")
         if self._refused or len(parts) != 3:
             return
@@ -167,6 +187,7 @@ class MirrorChannel(HTTPChannel):
             super().lineReceived(b"")
             # Answered (413) or dispatched: what comes next is another request.
             self._method = b""
+            self._line = self._current = None
             return
         self._refuse(
             405,
@@ -180,6 +201,7 @@ class MirrorChannel(HTTPChannel):
         if self._in_head:
             self._refuse(431, f"a header line exceeds {MAX_HEADER_BYTES} bytes")
         else:
+            self._start = line[: REFUSED_LINE_LIMIT + 1]
             self._refuse(414, f"the request line exceeds {MAX_REQUEST_LINE} bytes")
 
     def allHeadersReceived(self) -> None:
@@ -228,6 +250,19 @@ class MirrorChannel(HTTPChannel):
         if self._method != b"HEAD":
             transport.write(answer.body)
         transport.loseConnection()
+        self._log_refused(status, 0 if self._method == b"HEAD" else len(answer.body))
+
+    def _log_refused(self, status: int, sent: int) -> None:
+        """The access line of the request refused: one per request."""
+        log = getattr(getattr(self, "site", None), "log_refused", None)
+        if log is None:
+            return
+        line = self._line
+        if line is None and self._start:
+            # Not whole: as far as it came, to its first line end.
+            line = self._start.split(b"\n", 1)[0].removesuffix(b"\r") or None
+        transport: Any = self.transport
+        log(transport.getPeer(), status, sent, line, self._current)
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None and self._head_timer.active():
@@ -262,6 +297,16 @@ class _PlainOnly(ProtocolWrapper):
                 transport: Any = self.transport
                 transport.write(_TLS_ON_PLAIN)
                 transport.loseConnection()
+                site = getattr(self.factory, "wrappedFactory", None)
+                log = getattr(site, "log_refused", None)
+                if log is not None:
+                    log(
+                        transport.getPeer(),
+                        400,
+                        len(_TLS_ON_PLAIN.partition(b"\r\n\r\n")[2]),
+                        data,
+                        http_line=False,
+                    )
                 return
         super().dataReceived(data)
 

@@ -358,3 +358,162 @@ def test_the_cache_and_upstream_fields_of_manifests_and_joined_downloads(
         mirror.metric("regmirror_cache_lookups_total", kind="blob", result="joined")
         == 1
     )
+
+
+#: A TLS 1.2 ClientHello's start (record header, handshake header, version,
+#: the first bytes of its random), sent to a plain-HTTP port.
+CLIENT_HELLO = bytes.fromhex("16030100c8010000c40303") + b"\x5a" * 32 + b"\x00"
+#: Requests the HTTP connection itself refuses, before any resource: each
+#: on a connection of its own, with the status it gets and what of its
+#: request line the access line shows (a regular expression).
+REFUSED: list[tuple[str, bytes, int, str]] = [
+    (
+        "delete",
+        b"DELETE /v2/r01/manifests/latest HTTP/1.1\r\nHost: m\r\n\r\n",
+        405,
+        re.escape('"DELETE /v2/r01/manifests/latest HTTP/1.1"'),
+    ),
+    (
+        "put",
+        b"PUT /v2/r02/manifests/v1 HTTP/1.1\r\nHost: m\r\nContent-Length: 2\r\n\r\n{}",
+        405,
+        re.escape('"PUT /v2/r02/manifests/v1 HTTP/1.1"'),
+    ),
+    (
+        "options",
+        b"OPTIONS /v2/r03/ HTTP/1.1\r\nHost: m\r\n\r\n",
+        405,
+        re.escape('"OPTIONS /v2/r03/ HTTP/1.1"'),
+    ),
+    (
+        "post",
+        b"POST /v2/r04/blobs/uploads/ HTTP/1.1\r\nHost: m\r\n\r\n",
+        405,
+        re.escape('"POST /v2/r04/blobs/uploads/ HTTP/1.1"'),
+    ),
+    (
+        "post-token",
+        b"POST /token?r05 HTTP/1.1\r\nHost: m\r\n\r\n",
+        405,
+        re.escape('"POST /token?r05 HTTP/1.1"'),
+    ),
+    (
+        "get-with-body",
+        b"GET /v2/r06/manifests/latest HTTP/1.1\r\nHost: m\r\n"
+        b"Content-Length: 5\r\n\r\nhello",
+        413,
+        re.escape('"GET /v2/r06/manifests/latest HTTP/1.1"'),
+    ),
+    (
+        "line-too-long",
+        b"GET /v2/r07/" + b"a" * 20000 + b" HTTP/1.1\r\nHost: m\r\n\r\n",
+        414,
+        # cut to a sane length, and marked so
+        r'"GET /v2/r07/a{400,1000}\.\.\. -"',
+    ),
+    (
+        "headers-too-big",
+        b"GET /v2/r08/manifests/latest HTTP/1.1\r\nHost: m\r\n"
+        + b"".join(b"X-Filler-%d: %s\r\n" % (i, b"b" * 1000) for i in range(20))
+        + b"\r\n",
+        431,
+        re.escape('"GET /v2/r08/manifests/latest HTTP/1.1"'),
+    ),
+    (
+        "esc-in-target",
+        b"GET /v2/r09/\x1b[2J/manifests/latest HTTP/1.1\r\nHost: m\r\n\r\n",
+        400,
+        re.escape(r'"GET /v2/r09/\x1B[2J/manifests/latest HTTP/1.1"'),
+    ),
+    (
+        "non-ascii-in-target",
+        b"GET /v2/r10/\xff/manifests/latest HTTP/1.1\r\nHost: m\r\n\r\n",
+        400,
+        re.escape(r'"GET /v2/r10/\xFF/manifests/latest HTTP/1.1"'),
+    ),
+    (
+        "nul-in-header",
+        b"GET /v2/r11/manifests/latest HTTP/1.1\r\nHost: m\r\nX-A: a\x00b\r\n\r\n",
+        400,
+        re.escape('"GET /v2/r11/manifests/latest HTTP/1.1"'),
+    ),
+    (
+        "http-9.9",
+        b"GET /v2/r12/manifests/latest HTTP/9.9\r\nHost: m\r\n\r\n",
+        400,
+        re.escape('"GET /v2/r12/manifests/latest HTTP/9.9"'),
+    ),
+    (
+        "space-in-target",
+        b"GET /v2/r13/a b/manifests/latest HTTP/1.1\r\nHost: m\r\n\r\n",
+        400,
+        re.escape('"GET /v2/r13/a b/manifests/latest HTTP/1.1"'),
+    ),
+    (
+        "bare-lf",
+        b"GET /v2/r14/manifests/latest HTTP/1.1\nHost: m\n\n",
+        400,
+        re.escape('"GET /v2/r14/manifests/latest HTTP/1.1"'),
+    ),
+    (
+        "tls-on-plain",
+        CLIENT_HELLO,
+        400,
+        re.escape(r'"- \x16\x03\x01\x00\xC8\x01\x00\x00\xC4\x03\x03ZZZZ'),
+    ),
+]
+
+
+def test_requests_refused_before_routing_have_their_access_lines(
+    start_mirror: StartMirror,
+) -> None:
+    """
+    The answers of the HTTP connection itself (405 for a write method, 413
+    for a GET with a body, 414, 431, 400 for a malformed request line or
+    header, a bare LF, TLS on the plain port) left no access line: fifteen
+    such requests gave five.  Each has one line, with the client's
+    address, what of its request line can be shown (escaped; a long one
+    cut), its status and the bytes of the answer's body; and each counts
+    in ``regmirror_requests_total`` (namespace and endpoint as for a
+    request refused before routing: ``""`` and ``other``).
+    """
+    mirror = start_mirror(lambda port: mirror_config(port, "http://127.0.0.1:9"))
+    statuses = ("400", "405", "413", "414", "431")
+    counted = {s: mirror.metric("regmirror_requests_total", status=s) for s in statuses}
+    mark = len(mirror.log_lines())
+    sent: dict[str, int] = {}
+    for name, data, status, _ in REFUSED:
+        answer = send_raw(mirror.port, data)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status) or (
+            name == "tls-on-plain" and head.startswith(b"HTTP/1.0 400 ")
+        ), (name, answer[:300])
+        sent[name] = len(body)
+
+    def access_lines() -> list[str]:
+        return [
+            line
+            for line in mirror.log_lines()[mark:]
+            if "[regmirror.access#" in line and "/metrics" not in line
+        ]
+
+    poll_until(
+        lambda: len(access_lines()) >= len(REFUSED), timeout=10, describe=mirror.log
+    )
+    lines = access_lines()
+    assert len(lines) == len(REFUSED), "\n".join(lines)
+    for name, _, status, shown in REFUSED:
+        found = [line for line in lines if re.search(shown, line)]
+        assert len(found) == 1, (name, shown, lines)
+        (line,) = found
+        assert f"] {LOCALHOST} - - " in line, line
+        assert re.search(f'" {status} {sent[name]} "-" "-" ns=- ', line), line
+        assert len(line) < 2500, line
+    for status in statuses:
+        expected = sum(1 for _, _, s, _ in REFUSED if str(s) == status)
+        now = mirror.metric(
+            "regmirror_requests_total", status=status, namespace="", endpoint="other"
+        )
+        assert now - counted[status] == expected, (status, now, counted[status])
+    raw = mirror.log_path.read_bytes()
+    assert not set(re.findall(rb"[\x00-\x09\x0b-\x1f\x7f]", raw))
