@@ -306,3 +306,19 @@ def test_a_refused_request_behind_a_trusted_proxy_names_the_client(
     ]
     assert _requests_total(metrics, method="other", status="405") == 1
     assert _requests_total(metrics, method="GET", status="413") == 1
+
+
+@pytest.mark.parametrize("n", ["%C2%B2", "%D9%A2", "%EF%BC%91", "1%C2%B9"])
+def test_a_page_size_in_other_than_ascii_digits_is_invalid(
+    mirror: Harness, origin: FakeRegistry, logged: list[LogEvent], n: str
+) -> None:
+    """``tags/list?n=`` with a digit of another script (``²``, which
+    ``str.isdigit`` takes and ``int`` refuses: a 500 with a traceback;
+    ``٢``, ``１``, which ``int`` takes) is ``PAGINATION_NUMBER_INVALID``,
+    and the upstream is not asked."""
+    image(origin)
+    response = mirror.request("GET", f"/v2/library/app/tags/list?n={n}")
+    assert response.code == 400
+    assert b"PAGINATION_NUMBER_INVALID" in mirror.body(response)
+    assert not [r for r in origin.requests if "tags/list" in r[1]]
+    assert not [e for e in logged if e.get("log_failure") is not None]

@@ -52,7 +52,8 @@ async def tags(request: Request, route: Route) -> None:
     wanted: dict[str, str] = {}
     n = query(request, "n")
     if n is not None:
-        if not n.isdigit():
+        # isascii: isdigit takes other scripts' digits (²), int() not all.
+        if not (n.isascii() and n.isdigit()):
             raise PaginationInvalid(f"n must be a number, not {n[:20]!r}")
         wanted["n"] = n
     last = query(request, "last")
