@@ -555,7 +555,7 @@ def _head_problem(
     if _is_page(response):
         return "answered with an HTML page"
     text = header(response, "Content-Length") or ""
-    length = int(text) if text.isdigit() else None
+    length = int(text) if text.isascii() and text.isdigit() else None
     if length is None or (length != size if size is not None else length <= 0):
         wanted = "a size" if size is None else f"size {size}"
         return f"answered length {text or 'none'}, not {wanted}"

@@ -549,7 +549,8 @@ def _quota(value: str | None) -> int | None:
     if not value:
         return None
     head = value.split(";", 1)[0].strip()
-    return int(head) if head.isdigit() else None
+    # isascii: isdigit takes other scripts' digits (²), which int() refuses.
+    return int(head) if head.isascii() and head.isdigit() else None
 
 
 def _scope_for(path: str) -> str:
