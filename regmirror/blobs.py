@@ -44,7 +44,13 @@ from regmirror.reference import Digest
 from regmirror.responses import discard
 from regmirror.siblings import Siblings
 from regmirror.sources import Sources
-from regmirror.store import AlreadyCached, DigestMismatch, SpoolBusy, Store
+from regmirror.store import (
+    SIZE_SUFFIX,
+    AlreadyCached,
+    DigestMismatch,
+    SpoolBusy,
+    Store,
+)
 from regmirror.upstream import Upstream, UpstreamFailure
 from regmirror.vouches import Vouches
 
@@ -214,12 +220,8 @@ class Blobs:
         namespace = pool.namespace
 
         async def ask() -> int | None:
-            running = self._running.get(digest)
-            known = running.size if running is not None else None
-            if known is None:
-                known = self.store.blob_size(digest)
             try:
-                size = await pool.blob_size(repository, digest, known)
+                size = await pool.blob_size(repository, digest, self._known(digest))
             except NotFoundAnywhere:
                 raise BlobUnknown(
                     f"blob {digest} is unknown to every upstream of {namespace}"
@@ -228,6 +230,24 @@ class Blobs:
             return size
 
         return await self._confirming.run((namespace, digest), ask)
+
+    def _known(self, digest: Digest) -> int | None:
+        """The size of *digest* as this machine knows it: a download's here,
+        the cached file's, another worker's announced one."""
+        running = self._running.get(digest)
+        if running is not None and running.size is not None:
+            return running.size
+        size = self.store.blob_size(digest)
+        if size is not None:
+            return size
+        path = self.store.spool_path(digest)
+        if self.store.spool_abandoned(path):
+            return None  # a size left by a process that died: not known
+        try:
+            with open(path + SIZE_SUFFIX, "rb") as f:
+                return int(f.read(32))
+        except (OSError, ValueError):
+            return None
 
     def _vouched(self, namespace: str, digest: Digest) -> None:
         """*namespace*'s upstream confirmed *digest*: record it with the

@@ -369,3 +369,55 @@ def test_a_tag_head_without_a_digest_probing_an_upstream_lets_its_get_through(
     assert harness.request("GET", "/v2/app/manifests/v2").code >= 500
     assert [m for m, _ in origin.requests] == ["HEAD"]
     assert breaker.health().failures == 1
+
+
+def test_another_workers_download_is_confirmed_against_its_announced_size(
+    tmp_path: Path,
+) -> None:
+    """
+    Two worker processes on one cache folder: the first downloads a layer
+    through docker.io (held halfway, its size announced); the second is
+    asked for it through ghcr.io, whose upstream answers the ``HEAD`` with
+    a plausible length that is not the layer's: 404, not the first's
+    bytes.  With the layer's length, the second follows the download.
+    """
+    hub, origin = FakeRegistry(), FakeRegistry()
+    layer = hub.add_blob(LAYER)
+    hub.hold[layer] = 4096
+    clock = Clock()
+    settings = {"origin": {"breaker_failures": 1000}}
+    first, second = (
+        Harness(
+            str(tmp_path / "cache"),
+            {"hub": hub, "origin": origin},
+            settings,
+            clock=clock,
+        )
+        for _ in range(2)
+    )
+    downloading = first.client.get(
+        f"http://mirror.test/v2/app/blobs/{layer}", unbuffered=True
+    )
+    first.settle()
+    origin.fault = answer(
+        200, {"Content-Type": "application/octet-stream", "Content-Length": "4096"}
+    )
+    refused = second.request("GET", f"/v2/ghcr.io/org/app/blobs/{layer}")
+    assert refused.code == 404
+    assert origin.count("HEAD", layer) == 1
+    assert origin.count("GET", layer) == 0
+
+    origin.fault = answer(
+        200, {"Content-Type": "application/octet-stream", "Content-Length": SIZE}
+    )
+    following = second.client.get(
+        f"http://mirror.test/v2/ghcr.io/org/app/blobs/{layer}"
+    )
+    second.settle()
+    hub.release()
+    for _ in range(10):
+        first.settle()
+        second.settle()
+        clock.advance(1)
+    assert second.body(result(following)) == LAYER
+    assert first.body(result(downloading)) == LAYER
