@@ -551,14 +551,14 @@ def _head_problem(
     content_type = (header(response, "Content-Type") or "").split(";", 1)[0]
     content_type = content_type.strip().lower()
     if manifest and content_type not in MANIFEST_TYPES:
-        return f"answered a {content_type or 'body without a type'}, not a manifest"
+        return f"answered {content_type[:80] or 'no type'!r}, not a manifest"
     if _is_page(response):
         return "answered with an HTML page"
     text = header(response, "Content-Length") or ""
     length = int(text) if text.isascii() and text.isdigit() else None
     if length is None or (length != size if size is not None else length <= 0):
         wanted = "a size" if size is None else f"size {size}"
-        return f"answered length {text or 'none'}, not {wanted}"
+        return f"answered length {text[:20] or 'none'!r}, not {wanted}"
     announced = header(response, "Docker-Content-Digest")
     if announced is not None and announced.strip() != str(digest):
         return f"answered digest {announced[:80]!r}"
