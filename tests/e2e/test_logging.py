@@ -286,10 +286,10 @@ def test_the_cache_and_upstream_fields_of_manifests_and_joined_downloads(
     relay = start_program(ThrottleRelay(tmp_path / "relay", upstream.port, 8 << 20))
     mirror = start_mirror(
         lambda port: (
-            mirror_config(port, relay.url)
-            .replace("[server]\n", "[server]\nworkers = 2\n")
             # Nothing pulled ahead: the blob look-ups are the clients' own.
-            .replace("default = true", "default = true\nprefetch = 0")
+            mirror_config(port, relay.url, prefetch=0).replace(
+                "[server]\n", "[server]\nworkers = 2\n"
+            )
         )
     )
     poll_until(lambda: len(workers_of(mirror)) == 1, timeout=15, describe=mirror.log)
