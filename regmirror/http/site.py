@@ -127,9 +127,11 @@ class MirrorSite(Site):
         if request is not None:
             client = self._client(request)
         else:
+            # A peer without an address (a unix: socket) as a request's.
+            host = str(getattr(peer, "host", "0.0.0.0"))
             try:
-                client = unmapped(ipaddress.ip_address(peer.host))
-            except (AttributeError, ValueError):
+                client = unmapped(ipaddress.ip_address(host))
+            except ValueError:
                 client = None
         self._write(
             client=client,
