@@ -45,7 +45,7 @@ from regmirror.reference import (
     DOCKER_MANIFEST,
     OCI_MANIFEST,
     Digest,
-    load_json,
+    descriptors,
     parse_digest,
 )
 from regmirror.responses import discard
@@ -301,21 +301,9 @@ def contents(body: bytes) -> list[tuple[Digest, int]]:
     manifest gives; nothing for a body that is no such document, and no
     entry without a digest and size.
     """
-    try:
-        document = load_json(body)
-    except ValueError:
-        return []
-    if not isinstance(document, dict):
-        return []
-    descriptors = [document.get("config")]
-    layers = document.get("layers")
-    if isinstance(layers, list):
-        descriptors += layers
     found: list[tuple[Digest, int]] = []
     seen: set[Digest] = set()
-    for descriptor in descriptors:
-        if not isinstance(descriptor, dict):
-            continue
+    for descriptor in descriptors(body, "layers"):
         media_type = str(descriptor.get("mediaType", ""))
         size = descriptor.get("size")
         if any(word in media_type for word in _NOT_SERVED):

@@ -13,7 +13,9 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
+from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 from attrs import frozen
@@ -121,6 +123,14 @@ def validate_tag(tag: str) -> str:
     if _TAG.fullmatch(tag) is None:
         raise TagInvalid(f"invalid tag {tag[:80]!r}")
     return tag
+
+
+def is_immutable(patterns: Iterable[str], tag: str) -> bool:
+    """Does *tag* match one of *patterns*, shell-style globs
+    (``immutable_tags``), as :func:`fnmatch.fnmatchcase` matches (tags are
+    case-sensitive; ``*`` and ``?`` match any characters, ``[0-9]`` one
+    of a set)?"""
+    return any(fnmatchcase(tag, pattern) for pattern in patterns)
 
 
 def parse_reference(text: str) -> str | Digest:
@@ -232,6 +242,23 @@ def load_json(body: bytes) -> Any:
         return json.loads(body, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, RecursionError):
         return None
+
+
+def descriptors(body: bytes, *lists: str) -> list[dict[str, Any]]:
+    """
+    A manifest's descriptors: its ``config``, then the entries of the named
+    *lists* (``layers``, ``manifests``, ``blobs``), those that are objects;
+    nothing for a body that is no JSON object.
+    """
+    document = load_json(body)
+    if not isinstance(document, dict):
+        return []
+    found = [document.get("config")]
+    for key in lists:
+        listed = document.get(key)
+        if isinstance(listed, list):
+            found += listed
+    return [d for d in found if isinstance(d, dict)]
 
 
 def manifest_media_type(body: bytes, content_type: str | None) -> str | None:

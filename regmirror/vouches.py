@@ -32,7 +32,7 @@ from collections.abc import Iterable
 
 from attrs import define, field
 
-from regmirror.reference import Digest, load_json, parse_digest
+from regmirror.reference import Digest, descriptors, parse_digest
 from regmirror.store import Store
 
 #: How many ``(namespace, digest)`` answers each process remembers (a few
@@ -131,24 +131,8 @@ def references(body: bytes) -> list[Digest]:
     ``subject``, which it only points at.  Nothing for a body that is not
     such a document.
     """
-    try:
-        document = load_json(body)
-    except ValueError:
-        return []
-    if not isinstance(document, dict):
-        return []
-    descriptors: list[object] = []
-    config = document.get("config")
-    if isinstance(config, dict):
-        descriptors.append(config)
-    for key in ("layers", "manifests", "blobs"):
-        listed = document.get(key)
-        if isinstance(listed, list):
-            descriptors += listed
     found = []
-    for descriptor in descriptors:
-        if not isinstance(descriptor, dict):
-            continue
+    for descriptor in descriptors(body, "layers", "manifests", "blobs"):
         try:
             found.append(parse_digest(str(descriptor.get("digest"))))
         except Exception:  # a malformed entry references nothing
