@@ -32,6 +32,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from regmirror._flight import SingleFlight
+from regmirror._segments import Segmented
 from regmirror._spooling import Appender, CallFromThread, call_here
 from regmirror._timeout import Idle
 from regmirror.download import Download
@@ -419,6 +420,8 @@ class Blobs:
         self.vouches.remember(pool.namespace, digest)
         length = response.length
         download.size = length if isinstance(length, int) else None
+        if download.segments is not None:
+            download.size = download.segments[-1][1]
         spool.announce(download.size)
         self._running[digest] = download
         self.log.info(
@@ -427,7 +430,10 @@ class Blobs:
             size=download.size,
             source=download.source,
         )
-        self._receive(download, response, skip=0)
+        if download.segments is None:
+            self._receive(download, response, skip=0)
+        else:
+            Segmented.start(self, download, response)
         return download
 
     async def _relay(
@@ -546,6 +552,10 @@ class Blobs:
             return
         if download.upstream is not None:
             download.upstream.breaker.transferred()
+        self._commit(download)
+
+    def _commit(self, download: Download) -> None:
+        """Every byte is in the spool: verify, and into the cache."""
         d = self.run_in_thread(download.writer.commit)
 
         def committed(_: None) -> None:

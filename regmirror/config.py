@@ -21,6 +21,11 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: Docker pulls at once (README.rst says why), and the most it may be.
 DEFAULT_PREFETCH = 3
 MAX_PREFETCH = 64
+#: ``[upstream:NAME] segments``: the most ranged GETs one blob is fetched
+#: in at once, and the smallest blob fetched so (``segment_min_size``)
+DEFAULT_SEGMENTS = 1
+MAX_SEGMENTS = 16
+DEFAULT_SEGMENT_MIN_SIZE = 64 * 1024**2
 
 
 class ConfigError(Exception):
@@ -85,6 +90,12 @@ class UpstreamConfig:
     breaker_failures: int = 3
     #: how long a down upstream is skipped (doubling, up to ten times)
     breaker_backoff: float = 30.0
+    #: a blob of at least ``segment_min_size`` bytes is fetched as this
+    #: many ranged GETs at once (1: one GET)
+    segments: int = field(
+        default=DEFAULT_SEGMENTS, validator=in_(range(1, MAX_SEGMENTS + 1))
+    )
+    segment_min_size: int = DEFAULT_SEGMENT_MIN_SIZE
 
     @property
     def host(self) -> str:

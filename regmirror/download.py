@@ -76,6 +76,9 @@ class Download:
     attempts: Attempts = field(factory=Attempts)
     #: how many times the transfer was resumed after breaking
     resumed: int = 0
+    #: the ranged segments ``(start, end)`` the blob comes in, at once,
+    #: when its upstream honours ``Range`` (:mod:`regmirror._segments`)
+    segments: list[tuple[int, int]] | None = None
     #: the other namespaces whose upstreams confirmed the digest while it
     #: downloaded, recorded with it once it is cached
     vouchers: set[str] = field(factory=set)

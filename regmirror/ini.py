@@ -17,9 +17,12 @@ from regmirror.config import (
     DEFAULT_DENY,
     DEFAULT_LISTEN,
     DEFAULT_PREFETCH,
+    DEFAULT_SEGMENT_MIN_SIZE,
+    DEFAULT_SEGMENTS,
     EVERYONE,
     FORWARDED_HEADERS,
     MAX_PREFETCH,
+    MAX_SEGMENTS,
     AccessConfig,
     CacheConfig,
     ClusterConfig,
@@ -358,6 +361,9 @@ def _upstream(reader: _Reader, name: str, base: str) -> UpstreamConfig:
     client_key = reader.get("client_key", path, None)
     if client_key is not None and client_cert is None:
         raise reader.error("client_key", "needs client_cert")
+    segments = reader.get("segments", positive_int, DEFAULT_SEGMENTS)
+    if segments > MAX_SEGMENTS:
+        raise reader.error("segments", f"at most {MAX_SEGMENTS}")
     upstream = UpstreamConfig(
         name=name,
         url=reader.get("url", parse_upstream_url, required=True),
@@ -375,6 +381,10 @@ def _upstream(reader: _Reader, name: str, base: str) -> UpstreamConfig:
         proxy=reader.get("proxy", parse_proxy_url, None),
         breaker_failures=reader.get("breaker_failures", positive_int, 3),
         breaker_backoff=reader.get("breaker_backoff", positive_duration, 30.0),
+        segments=segments,
+        segment_min_size=reader.get(
+            "segment_min_size", parse_size, DEFAULT_SEGMENT_MIN_SIZE
+        ),
     )
     reader.finish()
     return upstream

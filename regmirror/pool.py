@@ -243,6 +243,7 @@ class UpstreamPool:
         offset: int = 0,
         order: Sequence[Upstream] | None = None,
         last_resort: bool = False,
+        end: int | None = None,
     ) -> tuple[Upstream, IResponse]:
         """
         A GET response for a blob, its body unread, from the first upstream
@@ -252,16 +253,21 @@ class UpstreamPool:
         skips.  With *last_resort*, the upstreams of *order* skipped because
         their breaker is open are asked after all others failed (a download
         under way: better a request to an upstream marked down than a
-        client's broken stream).
+        client's broken stream).  With *end*, only the bytes before it are
+        asked for (a segment, :mod:`regmirror._segments`): the answer is a
+        206 for exactly ``offset`` to ``end``, or a 200 with the whole blob
+        from an upstream that ignores ``Range``.
         """
         path = f"{repository}/blobs/{digest}"
         headers = {"Range": f"bytes={offset}-"} if offset else None
+        if end is not None:
+            headers = {"Range": f"bytes={offset}-{end - 1}"}
         failures: list[UpstreamFailure] = []
         down: list[Upstream] = []
         for upstream in self.upstreams if order is None else order:
             try:
                 return upstream, await self._blob_answer(
-                    upstream, path, headers, offset
+                    upstream, path, headers, offset, end
                 )
             except UpstreamFailure as failure:
                 failures.append(failure)
@@ -277,7 +283,7 @@ class UpstreamPool:
             )
             try:
                 return upstream, await self._blob_answer(
-                    upstream, path, headers, offset, heed_breaker=False
+                    upstream, path, headers, offset, end, heed_breaker=False
                 )
             except UpstreamFailure as failure:
                 failures.append(failure)
@@ -289,13 +295,14 @@ class UpstreamPool:
         path: str,
         headers: dict[str, str] | None,
         offset: int,
+        end: int | None = None,
         heed_breaker: bool = True,
     ) -> IResponse:
         """One upstream's answer to a blob GET, if plausible."""
         response = await self.ask(
             upstream, "GET", path, headers, heed_breaker=heed_breaker
         )
-        problem = _blob_problem(response, offset)
+        problem = _blob_problem(response, offset, end)
         if problem is None:
             self.answered(upstream)
             return response
@@ -565,11 +572,18 @@ def _head_problem(
     return None
 
 
-def _blob_problem(response: IResponse, offset: int) -> str | None:
+def _blob_problem(
+    response: IResponse, offset: int, end: int | None = None
+) -> str | None:
     """What is wrong with a blob answer, if anything."""
     if _is_page(response):
         return "answered with an HTML page instead of a blob"
-    if offset and response.code == 206:
+    if end is not None and response.code == 206:
+        content_range = header(response, "Content-Range") or ""
+        wanted = f"bytes {offset}-{end - 1}/"
+        if not content_range.startswith(wanted) or response.length != end - offset:
+            return f"answered range {content_range!r} for bytes {offset}-{end - 1}"
+    elif offset and response.code == 206:
         content_range = header(response, "Content-Range") or ""
         if not content_range.startswith(f"bytes {offset}-"):
             return f"answered range {content_range!r} for bytes {offset}-"

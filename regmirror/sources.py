@@ -36,7 +36,7 @@ from twisted.web.iweb import IResponse
 from regmirror.bucket import Bucket, in_background
 from regmirror.cluster import Coordinator, CoordinatorDown, Lease
 from regmirror.download import PEER_PREFIX, Download
-from regmirror.errors import BlobUnknown
+from regmirror.errors import BlobUnknown, RegistryError
 from regmirror.nodes import Peers, PeerUnavailable
 from regmirror.pool import NotFoundAnywhere, UpstreamPool
 from regmirror.reference import Digest
@@ -100,15 +100,44 @@ class Upstreams:
         pool = download.pool
         assert pool is not None, "a follower opens nothing"
         order = download.attempts.next_order(self.trusted(pool, download.digest))
+        plan = None
+        if download.written == 0 and not download.resumed and order:
+            plan = await self._plan(download, pool, order[0])
         upstream, response = await pool.open_blob(
             download.repository,
             download.digest,
             download.written,
             order,
             last_resort=download.resumed > 0,
+            end=None if plan is None else plan[0][1],
         )
         download.source, download.upstream = upstream.name, upstream
+        if plan is not None and response.code == 206:
+            # Else an upstream that ignores Range sends the whole blob: one GET.
+            download.segments = plan
         return response
+
+    async def _plan(
+        self, download: Download, pool: UpstreamPool, first: Upstream
+    ) -> list[tuple[int, int]] | None:
+        """
+        The segments a new download is fetched in, when the first upstream
+        to ask takes ``segments`` and the blob (its size asked with a
+        ``HEAD``) is at least its ``segment_min_size``; else ``None``.
+        """
+        config = first.config
+        if config.segments <= 1:
+            return None
+        size = download.size
+        if size is None:
+            try:
+                size = await pool.blob_size(download.repository, download.digest)
+            except (NotFoundAnywhere, RegistryError):
+                return None  # the GET says why
+        if size < max(config.segment_min_size, config.segments):
+            return None
+        step = -(-size // config.segments)
+        return [(start, min(size, start + step)) for start in range(0, size, step)]
 
     async def size(
         self, pool: UpstreamPool, repository: str, digest: Digest

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,14 @@ class FakeRegistry(Resource):
         #: digests whose every GET body, ranged or not, breaks off after
         #: this many bytes of it (a congested mirror)
         self.flaky: dict[str, int] = {}
+        #: answer every blob GET whole (200), whatever its Range header
+        self.ignore_range = False
+        #: ``(digest, first byte)`` → n: the next ranged GET of the blob
+        #: from that byte breaks off after n bytes of its body (once)
+        self.break_range: dict[tuple[str, int], int] = {}
+        #: ``(digest, first byte)`` → n: ranged GETs of the blob from that
+        #: byte send n bytes of their body and are held (:meth:`release`)
+        self.hold_range: dict[tuple[str, int], int] = {}
         #: when set, blobs are served with this Content-Type
         self.blob_type = "application/octet-stream"
         self.fault: Callable[[Request], tuple[int, bytes] | None] | None = None
@@ -72,6 +81,9 @@ class FakeRegistry(Resource):
         self.basic: str | None = None
         #: ``(limit, remaining)`` sent as RateLimit-* headers on manifests
         self.quota: tuple[int, int] | None = None
+        #: when true, requests are recorded and never answered (an
+        #: upstream that accepts and then says nothing)
+        self.silent = False
 
     # -- content ------------------------------------------------------------
 
@@ -115,6 +127,8 @@ class FakeRegistry(Resource):
         self.requests.append((method, path))
         authorization = request.getHeader("Authorization")
         self.authorizations.append((path, authorization))
+        if self.silent:
+            return NOT_DONE_YET
         if path == "/token":
             if self.token_credentials not in (None, authorization):
                 request.setResponseCode(401)
@@ -199,15 +213,25 @@ class FakeRegistry(Resource):
             request.write(data[: self.drop[digest]])
             request.loseConnection()
             return NOT_DONE_YET
-        ranged = wanted.startswith("bytes=") and wanted.endswith("-")
-        if ranged:
-            start = int(wanted[len("bytes=") : -1])
+        bounds = re.fullmatch(r"bytes=(\d+)-(\d*)", wanted)
+        ranged = bounds is not None and not self.ignore_range
+        if bounds is not None and ranged:
+            start = int(bounds.group(1))
+            last = int(bounds.group(2) or len(data) - 1)
             request.setResponseCode(206)
-            request.setHeader(
-                "Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}"
-            )
-            request.setHeader("Content-Length", str(len(data) - start))
-            data = data[start:]
+            request.setHeader("Content-Range", f"bytes {start}-{last}/{len(data)}")
+            request.setHeader("Content-Length", str(last + 1 - start))
+            data = data[start : last + 1]
+            cut = self.break_range.pop((digest, start), None)
+            if cut is not None:
+                request.write(data[:cut])
+                request.loseConnection()
+                return NOT_DONE_YET
+            if (digest, start) in self.hold_range:
+                split = self.hold_range[(digest, start)]
+                request.write(data[:split])
+                self.held.append((request, data[split:]))
+                return NOT_DONE_YET
         if digest in self.flaky:
             request.write(data[: self.flaky[digest]])
             request.loseConnection()

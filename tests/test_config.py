@@ -1008,3 +1008,21 @@ def test_an_encrypted_client_key_is_refused_without_a_prompt(tmp_path: Path) -> 
             f"{path}: [upstream:hub] client_key: the private key in "
             f"{tmp_path / 'key.pem'} is encrypted: give it in clear"
         )
+
+
+def test_segments(tmp_path: Path) -> None:
+    """An upstream's ``segments`` defaults to 1 (one GET) and
+    ``segment_min_size`` to 64 MiB; ``segments`` from 1 to 16 and a size
+    load; 0, 17 or a word are refused with the upstream's key named."""
+    upstream = load(_write(tmp_path, MINIMAL)).upstreams["hub"]
+    assert (upstream.segments, upstream.segment_min_size) == (1, 64 * 1024**2)
+    with_segments = MINIMAL.replace(
+        "url = https://registry-1.docker.io\n",
+        "url = https://registry-1.docker.io\nsegments = {}\nsegment_min_size = 16MiB\n",
+    )
+    for value in (1, 4, 16):
+        loaded = load(_write(tmp_path, with_segments.format(value))).upstreams["hub"]
+        assert (loaded.segments, loaded.segment_min_size) == (value, 16 * 1024**2)
+    for value in ("0", "17", "some"):
+        path = _write(tmp_path, with_segments.format(value))
+        _assert_located(_error(path), path, "upstream:hub", "segments")

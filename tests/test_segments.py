@@ -1,0 +1,208 @@
+"""
+A large blob fetched as several ranged GETs at once (``[upstream:NAME]
+segments``), in memory: the bytes assembled in order, each segment
+resumed on its own, an upstream that ignores Range, and ``segments = 1``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import treq
+from fakeregistry import FakeRegistry
+from memory import LAYER, Harness, image
+
+from regmirror.reference import parse_digest
+
+#: LAYER (10 KiB) in four segments
+STEP = len(LAYER) // 4
+RANGES = [f"bytes={i * STEP}-{(i + 1) * STEP - 1}" for i in range(4)]
+
+
+def segmented(
+    tmp_path: Path, segments: int = 4, min_size: int = 4096
+) -> tuple[Harness, FakeRegistry, str]:
+    """A mirror over one upstream that takes *segments*, and its layer."""
+    origin = FakeRegistry()
+    harness = Harness(
+        str(tmp_path / "cache"),
+        {"origin": origin},
+        {"origin": {"segments": segments, "segment_min_size": min_size}},
+    )
+    return harness, origin, image(origin)["layer"]
+
+
+def cached(harness: Harness, layer: str) -> bytes | None:
+    path = harness.store.blob_path(parse_digest(layer))
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def spooled(harness: Harness) -> list[str]:
+    return [f for f in harness.cached_files() if "/spool/" in f]
+
+
+def stream(harness: Harness, layer: str) -> tuple[list[bytes], Any]:
+    """A client's GET of *layer*: what it received so far, and its end."""
+    response = harness.request("GET", f"/v2/app/blobs/{layer}")
+    assert response.code == 200
+    received: list[bytes] = []
+    done = treq.collect(response, received.append)
+    ended: list[Any] = []
+    done.addBoth(ended.append)
+    harness.settle()
+    return received, ended
+
+
+def test_a_large_blob_comes_in_ranged_segments_assembled_byte_exact(
+    tmp_path: Path,
+) -> None:
+    """With ``segments = 4``, a blob of at least ``segment_min_size`` whose
+    size a HEAD gave is fetched as four ranged GETs, one per quarter, no
+    byte asked twice; the client and the cache get it byte-exact, and no
+    side file is left."""
+    harness, origin, layer = segmented(tmp_path)
+    received, ended = stream(harness, layer)
+    assert ended == [None]
+    assert b"".join(received) == LAYER
+    assert origin.count("GET", "/blobs/") == 4
+    assert origin.count("HEAD", "/blobs/") == 1
+    assert sorted(origin.ranges) == sorted(RANGES)
+    assert origin.ranges[0] == RANGES[0]
+    assert cached(harness, layer) == LAYER
+    assert spooled(harness) == []
+
+
+def test_a_broken_segment_resumes_on_its_own_from_where_it_stopped(
+    tmp_path: Path,
+) -> None:
+    """A segment whose body breaks off is asked for again from the byte it
+    stopped at to its own end; the other segments are not asked again."""
+    harness, origin, layer = segmented(tmp_path)
+    origin.break_range[(layer, STEP)] = 1000
+    received, ended = stream(harness, layer)
+    assert ended == [None]
+    assert b"".join(received) == LAYER
+    assert sorted(origin.ranges) == sorted(
+        [*RANGES, f"bytes={STEP + 1000}-{2 * STEP - 1}"]
+    )
+    assert cached(harness, layer) == LAYER
+
+
+def test_an_upstream_that_ignores_range_gets_one_get(tmp_path: Path) -> None:
+    """An upstream that answers the first segment's ranged GET with the
+    whole blob (200) is read as one transfer: one GET, no other segment
+    asked for."""
+    harness, origin, layer = segmented(tmp_path)
+    origin.ignore_range = True
+    received, ended = stream(harness, layer)
+    assert ended == [None]
+    assert b"".join(received) == LAYER
+    assert origin.count("GET", "/blobs/") == 1
+    assert cached(harness, layer) == LAYER
+
+
+def test_a_reader_gets_bytes_in_order_while_segments_come_out_of_order(
+    tmp_path: Path,
+) -> None:
+    """While the first segment is held after 100 bytes and the others are
+    in, a client has only the first 99 bytes (never a later segment's
+    before the bytes ahead of them, the last byte held back); once the
+    first segment ends, it gets the whole blob, in order."""
+    harness, origin, layer = segmented(tmp_path)
+    origin.hold_range[(layer, 0)] = 100
+    received, ended = stream(harness, layer)
+    assert ended == []
+    assert b"".join(received) == LAYER[:99]
+    origin.release()
+    harness.settle()
+    assert ended == [None]
+    assert b"".join(received) == LAYER
+    assert cached(harness, layer) == LAYER
+
+
+def test_the_last_byte_waits_for_the_whole_blob_to_be_verified(
+    tmp_path: Path,
+) -> None:
+    """With every segment in but the last one's final byte, a client has all
+    but the last two bytes: the last byte comes only with the verified
+    blob."""
+    harness, origin, layer = segmented(tmp_path)
+    origin.hold_range[(layer, 3 * STEP)] = STEP - 1
+    received, ended = stream(harness, layer)
+    assert b"".join(received) == LAYER[:-2]
+    assert cached(harness, layer) is None
+    origin.release()
+    harness.settle()
+    assert b"".join(received) == LAYER
+    assert cached(harness, layer) == LAYER
+
+
+def test_segments_with_wrong_bytes_cache_nothing(tmp_path: Path) -> None:
+    """Segments whose bytes do not match the digest: the client's stream
+    breaks before the last byte, nothing is cached, no spool is left."""
+    harness, origin, layer = segmented(tmp_path)
+    origin.corrupt.add(layer)
+    origin.hold_range[(layer, 3 * STEP)] = 100
+    received, ended = stream(harness, layer)
+    assert ended == []
+    origin.release()
+    harness.settle()
+    assert len(ended) == 1 and ended[0] is not None
+    assert len(b"".join(received)) < len(LAYER)
+    assert cached(harness, layer) is None
+    assert spooled(harness) == []
+
+
+def test_one_segment_is_one_plain_get(tmp_path: Path) -> None:
+    """``segments = 1`` (the default): one GET without Range, no HEAD."""
+    harness, origin, layer = segmented(tmp_path, segments=1)
+    received, ended = stream(harness, layer)
+    assert ended == [None]
+    assert b"".join(received) == LAYER
+    assert origin.count("GET", "/blobs/") == 1
+    assert origin.count("HEAD", "/blobs/") == 0
+    assert origin.ranges == []
+
+
+def test_a_blob_below_segment_min_size_is_one_get(tmp_path: Path) -> None:
+    """A blob smaller than ``segment_min_size`` comes in one GET without
+    Range."""
+    harness, origin, layer = segmented(tmp_path, min_size=len(LAYER) + 1)
+    received, ended = stream(harness, layer)
+    assert b"".join(received) == LAYER
+    assert origin.count("GET", "/blobs/") == 1
+    assert origin.ranges == []
+
+
+def test_a_segment_answered_whole_is_dropped_and_asked_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """A resumed segment's ranged GET answered whole (200) by an upstream
+    that ignores Range is dropped, and the segment asked for again from the
+    same byte of the next upstream."""
+    first, second = FakeRegistry(), FakeRegistry()
+    harness = Harness(
+        str(tmp_path / "cache"),
+        {"first": first, "second": second},
+        {"first": {"segments": 4, "segment_min_size": 4096}},
+    )
+    layer = image(first)["layer"]
+    image(second)
+    second.ignore_range = True
+    first.hold_range[(layer, STEP)] = 10
+    received, ended = stream(harness, layer)
+    assert ended == []
+    del first.hold_range[(layer, STEP)]
+    first.cut()
+    harness.settle()
+    assert ended == [None]
+    assert b"".join(received) == LAYER
+    rest = f"bytes={STEP + 10}-{2 * STEP - 1}"
+    assert second.ranges == [rest]
+    assert sorted(first.ranges) == sorted([*RANGES, rest])
+    assert cached(harness, layer) == LAYER
