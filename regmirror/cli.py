@@ -27,6 +27,7 @@ from regmirror.config import Config, ConfigError
 from regmirror.errors import RegistryError
 from regmirror.prefetch import run_prefetch
 from regmirror.reference import (
+    is_immutable,
     parse_digest,
     validate_name,
     validate_tag,
@@ -234,7 +235,11 @@ def cache_gc(arguments: argparse.Namespace, out: TextIO) -> dict[str, Any]:
     config, store = _store(arguments)
     evicted = store.evict() if store.over_limit() else []
     keep = max(n.max_stale for n in config.namespaces)
-    expired = store.expire_tags(time.time() - keep)
+    patterns = {n.name: n.immutable_tags for n in config.namespaces}
+    expired = store.expire_tags(
+        time.time() - keep,
+        lambda namespace, tag: is_immutable(patterns.get(namespace, ()), tag),
+    )
     if not arguments.json:
         freed = sum(e.size for e in evicted)
         print(

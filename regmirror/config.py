@@ -21,6 +21,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: Docker pulls at once (README.rst says why), and the most it may be.
 DEFAULT_PREFETCH = 3
 MAX_PREFETCH = 64
+#: ``[namespace:NAME] origin_retry`` unless given: how long a failed check
+#: of a tag at the origin is remembered (README.rst says why)
+DEFAULT_ORIGIN_RETRY = 30.0
 #: ``[upstream:NAME] segments``: the most ranged GETs one blob is fetched
 #: in at once, and the smallest blob fetched so (``segment_min_size``)
 DEFAULT_SEGMENTS = 1
@@ -126,6 +129,12 @@ class NamespaceConfig:
     prefetch: int = field(
         default=DEFAULT_PREFETCH, validator=in_(range(MAX_PREFETCH + 1))
     )
+    #: overrides ``[cache] tag_ttl`` for this namespace (``None``: that one)
+    tag_ttl: float | None = None
+    #: tags matching one of these globs are asked of the origin once
+    immutable_tags: tuple[str, ...] = ()
+    #: a failed check of a tag at the origin is not repeated for this long
+    origin_retry: float = DEFAULT_ORIGIN_RETRY
 
 
 DEFAULT_LISTEN: tuple[str, ...] = ("tcp:5000",)

@@ -81,7 +81,8 @@ class Fetcher:
             synchronous *run_in_thread*).
         :param max_blob_size: the largest blob taken from an upstream that
             does not say its size.
-        :param tag_ttl: how long the origin's answer for a tag is reused.
+        :param tag_ttl: how long the origin's answer for a tag is reused
+            (``[cache] tag_ttl``; a namespace's own overrides it).
         :param bucket: the bucket the cluster's nodes share (``[cache]
             backend = s3``).
         :param bucket_max_size: evict the bucket's least recently used
@@ -124,8 +125,8 @@ class Fetcher:
         self.manifests = Manifests(store, self.metrics, self.vouches, self.bucket)
         self.ahead = Ahead(self.blobs, store, clock, self.metrics)
         board: Board = NoBoard()
-        if coordinator is not None and tag_ttl > 0:
-            board = RedisBoard(coordinator, clock, tag_ttl)
+        if coordinator is not None:
+            board = RedisBoard(coordinator, clock)
         self.tags = Tags(
             store, clock, self.manifests, self.blobs, self.metrics, board, tag_ttl
         )

@@ -16,6 +16,7 @@ from typing import TypeVar
 from regmirror.config import (
     DEFAULT_DENY,
     DEFAULT_LISTEN,
+    DEFAULT_ORIGIN_RETRY,
     DEFAULT_PREFETCH,
     DEFAULT_SEGMENT_MIN_SIZE,
     DEFAULT_SEGMENTS,
@@ -53,6 +54,7 @@ from regmirror.ini_values import (
     positive,
     positive_int,
     resolve_endpoint_paths,
+    tag_glob,
     whole_number,
     words,
 )
@@ -457,6 +459,9 @@ def _namespace(
         max_stale=reader.get("max_stale", parse_duration, 7 * 86400.0),
         anonymous=reader.get("anonymous", parse_networks, None),
         prefetch=prefetch,
+        tag_ttl=reader.get("tag_ttl", parse_duration, None),
+        immutable_tags=reader.get("immutable_tags", list_of(tag_glob), ()),
+        origin_retry=reader.get("origin_retry", parse_duration, DEFAULT_ORIGIN_RETRY),
     )
     reader.finish()
     return namespace

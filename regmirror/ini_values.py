@@ -172,6 +172,17 @@ def words(text: str) -> tuple[str, ...]:
     return tuple(text.split())
 
 
+_TAG_GLOB = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}")
+
+
+def tag_glob(text: str) -> str:
+    """A shell-style glob of tags (``v[0-9]*``, ``sha-*``): only what a tag
+    may hold (letters, digits, ``_.-``) and ``* ? [ ] !``."""
+    if _TAG_GLOB.fullmatch(text) is None:
+        raise ValueError(f"not a tag pattern: {text[:40]!r} (use e.g. v[0-9]* sha-*)")
+    return text
+
+
 def list_of(convert: Callable[[str], T]) -> Callable[[str], tuple[T, ...]]:
     """A converter: each word by *convert*."""
 

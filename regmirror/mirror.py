@@ -26,6 +26,7 @@ from regmirror.download import Download
 from regmirror.fetch import Fetcher
 from regmirror.metrics import Metrics, View, gauge, total
 from regmirror.pool import UpstreamPool
+from regmirror.reference import is_immutable
 from regmirror.status import EVERYTHING, History, Shown
 from regmirror.store import Store
 from regmirror.upstream import Upstream
@@ -251,13 +252,21 @@ class Mirror:
         )
 
     def housekeep(self) -> None:
-        """Periodic: evict if over the limits, expire old tag records and
-        stale mirrors' records older than their namespace's ``max_stale``."""
+        """Periodic: evict if over the limits, expire old tag records
+        (an immutable tag's only once its manifest is evicted) and stale
+        mirrors' records older than their namespace's ``max_stale``."""
         self.fetcher.housekeep()
         now = self.fetcher.clock.seconds()
         keep = max(n.max_stale for n in self.config.namespaces)
         cutoff = now - keep
-        d = self.fetcher.run_in_thread(lambda: self.store.expire_tags(cutoff))
+        patterns = {n.name: n.immutable_tags for n in self.config.namespaces}
+
+        def immutable(namespace: str, tag: str) -> bool:
+            return is_immutable(patterns.get(namespace, ()), tag)
+
+        d = self.fetcher.run_in_thread(
+            lambda: self.store.expire_tags(cutoff, immutable)
+        )
         d.addErrback(lambda failure: log.failure("tag expiry failed", failure))
         for pool in self.pools:
             expire = partial(pool.stale.expire, now - pool.max_stale)

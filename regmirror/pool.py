@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
+from regmirror.config import DEFAULT_ORIGIN_RETRY
 from regmirror.errors import (
     Denied,
     RegistryError,
@@ -29,6 +30,7 @@ from regmirror.reference import (
     MANIFEST_TYPES,
     MAX_MANIFEST_SIZE,
     Digest,
+    is_immutable,
     manifest_media_type,
     parse_digest,
 )
@@ -98,6 +100,14 @@ class UpstreamPool:
     origin_unreachable: str = "freshest"
     #: cached tag answers older than this are not used in that case
     max_stale: float = 7 * 86400.0
+    #: how long the origin's answer for a tag is reused here; ``None``:
+    #: the cache's ``tag_ttl``
+    tag_ttl: float | None = None
+    #: tags matching one of these globs are asked of the origin once
+    immutable_tags: tuple[str, ...] = ()
+    #: after the origin failed to answer about a tag, how long it is not
+    #: asked about that tag again (0: asked at every pull)
+    origin_retry: float = DEFAULT_ORIGIN_RETRY
     #: (mirror, repository) → its last answer that differed from the origin,
     #: at most :data:`MAX_STALE`; with a folder, every process's
     stale: StaleMirrors = field(factory=StaleMirrors)
@@ -105,6 +115,10 @@ class UpstreamPool:
     stale_counts: dict[str, int] = field(factory=dict)
     metrics: Metrics = field(factory=Metrics)
     log = Logger()
+
+    def immutable(self, tag: str) -> bool:
+        """Does *tag* match one of the namespace's ``immutable_tags``?"""
+        return is_immutable(self.immutable_tags, tag)
 
     @property
     def mirrors(self) -> list[Upstream]:

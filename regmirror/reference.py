@@ -13,7 +13,9 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
+from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 from attrs import frozen
@@ -121,6 +123,14 @@ def validate_tag(tag: str) -> str:
     if _TAG.fullmatch(tag) is None:
         raise TagInvalid(f"invalid tag {tag[:80]!r}")
     return tag
+
+
+def is_immutable(patterns: Iterable[str], tag: str) -> bool:
+    """Does *tag* match one of *patterns*, shell-style globs
+    (``immutable_tags``), as :func:`fnmatch.fnmatchcase` matches (tags are
+    case-sensitive; ``*`` and ``?`` match any characters, ``[0-9]`` one
+    of a set)?"""
+    return any(fnmatchcase(tag, pattern) for pattern in patterns)
 
 
 def parse_reference(text: str) -> str | Digest:

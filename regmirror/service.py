@@ -309,6 +309,9 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
                 upstreams[namespace.origin],
                 origin_unreachable=namespace.origin_unreachable,
                 max_stale=namespace.max_stale,
+                tag_ttl=namespace.tag_ttl,
+                immutable_tags=namespace.immutable_tags,
+                origin_retry=namespace.origin_retry,
                 stale=StaleMirrors(
                     os.path.join(config.cache.directory, "stale", namespace.name)
                 ),

@@ -715,10 +715,24 @@ class Store:
                 if record is not None:
                     yield namespace, repository.replace(os.sep, "/"), tag, record
 
-    def expire_tags(self, older_than: float) -> int:
-        """Remove tag records the origin last confirmed before *older_than*."""
+    def expire_tags(
+        self,
+        older_than: float,
+        immutable: Callable[[str, str], bool] | None = None,
+    ) -> int:
+        """
+        Remove tag records the origin last confirmed before *older_than*;
+        those of tags *immutable* says are (namespace, tag) only once the
+        manifest they name has left the cache.
+        """
         expired = 0
         for namespace, repository, tag, record in list(self.tags()):
+            if (
+                immutable is not None
+                and immutable(namespace, tag)
+                and self.has_blob(record.digest)
+            ):
+                continue
             if record.confirmed < older_than:
                 self.remove_tag(namespace, repository, tag)
                 expired += 1

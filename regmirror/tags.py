@@ -3,16 +3,21 @@ What a tag points at.
 
 The namespace's origin decides (:meth:`regmirror.pool.UpstreamPool.resolve_tag`,
 which also notes mirrors that answer otherwise as stale); its answer is
-reused for ``tag_ttl``, recorded on disk, and, with ``[cluster]``, posted in
-Redis for the other nodes, which take it from there while it is younger
-than ``tag_ttl`` instead of asking the origin themselves (a
-:class:`Board`).  When the origin cannot be reached, the namespace's
+reused for the namespace's ``tag_ttl``, recorded on disk, and, with
+``[cluster]``, posted in Redis for the other nodes, which take it from
+there while it is younger than ``tag_ttl`` instead of asking the origin
+themselves (a :class:`Board`).  A tag matching the namespace's
+``immutable_tags`` is asked of the origin once: its record on disk answers
+from then on.  When the origin cannot be reached, the namespace's
 ``origin_unreachable`` policy decides among the answer on disk and those of
-the mirrors not known to be stale.
+the mirrors not known to be stale; the failure is remembered for
+``origin_retry``, in each process, and the tag's pulls meanwhile get that
+policy's answer without asking the origin.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 from attrs import define, field
@@ -22,7 +27,7 @@ from twisted.logger import Logger
 from regmirror._flight import SingleFlight
 from regmirror.blobs import Blobs
 from regmirror.cluster import Coordinator, CoordinatorDown
-from regmirror.errors import DownloadFailed, ManifestUnknown
+from regmirror.errors import DownloadFailed, ManifestUnknown, UpstreamUnavailable
 from regmirror.manifests import Manifests
 from regmirror.metrics import Metrics
 from regmirror.pool import NotFoundAnywhere, OriginUnreachable, TagAnswer, UpstreamPool
@@ -39,8 +44,15 @@ from regmirror.store import Store
 CACHE = "cache"
 #: Where a tag answer came from when another node asked the origin.
 CLUSTER = "cluster"
+#: Where a tag answer came from when the tag is immutable and the origin
+#: answered for it before.
+IMMUTABLE = "immutable"
 #: How many tag answers are remembered in memory (each also on disk).
 MAX_ANSWERS = 10_000
+#: How many tags' failed checks at the origin each process remembers.
+MAX_FAILURES = 10_000
+
+Key = tuple[str, str, str]
 #: Image configs read to date an image are read up to this size.
 MAX_CONFIG_SIZE = 1024 * 1024
 
@@ -50,27 +62,27 @@ class Board(Protocol):
     each other."""
 
     async def read(
-        self, namespace: str, repository: str, tag: str
+        self, namespace: str, repository: str, tag: str, ttl: float
     ) -> tuple[TagAnswer, float] | None:
         """Another node's answer from the origin and when the origin gave
-        it, while younger than ``tag_ttl``."""
+        it, while younger than *ttl* (the namespace's ``tag_ttl``)."""
 
     async def post(
-        self, namespace: str, repository: str, tag: str, digest: Digest
+        self, namespace: str, repository: str, tag: str, digest: Digest, ttl: float
     ) -> None:
-        """The origin's answer, given now, for the other nodes."""
+        """The origin's answer, given now, for the other nodes, for *ttl*."""
 
 
 class NoBoard:
-    """A node alone (or ``tag_ttl = 0``): every answer is its own."""
+    """A node alone: every answer is its own."""
 
     async def read(
-        self, namespace: str, repository: str, tag: str
+        self, namespace: str, repository: str, tag: str, ttl: float
     ) -> tuple[TagAnswer, float] | None:
         return None
 
     async def post(
-        self, namespace: str, repository: str, tag: str, digest: Digest
+        self, namespace: str, repository: str, tag: str, digest: Digest, ttl: float
     ) -> None:
         pass
 
@@ -81,25 +93,24 @@ class RedisBoard:
 
     coordinator: Coordinator
     clock: IReactorTime
-    ttl: float
 
     async def read(
-        self, namespace: str, repository: str, tag: str
+        self, namespace: str, repository: str, tag: str, ttl: float
     ) -> tuple[TagAnswer, float] | None:
         try:
             posted = await self.coordinator.tag(namespace, repository, tag)
         except CoordinatorDown:
             return None
-        if posted is None or self.clock.seconds() - posted[1] >= self.ttl:
+        if posted is None or self.clock.seconds() - posted[1] >= ttl:
             return None
         return TagAnswer(posted[0], CLUSTER), posted[1]
 
     async def post(
-        self, namespace: str, repository: str, tag: str, digest: Digest
+        self, namespace: str, repository: str, tag: str, digest: Digest, ttl: float
     ) -> None:
         try:
             await self.coordinator.set_tag(
-                namespace, repository, tag, digest, self.clock.seconds(), self.ttl
+                namespace, repository, tag, digest, self.clock.seconds(), ttl
             )
         except CoordinatorDown:
             pass
@@ -107,7 +118,8 @@ class RedisBoard:
 
 @define(eq=False)
 class Tags:
-    """Resolves tags: the origin's answers, reused for ``ttl`` seconds."""
+    """Resolves tags: the origin's answers, reused for ``ttl`` seconds
+    (or the namespace's own ``tag_ttl``)."""
 
     store: Store
     clock: IReactorTime
@@ -117,8 +129,10 @@ class Tags:
     metrics: Metrics
     board: Board = field(factory=NoBoard)
     ttl: float = 60.0
-    _answers: dict[tuple[str, str, str], tuple[TagAnswer, float]] = field(factory=dict)
-    _flight: SingleFlight[tuple[str, str, str], TagAnswer] = field(factory=SingleFlight)
+    _answers: dict[Key, tuple[TagAnswer, float]] = field(factory=dict)
+    #: tags whose check at the origin failed → until when it is not asked
+    _failures: dict[Key, float] = field(factory=dict)
+    _flight: SingleFlight[Key, TagAnswer] = field(factory=SingleFlight)
     log = Logger()
 
     async def resolve(self, pool: UpstreamPool, repository: str, tag: str) -> TagAnswer:
@@ -128,27 +142,41 @@ class Tags:
         the namespace's policy applies: ``freshest`` takes the newest image
         among the cached answer (if younger than ``max_stale``) and the
         mirrors not known to be stale, ``cache`` only the cached answer,
-        ``fail`` nothing.
+        ``fail`` nothing.  A tag matching ``immutable_tags`` is answered
+        by its record on disk, once there is one.  A failed check at the
+        origin is not repeated for the namespace's ``origin_retry``: the
+        tag's requests meanwhile get the policy's answer at once (the
+        mirrors are not asked again; without an answer, 503).
 
         :return: the answer; its ``upstream`` says where it came from:
-            an upstream's name, ``"cache"`` or ``"cluster"``.
+            an upstream's name, ``"cache"``, ``"cluster"`` or
+            ``"immutable"``.
         :raises ManifestUnknown: when the origin says the tag does not exist.
         """
         key = (pool.namespace, repository, tag)
+        now = self.clock.seconds()
         remembered = self._answers.get(key)
-        if remembered is not None and self.clock.seconds() < remembered[1]:
+        if remembered is not None and now < remembered[1]:
             return remembered[0]
-        recorded = self._recently_confirmed(pool, repository, tag)
+        ttl = self.ttl_for(pool)
+        recorded = self._recorded(pool, repository, tag, ttl)
         if recorded is not None:
             return recorded
+        failed_until = self._failures.get(key)
+        if failed_until is not None:
+            if now < failed_until:
+                return await self._while_failing(pool, repository, tag, failed_until)
+            del self._failures[key]
 
         async def ask() -> TagAnswer:
-            posted = await self.board.read(pool.namespace, repository, tag)
+            posted = None
+            if ttl > 0:
+                posted = await self.board.read(pool.namespace, repository, tag, ttl)
             if posted is not None:
                 answer, confirmed = posted
                 # Kept like our own answer, for when the origin is down.
                 self._record(pool.namespace, repository, tag, answer.digest, confirmed)
-                self._remember(key, answer, confirmed)
+                self._remember(key, answer, confirmed + ttl)
                 return answer
             started = self.clock.seconds()
             try:
@@ -158,50 +186,98 @@ class Tags:
                     f"{repository}:{tag} is unknown upstream"
                 ) from None
             except OriginUnreachable as unreachable:
+                self._failed(key, pool)
                 answer = await self._without_origin(pool, repository, tag, unreachable)
-            else:
-                self.metrics.tag_checks.labels(pool.namespace).observe(
-                    self.clock.seconds() - started
+                # Reused while the origin is not asked again (with
+                # origin_retry = 0, for tag_ttl as before).
+                retry = pool.origin_retry if pool.origin_retry > 0 else ttl
+                self._remember(key, answer, self.clock.seconds() + retry)
+                return answer
+            self._failures.pop(key, None)
+            self.metrics.tag_checks.labels(pool.namespace).observe(
+                self.clock.seconds() - started
+            )
+            if answer.manifest is not None:
+                self.manifests.keep(answer.manifest)
+            self._record(pool.namespace, repository, tag, answer.digest)
+            if ttl > 0:
+                await self.board.post(
+                    pool.namespace, repository, tag, answer.digest, ttl
                 )
-                if answer.manifest is not None:
-                    self.manifests.keep(answer.manifest)
-                self._record(pool.namespace, repository, tag, answer.digest)
-                await self.board.post(pool.namespace, repository, tag, answer.digest)
-            self._remember(key, answer, self.clock.seconds())
+            self._remember(key, answer, self.clock.seconds() + ttl)
             return answer
 
         return await self._flight.run(key, ask)
 
-    def _remember(
-        self, key: tuple[str, str, str], answer: TagAnswer, confirmed: float
-    ) -> None:
-        """Reuse *answer* until ``ttl`` after *confirmed*; the oldest
-        remembered answers go first beyond :data:`MAX_ANSWERS` (clients
-        choose the tags)."""
+    def ttl_for(self, pool: UpstreamPool) -> float:
+        """How long the origin's answers are reused in *pool*'s namespace:
+        its own ``tag_ttl``, else the cache's."""
+        return self.ttl if pool.tag_ttl is None else pool.tag_ttl
+
+    def _remember(self, key: Key, answer: TagAnswer, until: float) -> None:
+        """Reuse *answer* until *until*; the oldest remembered answers go
+        first beyond :data:`MAX_ANSWERS` (clients choose the tags)."""
         self._answers.pop(key, None)
         while len(self._answers) >= MAX_ANSWERS:
             del self._answers[next(iter(self._answers))]
-        self._answers[key] = (answer, confirmed + self.ttl)
+        self._answers[key] = (answer, until)
 
-    def _recently_confirmed(
-        self, pool: UpstreamPool, repository: str, tag: str
+    def _failed(self, key: Key, pool: UpstreamPool) -> None:
+        """The origin gave no answer about a tag: not asked again about it
+        for ``origin_retry``.  At most :data:`MAX_FAILURES` are remembered,
+        the oldest forgotten first (clients choose the tags, and a failing
+        origin fails for each of them)."""
+        if pool.origin_retry <= 0:
+            return
+        self._failures.pop(key, None)
+        while len(self._failures) >= MAX_FAILURES:
+            del self._failures[next(iter(self._failures))]
+        self._failures[key] = self.clock.seconds() + pool.origin_retry
+
+    async def _while_failing(
+        self, pool: UpstreamPool, repository: str, tag: str, until: float
+    ) -> TagAnswer:
+        """The policy's answer for a tag the origin failed to answer about
+        less than ``origin_retry`` ago, without asking it."""
+        left = max(1, math.ceil(until - self.clock.seconds()))
+        error = UpstreamUnavailable(
+            f"{pool.namespace}: the origin {pool.origin.name} failed to answer "
+            f"about {repository}:{tag}; it is asked again in {left}s",
+            {"Retry-After": str(left)},
+        )
+        return await self._without_origin(
+            pool, repository, tag, OriginUnreachable(error, []), announce=False
+        )
+
+    def _recorded(
+        self, pool: UpstreamPool, repository: str, tag: str, ttl: float
     ) -> TagAnswer | None:
         """
         The origin's answer as recorded on disk, while younger than
-        ``ttl``: the processes of ``workers = N`` share the cache folder,
+        *ttl*: the processes of ``workers = N`` share the cache folder,
         so that the origin is asked about a tag once per ``ttl`` on this
-        machine, not once per process.
+        machine, not once per process.  An immutable tag's record answers
+        however old (``"immutable"``); it is read again after *ttl*, so
+        that a purge is heeded.
         """
-        if self.ttl <= 0:
+        immutable = pool.immutable(tag)
+        if ttl <= 0 and not immutable:
             return None
         try:
             record = self.store.tag(pool.namespace, repository, tag)
         except OSError:
             return None
-        if record is None or self.clock.seconds() - record.confirmed >= self.ttl:
+        if record is None:
+            return None
+        key = (pool.namespace, repository, tag)
+        if immutable:
+            answer = TagAnswer(record.digest, IMMUTABLE)
+            self._remember(key, answer, self.clock.seconds() + ttl)
+            return answer
+        if self.clock.seconds() - record.confirmed >= ttl:
             return None
         answer = TagAnswer(record.digest, pool.origin.name)
-        self._remember((pool.namespace, repository, tag), answer, record.confirmed)
+        self._remember(key, answer, record.confirmed + ttl)
         return answer
 
     def _record(
@@ -228,8 +304,11 @@ class Tags:
         repository: str,
         tag: str,
         unreachable: OriginUnreachable,
+        announce: bool = True,
     ) -> TagAnswer:
-        """Apply the namespace's policy for a tag the origin did not answer."""
+        """Apply the namespace's policy for a tag the origin did not answer
+        (logged as a warning if *announce*, else as information: the
+        answer repeated while the origin is not asked)."""
         candidates: list[TagAnswer] = []
         record = self.store.tag(pool.namespace, repository, tag)
         if (
@@ -253,7 +332,7 @@ class Tags:
             chosen = await self._freshest(pool, repository, candidates)
         if chosen.manifest is not None:
             self.manifests.keep(chosen.manifest)
-        self.log.warn(
+        (self.log.warn if announce else self.log.info)(
             "{namespace}: origin unreachable ({why}); {repository}:{tag} answered "
             "by {source} as {digest}",
             namespace=pool.namespace,

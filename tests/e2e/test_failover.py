@@ -374,3 +374,73 @@ def test_origin_down_tags_never_seen(
     codes = ["MANIFEST_UNKNOWN"] if unknown == 404 else ["UNAVAILABLE"]
     assert missing.error_codes() == codes, missing.body
     assert "AttributeError" not in mirror.log()
+
+
+def test_immutable_tag_asked_once_and_a_down_origin_costs_one_attempt_per_window(
+    tmp_path: Path,
+    catalog: Catalog,
+    skopeo: Skopeo,
+    start_registry: StartRegistry,
+    start_mirror: StartMirror,
+) -> None:
+    """
+    ``tag_ttl = 1s``, ``immutable_tags = v[0-9]*``, ``origin_retry = 30s``
+    and the origin's ``breaker_backoff = 1s``.  ``test/small:v1`` is asked
+    of the origin once (its access log), then answered ``immutable`` past
+    ``tag_ttl``; ``latest`` is asked again past it.  With the origin
+    stopped, pulls of ``latest`` over three seconds (past ``tag_ttl`` and
+    the breaker's back-off, within ``origin_retry``) are all answered from
+    the cache with its digest after one failed attempt; ``v1`` still
+    answers ``immutable``.
+    """
+    image = catalog.small
+    origin = start_registry(storage=tmp_path / "origin-storage")
+    skopeo.push_images(
+        origin.host, [image, dataclasses.replace(image, tag="v1")], tmp_path / "push"
+    )
+    mirror = start_mirror(
+        lambda port: mirror_config_namespaces(
+            port,
+            {"origin": {"url": origin.url, "breaker_backoff": "1s"}},
+            {
+                "docker.io": {
+                    "upstreams": "origin",
+                    "default": "true",
+                    "immutable_tags": "v[0-9]*",
+                    "origin_retry": "30s",
+                }
+            },
+            tag_ttl="1s",
+        )
+    )
+    v1, latest = "/v2/test/small/manifests/v1", "/v2/test/small/manifests/latest"
+    first = mirror.request("GET", v1, {"Accept": MANIFEST_ACCEPT})
+    assert first.status == 200, first.body
+    assert first.header("Regmirror-Tag-Source") == "origin"
+    assert mirror.request("GET", latest, {"Accept": MANIFEST_ACCEPT}).status == 200
+    time.sleep(1.5)  # past tag_ttl
+    for method in ("GET", "HEAD"):
+        again = mirror.request(method, v1, {"Accept": MANIFEST_ACCEPT})
+        assert again.status == 200, again.body
+        assert again.header("Regmirror-Tag-Source") == "immutable"
+        assert again.header("Docker-Content-Digest") == image.root.digest
+    assert mirror.request("GET", latest, {"Accept": MANIFEST_ACCEPT}).status == 200
+    assert origin.count_requests("HEAD", "/v2/test/small/manifests/v1") == 1
+    assert origin.count_requests("HEAD", "/v2/test/small/manifests/latest") == 2
+
+    origin.stop()
+    time.sleep(1.5)  # past tag_ttl again
+    deadline = time.monotonic() + 3
+    pulls = 0
+    while time.monotonic() < deadline:
+        answer = mirror.request("GET", latest, {"Accept": MANIFEST_ACCEPT})
+        assert answer.status == 200, (answer.body, mirror.log())
+        assert answer.header("Regmirror-Tag-Source") == "cache"
+        assert answer.header("Docker-Content-Digest") == image.root.digest
+        pulls += 1
+        time.sleep(0.1)
+    assert pulls >= 10
+    assert mirror.metric("regmirror_upstream_errors_total", upstream="origin") == 1
+    assert len(mirror.wait_for_log(rf"{WARN}.*origin unreachable")) == 1
+    still = mirror.request("GET", v1, {"Accept": MANIFEST_ACCEPT})
+    assert still.header("Regmirror-Tag-Source") == "immutable"
