@@ -6,6 +6,8 @@ memory: what the origin is asked, counted, as the clock moves.
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web.server import Request
 
+from regmirror.cli import main
 from regmirror.config import DEFAULT_ORIGIN_RETRY, ConfigError
 from regmirror.ini import load
 from regmirror.pool import TagAnswer
 from regmirror.reference import Digest, is_immutable, parse_digest
 from regmirror.service import build_mirror
+from regmirror.store import Store
 from regmirror.tags import MAX_ANSWERS, MAX_FAILURES, Tags
 
 DAY = 86400.0
@@ -471,3 +475,29 @@ def test_a_bad_value_is_one_line_naming_the_key(
     text = str(info.value)
     assert "\n" not in text
     assert "namespace:docker.io" in text and key in text, text
+
+
+def test_cache_gc_keeps_an_immutable_tag_and_purge_removes_it(tmp_path: Path) -> None:
+    """``regmirror cache gc`` expires tag records older than ``max_stale``
+    but an immutable tag's whose manifest is cached; ``regmirror cache
+    purge`` removes that one."""
+    path = tmp_path / "mirror.ini"
+    path.write_text(
+        CONFIG_TEXT.replace("origin_retry = 45s", "max_stale = 1d"), encoding="utf-8"
+    )
+    store = Store(str(tmp_path / "cache"))
+    store.open()
+    body = b'{"schemaVersion":2,"layers":[]}'
+    manifest = Digest.of(body)
+    store.put_manifest(manifest, "application/vnd.oci.image.manifest.v1+json", body)
+    for tag in ("v1", "latest"):
+        store.set_tag("docker.io", "library/busybox", tag, manifest, confirmed=0.0)
+    out = io.StringIO()
+    assert main(["cache", "gc", "-c", str(path), "--json"], out) == 0
+    assert json.loads(out.getvalue())["expired_tags"] == 1
+    assert store.tag("docker.io", "library/busybox", "latest") is None
+    assert store.tag("docker.io", "library/busybox", "v1") is not None
+    out = io.StringIO()
+    assert main(["cache", "purge", "-c", str(path), "busybox:v1"], out) == 0
+    assert "removed busybox:v1" in out.getvalue()
+    assert store.tag("docker.io", "library/busybox", "v1") is None
