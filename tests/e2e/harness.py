@@ -244,7 +244,9 @@ def chromium(tmp_path: Path, url: str, *extra: str) -> str:
         ],
         capture_output=True,
         text=True,
-        timeout=60,
+        # Chromium alone takes seconds to start; on a loaded 2-core machine
+        # (the suite's other processes) it once took over a minute.
+        timeout=180,
         stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr[-2000:]
