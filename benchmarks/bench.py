@@ -651,9 +651,12 @@ class Mirror(Server):
         upstream_url: str,
         workers: int = 1,
         tls: Certificate | None = None,
+        upstream_options: str = "",
     ) -> None:
         super().__init__(workdir)
         self.upstream_url = upstream_url
+        #: more ``[upstream:origin]`` lines (``--segments``)
+        self.upstream_options = upstream_options
         self.workers = workers
         self.tls = tls
         self.tls_port = free_port() if tls is not None else None
@@ -681,7 +684,7 @@ directory = cache
 
 [upstream:origin]
 url = {self.upstream_url}
-
+{self.upstream_options}
 [namespace:docker.io]
 upstreams = origin
 default = true
@@ -1059,6 +1062,8 @@ class Context:
     manifest_clients: int
     #: runs of each measurement; the one with the median throughput is kept
     repeat: int
+    #: regmirror's more ``[upstream:origin]`` lines (``--segments``)
+    upstream_options: str = ""
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -1386,7 +1391,10 @@ def bench_slow(ctx: Context, skip: Collection[str], mib_s: float) -> None:
         layer.path.unlink()
     link = SlowLink(ctx.workdir / "relay", ctx.upstream.port, mib_s)
     systems: list[tuple[str, Factory]] = [
-        ("regmirror", lambda d: Mirror(d, link.url)),
+        (
+            "regmirror",
+            lambda d: Mirror(d, link.url, upstream_options=ctx.upstream_options),
+        ),
         ("proxy", lambda d: Registry(d, d / "storage", remote=link.url)),
     ]
     size = ctx.image.layer.size
@@ -2104,6 +2112,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=SLOW_MIB_S,
         help=f"the slow link's rate per connection (default {SLOW_MIB_S:g})",
     )
+    parser.add_argument(
+        "--segments",
+        type=int,
+        default=None,
+        help="the slow section: regmirror's [upstream:origin] segments "
+        "(default: not set, 1)",
+    )
+    parser.add_argument(
+        "--segment-min-size",
+        default=None,
+        help="the slow section: regmirror's [upstream:origin] segment_min_size",
+    )
     options = parser.parse_args(argv)
     sections = [s for s in SECTIONS if s in options.only] if options.only else SECTIONS
     if options.out is None:
@@ -2142,6 +2162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 options.manifest_requests,
                 options.manifest_clients,
                 options.repeat,
+                upstream_options="".join(
+                    f"{key} = {value}\n"
+                    for key, value in (
+                        ("segments", options.segments),
+                        ("segment_min_size", options.segment_min_size),
+                    )
+                    if value is not None
+                ),
             )
             print("benchmarking", flush=True)
             if "main" in sections:
@@ -2190,6 +2218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeat": options.repeat,
         "sections": list(sections),
         "slow_mib_s": options.slow_mib_s if "slow" in sections else None,
+        "segments": options.segments,
+        "segment_min_size": options.segment_min_size,
         "runtime_s": round(time.monotonic() - started, 1),
         # Other work on the machine skews everything: say how much there was.
         "other_cpu_s": round(other_cpu, 1),

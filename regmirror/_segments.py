@@ -123,7 +123,13 @@ class Segmented:
         segments = [_Segment(start, end) for start, end in download.segments]
         path = download.writer.path + PARTS_SUFFIX
         self = cls(blobs, download, segments, path)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as error:
+            discard(first)
+            blobs.store.degrade(error)
+            blobs._fail(download, f"cannot write the segments' file: {error}")
+            return self
         head = segments[0]
         head.upstream = download.upstream
         self._receive(head, first)
@@ -301,7 +307,10 @@ class Segmented:
     def _fail(self, why: str) -> None:
         if not self.running:
             return
-        self.blobs._fail(self.download, why)
+        done = ", ".join(
+            f"{s}: {s.filled} in, resumed {s.resumed} times" for s in self.segments
+        )
+        self.blobs._fail(self.download, f"{why} (segments: {done})")
         for segment in self.segments:
             if segment.writer is not None:
                 segment.writer.stop()
