@@ -206,3 +206,53 @@ def test_a_segment_answered_whole_is_dropped_and_asked_elsewhere(
     assert second.ranges == [rest]
     assert sorted(first.ranges) == sorted([*RANGES, rest])
     assert cached(harness, layer) == LAYER
+
+
+def test_a_silent_segment_is_resumed_after_idle_timeout(tmp_path: Path) -> None:
+    """A segment whose upstream stops sending without closing is given up
+    after ``idle_timeout`` seconds of silence, not before, and asked for
+    again from the byte it stopped at; the others are not asked again."""
+    origin = FakeRegistry()
+    harness = Harness(
+        str(tmp_path / "cache"),
+        {"origin": origin},
+        {"origin": {"segments": 4, "segment_min_size": 4096, "idle_timeout": 20.0}},
+    )
+    layer = image(origin)["layer"]
+    origin.hold_range[(layer, 2 * STEP)] = 300
+    received, ended = stream(harness, layer)
+    del origin.hold_range[(layer, 2 * STEP)]
+    harness.clock.advance(19.9)
+    harness.settle()
+    assert sorted(origin.ranges) == sorted(RANGES)
+    harness.clock.advance(0.1)
+    harness.settle()
+    assert ended == [None]
+    assert b"".join(received) == LAYER
+    assert sorted(origin.ranges) == sorted(
+        [*RANGES, f"bytes={2 * STEP + 300}-{3 * STEP - 1}"]
+    )
+    assert cached(harness, layer) == LAYER
+
+
+def test_segments_skip_an_upstream_whose_breaker_is_open(tmp_path: Path) -> None:
+    """With the first upstream marked down, the HEAD and every segment go to
+    the next one in the namespace's order; the one marked down sees none."""
+    first, second = FakeRegistry(), FakeRegistry()
+    settings = {"segments": 4, "segment_min_size": 4096}
+    harness = Harness(
+        str(tmp_path / "cache"),
+        {"first": first, "second": second},
+        {"first": settings, "second": settings},
+    )
+    layer = image(first)["layer"]
+    image(second)
+    breaker = harness.upstreams["first"].breaker
+    while breaker.allow():
+        breaker.failed(transport=True)
+    received, ended = stream(harness, layer)
+    assert ended == [None]
+    assert b"".join(received) == LAYER
+    assert first.count("GET", "/blobs/") + first.count("HEAD", "/blobs/") == 0
+    assert sorted(second.ranges) == sorted(RANGES)
+    assert cached(harness, layer) == LAYER
