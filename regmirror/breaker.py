@@ -50,10 +50,13 @@ class Health:
     looked_at: float = 0.0
     #: when a 429 lets the upstream be asked again
     backoff_until: float = 0.0
+    #: when an answer last cleared failures (closed it, or ended a run of
+    #: failed answers): what failed before is worth asking again
+    closed_at: float = 0.0
 
 
 #: :class:`Health` in a record: the fields in order, little-endian.
-_RECORD = struct.Struct("<3q4d")
+_RECORD = struct.Struct("<3q5d")
 
 
 def _pack(health: Health) -> bytes:
@@ -65,6 +68,7 @@ def _pack(health: Health) -> bytes:
         health.probe_until,
         health.looked_at,
         health.backoff_until,
+        health.closed_at,
     )
 
 
@@ -155,8 +159,12 @@ class Breaker:
         if current.failures == current.opened == 0 and not current.probe_until:
             return False  # the common case: nothing to change
 
+        now = self.clock.seconds()
+
         def close(health: Health) -> tuple[Health, bool]:
-            closed = evolve(health, failures=0, opened=0, probe_until=0.0)
+            closed = evolve(
+                health, failures=0, opened=0, probe_until=0.0, closed_at=now
+            )
             return closed, health.opened > 0
 
         return self._change(close)

@@ -27,7 +27,12 @@ from twisted.logger import Logger
 from regmirror._flight import SingleFlight
 from regmirror.blobs import Blobs
 from regmirror.cluster import Coordinator, CoordinatorDown
-from regmirror.errors import DownloadFailed, ManifestUnknown, UpstreamUnavailable
+from regmirror.errors import (
+    DownloadFailed,
+    ManifestUnknown,
+    RegistryError,
+    UpstreamUnavailable,
+)
 from regmirror.manifests import Manifests
 from regmirror.metrics import Metrics
 from regmirror.pool import NotFoundAnywhere, OriginUnreachable, TagAnswer, UpstreamPool
@@ -131,7 +136,9 @@ class Tags:
     ttl: float = 60.0
     _answers: dict[Key, tuple[TagAnswer, float]] = field(factory=dict)
     #: tags whose check at the origin failed → until when it is not asked
-    _failures: dict[Key, float] = field(factory=dict)
+    #: (until, why, when): the last item to tell whether the origin
+    #: answered since
+    _failures: dict[Key, tuple[float, Exception, float]] = field(factory=dict)
     _flight: SingleFlight[Key, TagAnswer] = field(factory=SingleFlight)
     log = Logger()
 
@@ -155,6 +162,16 @@ class Tags:
         """
         key = (pool.namespace, repository, tag)
         now = self.clock.seconds()
+        failed = self._failures.get(key)
+        if failed is not None and (
+            now >= failed[0]
+            # The window ends early once the origin answered again (a
+            # recovery look, another request: its failures were cleared).
+            or pool.origin.breaker.health().closed_at > failed[2]
+        ):
+            del self._failures[key]
+            self._answers.pop(key, None)  # the answer given without it
+            failed = None
         remembered = self._answers.get(key)
         if remembered is not None and now < remembered[1]:
             return remembered[0]
@@ -162,11 +179,8 @@ class Tags:
         recorded = self._recorded(pool, repository, tag, ttl)
         if recorded is not None:
             return recorded
-        failed_until = self._failures.get(key)
-        if failed_until is not None:
-            if now < failed_until:
-                return await self._while_failing(pool, repository, tag, failed_until)
-            del self._failures[key]
+        if failed is not None:
+            return await self._while_failing(pool, repository, tag, *failed[:2])
 
         async def ask() -> TagAnswer:
             posted = None
@@ -186,7 +200,7 @@ class Tags:
                     f"{repository}:{tag} is unknown upstream"
                 ) from None
             except OriginUnreachable as unreachable:
-                self._failed(key, pool)
+                self._failed(key, pool, unreachable.error)
                 answer = await self._without_origin(pool, repository, tag, unreachable)
                 # Reused while the origin is not asked again (with
                 # origin_retry = 0, for tag_ttl as before).
@@ -222,29 +236,47 @@ class Tags:
             del self._answers[next(iter(self._answers))]
         self._answers[key] = (answer, until)
 
-    def _failed(self, key: Key, pool: UpstreamPool) -> None:
-        """The origin gave no answer about a tag: not asked again about it
-        for ``origin_retry``.  At most :data:`MAX_FAILURES` are remembered,
-        the oldest forgotten first (clients choose the tags, and a failing
-        origin fails for each of them)."""
+    def _failed(self, key: Key, pool: UpstreamPool, error: Exception) -> None:
+        """The origin gave no answer about a tag (*error* says why): not
+        asked again about it for ``origin_retry``.  At most
+        :data:`MAX_FAILURES` are remembered, the oldest forgotten first
+        (clients choose the tags, and a failing origin fails for each of
+        them)."""
         if pool.origin_retry <= 0:
             return
         self._failures.pop(key, None)
         while len(self._failures) >= MAX_FAILURES:
             del self._failures[next(iter(self._failures))]
-        self._failures[key] = self.clock.seconds() + pool.origin_retry
+        now = self.clock.seconds()
+        self._failures[key] = (now + pool.origin_retry, error, now)
 
     async def _while_failing(
-        self, pool: UpstreamPool, repository: str, tag: str, until: float
+        self,
+        pool: UpstreamPool,
+        repository: str,
+        tag: str,
+        until: float,
+        failure: Exception,
     ) -> TagAnswer:
         """The policy's answer for a tag the origin failed to answer about
-        less than ``origin_retry`` ago, without asking it."""
+        less than ``origin_retry`` ago, without asking it: without an
+        answer, the error that check ended with (its status and code: a
+        refused login stays 502 ``UNAUTHORIZED``), saying when it is asked
+        again."""
         left = max(1, math.ceil(until - self.clock.seconds()))
-        error = UpstreamUnavailable(
-            f"{pool.namespace}: the origin {pool.origin.name} failed to answer "
-            f"about {repository}:{tag}; it is asked again in {left}s",
-            {"Retry-After": str(left)},
-        )
+        again = {"Retry-After": str(left)}
+        error: Exception
+        if isinstance(failure, RegistryError):
+            error = type(failure)(
+                f"{failure.message}; the origin is asked again in {left}s",
+                {**failure.headers, **again},
+            )
+        else:
+            error = UpstreamUnavailable(
+                f"{pool.namespace}: the origin {pool.origin.name} failed to "
+                f"answer about {repository}:{tag}; it is asked again in {left}s",
+                again,
+            )
         return await self._without_origin(
             pool, repository, tag, OriginUnreachable(error, []), announce=False
         )

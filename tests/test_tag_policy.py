@@ -20,6 +20,7 @@ from twisted.web.server import Request
 
 from regmirror.cli import main
 from regmirror.config import DEFAULT_ORIGIN_RETRY, ConfigError
+from regmirror.errors import UpstreamUnavailable
 from regmirror.ini import load
 from regmirror.pool import TagAnswer
 from regmirror.reference import Digest, is_immutable, parse_digest
@@ -281,6 +282,24 @@ def test_a_failing_origin_is_asked_once_per_origin_retry(tmp_path: Path) -> None
     assert tag_heads(origin) == 5
 
 
+def test_the_window_ends_once_the_origin_answers_again(tmp_path: Path) -> None:
+    """The origin failing, then answering another request (a blob, its
+    failures cleared): the tag's window ends there, the next pull asks the
+    origin at once (seen end to end: readiness back, a pull still refused
+    for the rest of the window)."""
+    harness, origin = one(tmp_path, origin={"breaker_failures": 100})
+    content = _cached_then_expired(harness, origin)
+    origin.fault = failing
+    assert source(harness.request("GET", "/v2/app/manifests/latest")) == ["cache"]
+    assert tag_heads(origin) == 2
+    origin.fault = None
+    harness.clock.advance(1)
+    layer = harness.request("GET", f"/v2/app/blobs/{content['layer']}")
+    assert layer.code == 200
+    assert source(harness.request("GET", "/v2/app/manifests/latest")) == ["origin"]
+    assert tag_heads(origin) == 3
+
+
 def test_a_silent_origin_costs_one_timeout_per_origin_retry(tmp_path: Path) -> None:
     """The origin accepting and never answering (``response_timeout`` 10 s,
     its breaker's back-off 5 s): the pulls arriving while the first check
@@ -349,7 +368,7 @@ def test_a_rate_limited_origin_is_not_asked_within_origin_retry(
 
 def test_origin_retry_under_fail_is_503_without_asking(tmp_path: Path) -> None:
     """``origin_unreachable = fail``: the failing check answers the
-    origin's error (502); pulls in the window are ``503 UNAVAILABLE`` with
+    origin's error (502); pulls in the window get the same error, with
     ``Retry-After``, the origin not asked."""
     harness, origin = one(tmp_path, origin={"breaker_failures": 100})
     pool = harness.router_pool("docker.io")
@@ -359,7 +378,7 @@ def test_origin_retry_under_fail_is_503_without_asking(tmp_path: Path) -> None:
     assert harness.request("GET", "/v2/app/manifests/latest").code == 502
     harness.clock.advance(10)
     response = harness.request("GET", "/v2/app/manifests/latest")
-    assert response.code == 503
+    assert response.code == 502
     assert response.headers.getRawHeaders("Retry-After") == ["20"]
     assert error_code(harness, response) == "UNAVAILABLE"
     assert tag_heads(origin) == 2
@@ -384,8 +403,9 @@ def test_failed_checks_remembered_are_bounded(tmp_path: Path) -> None:
     harness, _ = one(tmp_path)
     pool = harness.router_pool("docker.io")
     tags = harness.fetcher.tags
+    down = UpstreamUnavailable("down")
     for n in range(100_000):
-        tags._failed(("docker.io", "library/app", f"t{n}"), pool)
+        tags._failed(("docker.io", "library/app", f"t{n}"), pool, down)
     assert len(tags._failures) == MAX_FAILURES
     assert ("docker.io", "library/app", "t99999") in tags._failures
     assert ("docker.io", "library/app", "t0") not in tags._failures
