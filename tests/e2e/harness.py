@@ -222,35 +222,54 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 def chromium(tmp_path: Path, url: str, *extra: str) -> str:
-    """Load *url* headless, let its scripts run, and return the DOM."""
+    """
+    Load *url* headless, let its scripts run, and return the DOM.
+
+    Headless Chromium now and then hangs before it opens any connection
+    (seen in CI: minutes with no socket to the server, which answered curl
+    at once meanwhile); such a run is killed after a minute and started
+    afresh, twice at most.
+    """
     if not Path(CHROMIUM).exists():
         raise HarnessError("chromium is not installed: run scripts/dev test")
-    result = subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--no-proxy-server",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'chromium'}",
-            "--virtual-time-budget=5000",
-            *extra,
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        # Chromium alone takes seconds to start; on a loaded 2-core machine
-        # (the suite's other processes) it once took over a minute.
-        timeout=180,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+    for attempt in range(3):
+        process = subprocess.Popen(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--no-proxy-server",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / f'chromium-{attempt}'}",
+                "--virtual-time-budget=5000",
+                *extra,
+                url,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,  # its helpers are killed with it
+        )
+        try:
+            out, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            continue
+        finally:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # helpers left behind
+            except ProcessLookupError:
+                pass
+        assert process.returncode == 0, err[-2000:]
+        return out
+    raise HarnessError(f"chromium hung three times loading {url}")
 
 
 # -- the upstream registry ------------------------------------------------------
