@@ -24,6 +24,8 @@ MAX_PREFETCH = 64
 #: ``[namespace:NAME] origin_retry`` unless given: how long a failed check
 #: of a tag at the origin is remembered (README.rst says why)
 DEFAULT_ORIGIN_RETRY = 30.0
+#: ``[namespace:NAME] keep_warm_interval`` unless given.
+DEFAULT_KEEP_WARM_INTERVAL = 600.0
 #: ``[upstream:NAME] segments``: the most ranged GETs one blob is fetched
 #: in at once, and the smallest blob fetched so (``segment_min_size``)
 DEFAULT_SEGMENTS = 1
@@ -106,6 +108,21 @@ class UpstreamConfig:
 
 
 @frozen
+class WarmImage:
+    """One image of ``[namespace:NAME] keep_warm``:
+    ``repository:tag[@os/architecture[/variant]]``."""
+
+    repository: str
+    tag: str
+    #: ``os/architecture[/variant]``; ``None``: every platform of an index
+    platform: str | None = None
+
+    def __str__(self) -> str:
+        platform = f"@{self.platform}" if self.platform else ""
+        return f"{self.repository}:{self.tag}{platform}"
+
+
+@frozen
 class NamespaceConfig:
     """One registry the mirror serves (``[namespace:NAME]``)."""
 
@@ -135,6 +152,17 @@ class NamespaceConfig:
     immutable_tags: tuple[str, ...] = ()
     #: a failed check of a tag at the origin is not repeated for this long
     origin_retry: float = DEFAULT_ORIGIN_RETRY
+    #: past its TTL, a tag is answered from its record for this much longer
+    #: while the origin is asked in the background (0: off)
+    stale_while_revalidate: float = 0.0
+    #: repository globs: with any, only matching repositories are served
+    allow: tuple[str, ...] = ()
+    #: repository globs refused (over ``allow``)
+    deny: tuple[str, ...] = ()
+    #: images re-resolved at the origin and fetched every
+    #: ``keep_warm_interval``, before anyone asks
+    keep_warm: tuple[WarmImage, ...] = ()
+    keep_warm_interval: float = DEFAULT_KEEP_WARM_INTERVAL
 
 
 DEFAULT_LISTEN: tuple[str, ...] = ("tcp:5000",)

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from regmirror.config import (
     DEFAULT_DENY,
+    DEFAULT_KEEP_WARM_INTERVAL,
     DEFAULT_LISTEN,
     DEFAULT_ORIGIN_RETRY,
     DEFAULT_PREFETCH,
@@ -53,8 +54,10 @@ from regmirror.ini_values import (
     parse_upstream_url,
     positive,
     positive_int,
+    repository_glob,
     resolve_endpoint_paths,
     tag_glob,
+    warm_image,
     whole_number,
     words,
 )
@@ -462,6 +465,15 @@ def _namespace(
         tag_ttl=reader.get("tag_ttl", parse_duration, None),
         immutable_tags=reader.get("immutable_tags", list_of(tag_glob), ()),
         origin_retry=reader.get("origin_retry", parse_duration, DEFAULT_ORIGIN_RETRY),
+        stale_while_revalidate=reader.get(
+            "stale_while_revalidate", parse_duration, 0.0
+        ),
+        allow=reader.get("allow", list_of(repository_glob), ()),
+        deny=reader.get("deny", list_of(repository_glob), ()),
+        keep_warm=reader.get("keep_warm", list_of(warm_image), ()),
+        keep_warm_interval=reader.get(
+            "keep_warm_interval", positive(parse_duration), DEFAULT_KEEP_WARM_INTERVAL
+        ),
     )
     reader.finish()
     return namespace

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import SplitResult, urlsplit
 
-from regmirror.config import EVERYONE, Network
+from regmirror.config import EVERYONE, Network, WarmImage
+from regmirror.errors import RegistryError
+from regmirror.reference import validate_name, validate_tag
 
 T = TypeVar("T")
 
@@ -181,6 +183,42 @@ def tag_glob(text: str) -> str:
     if _TAG_GLOB.fullmatch(text) is None:
         raise ValueError(f"not a tag pattern: {text[:40]!r} (use e.g. v[0-9]* sha-*)")
     return text
+
+
+_REPOSITORY_GLOB = re.compile(r"[a-z0-9_.*?\[\]!/-]{1,255}")
+
+
+def repository_glob(text: str) -> str:
+    """A shell-style glob of repository names (``library/*``,
+    ``*/*-debug``): only what a name may hold (lower-case letters, digits,
+    ``_.-/``) and ``* ? [ ] !``."""
+    if _REPOSITORY_GLOB.fullmatch(text) is None:
+        raise ValueError(
+            f"not a repository pattern: {text[:40]!r} (use e.g. library/* */*-debug)"
+        )
+    return text
+
+
+_PLATFORM = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?")
+
+
+def warm_image(text: str) -> WarmImage:
+    """One image to keep warm: ``repository:tag`` with an optional
+    ``@os/architecture[/variant]``."""
+    reference, _, platform = text.partition("@")
+    repository, colon, tag = reference.rpartition(":")
+    if not colon or "/" in tag:
+        raise ValueError(f"not repository:tag[@os/arch]: {text[:80]!r}")
+    try:
+        validate_name(repository)
+        validate_tag(tag)
+    except RegistryError as e:
+        raise ValueError(f"{text[:80]!r}: {e.message}") from None
+    if platform and _PLATFORM.fullmatch(platform) is None:
+        raise ValueError(
+            f"not a platform: {platform[:40]!r} (use e.g. linux/amd64 linux/arm64/v8)"
+        )
+    return WarmImage(repository, tag, platform or None)
 
 
 def list_of(convert: Callable[[str], T]) -> Callable[[str], tuple[T, ...]]:
