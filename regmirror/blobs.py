@@ -132,8 +132,10 @@ class Blobs:
 
         :raises BlobUnknown: when no upstream of the namespace has it.
         """
-        key = (pool.namespace, digest)
-        # A start of this namespace's own under way is joined: no asking.
+        key = (pool.voucher(repository), digest)
+        # A start of this namespace's own under way is joined: no asking
+        # (of this repository's, in a namespace that vouches per
+        # repository: see UpstreamPool.voucher).
         vouched = key in self._starting or self._vouches_for(*key)
         if not vouched and self._elsewhere(digest):
             await self._confirm(pool, repository, digest)
@@ -193,12 +195,16 @@ class Blobs:
 
     def _vouches_for(self, namespace: str, digest: Digest) -> bool:
         """
-        Does *namespace* vouch for *digest*: on record, or by a download of
-        it under way here that is its own or that it joined?
+        Does *namespace* (a voucher: :meth:`UpstreamPool.voucher`) vouch for
+        *digest*: on record, or by a download of it under way here that is
+        its own or that it joined?
         """
         running = self._running.get(digest)
         if running is not None and (
-            (running.pool is not None and running.pool.namespace == namespace)
+            (
+                running.pool is not None
+                and running.pool.voucher(running.repository) == namespace
+            )
             or namespace in running.vouchers
             or namespace in running.joined
         ):
@@ -218,14 +224,14 @@ class Blobs:
         :return: the size the upstream says.
         :raises BlobUnknown: when none has it.
         """
-        namespace = pool.namespace
+        namespace = pool.voucher(repository)
 
         async def ask() -> int | None:
             try:
                 size = await pool.blob_size(repository, digest, self._known(digest))
             except NotFoundAnywhere:
                 raise BlobUnknown(
-                    f"blob {digest} is unknown to every upstream of {namespace}"
+                    f"blob {digest} is unknown to every upstream of {pool.namespace}"
                 ) from None
             self._vouched(namespace, digest)
             return size
@@ -265,7 +271,7 @@ class Blobs:
 
     async def _vouch(self, pool: UpstreamPool, repository: str, digest: Digest) -> None:
         """Make sure the namespace vouches for *digest*: asking, if need be."""
-        if not self._vouches_for(pool.namespace, digest):
+        if not self._vouches_for(pool.voucher(repository), digest):
             await self._confirm(pool, repository, digest)
 
     async def size(
@@ -276,7 +282,7 @@ class Blobs:
 
         :raises BlobUnknown: when no upstream of the namespace has it.
         """
-        if not self._vouches_for(pool.namespace, digest):
+        if not self._vouches_for(pool.voucher(repository), digest):
             # Its own upstreams, not what the bucket knows.
             return await self._confirm(pool, repository, digest)
         size = self._known(digest)
@@ -417,7 +423,7 @@ class Blobs:
                 self.sources.dropped(download)
                 spool.discard()
                 raise
-        self.vouches.remember(pool.namespace, digest)
+        self.vouches.remember(pool.voucher(repository), digest)
         length = response.length
         download.size = length if isinstance(length, int) else None
         if download.segments is not None:
@@ -519,8 +525,9 @@ class Blobs:
         """A namespace that vouches for *running*'s digest joins it: should
         the download's own upstreams fail, its upstreams may give the rest."""
         own = running.pool
-        if own is not None and own.namespace != pool.namespace:
-            running.joined.setdefault(pool.namespace, (pool, repository))
+        voucher = pool.voucher(repository)
+        if own is not None and own.voucher(running.repository) != voucher:
+            running.joined.setdefault(voucher, (pool, repository))
 
     def _finish(self, download: Download, reason: Failure) -> None:
         """The body ended: verify and commit, resume, or discard."""
@@ -562,7 +569,8 @@ class Blobs:
             download.state = "done"
             del self._running[download.digest]
             assert download.pool is not None, "a follower does not commit"
-            for namespace in {download.pool.namespace, *download.vouchers}:
+            own = download.pool.voucher(download.repository)
+            for namespace in {own, *download.vouchers}:
                 self.vouches.add(namespace, [download.digest])
             self.store.added(download.written)
             self.housekeeping.run()

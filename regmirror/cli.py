@@ -133,6 +133,11 @@ def check_config(arguments: argparse.Namespace, out: TextIO) -> dict[str, Any]:
         "namespaces": [n.name for n in config.namespaces],
         "upstreams": sorted(config.upstreams),
         "listen": list(config.server.listen),
+        # Each namespace's repository rules: what it will and will not serve.
+        "repositories": {
+            n.name: {"allow": list(n.allow), "deny": list(n.deny)}
+            for n in config.namespaces
+        },
     }
     if not arguments.json:
         print(
@@ -140,6 +145,17 @@ def check_config(arguments: argparse.Namespace, out: TextIO) -> dict[str, Any]:
             f"{len(config.upstreams)} upstreams)",
             file=out,
         )
+        for namespace in config.namespaces:
+            rules = [
+                f"{key} = {' '.join(patterns)}"
+                for key, patterns in (
+                    ("allow", namespace.allow),
+                    ("deny", namespace.deny),
+                )
+                if patterns
+            ]
+            shown = "; ".join(rules) if rules else "every repository"
+            print(f"  [namespace:{namespace.name}] {shown}", file=out)
     return result
 
 

@@ -82,7 +82,8 @@ class Manifests:
 
         :raises ManifestUnknown: when no upstream of the namespace has it.
         """
-        namespace = pool.namespace
+        # The namespace, or its repository (UpstreamPool.voucher).
+        namespace = pool.voucher(repository)
         vouched = named or self.vouches.has(namespace, digest)
         cached = self.store.manifest(digest)
         if cached is not None:

@@ -114,7 +114,21 @@ class UpstreamPool:
     #: how many stale answers each mirror gave
     stale_counts: dict[str, int] = field(factory=dict)
     metrics: Metrics = field(factory=Metrics)
+    #: content is vouched for per repository, not for the whole namespace
+    #: (a namespace with ``allow`` or ``deny``: :mod:`regmirror.repositories`)
+    per_repository: bool = False
     log = Logger()
+
+    def voucher(self, repository: str) -> str:
+        """
+        Who must vouch for content served through *repository*
+        (:mod:`regmirror.vouches`): the namespace, or with
+        ``per_repository`` the namespace's *repository*
+        (``docker.io library/app``).
+        """
+        if self.per_repository:
+            return f"{self.namespace} {repository}"
+        return self.namespace
 
     def immutable(self, tag: str) -> bool:
         """Does *tag* match one of the namespace's ``immutable_tags``?"""

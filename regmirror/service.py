@@ -53,6 +53,7 @@ from regmirror.metrics import Metrics, MetricsOnly, MetricsResource
 from regmirror.mirror import Mirror
 from regmirror.nodes import Peers
 from regmirror.pool import UpstreamPool
+from regmirror.repositories import restricted
 from regmirror.routing import Router
 from regmirror.s3.location import S3Location
 from regmirror.s3.objects import ObjectStore
@@ -312,6 +313,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
                 tag_ttl=namespace.tag_ttl,
                 immutable_tags=namespace.immutable_tags,
                 origin_retry=namespace.origin_retry,
+                per_repository=restricted(namespace),
                 stale=StaleMirrors(
                     os.path.join(config.cache.directory, "stale", namespace.name)
                 ),

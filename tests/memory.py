@@ -29,6 +29,7 @@ from regmirror.metrics import Metrics
 from regmirror.nodes import Peers
 from regmirror.pool import UpstreamPool
 from regmirror.reference import OCI_MANIFEST
+from regmirror.repositories import restricted
 from regmirror.routing import Router
 from regmirror.s3.shared import SharedStore
 from regmirror.store import Store
@@ -63,6 +64,7 @@ class Harness:
         redirect_ttl: float | None = None,
         prefetch: int = 0,
         max_size: int | None = None,
+        docker: dict[str, Any] | None = None,
     ) -> None:
         """
         :param clock: shared by several harnesses acting as one cluster.
@@ -75,6 +77,8 @@ class Harness:
         :param prefetch: both namespaces' ``prefetch`` (none by default, so
             that the upstreams see only what the clients ask for).
         :param max_size: the cache's ``max_size``.
+        :param docker: more keys of docker.io's :class:`NamespaceConfig`
+            (``allow``, ``deny``...).
         """
         self.clock = clock if clock is not None else Clock()
         self.store = Store(root, max_size=max_size, now=self.clock.seconds)
@@ -103,6 +107,7 @@ class Harness:
             aliases=(DOCKER_ALIAS,),
             hosts=(DOCKER_HOST,),
             prefetch=prefetch,
+            **(docker or {}),
         )
         ghcr = NamespaceConfig(
             "ghcr.io",
@@ -113,7 +118,13 @@ class Harness:
             prefetch=prefetch,
         )
         self.metrics = Metrics()
-        pool = UpstreamPool("docker.io", clients, clients[-1], metrics=self.metrics)
+        pool = UpstreamPool(
+            "docker.io",
+            clients,
+            clients[-1],
+            metrics=self.metrics,
+            per_repository=restricted(namespace),
+        )
         self.pools = {"docker.io": pool}
         router = Router(
             [

@@ -1,7 +1,8 @@
 """
 ``/v2/``: the pull side of the OCI distribution API as one leaf resource
 (repository names contain ``/``, so the raw request path is parsed here,
-never a decoded one): dispatch, the access check, manifests; blobs go to
+never a decoded one): dispatch, the access check, the namespace's
+repository rules (:mod:`regmirror.repositories`), manifests; blobs go to
 :mod:`regmirror.http.blobs`, lists to :mod:`regmirror.http.listing`.
 """
 
@@ -45,6 +46,7 @@ from regmirror.reference import (
     parse_digest,
     parse_reference,
 )
+from regmirror.repositories import check as check_repository
 from regmirror.routing import Route, Router
 
 __all__ = ["API_VERSION", "RegistryAPI"]
@@ -141,6 +143,9 @@ class RegistryAPI(Resource):
         info.namespace = route.namespace.name
         if self._gate is not None:
             info.user = await self._gate.check(request, route)
+        # After the gate (a client it turns away learns nothing of the
+        # rules), before anything is asked of the cache or an upstream.
+        check_repository(route.namespace, route.repository)
         if api.endpoint == "manifests":
             await self._manifest(request, info, route, api.reference)
         elif api.endpoint == "blobs":
