@@ -16,6 +16,19 @@ namespace vouches for them:
   (:meth:`regmirror.pool.UpstreamPool.blob_size`,
   :meth:`~regmirror.pool.UpstreamPool.confirm_manifest`).
 
+Who vouches is the namespace, or, in a namespace with ``allow`` or
+``deny`` (:mod:`regmirror.repositories`), the namespace's repository:
+:meth:`UpstreamPool.voucher` names it (``docker.io``, ``docker.io
+library/app``), and every rule above then holds per repository: a manifest
+served through ``library/app`` makes ``library/app`` vouch for what it
+references, a ``HEAD`` asks the upstream about ``library/app``.  So a
+digest that a refused repository, or another allowed one, brought into
+the cache (before the rules were set, say) is served through an allowed
+repository only once it references it or its upstream confirms it there.
+Namespaces without rules keep the cheaper whole-namespace record: one
+``HEAD`` per repository for shared content is the price of the rules,
+paid only where they are set.
+
 The record is the store's (:meth:`Store.vouchers`): a file per digest
 beside the content, shared by every process using the cache folder and
 kept across restarts, removed with the content; records of content that
