@@ -61,6 +61,7 @@ from regmirror.ini_values import (
     whole_number,
     words,
 )
+from regmirror.repositories import refusal
 
 T = TypeVar("T")
 _SECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -475,6 +476,14 @@ def _namespace(
             "keep_warm_interval", positive(parse_duration), DEFAULT_KEEP_WARM_INTERVAL
         ),
     )
+    for image in namespace.keep_warm:
+        # Kept warm is fetched upstream: never a repository the rules refuse.
+        repository = image.repository
+        if namespace.library and "/" not in repository:
+            repository = f"library/{repository}"
+        why = refusal(namespace, repository)
+        if why is not None:
+            raise reader.error("keep_warm", f"{image}: {why}")
     reader.finish()
     return namespace
 

@@ -27,7 +27,8 @@ from test_isolation import Paused, get
 from twisted.web.server import Request
 
 from regmirror.cli import main
-from regmirror.config import NamespaceConfig
+from regmirror.config import ConfigError, NamespaceConfig
+from regmirror.ini import load
 from regmirror.reference import OCI_MANIFEST
 from regmirror.repositories import refusal
 
@@ -444,3 +445,29 @@ def test_check_config_shows_each_namespace_s_lists(tmp_path: Path) -> None:
         "docker.io": {"allow": ["library/*", "myorg/*"], "deny": ["*/*-debug"]},
         "ghcr.io": {"allow": [], "deny": []},
     }
+
+
+def test_keep_warm_may_not_name_a_refused_repository(tmp_path: Path) -> None:
+    """An image kept warm is fetched upstream unasked: a ``keep_warm``
+    entry the namespace's rules refuse (a one-word name read with
+    ``library/``) is a configuration error naming the key and the rule."""
+    config = tmp_path / "mirror.ini"
+    base = (
+        "[server]\nlisten = tcp:0:interface=127.0.0.1\n\n"
+        "[cache]\ndirectory = cache\n\n"
+        "[upstream:hub]\nurl = https://registry-1.docker.io\n\n"
+        "[namespace:docker.io]\nupstreams = hub\ndefault = true\n"
+        "allow = library/*\ndeny = */*-debug\n"
+    )
+    for warm, rule in (
+        ("app-debug:latest", "deny = */*-debug"),
+        ("myorg/app:v1", "allow = library/*"),
+    ):
+        config.write_text(base + f"keep_warm = library/nginx:latest {warm}\n")
+        with pytest.raises(ConfigError) as raised:
+            load(str(config))
+        message = str(raised.value)
+        assert "[namespace:docker.io] keep_warm" in message, message
+        assert warm in message and rule in message, message
+    config.write_text(base + "keep_warm = nginx:latest library/app:v1\n")
+    assert load(str(config)).namespaces[0].keep_warm
