@@ -123,6 +123,14 @@ class Metrics:
             ["namespace", "result"],
             registry=registry,
         )
+        self.keep_warm = Counter(
+            "regmirror_keep_warm_refreshes",
+            "Refreshes of keep_warm images, by outcome: fetched (a manifest or "
+            "blob came from upstream), unchanged (everything was here), failed, "
+            "too_big (the images kept warm would not fit in the cache's max_size)",
+            ["namespace", "outcome"],
+            registry=registry,
+        )
         self.tag_checks = Histogram(
             "regmirror_tag_check_seconds",
             "Time to learn from upstream what a tag points at",

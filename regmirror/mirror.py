@@ -30,6 +30,8 @@ from regmirror.reference import is_immutable
 from regmirror.status import EVERYTHING, History, Shown
 from regmirror.store import Store
 from regmirror.upstream import Upstream
+from regmirror.warm import RECORD as WARM_RECORD
+from regmirror.warm import read_record
 
 log = Logger()
 
@@ -139,7 +141,8 @@ class Mirror:
     async def status(self, shown: Shown = EVERYTHING) -> dict[str, Any]:
         """
         Everything the status page shows: the totals and their history,
-        the upstreams' health and the stale mirrors are the machine's, the
+        the upstreams' health, the stale mirrors and the images kept warm
+        (as the ``twistd`` process last wrote them) are the machine's, the
         downloads what the answering process (``pid``) sees.  Stale tags
         and downloads only of the repositories *shown* lets the client see
         (``downloads_hidden``: how many others there are).
@@ -181,6 +184,11 @@ class Mirror:
                     ],
                 }
                 for pool in self.pools
+            ],
+            "keep_warm": [
+                image
+                for image in read_record(os.path.join(self.store.root, WARM_RECORD))
+                if shown(image.get("namespace"), image.get("repository"))
             ],
             "cache": {"size": self.store.size, "max_size": self.store.max_size},
             "downloads": [

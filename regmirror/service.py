@@ -69,6 +69,7 @@ from regmirror.transport import (
     agent_for,
 )
 from regmirror.upstream import Upstream
+from regmirror.warm import KeepWarm
 from regmirror.workers import Parent, Workers
 
 log = Logger()
@@ -212,6 +213,8 @@ class MirrorService(MultiService):
         self._reactor = reactor
         self.certificates: list[ReloadableTLS] = []
         self.workers: Workers | None = None
+        #: the images kept warm (the primary process only)
+        self.warm: KeepWarm | None = None
 
     def startService(self) -> None:
         self.mirror.start(clean=self.primary)
@@ -238,6 +241,8 @@ class MirrorService(MultiService):
                 log.error("certificate not reloaded, keeping the old one: {why}", why=e)
             else:
                 log.info("certificate reloaded")
+        if self.warm is not None:
+            self.warm.reload()
 
 
 #: Bytes read from an upstream connection at once (Twisted reads 64 KiB):
@@ -451,7 +456,8 @@ def build_tree(config: Config, reactor: Any, worker: Worker | None) -> MirrorSer
     does the housekeeping: eviction and tag expiry are work on the cache
     folder the processes share, done once (several processes at it would
     each walk the whole folder, and race over the same least recently used
-    files, evicting more than needed).
+    files, evicting more than needed); and it keeps images warm
+    (:mod:`regmirror.warm`), whose refreshes are the machine's.
     """
     primary = worker is None
     mirror = build_mirror(config, reactor)
@@ -472,6 +478,19 @@ def build_tree(config: Config, reactor: Any, worker: Worker | None) -> MirrorSer
         timer.clock = reactor
         timer.setName(name)
         timer.setServiceParent(top)
+    if primary:
+        # Once for the machine, like housekeeping: a worker's refreshes
+        # would ask the origin again, and fetch nothing more.
+        warm = KeepWarm(
+            mirror.fetcher,
+            mirror.pools,
+            config.namespaces,
+            reactor,
+            config_path=os.path.abspath(config.path),
+        )
+        warm.setName("keep warm")
+        warm.setServiceParent(top)
+        top.warm = warm
     served: list[tuple[str, Any]] = [
         (d, listener_factory(mirror.site, d)) for d in config.server.listen
     ]

@@ -223,6 +223,41 @@ class Tags:
 
         return await self._flight.run(key, ask)
 
+    async def refresh(self, pool: UpstreamPool, repository: str, tag: str) -> TagAnswer:
+        """
+        What a tag points at, asked of the origin now, whatever answer is
+        remembered, recorded or posted by another node (``keep_warm``:
+        :mod:`regmirror.warm`); the mirrors are asked too, and noted stale
+        when they answer otherwise, as at every check.  The answer is kept
+        as a pull's check keeps it (on disk, for the other nodes, in
+        memory), so that the tag's pulls take it.
+        No ``origin_unreachable`` policy applies: without the origin's
+        answer, the refresh fails.
+
+        :raises ManifestUnknown: when the origin says the tag does not exist.
+        :raises Exception: why the origin gave no answer (the error a pull
+            would get).
+        """
+        key = (pool.namespace, repository, tag)
+        ttl = self.ttl_for(pool)
+        started = self.clock.seconds()
+        try:
+            answer = await pool.resolve_tag(repository, tag)
+        except NotFoundAnywhere:
+            raise ManifestUnknown(f"{repository}:{tag} is unknown upstream") from None
+        except OriginUnreachable as unreachable:
+            raise unreachable.error from None
+        self.metrics.tag_checks.labels(pool.namespace).observe(
+            self.clock.seconds() - started
+        )
+        if answer.manifest is not None:
+            self.manifests.keep(answer.manifest)
+        self._record(pool.namespace, repository, tag, answer.digest)
+        if ttl > 0:
+            await self.board.post(pool.namespace, repository, tag, answer.digest, ttl)
+        self._remember(key, answer, self.clock.seconds() + ttl)
+        return answer
+
     def ttl_for(self, pool: UpstreamPool) -> float:
         """How long the origin's answers are reused in *pool*'s namespace:
         its own ``tag_ttl``, else the cache's."""

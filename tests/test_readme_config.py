@@ -148,6 +148,10 @@ EXAMPLES: dict[tuple[str, str], dict[str, str]] = {
     ("namespace", "allow"): {"namespace": "allow = library/* myorg/*"},
     ("namespace", "deny"): {"namespace": "deny = */*-debug"},
     ("namespace", "prefetch"): {"namespace": "prefetch = 6"},
+    ("namespace", "keep_warm"): {
+        "namespace": "keep_warm = library/nginx:latest library/alpine:3.20@linux/amd64"
+    },
+    ("namespace", "keep_warm_interval"): {"namespace": "keep_warm_interval = 5m"},
     ("access", "anonymous"): {"access": "anonymous = 10.0.0.0/8 127.0.0.0/8 ::1"},
     ("access", "htpasswd"): {"access": "htpasswd = htpasswd"},
     ("access", "trusted_proxies"): {"access": "trusted_proxies = 127.0.0.1"},
