@@ -8,6 +8,7 @@
     regmirror cache purge -c etc/mirror.ini sha256:… docker.io/library/busybox:latest
     regmirror prefetch --mirror http://127.0.0.1:5000 ghcr.io/org/app:v1
     regmirror prefetch -c etc/mirror.ini busybox:latest   (no running mirror)
+    regmirror healthcheck -c etc/mirror.ini   (/healthz where it listens)
 
 Every command prints for people by default and JSON with ``--json``; the
 exit status is 0 on success, 1 on failure, 2 for a usage error.
@@ -25,6 +26,7 @@ from typing import Any, TextIO
 from regmirror._cli import Failed, human_size
 from regmirror.config import Config, ConfigError
 from regmirror.errors import RegistryError
+from regmirror.healthcheck import add_command as add_healthcheck
 from regmirror.prefetch import run_prefetch
 from regmirror.reference import (
     is_immutable,
@@ -120,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
         "--password-file", help="the --user's password (its first line)"
     )
     prefetch.set_defaults(run=run_prefetch)
+    add_healthcheck(commands)
     return parser
 
 
