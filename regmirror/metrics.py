@@ -46,6 +46,13 @@ GAUGE_RULES: dict[str, Callable[[Sequence[float]], float]] = {
     # The cache folder's, which every process reads.
     "regmirror_cache_size_bytes": _first,
     "regmirror_cache_max_size_bytes": _first,
+    "regmirror_cache_disk_free_bytes": _first,
+    "regmirror_cache_disk_size_bytes": _first,
+    # Not ready when any process is not; the configuration's, in each.
+    "regmirror_ready": min,
+    "regmirror_namespace_origin": max,
+    "regmirror_upstream_ratelimit_limit": max,
+    "regmirror_upstream_rate_limited": max,
     # The breakers are the machine's (every process reads one record per
     # upstream); each process has its own quotas and Redis connection.
     "regmirror_upstream_down": max,

@@ -258,6 +258,54 @@ class Mirror:
             ["upstream"],
             [([u.name], u.rate_limit[1]) for u in upstreams if u.rate_limit],
         )
+        yield from self._alert_metrics()
+
+    def _alert_metrics(self) -> Iterator[Metric]:
+        """What the alert rules (etc/deploy/prometheus-rules.yml) need
+        beside the rest: readiness, the cache disk's space, each
+        namespace's origin, the pull quota's size and 429 back-offs."""
+        upstreams = self.upstreams.values()
+        yield gauge(
+            "regmirror_ready",
+            "1 while /readyz answers 200 (0: not ready, /readyz says why)",
+            [],
+            [([], float(not self.problems()))],
+        )
+        try:
+            disk = os.statvfs(self.store.root)
+        except OSError:
+            pass  # not ready, which says why; a scrape still answers
+        else:
+            yield gauge(
+                "regmirror_cache_disk_free_bytes",
+                "Bytes free for the mirror on the cache folder's file system",
+                [],
+                [([], disk.f_bavail * disk.f_frsize)],
+            )
+            yield gauge(
+                "regmirror_cache_disk_size_bytes",
+                "Size of the cache folder's file system",
+                [],
+                [([], disk.f_blocks * disk.f_frsize)],
+            )
+        yield gauge(
+            "regmirror_namespace_origin",
+            "1 for each namespace's origin upstream (what decides its tags)",
+            ["namespace", "upstream"],
+            [([pool.namespace, pool.origin.name], 1.0) for pool in self.pools],
+        )
+        yield gauge(
+            "regmirror_upstream_ratelimit_limit",
+            "The size of the upstream's pull quota (RateLimit-Limit)",
+            ["upstream"],
+            [([u.name], u.rate_limit[0]) for u in upstreams if u.rate_limit],
+        )
+        yield gauge(
+            "regmirror_upstream_rate_limited",
+            "1 while the upstream is not asked after it answered 429",
+            ["upstream"],
+            [([u.name], float(u.backing_off() is not None)) for u in upstreams],
+        )
 
     def housekeep(self) -> None:
         """Periodic: evict if over the limits, expire old tag records
