@@ -1103,16 +1103,16 @@ def test_an_ipv6_client_is_counted_by_its_64_network(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("shared", [False, True])
-def test_failed_logins_from_100000_addresses_use_bounded_memory(
+def test_failed_logins_from_20000_addresses_use_bounded_memory(
     tmp_path: Path, shared: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """
     Failed-login records were kept per address, dropped only when that
-    address came back: 100,000 addresses (one IPv6 host has far more) left
-    100,000 records.  The records are a table of fixed size, in memory or
-    in the shared file: after 100,000 addresses the process holds no more
-    objects than after 2,000, and the file has not grown.  The latest
-    addresses are still counted.
+    address came back: 20,000 addresses (one IPv6 host has far more) left
+    20,000 records.  The records are a table of fixed size (4,096 clients),
+    in memory or in the shared file: after 20,000 addresses the process
+    holds no more objects than after 2,000, and the file has not grown.
+    The latest addresses are still counted.
     """
     # Not 100,000 warnings kept by a log buffer: what is measured is the gate.
     monkeypatch.setattr(Gate, "log", Logger(observer=LogPublisher()))
@@ -1134,12 +1134,12 @@ def test_failed_logins_from_100000_addresses_use_bounded_memory(
     gc.collect()
     before = len(gc.get_objects())
     size = os.path.getsize(logins) if logins else 0
-    fail_from(2_000, 100_000)
+    fail_from(2_000, 20_000)
     gc.collect()
     assert len(gc.get_objects()) - before < 1_000
     if logins:
         assert os.path.getsize(logins) == size
-    latest = ipaddress.IPv4Address(0x0A000000 + 99_999)
+    latest = ipaddress.IPv4Address(0x0A000000 + 19_999)
     for _ in range(4):
         assert result(fail(latest)) is None
     with pytest.raises(TooManyRequests):

@@ -57,6 +57,22 @@ def _ephemeral_start() -> int:
         return 32768
 
 
+def _port_slice() -> tuple[int, int]:
+    """
+    Where this process looks for ports: all of it, or under pytest-xdist
+    the worker's own slice, so that two workers never pick the same port
+    between one's check and its server's bind.
+    """
+    low, high = _LOWEST_PORT, _ephemeral_start()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2:
+        return low, high
+    width = (high - low) // count
+    start = low + int(worker[2:]) * width
+    return start, start + width
+
+
 def free_port() -> int:
     """
     A TCP port on 127.0.0.1 that nothing listens on right now, for a
@@ -66,8 +82,9 @@ def free_port() -> int:
     twice in one run (two calls in a row could get the same port).
     """
     rng = random.Random()
+    low, high = _port_slice()
     for _ in range(1000):
-        port = rng.randrange(_LOWEST_PORT, _ephemeral_start())
+        port = rng.randrange(low, high)
         if port in _HANDED_OUT:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -227,7 +244,7 @@ def chromium(tmp_path: Path, url: str, *extra: str) -> str:
 
     Headless Chromium now and then hangs before it opens any connection
     (seen in CI: minutes with no socket to the server, which answered curl
-    at once meanwhile); such a run is killed after a minute and started
+    at once meanwhile); such a run is killed after 30 s and started
     afresh, twice at most.
     """
     if not Path(CHROMIUM).exists():
@@ -257,7 +274,7 @@ def chromium(tmp_path: Path, url: str, *extra: str) -> str:
             start_new_session=True,  # its helpers are killed with it
         )
         try:
-            out, err = process.communicate(timeout=60)
+            out, err = process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -42,7 +44,9 @@ from .harness import (
 from .images import OCI_CONFIG, Catalog, ghcr_app
 from .servers import write_certificate
 
-pytestmark = pytest.mark.e2e
+#: Under pytest-xdist these tests run one at a time on one worker: two
+#: dockerd would share /run/docker, which the teardown checks.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("daemons")]
 
 APP = ghcr_app()
 
@@ -70,7 +74,7 @@ def _remove_empty_tree(folder: Path) -> None:
 
 
 @pytest.fixture
-def daemons_folder(tmp_path: Path) -> Iterator[Path]:
+def daemons_folder() -> Iterator[Path]:
     """
     A folder for the daemons' state.  At teardown (after the daemons
     stopped) whatever is still mounted under it is unmounted, and the host
@@ -80,8 +84,9 @@ def daemons_folder(tmp_path: Path) -> Iterator[Path]:
     missing = missing_tools()
     if missing:
         pytest.fail(f"cannot run the container clients: missing {missing}")
-    folder = tmp_path / "d"
-    folder.mkdir()
+    # A short path: dockerd's sockets under it must fit in sun_path (108
+    # bytes), which pytest-xdist's tmp_path (.../popen-gw1/<test name>/) does not.
+    folder = Path(tempfile.mkdtemp(prefix="rm-daemons-", dir="/tmp"))
     existed = {path: path.exists() for path in _HOST_PATHS}
     docker_run_existed = _DOCKER_RUN.exists()
     forwarding = _IP_FORWARD.read_text()
@@ -101,6 +106,8 @@ def daemons_folder(tmp_path: Path) -> Iterator[Path]:
         problems.append(f"{_DOCKER_RUN} is left and not empty")
     if _IP_FORWARD.read_text() != forwarding:
         problems.append("the daemons changed net.ipv4.ip_forward")
+    if not problems:
+        shutil.rmtree(folder, ignore_errors=True)
     assert not problems, problems
 
 

@@ -40,7 +40,7 @@ from .images import (
 pytestmark = pytest.mark.e2e
 
 THREADS = 32
-SOAK_SECONDS = 25.0
+SOAK_SECONDS = 15.0
 #: bounds on the loop of each client, whatever the clock says
 MAX_REQUESTS_PER_CLIENT = 20_000
 REPOSITORY = "soak/app"
@@ -256,7 +256,7 @@ def test_soak_mixed_load_without_errors_or_growth(
     start_mirror: Callable[..., MirrorProcess],
 ) -> None:
     """
-    32 keep-alive clients for 25 s: 40% cached blobs, 15% fresh blobs (each
+    32 keep-alive clients for 15 s: 40% cached blobs, 15% fresh blobs (each
     handed to two clients at once), 25% manifests by tag (every one checked
     at the origin, ``tag_ttl = 0s``), 20% HEADs.  Zero errors or wrong
     bytes; each fresh blob fetched from the upstream once; after a settle
