@@ -228,8 +228,8 @@ def test_parent_and_workers_run_the_same_tree(tmp_path: Path, monkeypatch: Any) 
     """
     A worker's tree is the parent's: the same mirror, listeners and status
     history timer on the injected clock; only the parent does the cache's
-    housekeeping, binds its listeners rather than adopting them, and runs
-    the workers rather than a link to its parent.
+    housekeeping, keeps images warm, binds its listeners rather than
+    adopting them, and runs the workers rather than a link to its parent.
     """
     monkeypatch.chdir(tmp_path)
     config = config_of(tmp_path)
@@ -242,7 +242,7 @@ def test_parent_and_workers_run_the_same_tree(tmp_path: Path, monkeypatch: Any) 
 
     ours, theirs = named(parent), named(worker)
     listener = "listener 0: tcp:0:interface=127.0.0.1"
-    assert set(ours) - set(theirs) == {"housekeeping"}
+    assert set(ours) - set(theirs) == {"housekeeping", "keep warm"}
     assert set(theirs) == {"history", listener, "processes"}
     for tree, place in ((ours, "parent"), (theirs, "worker")):
         timers = {n: s for n, s in tree.items() if isinstance(s, TimerService)}
