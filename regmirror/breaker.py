@@ -236,9 +236,12 @@ class Breaker:
 
     def reset(self) -> None:
         """Forget everything: a mirror starting learns its upstreams afresh
-        (the record may be from a run with another configuration)."""
+        (the record may be from a run with another configuration); what
+        failed before is worth asking again (``closed_at``: an earlier
+        run's failed tag checks, :mod:`regmirror.failures`, end here)."""
         self._probing = False
-        self._change(lambda h: (Health(), None))
+        now = self.clock.seconds()
+        self._change(lambda h: (Health(closed_at=now), None))
 
     def close(self) -> None:
         """Close the record's file (it is opened again when next used)."""

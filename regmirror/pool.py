@@ -108,6 +108,9 @@ class UpstreamPool:
     #: after the origin failed to answer about a tag, how long it is not
     #: asked about that tag again (0: asked at every pull)
     origin_retry: float = DEFAULT_ORIGIN_RETRY
+    #: past ``tag_ttl``, for how long more the last answer the origin gave
+    #: is served at once while the origin is asked behind it (0: off)
+    stale_while_revalidate: float = 0.0
     #: (mirror, repository) → its last answer that differed from the origin,
     #: at most :data:`MAX_STALE`; with a folder, every process's
     stale: StaleMirrors = field(factory=StaleMirrors)

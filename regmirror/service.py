@@ -318,6 +318,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
                 tag_ttl=namespace.tag_ttl,
                 immutable_tags=namespace.immutable_tags,
                 origin_retry=namespace.origin_retry,
+                stale_while_revalidate=namespace.stale_while_revalidate,
                 per_repository=restricted(namespace),
                 stale=StaleMirrors(
                     os.path.join(config.cache.directory, "stale", namespace.name)

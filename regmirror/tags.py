@@ -11,18 +11,24 @@ themselves (a :class:`Board`).  A tag matching the namespace's
 from then on.  When the origin cannot be reached, the namespace's
 ``origin_unreachable`` policy decides among the answer on disk and those of
 the mirrors not known to be stale; the failure is remembered for
-``origin_retry``, in each process, and the tag's pulls meanwhile get that
-policy's answer without asking the origin.
+``origin_retry`` by every process of the machine (:mod:`regmirror.failures`),
+and the tag's pulls meanwhile get that policy's answer without asking the
+origin.  Past ``tag_ttl``, for the namespace's ``stale_while_revalidate``
+more, a tag is answered at once by its record on disk (``"revalidating"``)
+while one check at the origin runs behind; an origin that says the tag is
+gone takes its record away.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Protocol
 
-from attrs import define, field
+from attrs import Factory, define, field
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from regmirror._flight import SingleFlight
 from regmirror.blobs import Blobs
@@ -33,6 +39,7 @@ from regmirror.errors import (
     RegistryError,
     UpstreamUnavailable,
 )
+from regmirror.failures import FailedCheck, FailedChecks
 from regmirror.manifests import Manifests
 from regmirror.metrics import Metrics
 from regmirror.pool import NotFoundAnywhere, OriginUnreachable, TagAnswer, UpstreamPool
@@ -43,7 +50,7 @@ from regmirror.reference import (
     parse_digest,
     parse_timestamp,
 )
-from regmirror.store import Store
+from regmirror.store import Store, TagRecord
 
 #: Where a tag answer came from when it came from the cache.
 CACHE = "cache"
@@ -52,10 +59,12 @@ CLUSTER = "cluster"
 #: Where a tag answer came from when the tag is immutable and the origin
 #: answered for it before.
 IMMUTABLE = "immutable"
+#: Where a tag answer came from when it is the origin's last answer, past
+#: ``tag_ttl`` but within ``stale_while_revalidate``, while the origin is
+#: asked again behind it.
+REVALIDATING = "revalidating"
 #: How many tag answers are remembered in memory (each also on disk).
 MAX_ANSWERS = 10_000
-#: How many tags' failed checks at the origin each process remembers.
-MAX_FAILURES = 10_000
 
 Key = tuple[str, str, str]
 #: Image configs read to date an image are read up to this size.
@@ -135,10 +144,14 @@ class Tags:
     board: Board = field(factory=NoBoard)
     ttl: float = 60.0
     _answers: dict[Key, tuple[TagAnswer, float]] = field(factory=dict)
-    #: tags whose check at the origin failed → until when it is not asked
-    #: (until, why, when): the last item to tell whether the origin
-    #: answered since
-    _failures: dict[Key, tuple[float, Exception, float]] = field(factory=dict)
+    #: tags whose check at the origin failed, until when they are not
+    #: asked about: the machine's (``<cache>/failures/``)
+    _failures: FailedChecks = field(
+        default=Factory(
+            lambda self: FailedChecks(os.path.join(self.store.root, "failures")),
+            takes_self=True,
+        )
+    )
     _flight: SingleFlight[Key, TagAnswer] = field(factory=SingleFlight)
     log = Logger()
 
@@ -151,77 +164,170 @@ class Tags:
         mirrors not known to be stale, ``cache`` only the cached answer,
         ``fail`` nothing.  A tag matching ``immutable_tags`` is answered
         by its record on disk, once there is one.  A failed check at the
-        origin is not repeated for the namespace's ``origin_retry``: the
-        tag's requests meanwhile get the policy's answer at once (the
-        mirrors are not asked again; without an answer, 503).
+        origin is not repeated for the namespace's ``origin_retry``, by
+        any process of the machine: the tag's requests meanwhile get the
+        policy's answer at once (the mirrors are not asked again; without
+        an answer, the error that check ended with).  Past ``ttl``, for
+        the namespace's ``stale_while_revalidate`` more (and outside such
+        a window), the record on disk answers at once while one check at
+        the origin runs behind, whose answer the next requests get.
 
         :return: the answer; its ``upstream`` says where it came from:
-            an upstream's name, ``"cache"``, ``"cluster"`` or
-            ``"immutable"``.
+            an upstream's name, ``"cache"``, ``"cluster"``,
+            ``"immutable"`` or ``"revalidating"``.
         :raises ManifestUnknown: when the origin says the tag does not exist.
         """
         key = (pool.namespace, repository, tag)
-        now = self.clock.seconds()
-        failed = self._failures.get(key)
-        if failed is not None and (
-            now >= failed[0]
-            # The window ends early once the origin answered again (a
-            # recovery look, another request: its failures were cleared).
-            or pool.origin.breaker.health().closed_at > failed[2]
-        ):
-            del self._failures[key]
+        failed = self._failures.known(key)
+        if failed is not None and self._window_over(pool, key, failed):
             self._answers.pop(key, None)  # the answer given without it
             failed = None
         remembered = self._answers.get(key)
-        if remembered is not None and now < remembered[1]:
+        if remembered is not None and self.clock.seconds() < remembered[1]:
             return remembered[0]
         ttl = self.ttl_for(pool)
-        recorded = self._recorded(pool, repository, tag, ttl)
-        if recorded is not None:
-            return recorded
+        window = 0.0 if pool.immutable(tag) else pool.stale_while_revalidate
+        record = None
+        if ttl > 0 or window > 0 or pool.immutable(tag):
+            record = self._read(pool, repository, tag)
+        if record is not None:
+            recorded = self._recorded(pool, repository, tag, ttl, record)
+            if recorded is not None:
+                return recorded
+        if failed is None:
+            # Another process's failed check, read only when the origin
+            # would be asked.
+            failed = self._failures.get(key)
+            if failed is not None and self._window_over(pool, key, failed):
+                failed = None
         if failed is not None:
-            return await self._while_failing(pool, repository, tag, *failed[:2])
+            return await self._while_failing(pool, repository, tag, failed)
+        if (
+            record is not None
+            and self.clock.seconds() - record.confirmed < ttl + window
+        ):
+            self._revalidate(pool, repository, tag)
+            return TagAnswer(record.digest, REVALIDATING)
+        return await self._flight.run(
+            key, lambda: self._ask(pool, repository, tag, ttl)
+        )
 
-        async def ask() -> TagAnswer:
-            posted = None
-            if ttl > 0:
-                posted = await self.board.read(pool.namespace, repository, tag, ttl)
-            if posted is not None:
-                answer, confirmed = posted
-                # Kept like our own answer, for when the origin is down.
-                self._record(pool.namespace, repository, tag, answer.digest, confirmed)
-                self._remember(key, answer, confirmed + ttl)
-                return answer
-            started = self.clock.seconds()
-            try:
-                answer = await pool.resolve_tag(repository, tag)
-            except NotFoundAnywhere:
-                raise ManifestUnknown(
-                    f"{repository}:{tag} is unknown upstream"
-                ) from None
-            except OriginUnreachable as unreachable:
-                self._failed(key, pool, unreachable.error)
-                answer = await self._without_origin(pool, repository, tag, unreachable)
-                # Reused while the origin is not asked again (with
-                # origin_retry = 0, for tag_ttl as before).
-                retry = pool.origin_retry if pool.origin_retry > 0 else ttl
-                self._remember(key, answer, self.clock.seconds() + retry)
-                return answer
-            self._failures.pop(key, None)
-            self.metrics.tag_checks.labels(pool.namespace).observe(
-                self.clock.seconds() - started
-            )
-            if answer.manifest is not None:
-                self.manifests.keep(answer.manifest)
-            self._record(pool.namespace, repository, tag, answer.digest)
-            if ttl > 0:
-                await self.board.post(
-                    pool.namespace, repository, tag, answer.digest, ttl
-                )
-            self._remember(key, answer, self.clock.seconds() + ttl)
+    def _window_over(self, pool: UpstreamPool, key: Key, failed: FailedCheck) -> bool:
+        """Is *failed*'s ``origin_retry`` over (forgotten then)?  It ends
+        early once the origin answered again (a recovery look, another
+        request, another process: its failures were cleared)."""
+        if (
+            self.clock.seconds() < failed.until
+            and pool.origin.breaker.health().closed_at <= failed.at
+        ):
+            return False
+        self._failures.forget(key)
+        return True
+
+    async def _ask(
+        self, pool: UpstreamPool, repository: str, tag: str, ttl: float
+    ) -> TagAnswer:
+        """The origin's answer (or another node's, with ``[cluster]``),
+        recorded and remembered; the policy's when it gives none."""
+        key = (pool.namespace, repository, tag)
+        posted = None
+        if ttl > 0:
+            posted = await self.board.read(pool.namespace, repository, tag, ttl)
+        if posted is not None:
+            answer, confirmed = posted
+            # Kept like our own answer, for when the origin is down.
+            self._record(pool.namespace, repository, tag, answer.digest, confirmed)
+            self._remember(key, answer, confirmed + ttl)
             return answer
+        started = self.clock.seconds()
+        try:
+            answer = await pool.resolve_tag(repository, tag)
+        except NotFoundAnywhere:
+            # Deleted at the origin: its record must answer no more (not
+            # while revalidating, not while the origin is unreachable).
+            self._answers.pop(key, None)
+            self._failures.forget(key)
+            if not pool.immutable(tag) and self.store.writable():
+                try:
+                    self.store.remove_tag(pool.namespace, repository, tag)
+                except OSError as error:
+                    self.store.degrade(error)
+            raise ManifestUnknown(f"{repository}:{tag} is unknown upstream") from None
+        except OriginUnreachable as unreachable:
+            self._failed(key, pool, unreachable.error)
+            answer = await self._without_origin(pool, repository, tag, unreachable)
+            # Reused while the origin is not asked again (with
+            # origin_retry = 0, for tag_ttl as before).
+            retry = pool.origin_retry if pool.origin_retry > 0 else ttl
+            self._remember(key, answer, self.clock.seconds() + retry)
+            return answer
+        self._failures.forget(key)  # another process's too
+        self.metrics.tag_checks.labels(pool.namespace).observe(
+            self.clock.seconds() - started
+        )
+        if answer.manifest is not None:
+            self.manifests.keep(answer.manifest)
+        self._record(pool.namespace, repository, tag, answer.digest)
+        if ttl > 0:
+            await self.board.post(pool.namespace, repository, tag, answer.digest, ttl)
+        self._remember(key, answer, self.clock.seconds() + ttl)
+        return answer
 
-        return await self._flight.run(key, ask)
+    def _revalidate(self, pool: UpstreamPool, repository: str, tag: str) -> None:
+        """Ask the origin about a tag behind the answer given (once: the
+        requests meanwhile start no other check), logging how it ended."""
+        key = (pool.namespace, repository, tag)
+        if key in self._flight:
+            return
+        ttl = self.ttl_for(pool)
+        checked = self._flight.run(key, lambda: self._ask(pool, repository, tag, ttl))
+        checked.addCallbacks(
+            self._revalidated,
+            self._not_revalidated,
+            callbackArgs=(pool, repository, tag),
+            errbackArgs=(pool, repository, tag),
+        )
+
+    def _revalidated(
+        self, answer: TagAnswer, pool: UpstreamPool, repository: str, tag: str
+    ) -> None:
+        self.log.info(
+            "{namespace}: {repository}:{tag} checked behind its answer: {digest} "
+            "({source})",
+            namespace=pool.namespace,
+            repository=repository,
+            tag=tag,
+            digest=str(answer.digest),
+            source=answer.upstream,
+        )
+
+    def _not_revalidated(
+        self, failure: Failure, pool: UpstreamPool, repository: str, tag: str
+    ) -> None:
+        if failure.check(ManifestUnknown):
+            self.log.info(
+                "{namespace}: {repository}:{tag} is gone at the origin: its "
+                "answer is not served again",
+                namespace=pool.namespace,
+                repository=repository,
+                tag=tag,
+            )
+        elif failure.check(RegistryError):
+            self.log.warn(
+                "{namespace}: revalidating {repository}:{tag} failed: {why}",
+                namespace=pool.namespace,
+                repository=repository,
+                tag=tag,
+                why=failure.getErrorMessage(),
+            )
+        else:
+            self.log.failure(
+                "{namespace}: revalidating {repository}:{tag} failed",
+                failure,
+                namespace=pool.namespace,
+                repository=repository,
+                tag=tag,
+            )
 
     async def refresh(self, pool: UpstreamPool, repository: str, tag: str) -> TagAnswer:
         """
@@ -273,33 +379,24 @@ class Tags:
 
     def _failed(self, key: Key, pool: UpstreamPool, error: Exception) -> None:
         """The origin gave no answer about a tag (*error* says why): not
-        asked again about it for ``origin_retry``.  At most
-        :data:`MAX_FAILURES` are remembered, the oldest forgotten first
-        (clients choose the tags, and a failing origin fails for each of
-        them)."""
+        asked again about it for ``origin_retry``, by any process of the
+        machine."""
         if pool.origin_retry <= 0:
             return
-        self._failures.pop(key, None)
-        while len(self._failures) >= MAX_FAILURES:
-            del self._failures[next(iter(self._failures))]
         now = self.clock.seconds()
-        self._failures[key] = (now + pool.origin_retry, error, now)
+        self._failures.note(key, FailedCheck(now + pool.origin_retry, error, now))
 
     async def _while_failing(
-        self,
-        pool: UpstreamPool,
-        repository: str,
-        tag: str,
-        until: float,
-        failure: Exception,
+        self, pool: UpstreamPool, repository: str, tag: str, failed: FailedCheck
     ) -> TagAnswer:
         """The policy's answer for a tag the origin failed to answer about
         less than ``origin_retry`` ago, without asking it: without an
         answer, the error that check ended with (its status and code: a
         refused login stays 502 ``UNAUTHORIZED``), saying when it is asked
         again."""
-        left = max(1, math.ceil(until - self.clock.seconds()))
+        left = max(1, math.ceil(failed.until - self.clock.seconds()))
         again = {"Retry-After": str(left)}
+        failure = failed.error
         error: Exception
         if isinstance(failure, RegistryError):
             error = type(failure)(
@@ -316,8 +413,20 @@ class Tags:
             pool, repository, tag, OriginUnreachable(error, []), announce=False
         )
 
+    def _read(self, pool: UpstreamPool, repository: str, tag: str) -> TagRecord | None:
+        """The tag's record on disk, if any (and readable)."""
+        try:
+            return self.store.tag(pool.namespace, repository, tag)
+        except OSError:
+            return None
+
     def _recorded(
-        self, pool: UpstreamPool, repository: str, tag: str, ttl: float
+        self,
+        pool: UpstreamPool,
+        repository: str,
+        tag: str,
+        ttl: float,
+        record: TagRecord,
     ) -> TagAnswer | None:
         """
         The origin's answer as recorded on disk, while younger than
@@ -327,21 +436,12 @@ class Tags:
         however old (``"immutable"``); it is read again after *ttl*, so
         that a purge is heeded.
         """
-        immutable = pool.immutable(tag)
-        if ttl <= 0 and not immutable:
-            return None
-        try:
-            record = self.store.tag(pool.namespace, repository, tag)
-        except OSError:
-            return None
-        if record is None:
-            return None
         key = (pool.namespace, repository, tag)
-        if immutable:
+        if pool.immutable(tag):
             answer = TagAnswer(record.digest, IMMUTABLE)
             self._remember(key, answer, self.clock.seconds() + ttl)
             return answer
-        if self.clock.seconds() - record.confirmed >= ttl:
+        if ttl <= 0 or self.clock.seconds() - record.confirmed >= ttl:
             return None
         answer = TagAnswer(record.digest, pool.origin.name)
         self._remember(key, answer, record.confirmed + ttl)

@@ -1,7 +1,8 @@
 """
 Freshness per namespace and per tag pattern (``tag_ttl``,
-``immutable_tags``) and a failing origin's cost (``origin_retry``), in
-memory: what the origin is asked, counted, as the clock moves.
+``immutable_tags``, ``stale_while_revalidate``) and a failing origin's
+cost (``origin_retry``, shared by the processes), in memory: what the
+origin is asked, counted, as the clock moves.
 """
 
 from __future__ import annotations
@@ -14,19 +15,23 @@ from typing import Any
 import pytest
 from fakeregistry import FakeRegistry
 from memory import Harness, error_code, image, result
+from test_fetch_cluster import Cluster
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.web.server import Request
+from twisted.logger import LogEvent, formatEvent
+from twisted.web.server import NOT_DONE_YET, Request
 
+from regmirror import failures
 from regmirror.cli import main
 from regmirror.config import DEFAULT_ORIGIN_RETRY, ConfigError
-from regmirror.errors import UpstreamUnavailable
+from regmirror.errors import ManifestUnknown, UpstreamUnavailable
 from regmirror.ini import load
 from regmirror.pool import TagAnswer
 from regmirror.reference import Digest, is_immutable, parse_digest
 from regmirror.service import build_mirror
 from regmirror.store import Store
-from regmirror.tags import MAX_ANSWERS, MAX_FAILURES, Tags
+from regmirror.tags import MAX_ANSWERS, Tags
 
 DAY = 86400.0
 
@@ -397,18 +402,29 @@ def test_origin_retry_zero_asks_at_every_pull(tmp_path: Path) -> None:
     assert tag_heads(origin) == 5
 
 
-def test_failed_checks_remembered_are_bounded(tmp_path: Path) -> None:
-    """Clients choose the tags: 100,000 distinct tags the origin failed on
-    leave :data:`MAX_FAILURES` remembered, the newest."""
+def test_failed_checks_remembered_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clients choose the tags: far more distinct tags the origin failed
+    on than :data:`MAX_FAILURES` (made 100 here) leave at most that many
+    remembered, in memory and in the namespace's folder, the newest kept;
+    answers remembered are bounded by :data:`MAX_ANSWERS`."""
+    monkeypatch.setattr(failures, "MAX_FAILURES", 100)
+    monkeypatch.setattr(failures, "TRIM_TO", 90)
     harness, _ = one(tmp_path)
     pool = harness.router_pool("docker.io")
     tags = harness.fetcher.tags
     down = UpstreamUnavailable("down")
-    for n in range(100_000):
+    for n in range(1_000):
         tags._failed(("docker.io", "library/app", f"t{n}"), pool, down)
-    assert len(tags._failures) == MAX_FAILURES
-    assert ("docker.io", "library/app", "t99999") in tags._failures
+    assert len(tags._failures) == 100
+    assert ("docker.io", "library/app", "t999") in tags._failures
     assert ("docker.io", "library/app", "t0") not in tags._failures
+    folder = Path(harness.store.root) / "failures" / "docker.io"
+    assert 90 <= len(list(folder.iterdir())) <= 100
+    other = failures.FailedChecks(str(Path(harness.store.root) / "failures"))
+    assert other.get(("docker.io", "library/app", "t999")) is not None
+    assert other.get(("docker.io", "library/app", "t0")) is None
     for n in range(100_000):
         tags._remember(
             ("docker.io", "library/app", f"t{n}"),
@@ -416,6 +432,276 @@ def test_failed_checks_remembered_are_bounded(tmp_path: Path) -> None:
             1.0,
         )
     assert len(tags._answers) == MAX_ANSWERS
+
+
+# -- stale_while_revalidate ------------------------------------------------------
+
+
+class SlowOrigin(FakeRegistry):
+    """A fake registry whose every answer takes :attr:`delay` seconds of
+    *clock* (0: at once); each request counted once, on arrival."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.delay = 0.0
+        self._due: set[Request] = set()
+
+    def render(self, request: Request) -> Any:
+        if request in self._due:
+            self._due.discard(request)
+            counted, self.requests = self.requests, []
+            try:
+                return super().render(request)
+            finally:
+                self.requests = counted
+        if not self.delay:
+            return super().render(request)
+        self.requests.append((request.method.decode(), request.path.decode()))
+        self._due.add(request)
+        self.clock.callLater(self.delay, request.render, self)
+        return NOT_DONE_YET
+
+
+def slow(tmp_path: Path, window: float = 600.0) -> tuple[Harness, SlowOrigin]:
+    """A mirror over a :class:`SlowOrigin` (answering at once for now):
+    docker.io's ``tag_ttl`` 1 s, ``stale_while_revalidate`` *window*."""
+    clock = Clock()
+    origin = SlowOrigin(clock)
+    harness = Harness(str(tmp_path / "cache"), {"origin": origin}, clock=clock)
+    pool = harness.router_pool("docker.io")
+    pool.tag_ttl = 1.0
+    pool.stale_while_revalidate = window
+    return harness, origin
+
+
+def test_within_the_window_an_expired_tag_answers_at_once_and_is_checked_once(
+    tmp_path: Path,
+) -> None:
+    """
+    The issue's target: the origin taking a second to answer, 100 pulls of
+    a tag past ``tag_ttl`` and within ``stale_while_revalidate`` are all
+    answered before the clock moves, ``revalidating``, with the digest the
+    origin last gave (the tag moved there meanwhile), and the origin gets
+    one HEAD for them.  Once it answered, the next pull gets its new
+    answer from memory (``origin``), without asking again.  An immutable
+    tag is answered ``immutable`` as before, never checked.
+    """
+    harness, origin = slow(tmp_path)
+    harness.router_pool("docker.io").immutable_tags = ("v[0-9]*",)
+    old = image(origin, created="2020-01-01T00:00:00Z")
+    fixed = image(origin, tag="v1")
+    assert source(harness.request("GET", "/v2/app/manifests/latest")) == ["origin"]
+    assert source(harness.request("GET", "/v2/app/manifests/v1")) == ["origin"]
+    harness.clock.advance(2)
+    new = image(origin, created="2024-01-01T00:00:00Z")
+    origin.delay = 1.0
+    url = "http://mirror.test/v2/app/manifests/latest"
+    pulls = [pending(harness.client.get(url)) for _ in range(100)]
+    immutable = pending(harness.client.get("http://mirror.test/v2/app/manifests/v1"))
+    harness.settle()
+    for (response,) in pulls:
+        assert response.code == 200
+        assert (source(response), digest(response)) == (
+            ["revalidating"],
+            [old["manifest"]],
+        )
+    assert (source(immutable[0]), digest(immutable[0])) == (
+        ["immutable"],
+        [fixed["manifest"]],
+    )
+    assert tag_heads(origin) == 2
+    assert tag_heads(origin, "v1") == 1
+    harness.clock.advance(1)
+    harness.settle()
+    origin.delay = 0.0  # the new manifest, fetched by digest
+    answered = harness.request("GET", "/v2/app/manifests/latest")
+    assert (source(answered), digest(answered)) == (["origin"], [new["manifest"]])
+    assert tag_heads(origin) == 2
+    record = harness.store.tag("docker.io", "library/app", "latest")
+    assert record is not None and str(record.digest) == new["manifest"]
+
+
+def test_past_the_window_a_pull_waits_for_the_origin(tmp_path: Path) -> None:
+    """Past ``tag_ttl`` + ``stale_while_revalidate`` (1 + 10 s) the pull
+    waits for the origin's answer, as without a window; within it, it
+    does not."""
+    harness, origin = slow(tmp_path, window=10.0)
+    image(origin)
+    assert harness.request("GET", "/v2/app/manifests/latest").code == 200
+    origin.delay = 1.0
+    harness.clock.advance(10.5)
+    within = pending(harness.client.get("http://mirror.test/v2/app/manifests/latest"))
+    harness.settle()
+    assert source(within[0]) == ["revalidating"]
+    harness.clock.advance(1)  # the check behind it answered: confirmed now
+    harness.settle()
+    harness.clock.advance(11)
+    url = "http://mirror.test/v2/app/manifests/latest"
+    waiting = pending(harness.client.get(url))
+    harness.settle()
+    assert waiting == []
+    assert tag_heads(origin) == 3
+    harness.clock.advance(1)
+    harness.settle()
+    assert source(waiting[0]) == ["origin"]
+
+
+def test_a_tag_the_check_behind_finds_gone_is_not_served_again(
+    tmp_path: Path, logged: list[LogEvent]
+) -> None:
+    """The tag deleted at the origin: the pull within the window gets the
+    old digest, the check behind it gets a 404, and from then on the tag
+    is unknown here too (404 ``MANIFEST_UNKNOWN``, asked of the origin),
+    in this process and in another over the same cache folder: its record
+    is gone.  Said in the log."""
+    harness, origin = slow(tmp_path)
+    image(origin)
+    assert harness.request("GET", "/v2/app/manifests/latest").code == 200
+    harness.clock.advance(2)
+    del origin.tags[("library/app", "latest")]
+    assert source(harness.request("GET", "/v2/app/manifests/latest")) == [
+        "revalidating"
+    ]
+    assert harness.store.tag("docker.io", "library/app", "latest") is None
+    gone = harness.request("GET", "/v2/app/manifests/latest")
+    assert gone.code == 404
+    assert error_code(harness, gone) == "MANIFEST_UNKNOWN"
+    assert tag_heads(origin) == 3
+    tags = harness.fetcher.tags
+    other = Tags(harness.store, harness.clock, tags.manifests, tags.blobs, tags.metrics)
+    pool = harness.router_pool("docker.io")
+    elsewhere = Deferred.fromCoroutine(other.resolve(pool, "library/app", "latest"))
+    harness.settle()
+    assert isinstance(pending(elsewhere)[0].value, ManifestUnknown)
+    assert any("gone at the origin" in (formatEvent(event) or "") for event in logged)
+
+
+def test_a_failing_check_behind_follows_origin_retry(
+    tmp_path: Path, logged: list[LogEvent]
+) -> None:
+    """The origin answering 500 to the check behind a ``revalidating``
+    answer: with ``origin_unreachable = freshest`` the next pulls get the
+    policy's answer (``cache``) and the origin is not asked again within
+    ``origin_retry``; with ``fail``, they get the origin's error with
+    ``Retry-After``.  The failed check is logged, never unhandled."""
+    harness, origin = slow(tmp_path)
+    image(origin)
+    harness.upstreams["origin"].breaker.threshold = 100
+    assert harness.request("GET", "/v2/app/manifests/latest").code == 200
+    harness.clock.advance(2)
+    origin.fault = failing
+    assert source(harness.request("GET", "/v2/app/manifests/latest")) == [
+        "revalidating"
+    ]
+    for _ in range(5):
+        harness.clock.advance(5)
+        assert source(harness.request("GET", "/v2/app/manifests/latest")) == ["cache"]
+    assert tag_heads(origin) == 2
+
+    harness.router_pool("docker.io").origin_unreachable = "fail"
+    image(origin, tag="other")
+    origin.fault = None
+    assert harness.request("GET", "/v2/app/manifests/other").code == 200
+    harness.clock.advance(2)
+    origin.fault = failing
+    assert source(harness.request("GET", "/v2/app/manifests/other")) == ["revalidating"]
+    refused = harness.request("GET", "/v2/app/manifests/other")
+    assert refused.code == 502
+    assert refused.headers.getRawHeaders("Retry-After") == ["30"]
+    assert tag_heads(origin, "other") == 2
+    texts = [formatEvent(event) or "" for event in logged]
+    assert any("revalidating library/app:other failed" in t for t in texts), texts
+    assert not [e for e in logged if e.get("log_failure") is not None]
+
+
+def test_the_window_reaches_the_pools(tmp_path: Path) -> None:
+    """``[namespace:NAME] stale_while_revalidate`` (default 0: off) reaches
+    the namespace's pool."""
+    path = tmp_path / "mirror.ini"
+    path.write_text(
+        CONFIG_TEXT.replace("origin_retry = 45s", "stale_while_revalidate = 10m"),
+        encoding="utf-8",
+    )
+    mirror = build_mirror(load(str(path)), MemoryReactorClock())
+    pools = {pool.namespace: pool for pool in mirror.pools}
+    assert pools["docker.io"].stale_while_revalidate == 600.0
+    assert pools["ghcr.io"].stale_while_revalidate == 0.0
+
+
+def test_in_a_cluster_the_check_behind_takes_another_nodes_fresh_answer(
+    tmp_path: Path,
+) -> None:
+    """Two nodes, one Redis: past ``tag_ttl`` (30 s), within the window,
+    node a answers ``revalidating`` and asks the origin behind it; node b
+    answers ``revalidating`` too, and its check behind takes a's fresh
+    answer from the cluster instead of asking the origin: one HEAD for
+    both; b's next pull is answered ``cluster``."""
+    c = Cluster(tmp_path)
+    for name in "ab":
+        c[name].router_pool("docker.io").stale_while_revalidate = 600.0
+    image(c.origin)
+
+    def pulled(name: str) -> list[str]:
+        response = c.request(name, "GET", "/v2/app/manifests/latest")
+        assert response.code == 200
+        return source(response)
+
+    assert pulled("a") == ["origin"]
+    assert pulled("b") == ["cluster"]
+    c.tick(31)
+    assert pulled("a") == ["revalidating"]
+    assert tag_heads(c.origin) == 2
+    assert pulled("b") == ["revalidating"]
+    assert pulled("b") == ["cluster"]
+    assert pulled("a") == ["origin"]
+    assert tag_heads(c.origin) == 2
+
+
+# -- failed checks, shared by the processes ------------------------------------------
+
+
+def test_a_failed_check_holds_for_every_process(tmp_path: Path) -> None:
+    """
+    The origin silent (``response_timeout`` 10 s, breaker back-off 5 s):
+    one process's check times out; another process over the same cache
+    folder, past the breaker's back-off and within ``origin_retry``,
+    answers the tag at once from the cache without asking (``workers``:
+    one wait per window on the machine, not one per process).  A mirror
+    starting afresh (its breakers reset) ends the window: asked again.
+    """
+    harness, origin = one(
+        tmp_path, origin={"response_timeout": 10.0, "breaker_backoff": 5.0}
+    )
+    content = _cached_then_expired(harness, origin)
+    origin.silent = True
+    url = "http://mirror.test/v2/app/manifests/latest"
+    first = pending(harness.client.get(url))
+    harness.settle()
+    harness.clock.advance(10)
+    harness.settle()
+    assert source(first[0]) == ["cache"]
+    assert tag_heads(origin) == 2
+    harness.clock.advance(6)  # past the breaker's back-off
+    pool = harness.router_pool("docker.io")
+    tags = harness.fetcher.tags
+    other = Tags(harness.store, harness.clock, tags.manifests, tags.blobs, tags.metrics)
+    answered = pending(
+        Deferred.fromCoroutine(other.resolve(pool, "library/app", "latest"))
+    )
+    harness.settle()
+    assert answered != [], "the other process asked the origin"
+    assert (answered[0].upstream, str(answered[0].digest)) == (
+        "cache",
+        content["manifest"],
+    )
+    assert tag_heads(origin) == 2
+    harness.clock.advance(1)
+    pool.origin.breaker.reset()
+    again = Tags(harness.store, harness.clock, tags.manifests, tags.blobs, tags.metrics)
+    pending(Deferred.fromCoroutine(again.resolve(pool, "library/app", "latest")))
+    harness.settle()
+    assert tag_heads(origin) == 3
 
 
 # -- the configuration ------------------------------------------------------------
