@@ -284,9 +284,6 @@ class KeepWarm(Service):
             for image in listed:
                 key = (name, image)
                 kept[key] = self._states.get(key) or _Warm(name, image)
-        if namespace not in self._lanes:
-            for image in images:
-                kept[(namespace, image)] = _Warm(namespace, image)
         self._states = kept
 
     def _schedule(self, lane: _Lane, delay: float) -> None:
