@@ -336,7 +336,8 @@ class Tags:
         :mod:`regmirror.warm`); the mirrors are asked too, and noted stale
         when they answer otherwise, as at every check.  The answer is kept
         as a pull's check keeps it (on disk, for the other nodes, in
-        memory), so that the tag's pulls take it.
+        memory; a failed check's window over, for every process), so that
+        the tag's pulls take it.
         No ``origin_unreachable`` policy applies: without the origin's
         answer, the refresh fails.
 
@@ -353,6 +354,7 @@ class Tags:
             raise ManifestUnknown(f"{repository}:{tag} is unknown upstream") from None
         except OriginUnreachable as unreachable:
             raise unreachable.error from None
+        self._failures.forget(key)
         self.metrics.tag_checks.labels(pool.namespace).observe(
             self.clock.seconds() - started
         )

@@ -597,3 +597,26 @@ def test_a_record_that_is_not_ours_reads_as_none(tmp_path: Path) -> None:
     path.write_text('{"images": [1, {"image": "x"}]}')
     assert read_record(str(path)) == [{"image": "x"}]
     assert warm_module.RECORD == "warm.json"
+
+
+def test_a_refresh_ends_a_failed_checks_window_for_every_process(
+    tmp_path: Path,
+) -> None:
+    """
+    A pull's check failed at the origin (a 503): the tag's failed check is
+    recorded for every process (``origin_retry``).  The origin back, a
+    refresh's answer removes that record: no process waits out the window.
+    """
+    origin = FakeRegistry()
+    harness = Harness(str(tmp_path / "cache"), {"origin": origin})
+    push(origin, 1)
+    origin.fault = lambda request: (503, b"down for a moment")
+    assert harness.request("GET", "/v2/app/manifests/latest").code == 502
+    failures = Path(harness.store.root, "failures")
+    assert [p for p in failures.rglob("*") if p.is_file()] != []
+    origin.fault = None
+    service = keep_warm(harness, "library/app:latest")
+    advance(harness, FIRST_DELAY)
+    assert state(service)["state"] == "ok"
+    assert [p for p in failures.rglob("*") if p.is_file()] == []
+    service.stopService()
