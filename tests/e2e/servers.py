@@ -472,3 +472,42 @@ class FlakyRelay(ProgramProcess):
             for r in self.records()
             if r["method"] == "GET" and r["path"].endswith(f"/blobs/{digest}")
         ]
+
+
+class DelayRelay(ProgramProcess):
+    """
+    ``programs/delay_relay.py``: an HTTP relay to 127.0.0.1:PORT whose
+    answers take as long as :meth:`control` says, set while it runs (an
+    origin that becomes slow, or silent), or are a 404 for the paths it
+    names.  :meth:`records` entries hold ``method`` and ``path``, written
+    as each request arrives.
+    """
+
+    program = "delay_relay"
+
+    def __init__(self, workdir: Path, target_port: int) -> None:
+        self.control_path = workdir / "delay_relay.control.json"
+        super().__init__(
+            workdir,
+            ["--target-port", str(target_port), "--control", str(self.control_path)],
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOCALHOST}:{self.ports['relay']}"
+
+    def control(self, *, delay: float = 0.0, gone: str | None = None) -> None:
+        """From now on, each request waits *delay* seconds before it is
+        relayed; a path *gone* (a regular expression) matches is a 404."""
+        partial = self.control_path.with_suffix(".partial")
+        partial.write_text(json.dumps({"delay": delay, "gone": gone}))
+        partial.replace(self.control_path)
+
+    def count(self, method: str, path_suffix: str) -> int:
+        """How many requests of *method* whose path ends with *path_suffix*
+        arrived."""
+        return sum(
+            1
+            for r in self.records()
+            if r["method"] == method and r["path"].endswith(path_suffix)
+        )
