@@ -144,6 +144,9 @@ EXAMPLES: dict[tuple[str, str], dict[str, str]] = {
     ("namespace", "max_stale"): {"namespace": "max_stale = 7d"},
     ("namespace", "origin_retry"): {"namespace": "origin_retry = 30s"},
     ("namespace", "tag_ttl"): {"namespace": "tag_ttl = 5m"},
+    ("namespace", "stale_while_revalidate"): {
+        "namespace": "stale_while_revalidate = 10m"
+    },
     ("namespace", "immutable_tags"): {"namespace": "immutable_tags = v[0-9]* sha-*"},
     ("namespace", "allow"): {"namespace": "allow = library/* myorg/*"},
     ("namespace", "deny"): {"namespace": "deny = */*-debug"},
