@@ -233,7 +233,7 @@ class MirrorService(MultiService):
     def reload(self) -> None:
         log.info("reload requested (SIGHUP)")
         if self.workers is not None:
-            self.workers.signal("HUP")
+            self.workers.reload()
         for certificate in self.certificates:
             try:
                 certificate.reload()
@@ -465,7 +465,9 @@ def build_tree(config: Config, reactor: Any, worker: Worker | None) -> MirrorSer
     top = MirrorService(mirror, reactor, primary=primary)
     if worker is not None:
         # First: the timers and the listeners ask the parent through it.
-        parent = Parent(reactor, worker.channel, mirror.metrics.families, reactor.stop)
+        parent = Parent(
+            reactor, worker.channel, mirror.metrics.families, reactor.stop, top.reload
+        )
         parent.setName("processes")
         parent.setServiceParent(top)
         mirror.gather = parent.gather

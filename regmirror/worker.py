@@ -41,6 +41,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--channel", required=True, type=int, help="the socket to the parent"
     )
+    # Until MirrorService installs its own: SIGHUP's default action would
+    # end a worker still starting (the parent asks workers to reload over
+    # their channel; this is for a signal sent to the process group).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     arguments = parser.parse_args(argv)
 
     from twisted.internet import reactor

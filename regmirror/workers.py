@@ -11,8 +11,9 @@ never the file again (edited since, a restarted worker would run another
 mirror, or none), and never from its command line or environment, which
 other users may read.  All of them share the cache
 folder, where the spool lock gives one upstream download per digest
-machine-wide.  The parent restarts a worker that dies, passes SIGHUP on to
-them, and stops them when it stops.
+machine-wide.  The parent restarts a worker that dies, asks them to
+reload on SIGHUP (over their channel: a signal would end one still
+starting), and stops them when it stops.
 
 Each worker and the parent talk over a :class:`Channel` (a socket pair):
 the parent asks every worker for its metric families and adds them up
@@ -353,10 +354,16 @@ class Workers(Service):
         if self.running and index not in self._running:
             self._spawn(index)
 
-    def signal(self, name: str) -> None:
-        """Pass a signal (``"HUP"``) on to every worker."""
-        for _, transport in self._running.values():
-            transport.signalProcess(name)
+    def reload(self) -> None:
+        """
+        Ask every worker to reload (what SIGHUP does in the parent), over
+        its channel rather than by a signal: a worker still starting reads
+        the question once it serves, where SIGHUP's default action would
+        have ended it before its handler was installed.
+        """
+        for index, (worker, _) in self._running.items():
+            d = worker.channel.ask("reload")
+            d.addErrback(_not_reloaded, index)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
@@ -367,6 +374,14 @@ class Workers(Service):
             worker.ended.addBoth(_cancel, kill)
             waiting.append(worker.ended)
         return DeferredList(waiting)
+
+
+def _not_reloaded(failure: Failure, index: int) -> None:
+    log.warn(
+        "worker {index} did not reload: {why}",
+        index=index,
+        why=failure.getErrorMessage() or failure.type.__name__,
+    )
 
 
 def _cancel(result: object, call: Any) -> object:
@@ -386,9 +401,10 @@ class Parent(Service):
     """
     A worker's link to the parent process, over the socket it inherited as
     descriptor *fd*: answers the parent's questions with *own*, this
-    process's metric families; asks it for the machine's; gives it the last
-    counts when stopping; and calls *stop* (the reactor's) if the parent
-    goes away, so that no worker outlives it.
+    process's metric families, and does its *reload* when asked; asks it
+    for the machine's families; gives it the last counts when stopping;
+    and calls *stop* (the reactor's) if the parent goes away, so that no
+    worker outlives it.
     """
 
     def __init__(
@@ -397,16 +413,21 @@ class Parent(Service):
         fd: int,
         own: Callable[[], list[Metric]],
         stop: Callable[[], None],
+        reload: Callable[[], None],
     ) -> None:
         self._reactor = reactor
         self._fd = fd
         self._own = own
         self._stop = stop
+        self._reload = reload
         self.channel = Channel(self._answer)
 
     async def _answer(self, question: str, argument: Any) -> Any:
         if question == "collect":
             return export(self._own())
+        if question == "reload":
+            self._reload()
+            return None
         raise ChannelError(f"no such question: {question}")
 
     def startService(self) -> None:

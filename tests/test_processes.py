@@ -400,6 +400,38 @@ def test_worker_stops_when_its_parent_is_gone(tmp_path: Path, monkeypatch: Any) 
     assert family.reactor.hasStopped is True
 
 
+class _Certificate:
+    """Stands for a listener's certificate: counts its reloads."""
+
+    def __init__(self, reloads: list[int], number: int) -> None:
+        self._reloads = reloads
+        self._number = number
+
+    def reload(self) -> None:
+        self._reloads.append(self._number)
+
+
+def test_sighup_reaches_every_worker_over_its_channel(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """
+    The parent's reload (SIGHUP) asks every worker to reload over its
+    channel, never by a signal: SIGHUP's default action ended a worker
+    still starting, before its handler was installed ("ended by signal 1",
+    then restarted).  A worker reads the question once it serves, and
+    reloads once.
+    """
+    family = Family(tmp_path, monkeypatch)
+    reloads: list[int] = []
+    for number, tree in enumerate(family.workers):
+        tree.certificates.append(_Certificate(reloads, number))
+    family.parent.reload()
+    assert reloads == []  # nothing read yet: as a worker still starting
+    family.settle()
+    assert sorted(reloads) == [0, 1]
+    assert [process.signals for _, _, process in family.reactor.spawned] == [[], []]
+
+
 def _family(name: str, samples: list[tuple[dict[str, str], float]]) -> Metric:
     metric = GaugeMetricFamily(name, "a gauge", labels=["upstream"])
     for labels, value in samples:

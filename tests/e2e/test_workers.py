@@ -464,6 +464,29 @@ def test_a_restarted_worker_runs_the_configuration_twistd_started_with(
     assert not shows_the_password(worker)
 
 
+def test_sighup_while_a_worker_starts_does_not_end_it(
+    start_mirror: Callable[..., MirrorProcess], upstream: RegistryProcess
+) -> None:
+    """
+    SIGHUP sent to the parent again and again while it restarts a killed
+    worker: the new worker starts and serves, and is not ended by the
+    reloads (the parent passed SIGHUP on as a signal, whose default action
+    ended a worker still starting: "ended by signal 1", restarted later).
+    """
+    mirror = start_mirror(lambda port: two_processes(port, upstream.url))
+    assert mirror._process is not None
+    parent = mirror._process.pid
+    worker = serving_worker(mirror)
+    os.kill(worker, signal.SIGKILL)
+    for _ in range(150):  # 3 s: the restart delay, the start, serving
+        os.kill(parent, signal.SIGHUP)
+        time.sleep(0.02)
+    (new,) = workers_of(mirror)
+    mirror.wait_for_log(rf"worker {new} serving", timeout=15)
+    assert alive(new)
+    assert not re.search(r"by signal 1\b", mirror.log()), mirror.log()
+
+
 def test_a_worker_that_cannot_start_says_why_and_is_restarted_less_often(
     tmp_path: Path, start_mirror: Callable[..., MirrorProcess]
 ) -> None:
