@@ -380,7 +380,7 @@ def _not_reloaded(failure: Failure, index: int) -> None:
     log.warn(
         "worker {index} did not reload: {why}",
         index=index,
-        why=failure.getErrorMessage() or failure.type.__name__,
+        why=failure.getErrorMessage() or repr(failure.value),
     )
 
 
