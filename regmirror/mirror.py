@@ -112,6 +112,13 @@ class Mirror:
     def __attrs_post_init__(self) -> None:
         self.history = History(self.totals, self.fetcher.clock.seconds)
         self._recovery = LoopingCall(self._recover)
+        # Each mirror's stale count is there from the start, at 0, so
+        # that Prometheus sees its first detection as an increase (a
+        # series first scraped at 1 shows none).
+        for pool in self.pools:
+            for upstream in pool.upstreams:
+                if upstream is not pool.origin:
+                    self.metrics.stale.labels(pool.namespace, upstream.name)
 
     def _recover(self) -> None:
         for upstream in self.upstreams.values():

@@ -37,11 +37,11 @@ def built(tmp_path: Path) -> Mirror:
     return mirror
 
 
-def value(mirror: Mirror, name: str, **labels: str) -> float | None:
+def value(built: Mirror, name: str, **labels: str) -> float | None:
     """The one sample of *name* with exactly *labels*; ``None`` if absent."""
     found = [
         sample.value
-        for family in mirror.metrics.families()
+        for family in built.metrics.families()
         for sample in family.samples
         if sample.name == name and sample.labels == labels
     ]
@@ -125,3 +125,14 @@ def test_workers_values_make_the_machines() -> None:
     assert total(machine, "regmirror_ready") == 0
     assert total(machine, "regmirror_cache_disk_free_bytes") == 1000
     assert total(machine, "regmirror_namespace_origin") == 1
+
+
+def test_stale_detections_start_at_zero(tmp_path: Path) -> None:
+    """Every mirror of a namespace (each upstream but its origin) has its
+    stale count from the start, at 0, so that the first detection is an
+    increase to Prometheus; the origin has none."""
+    mirror = built(tmp_path)
+    name = "regmirror_stale_detections_total"
+    assert value(mirror, name, namespace="ghcr.io", mirror="one") == 0
+    assert value(mirror, name, namespace="ghcr.io", mirror="two") is None
+    assert value(mirror, name, namespace="docker.io", mirror="one") is None
