@@ -245,8 +245,31 @@ class AdoptedListener(_Listening):
         os.close(fd)
 
 
+#: The listen queue of a listener whose description names none: Twisted's
+#: 50 drops the connections of a burst beyond it (a CI farm's pulls),
+#: whose clients then wait a second for their SYN to be sent again.  The
+#: kernel caps it at ``net.core.somaxconn``.
+DEFAULT_BACKLOG = 1024
+
+#: Where each kind of listener takes ``backlog`` as a positional argument.
+_BACKLOG_POSITION = {"tcp": 2, "tcp6": 1, "unix": 2}
+
+
+def with_backlog(description: str) -> str:
+    """*description*, with ``backlog=`` :data:`DEFAULT_BACKLOG` unless it
+    names one (``tcp:``, ``tcp6:``, ``unix:``, ``ssl:``; others as given)."""
+    kind = description.partition(":")[0].lower()
+    if kind not in (*_BACKLOG_POSITION, "ssl"):
+        return description
+    positional, named = _endpoint_arguments(description)
+    if "backlog" in named or len(positional) > _BACKLOG_POSITION.get(kind, 99):
+        return description
+    return f"{description}:backlog={DEFAULT_BACKLOG}"
+
+
 class Bind:
-    """The parent's listeners: bound from their endpoint descriptions."""
+    """The parent's listeners: bound from their endpoint descriptions,
+    with a listen queue of :data:`DEFAULT_BACKLOG` unless they name one."""
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
@@ -255,10 +278,11 @@ class Bind:
         self, description: str, factory: IProtocolFactory
     ) -> tuple[BoundListener, ReloadableTLS | None]:
         certificate = None
+        queued = with_backlog(description)
         if description.startswith("ssl:"):
-            endpoint, certificate = tls_listener(self._reactor, description)
+            endpoint, certificate = tls_listener(self._reactor, queued)
         else:
-            endpoint = serverFromString(self._reactor, description)
+            endpoint = serverFromString(self._reactor, queued)
         return BoundListener(endpoint, factory, description), certificate
 
 

@@ -32,7 +32,7 @@ from twisted.web.server import Site
 from regmirror.http.channel import PlainHTTPFactory
 from regmirror.http.site import MirrorSite
 from regmirror.ini import load
-from regmirror.listeners import Inherited
+from regmirror.listeners import DEFAULT_BACKLOG, Bind, Inherited, with_backlog
 from regmirror.service import Worker, build_tree, make_service
 from regmirror.tls_listener import ListenerTLSFactory, ReloadableTLS
 
@@ -393,3 +393,63 @@ def test_worker_tls_listeners_negotiate_http11(
     assert transport.value().startswith(b"HTTP/1.0 400 Bad Request\r\n")
     assert isinstance(plain, PlainHTTPFactory)
     service.stopService()
+
+
+# -- the listen queue -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("description", "backlog"),
+    [
+        ("tcp:5000", DEFAULT_BACKLOG),
+        ("tcp:5000:interface=127.0.0.1", DEFAULT_BACKLOG),
+        ("tcp:5000:interface=127.0.0.1:backlog=10", 10),
+        ("tcp:5000:127.0.0.1:10", 10),
+        ("tcp6:5000", DEFAULT_BACKLOG),
+        ("tcp6:5000:10", 10),
+    ],
+)
+def test_tcp_listeners_queue_a_burst_of_connections(
+    description: str, backlog: int
+) -> None:
+    """
+    A listener whose description names no ``backlog`` listens with a queue
+    of :data:`DEFAULT_BACKLOG`, not Twisted's 50, whose overflow during a
+    burst of pulls left clients waiting a second to send their SYN again;
+    one that names it keeps it.
+    """
+    reactor = MemoryReactorClock()
+    listener, _ = Bind(reactor).listener(description, Factory.forProtocol(Protocol))
+    listener.privilegedStartService()
+    ((_, _, queued, _),) = reactor.tcpServers
+    assert queued == backlog
+
+
+def test_tls_listeners_queue_a_burst_of_connections(
+    tmp_path: Path, certificate: tuple[ReloadableTLS, bytes]
+) -> None:
+    """``ssl:`` listeners too, unless their description names a backlog."""
+    files = f"privateKey={tmp_path / 'key.pem'}:certKey={tmp_path / 'cert.pem'}"
+    for description, backlog in [
+        (f"ssl:5443:{files}", DEFAULT_BACKLOG),
+        (f"ssl:5443:{files}:backlog=7", 7),
+    ]:
+        reactor = MemoryReactorClock()
+        listener, _ = Bind(reactor).listener(description, Factory.forProtocol(Protocol))
+        listener.privilegedStartService()
+        ((_, _, queued, _),) = reactor.tcpServers
+        assert queued == backlog
+
+
+@pytest.mark.parametrize(
+    "description",
+    ["unix:/run/regmirror.sock", "unix:address=/run/r.sock:mode=660"],
+)
+def test_unix_listeners_get_the_queue_too(description: str) -> None:
+    assert with_backlog(description) == f"{description}:backlog={DEFAULT_BACKLOG}"
+    assert with_backlog(description + ":backlog=5") == description + ":backlog=5"
+
+
+def test_other_listeners_are_left_as_given() -> None:
+    description = "systemd:domain=INET:index=0"
+    assert with_backlog(description) == description
