@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from attrs import Factory, define, field
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from regmirror._claims import Claims
 from regmirror._flight import SingleFlight
 from regmirror.blobs import Blobs
 from regmirror.cluster import Coordinator, CoordinatorDown
@@ -51,6 +52,8 @@ from regmirror.reference import (
     parse_timestamp,
 )
 from regmirror.store import Store, TagRecord
+
+T = TypeVar("T")
 
 #: Where a tag answer came from when it came from the cache.
 CACHE = "cache"
@@ -153,6 +156,13 @@ class Tags:
         )
     )
     _flight: SingleFlight[Key, TagAnswer] = field(factory=SingleFlight)
+    #: which process of the machine checks a tag behind its answer
+    _checking: Claims = field(
+        default=Factory(
+            lambda self: Claims(os.path.join(self.store.root, "revalidating")),
+            takes_self=True,
+        )
+    )
     log = Logger()
 
     async def resolve(self, pool: UpstreamPool, repository: str, tag: str) -> TagAnswer:
@@ -274,19 +284,27 @@ class Tags:
         return answer
 
     def _revalidate(self, pool: UpstreamPool, repository: str, tag: str) -> None:
-        """Ask the origin about a tag behind the answer given (once: the
-        requests meanwhile start no other check), logging how it ended."""
+        """Ask the origin about a tag behind the answer given (once on the
+        machine: the requests meanwhile, in this process or another, start
+        no other check; the record the check writes answers them all
+        afterwards), logging how it ended."""
         key = (pool.namespace, repository, tag)
-        if key in self._flight:
+        claim = "\n".join(key)
+        if key in self._flight or not self._checking.claim(claim):
             return
         ttl = self.ttl_for(pool)
         checked = self._flight.run(key, lambda: self._ask(pool, repository, tag, ttl))
+        checked.addBoth(self._unclaim, claim)
         checked.addCallbacks(
             self._revalidated,
             self._not_revalidated,
             callbackArgs=(pool, repository, tag),
             errbackArgs=(pool, repository, tag),
         )
+
+    def _unclaim(self, outcome: T, claim: str) -> T:
+        self._checking.release(claim)
+        return outcome
 
     def _revalidated(
         self, answer: TagAnswer, pool: UpstreamPool, repository: str, tag: str

@@ -35,6 +35,7 @@ from .images import (
     single_arch_image,
 )
 from .servers import DelayRelay
+from .test_workers import stopped, workers_of
 
 pytestmark = pytest.mark.e2e
 
@@ -222,3 +223,57 @@ def test_with_three_workers_a_silent_origin_costs_one_wait_per_window(
     assert len(served) == 3 and min(served.values()) >= 3, served
     assert answers == {(200, "cache", image.root.digest)}, answers
     assert relay.count("HEAD", "/manifests/latest") == 2, (served, relay.records())
+
+
+def test_with_two_workers_one_check_behind_answers_for_the_machine(
+    tmp_path: Path,
+    catalog: Catalog,
+    start_registry: StartRegistry,
+    start_program: StartRelay,
+    start_mirror: StartMirror,
+) -> None:
+    """
+    ``workers = 2``, ``tag_ttl = 1s``, ``stale_while_revalidate = 10m``; the
+    origin then takes 6 s to answer.  Past ``tag_ttl``, the parent alone
+    (the worker stopped) answers the tag ``revalidating`` and starts the
+    check behind it; then the worker alone (the parent stopped) answers it
+    ``revalidating`` too and starts none of its own, the parent's being
+    under way: the origin gets one HEAD for the machine (two before: one
+    check per process).
+    """
+    image = catalog.small
+    origin = start_registry()
+    relay = start_program(DelayRelay(tmp_path / "relay", origin.port))
+
+    def config(port: int) -> str:
+        text = with_keys(
+            mirror_config(port, relay.url, tag_ttl="1s", prefetch=0),
+            stale_while_revalidate="10m",
+        )
+        return text.replace("[cache]", "workers = 2\n\n[cache]")
+
+    mirror = start_mirror(config)
+    poll_until(
+        lambda: (
+            len(workers_of(mirror)) == 1
+            and re.search(r"worker \d+ serving", mirror.log()) is not None
+        ),
+        timeout=30,
+        describe=mirror.log,
+    )
+    assert mirror._process is not None
+    parent, (worker,) = mirror._process.pid, workers_of(mirror)
+    first = mirror.request("GET", LATEST, {"Accept": MANIFEST_ACCEPT})
+    assert first.status == 200, first.body
+    assert relay.count("HEAD", "/manifests/latest") == 1
+
+    relay.control(delay=SLOW)
+    time.sleep(1.5)  # past tag_ttl
+    with stopped(worker):
+        by_parent = manifest_then_pid(mirror.port)
+    with stopped(parent):
+        by_worker = manifest_then_pid(mirror.port)
+    assert by_parent == (200, "revalidating", image.root.digest, parent)
+    assert by_worker == (200, "revalidating", image.root.digest, worker)
+    mirror.wait_for_log(r"test/small:latest checked behind its answer", timeout=30)
+    assert relay.count("HEAD", "/manifests/latest") == 2, relay.records()
