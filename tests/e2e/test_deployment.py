@@ -88,13 +88,21 @@ def test_systemd_unit_command_starts_the_mirror(
         stop_process(process)
 
 
-def test_compose_runs_the_same_command() -> None:
-    """docker compose starts twistd with the unit's arguments."""
+def test_compose_runs_the_image_with_the_units_command() -> None:
+    """docker compose builds the project's Containerfile and keeps the cache
+    in a volume at the image's cache folder; the image's entry point starts
+    twistd with the unit's arguments (text logs on standard output)."""
     compose = (DEPLOY / "docker-compose.yml").read_text()
-    match = re.search(r"exec (twistd [^\"]+)\"", compose)
+    assert re.search(r"context: \.\./\.\.\n\s+dockerfile: Containerfile\n", compose)
+    assert "- regmirror-cache:/var/lib/regmirror\n" in compose
+    containerfile = (DEPLOY.parents[1] / "Containerfile").read_text()
+    assert "VOLUME /var/lib/regmirror\n" in containerfile
+    entrypoint = (DEPLOY / "container-entrypoint.sh").read_text()
+    assert "text) set -- --logfile=- ;;" in entrypoint
+    match = re.search(r"^exec (twistd .+)$", entrypoint, re.MULTILINE)
     assert match
-    assert shlex.split(match.group(1))[1:] == unit_command()[1:]
-    assert "/healthz" in compose
+    command = shlex.split(match.group(1).replace('"$@"', "--logfile=-"))
+    assert command[1:] == unit_command()[1:]
 
 
 def start_nginx(
