@@ -253,16 +253,7 @@ class Tags:
         try:
             answer = await pool.resolve_tag(repository, tag)
         except NotFoundAnywhere:
-            # Deleted at the origin: its record must answer no more (not
-            # while revalidating, not while the origin is unreachable).
-            self._answers.pop(key, None)
-            self._failures.forget(key)
-            if not pool.immutable(tag) and self.store.writable():
-                try:
-                    self.store.remove_tag(pool.namespace, repository, tag)
-                except OSError as error:
-                    self.store.degrade(error)
-            raise ManifestUnknown(f"{repository}:{tag} is unknown upstream") from None
+            raise self._gone(pool, key) from None
         except OriginUnreachable as unreachable:
             self._failed(key, pool, unreachable.error)
             answer = await self._without_origin(pool, repository, tag, unreachable)
@@ -271,17 +262,38 @@ class Tags:
             retry = pool.origin_retry if pool.origin_retry > 0 else ttl
             self._remember(key, answer, self.clock.seconds() + retry)
             return answer
-        self._failures.forget(key)  # another process's too
-        self.metrics.tag_checks.labels(pool.namespace).observe(
-            self.clock.seconds() - started
-        )
+        await self._confirmed(pool, key, answer, ttl, started)
+        return answer
+
+    def _gone(self, pool: UpstreamPool, key: Key) -> ManifestUnknown:
+        """The origin says the tag does not exist: its record must answer
+        no more (not while revalidating, not while the origin is
+        unreachable).  The error to raise."""
+        namespace, repository, tag = key
+        self._answers.pop(key, None)
+        self._failures.forget(key)
+        if not pool.immutable(tag) and self.store.writable():
+            try:
+                self.store.remove_tag(namespace, repository, tag)
+            except OSError as error:
+                self.store.degrade(error)
+        return ManifestUnknown(f"{repository}:{tag} is unknown upstream")
+
+    async def _confirmed(
+        self, pool: UpstreamPool, key: Key, answer: TagAnswer, ttl: float, since: float
+    ) -> None:
+        """Keep the origin's *answer*, asked at *since*: on disk, for the
+        other nodes, in memory; a failed check's window over, for every
+        process."""
+        namespace, repository, tag = key
+        self._failures.forget(key)
+        self.metrics.tag_checks.labels(namespace).observe(self.clock.seconds() - since)
         if answer.manifest is not None:
             self.manifests.keep(answer.manifest)
-        self._record(pool.namespace, repository, tag, answer.digest)
+        self._record(namespace, repository, tag, answer.digest)
         if ttl > 0:
-            await self.board.post(pool.namespace, repository, tag, answer.digest, ttl)
+            await self.board.post(namespace, repository, tag, answer.digest, ttl)
         self._remember(key, answer, self.clock.seconds() + ttl)
-        return answer
 
     def _revalidate(self, pool: UpstreamPool, repository: str, tag: str) -> None:
         """Ask the origin about a tag behind the answer given (once on the
@@ -369,19 +381,10 @@ class Tags:
         try:
             answer = await pool.resolve_tag(repository, tag)
         except NotFoundAnywhere:
-            raise ManifestUnknown(f"{repository}:{tag} is unknown upstream") from None
+            raise self._gone(pool, key) from None
         except OriginUnreachable as unreachable:
             raise unreachable.error from None
-        self._failures.forget(key)
-        self.metrics.tag_checks.labels(pool.namespace).observe(
-            self.clock.seconds() - started
-        )
-        if answer.manifest is not None:
-            self.manifests.keep(answer.manifest)
-        self._record(pool.namespace, repository, tag, answer.digest)
-        if ttl > 0:
-            await self.board.post(pool.namespace, repository, tag, answer.digest, ttl)
-        self._remember(key, answer, self.clock.seconds() + ttl)
+        await self._confirmed(pool, key, answer, ttl, started)
         return answer
 
     def ttl_for(self, pool: UpstreamPool) -> float:

@@ -437,6 +437,24 @@ def test_a_missing_tag_fails_and_the_next_image_is_refreshed(tmp_path: Path) -> 
     service.stopService()
 
 
+def test_a_tag_deleted_at_the_origin_is_answered_no_more(tmp_path: Path) -> None:
+    """A refresh that finds the tag gone at the origin removes its record,
+    as a pull's check does: the cache does not answer it afterwards, not
+    even while the origin is unreachable."""
+    origin = FakeRegistry()
+    harness = Harness(str(tmp_path / "cache"), {"origin": origin})
+    push(origin, 1)
+    service = keep_warm(harness, "library/app:latest")
+    advance(harness, FIRST_DELAY)
+    assert state(service)["state"] == "ok"
+    assert harness.store.tag("docker.io", "library/app", "latest") is not None
+    del origin.tags[("library/app", "latest")]
+    advance(harness, INTERVAL)
+    assert state(service)["state"] == "failed"
+    assert harness.store.tag("docker.io", "library/app", "latest") is None
+    service.stopService()
+
+
 def test_stopping_while_waiting_leaves_no_timer(tmp_path: Path) -> None:
     """
     Stopped while it waits out a 429's back-off, and while its next round
