@@ -18,22 +18,16 @@ reader never sees half of one.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 
 from attrs import define, field, frozen
 from twisted.logger import Logger
 
-from regmirror import errors
+from regmirror import _records, errors
 
 #: How many tags' failed checks are remembered per namespace (in memory,
 #: and in the folder).
 MAX_FAILURES = 10_000
-#: Once a folder holds :data:`MAX_FAILURES` records, the oldest are removed
-#: down to this many: one listing per so many new records, not per record.
-TRIM_TO = MAX_FAILURES * 9 // 10
 #: A record is read up to this size (a repository name, a tag, a message).
 MAX_RECORD = 8192
 
@@ -102,7 +96,7 @@ class FailedChecks:
         if self.folder is None:
             return
         try:
-            _unlink(self._path(key))
+            _records.unlink(self._path(key))
         except OSError as e:
             self._give_up(e)
 
@@ -123,15 +117,9 @@ class FailedChecks:
         return os.path.join(self.folder, namespace)
 
     def _path(self, key: Key) -> str:
-        name = hashlib.sha256(f"{key[1]}\n{key[2]}".encode()).hexdigest()[:40]
-        return os.path.join(self._folder(key[0]), name)
+        return os.path.join(self._folder(key[0]), _records.name(key[1], key[2]))
 
     def _write(self, key: Key, check: FailedCheck) -> None:
-        folder = self._folder(key[0])
-        path = self._path(key)
-        if not os.path.exists(path):
-            os.makedirs(folder, exist_ok=True)
-            self._trim(folder)
         error = check.error
         document = {
             "repository": key[1],
@@ -144,31 +132,7 @@ class FailedChecks:
             "message": getattr(error, "message", str(error)),
             "headers": getattr(error, "headers", {}),
         }
-        fd, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(json.dumps(document).encode("utf-8"))
-            os.replace(temporary, path)
-        except BaseException:
-            _unlink(temporary)
-            raise
-
-    def _trim(self, folder: str) -> None:
-        """Room for one more: at :data:`MAX_FAILURES`, the oldest records
-        go, down to :data:`TRIM_TO`."""
-        names = [n for n in os.listdir(folder) if not n.startswith(".")]
-        if len(names) < MAX_FAILURES:
-            return
-        dated = []
-        for name in names:
-            path = os.path.join(folder, name)
-            try:
-                dated.append((os.stat(path).st_mtime, path))
-            except FileNotFoundError:
-                continue
-        dated.sort()
-        for _, path in dated[: max(0, len(dated) - TRIM_TO)]:
-            _unlink(path)
+        _records.write(self._folder(key[0]), self._path(key), document, MAX_FAILURES)
 
     def _give_up(self, error: OSError) -> None:
         self.log.error(
@@ -185,10 +149,8 @@ def _read(path: str, key: Key) -> FailedCheck | None:
 
     :raises FileNotFoundError: when there is none.
     """
-    with open(path, "rb") as f:
-        data = f.read(MAX_RECORD)
+    document = _records.read(path, MAX_RECORD)
     try:
-        document = json.loads(data)
         if (document["repository"], document["tag"]) != (key[1], key[2]):
             return None
         message = str(document["message"])
@@ -202,11 +164,3 @@ def _read(path: str, key: Key) -> FailedCheck | None:
         return FailedCheck(float(document["until"]), error, float(document["at"]))
     except Exception:
         return None
-
-
-def _unlink(path: str) -> int:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return 0
-    return 1

@@ -16,22 +16,17 @@ older than the namespace's ``max_stale`` (:meth:`StaleMirrors.expire`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 from collections.abc import Iterator
 
 from attrs import define, field, frozen
 from twisted.logger import Logger
 
+from regmirror import _records
 from regmirror.reference import Digest, parse_digest
 
 #: Stale answers remembered per namespace; the oldest go first beyond it.
 MAX_STALE = 10_000
-#: Once a folder holds :data:`MAX_STALE` records, the oldest are removed
-#: down to this many: one listing per so many new records, not per record.
-TRIM_TO = MAX_STALE * 9 // 10
 #: A record is read up to this size (a repository name, a tag, two digests).
 MAX_RECORD = 4096
 
@@ -89,7 +84,7 @@ class StaleMirrors:
             path = self._path(key)
             try:
                 found = _read(path)
-                _unlink(path)
+                _records.unlink(path)
             except FileNotFoundError:
                 return default
             except OSError as e:
@@ -124,21 +119,15 @@ class StaleMirrors:
         removed = 0
         for path, (_, answer) in list(self._records()):
             if answer.noted < older_than:
-                removed += _unlink(path)
+                removed += _records.unlink(path)
         return removed
 
     def _path(self, key: Key) -> str:
         assert self.folder is not None
-        name = hashlib.sha256(f"{key[0]}\n{key[1]}".encode()).hexdigest()[:40]
-        return os.path.join(self.folder, name)
+        return os.path.join(self.folder, _records.name(key[0], key[1]))
 
     def _write(self, key: Key, answer: StaleAnswer) -> None:
         assert self.folder is not None
-        path = self._path(key)
-        new = not os.path.exists(path)
-        if new:
-            os.makedirs(self.folder, exist_ok=True)
-            self._trim()
         document = {
             "mirror": key[0],
             "repository": key[1],
@@ -147,43 +136,11 @@ class StaleMirrors:
             "origin": str(answer.origin),
             "noted": answer.noted,
         }
-        fd, temporary = tempfile.mkstemp(dir=self.folder, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(json.dumps(document).encode("utf-8"))
-            os.replace(temporary, path)
-        except BaseException:
-            _unlink(temporary)
-            raise
-
-    def _trim(self) -> None:
-        """Room for one more: at :data:`MAX_STALE`, the oldest records go,
-        down to :data:`TRIM_TO`."""
-        assert self.folder is not None
-        names = [n for n in os.listdir(self.folder) if not n.startswith(".")]
-        if len(names) < MAX_STALE:
-            return
-        dated = []
-        for name in names:
-            path = os.path.join(self.folder, name)
-            try:
-                dated.append((os.stat(path).st_mtime, path))
-            except FileNotFoundError:
-                continue
-        dated.sort()
-        for _, path in dated[: max(0, len(dated) - TRIM_TO)]:
-            _unlink(path)
+        _records.write(self.folder, self._path(key), document, MAX_STALE)
 
     def _records(self) -> Iterator[tuple[str, tuple[Key, StaleAnswer]]]:
         assert self.folder is not None
-        try:
-            names = os.listdir(self.folder)
-        except FileNotFoundError:
-            return
-        for name in names:
-            if name.startswith("."):
-                continue
-            path = os.path.join(self.folder, name)
+        for path in _records.paths(self.folder):
             try:
                 record = _read(path)
             except OSError:
@@ -205,10 +162,8 @@ def _read(path: str) -> tuple[Key, StaleAnswer] | None:
 
     :raises FileNotFoundError: when there is none.
     """
-    with open(path, "rb") as f:
-        data = f.read(MAX_RECORD)
+    document = _records.read(path, MAX_RECORD)
     try:
-        document = json.loads(data)
         return (str(document["mirror"]), str(document["repository"])), StaleAnswer(
             str(document["tag"]),
             parse_digest(str(document["theirs"])),
@@ -217,11 +172,3 @@ def _read(path: str) -> tuple[Key, StaleAnswer] | None:
         )
     except Exception:
         return None
-
-
-def _unlink(path: str) -> int:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return 0
-    return 1

@@ -76,9 +76,8 @@ def test_the_records_are_bounded_oldest_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Clients choose the repositories asked about: at ``MAX_STALE`` records
-    the oldest go, down to ``TRIM_TO``, before a new one is written."""
+    the oldest go, down to nine tenths of it, before a new one is written."""
     monkeypatch.setattr(stale, "MAX_STALE", 10)
-    monkeypatch.setattr(stale, "TRIM_TO", 8)
     records = StaleMirrors(str(tmp_path / "stale"))
     for n in range(25):
         records[("mirror", f"r{n}")] = StaleAnswer("v1", THEIRS, OURS, float(n))

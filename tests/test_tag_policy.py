@@ -410,7 +410,6 @@ def test_failed_checks_remembered_are_bounded(
     remembered, in memory and in the namespace's folder, the newest kept;
     answers remembered are bounded by :data:`MAX_ANSWERS`."""
     monkeypatch.setattr(failures, "MAX_FAILURES", 100)
-    monkeypatch.setattr(failures, "TRIM_TO", 90)
     harness, _ = one(tmp_path)
     pool = harness.router_pool("docker.io")
     tags = harness.fetcher.tags
