@@ -38,15 +38,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from _serving import listen, report_ready, run
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -239,31 +236,14 @@ def main() -> None:
                 registry.drop[digest] = options.drop_after
 
     async def start() -> None:
-        ports: dict[str, int] = {}
-        listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            Site(registry)
-        )
-        ports["registry"] = listening.getHost().port
+        ports = {"registry": await listen(Site(registry))}
         registry.realm = f"http://127.0.0.1:{ports['registry']}/token"
         if options.cdn:
-            cdn = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-                Site(Cdn(registry, recorder))
-            )
-            ports["cdn"] = cdn.getHost().port
+            ports["cdn"] = await listen(Site(Cdn(registry, recorder)))
             registry.redirect = f"http://127.0.0.1:{ports['cdn']}"
-        ready = Path(options.ready_file)
-        partial = ready.with_suffix(".partial")
-        partial.write_text(json.dumps(ports))
-        os.replace(partial, ready)
+        report_ready(options.ready_file, ports)
 
-    def failed(failure: Any) -> None:
-        failure.printTraceback()
-        reactor.stop()  # type: ignore[attr-defined]
-
-    reactor.callWhenRunning(  # type: ignore[attr-defined]
-        lambda: Deferred.fromCoroutine(start()).addErrback(failed)
-    )
-    reactor.run()  # type: ignore[attr-defined]
+    run(start)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from _serving import listen, report_ready, run
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -185,22 +184,9 @@ def main() -> None:
     )
 
     async def start() -> None:
-        listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            Site(relay)
-        )
-        ready = Path(options.ready_file)
-        partial = ready.with_suffix(".partial")
-        partial.write_text(json.dumps({"relay": listening.getHost().port}))
-        os.replace(partial, ready)
+        report_ready(options.ready_file, {"relay": await listen(Site(relay))})
 
-    def failed(failure: Any) -> None:
-        failure.printTraceback()
-        reactor.stop()  # type: ignore[attr-defined]
-
-    reactor.callWhenRunning(  # type: ignore[attr-defined]
-        lambda: Deferred.fromCoroutine(start()).addErrback(failed)
-    )
-    reactor.run()  # type: ignore[attr-defined]
+    run(start)
 
 
 if __name__ == "__main__":

@@ -66,14 +66,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from _serving import listen, report_ready, run
 from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -340,23 +337,10 @@ def main() -> None:
     site = Site(hostile)
 
     async def start() -> None:
-        listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            site
-        )
-        hostile.port = listening.getHost().port
-        ready = Path(options.ready_file)
-        partial = ready.with_suffix(".partial")
-        partial.write_text(json.dumps({"registry": listening.getHost().port}))
-        os.replace(partial, ready)
+        hostile.port = await listen(site)
+        report_ready(options.ready_file, {"registry": hostile.port})
 
-    def failed(failure: Any) -> None:
-        failure.printTraceback()
-        reactor.stop()  # type: ignore[attr-defined]
-
-    reactor.callWhenRunning(  # type: ignore[attr-defined]
-        lambda: Deferred.fromCoroutine(start()).addErrback(failed)
-    )
-    reactor.run()  # type: ignore[attr-defined]
+    run(start)
 
 
 if __name__ == "__main__":
