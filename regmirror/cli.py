@@ -135,6 +135,8 @@ def check_config(arguments: argparse.Namespace, out: TextIO) -> dict[str, Any]:
         "config": config.path,
         "namespaces": [n.name for n in config.namespaces],
         "upstreams": sorted(config.upstreams),
+        # Where each upstream's requests go: its path prefix and ns shown.
+        "upstream_bases": {n: u.base for n, u in sorted(config.upstreams.items())},
         "listen": list(config.server.listen),
         # Each namespace's repository rules: what it will and will not serve.
         "repositories": {
@@ -159,6 +161,8 @@ def check_config(arguments: argparse.Namespace, out: TextIO) -> dict[str, Any]:
             ]
             shown = "; ".join(rules) if rules else "every repository"
             print(f"  [namespace:{namespace.name}] {shown}", file=out)
+        for name, upstream in sorted(config.upstreams.items()):
+            print(f"  [upstream:{name}] {upstream.base}", file=out)
     return result
 
 

@@ -26,6 +26,11 @@ MAX_PREFETCH = 64
 DEFAULT_ORIGIN_RETRY = 30.0
 #: ``[namespace:NAME] keep_warm_interval`` unless given.
 DEFAULT_KEEP_WARM_INTERVAL = 600.0
+#: ``[namespace:NAME] credentials``: the upstream's configured account
+#: (the default), or each client's own.
+CREDENTIALS = ("upstream", "passthrough")
+#: ``[namespace:NAME] access_check_ttl`` unless given.
+DEFAULT_ACCESS_CHECK_TTL = 60.0
 #: ``[upstream:NAME] segments``: the most ranged GETs one blob is fetched
 #: in at once, and the smallest blob fetched so (``segment_min_size``)
 DEFAULT_SEGMENTS = 1
@@ -74,6 +79,7 @@ class UpstreamConfig:
     """One upstream registry endpoint (``[upstream:NAME]``)."""
 
     name: str
+    #: ``scheme://host[:port]``, the registry's root
     url: str
     connect_timeout: float = 10.0
     response_timeout: float = 30.0
@@ -101,10 +107,25 @@ class UpstreamConfig:
         default=DEFAULT_SEGMENTS, validator=in_(range(1, MAX_SEGMENTS + 1))
     )
     segment_min_size: int = DEFAULT_SEGMENT_MIN_SIZE
+    #: put before every repository name sent (the path of ``url``: a
+    #: mirror serving several registries by path, ``ghcr.io`` for
+    #: ``https://m.daocloud.io/ghcr.io``); empty for none
+    prefix: str = ""
+    #: sent as ``?ns=`` with every request (a mirror that routes by
+    #: containerd's parameter)
+    ns: str | None = None
 
     @property
     def host(self) -> str:
         return urlsplit(self.url).hostname or ""
+
+    @property
+    def base(self) -> str:
+        """Where this upstream's requests go, for people: the API root
+        with the prefix and ``ns`` (``https://m.daocloud.io/v2/ghcr.io/``)."""
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        ns = f"?ns={self.ns}" if self.ns is not None else ""
+        return f"{self.url}/v2/{prefix}{ns}"
 
 
 @frozen
@@ -163,6 +184,22 @@ class NamespaceConfig:
     #: ``keep_warm_interval``, before anyone asks
     keep_warm: tuple[WarmImage, ...] = ()
     keep_warm_interval: float = DEFAULT_KEEP_WARM_INTERVAL
+    #: whose credentials the upstreams get: ``upstream`` (the upstream's
+    #: configured account, or none) or ``passthrough`` (each client's own;
+    #: the configured account stays for clients without credentials)
+    credentials: str = field(default="upstream", validator=in_(CREDENTIALS))
+    #: how long an upstream's "this client may read this repository" is
+    #: believed (``credentials = passthrough``)
+    access_check_ttl: float = DEFAULT_ACCESS_CHECK_TTL
+    #: while the upstream cannot be reached, a passthrough client is
+    #: served from the cache for repositories confirmed for it within this
+    #: long (0: not at all)
+    access_check_offline: float = 0.0
+
+    @property
+    def passthrough(self) -> bool:
+        """Do clients' own credentials go to the upstreams?"""
+        return self.credentials == "passthrough"
 
 
 DEFAULT_LISTEN: tuple[str, ...] = ("tcp:5000",)

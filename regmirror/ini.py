@@ -50,6 +50,7 @@ from regmirror.ini_values import (
     parse_networks,
     parse_proxy_url,
     parse_redis_url,
+    parse_registry_url,
     parse_size,
     parse_upstream_url,
     positive,
@@ -200,6 +201,7 @@ def parse(text: str, path: str) -> Config:
         _namespace(reader, name, upstreams) for name, reader in namespace_sections
     )
     _check_namespaces(path, namespaces)
+    _check_routed_upstreams(path, namespaces, upstreams)
     for ns in namespaces if access is None else ():
         if ns.anonymous is not None:
             # Without [access] everyone may pull: a namespace that says
@@ -370,9 +372,10 @@ def _upstream(reader: _Reader, name: str, base: str) -> UpstreamConfig:
     segments = reader.get("segments", positive_int, DEFAULT_SEGMENTS)
     if segments > MAX_SEGMENTS:
         raise reader.error("segments", f"at most {MAX_SEGMENTS}")
+    url, prefix = reader.get("url", parse_registry_url, required=True)
     upstream = UpstreamConfig(
         name=name,
-        url=reader.get("url", parse_upstream_url, required=True),
+        url=url,
         connect_timeout=reader.get("connect_timeout", positive_duration, 10.0),
         response_timeout=reader.get("response_timeout", positive_duration, 30.0),
         idle_timeout=reader.get("idle_timeout", positive_duration, 60.0),
@@ -391,6 +394,8 @@ def _upstream(reader: _Reader, name: str, base: str) -> UpstreamConfig:
         segment_min_size=reader.get(
             "segment_min_size", parse_size, DEFAULT_SEGMENT_MIN_SIZE
         ),
+        prefix=prefix,
+        ns=reader.get("ns", parse_hostname, None),
     )
     reader.finish()
     return upstream
@@ -475,6 +480,11 @@ def _namespace(
         keep_warm_interval=reader.get(
             "keep_warm_interval", positive(parse_duration), DEFAULT_KEEP_WARM_INTERVAL
         ),
+        credentials=reader.get("credentials", one_of(*CREDENTIALS), "upstream"),
+        access_check_ttl=reader.get(
+            "access_check_ttl", parse_duration, DEFAULT_ACCESS_CHECK_TTL
+        ),
+        access_check_offline=reader.get("access_check_offline", parse_duration, 0.0),
     )
     for image in namespace.keep_warm:
         # Kept warm is fetched upstream: never a repository the rules refuse.
@@ -525,3 +535,35 @@ def _check_namespaces(path: str, namespaces: Iterable[NamespaceConfig]) -> None:
             "default",
             f"only one namespace may be the default (also {defaults[0]})",
         )
+
+
+def _check_routed_upstreams(
+    path: str,
+    namespaces: Iterable[NamespaceConfig],
+    upstreams: dict[str, UpstreamConfig],
+) -> None:
+    """
+    An upstream reached through a path prefix or ``ns`` is one registry of
+    a mirror of several: in a second namespace it would answer that
+    namespace's tags and vouch for its content with the first registry's.
+    """
+    used: dict[str, str] = {}
+    for ns in namespaces:
+        for name in ns.upstreams:
+            upstream = upstreams[name]
+            if not upstream.prefix and upstream.ns is None:
+                continue
+            if name in used:
+                routed = (
+                    f"path prefix {upstream.prefix}"
+                    if upstream.prefix
+                    else f"ns = {upstream.ns}"
+                )
+                raise ConfigError(
+                    path,
+                    f"namespace:{ns.name}",
+                    "upstreams",
+                    f"[upstream:{name}] ({routed}) serves [namespace:{used[name]}]; "
+                    "give this namespace an [upstream:NAME] of its own",
+                )
+            used[name] = ns.name

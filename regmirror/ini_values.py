@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Callable
 from typing import TypeVar
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from regmirror.config import EVERYONE, Network, WarmImage
 from regmirror.errors import RegistryError
@@ -105,6 +105,52 @@ def parse_upstream_url(text: str) -> str:
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(f"URL must name only scheme, host and port: {text!r}")
     return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+#: One segment of an upstream's path prefix: a repository path component
+#: (the OCI grammar's) or a host name with an optional port.
+_PREFIX_SEGMENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+
+
+def parse_registry_url(text: str) -> tuple[str, str]:
+    """
+    An upstream's ``url``: ``http(s)://host[:port]`` and an optional path,
+    which is put before every repository name sent to it (a mirror that
+    serves several registries by path: ``https://m.daocloud.io/ghcr.io``).
+
+    Trailing slashes are dropped and percent-escapes decoded; each segment
+    must be a repository path component or a host name (what a registry
+    routes on), so the prefix needs no escaping and cannot step outside
+    ``/v2/``.
+
+    :return: ``(scheme://host[:port], prefix)``, the prefix without
+        slashes at either end, empty when there is none.
+    """
+    parts = _split_url(text, ("http", "https"), "credentials do not belong in the URL")
+    if parts.query or parts.fragment:
+        hint = " (for ?ns= use the ns key)" if "ns=" in parts.query else ""
+        raise ValueError(f"URL must have no query or fragment{hint}: {text!r}")
+    root = f"{parts.scheme}://{parts.netloc.lower()}"
+    path = parts.path.rstrip("/")
+    if not path:
+        return root, ""
+    segments = [unquote(segment).lower() for segment in path[1:].split("/")]
+    for segment in segments:
+        if not (_PREFIX_SEGMENT.fullmatch(segment) or _HOSTNAME.fullmatch(segment)):
+            raise ValueError(
+                f"path segment {segment[:40]!r} is no repository name component "
+                f"or host name: {text!r}"
+            )
+    if segments[0] == "v2":
+        meant = "/".join([root, *segments[1:]])
+        raise ValueError(
+            "the path is put before repository names, after the /v2/ the "
+            f"mirror adds: write {meant}, not {text!r}"
+        )
+    prefix = "/".join(segments)
+    if len(prefix) > 200:
+        raise ValueError(f"path prefix longer than 200 characters: {text[:60]!r}")
+    return root, prefix
 
 
 def parse_proxy_url(text: str) -> str:

@@ -2,7 +2,8 @@
 One upstream registry, spoken to through a Twisted ``IAgent`` (not treq's
 ``HTTPClient``: see :meth:`Upstream._send`).
 
-:class:`Upstream` sends requests under ``/v2/``, answers the registry's
+:class:`Upstream` sends requests under ``/v2/`` (and its path prefix, with
+its ``ns``: a mirror of several registries), answers the registry's
 ``WWW-Authenticate: Bearer`` challenge with an (anonymous) token from the
 named realm, caches tokens per scope, and turns transport problems into
 :class:`UpstreamFailure`.  It knows nothing of the cache.
@@ -280,8 +281,17 @@ class Upstream:
         headers are in; its body is not read.  Authentication challenges
         are answered once; redirects are followed.
 
+        The upstream's ``prefix`` goes before *path* (``/v2/ghcr.io/org/app/
+        ...``, the API root ``/v2/ghcr.io/``) and its ``ns`` into the query,
+        in every request made here; the token scope is the repository so
+        named, which a challenge's own scope overrides.
+
         :raises UpstreamFailure: when the upstream cannot be reached in time.
         """
+        if self.config.prefix:
+            path = f"{self.config.prefix}/{path}"
+        if self.config.ns is not None:
+            query = {"ns": self.config.ns, **(query or {})}
         url = f"{self.config.url}/v2/{path}"
         if query:
             url += "?" + urlencode(query)
