@@ -128,6 +128,7 @@ EXAMPLES: dict[tuple[str, str], dict[str, str]] = {
     ("upstream", "proxy"): {"upstream": "proxy = http://127.0.0.1:3128"},
     ("upstream", "breaker_failures"): {"upstream": "breaker_failures = 3"},
     ("upstream", "breaker_backoff"): {"upstream": "breaker_backoff = 30s"},
+    ("upstream", "ns"): {"upstream": "ns = quay.io"},
     ("upstream", "segments"): {"upstream": "segments = 4"},
     ("upstream", "segment_min_size"): {
         "upstream": "segments = 4\nsegment_min_size = 64MiB"

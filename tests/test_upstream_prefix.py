@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,23 @@ def test_check_config_shows_each_upstreams_base(tmp_path: Path) -> None:
         "origin": "https://ghcr.io/v2/",
         "regional": "https://r.example/v2/?ns=quay.io",
     }
+
+
+def test_the_readmes_office_mirror_example_loads() -> None:
+    """README's worked example (an office mirror in front of a regional
+    one) is a configuration start-up takes, each upstream asked where the
+    README says."""
+    readme = (Path(__file__).parent.parent / "README.rst").read_text()
+    section = readme[readme.index("\nMirrors of mirrors\n") :]
+    block = section[section.index("::\n\n") + 4 :]
+    example = textwrap.dedent(block[: block.index("\n\n``")])
+    config = parse("[cache]\ndirectory = cache\n" + example, "/m.ini")
+    bases = {name: u.base for name, u in config.upstreams.items()}
+    assert bases["regional"] == "https://regional.example.internal/v2/"
+    assert bases["regional-ghcr"] == "https://regional.example.internal/v2/ghcr.io/"
+    assert bases["regional-quay"] == "https://regional.example.internal/v2/?ns=quay.io"
+    ghcr = next(n for n in config.namespaces if n.name == "ghcr.io")
+    assert (ghcr.upstreams, ghcr.origin) == (("regional-ghcr", "ghcr"), "ghcr")
 
 
 # -- requests ------------------------------------------------------------------
