@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import bcrypt
 import pytest
 
 from .daemons import ContainerdProcess
@@ -37,10 +38,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("daemons")]
 
 #: cold clients of one blob at the edge at once
 CLIENTS = 20
+#: the edge's account at the hq
+EDGE, EDGE_PASSWORD = "edge", "pw-edge-4f1d9b0e-harbour"
 
 
 def _hq_config(port: int, ghcr: RegistryProcess, quay: RegistryProcess) -> str:
-    return mirror_config_namespaces(
+    namespaces = mirror_config_namespaces(
         port,
         {"ghcr-origin": {"url": ghcr.url}, "quay-origin": {"url": quay.url}},
         {
@@ -53,15 +56,20 @@ def _hq_config(port: int, ghcr: RegistryProcess, quay: RegistryProcess) -> str:
             "quay.io": {"upstreams": "quay-origin", "prefetch": "0"},
         },
     )
+    # Closed: the edge logs in, so its tokens come from the hq's challenges.
+    return f"{namespaces}\n[access]\nanonymous = none\nhtpasswd = users.htpasswd\n"
 
 
 def _edge_config(port: int, hq: MirrorProcess) -> str:
     return mirror_config_namespaces(
         port,
         {
-            "hq": {"url": f"http://{hq.host}"},
-            "hq-ghcr": {"url": f"http://{hq.host}/ghcr.io/"},
-            "hq-quay": {"url": f"http://{hq.host}", "ns": "quay.io"},
+            name: {**keys, "username": EDGE, "password": EDGE_PASSWORD}
+            for name, keys in {
+                "hq": {"url": f"http://{hq.host}"},
+                "hq-ghcr": {"url": f"http://{hq.host}/ghcr.io/"},
+                "hq-quay": {"url": f"http://{hq.host}", "ns": "quay.io"},
+            }.items()
         },
         {
             "docker.io": {"upstreams": "hq", "default": "true", "prefetch": "0"},
@@ -71,10 +79,12 @@ def _edge_config(port: int, hq: MirrorProcess) -> str:
     )
 
 
-def _requests(mirror: MirrorProcess, method: str, target: str) -> list[str]:
+def _requests(
+    mirror: MirrorProcess, method: str, target: str, status: str = "[0-9]+"
+) -> list[str]:
     """The mirror's access-log lines for *method* of exactly *target* (a
-    regular expression of path and query)."""
-    line = re.compile(rf'"{method} {target} HTTP/1\.1"')
+    regular expression of path and query) answered with *status*."""
+    line = re.compile(rf'"{method} {target} HTTP/1\.1" {status} ')
     return [entry for entry in mirror.log_lines() if line.search(entry)]
 
 
@@ -106,7 +116,11 @@ def test_an_edge_regmirror_pulls_through_a_regional_one_by_prefix_and_ns(
     the edge with ``?ns=``) brings an image of each namespace.
     """
     ghcr, quay = start_registry(), start_registry()
-    hq = start_mirror(lambda port: _hq_config(port, ghcr, quay))
+    hashed = bcrypt.hashpw(EDGE_PASSWORD.encode(), bcrypt.gensalt(rounds=4))
+    hq = start_mirror(
+        lambda port: _hq_config(port, ghcr, quay),
+        files={"users.htpasswd": f"{EDGE}:{hashed.decode()}\n"},
+    )
     edge = start_mirror(lambda port: _edge_config(port, hq))
 
     small, multi = catalog.small, catalog.multi
@@ -130,6 +144,15 @@ def test_an_edge_regmirror_pulls_through_a_regional_one_by_prefix_and_ns(
         assert _requests(
             hq, "GET", rf"/v2/test/multi/manifests/{child.digest}\?ns=quay\.io"
         )
+    # The hq's challenges named the repository as the edge asked for it,
+    # and its realm the route (?ns=): the edge's token requests say so.
+    scope = "scope=repository%3A{}%3Apull"
+    assert _requests(
+        hq, "GET", r"/token\?service=\S*" + scope.format(r"ghcr\.io%2Ftest%2Fsmall")
+    )
+    assert _requests(
+        hq, "GET", r"/token\?ns=quay\.io&service=\S*" + scope.format("test%2Fmulti")
+    )
     assert not _requests(hq, "(?:GET|HEAD)", r"/v2/quay\.io/\S*")
     assert not _requests(hq, "(?:GET|HEAD)", r"/v2/\S*small\S*\?ns=\S*")
     assert ghcr.count_requests("HEAD", "/v2/test/small/manifests/latest") >= 1
@@ -155,7 +178,9 @@ def test_an_edge_regmirror_pulls_through_a_regional_one_by_prefix_and_ns(
         answers = list(pool.map(fetch, range(CLIENTS)))
     assert answers == [(200, shared.data)] * CLIENTS
     blob_at_hq = rf"/v2/ghcr\.io/test/shared/blobs/{shared.digest}"
-    assert len(_requests(hq, "GET", blob_at_hq)) == 1, hq.log()
+    # The edge had no token for test/shared yet: a 401 before the one GET.
+    assert len(_requests(hq, "GET", blob_at_hq, "200")) == 1, hq.log()
+    assert len(_requests(hq, "GET", blob_at_hq, "401")) <= 1, hq.log()
     assert ghcr.count_blob_gets(shared.digest) == 1
     assert quay.count_blob_gets(shared.digest) == 0
 
