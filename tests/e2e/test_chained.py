@@ -3,9 +3,10 @@ Mirrors of mirrors (issue 21), end to end: an office regmirror (the edge)
 whose upstreams are a regional regmirror (the hq), reached through a path
 prefix for ghcr.io (``url = http://hq/ghcr.io``) and through ``ns`` for
 quay.io (``url = http://hq``, ``ns = quay.io``); the hq serves each
-namespace from a ``docker-registry`` of its own.  skopeo and containerd's
-``ctr`` pull through the edge.  Nothing pulls ahead, so the access logs
-show what the clients' requests cost.
+namespace from a ``docker-registry`` of its own, and only to users (the
+edge logs in).  skopeo and containerd's ``ctr`` pull through the edge.
+Nothing pulls ahead, so the access logs show what the clients' requests
+cost.
 """
 
 from __future__ import annotations
@@ -111,9 +112,11 @@ def test_an_edge_regmirror_pulls_through_a_regional_one_by_prefix_and_ns(
     whole multi-arch index ``quay.io/test/multi:latest``, byte for byte;
     the hq is asked ``/v2/ghcr.io/test/small/...`` and
     ``/v2/test/multi/...?ns=quay.io`` and each origin registry only its
-    own.  20 cold clients of one blob at the edge at once cost one GET at
-    the hq and one at the origin registry.  ``ctr images pull`` (which asks
-    the edge with ``?ns=``) brings an image of each namespace.
+    own; the edge's token requests carry the scope and realm of the hq's
+    challenges (``ghcr.io/test/small``; ``/token?ns=quay.io``).  20 cold
+    clients of one blob at the edge at once cost one GET at the hq and one
+    at the origin registry.  ``ctr images pull`` (which asks the edge with
+    ``?ns=``) brings an image of each namespace.
     """
     ghcr, quay = start_registry(), start_registry()
     hashed = bcrypt.hashpw(EDGE_PASSWORD.encode(), bcrypt.gensalt(rounds=4))
