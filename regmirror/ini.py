@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from regmirror.config import (
+    CREDENTIALS,
+    DEFAULT_ACCESS_CHECK_TTL,
     DEFAULT_DENY,
     DEFAULT_KEEP_WARM_INTERVAL,
     DEFAULT_LISTEN,
