@@ -120,6 +120,10 @@ class UpstreamPool:
     #: content is vouched for per repository, not for the whole namespace
     #: (a namespace with ``allow`` or ``deny``: :mod:`regmirror.repositories`)
     per_repository: bool = False
+    #: a 401 or 403 is the upstream's answer about a client's credentials,
+    #: not a fault of the upstream's (``credentials = passthrough``, where
+    #: clients choose the credentials): it leaves the breaker closed
+    refusals_answer: bool = False
     log = Logger()
 
     def voucher(self, repository: str) -> str:
@@ -220,6 +224,9 @@ class UpstreamPool:
 
     def failed(self, upstream: Upstream, failure: UpstreamFailure) -> None:
         """Count a failure against the upstream's health, and log it."""
+        if self.refusals_answer and failure.status in (401, 403):
+            self.answered(upstream)  # it answered: about the client, not itself
+            return
         self._skip(failure)
         self.metrics.upstream_errors.labels(upstream.name, failure.reason).inc()
         breaker = upstream.breaker

@@ -32,7 +32,14 @@ from regmirror import nodes
 from regmirror.access.gate import Gate
 from regmirror.access.tokens import shared_key
 from regmirror.cluster import Coordinator
-from regmirror.config import ClusterConfig, Config, ConfigError, S3Config
+from regmirror.config import (
+    EVERYONE,
+    AccessConfig,
+    ClusterConfig,
+    Config,
+    ConfigError,
+    S3Config,
+)
 from regmirror.fetch import Fetcher
 from regmirror.http.api import RegistryAPI
 from regmirror.http.channel import listener_factory
@@ -52,6 +59,7 @@ from regmirror.listeners import (
 from regmirror.metrics import Metrics, MetricsOnly, MetricsResource
 from regmirror.mirror import Mirror
 from regmirror.nodes import Peers
+from regmirror.passthrough import Passthrough
 from regmirror.pool import UpstreamPool
 from regmirror.repositories import restricted
 from regmirror.routing import Router
@@ -319,7 +327,10 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
                 immutable_tags=namespace.immutable_tags,
                 origin_retry=namespace.origin_retry,
                 stale_while_revalidate=namespace.stale_while_revalidate,
-                per_repository=restricted(namespace),
+                # Passed-through credentials: content vouched for per
+                # repository, whose access each client's own is checked for.
+                per_repository=restricted(namespace) or namespace.passthrough,
+                refusals_answer=namespace.passthrough,
                 stale=StaleMirrors(
                     os.path.join(config.cache.directory, "stale", namespace.name)
                 ),
@@ -361,17 +372,25 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
         peers=peers,
     )
     gate = None
-    if config.access is not None:
+    passing = frozenset(n.name for n in config.namespaces if n.passthrough)
+    # Clients' own credentials come through the gate and /token, even
+    # where everyone may pull.
+    access = config.access
+    if access is None and passing:
+        access = AccessConfig(anonymous=EVERYONE)
+    if access is not None:
         gate = Gate(
-            config.access,
+            access,
             reactor,
             in_thread,
             {n.name: n.anonymous for n in config.namespaces if n.anonymous is not None},
             key=shared_key(os.path.join(config.cache.directory, "token.key")),
             logins=os.path.join(config.cache.directory, "logins"),
+            passthrough=passing,
         )
     router = Router(namespaces)
-    api = RegistryAPI(router, fetcher, reactor, metrics, gate)
+    passthrough = Passthrough(reactor) if passing else None
+    api = RegistryAPI(router, fetcher, reactor, metrics, gate, passthrough)
     root = Root(api, {nodes.PATH: api} if fetcher.coordinator else None)
     if gate is not None:
         root.putChild(b"token", TokenResource(gate, router))

@@ -63,7 +63,11 @@ class UpstreamFailure(Exception):
     :ivar reason: ``"connect"``, ``"timeout"``, ``"status"``, ``"invalid"``.
     :ivar status: the HTTP status, when there was one.
     :ivar retry_after: seconds from ``Retry-After``, for a 429.
+    :ivar credentials_refused: a token realm refused the credentials sent
+        to it (a wrong password), not merely a repository.
     """
+
+    credentials_refused = False
 
     def __init__(
         self,
@@ -543,12 +547,15 @@ class Upstream:
                 status=response.code,
             ) from None
         if response.code != 200 or not isinstance(token, str):
-            raise UpstreamFailure(
+            failure = UpstreamFailure(
                 self.name,
                 "status",
                 f"token realm answered {response.code}",
                 status=response.code,
             )
+            sent = "Authorization" in headers
+            failure.credentials_refused = sent and response.code in (401, 403)
+            raise failure
         expires = self.clock.seconds() + max(0.0, lifetime - TOKEN_MARGIN)
         self._tokens.put(scope, token, expires)
         return token

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import bcrypt
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -31,14 +31,27 @@ from regmirror.access.clients import (
 from regmirror.access.htpasswd import BCRYPT_MAX_PASSWORD, Htpasswd
 from regmirror.access.logins import FailedLogins
 from regmirror.access.tokens import SERVICE, Grant, Tokens
-from regmirror.config import AccessConfig, Network
+from regmirror.config import AccessConfig, Network, Secret
 from regmirror.errors import Denied, RegistryError, Unauthorized
+from regmirror.passthrough import Credentials, unseal
 from regmirror.routing import Route
 
 #: A verified user/password pair is not re-hashed with bcrypt for this long.
 VERIFIED_FOR = 60.0
 #: At most this many verified pairs are remembered.
 VERIFIED_MAX = 1024
+
+
+@frozen
+class Admission:
+    """
+    A request let through: who, for the access log, and the client's own
+    credentials for the upstream in a ``credentials = passthrough``
+    namespace (``None``: none of its own).
+    """
+
+    user: str
+    credentials: Credentials | None = field(default=None, repr=False)
 
 
 @define(eq=False)
@@ -60,6 +73,8 @@ class Gate:
     #: the token signing key (default: this process's own)
     key: bytes = field(factory=lambda: os.urandom(32), repr=False)
     logins: str | None = None
+    #: the namespaces with ``credentials = passthrough``
+    passthrough: frozenset[str] = frozenset()
     tokens: Tokens = field(init=False)
     _htpasswd: Htpasswd | None = field(init=False)
     _failed: FailedLogins = field(init=False)
@@ -74,6 +89,11 @@ class Gate:
             Htpasswd(self.config.htpasswd) if self.config.htpasswd else None
         )
         self._failed = FailedLogins(self.clock, self.logins)
+
+    @property
+    def has_users(self) -> bool:
+        """Is there an htpasswd file of the mirror's own users?"""
+        return self._htpasswd is not None
 
     def client(self, request: http.Request) -> Client:
         """Who *request* comes from, by the proxies' one forwarding header."""
@@ -121,13 +141,93 @@ class Gate:
         :raises Unauthorized: with a challenge, when credentials could help.
         :raises Denied: when they could not.
         """
+        return (await self.admit(request, route)).user
+
+    async def admit(self, request: Request, route: Route | None) -> Admission:
+        """
+        See :meth:`check`; with the client's own upstream credentials when
+        *route*'s namespace passes them through.  There, Basic credentials
+        are the upstream's, not a user of the mirror's, and so is a bearer
+        token that is not one of the mirror's; a token of the mirror's
+        carries them sealed (:meth:`regmirror.http.token`).  The upstream
+        judges them (:mod:`regmirror.passthrough`).  At the API root,
+        while some namespace passes credentials through, a client that
+        sends none is challenged, so that clients that have some send them
+        (to ``/token``; one without gets an anonymous token there).
+        """
         address = self.client(request)
         namespace = None if route is None else route.namespace.name
-        if self.anonymous_allowed(address, namespace):
-            return "anonymous"
         scheme, _, credentials = (
             _text(request.getHeader(b"authorization")) or ""
         ).partition(" ")
+        credentials = credentials.strip()
+        if self.passthrough and (route is None or namespace in self.passthrough):
+            own = self._own(scheme, credentials, route)
+            if own is not None:
+                self._failed.check(address)
+                return Admission("passthrough", own)
+            if route is None and not scheme:
+                raise self._challenge(
+                    request, address, None, "the upstream registry may want credentials"
+                )
+            if scheme.lower() == "basic":
+                scheme = ""  # empty (Og==) or malformed: no credentials at all
+        if self.anonymous_allowed(address, namespace):
+            return Admission("anonymous")
+        return Admission(await self._user(request, address, route, scheme, credentials))
+
+    def _own(self, scheme: str, value: str, route: Route | None) -> Credentials | None:
+        """The client's own upstream credentials in its Authorization, if any."""
+        if scheme.lower() == "basic":
+            return Credentials.from_basic(value)
+        if scheme.lower() != "bearer" or not value:
+            return None
+        claims = self.tokens.verify(value)
+        if claims is None:
+            # Not the mirror's (ours are payload.signature, one dot): the
+            # upstream's own token, a JWT or an opaque one.
+            return None if value.count(".") == 1 else Credentials(None, Secret(value))
+        sealed = claims.get("own")
+        if not isinstance(sealed, str):
+            return None
+        if route is not None and (
+            (route.namespace.name, route.repository) not in Tokens.grants(claims)
+        ):
+            return None
+        return unseal(self.tokens.key, sealed)
+
+    def refused(
+        self, request: Request, route: Route, why: str, error: str | None = None
+    ) -> RegistryError:
+        """The challenge for a client the upstream refused (see :meth:`_challenge`)."""
+        return self._challenge(request, self.client(request), route, why, error)
+
+    def failed_passthrough_login(self, request: Request) -> None:
+        """
+        A client's own credentials were refused by the upstream's token
+        realm (a wrong password): counted as a failed login, like one of
+        the mirror's own users.
+
+        :raises TooManyRequests: when the client has failed too often.
+        """
+        address = self.client(request)
+        self.log.warn(
+            "failed login from {address}: the upstream refused the client's "
+            "own credentials",
+            address="unknown" if address is None else str(address),
+        )
+        self._failed.reserve(address)
+
+    async def _user(
+        self,
+        request: Request,
+        address: Client,
+        route: Route | None,
+        scheme: str,
+        credentials: str,
+    ) -> str:
+        """The mirror's own rules: its tokens, its users (see :meth:`check`)."""
+        namespace = None if route is None else route.namespace.name
         if scheme.lower() == "bearer" and credentials:
             claims = self.tokens.verify(credentials.strip())
             if claims is None:
@@ -264,7 +364,10 @@ class Gate:
         token was refused; containerd then asks the realm again.
         """
         partly_open = route is None and contains(self.config.anonymous, address)
-        if self._htpasswd is None and not partly_open:
+        own = self.passthrough and (
+            route is None or route.namespace.name in self.passthrough
+        )
+        if self._htpasswd is None and not partly_open and not own:
             # No user to log in as: credentials could not help.
             return Denied("access denied: not open to this client's address")
         scheme = client_scheme(

@@ -38,13 +38,17 @@ class Tokens:
     ttl: float
     _key: bytes = field(factory=lambda: os.urandom(32))
 
-    def issue(self, user: str | None, grants: Iterable[Grant]) -> tuple[str, float]:
+    def issue(
+        self, user: str | None, grants: Iterable[Grant], sealed: str | None = None
+    ) -> tuple[str, float]:
         """
         A token for *user* (``None``: an anonymous client, ``sub`` then
         ``anonymous`` and ``anon`` true) to pull *grants*, and when it
         expires.  The claim is ``pull``, a list of ``[namespace,
         repository]`` pairs; tokens of the former format (``repositories``:
         bare names, no namespace) name no grant and open nothing.
+        *sealed*: the client's own upstream credentials, sealed
+        (:func:`regmirror.passthrough.seal`), as the ``own`` claim.
         """
         expires = self.clock.seconds() + self.ttl
         claims: dict[str, Any] = {
@@ -54,6 +58,8 @@ class Tokens:
         }
         if user is None:
             claims["anon"] = True
+        if sealed is not None:
+            claims["own"] = sealed
         payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
         return f"{payload}.{self._sign(payload)}", expires
 
@@ -70,6 +76,11 @@ class Tokens:
             and len(pair) == 2
             and all(isinstance(part, str) for part in pair)
         )
+
+    @property
+    def key(self) -> bytes:
+        """The signing key, from which the seal's key is derived."""
+        return self._key
 
     @staticmethod
     def anonymous(claims: dict[str, Any]) -> bool:

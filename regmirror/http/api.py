@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from attrs import evolve
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from regmirror.access.gate import Gate
+from regmirror.access.gate import Admission, Gate
 from regmirror.errors import (
+    BlobUnknown,
+    Denied,
     ManifestUnknown,
     NotFound,
     RegistryError,
@@ -36,9 +39,11 @@ from regmirror.http.request import (
     write_body,
 )
 from regmirror.metrics import Metrics
+from regmirror.passthrough import AccessRefused, Identity, NotInRepository, Passthrough
 from regmirror.pool import Manifest
 from regmirror.reference import (
     INDEX_TYPES,
+    ApiPath,
     Digest,
     accepted_types,
     load_json,
@@ -74,9 +79,11 @@ class RegistryAPI(Resource):
         clock: IReactorTime,
         metrics: Metrics | None = None,
         gate: Gate | None = None,
+        passthrough: Passthrough | None = None,
     ) -> None:
         super().__init__()
         self._gate = gate
+        self._passthrough = passthrough
         self._router = router
         self._fetcher = fetcher
         self._clock = clock
@@ -141,11 +148,15 @@ class RegistryAPI(Resource):
         route = route_request(self._router, request, api.name)
         request.setHeader("OCI-Namespace", route.namespace.name)
         info.namespace = route.namespace.name
+        admission = None
         if self._gate is not None:
-            info.user = await self._gate.check(request, route)
+            admission = await self._gate.admit(request, route)
+            info.user = admission.user
         # After the gate (a client it turns away learns nothing of the
         # rules), before anything is asked of the cache or an upstream.
         check_repository(route.namespace, route.repository)
+        if route.namespace.passthrough and self._passthrough is not None:
+            route = await self._speaking_for(request, info, route, api, admission)
         if api.endpoint == "manifests":
             await self._manifest(request, info, route, api.reference)
         elif api.endpoint == "blobs":
@@ -158,6 +169,70 @@ class RegistryAPI(Resource):
             await listing.referrers(request, route, digest, self._fetcher)
         else:
             raise NotFound("not a registry API endpoint")
+
+    # -- credentials passed through -------------------------------------------
+
+    async def _speaking_for(
+        self,
+        request: Request,
+        info: RequestInfo,
+        route: Route,
+        api: ApiPath,
+        admission: Admission | None,
+    ) -> Route:
+        """
+        *route* with its pool speaking for the client (its own credentials,
+        or the configured ones), once the upstream confirmed, with them,
+        that the client may read the repository (:mod:`regmirror.passthrough`):
+        nothing cached is served before.  A tag list is asked upstream with
+        the credentials anyway.
+        """
+        assert self._passthrough is not None
+        own = None if admission is None else admission.credentials
+        identity = self._passthrough.identity(route.pool, own)
+        if own is not None:
+            info.user = identity.label
+        spoken = evolve(route, pool=identity.pool)
+        if api.endpoint == "tags":
+            return spoken
+        if api.endpoint == "blobs":
+            path = f"{route.repository}/blobs/{parse_digest(api.reference)}"
+        elif api.endpoint == "referrers":
+            path = f"{route.repository}/manifests/{parse_digest(api.reference)}"
+        else:
+            path = f"{route.repository}/manifests/{parse_reference(api.reference)}"
+        try:
+            await self._passthrough.confirm(
+                identity, route.namespace, route.repository, path
+            )
+        except AccessRefused as refused:
+            raise self._refusal(request, route, identity, refused) from None
+        except NotInRepository:
+            if api.endpoint == "blobs":
+                raise BlobUnknown(f"blob {api.reference} is unknown upstream") from None
+            raise ManifestUnknown(f"{api.reference} is unknown upstream") from None
+        return spoken
+
+    def _refusal(
+        self, request: Request, route: Route, identity: Identity, refused: AccessRefused
+    ) -> RegistryError:
+        """The upstream's refusal as the client's answer: a 403 as ``DENIED``,
+        a 401 as a challenge (a wrong password counted as a failed login)."""
+        where = f"{route.namespace.name}: {route.client_name}"
+        if refused.status == 403 or self._gate is None:
+            return Denied(f"{where}: the upstream registry denied access")
+        if identity.anonymous:
+            return self._gate.refused(
+                request, route, f"{where}: the upstream registry wants credentials"
+            )
+        if refused.credentials_refused:
+            self._gate.failed_passthrough_login(request)
+            why = "the upstream registry refused these credentials"
+            error = "invalid_token"
+        else:
+            why = "these credentials may not read it upstream"
+            error = "insufficient_scope"
+        return self._gate.refused(request, route, f"{where}: {why}", error)
 
     # -- manifests ----------------------------------------------------------
 

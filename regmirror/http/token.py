@@ -21,6 +21,7 @@ from regmirror.http.request import (
     text_header,
 )
 from regmirror.http.resource import ReadOnlyResource
+from regmirror.passthrough import Credentials, seal
 from regmirror.routing import Router
 
 __all__ = ["TokenResource"]
@@ -34,6 +35,13 @@ class TokenResource(ReadOnlyResource):
     is routed with this request's ``ns`` and ``Host`` by the router that
     routes pulls, and the token names the namespace so decided: it is good
     for that namespace only, however the pull is routed.
+
+    Basic credentials asked for scopes that are all in namespaces with
+    ``credentials = passthrough`` (or for no scope, as ``docker login``
+    asks, when the mirror has no users of its own) are the client's own
+    for the upstream: not checked here (the upstream judges them at each
+    pull), they are sealed into the token (``own``), which grants those
+    scopes, so that the client's pulls carry them to whichever process.
     """
 
     isLeaf = True
@@ -71,6 +79,21 @@ class TokenResource(ReadOnlyResource):
                             routes.append(route_request(self._router, request, name))
                         except RegistryError:
                             continue  # a name no pull could use: no grant
+            own = None
+            if scheme.lower() == "basic" and gate.passthrough:
+                own = Credentials.from_basic(credentials)
+            passing = [r for r in routes if r.namespace.name in gate.passthrough]
+            if (
+                own is not None
+                and len(passing) == len(routes)
+                and (routes or not gate.has_users)
+            ):
+                grants = [(r.namespace.name, r.repository) for r in passing]
+                sealed = seal(gate.tokens.key, own)
+                token, expires = gate.tokens.issue("passthrough", grants, sealed)
+                info.user = "passthrough"
+                self._answer(request, token, expires)
+                return
             user: str | None = None
             if scheme.lower() == "basic" and credentials:
                 user = await gate.login(address, credentials.strip())
@@ -96,6 +119,10 @@ class TokenResource(ReadOnlyResource):
             if not request.finished:
                 write_error(request, RegistryError("internal error"))
             return
+        self._answer(request, token, expires)
+
+    def _answer(self, request: Request, token: str, expires: float) -> None:
+        gate = self._gate
         body = json.dumps(
             {
                 "token": token,

@@ -316,11 +316,19 @@ class TokenIssuer(ProgramProcess):
     service = "test-registry"
 
     def __init__(
-        self, workdir: Path, signing: CertificatePair, username: str, password: str
+        self,
+        workdir: Path,
+        signing: CertificatePair,
+        username: str,
+        password: str,
+        grants: Path | None = None,
     ) -> None:
+        """*grants*: the program's ``--grants`` file (users allowed per
+        repository), which a test may rewrite while it runs."""
         super().__init__(
             workdir,
             [
+                *(["--grants", str(grants)] if grants is not None else []),
                 "--key",
                 str(signing.key),
                 "--cert",

@@ -13,6 +13,12 @@ self-signed certificate the registry trusts as ``rootcertbundle``.
   Docker Hub does for a private repository);
 - anything else: 401.
 
+With ``--grants FILE`` (JSON: ``{"user": {"password": P, "repositories":
+[names]}}``, read again at every request, so that a test revokes access by
+rewriting it), those users are accepted too, each granted ``pull`` only on
+the requested repositories listed for it (Docker Hub's answer to a user
+without access: a token that grants nothing, which the registry refuses).
+
 Every request is appended to ``--log`` as one JSON line, with whether an
 ``Authorization`` header was present, which user it named (never the
 password) and the last characters of the token issued (``token_tail``).
@@ -63,6 +69,7 @@ class Issuer:
         self.issuer: str = options.issuer
         self.service: str = options.service
         self.log_path = Path(options.log)
+        self.grants_path = Path(options.grants) if options.grants else None
         self.lock = threading.Lock()
 
     def record(self, entry: dict[str, Any]) -> None:
@@ -105,7 +112,26 @@ class Issuer:
         except (binascii.Error, UnicodeDecodeError):
             return None, False
         user, _, password = decoded.partition(":")
-        return user, user == self.username and password == self.password
+        if user == self.username and password == self.password:
+            return user, True
+        listed = self.listed().get(user)
+        return user, listed is not None and listed.get("password") == password
+
+    def listed(self) -> dict[str, Any]:
+        """The users of ``--grants``, as the file says now."""
+        if self.grants_path is None:
+            return {}
+        document: dict[str, Any] = json.loads(self.grants_path.read_text())
+        return document
+
+    def allowed(self, user: str | None, scopes: list[str]) -> list[dict[str, Any]]:
+        """What *user* (whose credentials are correct) is granted of *scopes*."""
+        access = grants(scopes)
+        listed = self.listed().get(user or "")
+        if user == self.username or listed is None:
+            return access
+        repositories = listed.get("repositories", [])
+        return [entry for entry in access if entry["name"] in repositories]
 
 
 def grants(scopes: list[str]) -> list[dict[str, Any]]:
@@ -143,7 +169,9 @@ def make_handler(issuer: Issuer) -> type[BaseHTTPRequestHandler]:
                 status = 200
                 document = {"token": token, "access_token": token}
             elif correct:
-                token = issuer.sign(issuer.username, grants(scopes))
+                granted = issuer.allowed(user, scopes)
+                entry["granted"] = [g["name"] for g in granted]
+                token = issuer.sign(user or "", granted)
                 status = 200
                 document = {"token": token, "access_token": token}
             else:
@@ -186,6 +214,7 @@ def main() -> None:
     parser.add_argument("--password", required=True)
     parser.add_argument("--issuer", required=True)
     parser.add_argument("--service", required=True)
+    parser.add_argument("--grants")
     options = parser.parse_args()
     issuer = Issuer(options)
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(issuer))
