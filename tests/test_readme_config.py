@@ -156,6 +156,9 @@ EXAMPLES: dict[tuple[str, str], dict[str, str]] = {
         "namespace": "keep_warm = library/nginx:latest library/alpine:3.20@linux/amd64"
     },
     ("namespace", "keep_warm_interval"): {"namespace": "keep_warm_interval = 5m"},
+    ("namespace", "credentials"): {"namespace": "credentials = passthrough"},
+    ("namespace", "access_check_ttl"): {"namespace": "access_check_ttl = 60s"},
+    ("namespace", "access_check_offline"): {"namespace": "access_check_offline = 1h"},
     ("access", "anonymous"): {"access": "anonymous = 10.0.0.0/8 127.0.0.0/8 ::1"},
     ("access", "htpasswd"): {"access": "htpasswd = htpasswd"},
     ("access", "trusted_proxies"): {"access": "trusted_proxies = 127.0.0.1"},
