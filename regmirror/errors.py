@@ -151,5 +151,22 @@ class UpstreamRefusedCredentials(RegistryError):
     status = 502
 
 
+class AccessRefused(RegistryError):
+    """
+    The upstream refused a client's own credentials (``credentials =
+    passthrough``) this repository: its answer about the client, which the
+    web layer turns into the client's challenge (401) or ``DENIED`` (403).
+
+    :ivar credentials_refused: the token realm refused the credentials
+        themselves (a wrong password), not just this repository.
+    """
+
+    def __init__(self, status: int, credentials_refused: bool = False) -> None:
+        super().__init__(f"the upstream registry answered {status}")
+        self.status = status
+        self.code = "DENIED" if status == 403 else "UNAUTHORIZED"
+        self.credentials_refused = credentials_refused
+
+
 class DownloadFailed(UpstreamBadGateway):
     """An upstream transfer broke, or delivered bytes that fail their digest."""

@@ -40,6 +40,7 @@ from twisted.logger import Logger
 
 from regmirror._flight import SingleFlight
 from regmirror.config import NamespaceConfig, Secret
+from regmirror.errors import AccessRefused
 from regmirror.pool import MANIFEST_ACCEPT, UpstreamPool, summarise
 from regmirror.responses import header
 from regmirror.upstream import Upstream, UpstreamFailure
@@ -130,28 +131,14 @@ class Identity:
     """
 
     key: str
-    pool: UpstreamPool
-    anonymous: bool
+    #: its upstreams' configuration names the user: out of every ``repr``
+    pool: UpstreamPool = field(repr=False)
+    anonymous: bool = False
 
     @property
     def label(self) -> str:
         """For the access log: a short, keyed (so unguessable) fingerprint."""
         return "anonymous" if self.anonymous else f"passthrough:{self.key[:12]}"
-
-
-class AccessRefused(Exception):
-    """
-    The upstream refused an identity the repository (``401``/``403``).
-
-    :ivar status: the upstream's status.
-    :ivar credentials_refused: the token realm refused the credentials
-        themselves (a wrong password), not just this repository.
-    """
-
-    def __init__(self, status: int, credentials_refused: bool) -> None:
-        super().__init__(f"the upstream registry answered {status}")
-        self.status = status
-        self.credentials_refused = credentials_refused
 
 
 class NotInRepository(Exception):
@@ -233,6 +220,13 @@ class Passthrough:
         """Did the upstream say *identity* may read *repository* within the
         namespace's ``access_check_ttl``?  (For tests and the status.)"""
         return (identity.key, f"{namespace} {repository}") in self._confirmed
+
+    def forget(
+        self, identity: Identity, namespace: NamespaceConfig, repository: str
+    ) -> None:
+        """The upstream refused *identity* *repository* after all: ask again
+        at its next request."""
+        self._confirmed.pop((identity.key, f"{namespace.name} {repository}"), None)
 
     async def confirm(
         self,

@@ -17,6 +17,7 @@ from twisted.web.iweb import IResponse
 
 from regmirror.config import DEFAULT_ORIGIN_RETRY
 from regmirror.errors import (
+    AccessRefused,
     Denied,
     RegistryError,
     TooManyRequests,
@@ -264,7 +265,7 @@ class UpstreamPool:
                 return upstream, await self.ask(upstream, method, path, headers, query)
             except UpstreamFailure as failure:
                 failures.append(failure)
-        raise summarise(self.namespace, failures)
+        raise summarise(self.namespace, failures, self.refusals_answer)
 
     def _skip(self, failure: UpstreamFailure) -> None:
         self.log.warn(
@@ -325,7 +326,7 @@ class UpstreamPool:
                 )
             except UpstreamFailure as failure:
                 failures.append(failure)
-        raise summarise(self.namespace, failures)
+        raise summarise(self.namespace, failures, self.refusals_answer)
 
     async def _blob_answer(
         self,
@@ -378,7 +379,7 @@ class UpstreamPool:
                 self.answered(upstream)
                 return int(header(response, "Content-Length") or "")
             failures.append(self._not_confirmed(upstream, digest, problem))
-        raise summarise(self.namespace, failures)
+        raise summarise(self.namespace, failures, self.refusals_answer)
 
     async def confirm_manifest(self, repository: str, manifest: Manifest) -> None:
         """
@@ -406,7 +407,7 @@ class UpstreamPool:
                 self.answered(upstream)
                 return
             failures.append(self._not_confirmed(upstream, manifest.digest, problem))
-        raise summarise(self.namespace, failures)
+        raise summarise(self.namespace, failures, self.refusals_answer)
 
     def _not_confirmed(
         self, upstream: Upstream, digest: Digest, problem: str
@@ -432,7 +433,7 @@ class UpstreamPool:
                 )
             except UpstreamFailure as failure:
                 failures.append(failure)
-        raise summarise(self.namespace, failures)
+        raise summarise(self.namespace, failures, self.refusals_answer)
 
     async def ask_manifest(
         self,
@@ -499,7 +500,7 @@ class UpstreamPool:
                 if failure.status == 404:
                     raise NotFoundAnywhere() from None
                 raise OriginUnreachable(
-                    summarise(self.namespace, [failure]), []
+                    summarise(self.namespace, [failure], self.refusals_answer), []
                 ) from None
             raise await self._without_origin(repository, failure, asked) from None
         for _, pending in asked:
@@ -540,7 +541,9 @@ class UpstreamPool:
             if (mirror.name, repository) not in self.stale:
                 answers.append(mirror_answer)
         return OriginUnreachable(
-            summarise(self.namespace, failures), answers, not_found
+            summarise(self.namespace, failures, self.refusals_answer),
+            answers,
+            not_found,
         )
 
     def _compare(
@@ -667,10 +670,23 @@ async def _read_manifest(
     return Manifest(actual, media_type, body, upstream.name)
 
 
-def summarise(namespace: str, failures: Sequence[UpstreamFailure]) -> Exception:
-    """The error to give a client after every upstream failed."""
+def summarise(
+    namespace: str, failures: Sequence[UpstreamFailure], clients_own: bool = False
+) -> Exception:
+    """
+    The error to give a client after every upstream failed.  With
+    *clients_own* (the upstreams were asked with the client's own
+    credentials), a 401 or 403 is the upstream's answer about the client:
+    :class:`AccessRefused`, which reaches it as its own refusal.
+    """
     if all(f.status == 404 for f in failures):
         return NotFoundAnywhere()
+    refusals = [f for f in failures if f.status in (401, 403)]
+    if clients_own and refusals:
+        return AccessRefused(
+            401 if any(f.status == 401 for f in refusals) else 403,
+            any(f.credentials_refused for f in refusals),
+        )
     limited = [f for f in failures if f.status == 429]
     if limited:
         waits = [f.retry_after for f in limited if f.retry_after is not None]

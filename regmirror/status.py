@@ -8,7 +8,8 @@ With ``[access]``, the document names a repository (a stale mirror's tag,
 a download's digest) only to a client who may pull it (:class:`Shown`):
 its address may pull the namespace anonymously, its bearer token names
 the repository, or it logs in as a user (Basic).  Everyone else gets the
-rest: upstream health, totals, the number of downloads.
+rest: upstream health, totals, the number of downloads.  A namespace with
+``credentials = passthrough`` has its repositories named to no one.
 """
 
 from __future__ import annotations
@@ -71,18 +72,26 @@ class Shown:
     """
     Which repositories a status document may name to one client.
 
-    :ivar everything: all of them (no ``[access]``, or a user).
+    :ivar everything: all of them (no ``[access]``, or a user), but for
+        *hidden*.
     :ivar namespaces: those whose every repository it may pull.
     :ivar grants: ``(namespace, repository)`` its token names.
+    :ivar hidden: namespaces none of whose repositories is named to
+        anyone: those with ``credentials = passthrough``, where only the
+        upstream knows who may read what (and ``/token`` grants whatever
+        it is asked).
     """
 
     everything: bool = False
     namespaces: frozenset[str] = frozenset()
     grants: frozenset[tuple[str, str]] = frozenset()
+    hidden: frozenset[str] = frozenset()
 
     def __call__(self, namespace: str | None, repository: str | None) -> bool:
         """May the client see *repository* of *namespace* (``None``:
         unknown, as of a download another worker process runs)?"""
+        if namespace in self.hidden:
+            return False
         if self.everything:
             return True
         if namespace is None:
@@ -115,8 +124,8 @@ async def shown_to(gate: Gate | None, request: Request, namespaces: list[str]) -
         except RegistryError:  # throttled: no more than anonymous
             user = None
         if user is not None:
-            return EVERYTHING
-    return Shown(False, anonymous, grants)
+            return Shown(everything=True, hidden=gate.passthrough)
+    return Shown(False, anonymous, grants, gate.passthrough)
 
 
 class StatusJSON(ReadOnlyResource):

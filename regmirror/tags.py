@@ -35,6 +35,7 @@ from regmirror._flight import SingleFlight
 from regmirror.blobs import Blobs
 from regmirror.cluster import Coordinator, CoordinatorDown
 from regmirror.errors import (
+    AccessRefused,
     DownloadFailed,
     ManifestUnknown,
     RegistryError,
@@ -255,6 +256,11 @@ class Tags:
         except NotFoundAnywhere:
             raise self._gone(pool, key) from None
         except OriginUnreachable as unreachable:
+            if isinstance(unreachable.error, AccessRefused):
+                # The origin refused the client's own credentials: its
+                # answer about the client, not the origin's failure (no
+                # cached tag instead, nothing remembered for the others).
+                raise unreachable.error from None
             self._failed(key, pool, unreachable.error)
             answer = await self._without_origin(pool, repository, tag, unreachable)
             # Reused while the origin is not asked again (with

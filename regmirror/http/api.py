@@ -19,6 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from regmirror.access.gate import Admission, Gate
 from regmirror.errors import (
+    AccessRefused,
     BlobUnknown,
     Denied,
     ManifestUnknown,
@@ -39,7 +40,7 @@ from regmirror.http.request import (
     write_body,
 )
 from regmirror.metrics import Metrics
-from regmirror.passthrough import AccessRefused, Identity, NotInRepository, Passthrough
+from regmirror.passthrough import Identity, NotInRepository, Passthrough
 from regmirror.pool import Manifest
 from regmirror.reference import (
     INDEX_TYPES,
@@ -156,7 +157,24 @@ class RegistryAPI(Resource):
         # rules), before anything is asked of the cache or an upstream.
         check_repository(route.namespace, route.repository)
         if route.namespace.passthrough and self._passthrough is not None:
-            route = await self._speaking_for(request, info, route, api, admission)
+            route, identity = await self._speaking_for(
+                request, info, route, api, admission
+            )
+            try:
+                await self._endpoint(request, info, route, api)
+            except AccessRefused as refused:
+                # Refused upstream after the check passed (access revoked
+                # within access_check_ttl): the client's answer, and its
+                # next request is checked afresh.
+                self._passthrough.forget(identity, route.namespace, route.repository)
+                raise self._refusal(request, route, identity, refused) from None
+            return
+        await self._endpoint(request, info, route, api)
+
+    async def _endpoint(
+        self, request: Request, info: RequestInfo, route: Route, api: ApiPath
+    ) -> None:
+        """Answer *api* for *route*, once the client may ask it."""
         if api.endpoint == "manifests":
             await self._manifest(request, info, route, api.reference)
         elif api.endpoint == "blobs":
@@ -179,7 +197,7 @@ class RegistryAPI(Resource):
         route: Route,
         api: ApiPath,
         admission: Admission | None,
-    ) -> Route:
+    ) -> tuple[Route, Identity]:
         """
         *route* with its pool speaking for the client (its own credentials,
         or the configured ones), once the upstream confirmed, with them,
@@ -194,7 +212,7 @@ class RegistryAPI(Resource):
             info.user = identity.label
         spoken = evolve(route, pool=identity.pool)
         if api.endpoint == "tags":
-            return spoken
+            return spoken, identity
         if api.endpoint == "blobs":
             path = f"{route.repository}/blobs/{parse_digest(api.reference)}"
         elif api.endpoint == "referrers":
@@ -211,7 +229,7 @@ class RegistryAPI(Resource):
             if api.endpoint == "blobs":
                 raise BlobUnknown(f"blob {api.reference} is unknown upstream") from None
             raise ManifestUnknown(f"{api.reference} is unknown upstream") from None
-        return spoken
+        return spoken, identity
 
     def _refusal(
         self, request: Request, route: Route, identity: Identity, refused: AccessRefused
