@@ -46,7 +46,8 @@ class Health:
     #: a probe is under way (somewhere) until then: the prober answers,
     #: or after one back-off another may probe (the prober may have died)
     probe_until: float = 0.0
-    #: when :meth:`Upstream.recover` last looked, while open
+    #: when :meth:`Upstream.recover` last looked, while open (the failure
+    #: that opened it counts as a look: the first is one interval later)
     looked_at: float = 0.0
     #: when a 429 lets the upstream be asked again
     backoff_until: float = 0.0
@@ -253,7 +254,11 @@ class Breaker:
         factor = min(2 ** min(health.opened, 16), MAX_BACKOFF_FACTOR)
         delay = float(self.backoff * factor)
         opened = evolve(
-            health, opened=health.opened + 1, open_until=now + delay, probe_until=0.0
+            health,
+            opened=health.opened + 1,
+            open_until=now + delay,
+            probe_until=0.0,
+            looked_at=now,
         )
         return opened, delay
 

@@ -132,11 +132,18 @@ def test_abandoned_probe_lets_another_probe(tmp_path: Path) -> None:
 
 
 def test_recovery_look_taken_by_one(tmp_path: Path) -> None:
-    """While open, one process of all looks at the upstream per interval."""
+    """While open, one process of all looks at the upstream per interval,
+    the first an interval after the failure that opened it (a look at
+    once let an upstream whose /v2/ answers while its manifests hang back
+    within a second, ending origin_retry's window early)."""
     clock = started_clock()
     one, two = pair(tmp_path, clock)
     assert not one.look(30.0)  # closed: nothing to look at
     one.failed(transport=True)
+    assert not one.look(30.0) and not two.look(30.0)
+    clock.advance(29)
+    assert not one.look(30.0) and not two.look(30.0)
+    clock.advance(1)
     assert two.look(30.0)
     assert not one.look(30.0) and not two.look(30.0)
     clock.advance(29)
@@ -229,6 +236,9 @@ def test_upstreams_recover_once_for_both(tmp_path: Path) -> None:
 
     one.breaker.failed(transport=True)
     registry.fault = lambda request: (503, b"down")
+    recover(one)
+    assert registry.requests == []  # not before an interval
+    clock.advance(30)
     recover(one)
     recover(two)
     assert registry.requests == [("GET", "/v2/")]
