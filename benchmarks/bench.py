@@ -50,8 +50,11 @@ The slow section (``--only slow``): ``relay.py`` between the servers under
 test and the upstream limits every connection to ``--slow-mib-s`` (10) MiB/s
 each way; through it, for regmirror and the reference proxy with empty
 caches, a cold ``skopeo copy`` of a 12-layer image (2 to 24 MiB layers,
-156 MiB) and one cold client of the big blob (wall time, MiB/s, the
-upstream's GETs).
+156 MiB), a cold ``docker pull`` of it by a Docker daemon whose
+``registry-mirrors`` is the server (three layers at a time, as dockerd
+pulls; started afresh each run from ``tests/e2e/daemons.py``; left out
+where dockerd cannot run) and one cold client of the big blob (wall time,
+MiB/s, the upstream's GETs).
 
 Clients are threads: blob clients on raw sockets, which receive every body
 to its end into one reusable buffer and discard it (time to first byte is
@@ -1349,6 +1352,44 @@ def skopeo_copy(port: int, destination: Path) -> float:
     return wall
 
 
+def docker_daemons_module() -> Any:
+    """``tests/e2e/daemons.py``, which runs containerd and dockerd under one
+    folder for the end-to-end tests (a plain module: no pytest)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from tests.e2e import daemons
+
+    return daemons
+
+
+def docker_pull(port: int) -> float:
+    """
+    A cold ``docker pull`` of the layered image by a fresh Docker daemon
+    whose ``registry-mirrors`` is 127.0.0.1:*port* (its image store empty):
+    the pull's wall time, the daemons' start and stop left out.
+    """
+    daemons = docker_daemons_module()
+    # A short folder: the daemons' sockets must fit in sun_path.
+    folder = Path(tempfile.mkdtemp(prefix="rm-bench-", dir="/tmp"))
+    containerd = daemons.ContainerdProcess(folder / "ctd")
+    containerd.start()
+    try:
+        dockerd = daemons.DockerdProcess(
+            folder / "docker", containerd, f"{LOCALHOST}:{port}"
+        )
+        dockerd.start()
+        try:
+            started = time.perf_counter()
+            dockerd.docker("pull", f"{SLOW_REPOSITORY}:{TAG}", timeout=CLIENTS_TIMEOUT)
+            return time.perf_counter() - started
+        finally:
+            dockerd.stop()
+    finally:
+        containerd.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def slow_run(
     ctx: Context,
     system: str,
@@ -1415,6 +1456,9 @@ def bench_slow(ctx: Context, skip: Collection[str], mib_s: float) -> None:
             def one_client(server: Mirror | Registry) -> dict[str, Any]:
                 return blob_load(server.port, ctx.blob_path, 1, size)
 
+            def pull(server: Mirror | Registry) -> dict[str, Any]:
+                return {"wall_s": docker_pull(server.port)}
+
             results: dict[str, Any] = {}
             runs = [
                 slow_run(ctx, system, make, image.layers, copy)
@@ -1424,6 +1468,16 @@ def bench_slow(ctx: Context, skip: Collection[str], mib_s: float) -> None:
             results["skopeo"]["upstream_blob_gets_runs"] = [
                 run["upstream_blob_gets"] for run in runs
             ]
+            if not docker_daemons_module().missing_tools():
+                print(", docker pull", end="", flush=True)
+                runs = [
+                    slow_run(ctx, system, make, image.layers, pull)
+                    for _ in range(ctx.repeat)
+                ]
+                results["docker"] = median_run(runs, "wall_s")
+                results["docker"]["upstream_blob_gets_runs"] = [
+                    run["upstream_blob_gets"] for run in runs
+                ]
             print(", blob x1", flush=True)
             runs = [
                 slow_run(ctx, system, make, [ctx.image.layer], one_client)
@@ -2027,6 +2081,14 @@ def table_rows(
         row(
             f"{slow}: skopeo copy, upstream GETs of the layers",
             lambda s: slow_gets(s, "skopeo"),
+        )
+        row(
+            f"{slow}: docker pull (registry-mirrors), wall s",
+            number("slow", "docker", "wall_s", digits=2),
+        )
+        row(
+            f"{slow}: docker pull, upstream GETs of the layers",
+            lambda s: slow_gets(s, "docker"),
         )
         row(f"{slow}: cold x1: MiB/s", number("slow", "blob_x1", "mib_s"))
         row(f"{slow}: cold x1: wall s", number("slow", "blob_x1", "wall_s", digits=2))
