@@ -27,6 +27,7 @@ from regmirror.config import (
     FORWARDED_HEADERS,
     MAX_PREFETCH,
     MAX_SEGMENTS,
+    MIN_KEEP_WARM_INTERVAL,
     AccessConfig,
     CacheConfig,
     ClusterConfig,
@@ -488,7 +489,26 @@ def _namespace(
         ),
         access_check_offline=reader.get("access_check_offline", parse_duration, 0.0),
     )
+    if namespace.library:
+        for key in ("allow", "deny"):
+            for pattern in getattr(namespace, key):
+                if "/" not in pattern and not set("*?[") & set(pattern):
+                    raise reader.error(
+                        key,
+                        f"{pattern} never matches: one-word names are read as "
+                        f"library/{pattern} here",
+                    )
+    if namespace.keep_warm_interval < MIN_KEEP_WARM_INTERVAL:
+        raise reader.error(
+            "keep_warm_interval", f"at least {MIN_KEEP_WARM_INTERVAL:g}s"
+        )
     for image in namespace.keep_warm:
+        if image.repository.split("/")[0] in (name, *aliases):
+            raise reader.error(
+                "keep_warm",
+                f"{image}: name it within the namespace, without "
+                f"{image.repository.split('/')[0]}/",
+            )
         # Kept warm is fetched upstream: never a repository the rules refuse.
         repository = image.repository
         if namespace.library and "/" not in repository:

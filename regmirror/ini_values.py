@@ -225,10 +225,34 @@ _TAG_GLOB = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}")
 
 def tag_glob(text: str) -> str:
     """A shell-style glob of tags (``v[0-9]*``, ``sha-*``): only what a tag
-    may hold (letters, digits, ``_.-``) and ``* ? [ ] !``."""
-    if _TAG_GLOB.fullmatch(text) is None:
+    may hold (letters, digits, ``_.-``) and ``* ? [ ] !``, its sets
+    closed."""
+    if _TAG_GLOB.fullmatch(text) is None or not _sets_closed(text):
         raise ValueError(f"not a tag pattern: {text[:40]!r} (use e.g. v[0-9]* sha-*)")
     return text
+
+
+def _sets_closed(pattern: str) -> bool:
+    """
+    Is every ``[`` of *pattern* a set that ends (``]``) and holds
+    something (``[]`` and ``[!]`` do not), with no ``]`` outside a set?
+    :func:`fnmatch.fnmatchcase` takes an unclosed ``[`` as the character
+    itself, which no name holds: a rule that silently matches nothing.
+    """
+    inside = None
+    for character in pattern:
+        if inside is not None:
+            if character == "]" and inside not in ("", "!"):
+                inside = None
+            elif character == "[":
+                return False
+            else:
+                inside += character
+        elif character == "[":
+            inside = ""
+        elif character == "]":
+            return False
+    return inside is None
 
 
 _REPOSITORY_GLOB = re.compile(r"[a-z0-9_.*?\[\]!/-]{1,255}")
@@ -237,8 +261,13 @@ _REPOSITORY_GLOB = re.compile(r"[a-z0-9_.*?\[\]!/-]{1,255}")
 def repository_glob(text: str) -> str:
     """A shell-style glob of repository names (``library/*``,
     ``*/*-debug``): only what a name may hold (lower-case letters, digits,
-    ``_.-/``) and ``* ? [ ] !``."""
-    if _REPOSITORY_GLOB.fullmatch(text) is None:
+    ``_.-/``) and ``* ? [ ] !``, its sets closed, and no empty path
+    component (``/library/*``, ``a//b``, ``app/``: no name matches)."""
+    if (
+        _REPOSITORY_GLOB.fullmatch(text) is None
+        or not _sets_closed(text)
+        or "" in text.split("/")
+    ):
         raise ValueError(
             f"not a repository pattern: {text[:40]!r} (use e.g. library/* */*-debug)"
         )

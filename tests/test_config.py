@@ -537,6 +537,44 @@ def test_errors_name_file_section_key(
             "url",
             id="duplicate-key-other-case",
         ),
+        # Patterns no name can match: fnmatch takes an open "[" literally,
+        # so "deny" refused nothing (found by the fresh-eyes review).
+        *(
+            pytest.param(
+                "default = true",
+                f"default = true\n{key} = {pattern}",
+                "namespace:docker.io",
+                key,
+                id=f"{key}-{pattern}",
+            )
+            for key, pattern in [
+                ("deny", "myorg/app-debu[g"),
+                ("deny", "library/[]"),
+                ("allow", "library/[!]"),
+                ("allow", "library/[a-"),
+                ("allow", "/library/*"),
+                ("deny", "library//x"),
+                ("deny", "library/"),
+                ("allow", "busybox"),
+                ("immutable_tags", "v[0-9"),
+                ("immutable_tags", "["),
+                ("immutable_tags", "v1]"),
+            ]
+        ),
+        pytest.param(
+            "default = true",
+            "default = true\nkeep_warm_interval = 1ms",
+            "namespace:docker.io",
+            "keep_warm_interval",
+            id="keep-warm-interval-too-short",
+        ),
+        pytest.param(
+            "default = true",
+            "default = true\nkeep_warm = docker.io/library/nginx:latest",
+            "namespace:docker.io",
+            "keep_warm",
+            id="keep-warm-with-the-namespace",
+        ),
     ],
 )
 def test_errors_in_minimal_sections(
