@@ -228,6 +228,53 @@ class Passthrough:
         at its next request."""
         self._confirmed.pop((identity.key, f"{namespace.name} {repository}"), None)
 
+    async def verify(self, identity: Identity, namespace: NamespaceConfig) -> None:
+        """
+        Make sure the upstream takes *identity*'s credentials at all (for
+        ``/token``, so that ``docker login`` tells the truth): a ``GET`` of
+        its API root at the origin with them, through a token fetched
+        afresh from its realm, believed for ``access_check_ttl``.  An
+        upstream that cannot be asked is no answer: the credentials pass
+        (the upstream judges them again at every pull's check).
+
+        :raises AccessRefused: the upstream or its realm refused them.
+        """
+        key = (identity.key, f"{namespace.name} ")  # no repository: a login
+        at = self._confirmed.get(key)
+        if at is not None and self.clock.seconds() - at < namespace.access_check_ttl:
+            self._confirmed.move_to_end(key)
+            return
+
+        async def check() -> None:
+            pool = identity.pool
+            asking = speaking_for(pool.origin, None)
+            try:
+                response = await pool.ask(asking, "GET", "")
+            except UpstreamFailure as failure:
+                if failure.status in (401, 403) or failure.credentials_refused:
+                    self._confirmed.pop(key, None)
+                    raise AccessRefused(401, True) from None
+                self.log.info(
+                    "{namespace}: upstream {upstream} cannot check {who}'s "
+                    "credentials ({why}); left to the pulls' checks",
+                    namespace=namespace.name,
+                    upstream=pool.origin.name,
+                    who=identity.label,
+                    why=failure.detail,
+                )
+                return
+            await asking.drain(response)
+            pool.answered(asking)
+            self._remember(key)
+
+        await self._checks.run(key, check)
+
+    def _remember(self, key: tuple[str, str]) -> None:
+        self._confirmed.pop(key, None)
+        self._confirmed[key] = self.clock.seconds()
+        while len(self._confirmed) > MAX_CONFIRMED:
+            self._confirmed.popitem(last=False)
+
     async def confirm(
         self,
         identity: Identity,
@@ -311,7 +358,4 @@ class Passthrough:
             why = f"answered {response.code} to an access check"
             raise summarise(namespace.name, [pool.invalid(asking, why)])
         pool.answered(asking)
-        self._confirmed.pop(key, None)
-        self._confirmed[key] = self.clock.seconds()
-        while len(self._confirmed) > MAX_CONFIRMED:
-            self._confirmed.popitem(last=False)
+        self._remember(key)

@@ -393,7 +393,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
     api = RegistryAPI(router, fetcher, reactor, metrics, gate, passthrough)
     root = Root(api, {nodes.PATH: api} if fetcher.coordinator else None)
     if gate is not None:
-        root.putChild(b"token", TokenResource(gate, router))
+        root.putChild(b"token", TokenResource(gate, router, passthrough))
     trusted = config.access.trusted_proxies if config.access else ()
     forwarded = config.access.forwarded_header if config.access else "x-forwarded-for"
     mirror = Mirror(

@@ -121,6 +121,8 @@ class PrivateRegistry(FakeRegistry):
         user = self.issued.get(authorization.removeprefix("Bearer "))
         path = request.path.decode()
         repository = path[len("/v2/") :].rsplit("/", 2)[0]
+        if path == "/v2/" and user is not None:
+            return 200, b"{}"  # the API root: any user's token
         if user is None or (
             self.refusal == 401 and repository not in self.grants.get(user, ())
         ):
@@ -207,7 +209,8 @@ class PassthroughMirror:
         api = RegistryAPI(
             router, self.fetcher, self.clock, self.metrics, self.gate, self.passthrough
         )
-        self.root = Root(api, {b"token": TokenResource(self.gate, router)})
+        token = TokenResource(self.gate, router, self.passthrough)
+        self.root = Root(api, {b"token": token})
         self.client = StubTreq(self.root)
 
     def settle(self) -> None:
@@ -548,3 +551,34 @@ def test_the_status_document_names_no_repository_of_a_passthrough_namespace(
     holder.requestHeaders.setRawHeaders(b"authorization", [f"Bearer {value}".encode()])
     shown = result(Deferred.fromCoroutine(shown_to(mirror.gate, holder, [NAMESPACE])))
     assert not shown(NAMESPACE, REPOSITORY)
+
+
+# -- /token -------------------------------------------------------------------
+
+
+def test_token_asks_the_upstream_whether_it_takes_the_credentials(
+    mirror: PassthroughMirror,
+) -> None:
+    """
+    ``/token`` with a client's own Basic credentials (``docker login``: no
+    scope; a pull: the repository's) asks the upstream's realm whether it
+    takes them: a wrong password gets ``401`` and no token (counted as a
+    failed login), a right one a token, even without access to the
+    repository (that is each pull's check); the answer is believed for
+    ``access_check_ttl``.
+    """
+    login = "/token?service=regmirror"
+    pull = f"/token?service=regmirror&scope=repository:{REPOSITORY}:pull"
+    wrong = {"Authorization": basic("alice", "wrong-password-7c2d")}
+    for path in (login, pull):
+        response = mirror.get(path, **wrong)
+        assert response.code == 401
+        assert b"token" not in mirror.body(response)
+    assert ("alice", False) in mirror.fake.token_requests
+    for user in ("alice", "bob"):
+        response = mirror.get(pull, user)
+        assert response.code == 200, mirror.body(response)
+        assert json.loads(mirror.body(response))["token"]
+    asked = len(mirror.fake.token_requests)
+    assert mirror.get(login, "alice").code == 200
+    assert len(mirror.fake.token_requests) == asked

@@ -202,6 +202,14 @@ class Gate:
         """The challenge for a client the upstream refused (see :meth:`_challenge`)."""
         return self._challenge(request, self.client(request), route, why, error)
 
+    def throttle(self, request: Request) -> None:
+        """
+        :raises TooManyRequests: when the client of *request* has failed
+            to log in too often (before its own credentials are tried
+            upstream, as before one of the mirror's users is).
+        """
+        self._failed.check(self.client(request))
+
     def failed_passthrough_login(self, request: Request) -> None:
         """
         A client's own credentials were refused by the upstream's token

@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
 
 from regmirror.access.gate import Gate
-from regmirror.errors import RegistryError, Unauthorized
+from regmirror.errors import AccessRefused, RegistryError, Unauthorized
 from regmirror.http.errors import write_error
 from regmirror.http.request import (
     ns,
@@ -21,8 +21,8 @@ from regmirror.http.request import (
     text_header,
 )
 from regmirror.http.resource import ReadOnlyResource
-from regmirror.passthrough import Credentials, seal
-from regmirror.routing import Router
+from regmirror.passthrough import Credentials, Passthrough, seal
+from regmirror.routing import Route, Router
 
 __all__ = ["TokenResource"]
 
@@ -39,18 +39,27 @@ class TokenResource(ReadOnlyResource):
     Basic credentials asked for scopes that are all in namespaces with
     ``credentials = passthrough`` (or for no scope, as ``docker login``
     asks, when the mirror has no users of its own) are the client's own
-    for the upstream: not checked here (the upstream judges them at each
-    pull), they are sealed into the token (``own``), which grants those
-    scopes, so that the client's pulls carry them to whichever process.
+    for the upstream: they are sealed into the token (``own``), which
+    grants those scopes, so that the client's pulls carry them to
+    whichever process.  First the upstream is asked whether it takes them
+    at all (:meth:`regmirror.passthrough.Passthrough.verify`), for each
+    namespace of the scopes, or, without a scope, for the namespace the
+    request itself routes to by ``ns`` or ``Host``, or the only one that
+    passes credentials through: a wrong password is refused here (a
+    failed login), so that ``docker login`` says so.  Whether they may
+    read a repository is still asked at each pull.
     """
 
     isLeaf = True
     log = Logger()
 
-    def __init__(self, gate: Gate, router: Router) -> None:
+    def __init__(
+        self, gate: Gate, router: Router, passthrough: Passthrough | None = None
+    ) -> None:
         super().__init__()
         self._gate = gate
         self._router = router
+        self._passthrough = passthrough
 
     def render_GET(self, request: Request) -> Any:
         d = Deferred.fromCoroutine(self._issue(request))
@@ -88,6 +97,7 @@ class TokenResource(ReadOnlyResource):
                 and len(passing) == len(routes)
                 and (routes or not gate.has_users)
             ):
+                await self._verify(request, own, passing)
                 grants = [(r.namespace.name, r.repository) for r in passing]
                 sealed = seal(gate.tokens.key, own)
                 token, expires = gate.tokens.issue("passthrough", grants, sealed)
@@ -120,6 +130,43 @@ class TokenResource(ReadOnlyResource):
                 write_error(request, RegistryError("internal error"))
             return
         self._answer(request, token, expires)
+
+    async def _verify(
+        self, request: Request, own: Credentials, routes: list[Route]
+    ) -> None:
+        """
+        Ask the upstreams whether they take *own* (see the class).
+
+        :raises Unauthorized: one refused them (a failed login).
+        :raises TooManyRequests: the client failed too often.
+        """
+        if self._passthrough is None:
+            return
+        gate = self._gate
+        if not routes:
+            try:
+                # The namespace a pull of a bare name would go to.
+                login = route_request(self._router, request, "login/check")
+            except RegistryError:
+                return
+            if login.via in ("ns", "host") or len(gate.passthrough) == 1:
+                routes = [login] if login.namespace.name in gate.passthrough else []
+        gate.throttle(request)
+        checked = set()
+        for route in routes:
+            if route.namespace.name in checked:
+                continue
+            checked.add(route.namespace.name)
+            identity = self._passthrough.identity(route.pool, own)
+            try:
+                await self._passthrough.verify(identity, route.namespace)
+            except AccessRefused:
+                gate.failed_passthrough_login(request)
+                raise Unauthorized(
+                    f"{route.namespace.name}: the upstream registry refused "
+                    "these credentials",
+                    {"WWW-Authenticate": 'Basic realm="regmirror"'},
+                ) from None
 
     def _answer(self, request: Request, token: str, expires: float) -> None:
         gate = self._gate

@@ -171,8 +171,9 @@ def start_mirror(tmp_path: Path) -> Iterator[Callable[..., MirrorProcess]]:
     Start mirrors: ``start(config, env=..., files=...)`` where *config* makes
     the INI text from the port, *env* is added to the mirror's environment
     and *files* (relative path → text or bytes) are written into the mirror's folder
-    (the config file's folder) first.  At teardown every mirror is stopped,
-    and must not have died nor logged an unhandled error.
+    (the config file's folder) first; *logger*: twistd's ``--logger``.  At
+    teardown every mirror is stopped, and must not have died nor logged an
+    unhandled error.
     """
     started: list[MirrorProcess] = []
 
@@ -181,6 +182,7 @@ def start_mirror(tmp_path: Path) -> Iterator[Callable[..., MirrorProcess]]:
         *,
         env: Mapping[str, str] | None = None,
         files: Mapping[str, str | bytes] | None = None,
+        logger: str | None = None,
     ) -> MirrorProcess:
         port = free_port()
         workdir = tmp_path / f"mirror-{len(started)}"
@@ -191,7 +193,7 @@ def start_mirror(tmp_path: Path) -> Iterator[Callable[..., MirrorProcess]]:
                 path.write_bytes(content)
             else:
                 path.write_text(content)
-        process = MirrorProcess(workdir, config(port), port, env=env)
+        process = MirrorProcess(workdir, config(port), port, env=env, logger=logger)
         started.append(process)
         process.start()
         return process

@@ -760,8 +760,12 @@ class TwoNamespaces:
 _TWISTD = "import sys; from twisted.scripts.twistd import run; sys.exit(run())"
 
 
-def twistd_command(config_path: Path, log_path: Path) -> list[str]:
-    """``twistd regmirror -c CONFIG`` in the foreground, run by this Python."""
+def twistd_command(
+    config_path: Path, log_path: Path, logger: str | None = None
+) -> list[str]:
+    """``twistd regmirror -c CONFIG`` in the foreground, run by this Python;
+    with *logger* (``regmirror.logs.json_lines``), logging through it (to
+    standard output) instead of to *log_path*."""
     return [
         sys.executable,
         "-c",
@@ -769,6 +773,7 @@ def twistd_command(config_path: Path, log_path: Path) -> list[str]:
         "--nodaemon",
         "--pidfile=",
         f"--logfile={log_path}",
+        *([f"--logger={logger}"] if logger else []),
         "regmirror",
         "-c",
         str(config_path),
@@ -792,9 +797,12 @@ class MirrorProcess:
         port: int,
         *,
         env: Mapping[str, str] | None = None,
+        logger: str | None = None,
     ) -> None:
         self.workdir = workdir
         self.port = port
+        #: twistd's ``--logger`` (the log then in :attr:`output_path`)
+        self.logger = logger
         #: variables added to this process's environment for the mirror
         self.env = dict(env or {})
         self.config_path = workdir / "mirror.ini"
@@ -814,7 +822,7 @@ class MirrorProcess:
         self.config_path.write_text(self._config_text)
         self._output = self.output_path.open("ab")
         self._process = subprocess.Popen(
-            twistd_command(self.config_path, self.log_path),
+            twistd_command(self.config_path, self.log_path, self.logger),
             stdin=subprocess.DEVNULL,
             stdout=self._output,
             stderr=subprocess.STDOUT,
