@@ -10,9 +10,10 @@ the section and the key.
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 from urllib.parse import urlsplit
 
-from attrs import field, frozen
+from attrs import field, fields, frozen
 from attrs.validators import in_
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -355,3 +356,43 @@ class Config:
     @property
     def default_namespace(self) -> NamespaceConfig:
         return next(ns for ns in self.namespaces if ns.default)
+
+
+#: What SIGHUP takes from the file read again (each namespace's); any
+#: other change waits for a restart.
+RELOADED = frozenset({"keep_warm", "keep_warm_interval"})
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """
+    Each ``[section] key`` (or whole ``[section]`` added or removed) that
+    differs from *old*, the configuration running, to *new*, the file
+    read again, and that SIGHUP does not apply (all but :data:`RELOADED`).
+    """
+    found: list[str] = []
+
+    def compare(section: str, a: Any, b: Any, skip: frozenset[str]) -> None:
+        if a is None or b is None:
+            if (a is None) != (b is None):
+                found.append(f"[{section}]")
+            return
+        found.extend(
+            f"[{section}] {f.name}"
+            for f in fields(type(a))
+            if f.eq and f.name not in skip and getattr(a, f.name) != getattr(b, f.name)
+        )
+
+    for section in ("server", "cache", "access", "cluster"):
+        compare(section, getattr(old, section), getattr(new, section), frozenset())
+    for name in sorted(old.upstreams.keys() | new.upstreams.keys()):
+        compare(
+            f"upstream:{name}",
+            old.upstreams.get(name),
+            new.upstreams.get(name),
+            frozenset(),
+        )
+    olds = {n.name: n for n in old.namespaces}
+    news = {n.name: n for n in new.namespaces}
+    for name in sorted(olds.keys() | news.keys()):
+        compare(f"namespace:{name}", olds.get(name), news.get(name), RELOADED)
+    return found

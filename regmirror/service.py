@@ -39,6 +39,7 @@ from regmirror.config import (
     Config,
     ConfigError,
     S3Config,
+    restart_needed,
 )
 from regmirror.fetch import Fetcher
 from regmirror.http.api import RegistryAPI
@@ -249,8 +250,34 @@ class MirrorService(MultiService):
                 log.error("certificate not reloaded, keeping the old one: {why}", why=e)
             else:
                 log.info("certificate reloaded")
+        if self.primary:
+            self._read_again()
+
+    def _read_again(self) -> None:
+        """
+        The configuration file read again (SIGHUP, the ``twistd`` process):
+        the ``keep_warm`` lists and intervals are taken; every other change
+        waits for a restart, and the log says which.  A file that does not
+        load changes nothing.
+        """
+        running = self.mirror.config
+        try:
+            config = load(running.path)
+        except (ConfigError, OSError) as error:
+            log.error(
+                "configuration file not read again, nothing of it changes: {why}",
+                why=str(error),
+            )
+            return
+        waiting = restart_needed(running, config)
+        if waiting:
+            log.warn(
+                "SIGHUP does not apply these changes of the file, a restart "
+                "does: {changes}",
+                changes=", ".join(waiting),
+            )
         if self.warm is not None:
-            self.warm.reload()
+            self.warm.change(config.namespaces)
 
 
 #: Bytes read from an upstream connection at once (Twisted reads 64 KiB):
@@ -503,13 +530,7 @@ def build_tree(config: Config, reactor: Any, worker: Worker | None) -> MirrorSer
     if primary:
         # Once for the machine, like housekeeping: a worker's refreshes
         # would ask the origin again, and fetch nothing more.
-        warm = KeepWarm(
-            mirror.fetcher,
-            mirror.pools,
-            config.namespaces,
-            reactor,
-            config_path=os.path.abspath(config.path),
-        )
+        warm = KeepWarm(mirror.fetcher, mirror.pools, config.namespaces, reactor)
         warm.setName("keep warm")
         warm.setServiceParent(top)
         top.warm = warm

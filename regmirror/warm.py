@@ -37,7 +37,7 @@ housekeeping: one refresh per interval for the machine.  With
 status document of every process reads (:func:`read_record`); each refresh
 is counted in ``regmirror_keep_warm_refreshes_total`` by namespace and
 outcome (:data:`OUTCOMES`).  SIGHUP reads the configuration file again and
-takes its lists and intervals (:meth:`KeepWarm.reload`).
+takes its lists and intervals (:meth:`KeepWarm.change`).
 """
 
 from __future__ import annotations
@@ -58,13 +58,13 @@ from twisted.python.failure import Failure
 
 from regmirror._cli import human_size
 from regmirror.ahead import contents
-from regmirror.config import ConfigError, NamespaceConfig, WarmImage
+from regmirror.config import NamespaceConfig, WarmImage
 from regmirror.download import UNTIL_END
 from regmirror.errors import DownloadFailed, RegistryError, TooManyRequests
 from regmirror.fetch import Fetcher
-from regmirror.ini import load
 from regmirror.pool import Manifest, UpstreamPool
 from regmirror.reference import INDEX_TYPES, Digest, load_json, parse_digest
+from regmirror.repositories import refusal
 from regmirror.responses import discard
 from regmirror.upstream import Upstream
 
@@ -131,6 +131,9 @@ class _Lane:
     """One namespace's list: its refreshes, one round per interval."""
 
     pool: UpstreamPool
+    #: the namespace as the mirror serves it (its allow and deny): a list
+    #: read again is checked against it
+    rules: NamespaceConfig | None
     images: tuple[WarmImage, ...]
     interval: float
     #: the next round, when one is due
@@ -155,15 +158,9 @@ class KeepWarm(Service):
         pools: Sequence[UpstreamPool],
         namespaces: Sequence[NamespaceConfig],
         clock: IReactorTime,
-        *,
-        config_path: str | None = None,
     ) -> None:
-        """
-        :param config_path: the file :meth:`reload` reads again.
-        """
         self.fetcher = fetcher
         self.clock = clock
-        self.config_path = config_path
         self.record = os.path.join(fetcher.store.root, RECORD)
         lists = {n.name: n for n in namespaces}
         self._lanes: dict[str, _Lane] = {}
@@ -172,7 +169,7 @@ class KeepWarm(Service):
             namespace = lists.get(pool.namespace)
             images = () if namespace is None else _listed(namespace)
             interval = 600.0 if namespace is None else namespace.keep_warm_interval
-            self._lanes[pool.namespace] = _Lane(pool, images, interval)
+            self._lanes[pool.namespace] = _Lane(pool, namespace, images, interval)
             self._track(pool.namespace, images)
 
     # -- the service ----------------------------------------------------------
@@ -211,29 +208,16 @@ class KeepWarm(Service):
             ended.addBoth(one_ended)
         return d
 
-    def reload(self) -> None:
-        """
-        Read the configuration file again and take each namespace's
-        ``keep_warm`` and ``keep_warm_interval`` (SIGHUP): a namespace
-        whose list or interval changed starts a round soon, with the new
-        list (a round under way stops; the downloads clients joined go on).
-        A file that does not load changes nothing.
-        """
-        if self.config_path is None:
-            return
-        try:
-            config = load(self.config_path)
-        except (ConfigError, OSError) as error:
-            self.log.error(
-                "keep_warm lists not reloaded, keeping the old ones: {why}",
-                why=str(error),
-            )
-            return
-        self.change(config.namespaces)
-
     def change(self, namespaces: Sequence[NamespaceConfig]) -> None:
-        """Take the lists and intervals of *namespaces* (see :meth:`reload`);
-        a namespace not served since start is left for a restart."""
+        """
+        Take the lists and intervals of *namespaces*, the configuration
+        file read again (SIGHUP): a namespace whose list or interval
+        changed starts a round soon, with the new list (a round under way
+        stops; the downloads clients joined go on).  A namespace not served
+        since start is left for a restart, and so is an image that the
+        ``allow`` and ``deny`` in force refuse (changed rules need a
+        restart: a list may not fetch what the mirror refuses).
+        """
         lists = {n.name: n for n in namespaces}
         for name in lists.keys() - self._lanes.keys():
             if lists[name].keep_warm:
@@ -245,6 +229,8 @@ class KeepWarm(Service):
         for name, lane in self._lanes.items():
             namespace = lists.get(name)
             images = () if namespace is None else _listed(namespace)
+            if lane.rules is not None:
+                images = self._allowed(lane.rules, images)
             interval = (
                 lane.interval if namespace is None else namespace.keep_warm_interval
             )
@@ -266,6 +252,24 @@ class KeepWarm(Service):
             if images:
                 self._schedule(lane, FIRST_DELAY)
         self._save()
+
+    def _allowed(
+        self, rules: NamespaceConfig, images: tuple[WarmImage, ...]
+    ) -> tuple[WarmImage, ...]:
+        kept = []
+        for image in images:
+            why = refusal(rules, image.repository)
+            if why is None:
+                kept.append(image)
+            else:
+                self.log.error(
+                    "{namespace}: {image} is not kept warm: {why} (the rules in "
+                    "force; changed allow and deny need a restart)",
+                    namespace=rules.name,
+                    image=str(image),
+                    why=why,
+                )
+        return tuple(kept)
 
     # -- what the status document shows -------------------------------------
 

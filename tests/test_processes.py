@@ -28,12 +28,13 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 
 from regmirror import cluster, service
 from regmirror.cluster import Coordinator, Lease
-from regmirror.config import Config
+from regmirror.config import Config, restart_needed
 from regmirror.ini import load
 from regmirror.listeners import AdoptedListener, BoundListener, Inherited
 from regmirror.metrics import combine, export, revive, total
@@ -538,3 +539,59 @@ def test_a_worker_that_keeps_dying_at_start_is_restarted_less_often(
     stopping = parent.stopService()
     reactor.spawned[-1][0].processEnded(Failure(ProcessDone(0)))
     result(stopping)
+
+
+def test_sighup_reads_the_file_again_and_says_what_waits_for_a_restart(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """
+    SIGHUP in the ``twistd`` process reads the configuration file again:
+    the keep_warm lists are taken, and every other change is named in a
+    warning, as waiting for a restart (a changed ``deny`` was silently
+    ignored); a file that does not load changes nothing, and says so.
+    """
+    monkeypatch.chdir(tmp_path)
+    path = write_config(tmp_path)
+    reactor = Machine()
+    parent = make_service(load(str(path)), reactor)
+    parent.privilegedStartService()
+    parent.startService()
+    assert parent.warm is not None
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        write_config(tmp_path, extra="deny = */*-debug\nkeep_warm = app:v1\n")
+        parent.reload()
+        path.write_text("[cache\nno INI at all\n")
+        parent.reload()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    said = [formatEvent(e) for e in events]
+    waiting = [line for line in said if "a restart does" in line]
+    assert len(waiting) == 1, said
+    assert waiting[0].endswith(": [namespace:docker.io] deny"), waiting
+    assert [s["image"] for s in parent.warm.states()] == ["library/app:v1"]
+    assert any("configuration file not read again" in line for line in said), said
+    result(parent.stopService())
+
+
+def test_restart_needed_names_sections_and_keys(tmp_path: Path) -> None:
+    """Each key that differs, a section added or removed; never the keys
+    SIGHUP takes (keep_warm, keep_warm_interval)."""
+    old = load(str(write_config(tmp_path)))
+    new = load(
+        str(
+            write_config(
+                tmp_path,
+                server="workers = 2",
+                extra="keep_warm = app:v1\nkeep_warm_interval = 1h\ntag_ttl = 5m\n"
+                "\n[upstream:two]\nurl = http://127.0.0.1:8\n",
+            )
+        )
+    )
+    assert restart_needed(old, new) == [
+        "[server] workers",
+        "[upstream:two]",
+        "[namespace:docker.io] tag_ttl",
+    ]
+    assert restart_needed(old, old) == []

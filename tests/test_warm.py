@@ -97,7 +97,10 @@ def tag_heads(fake: FakeRegistry) -> int:
 
 
 def namespace_of(
-    harness: Harness, images: tuple[WarmImage, ...], interval: float = INTERVAL
+    harness: Harness,
+    images: tuple[WarmImage, ...],
+    interval: float = INTERVAL,
+    deny: tuple[str, ...] = (),
 ) -> NamespaceConfig:
     pool = harness.pools["docker.io"]
     return NamespaceConfig(
@@ -106,6 +109,7 @@ def namespace_of(
         pool.origin.name,
         keep_warm=images,
         keep_warm_interval=interval,
+        deny=deny,
     )
 
 
@@ -113,16 +117,17 @@ def keep_warm(
     harness: Harness,
     *images: str,
     interval: float = INTERVAL,
-    config_path: str | None = None,
+    deny: tuple[str, ...] = (),
 ) -> KeepWarm:
     """A started :class:`KeepWarm` for docker.io's *images*."""
-    namespace = namespace_of(harness, tuple(warm_image(i) for i in images), interval)
+    namespace = namespace_of(
+        harness, tuple(warm_image(i) for i in images), interval, deny
+    )
     service = KeepWarm(
         harness.fetcher,
         [harness.pools["docker.io"]],
         [namespace],
         harness.clock,
-        config_path=config_path,
     )
     service.startService()
     return service
@@ -524,34 +529,36 @@ def test_a_new_list_is_taken_soon_and_images_no_longer_listed_go(
     service.stopService()
 
 
-def test_reload_reads_the_file_again_and_keeps_the_old_list_on_errors(
+def test_a_list_read_again_is_taken_within_the_rules_in_force(
     tmp_path: Path,
 ) -> None:
     """
-    :meth:`KeepWarm.reload` takes the lists of the configuration file as
-    it is now; a file that does not load changes nothing.
+    :meth:`KeepWarm.change` takes the lists of the file read again (SIGHUP),
+    but not an image that the ``deny`` in force refuses, whatever the file
+    now says of ``deny``: pulls of it are still refused, so keeping it warm
+    would fetch upstream what the mirror refuses (found by the fresh-eyes
+    review: the reload fetched it).
     """
     origin = FakeRegistry()
     harness = Harness(str(tmp_path / "cache"), {"origin": origin})
     push(origin, 1, tag="one")
     push(origin, 2, tag="two")
-    path = tmp_path / "mirror.ini"
-    path.write_text(
-        "[cache]\ndirectory = cache\n\n[upstream:origin]\nurl = http://origin.test\n\n"
-        "[namespace:docker.io]\nupstreams = origin\ndefault = true\n"
-        "keep_warm = library/app:two library/app:one\nkeep_warm_interval = 5m\n"
+    service = keep_warm(harness, "library/app:one", deny=("*/*-debug",))
+    read_again = namespace_of(
+        harness,
+        tuple(
+            warm_image(i)
+            for i in ("library/app:two", "library/app-debug:one", "library/app:one")
+        ),
     )
-    service = keep_warm(harness, "library/app:one", config_path=str(path))
-    service.reload()
+    service.change([read_again])
     assert [s["image"] for s in service.states()] == [
         "library/app:two",
         "library/app:one",
     ]
-    path.write_text("[namespace:docker.io]\nkeep_warm = not an image\n")
-    service.reload()
-    assert len(service.states()) == 2
     advance(harness, FIRST_DELAY)
     assert [s["state"] for s in service.states()] == ["ok", "ok"]
+    assert not [path for _, path in origin.requests if "app-debug" in path]
     service.stopService()
 
 
