@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from attrs import frozen
 from twisted.application.service import Service
+from twisted.internet import tcp, unix
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.python.failure import Failure
@@ -238,11 +239,32 @@ class AdoptedListener(_Listening):
     def startService(self) -> None:
         super().startService()
         fd = self._inherited.fd
-        self.port = self._reactor.adoptStreamPort(
-            fd, self._inherited.family, self._factory
-        )
+        if self._inherited.family == socket.AF_UNIX:
+            # What adoptStreamPort does, with a port that leaves the
+            # socket's file to the process that bound it.
+            self.port = _SharedUNIXPort._fromListeningDescriptor(
+                self._reactor, fd, self._factory
+            )
+            self.port.startListening()
+        else:
+            self.port = self._reactor.adoptStreamPort(
+                fd, self._inherited.family, self._factory
+            )
         # The port holds a socket of its own (a duplicate).
         os.close(fd)
+
+
+class _SharedUNIXPort(unix.Port):
+    """
+    A UNIX socket another process bound (``twistd``) and this one accepts
+    on: Twisted's port removes the socket's file when it stops listening,
+    which is the binder's to do (a worker stopping alone took the path
+    away from the processes still serving it, and every stop after the
+    first failed with FileNotFoundError).
+    """
+
+    def connectionLost(self, reason: Failure) -> None:
+        tcp.Port.connectionLost(self, reason)
 
 
 #: The listen queue of a listener whose description names none: Twisted's
@@ -267,6 +289,25 @@ def with_backlog(description: str) -> str:
     return f"{description}:backlog={DEFAULT_BACKLOG}"
 
 
+def _forget_own_stale_lock(description: str) -> None:
+    """
+    Remove the lock of a UNIX listener's socket (Twisted's ``PATH.lock``,
+    a link naming the binder's pid) when it names this very process,
+    which has not bound it yet: it was left by an earlier run that had the
+    same pid, as ``twistd`` always has in a container (pid 1), and Twisted,
+    which finds that pid alive, would refuse to listen at every restart.
+    """
+    address = listen_address(description)
+    if address is None or address.path is None:
+        return
+    lock = address.path + ".lock"
+    try:
+        if os.readlink(lock) == str(os.getpid()):
+            os.unlink(lock)
+    except OSError:
+        pass  # none, or not a link: Twisted decides
+
+
 class Bind:
     """The parent's listeners: bound from their endpoint descriptions,
     with a listen queue of :data:`DEFAULT_BACKLOG` unless they name one."""
@@ -278,6 +319,8 @@ class Bind:
         self, description: str, factory: IProtocolFactory
     ) -> tuple[BoundListener, ReloadableTLS | None]:
         certificate = None
+        if description.partition(":")[0].lower() == "unix":
+            _forget_own_stale_lock(description)
         queued = with_backlog(description)
         if description.startswith("ssl:"):
             endpoint, certificate = tls_listener(self._reactor, queued)

@@ -7,6 +7,7 @@ in the parent and in the worker processes.
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import ssl
+from twisted.internet import ssl, unix
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
@@ -32,7 +33,13 @@ from twisted.web.server import Site
 from regmirror.http.channel import PlainHTTPFactory
 from regmirror.http.site import MirrorSite
 from regmirror.ini import load
-from regmirror.listeners import DEFAULT_BACKLOG, Bind, Inherited, with_backlog
+from regmirror.listeners import (
+    DEFAULT_BACKLOG,
+    AdoptedListener,
+    Bind,
+    Inherited,
+    with_backlog,
+)
 from regmirror.service import Worker, build_tree, make_service
 from regmirror.tls_listener import ListenerTLSFactory, ReloadableTLS
 
@@ -453,3 +460,64 @@ def test_unix_listeners_get_the_queue_too(description: str) -> None:
 def test_other_listeners_are_left_as_given() -> None:
     description = "systemd:domain=INET:index=0"
     assert with_backlog(description) == description
+
+
+# -- UNIX sockets shared with workers ---------------------------------------------
+
+
+class _AdoptingReactor(MemoryReactorClock):
+    """A memory reactor that adopts a UNIX socket as the real one does
+    (posixbase: Twisted's own port, started)."""
+
+    def adoptStreamPort(self, fd: int, family: int, factory: Any) -> Any:
+        port = unix.Port._fromListeningDescriptor(self, fd, factory)
+        port.startListening()
+        return port
+
+
+def test_a_workers_unix_listener_leaves_the_socket_file_to_twistd(
+    tmp_path: Path,
+) -> None:
+    """
+    A worker accepting on the UNIX socket ``twistd`` bound stops without
+    removing the socket's file: Twisted's port removes it, which took the
+    path from the processes still serving it when one worker stopped, and
+    failed with FileNotFoundError in every worker stopping after the first.
+    """
+    path = tmp_path / "mirror.sock"
+    bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound.bind(str(path))
+    bound.listen(5)
+    bound.setblocking(False)
+    reactor = _AdoptingReactor()
+    listener = AdoptedListener(
+        reactor,
+        Inherited(os.dup(bound.fileno()), socket.AF_UNIX, f"unix:{path}"),
+        Factory.forProtocol(Protocol),
+    )
+    listener.startService()
+    stopped = listener.stopService()
+    reactor.advance(0)
+    assert stopped is not None and stopped.called
+    assert path.exists()
+    bound.close()
+
+
+def test_a_stale_lock_naming_this_process_is_removed_before_listening(
+    tmp_path: Path,
+) -> None:
+    """
+    A UNIX listener's lock (``PATH.lock``, a link naming the binder's pid)
+    left by an earlier run with this very pid (``twistd`` is pid 1 in every
+    container) is removed before listening: Twisted found the pid alive and
+    refused to listen at every restart.  A lock naming another live
+    process is left to Twisted, which refuses.
+    """
+    path = tmp_path / "mirror.sock"
+    lock = tmp_path / "mirror.sock.lock"
+    os.symlink(str(os.getpid()), lock)
+    Bind(MemoryReactorClock()).listener(f"unix:{path}", Factory.forProtocol(Protocol))
+    assert not os.path.lexists(lock)
+    os.symlink("1", lock)  # init: alive, not this process
+    Bind(MemoryReactorClock()).listener(f"unix:{path}", Factory.forProtocol(Protocol))
+    assert os.readlink(lock) == "1"

@@ -121,3 +121,17 @@ def test_tls_writes_go_through_the_methods_bulk_tls_overrides() -> None:
     for state in ("self._lostTLSConnection", "self._tlsConnection"):
         assert state in source
     assert issubclass(BulkTLS, TLSMemoryBIOProtocol)
+
+
+def test_adopting_a_unix_socket_builds_the_port_from_a_class_method() -> None:
+    """``listeners._SharedUNIXPort`` is adopted as ``adoptStreamPort`` adopts
+    UNIX sockets (``unix.Port._fromListeningDescriptor``, then
+    ``startListening``), and overrides ``connectionLost``, where Twisted's
+    port removes the socket's file before ``tcp.Port.connectionLost``."""
+    from twisted.internet import posixbase, unix
+
+    adopt = inspect.getsource(posixbase.PosixReactorBase.adoptStreamPort)
+    assert "unix.Port._fromListeningDescriptor" in adopt
+    lost = inspect.getsource(unix.Port.connectionLost)
+    assert "os.unlink(self._bindPath)" in lost
+    assert "tcp.Port.connectionLost(self, reason)" in lost
