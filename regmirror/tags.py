@@ -424,6 +424,9 @@ class Tags:
         refused login stays 502 ``UNAUTHORIZED``), saying when it is asked
         again."""
         left = max(1, math.ceil(failed.until - self.clock.seconds()))
+        # Not before a 429's back-off is over either: a client told to come
+        # back sooner would meet another 429.
+        left = max(left, math.ceil(pool.origin.backing_off() or 0))
         again = {"Retry-After": str(left)}
         failure = failed.error
         error: Exception

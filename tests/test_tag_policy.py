@@ -389,6 +389,28 @@ def test_origin_retry_under_fail_is_503_without_asking(tmp_path: Path) -> None:
     assert tag_heads(origin) == 2
 
 
+def test_retry_after_is_not_before_the_origins_429_back_off(tmp_path: Path) -> None:
+    """``origin_unreachable = fail``, ``origin_retry`` 30 s, the origin
+    answering 429 with ``Retry-After: 60``: pulls in the window are told to
+    come back when the origin may be asked again (60 s), not when the
+    window ends (a client back sooner met another 429; found by the
+    fresh-eyes review)."""
+    harness, origin = one(tmp_path, origin={"breaker_failures": 100})
+    pool = harness.router_pool("docker.io")
+    pool.origin_unreachable = "fail"
+    _cached_then_expired(harness, origin)
+
+    def limited(request: Request) -> tuple[int, bytes]:
+        request.setHeader("Retry-After", "60")
+        return 429, b"slow down"
+
+    origin.fault = limited
+    assert harness.request("GET", "/v2/app/manifests/latest").code == 429
+    harness.clock.advance(10)
+    response = harness.request("GET", "/v2/app/manifests/latest")
+    assert response.headers.getRawHeaders("Retry-After") == ["50"]
+
+
 def test_origin_retry_zero_asks_at_every_pull(tmp_path: Path) -> None:
     """``origin_retry = 0s`` keeps the behaviour before it: every pull past
     ``tag_ttl`` asks the failing origin."""
