@@ -148,12 +148,16 @@ def listen_address(description: str) -> Address | None:
     kind = description.partition(":")[0].lower()
     positional, named = _endpoint_arguments(description)
     if kind == "unix":
+        _check_backlog(
+            named.get("backlog", positional[2] if len(positional) > 2 else None)
+        )
         path = named.get("address", positional[0] if positional else "")
         return Address(path=os.path.abspath(path)) if path else None
     if kind not in _TCP_ARGUMENTS:
         return None
     order, default = _TCP_ARGUMENTS[kind]
     arguments = {**dict(zip(order, positional, strict=False)), **named}
+    _check_backlog(arguments.get("backlog"))
     port = arguments.get("port", "")
     if not port.isdigit():
         return None  # Twisted's parser says what is wrong
@@ -163,6 +167,28 @@ def listen_address(description: str) -> Address | None:
     if int(port) > 65535:
         raise ValueError(f"port {port} is not between 0 and 65535")
     return Address(int(port), arguments.get("interface") or default)
+
+
+#: The longest listen queue a description may name (the kernel caps it at
+#: ``net.core.somaxconn`` anyway).
+MAX_BACKLOG = 65535
+
+
+def _check_backlog(backlog: str | None) -> None:
+    """
+    :raises ValueError: for a ``backlog`` that is not a whole number from 1
+        to :data:`MAX_BACKLOG` in ASCII digits (Twisted's ``int()`` took
+        other scripts' digits, ``-1`` for a queue of none, and a number too
+        large only failed when binding).
+    """
+    if not backlog:
+        return
+    if not (backlog.isascii() and backlog.isdigit()) or not (
+        1 <= int(backlog) <= MAX_BACKLOG
+    ):
+        raise ValueError(
+            f"backlog {backlog[:20]} is not a whole number from 1 to {MAX_BACKLOG}"
+        )
 
 
 class _Listening(Service):

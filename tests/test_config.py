@@ -889,12 +889,26 @@ def test_s3_errors(
     _assert_located(_error(path), path, "cache", key)
 
 
-@pytest.mark.parametrize("bad", ["tcp:notaport", "tcp:\u0665\u0660\u0660\u0661"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "tcp:notaport",
+        "tcp:\u0665\u0660\u0660\u0661",
+        # a backlog Twisted failed on only when binding, or took wrongly
+        "tcp:5000:interface=127.0.0.1:backlog=99999999999",
+        "tcp:5000:backlog=-1",
+        "tcp:5000:backlog=0",
+        "tcp:5000:backlog=\u0665",
+        "tcp:5000:127.0.0.1:70000",
+        "tcp6:5000:-3",
+        "unix:/run/r.sock:backlog=x",
+    ],
+)
 @pytest.mark.parametrize("key", ["listen", "metrics_listen"])
 def test_a_bad_listener_names_its_own_key(tmp_path: Path, key: str, bad: str) -> None:
-    """A bad endpoint description (a port in other than ASCII digits, which
-    Twisted's int() would take, too) is reported under the key that holds
-    it."""
+    """A bad endpoint description (a port or a backlog in other than ASCII
+    digits, which Twisted's int() would take, too; a backlog out of 1 to
+    65535) is reported under the key that holds it."""
     from regmirror.service import validate
 
     good = "tcp:0:interface=127.0.0.1"
