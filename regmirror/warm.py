@@ -77,6 +77,8 @@ RECORD = "warm.json"
 OUTCOMES = ("fetched", "unchanged", "failed", "too_big")
 #: An index inside an index is followed this deep, no deeper.
 MAX_NESTING = 2
+#: An image's config is read up to this size, for its platform.
+MAX_CONFIG_SIZE = 1024 * 1024
 
 PENDING = "pending"
 REFRESHING = "refreshing"
@@ -426,6 +428,8 @@ class KeepWarm(Service):
             top, fetched = found.manifest, int(found.cache != "hit")
         manifests, more = await self._images(pool, image, top, MAX_NESTING)
         fetched += more
+        if image.platform is not None and top.media_type not in INDEX_TYPES:
+            await self._check_platform(pool, image, top)
         blobs: dict[Digest, int] = {}
         for manifest in manifests:
             blobs.update(contents(manifest.body))
@@ -474,6 +478,32 @@ class KeepWarm(Service):
         if not found:
             raise _CannotFetch(f"the index {manifest.digest} has no {image.platform}")
         return found, fetched
+
+    async def _check_platform(
+        self, pool: UpstreamPool, image: WarmImage, manifest: Manifest
+    ) -> None:
+        """A tag naming one image, not an index: its config (fetched first,
+        as a client would) must say the platform asked for."""
+        listed = contents(manifest.body)
+        if not listed:
+            raise _CannotFetch(f"{manifest.digest} names no config")
+        config = listed[0][0]
+        if not await self._blob(pool, image.repository, config):
+            return  # in the cluster's bucket, not here to read
+        try:
+            with open(self.fetcher.store.blob_path(config), "rb") as f:
+                described = load_json(f.read(MAX_CONFIG_SIZE))
+        except (OSError, ValueError) as error:
+            raise _CannotFetch(f"cannot read the config {config}: {error}") from None
+        if not _platform_matches(described, image.platform):
+            found = (
+                f"{described.get('os')}/{described.get('architecture')}"
+                if isinstance(described, dict)
+                else "of no platform"
+            )
+            raise _CannotFetch(
+                f"{manifest.digest} is one image for {found}, not {image.platform}"
+            )
 
     def _too_big(self, state: _Warm, blobs: dict[Digest, int]) -> str | None:
         """Why *blobs* may not come, if the images kept warm would then

@@ -428,6 +428,27 @@ def test_an_index_without_the_wanted_platform_fails(tmp_path: Path) -> None:
     service.stopService()
 
 
+def test_one_image_of_another_platform_fails(tmp_path: Path) -> None:
+    """
+    A tag naming one image (no index) whose config says linux/amd64, kept
+    warm ``@linux/arm64``: ``failed``, saying what it is (it said ``ok``
+    before; found by the fresh-eyes review).  ``@linux/amd64`` brings it.
+    """
+    origin = FakeRegistry()
+    harness = Harness(str(tmp_path / "cache"), {"origin": origin})
+    image = push(origin, 1)
+    service = keep_warm(
+        harness, "library/app:latest@linux/arm64", "library/app:latest@linux/amd64"
+    )
+    advance(harness, FIRST_DELAY)
+    wrong, right = state(service, 0), state(service, 1)
+    assert wrong["state"] == "failed"
+    assert "linux/amd64, not linux/arm64" in wrong["detail"]
+    assert right["state"] == "ok"
+    assert cached(harness, image["blobs"])
+    service.stopService()
+
+
 def test_a_missing_tag_fails_and_the_next_image_is_refreshed(tmp_path: Path) -> None:
     """A tag the origin does not have fails that image only."""
     origin = FakeRegistry()
