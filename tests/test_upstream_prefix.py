@@ -235,7 +235,11 @@ def test_every_request_carries_the_prefix_and_ns(tmp_path: Path) -> None:
     other = harness.request("GET", f"/v2/ghcr.io/library/app/blobs/{app['layer']}")
     assert other.code == 200 and harness.body(other) == LAYER
     tags = harness.request("GET", "/v2/app/tags/list")
-    assert json.loads(harness.body(tags))["tags"] == ["latest"]
+    # The registry's name, not the hq's (prefixed) one.
+    assert json.loads(harness.body(tags)) == {
+        "name": "library/app",
+        "tags": ["latest"],
+    }
     referrers = harness.request("GET", f"/v2/app/referrers/{app['manifest']}")
     assert referrers.code == 200
     upstream = harness.upstreams["hq"]

@@ -73,6 +73,9 @@ async def tags(request: Request, route: Route) -> None:
         pool.invalid(upstream, str(e))
         raise
     pool.answered(upstream)
+    # The repository as the namespace's registry names it, not as an
+    # upstream with a path prefix does (a mirror of mirrors: ghcr.io/org/app).
+    document["name"] = route.repository
     link = header(response, "Link")
     if link:
         target = re.match(r"\s*<([^>]*)>", link)
