@@ -127,8 +127,7 @@ class Segmented:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         except OSError as error:
             discard(first)
-            blobs.store.degrade(error)
-            blobs._fail(download, f"cannot write the segments' file: {error}")
+            blobs.cache_failed(download, error)
             return self
         head = segments[0]
         head.upstream = download.upstream
@@ -294,8 +293,9 @@ class Segmented:
             return
         error = failure.value
         if isinstance(error, OSError):
+            self.download.cache_error = error
             self.blobs.store.degrade(error)
-            self._fail(f"cannot write to the spool: {error}")
+            self._fail("the cache folder cannot be written")
             return
         self.blobs.log.failure(
             "cannot write {digest} to the spool",

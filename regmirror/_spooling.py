@@ -72,10 +72,15 @@ class _Lane:
     _lock: threading.Lock = field(factory=threading.Lock)
     _queue: collections.deque[bytes] = field(factory=collections.deque)
     _taking: bool = False
+    #: the work failed: nothing more is taken (a write after a failed one
+    #: would put its bytes where the lost ones belong)
+    _broken: bool = False
 
     def add(self, data: bytes) -> None:
         """Queue *data*, starting a thread's work if none is under way."""
         with self._lock:
+            if self._broken:
+                return
             self._queue.append(data)
             start, self._taking = not self._taking, True
         if start:
@@ -114,7 +119,7 @@ class _Lane:
             except BaseException:
                 with self._lock:
                     self._queue.clear()
-                    self._taking = False
+                    self._broken = True
                 raise
             taken += done
             self.call_from_thread(self.did, done)
@@ -235,10 +240,16 @@ class Appender:
             self._stop_waiting()
 
     def _failed(self, failure: Failure) -> None:
-        stopped = self._stopped
-        self.stop()
-        if not stopped:
-            self.failed(failure)
+        if self._stopped:
+            return
+        self._stopped = True
+        self._writing.clear()
+        self._hashing.clear()
+        # Reported before whoever waits for the end is let go: the body
+        # may have ended meanwhile, and its end, taken first, would blame
+        # the source for the bytes the disk did not take.
+        self.failed(failure)
+        self._stop_waiting()
 
     def _stop_waiting(self) -> None:
         waiting, self._drained = self._drained, []

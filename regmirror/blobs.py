@@ -73,6 +73,23 @@ class _StartAgain(Exception):
     """Another process's start of the digest came to nothing: try ourselves."""
 
 
+class _Uncached(Exception):
+    """
+    The blob is not to be cached (the disk would go below ``min_free``):
+    its response goes to the client who started it; the others who asked
+    meanwhile relay their own.
+    """
+
+    def __init__(self, response: IResponse) -> None:
+        super().__init__()
+        self._response: IResponse | None = response
+
+    def take(self) -> IResponse | None:
+        """The response, to the first who asks."""
+        response, self._response = self._response, None
+        return response
+
+
 @define(eq=False)
 class Blobs:
     """
@@ -161,6 +178,11 @@ class Blobs:
             download = await self._starting.run(key, start)
         except _CannotSpool:
             return self._missed(await self._relay(pool, repository, digest))
+        except _Uncached as uncached:
+            response = None if joining else uncached.take()
+            if response is None:
+                return self._missed(await self._relay(pool, repository, digest))
+            return self._missed(_relayed(response))
         except AlreadyCached:
             self._lookup("hit")
             return BlobSource(
@@ -428,6 +450,21 @@ class Blobs:
         download.size = length if isinstance(length, int) else None
         if download.segments is not None:
             download.size = download.segments[-1][1]
+        if download.size is not None and not self.store.room_for(
+            download.size, self._coming()
+        ):
+            self.sources.dropped(download)
+            spool.discard()
+            self.log.info(
+                "not caching {digest} ({size} bytes): the cache's file system "
+                "would have less than min_free left; relaying it",
+                digest=str(digest),
+                size=download.size,
+            )
+            if download.segments is not None or download.upstream is None:
+                discard(response)  # a segment, or no upstream's: relay anew
+                raise _CannotSpool()
+            raise _Uncached(response)
         spool.announce(download.size)
         self._running[digest] = download
         self.log.info(
@@ -450,9 +487,14 @@ class Blobs:
             _, response = await pool.open_blob(repository, digest)
         except NotFoundAnywhere:
             raise BlobUnknown(f"blob {digest} is unknown to every upstream") from None
-        length = response.length
-        return BlobSource(
-            length if isinstance(length, int) else None, "", relay=response
+        return _relayed(response)
+
+    def _coming(self) -> int:
+        """The bytes the downloads under way here still add to the disk."""
+        return sum(
+            d.size - d.written
+            for d in self._running.values()
+            if d.size is not None and not d.follower
         )
 
     def _receive(self, download: Download, response: IResponse, skip: int) -> None:
@@ -587,8 +629,7 @@ class Blobs:
 
         def failed(failure: Failure) -> None:
             if isinstance(failure.value, OSError):
-                self.store.degrade(failure.value)
-                self._fail(download, f"cannot store the blob: {failure.value}")
+                self.cache_failed(download, failure.value)
             elif failure.check(DigestMismatch):
                 self.sources.upstreams.taint(download)
                 self._fail(download, f"digest mismatch: {failure.getErrorMessage()}")
@@ -600,20 +641,50 @@ class Blobs:
 
         d.addCallbacks(committed, failed)
 
+    def cache_failed(self, download: Download, error: OSError) -> None:
+        """
+        The cache could not take *download*'s bytes (a full disk, a quota,
+        an I/O error, a read-only file system): the cache's fault, not the
+        source's, whose breaker and attempts are not charged.  The store
+        serves without caching for a while (:meth:`Store.degrade`, which
+        names the error).
+        """
+        if download.state != "running":
+            return
+        self.store.degrade(error)
+        download.cache_error = error
+        # The error itself is in the store's line, once per period.
+        self._fail(download, "the cache folder cannot be written")
+
     def _fail(self, download: Download, why: str) -> None:
         download.attempts.ended(download.written)
-        self.log.error(
-            "download of {digest} from {source} failed: {why} (sources: {sources})",
-            digest=str(download.digest),
-            source=download.source,
-            why=why,
-            sources=download.attempts.summary(),
-        )
+        if download.cache_error is not None:
+            self.log.warn(
+                "not caching {digest} from {source} after {written} bytes: {why}",
+                digest=str(download.digest),
+                source=download.source,
+                written=download.written,
+                why=why,
+            )
+        else:
+            self.log.error(
+                "download of {digest} from {source} failed: {why} (sources: {sources})",
+                digest=str(download.digest),
+                source=download.source,
+                why=why,
+                sources=download.attempts.summary(),
+            )
         self.sources.dropped(download)
         download.writer.discard()
         download.state = "failed"
         self._running.pop(download.digest, None)
         download.notify()
+
+
+def _relayed(response: IResponse) -> BlobSource:
+    """An upstream response to stream straight through, uncached."""
+    length = response.length
+    return BlobSource(length if isinstance(length, int) else None, "", relay=response)
 
 
 @define(eq=False)
@@ -690,8 +761,12 @@ class _SpoolWriter:
             return
         error = failure.value
         if isinstance(error, OSError):
-            self.blobs.store.degrade(error)
-            self._abandon(f"cannot write to the spool: {error}")
+            # Failed first: stopping lets the body's end go, which must
+            # not be taken for a short body.
+            self.blobs.cache_failed(self.download, error)
+            self._appender.stop()
+            if self._transport is not None:
+                self._transport.stopProducing()
             return
         self.blobs.log.failure(
             "cannot write {digest} to the spool",

@@ -72,6 +72,9 @@ class Download:
     #: another process is downloading; this one only watches its spool
     follower: bool = False
     state: str = "running"
+    #: why the cache could not take the bytes, when that is why the
+    #: download failed: the disk's fault, not the source's
+    cache_error: OSError | None = None
     #: the transfers so far, and where the next one comes from
     attempts: Attempts = field(factory=Attempts)
     #: how many times the transfer was resumed after breaking

@@ -343,6 +343,12 @@ class Mirror:
         spool = os.path.join(self.store.root, "spool")
         if not os.access(spool, os.W_OK | os.X_OK):
             found.append(f"cache folder {spool} is not writable")
+        degraded = self.store.degraded()
+        if degraded is not None:
+            # A full disk, a read-only one: the node relays, but the
+            # operator must hear of it (the failed spool is gone, and with
+            # it the space a disk-space alert would see).
+            found.append(degraded)
         for pool in self.pools:
             if all(u.breaker.opened > 0 for u in pool.upstreams):
                 found.append(f"namespace {pool.namespace}: every upstream is down")

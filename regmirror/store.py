@@ -397,6 +397,8 @@ class Store:
     now: Callable[[], float] = time.time
     #: until when writing is not even tried (after ENOSPC, a read-only disk…)
     degraded_until: float = 0.0
+    #: why, for people (``No space left on device``)
+    degraded_why: str = ""
     _in_use: collections.Counter[Digest] = field(factory=collections.Counter)
     #: shared with the other processes once :meth:`open`; until then, ours
     _count: _SharedCount | None = None
@@ -425,15 +427,40 @@ class Store:
         Writing failed (a full disk, a read-only file system): serve without
         caching for a while, then try again.  Logged once per period.
         """
+        why = error.strerror or str(error)
         if self.writable():
             self.log.error(
                 "cache {root} cannot be written ({why}): serving without caching "
                 "for {period}s",
                 root=self.root,
-                why=error.strerror or str(error),
+                why=why,
                 period=int(DEGRADED_PERIOD),
             )
         self.degraded_until = self.now() + DEGRADED_PERIOD
+        self.degraded_why = why
+
+    def degraded(self) -> str | None:
+        """Why the cache is not written now, for people, or ``None``."""
+        if self.writable():
+            return None
+        left = max(1, round(self.degraded_until - self.now()))
+        return (
+            f"cache folder {self.root} cannot be written ({self.degraded_why}): "
+            f"serving without caching for {left}s more"
+        )
+
+    def room_for(self, size: int, coming: int = 0) -> bool:
+        """
+        Would *size* more bytes (beside *coming*, what the downloads under
+        way still add) leave ``min_free`` free on the file system?
+        """
+        if self.min_free is None:
+            return True
+        try:
+            free = self.free_space()
+        except OSError:
+            return False
+        return free - coming - size >= self.min_free
 
     def open(self, clean: bool = True) -> None:
         """

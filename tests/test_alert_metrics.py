@@ -7,6 +7,7 @@ several worker processes' values make the machine's.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -136,3 +137,24 @@ def test_stale_detections_start_at_zero(tmp_path: Path) -> None:
     assert value(mirror, name, namespace="ghcr.io", mirror="one") == 0
     assert value(mirror, name, namespace="ghcr.io", mirror="two") is None
     assert value(mirror, name, namespace="docker.io", mirror="one") is None
+
+
+def test_a_cache_that_cannot_be_written_makes_the_node_unready_for_a_while(
+    tmp_path: Path,
+) -> None:
+    """A write the disk refused (ENOSPC): /readyz names the error and
+    ``regmirror_ready`` is 0 while the node serves without caching; once
+    the period is over, ready again."""
+    reactor = MemoryReactorClock()
+    mirror = build_mirror(
+        load(str(write_config(tmp_path, extra=TWO_NAMESPACES))), reactor
+    )
+    mirror.store.open()
+    mirror.store.degrade(OSError(errno.ENOSPC, "No space left on device"))
+    problems = mirror.problems()
+    assert len(problems) == 1 and "No space left on device" in problems[0]
+    assert "serving without caching" in problems[0]
+    assert value(mirror, "regmirror_ready") == 0
+    reactor.advance(61)
+    assert mirror.problems() == []
+    assert value(mirror, "regmirror_ready") == 1

@@ -21,6 +21,7 @@ import treq
 from fakeregistry import FakeRegistry
 from memory import LAYER, Harness, image, result
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import LogEvent, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
@@ -31,6 +32,7 @@ from regmirror._spooling import (
     RESUME_AT,
     TURN,
     Appender,
+    _Lane,
     call_here,
 )
 from regmirror.blobs import _SpoolWriter
@@ -395,3 +397,115 @@ def test_an_upstream_faster_than_the_spool_is_paused(
     with open(mirror.store.blob_path(digest), "rb") as f:
         assert f.read() == data
     assert transport.stopped == 0
+
+
+def test_a_thread_whose_write_failed_takes_nothing_more(tmp_path: Path) -> None:
+    """After a failed write the lane is done: bytes queued before the
+    failure reaches the reactor thread start no other job, which would
+    write them where the lost bytes belong."""
+    threads = Threads()
+    calls: list[int] = []
+
+    def work(batch: list[bytes]) -> int:
+        calls.append(len(batch))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    failures: list[Failure] = []
+    lane = _Lane(work, lambda count: None, failures.append, threads, call_here)
+    lane.add(b"x" * 10)
+    work_job, _ = threads.jobs.pop(0)
+    with pytest.raises(OSError):
+        work_job()  # in the "thread": its outcome reaches the reactor later
+    lane.add(b"y" * 10)
+    assert threads.jobs == [] and calls == [1]
+
+
+def test_a_failed_write_is_reported_before_the_end_is_let_go(
+    tmp_path: Path,
+) -> None:
+    """The body ended while its bytes waited for the writing thread, whose
+    write then failed: whoever waits for the end hears of the failure
+    first (else the end, taken alone, looks like a short body)."""
+
+    class FullDisk:
+        written = 0
+
+        def put(self, buffers: list[bytes]) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def hash(self, buffers: list[bytes]) -> None:
+            pass
+
+    threads = Threads()
+    events: list[str] = []
+    a = appender(FullDisk(), threads, events)
+    a.add(b"x" * 1000)
+    a.drained().addCallback(lambda _: events.append("drained"))
+    threads.run_all()
+    assert [e.split(" ")[0] for e in events] == ["failed", "drained"]
+
+
+def no_space(self: Spool, buffers: Any) -> int:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def logged_text(logged: list[LogEvent]) -> str:
+    return "\n".join(formatEvent(e) for e in logged)
+
+
+@pytest.mark.parametrize("when", ["after the body ended", "while it comes"])
+def test_a_full_disk_is_the_caches_fault_and_the_next_pull_is_relayed(
+    mirror: Harness,
+    origin: FakeRegistry,
+    threads: Threads,
+    monkeypatch: pytest.MonkeyPatch,
+    logged: list[LogEvent],
+    when: str,
+) -> None:
+    """
+    A spool write fails (no space left on the device), after the upstream's
+    body ended or while it still comes: the log names the disk's error and
+    blames no source, the upstream is not charged (no error, its breaker
+    untouched), the store serves without caching for a while and says why,
+    nothing stays in the spool, and the next pull is relayed whole.
+    """
+    layer = image(origin)["layer"]
+    monkeypatch.setattr(Spool, "put", no_space)
+    if when == "while it comes":
+        origin.hold[layer] = 3000
+    answer = mirror.client.get(f"http://mirror.test/v2/app/blobs/{layer}")
+    mirror.settle()
+    threads.run_all()
+    mirror.settle()
+    if when == "while it comes":
+        # The mirror hung up: its transfer, not the upstream, had to end.
+        assert origin.held[0][0]._disconnected
+        origin.held.clear()
+        del origin.hold[layer]
+    text = logged_text(logged)
+    assert "No space left on device" in text
+    assert "bytes (sources:" not in text and "failed: got" not in text
+    upstream = mirror.upstreams["origin"]
+    assert upstream.breaker.health().failures == 0
+    assert upstream.breaker.health().opened == 0
+    errors = mirror.metrics.registry.get_sample_value(
+        "regmirror_upstream_errors_total", {"upstream": "origin", "reason": "broken"}
+    )
+    assert not errors
+    degraded = mirror.store.degraded()
+    assert degraded is not None and "No space left on device" in degraded
+    assert os.listdir(os.path.join(mirror.store.root, "spool")) == []
+    # The first client's stream is broken short of the end, never whole.
+    received: list[bytes] = []
+    if answer.called:
+        outcome: list[Any] = []
+        answer.addBoth(outcome.append)
+        if not isinstance(outcome[0], Failure):
+            done = treq.collect(outcome[0], received.append)
+            mirror.settle()
+            assert done.called
+    assert b"".join(received) != LAYER
+    again = mirror.request("GET", f"/v2/app/blobs/{layer}")
+    assert again.code == 200
+    assert mirror.body(again) == LAYER
+    assert not mirror.store.has_blob(Digest.of(LAYER))

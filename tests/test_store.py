@@ -291,3 +291,27 @@ def test_a_blob_without_length_is_bounded(tmp_path: Path) -> None:
         assert response.code == 502
     assert len(b"".join(received)) <= 3000
     assert harness.cached_files() == []
+
+
+def test_a_blob_that_would_leave_less_than_min_free_is_relayed_uncached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download whose announced size would take the file system below
+    ``min_free`` writes nothing: the upstream's answer goes to the client
+    as it comes (one request upstream), the cache is not degraded, and a
+    blob that fits is cached as ever."""
+    origin = FakeRegistry()
+    big = origin.add_blob(b"B" * 7000)
+    small = origin.add_blob(b"s" * 3000)
+    harness = Harness(str(tmp_path), {"origin": origin})
+    monkeypatch.setattr(Store, "free_space", lambda self: 1_000_000)
+    harness.store.min_free = 1_000_000 - 5000
+    response = harness.request("GET", f"/v2/app/blobs/{big}")
+    assert response.code == 200
+    assert harness.body(response) == b"B" * 7000
+    assert not harness.store.has_blob(parse_digest(big))
+    assert os.listdir(tmp_path / "spool") == []
+    assert origin.count("GET", big) == 1
+    assert harness.store.writable()
+    assert harness.body(harness.request("GET", f"/v2/app/blobs/{small}")) == b"s" * 3000
+    assert harness.store.has_blob(parse_digest(small))
