@@ -18,12 +18,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 
 from regmirror.cluster import Coordinator
 from regmirror.config import Config
 from regmirror.download import Download
 from regmirror.fetch import Fetcher
+from regmirror.http.site import MirrorSite
 from regmirror.metrics import Metrics, View, gauge, total
 from regmirror.pool import UpstreamPool
 from regmirror.reference import is_immutable
@@ -54,7 +54,7 @@ class Mirror:
     pools: list[UpstreamPool]
     fetcher: Fetcher
     metrics: Metrics
-    site: Site
+    site: MirrorSite
     #: every process's metric families, with worker processes
     #: (:meth:`Workers.gather`, :meth:`Parent.gather`); ``None``: this
     #: process serves alone

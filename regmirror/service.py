@@ -26,7 +26,6 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.server import Site
 
 from regmirror import nodes
 from regmirror.access.gate import Gate
@@ -538,8 +537,11 @@ def build_tree(config: Config, reactor: Any, worker: Worker | None) -> MirrorSer
         (d, listener_factory(mirror.site, d)) for d in config.server.listen
     ]
     if config.server.metrics_listen:
-        metrics_site = Site(MetricsOnly(mirror.families))
-        served += [(d, metrics_site) for d in config.server.metrics_listen]
+        # The API's access lines and hardened connections for scrapes too.
+        metrics_site = mirror.site.serving(MetricsOnly(mirror.families))
+        served += [
+            (d, listener_factory(metrics_site, d)) for d in config.server.metrics_listen
+        ]
     source: Listeners = (
         Bind(reactor) if worker is None else Adopt(reactor, worker.inherited)
     )

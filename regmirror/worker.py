@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     arguments = parser.parse_args(argv)
 
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, jsonFileLogObserver
+    from twisted.logger import globalLogBeginner
 
     # Until the reactor runs and handles it: SIGTERM stops it as soon as
     # it does, rather than ending this process before its tree stopped.
@@ -58,12 +58,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
     from regmirror.config import ConfigError
+    from regmirror.logs import worker_lines
     from regmirror.service import Worker, build_tree, validate
 
     # The parent reads these lines and logs them as its own.
-    globalLogBeginner.beginLoggingTo(
-        [jsonFileLogObserver(sys.stdout, recordSeparator="")]
-    )
+    globalLogBeginner.beginLoggingTo([worker_lines(sys.stdout)])
     inherited = tuple(
         Inherited(fd, family, description)
         for fd, family, description in json.loads(arguments.listeners)

@@ -23,6 +23,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogEvent, LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
@@ -521,3 +522,39 @@ def test_a_stale_lock_naming_this_process_is_removed_before_listening(
     os.symlink("1", lock)  # init: alive, not this process
     Bind(MemoryReactorClock()).listener(f"unix:{path}", Factory.forProtocol(Protocol))
     assert os.readlink(lock) == "1"
+
+
+def test_the_metrics_listener_logs_access_lines_as_the_api_listener_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logged: list[LogEvent]
+) -> None:
+    """
+    ``metrics_listen``'s listener was a plain twisted.web Site, whose
+    access lines were one unstructured string each (``log_io``, in the
+    ``twisted.python.log`` namespace), besides the JSON lines' fields.
+    A scrape has the API listener's access line: a ``regmirror.access``
+    event with the client, request, status and bytes as fields, at info
+    as the API's health probes are.
+    """
+    monkeypatch.chdir(tmp_path)
+    plain = "tcp:0:interface=127.0.0.1"
+    config = load(str(write_config(tmp_path, f"metrics_listen = {plain}")))
+    reactor = MemoryReactorClock()
+    service = make_service(config, reactor)
+    service.privilegedStartService()
+    [_, (_, metrics, _, _)] = reactor.tcpServers
+    metrics.doStart()  # as the listening port does
+    client = IPv4Address("TCP", "127.0.0.1", 40000)
+    protocol = metrics.buildProtocol(client)
+    transport = StringTransport(peerAddress=client)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(GET.replace(b"/healthz", b"/metrics"))
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+    assert not [e for e in logged if "log_io" in e]
+    [line] = [e for e in logged if e.get("log_namespace") == "regmirror.access"]
+    assert line["log_level"] == LogLevel.info
+    assert (line["client"], line["method"], line["uri"]) == (
+        "127.0.0.1",
+        "GET",
+        "/metrics",
+    )
+    assert line["status"] == 200 and line["bytes"] > 0

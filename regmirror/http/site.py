@@ -67,6 +67,15 @@ class MirrorSite(Site):
         self._forwarded_header = forwarded_header
         self._metrics = metrics
 
+    def serving(self, resource: Any) -> MirrorSite:
+        """
+        A site for *resource* whose clients are told, and whose access lines
+        written, as this one's (``metrics_listen``'s scrapes); the requests
+        it refuses are not counted in ``regmirror_requests_total``, as the
+        ones it answers are not.
+        """
+        return MirrorSite(resource, self._clock, self._trusted, self._forwarded_header)
+
     def acceptableProtocols(self) -> list[bytes]:
         """
         What ALPN may pick for this site's connections: ``http/1.1`` only,

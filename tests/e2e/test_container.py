@@ -265,7 +265,7 @@ def test_container_serves_pulls_as_non_root_and_stops_on_sigterm(
 
     records = running.log_records()
     assert any(
-        r.get("log_namespace") == "regmirror.access"
+        r.get("logger") == "regmirror.access"
         and f"/blobs/{image.layers[0].digest}" in str(r.get("uri"))
         for r in records
     ), records[-20:]
@@ -273,8 +273,7 @@ def test_container_serves_pulls_as_non_root_and_stops_on_sigterm(
     running.podman.run("kill", "--signal", "HUP", running.name)
     poll_until(
         lambda: any(
-            "reload requested" in str(r.get("log_format"))
-            for r in running.log_records()
+            "reload requested" in str(r.get("message")) for r in running.log_records()
         ),
         timeout=10,
         describe=lambda: f"SIGHUP was not handled:\n{running.logs()}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import re
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +30,7 @@ from .harness import (
     stop_process,
 )
 from .images import MANIFEST_ACCEPT, Catalog
-from .servers import ThrottleRelay
+from .servers import ThrottleRelay, write_certificate
 from .test_access import stopped, workers_of
 
 pytestmark = pytest.mark.e2e
@@ -96,7 +98,7 @@ def test_json_access_log_lines_without_secrets(
         return [
             e
             for e in json_lines(output)
-            if e.get("log_namespace") == "regmirror.access" and e.get("uri") == path
+            if e.get("logger") == "regmirror.access" and e.get("uri") == path
         ]
 
     poll_until(
@@ -110,6 +112,82 @@ def test_json_access_log_lines_without_secrets(
     assert first["client"] == LOCALHOST
     assert isinstance(first["duration"], float)
     assert SECRET not in output.read_text()
+
+
+def test_json_lines_say_why_of_every_process_and_log_scrapes_as_access_lines(
+    tmp_path: Path, start_mirror: StartMirror
+) -> None:
+    """
+    What an operator's review found in the JSON log: a certificate that
+    does not reload was logged with ``"why": {"unpersistable": true}`` and
+    its message unrendered (``{why}``), by the parent and by each worker;
+    every line carried Twisted's ``log_*`` clutter; a scrape of
+    ``metrics_listen`` was an unstructured ``log_io`` string.  With
+    ``workers = 2``, a certificate broken and SIGHUP: the parent's line and
+    the worker's (with ``worker``: 0) each have the rendered ``message`` and
+    ``why`` as text; a scrape has an access line with its fields; every
+    line is one compact JSON object with ``time``, ``level``, ``logger``
+    and ``message``, and no ``log_*`` key.
+    """
+    secure, scrapes = free_port(), free_port()
+    write_certificate(tmp_path / "tls")
+    pem = {n: (tmp_path / "tls" / n).read_bytes() for n in ("key.pem", "cert.pem")}
+    mirror = start_mirror(
+        lambda port: mirror_config(port, "http://127.0.0.1:9").replace(
+            f"listen = tcp:{port}:interface={LOCALHOST}",
+            "workers = 2\n"
+            f"listen = tcp:{port}:interface={LOCALHOST}\n"
+            f"    ssl:{secure}:privateKey=key.pem:certKey=cert.pem"
+            f":interface={LOCALHOST}\n"
+            f"metrics_listen = tcp:{scrapes}:interface={LOCALHOST}",
+        ),
+        files=pem,
+        logger="regmirror.logs.json_lines",
+    )
+
+    def records() -> list[dict[str, Any]]:
+        return json_lines(mirror.output_path)
+
+    def said(start: str) -> list[dict[str, Any]]:
+        return [r for r in records() if str(r.get("message")).startswith(start)]
+
+    poll_until(lambda: bool(said("worker ")), timeout=15, describe=mirror.log)
+    (mirror.workdir / "cert.pem").write_text("not a certificate\n")
+    assert mirror._process is not None
+    mirror._process.send_signal(signal.SIGHUP)
+    refused = "certificate not reloaded, keeping the old one: "
+    poll_until(lambda: len(said(refused)) == 2, timeout=15, describe=mirror.log)
+    parent, worker = sorted(said(refused), key=lambda r: "worker" in r)
+    for record in parent, worker:
+        assert isinstance(record["why"], str) and record["why"], record
+        assert record["message"] == refused + record["why"], record
+        assert (record["level"], record["logger"]) == ("error", "regmirror.service")
+    assert "worker" not in parent and worker["worker"] == 0, (parent, worker)
+
+    assert http_request(scrapes, "GET", "/metrics").status == 200
+
+    def scraped() -> list[dict[str, Any]]:
+        return [
+            r
+            for r in records()
+            if r.get("logger") == "regmirror.access" and r.get("uri") == "/metrics"
+        ]
+
+    poll_until(lambda: bool(scraped()), timeout=10, describe=mirror.log)
+    [scrape] = scraped()
+    assert (scrape["client"], scrape["method"], scrape["status"]) == (
+        LOCALHOST,
+        "GET",
+        200,
+    )
+    assert f'"GET /metrics HTTP/1.1" 200 {scrape["bytes"]} ' in scrape["message"]
+    lines = mirror.output_path.read_text().splitlines()
+    assert len(lines) == len(records())  # every line one JSON object
+    for record in records():
+        assert {"time", "level", "logger", "message"} <= set(record), record
+        assert not [key for key in record if key.startswith("log_")], record
+        assert record["logger"] != "twisted.python.log", record
+    assert max(len(line) for line in lines) < 1500, max(lines, key=len)
 
 
 # -- what a fresh-eyes review found ---------------------------------------------
@@ -177,8 +255,7 @@ def test_control_bytes_from_clients_are_escaped_in_json_lines(
         return [
             e
             for e in json_lines(output)
-            if e.get("log_namespace") == "regmirror.access"
-            and "retitled" in str(e.get("uri"))
+            if e.get("logger") == "regmirror.access" and "retitled" in str(e.get("uri"))
         ]
 
     poll_until(lambda: bool(logged()), timeout=10, describe=output.read_text)

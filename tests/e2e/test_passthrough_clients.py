@@ -178,7 +178,7 @@ def test_docker_and_containerd_pull_private_images_with_their_own_credentials(
     tokens = [
         (r["method"], r["status"], r["user"])
         for r in json_records(mirror)
-        if r.get("log_namespace") == "regmirror.access"
+        if r.get("logger") == "regmirror.access"
         and str(r.get("uri", "")).startswith("/token?")
     ]
     assert ("POST", 405, "-") in tokens, tokens
