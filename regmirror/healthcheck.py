@@ -5,6 +5,10 @@
 another port, on one address, over TLS or on a UNIX socket is asked
 where it listens.
 
+Every listener is asked at once, in a thread each, and ``--timeout`` bounds
+the whole command: a ``HEALTHCHECK --timeout`` above it always sees the
+command end and print its lines.
+
 A listener on a wildcard address is asked on loopback (``0.0.0.0`` on
 ``127.0.0.1``, ``::`` on ``::1``); an ``ssl:`` one over TLS without
 checking its certificate, whose name is the one clients use, not
@@ -17,6 +21,8 @@ import argparse
 import http.client
 import socket
 import ssl
+import threading
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 from attrs import frozen
@@ -25,7 +31,7 @@ from regmirror._cli import Failed
 from regmirror.ini import load
 from regmirror.listeners import listen_address
 
-#: Seconds each listener has to answer, by default.
+#: Seconds the listeners have to answer, by default.
 DEFAULT_TIMEOUT = 5.0
 
 _LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
@@ -107,13 +113,42 @@ def ask(probe: Probe, timeout: float) -> str | None:
     return None
 
 
+def ask_all(probes: Sequence[Probe], timeout: float) -> list[str | None]:
+    """
+    What each of *probes* answered (as :func:`ask`), all asked at once and
+    given *timeout* seconds in all: one still being asked then did not
+    answer in time.  Its thread is left behind, a daemon that does not
+    keep the command from ending.
+    """
+    answers: dict[int, str | None] = {}
+    answered = threading.Condition()
+
+    def asking(index: int, probe: Probe) -> None:
+        try:
+            answer = ask(probe, timeout)
+        except Exception as error:
+            answer = f"{type(error).__name__}: {error}"
+        with answered:
+            answers[index] = answer
+            answered.notify()
+
+    for index, probe in enumerate(probes):
+        name = f"healthcheck {probe.url()}"
+        threading.Thread(
+            target=asking, args=(index, probe), name=name, daemon=True
+        ).start()
+    with answered:
+        answered.wait_for(lambda: len(answers) == len(probes), timeout)
+        late = f"no answer within {timeout:g}s"
+        return [answers.get(index, late) for index in range(len(probes))]
+
+
 def healthcheck(arguments: argparse.Namespace, out: TextIO) -> dict[str, Any]:
     """The ``healthcheck`` command: every listener answers, or status 1."""
     config = load(arguments.config)
     probes = [probe_of(description) for description in config.server.listen]
     listeners = []
-    for probe in probes:
-        problem = ask(probe, arguments.timeout)
+    for probe, problem in zip(probes, ask_all(probes, arguments.timeout), strict=True):
         listeners.append({"url": probe.url(), "ok": problem is None, "error": problem})
         if not arguments.json:
             print(f"{probe.url()}: {problem or 'ok'}", file=out)
@@ -134,6 +169,7 @@ def add_command(commands: Any) -> None:
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT,
-        help=f"seconds each listener has to answer (default {DEFAULT_TIMEOUT:g})",
+        help="seconds the listeners, asked at once, have to answer: the"
+        f" command ends within about that (default {DEFAULT_TIMEOUT:g})",
     )
     command.set_defaults(run=healthcheck)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -87,3 +91,86 @@ def test_nothing_listening_is_unhealthy(tmp_path: Path) -> None:
     [listener] = answer["listeners"]
     assert listener["url"] == f"unix:{tmp_path / 'none.sock'}:/healthz"
     assert listener["ok"] is False and listener["error"]
+
+
+def _config(folder: Path, listen: list[str]) -> Path:
+    config = folder / "mirror.ini"
+    config.write_text(
+        "[server]\nlisten = " + "\n    ".join(listen) + "\n\n"
+        "[cache]\ndirectory = cache\n\n"
+        "[upstream:one]\nurl = http://127.0.0.1:9\n\n"
+        "[namespace:docker.io]\nupstreams = one\ndefault = true\n"
+    )
+    return config
+
+
+@pytest.fixture
+def silent() -> Iterator[list[int]]:
+    """The ports of three listeners that take connections (the kernel's
+    backlog does) and never answer."""
+    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]
+    try:
+        yield [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_listeners_that_never_answer_are_asked_at_once(
+    tmp_path: Path, silent: list[int]
+) -> None:
+    """
+    Listeners were asked one after another: three that accept and never
+    answer took three times ``--timeout`` (16.3 s with the default 5 s,
+    beyond the image's ``HEALTHCHECK --timeout=10s``, which killed the
+    command before it printed).  They are asked at once: the command ends
+    within about one ``--timeout``, a line for each.
+    """
+    config = _config(tmp_path, [f"tcp:{port}:interface=127.0.0.1" for port in silent])
+    out = io.StringIO()
+    started = time.monotonic()
+    status = main(["healthcheck", "-c", str(config), "--timeout", "1"], out)
+    took = time.monotonic() - started
+    assert status == 1
+    assert took < 2, f"took {took:.1f}s"
+    lines = out.getvalue().splitlines()
+    assert [line.split("/healthz: ")[0] for line in lines] == [
+        f"http://127.0.0.1:{port}" for port in silent
+    ]
+    assert all(": ok" not in line for line in lines), lines
+
+
+def test_the_command_ends_within_its_timeout_whatever_a_listener_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    ``--timeout`` bounds the whole command, not each socket operation (a
+    listener dripping its answer a byte at a time would take one timeout
+    per byte): a listener still being asked at its end is reported as not
+    answering within it, the others' lines as they answered.
+    """
+    release = threading.Event()
+
+    def ask(probe: Probe, timeout: float) -> str | None:
+        if probe.port == 2:
+            release.wait(10)  # no answer before the test ends
+        return None
+
+    monkeypatch.setattr("regmirror.healthcheck.ask", ask)
+    config = _config(
+        tmp_path, [f"tcp:{port}:interface=127.0.0.1" for port in (1, 2, 3)]
+    )
+    out = io.StringIO()
+    started = time.monotonic()
+    try:
+        status = main(["healthcheck", "-c", str(config), "--timeout", "0.2"], out)
+        took = time.monotonic() - started
+    finally:
+        release.set()
+    assert status == 1
+    assert took < 2, f"took {took:.1f}s"
+    assert out.getvalue().splitlines() == [
+        "http://127.0.0.1:1/healthz: ok",
+        "http://127.0.0.1:2/healthz: no answer within 0.2s",
+        "http://127.0.0.1:3/healthz: ok",
+    ]
