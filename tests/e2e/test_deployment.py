@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import json
 import re
 import shlex
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
+from .containers import PODMAN, Podman
 from .harness import (
     LOCALHOST,
     MirrorProcess,
@@ -103,6 +105,70 @@ def test_compose_runs_the_image_with_the_units_command() -> None:
     assert match
     command = shlex.split(match.group(1).replace('"$@"', "--logfile=-"))
     assert command[1:] == unit_command()[1:]
+
+
+def _compose_restart() -> str:
+    """The compose file's restart policy, as compose resolves it with no
+    variable of the operator's set."""
+    compose = (DEPLOY / "docker-compose.yml").read_text()
+    match = re.search(r"^    restart: (\S+)$", compose, re.MULTILINE)
+    assert match, "no restart policy in the compose file"
+    return re.sub(r"\$\{\w+:-([^}]+)\}", r"\1", match.group(1))
+
+
+def test_compose_gives_up_on_a_configuration_that_cannot_start() -> None:
+    """
+    ``restart: unless-stopped`` restarted a mirror whose configuration
+    is bad (``twistd`` exits with 1 at once) forever; the systemd unit stops
+    on it (``RestartPreventExitStatus=1``).  Compose has no such setting:
+    its policy restarts a mirror that failed a few times in a row only
+    (``on-failure`` with a maximum count, which docker compose and
+    podman-compose both pass to the engine), and the README says so.
+    """
+    policy, _, count = _compose_restart().partition(":")
+    assert policy == "on-failure" and 1 <= int(count) <= 10, _compose_restart()
+    unit = (DEPLOY / "regmirror.service").read_text()
+    assert "RestartPreventExitStatus=1" in unit
+    readme = (DEPLOY.parents[1] / "README.rst").read_text()
+    assert f"on-failure:{count}" in readme
+
+
+def test_the_compose_files_podman_build_keeps_the_healthcheck(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The compose file said ``(or podman-compose)``, whose ``podman build``
+    makes OCI images, which drop the image's ``HEALTHCHECK``.  The
+    podman-compose command it gives sets the build's format: built so, an
+    image with the Containerfile's ``HEALTHCHECK`` line keeps it.
+    """
+    compose = (DEPLOY / "docker-compose.yml").read_text()
+    match = re.search(
+        r"^#\s+(\w+)=(\S+) podman-compose .* up -d --build$", compose, re.M
+    )
+    assert match, "no podman-compose command in the compose file"
+    containerfile = (DEPLOY.parents[1] / "Containerfile").read_text()
+    healthcheck = re.search(r"^HEALTHCHECK .*\n.*\n", containerfile, re.MULTILINE)
+    assert healthcheck
+    if not Path(PODMAN).exists():
+        pytest.skip("podman is not installed")
+    folder = tmp_path / "image"
+    folder.mkdir()
+    (folder / "Containerfile").write_text("FROM scratch\n" + healthcheck.group(0))
+    monkeypatch.setenv(match.group(1), match.group(2))
+    podman = Podman(tmp_path / "podman")
+    try:
+        podman.run("build", "--quiet", "--tag", "kept", str(folder))
+        [image] = json.loads(podman.run("image", "inspect", "kept").stdout)
+    finally:
+        podman.close()
+    assert image["Healthcheck"]["Test"] == [
+        "CMD",
+        "regmirror",
+        "healthcheck",
+        "-c",
+        "/etc/regmirror/mirror.ini",
+    ], image.get("Healthcheck")
 
 
 def start_nginx(
