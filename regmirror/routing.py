@@ -104,8 +104,18 @@ class Router:
         else:
             validate_name(name)
         (namespace, pool), repository, via = self._select(name, ns, host)
-        if namespace.library and "/" not in repository:
-            repository = f"library/{repository}"
+        if namespace.library:
+            if "/" not in repository:
+                repository = f"library/{repository}"
+            elif _looks_like_registry(repository.partition("/")[0]):
+                # No Docker Hub repository starts so (a client's reference
+                # would name that registry): asked of an upstream that is
+                # itself a mirror of several registries, it would be taken
+                # as that registry's, past this mirror's rules for it.
+                raise NameUnknown(
+                    f"{repository[:80]} is no {namespace.name} repository: "
+                    f"{repository.partition('/')[0][:60]} names a registry"
+                )
         return Route(namespace, pool, validate_name(repository), name, via)
 
     def _select(

@@ -346,3 +346,40 @@ def test_a_request_path_with_a_port_prefix_reaches_its_namespace(
     assert (api.endpoint, api.reference) == ("manifests", "v1")
     route = with_port.route(api.name)
     assert (route.namespace, route.repository) == (LOCAL, "app")
+
+
+@pytest.mark.parametrize(
+    ("name", "ns", "host"),
+    [
+        ("docker.io/ghcr.io/org/app", None, None),
+        ("ghcr.io/org/app", "docker.io", None),
+        ("quay.io/org/app", "docker.io", None),
+        ("docker.io/gcr.io/google.com/app", None, None),
+        ("docker.io/localhost/app", None, None),
+        ("ghcr.io/org/app", None, "docker.mirror.example"),
+    ],
+)
+def test_docker_hub_has_no_repository_whose_first_component_names_a_registry(
+    router: Router, name: str, ns: str | None, host: str | None
+) -> None:
+    """
+    A Docker Hub repository never starts with a registry's name (a dot, a
+    port, ``localhost``: a client's reference would name that registry):
+    ``ghcr.io/org/app`` in docker.io is refused, however the request named
+    docker.io.  Asked of a plain upstream that is a mirror of several
+    registries (a regional regmirror), it was taken as ghcr.io's, past
+    this mirror's rules for ghcr.io (found by the fresh-eyes review).
+    """
+    with pytest.raises(NameUnknown, match="names a registry"):
+        router.route(name, ns, host)
+
+
+def test_other_namespaces_may_have_dots_in_their_first_component(
+    router: Router,
+) -> None:
+    """gcr.io's domain-scoped projects (``google.com/project/app``)."""
+    route = router.route("quay.io/google.com/project/app")
+    assert (route.namespace.name, route.repository) == (
+        "quay.io",
+        "google.com/project/app",
+    )

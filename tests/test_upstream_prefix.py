@@ -179,7 +179,7 @@ def test_the_readmes_office_mirror_example_loads() -> None:
     example = textwrap.dedent(block[: block.index("\n\n``")])
     config = parse("[cache]\ndirectory = cache\n" + example, "/m.ini")
     bases = {name: u.base for name, u in config.upstreams.items()}
-    assert bases["regional"] == "https://regional.example.internal/v2/"
+    assert bases["regional"] == "https://regional.example.internal/v2/?ns=docker.io"
     assert bases["regional-ghcr"] == "https://regional.example.internal/v2/ghcr.io/"
     assert bases["regional-quay"] == "https://regional.example.internal/v2/?ns=quay.io"
     ghcr = next(n for n in config.namespaces if n.name == "ghcr.io")
