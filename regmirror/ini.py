@@ -400,6 +400,13 @@ def _upstream(reader: _Reader, name: str, base: str) -> UpstreamConfig:
         prefix=prefix,
         ns=reader.get("ns", parse_hostname, None),
     )
+    named = [s for s in prefix.split("/") if "." in s or ":" in s or s == "localhost"]
+    if upstream.ns is not None and named and named[-1] != upstream.ns:
+        # A mirror that routes by ns first would serve ns's registry.
+        raise reader.error(
+            "ns",
+            f"{upstream.ns} is another registry than the path's {named[-1]}: name one",
+        )
     reader.finish()
     return upstream
 
@@ -549,7 +556,14 @@ def _check_namespaces(path: str, namespaces: Iterable[NamespaceConfig]) -> None:
     if not seen:
         raise ConfigError(path, None, None, "no [namespace:NAME] section")
     if not defaults:
-        raise ConfigError(path, None, None, "no namespace has default = true")
+        first = next(iter(namespaces)).name
+        raise ConfigError(
+            path,
+            f"namespace:{first}",
+            "default",
+            "no namespace has default = true (the one that serves bare names "
+            "and Docker's registry-mirrors): set it here or in another",
+        )
     if len(defaults) > 1:
         raise ConfigError(
             path,
@@ -569,13 +583,16 @@ def _check_routed_upstreams(
     a mirror of several: in a second namespace it would answer that
     namespace's tags and vouch for its content with the first registry's.
     """
-    used: dict[str, str] = {}
+    used: dict[tuple[str, str, str | None], str] = {}
     for ns in namespaces:
         for name in ns.upstreams:
             upstream = upstreams[name]
             if not upstream.prefix and upstream.ns is None:
                 continue
-            if name in used:
+            # By where its requests go, not its section's name: two sections
+            # with the same URL and ns are the same registry.
+            where = (upstream.url, upstream.prefix, upstream.ns)
+            if where in used and used[where] != ns.name:
                 routed = (
                     f"path prefix {upstream.prefix}"
                     if upstream.prefix
@@ -585,7 +602,8 @@ def _check_routed_upstreams(
                     path,
                     f"namespace:{ns.name}",
                     "upstreams",
-                    f"[upstream:{name}] ({routed}) serves [namespace:{used[name]}]; "
-                    "give this namespace an [upstream:NAME] of its own",
+                    f"[upstream:{name}] ({routed}) serves "
+                    f"[namespace:{used[where]}]; give this namespace an "
+                    "[upstream:NAME] of its own",
                 )
-            used[name] = ns.name
+            used[where] = ns.name

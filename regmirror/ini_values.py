@@ -70,11 +70,20 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_hostname(text: str) -> str:
-    """A registry host name, optionally with a port, lower-cased."""
+    """A registry host name, optionally with a port (1 to 65535),
+    lower-cased."""
     lowered = text.strip().lower()
-    if _HOSTNAME.fullmatch(lowered) is None or len(lowered) > 253:
+    if not _is_hostname(lowered):
         raise ValueError(f"not a host name: {text!r}")
     return lowered
+
+
+def _is_hostname(text: str) -> bool:
+    """Is *text* a host name, with a port from 1 to 65535 if any?"""
+    if _HOSTNAME.fullmatch(text) is None or len(text) > 253:
+        return False
+    port = text.partition(":")[2]
+    return not port or 1 <= int(port) <= 65535
 
 
 def _split_url(text: str, schemes: tuple[str, ...], credentials: str) -> SplitResult:
@@ -136,7 +145,7 @@ def parse_registry_url(text: str) -> tuple[str, str]:
         return root, ""
     segments = [unquote(segment).lower() for segment in path[1:].split("/")]
     for segment in segments:
-        if not (_PREFIX_SEGMENT.fullmatch(segment) or _HOSTNAME.fullmatch(segment)):
+        if not (_PREFIX_SEGMENT.fullmatch(segment) or _is_hostname(segment)):
             raise ValueError(
                 f"path segment {segment[:40]!r} is no repository name component "
                 f"or host name: {text!r}"

@@ -598,10 +598,11 @@ def test_duplicate_section(tmp_path: Path) -> None:
 
 
 def test_no_default_namespace(tmp_path: Path) -> None:
-    """Without any ``default = true`` the error names the ``default`` key."""
+    """Without any ``default = true`` the error names a namespace's
+    section and the ``default`` key (it named neither)."""
     path = _write(tmp_path, MINIMAL.replace("default = true\n", ""))
     error = _error(path)
-    _assert_located(error, path, None, "default")
+    _assert_located(error, path, "namespace:docker.io", "default")
     assert "namespace" in str(error)
 
 

@@ -117,6 +117,12 @@ def test_ns_is_a_host_name() -> None:
         ("ftp://hq.example/ghcr.io", "", "url", "must start with"),
         ("https://hq.example", "ns = quay.io/x", "ns", "not a host name"),
         ("https://hq.example", "ns = quay io", "ns", "not a host name"),
+        # found by the fresh-eyes review: ports out of range, a path and an
+        # ns naming two registries (a mirror routing by ns first serves ns's)
+        ("https://hq.example/registry.local:99999", "", "url", "path segment"),
+        ("https://hq.example/registry.local:0", "", "url", "path segment"),
+        ("https://hq.example", "ns = quay.io:99999", "ns", "not a host name"),
+        ("https://hq.example/ghcr.io", "ns = quay.io", "ns", "another registry"),
     ],
 )
 def test_bad_url_or_ns_is_one_line_naming_file_section_and_key(
@@ -143,6 +149,21 @@ def test_a_prefixed_or_ns_upstream_serves_one_namespace(extra: str) -> None:
     assert "serves [namespace:ghcr.io]" in message
     # Control: without prefix or ns, one upstream may serve both.
     parse(config_text("https://hq.example", "", second), "/m.ini")
+
+
+def test_two_sections_with_one_prefixed_url_are_one_registry() -> None:
+    """Two ``[upstream:NAME]`` sections whose requests go to the same place
+    (``.../ghcr.io`` and ``.../GHCR.IO/``) are one registry: in a second
+    namespace they are refused as one section would be (the fresh-eyes
+    review found the section's name was all the rule looked at)."""
+    second = (
+        "[upstream:hq2]\nurl = https://hq.example/GHCR.IO/\n\n"
+        "[namespace:quay.io]\nupstreams = hq2\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        parse(config_text("https://hq.example/ghcr.io", "", second), "/m.ini")
+    assert "[namespace:quay.io] upstreams: [upstream:hq2]" in str(raised.value)
+    assert "serves [namespace:ghcr.io]" in str(raised.value)
 
 
 def test_check_config_shows_each_upstreams_base(tmp_path: Path) -> None:
