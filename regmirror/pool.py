@@ -225,8 +225,16 @@ class UpstreamPool:
 
     def failed(self, upstream: Upstream, failure: UpstreamFailure) -> None:
         """Count a failure against the upstream's health, and log it."""
-        if self.refusals_answer and failure.status in (401, 403):
-            self.answered(upstream)  # it answered: about the client, not itself
+        if failure.status in (401, 403) and (
+            self.refusals_answer or not failure.credentials_refused
+        ):
+            # It answered, about the request: the client's credentials
+            # (passthrough), or a repository the mirror's may not read,
+            # private or missing (Docker Hub answers 401 for both).  Counted
+            # as failures, a few names that do not exist marked the upstream
+            # down for every client.  A token realm refusing the mirror's own
+            # account is the upstream's to fix, and counts.
+            self.answered(upstream)
             return
         self._skip(failure)
         self.metrics.upstream_errors.labels(upstream.name, failure.reason).inc()

@@ -92,6 +92,38 @@ def test_dead_mirror_is_skipped_after_the_breaker_opens(
     assert len(mirror_up.requests) == 4
 
 
+def test_refusals_of_repositories_never_mark_the_upstream_down(
+    tmp_path: Path,
+) -> None:
+    """
+    An upstream answering 401 or 403 for repositories the mirror may not
+    read (private, or missing: Docker Hub answers 401 for both) is healthy:
+    any number of such pulls, from any client, leave it up for the others
+    (five marked it down for everyone; found by the fresh-eyes review).
+    """
+    harness, mirror_up, origin = two(
+        tmp_path, mirror={"breaker_failures": 3, "breaker_backoff": 30.0}
+    )
+    content = image(mirror_up)
+
+    def refused(request: object) -> tuple[int, bytes]:
+        path = getattr(request, "path", b"")
+        return (401 if b"/nosuch" in path else 403, b"denied")
+
+    mirror_up.fault = refused
+    for n in range(10):
+        name = "nosuch" if n % 2 else "private"
+        harness.request("GET", f"/v2/{name}{n}/manifests/latest")
+    assert (
+        mirror_up.count("GET", "/manifests/") + mirror_up.count("HEAD", "/manifests/")
+        >= 10
+    )
+    mirror_up.fault = None
+    response = harness.request("GET", f"/v2/app/blobs/{content['layer']}")
+    assert harness.body(response) == LAYER
+    assert origin.count("GET", "/blobs/") == 0
+
+
 def test_html_page_instead_of_a_blob_fails_over(tmp_path: Path) -> None:
     """A 200 carrying an HTML page (a captive portal, an error page) is no
     blob: the next upstream serves it."""
