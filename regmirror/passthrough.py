@@ -145,12 +145,18 @@ class NotInRepository(Exception):
     """The upstream, asked with the identity's credentials, answered 404."""
 
 
-def speaking_for(upstream: Upstream, credentials: Credentials | None) -> Upstream:
+def speaking_for(
+    upstream: Upstream,
+    credentials: Credentials | None,
+    token_lifetime: float | None = None,
+) -> Upstream:
     """
     *upstream* speaking for a client: its own credentials (``None``: the
-    configured ones) and its own bearer tokens, the upstream's health
-    shared (a refusal is no fault of the upstream's: see
-    :attr:`UpstreamPool.refusals_answer`).
+    configured ones) and its own bearer tokens, reused at most
+    *token_lifetime* (``access_check_ttl``: an upstream token issued
+    before a revocation must not stretch it, as for a tag list, which is
+    asked with them), the upstream's health shared (a refusal is no fault
+    of the upstream's: see :attr:`UpstreamPool.refusals_answer`).
     """
     config = upstream.config
     if credentials is not None:
@@ -161,7 +167,13 @@ def speaking_for(upstream: Upstream, credentials: Credentials | None) -> Upstrea
             password=None if bearer else credentials.secret,
             token=credentials.secret if bearer else None,
         )
-    clone = Upstream(config, upstream.agent, upstream.clock, deny=upstream.deny)
+    clone = Upstream(
+        config,
+        upstream.agent,
+        upstream.clock,
+        deny=upstream.deny,
+        token_lifetime=token_lifetime,
+    )
     clone.breaker = upstream.breaker
     return clone
 
@@ -189,9 +201,15 @@ class Passthrough:
     def __len__(self) -> int:
         return len(self._identities)
 
-    def identity(self, pool: UpstreamPool, credentials: Credentials | None) -> Identity:
+    def identity(
+        self,
+        pool: UpstreamPool,
+        credentials: Credentials | None,
+        token_lifetime: float | None = None,
+    ) -> Identity:
         """Who *credentials* (``None``: a client without its own) are in
-        *pool*'s namespace."""
+        *pool*'s namespace; their upstream tokens reused at most
+        *token_lifetime* (the namespace's ``access_check_ttl``)."""
         if credentials is None:
             return Identity(f"{ANONYMOUS} {pool.namespace}", pool, anonymous=True)
         key = hmac.new(
@@ -204,7 +222,9 @@ class Passthrough:
         if found is not None and now - found[1] < IDENTITY_IDLE:
             identity = found[0]
         else:
-            clones = [speaking_for(u, credentials) for u in pool.upstreams]
+            clones = [
+                speaking_for(u, credentials, token_lifetime) for u in pool.upstreams
+            ]
             origin = clones[list(pool.upstreams).index(pool.origin)]
             clone = evolve(pool, upstreams=clones, origin=origin)
             identity = Identity(key, clone, anonymous=False)

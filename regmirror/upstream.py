@@ -201,6 +201,9 @@ class Upstream:
     #: hosts redirects and token realms may not lead to
     deny: tuple[Network | str, ...] = DEFAULT_DENY
     health_record: str | None = None
+    #: tokens are reused this long at most, whatever the realm says
+    #: (a client's own, passed through: not past ``access_check_ttl``)
+    token_lifetime: float | None = None
     breaker: Breaker = field(init=False)
     _tokens: Tokens = field(init=False)
     _token_flight: SingleFlight[str, str] = field(factory=SingleFlight)
@@ -539,6 +542,8 @@ class Upstream:
             document = load_json(body)
             token = document.get("token") or document.get("access_token")
             lifetime = float(document.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+            if self.token_lifetime is not None:
+                lifetime = min(lifetime, self.token_lifetime + TOKEN_MARGIN)
         except (ValueError, AttributeError, TypeError):
             raise UpstreamFailure(
                 self.name,

@@ -90,6 +90,10 @@ class PrivateRegistry(FakeRegistry):
         super().__init__()
         self.grants: dict[str, set[str]] = {}
         self.issued: dict[str, str] = {}
+        #: tokens carry the grants of their issue, as a JWT's access does,
+        #: rather than the grants of now
+        self.tokens_carry_grants = False
+        self.carried: dict[str, set[str]] = {}
         self.token_requests: list[tuple[str | None, bool]] = []
         self.refusal = 401
         self.fault = self._authorize
@@ -105,6 +109,7 @@ class PrivateRegistry(FakeRegistry):
                 return b'{"details":"incorrect username or password"}'
             token = f"token-{len(self.issued)}"
             self.issued[token] = user or ""
+            self.carried[token] = set(self.grants.get(user or "", ()))
             request.setHeader("Content-Type", "application/json")
             return json.dumps({"token": token, "expires_in": 300}).encode()
         return super().render(request)
@@ -118,21 +123,25 @@ class PrivateRegistry(FakeRegistry):
 
     def _authorize(self, request: Request) -> tuple[int, bytes] | None:
         authorization = request.getHeader("Authorization") or ""
-        user = self.issued.get(authorization.removeprefix("Bearer "))
+        token = authorization.removeprefix("Bearer ")
+        user = self.issued.get(token)
         path = request.path.decode()
         repository = path[len("/v2/") :].rsplit("/", 2)[0]
         if path == "/v2/" and user is not None:
             return 200, b"{}"  # the API root: any user's token
-        if user is None or (
-            self.refusal == 401 and repository not in self.grants.get(user, ())
-        ):
+        granted = (
+            self.carried.get(token, set())
+            if self.tokens_carry_grants
+            else self.grants.get(user or "", set())
+        )
+        if user is None or (self.refusal == 401 and repository not in granted):
             request.setHeader(
                 "WWW-Authenticate",
                 f'Bearer realm="http://origin.test/token",service="origin",'
                 f'scope="repository:{repository}:pull"',
             )
             return 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"no"}]}'
-        if repository not in self.grants.get(user, ()):
+        if repository not in granted:
             return 403, b'{"errors":[{"code":"DENIED","message":"no"}]}'
         return None
 
@@ -356,6 +365,27 @@ def test_a_refusal_after_the_check_is_the_clients_not_a_bad_gateway(
     response = mirror.get(f"/v2/{REPOSITORY}/tags/list", "alice")
     assert response.code == 403
     assert b"DENIED" in mirror.body(response)
+
+
+def test_a_revoked_user_lists_no_tags_past_access_check_ttl(
+    mirror: PassthroughMirror,
+) -> None:
+    """
+    Tag lists are asked upstream with the client's own tokens, whose access
+    the upstream fixed when it issued them: alice's (300 s) still listed
+    the tags minutes after her access was revoked, past ``access_check_ttl``
+    (60 s; found by the fresh-eyes review).  Her tokens are reused no
+    longer than that: the next list, with a fresh token, is refused.
+    """
+    mirror.fake.tokens_carry_grants = True
+    tags = f"/v2/{REPOSITORY}/tags/list"
+    assert mirror.get(tags, "alice").code == 200
+    mirror.fake.grants["alice"] = set()
+    mirror.clock.advance(30)
+    assert mirror.get(tags, "alice").code == 200  # within access_check_ttl
+    mirror.clock.advance(31)
+    refused = mirror.get(tags, "alice")
+    assert refused.code == 401, mirror.body(refused)
 
 
 def test_refusals_leave_the_upstreams_breaker_closed(tmp_path: Any) -> None:

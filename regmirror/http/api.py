@@ -207,7 +207,9 @@ class RegistryAPI(Resource):
         """
         assert self._passthrough is not None
         own = None if admission is None else admission.credentials
-        identity = self._passthrough.identity(route.pool, own)
+        identity = self._passthrough.identity(
+            route.pool, own, route.namespace.access_check_ttl
+        )
         if own is not None:
             info.user = identity.label
         spoken = evolve(route, pool=identity.pool)

@@ -157,7 +157,9 @@ class TokenResource(ReadOnlyResource):
             if route.namespace.name in checked:
                 continue
             checked.add(route.namespace.name)
-            identity = self._passthrough.identity(route.pool, own)
+            identity = self._passthrough.identity(
+                route.pool, own, route.namespace.access_check_ttl
+            )
             try:
                 await self._passthrough.verify(identity, route.namespace)
             except AccessRefused:
