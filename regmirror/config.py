@@ -28,7 +28,7 @@ DEFAULT_ORIGIN_RETRY = 30.0
 #: ``[namespace:NAME] keep_warm_interval`` unless given.
 DEFAULT_KEEP_WARM_INTERVAL = 600.0
 #: The shortest ``keep_warm_interval``: each refresh asks the origin.
-MIN_KEEP_WARM_INTERVAL = 10.0
+MIN_KEEP_WARM_INTERVAL = 1.0
 #: ``[namespace:NAME] credentials``: the upstream's configured account
 #: (the default), or each client's own.
 CREDENTIALS = ("upstream", "passthrough")

@@ -199,6 +199,9 @@ class UpstreamPool:
             status=response.code,
             retry_after=retry_after(response),
         )
+        # A 401 to the configured account sent as Basic refuses the account
+        # (a wrong password): the upstream's to fix, not the repository's.
+        refused.credentials_refused = response.code == 401 and upstream.sends_basic
         if response.code == 429:
             upstream.breaker.abandoned()  # its own back-off covers it
         elif response.code != 404:

@@ -329,6 +329,12 @@ class Upstream:
             return self._basic_credentials()
         return None
 
+    @property
+    def sends_basic(self) -> bool:
+        """Does it send the configured account as Basic credentials (the
+        upstream asked for them)?  A 401 then refuses that account."""
+        return self._basic and self._basic_credentials() is not None
+
     def _basic_credentials(self) -> str | None:
         if self.config.username is None or self.config.password is None:
             return None
