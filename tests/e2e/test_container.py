@@ -86,9 +86,7 @@ def inspected(podman: Podman, image: str) -> dict[str, Any]:
     return found[0]
 
 
-def test_image_runs_unprivileged_with_its_volume_port_and_healthcheck(
-    podman: Podman, image: str
-) -> None:
+def assert_image_settings(podman: Podman, image: str) -> None:
     """The image's own settings: a numeric non-root user, the cache volume,
     port 5000, a HEALTHCHECK by ``regmirror healthcheck`` on the
     configuration file (kept: Docker's format), and a venv that adds
@@ -224,12 +222,17 @@ def host_status(pid: int) -> dict[str, str]:
 
 
 def test_container_serves_pulls_as_non_root_and_stops_on_sigterm(
+    podman: Podman,
+    image: str,
     container: tuple[Container, int],
     skopeo: Skopeo,
     catalog: Catalog,
     tmp_path: Path,
 ) -> None:
     """
+    One test, so that the image is built once (an xdist worker that ran
+    out of tests tore the session's image down, and built it again for the
+    next): the image's settings (:func:`assert_image_settings`); then
     skopeo pulls an image through the containerised mirror (listening on a
     port of its configuration, not 5000); the mirror runs as uid 10001 as
     PID 1 of the container; what it cached lies in the volume; /healthz
@@ -237,11 +240,12 @@ def test_container_serves_pulls_as_non_root_and_stops_on_sigterm(
     the pull's access lines; SIGHUP reloads and it goes on serving;
     SIGTERM ends it within seconds with exit status 0.
     """
+    assert_image_settings(podman, image)
     running, port = container
-    image = catalog.small
+    pulled = catalog.small
     skopeo.pull(
         f"{LOCALHOST}:{port}",
-        f"{image.repository}:{image.tag}",
+        f"{pulled.repository}:{pulled.tag}",
         tmp_path / "pulled",
         "x",
     )
@@ -253,7 +257,7 @@ def test_container_serves_pulls_as_non_root_and_stops_on_sigterm(
     assert b"twistd" in Path(f"/proc/{pid}/cmdline").read_bytes()
 
     cache = running.volume_path()
-    for layer in image.layers:
+    for layer in pulled.layers:
         algorithm, digest = layer.digest.split(":")
         blob = cache / "blobs" / algorithm / digest[:2] / digest
         assert blob.is_file(), sorted(str(p) for p in cache.rglob("*"))
@@ -266,7 +270,7 @@ def test_container_serves_pulls_as_non_root_and_stops_on_sigterm(
     records = running.log_records()
     assert any(
         r.get("logger") == "regmirror.access"
-        and f"/blobs/{image.layers[0].digest}" in str(r.get("uri"))
+        and f"/blobs/{pulled.layers[0].digest}" in str(r.get("uri"))
         for r in records
     ), records[-20:]
 
