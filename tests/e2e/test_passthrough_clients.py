@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from .containers import Podman
 from .daemons import ContainerdProcess, DockerdProcess
 from .harness import MirrorProcess, RegistryProcess
 from .images import Catalog
@@ -96,6 +97,7 @@ def test_docker_and_containerd_pull_private_images_with_their_own_credentials(
     ``ctr images pull --user alice:…`` arrives (``POST /token`` answered
     so that containerd falls back to ``GET``), ``--user bob:…`` does not;
     the ``hosts.toml`` header with alice's Basic credentials arrives too.
+    ``podman pull --creds`` by path prefix: bob's refused, alice's arrives.
     No password in the mirror's JSON log, its cache, or any answer.
     """
     image = catalog.small
@@ -190,6 +192,22 @@ def test_docker_and_containerd_pull_private_images_with_their_own_credentials(
     header_hosts = hosts_toml(daemons_folder / "certs-header.d", mirror.host, basic)
     containerd.ctr(*pull[:2], "--hosts-dir", str(header_hosts), *pull[4:], reference)
     assert reference in containerd.ctr("images", "ls", "-q").stdout.split()
+
+    # podman: --creds, by path prefix (the same library as skopeo, its own
+    # store: bob is refused, alice's pull arrives).
+    podman = Podman(tmp_path / "podman")
+    try:
+        prefixed = f"{mirror.host}/{NAMESPACE}/{image.reference}"
+        podman_pull = ["pull", "--tls-verify=false", "--quiet"]
+        refused_podman = podman.run(
+            *podman_pull, "--creds", ":".join(BOB), prefixed, check=False
+        )
+        assert refused_podman.returncode != 0, refused_podman.stdout
+        podman.run(*podman_pull, "--creds", ":".join(ALICE), prefixed)
+        found = podman.run("image", "inspect", "--format", "{{.Id}}", prefixed)
+        assert found.stdout.strip() == image.blobs[0].digest.split(":")[1]
+    finally:
+        podman.close()
 
     # No secret in the JSON log (every field of every event), nor the cache.
     assert len(json_records(mirror)) > 20, "the mirror wrote no JSON lines"
