@@ -21,7 +21,8 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -959,3 +960,29 @@ def run_mirror_to_exit(
         timeout=timeout,
         cwd=workdir,
     )
+
+
+# -- the processes of workers = N -------------------------------------------------
+
+
+def workers_of(mirror: MirrorProcess) -> list[int]:
+    """The pids of the mirror's worker processes."""
+    assert mirror._process is not None
+    found = subprocess.run(
+        ["pgrep", "-P", str(mirror._process.pid), "-f", "regmirror.worker"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    return [int(pid) for pid in found.stdout.split()]
+
+
+@contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """*pid* stopped (SIGSTOP) meanwhile: the mirror's other processes
+    accept every connection."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)

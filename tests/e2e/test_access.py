@@ -22,15 +22,11 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import re
-import signal
 import socket
 import ssl
-import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
@@ -46,6 +42,8 @@ from .harness import (
     Skopeo,
     free_port,
     poll_until,
+    stopped,
+    workers_of,
 )
 from .images import MANIFEST_ACCEPT, Catalog, assert_layout_matches
 from .servers import FakeUpstream, Pki
@@ -1084,29 +1082,6 @@ def test_a_host_that_is_not_host_and_port_is_refused_and_never_echoed(
 
 
 # -- failed logins across worker processes ---------------------------------------
-
-
-def workers_of(mirror: MirrorProcess) -> list[int]:
-    """The pids of the mirror's worker processes."""
-    assert mirror._process is not None
-    found = subprocess.run(
-        ["pgrep", "-P", str(mirror._process.pid), "-f", "regmirror.worker"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-    return [int(pid) for pid in found.stdout.split()]
-
-
-@contextmanager
-def stopped(pid: int) -> Iterator[None]:
-    """*pid* stopped (SIGSTOP) meanwhile: the other process accepts every
-    connection."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 def test_failed_logins_are_throttled_across_workers(

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import shutil
-import signal
 import ssl
 import subprocess
 import urllib.parse
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +29,7 @@ from .harness import (
     poll_until,
     responds_ok,
     stop_process,
+    stopped,
 )
 from .servers import write_certificate
 
@@ -169,17 +167,6 @@ def get_v2(port: int, context: ssl.SSLContext | None = None) -> int:
         return response.status
     finally:
         connection.close()
-
-
-@contextmanager
-def stopped(pid: int) -> Iterator[None]:
-    """*pid* stopped (SIGSTOP) meanwhile: the other process takes every
-    connection."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 def worker_of(mirror: MirrorProcess) -> int:

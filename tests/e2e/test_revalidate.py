@@ -26,6 +26,8 @@ from .harness import (
     Skopeo,
     mirror_config,
     poll_until,
+    stopped,
+    workers_of,
 )
 from .images import (
     MANIFEST_ACCEPT,
@@ -35,7 +37,6 @@ from .images import (
     single_arch_image,
 )
 from .servers import DelayRelay
-from .test_workers import stopped, workers_of
 
 pytestmark = pytest.mark.e2e
 

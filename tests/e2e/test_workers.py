@@ -13,11 +13,9 @@ import json
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,22 +33,13 @@ from .harness import (
     mirror_config_upstreams,
     poll_until,
     port_is_free,
+    stopped,
+    workers_of,
 )
 from .images import Catalog
 from .servers import FakeUpstream, write_certificate
 
 pytestmark = pytest.mark.e2e
-
-
-def workers_of(mirror: MirrorProcess) -> list[int]:
-    """The pids of the mirror's worker processes."""
-    assert mirror._process is not None
-    found = subprocess.run(
-        ["pgrep", "-P", str(mirror._process.pid), "-f", "regmirror.worker"],
-        capture_output=True,
-        text=True,
-    )
-    return [int(pid) for pid in found.stdout.split()]
 
 
 def two_processes(port: int, upstream_url: str) -> str:
@@ -78,17 +67,6 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-@contextmanager
-def stopped(pid: int) -> Iterator[None]:
-    """*pid* stopped (SIGSTOP) meanwhile: the other process takes every
-    connection."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 def requests_total(metrics: bytes) -> float:
