@@ -93,6 +93,13 @@ class Metrics:
             "page cache with sendfile(2) (plain-TCP connections)",
             registry=registry,
         )
+        self.cache_write_failures = Counter(
+            "regmirror_cache_write_failures",
+            "Writes to the cache folder refused (a full disk, a read-only or "
+            "failing file system): each starts a while of serving without "
+            "caching",
+            registry=registry,
+        )
         self.upstream_bytes = Counter(
             "regmirror_upstream_bytes",
             "Blob bytes received from each upstream",

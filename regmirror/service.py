@@ -370,6 +370,7 @@ def build_mirror(config: Config, reactor: Any) -> Mirror:
         max_size=config.cache.max_size,
         min_free=config.cache.min_free,
         now=reactor.seconds,
+        on_degrade=metrics.cache_write_failures.inc,
     )
 
     def in_thread(work: Any) -> Deferred[None]:

@@ -399,6 +399,8 @@ class Store:
     degraded_until: float = 0.0
     #: why, for people (``No space left on device``)
     degraded_why: str = ""
+    #: called at each write the cache refused (the metrics count them)
+    on_degrade: Callable[[], object] | None = None
     _in_use: collections.Counter[Digest] = field(factory=collections.Counter)
     #: shared with the other processes once :meth:`open`; until then, ours
     _count: _SharedCount | None = None
@@ -438,6 +440,8 @@ class Store:
             )
         self.degraded_until = self.now() + DEGRADED_PERIOD
         self.degraded_why = why
+        if self.on_degrade is not None:
+            self.on_degrade()
 
     def degraded(self) -> str | None:
         """Why the cache is not written now, for people, or ``None``."""

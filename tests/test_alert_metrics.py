@@ -144,13 +144,17 @@ def test_a_cache_that_cannot_be_written_makes_the_node_unready_for_a_while(
 ) -> None:
     """A write the disk refused (ENOSPC): /readyz names the error and
     ``regmirror_ready`` is 0 while the node serves without caching; once
-    the period is over, ready again."""
+    the period is over, ready again.  ``regmirror_cache_write_failures_total``
+    counts the refusals, so that an alert holds while readiness comes and
+    goes with each period."""
     reactor = MemoryReactorClock()
     mirror = build_mirror(
         load(str(write_config(tmp_path, extra=TWO_NAMESPACES))), reactor
     )
     mirror.store.open()
+    assert value(mirror, "regmirror_cache_write_failures_total") == 0
     mirror.store.degrade(OSError(errno.ENOSPC, "No space left on device"))
+    assert value(mirror, "regmirror_cache_write_failures_total") == 1
     problems = mirror.problems()
     assert len(problems) == 1 and "No space left on device" in problems[0]
     assert "serving without caching" in problems[0]
