@@ -56,6 +56,11 @@ class Health:
     closed_at: float = 0.0
 
 
+def _open_now(health: Health, now: float) -> bool:
+    """Is the breaker open, its back-off not over?"""
+    return health.opened > 0 and now < health.open_until
+
+
 #: :class:`Health` in a record: the fields in order, little-endian.
 _RECORD = struct.Struct("<3q5d")
 
@@ -182,6 +187,11 @@ class Breaker:
         now = self.clock.seconds()
 
         def fail(health: Health) -> tuple[Health, float | None]:
+            if not probing and _open_now(health, now):
+                # Sent before it opened (requests at once, one marked it
+                # down): the back-off is not doubled for them, no probe
+                # having failed.
+                return health, None
             health = evolve(health, failures=health.failures + 1)
             if not (transport or probing or health.failures >= self.threshold):
                 return health, None
@@ -198,6 +208,8 @@ class Breaker:
         now = self.clock.seconds()
 
         def broke(health: Health) -> tuple[Health, float | None]:
+            if _open_now(health, now):
+                return health, None  # a transfer begun before it opened
             if health.broken + 1 < self.threshold:
                 return evolve(health, broken=health.broken + 1), None
             return self._open(evolve(health, broken=0), now)

@@ -285,3 +285,24 @@ def test_mirrors_on_one_cache_share_upstream_health(tmp_path: Path) -> None:
     parent.start(clean=True)
     assert readiness(worker) == 200
     result(Deferred.fromCoroutine(parent.stop()))
+
+
+def test_failures_of_requests_sent_before_it_opened_do_not_double_it(
+    tmp_path: Path,
+) -> None:
+    """
+    Two requests time out at once: the first marks the upstream down for
+    one back-off, the second (sent before that) neither opens it again nor
+    doubles the back-off, no probe having failed ("marked down for 30s",
+    then "for 60s" in the same second; found by the fresh-eyes review).
+    A transfer broken meanwhile does not either; the probe's failure does.
+    """
+    clock = started_clock()
+    one, two = pair(tmp_path, clock)
+    assert one.failed(transport=True) == one.backoff
+    assert two.failed(transport=True) is None
+    assert one.broke() is None and one.broke() is None and one.broke() is None
+    assert one.health().opened == 1
+    clock.advance(one.backoff)
+    assert one.allow()  # the probe
+    assert one.failed(transport=True) == 2 * one.backoff
