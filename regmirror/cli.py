@@ -31,8 +31,7 @@ from regmirror.prefetch import run_prefetch
 from regmirror.reference import (
     is_immutable,
     parse_digest,
-    validate_name,
-    validate_tag,
+    split_tagged,
 )
 from regmirror.service import validate
 from regmirror.store import Store
@@ -304,14 +303,13 @@ def cache_purge(arguments: argparse.Namespace, out: TextIO) -> dict[str, Any]:
 
 def _split_reference(config: Config, ref: str) -> tuple[str, str, str]:
     """``[namespace/]repo:tag`` → (namespace, repository, tag), as routed."""
-    name, colon, tag = ref.rpartition(":")
-    if not colon or "/" in tag:
-        raise Failed(f"{ref!r} is neither a digest nor repo:tag")
     try:
-        validate_tag(tag)
-        validate_name(name)
+        tagged = split_tagged(ref)
     except RegistryError as e:
         raise Failed(f"{ref!r}: {e.message}") from None
+    if tagged is None:
+        raise Failed(f"{ref!r} is neither a digest nor repo:tag")
+    name, tag = tagged
     first, slash, rest = name.partition("/")
     namespace = config.default_namespace
     for candidate in config.namespaces:

@@ -16,7 +16,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 
 from regmirror.config import EVERYONE, Network, WarmImage
 from regmirror.errors import RegistryError
-from regmirror.reference import validate_name, validate_tag
+from regmirror.reference import split_tagged
 
 T = TypeVar("T")
 
@@ -290,14 +290,13 @@ def warm_image(text: str) -> WarmImage:
     """One image to keep warm: ``repository:tag`` with an optional
     ``@os/architecture[/variant]``."""
     reference, _, platform = text.partition("@")
-    repository, colon, tag = reference.rpartition(":")
-    if not colon or "/" in tag:
-        raise ValueError(f"not repository:tag[@os/arch]: {text[:80]!r}")
     try:
-        validate_name(repository)
-        validate_tag(tag)
+        tagged = split_tagged(reference)
     except RegistryError as e:
         raise ValueError(f"{text[:80]!r}: {e.message}") from None
+    if tagged is None:
+        raise ValueError(f"not repository:tag[@os/arch]: {text[:80]!r}")
+    repository, tag = tagged
     if platform and _PLATFORM.fullmatch(platform) is None:
         raise ValueError(
             f"not a platform: {platform[:40]!r} (use e.g. linux/amd64 linux/arm64/v8)"

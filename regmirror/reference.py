@@ -125,6 +125,20 @@ def validate_tag(tag: str) -> str:
     return tag
 
 
+def split_tagged(text: str) -> tuple[str, str] | None:
+    """
+    ``repository:tag`` as ``(repository, tag)``, both checked against the
+    spec's grammar; ``None`` when no tag follows the last ``:``.
+
+    :raises NameInvalid: for a repository name that breaks the grammar.
+    :raises TagInvalid: for a tag that does.
+    """
+    name, colon, tag = text.rpartition(":")
+    if not colon or "/" in tag:
+        return None
+    return validate_name(name), validate_tag(tag)
+
+
 def is_immutable(patterns: Iterable[str], tag: str) -> bool:
     """Does *tag* match one of *patterns*, shell-style globs
     (``immutable_tags``), as :func:`fnmatch.fnmatchcase` matches (tags are
