@@ -29,13 +29,17 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO
+from typing import IO, Any
 
 from attrs import define, field, frozen
 from twisted.logger import Logger
 
 from regmirror.errors import RegistryError
-from regmirror.reference import Digest, parse_digest
+from regmirror.reference import Digest, load_json, parse_digest
+
+#: A blob read whole as a JSON document (an image's config) is read up to
+#: this size.
+MAX_DOCUMENT_SIZE = 1024 * 1024
 
 #: Beside a spool file: the size its blob will have, for other processes.
 SIZE_SUFFIX = ".size"
@@ -498,6 +502,16 @@ class Store:
 
     def blob_path(self, digest: Digest) -> str:
         return self._path("blobs", digest)
+
+    def blob_document(self, digest: Digest) -> Any:
+        """
+        A cached blob that is a JSON document (an image's config), read up
+        to :data:`MAX_DOCUMENT_SIZE`: what :func:`load_json` makes of it.
+
+        :raises OSError: when it cannot be read.
+        """
+        with open(self.blob_path(digest), "rb") as f:
+            return load_json(f.read(MAX_DOCUMENT_SIZE))
 
     def blob_size(self, digest: Digest) -> int | None:
         """

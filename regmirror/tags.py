@@ -71,8 +71,6 @@ REVALIDATING = "revalidating"
 MAX_ANSWERS = 10_000
 
 Key = tuple[str, str, str]
-#: Image configs read to date an image are read up to this size.
-MAX_CONFIG_SIZE = 1024 * 1024
 
 
 class Board(Protocol):
@@ -579,6 +577,4 @@ class Tags:
                 await source.download.changed()
             if source.download.state != "done":
                 raise DownloadFailed(f"config {config} did not arrive")
-        with open(self.store.blob_path(config), "rb") as f:
-            created = load_json(f.read(MAX_CONFIG_SIZE))["created"]
-        return parse_timestamp(created)
+        return parse_timestamp(self.store.blob_document(config)["created"])

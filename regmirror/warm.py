@@ -77,8 +77,7 @@ RECORD = "warm.json"
 OUTCOMES = ("fetched", "unchanged", "failed", "too_big")
 #: An index inside an index is followed this deep, no deeper.
 MAX_NESTING = 2
-#: An image's config is read up to this size, for its platform.
-MAX_CONFIG_SIZE = 1024 * 1024
+
 
 PENDING = "pending"
 REFRESHING = "refreshing"
@@ -491,8 +490,7 @@ class KeepWarm(Service):
         if not await self._blob(pool, image.repository, config):
             return  # in the cluster's bucket, not here to read
         try:
-            with open(self.fetcher.store.blob_path(config), "rb") as f:
-                described = load_json(f.read(MAX_CONFIG_SIZE))
+            described = self.fetcher.store.blob_document(config)
         except (OSError, ValueError) as error:
             raise _CannotFetch(f"cannot read the config {config}: {error}") from None
         if not _platform_matches(described, image.platform):
