@@ -260,9 +260,7 @@ class Passthrough:
         :raises AccessRefused: the upstream or its realm refused them.
         """
         key = (identity.key, f"{namespace.name} ")  # no repository: a login
-        at = self._confirmed.get(key)
-        if at is not None and self.clock.seconds() - at < namespace.access_check_ttl:
-            self._confirmed.move_to_end(key)
+        if self._believed(key, namespace):
             return
 
         async def check() -> None:
@@ -288,6 +286,15 @@ class Passthrough:
             self._remember(key)
 
         await self._checks.run(key, check)
+
+    def _believed(self, key: tuple[str, str], namespace: NamespaceConfig) -> bool:
+        """Did the upstream say yes about *key* within the namespace's
+        ``access_check_ttl`` (kept as the newest, then)?"""
+        at = self._confirmed.get(key)
+        if at is None or self.clock.seconds() - at >= namespace.access_check_ttl:
+            return False
+        self._confirmed.move_to_end(key)
+        return True
 
     def _remember(self, key: tuple[str, str]) -> None:
         self._confirmed.pop(key, None)
@@ -316,15 +323,9 @@ class Passthrough:
             not confirmed within ``access_check_offline``.
         """
         key = (identity.key, f"{namespace.name} {repository}")
-        at = self._confirmed.get(key)
-        if at is not None and self.clock.seconds() - at < namespace.access_check_ttl:
-            self._confirmed.move_to_end(key)
+        if self._believed(key, namespace):
             return
-
-        async def check() -> None:
-            await self._check(identity, namespace, key, path)
-
-        await self._checks.run(key, check)
+        await self._checks.run(key, lambda: self._check(identity, namespace, key, path))
 
     async def _check(
         self,
