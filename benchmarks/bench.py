@@ -2178,13 +2178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--segments",
         type=int,
         default=None,
-        help="the slow section: regmirror's [upstream:origin] segments "
-        "(default: not set, 1)",
+        help="regmirror's [upstream:origin] segments in the main and slow "
+        "sections (default: not set, 1)",
     )
     parser.add_argument(
         "--segment-min-size",
         default=None,
-        help="the slow section: regmirror's [upstream:origin] segment_min_size",
+        help="regmirror's [upstream:origin] segment_min_size in the main and "
+        "slow sections",
     )
     options = parser.parse_args(argv)
     sections = [s for s in SECTIONS if s in options.only] if options.only else SECTIONS
@@ -2239,7 +2240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     bench_system(
                         ctx,
                         "regmirror",
-                        lambda d: Mirror(d, upstream.url, options.workers),
+                        lambda d: Mirror(
+                            d,
+                            upstream.url,
+                            options.workers,
+                            upstream_options=ctx.upstream_options,
+                        ),
                     )
                 if options.cluster:
                     bench_cluster(ctx, options.workers)
