@@ -28,7 +28,7 @@ from regmirror.http.token import TokenResource
 from regmirror.metrics import Metrics
 from regmirror.nodes import Peers
 from regmirror.pool import UpstreamPool
-from regmirror.reference import OCI_MANIFEST
+from regmirror.reference import OCI_INDEX, OCI_MANIFEST
 from regmirror.repositories import restricted
 from regmirror.routing import Router
 from regmirror.s3.shared import SharedStore
@@ -199,6 +199,48 @@ def result(d: Deferred[Any]) -> Any:
     return outcome[0]
 
 
+def image_manifest(
+    config: tuple[str, int],
+    layers: list[tuple[str, int]],
+    layer_type: str = "application/vnd.oci.image.layer.v1.tar",
+) -> dict[str, Any]:
+    """An OCI image manifest of *config* and *layers*, each ``(digest,
+    size)``."""
+    return {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config[0],
+            "size": config[1],
+        },
+        "layers": [
+            {"mediaType": layer_type, "digest": digest, "size": size}
+            for digest, size in layers
+        ],
+    }
+
+
+def index_manifest(
+    images: list[tuple[dict[str, Any], str]], media_type: str = OCI_INDEX
+) -> dict[str, Any]:
+    """An index of *images*, each an :func:`image`-like dict (``manifest``,
+    ``body``) and its linux architecture."""
+    return {
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "manifests": [
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": child["manifest"],
+                "size": len(child["body"]),
+                "platform": {"os": "linux", "architecture": architecture},
+            }
+            for child, architecture in images
+        ],
+    }
+
+
 def image(
     fake: FakeRegistry,
     name: str = "library/app",
@@ -213,22 +255,7 @@ def image(
             {"architecture": "amd64", "os": "linux", "created": created}
         ).encode()
     config = fake.add_blob(config_bytes)
-    document = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config,
-            "size": len(config_bytes),
-        },
-        "layers": [
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": layer,
-                "size": len(LAYER),
-            }
-        ],
-    }
+    document = image_manifest((config, len(config_bytes)), [(layer, len(LAYER))])
     manifest, body = fake.add_manifest(name, tag, document, OCI_MANIFEST)
     return {
         "layer": layer,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import treq
 from fakeregistry import FakeRegistry, digest_of
-from memory import LAYER, Harness, error_code, image, result
+from memory import LAYER, Harness, error_code, image, index_manifest, result
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent
@@ -206,24 +206,8 @@ def test_index_negotiated_down_for_old_clients(
 ) -> None:
     """A client that accepts no index gets the index's linux/amd64 image."""
     amd64 = image(origin, tag=None)
-    index = {
-        "schemaVersion": 2,
-        "mediaType": OCI_INDEX,
-        "manifests": [
-            {
-                "mediaType": OCI_MANIFEST,
-                "digest": digest_of(b"arm"),
-                "size": 3,
-                "platform": {"os": "linux", "architecture": "arm64"},
-            },
-            {
-                "mediaType": OCI_MANIFEST,
-                "digest": amd64["manifest"],
-                "size": len(amd64["body"]),
-                "platform": {"os": "linux", "architecture": "amd64"},
-            },
-        ],
-    }
+    arm64 = {"manifest": digest_of(b"arm"), "body": "arm"}
+    index = index_manifest([(arm64, "arm64"), (amd64, "amd64")])
     index_digest, _ = origin.add_manifest("library/app", "multi", index, OCI_INDEX)
     accept_index = mirror.request("GET", "/v2/app/manifests/multi")
     assert accept_index.headers.getRawHeaders("Docker-Content-Digest") == [index_digest]

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from fakeregistry import FakeRegistry
-from memory import Harness, error_code, image
+from memory import Harness, error_code, image, index_manifest
 
 from regmirror.reference import (
     DOCKER_MANIFEST,
@@ -38,19 +38,7 @@ def _index(
     """An index of two images (amd64 and arm64) tagged *tag* in *origin*."""
     amd64 = image(origin, tag=None, created="2024-01-01T00:00:00Z")
     arm64 = image(origin, tag=None, created="2024-02-02T00:00:00Z")
-    document = {
-        "schemaVersion": 2,
-        "mediaType": media_type,
-        "manifests": [
-            {
-                "mediaType": OCI_MANIFEST,
-                "digest": child["manifest"],
-                "size": len(child["body"]),
-                "platform": {"os": "linux", "architecture": arch},
-            }
-            for arch, child in (("amd64", amd64), ("arm64", arm64))
-        ],
-    }
+    document = index_manifest([(amd64, "amd64"), (arm64, "arm64")], media_type)
     digest, body = origin.add_manifest("library/app", tag, document, media_type)
     return {
         "index": digest,

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import treq
 from fakeregistry import FakeRegistry
-from memory import CONFIG, LAYER, result
+from memory import CONFIG, LAYER, image_manifest, result
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
@@ -162,22 +162,11 @@ class PassthroughMirror:
         self.fake = PrivateRegistry()
         self.layer = self.fake.add_blob(LAYER)
         config = self.fake.add_blob(CONFIG)
-        document = {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": config,
-                "size": len(CONFIG),
-            },
-            "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": self.layer,
-                    "size": len(LAYER),
-                }
-            ],
-        }
+        document = image_manifest(
+            (config, len(CONFIG)),
+            [(self.layer, len(LAYER))],
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        )
         for repository in (REPOSITORY, OTHER):
             self.manifest, _ = self.fake.add_manifest(
                 repository, "v1", document, OCI_MANIFEST

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from fakeregistry import FakeRegistry
-from memory import LAYER, Harness, error_code, image, result
+from memory import LAYER, Harness, error_code, image, index_manifest, result
 from test_access import PASSWORD, basic, guarded
 from test_fetch_cluster import Cluster
 from twisted.internet.testing import StringTransport
@@ -36,18 +36,7 @@ def mirror(tmp_path: Any) -> Harness:
 
 def _index(origin: FakeRegistry) -> str:
     child = image(origin, tag=None)
-    document = {
-        "schemaVersion": 2,
-        "mediaType": OCI_INDEX,
-        "manifests": [
-            {
-                "mediaType": OCI_MANIFEST,
-                "digest": child["manifest"],
-                "size": len(child["body"]),
-                "platform": {"os": "linux", "architecture": "amd64"},
-            }
-        ],
-    }
+    document = index_manifest([(child, "amd64")])
     digest, _ = origin.add_manifest("library/app", "multi", document, OCI_INDEX)
     return digest
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from configs import write_config
 from fakeregistry import FakeRegistry
-from memory import Harness, result
+from memory import Harness, image_manifest, index_manifest, result
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web.server import Request
@@ -54,23 +54,9 @@ def push(
         fake.add_blob(bytes((seed * 7 + n + i) % 251 for i in range(layer_size)))
         for n in range(2)
     ]
-    document = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config,
-            "size": len(config_bytes),
-        },
-        "layers": [
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": digest,
-                "size": layer_size,
-            }
-            for digest in layers
-        ],
-    }
+    document = image_manifest(
+        (config, len(config_bytes)), [(digest, layer_size) for digest in layers]
+    )
     manifest, body = fake.add_manifest("library/app", tag, document, OCI_MANIFEST)
     return {
         "manifest": manifest,
@@ -377,19 +363,7 @@ def index_of(fake: FakeRegistry) -> dict[str, Any]:
     """``library/app:latest`` as an index of an amd64 and an arm64 image."""
     amd64 = push(fake, 1, tag=None, architecture="amd64")
     arm64 = push(fake, 2, tag=None, architecture="arm64")
-    document = {
-        "schemaVersion": 2,
-        "mediaType": OCI_INDEX,
-        "manifests": [
-            {
-                "mediaType": OCI_MANIFEST,
-                "digest": image["manifest"],
-                "size": len(image["body"]),
-                "platform": {"os": "linux", "architecture": architecture},
-            }
-            for image, architecture in ((amd64, "amd64"), (arm64, "arm64"))
-        ],
-    }
+    document = index_manifest([(amd64, "amd64"), (arm64, "arm64")])
     index, _ = fake.add_manifest("library/app", "latest", document, OCI_INDEX)
     return {"index": index, "amd64": amd64, "arm64": arm64}
 
