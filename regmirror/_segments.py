@@ -8,11 +8,16 @@ order: a thread moves the side file's contiguous prefix into it batch
 after batch (:meth:`regmirror.store.Spool.append`: written, hashed), so
 that readers, other worker processes following the spool and the digest
 check see what one transfer would give them, and the last byte waits for
-the verification as ever.  A segment that breaks goes on from where it
-stopped, on its own, from the namespace's upstreams in the order its own
-attempts give (:class:`regmirror._attempts.Attempts`); the others go on
-meanwhile.  No segment is held in memory: a segment's source is paused
-while :data:`PAUSE_AT` of its bytes wait for the disk.
+the verification as ever.  The same thread then punches the moved bytes
+out of the side file (:func:`regmirror.store.punch_hole`), so that the
+disk holds the blob about once while it comes, not twice: the spool, and
+in the side file only the bytes waiting to follow it (where the file
+system cannot punch holes, the side file keeps every byte until the end).
+A segment that breaks goes on from where it stopped, on its own, from the
+namespace's upstreams in the order its own attempts give
+(:class:`regmirror._attempts.Attempts`); the others go on meanwhile.  No
+segment is held in memory: a segment's source is paused while
+:data:`PAUSE_AT` of its bytes wait for the disk.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from regmirror.download import Download
 from regmirror.errors import RegistryError
 from regmirror.pool import NotFoundAnywhere
 from regmirror.responses import discard
+from regmirror.store import Spool, punch_hole
 from regmirror.upstream import Upstream, UpstreamFailure
 
 if TYPE_CHECKING:
@@ -108,6 +114,11 @@ class Segmented:
     _fd: int = -1
     #: bytes moved into the spool
     _moved: int = 0
+    #: the side file's bytes given back to the file system (whole blocks
+    #: of it), and whether it can; the moving thread's own
+    _punched: int = 0
+    _punching: bool = True
+    _block: int = 4096
     _moving: bool = False
     _committing: bool = False
     #: thread jobs using the side file
@@ -125,6 +136,7 @@ class Segmented:
         self = cls(blobs, download, segments, path)
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            self._block = os.fstat(self._fd).st_blksize or self._block
         except OSError as error:
             discard(first)
             blobs.cache_failed(download, error)
@@ -262,9 +274,9 @@ class Segmented:
         if start < end:
             self._moving = True
             fd, spool = self._fd, self.download.writer
-            self.in_thread(
-                lambda: spool.append([_pread_all(fd, start, end)])
-            ).addCallbacks(self._appended, self._append_failed)
+            self.in_thread(lambda: self._move(fd, spool, start, end)).addCallbacks(
+                self._appended, self._append_failed
+            )
         elif (
             start == self.segments[-1].end
             and not self._committing
@@ -273,6 +285,22 @@ class Segmented:
             self._committing = True
             self._close_if_idle()
             self.blobs._commit(self.download)
+
+    def _move(self, fd: int, spool: Spool, start: int, end: int) -> int:
+        """
+        Move bytes *start* to *end* of the side file *fd* into *spool*,
+        then punch the whole blocks moved by now out of the side file.
+        Blocking; one move at a time.
+
+        :return: the number of bytes moved.
+        """
+        count = spool.append([_pread_all(fd, start, end)])
+        until = (start + count) // self._block * self._block
+        if self._punching and until > self._punched:
+            # Where it cannot, the side file keeps its bytes, as ever.
+            self._punching = punch_hole(fd, self._punched, until - self._punched)
+            self._punched = until
+        return count
 
     def _appended(self, count: int) -> None:
         self._moving = False
@@ -311,6 +339,10 @@ class Segmented:
             f"{s}: {s.filled} in, resumed {s.resumed} times" for s in self.segments
         )
         self.blobs._fail(self.download, f"{why} (segments: {done})")
+        self.stop()
+
+    def stop(self) -> None:
+        """The download ended: close every segment's connection."""
         for segment in self.segments:
             if segment.writer is not None:
                 segment.writer.stop()

@@ -112,24 +112,52 @@ def _write_atomically(path: str, data: bytes, sync: bool = True) -> None:
         raise
 
 
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """Linux's ``sync_file_range`` from the C library (Python's ``os`` lacks
-    it), or ``None`` where there is none."""
+def _libc(name: str, *argtypes: Any) -> Callable[..., int] | None:
+    """The C library's function *name*, one that Python's ``os`` lacks, or
+    ``None`` where there is none (not Linux, another C library)."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.sync_file_range
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.argtypes = list(argtypes)
     function.restype = ctypes.c_int
-    return function
+    return function  # type: ignore[no-any-return]
 
 
-_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE = _libc(
+    "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
+)
 # <linux/fs.h>
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
 #: ``sync_file_range`` cannot do this file: ``fdatasync`` now and then instead.
 _UNSUPPORTED = frozenset({errno.EINVAL, errno.ESPIPE, errno.ENOSYS, errno.EOPNOTSUPP})
+
+#: ``fallocate64`` takes 64-bit offsets whatever the C library's ``off_t``
+#: (glibc on 32-bit systems); a C library without it has a 64-bit ``off_t``.
+_FALLOCATE = _libc(
+    "fallocate64", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64
+) or _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+# <linux/falloc.h>: FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+_PUNCH_HOLE = 0x01 | 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """
+    Give the file system back the blocks of bytes *offset* to *offset* +
+    *length* of *fd* (they read as zeros then; the file keeps its size).
+    Blocking.
+
+    :return: ``False`` where the system or the file system cannot.
+    :raises OSError: when it fails otherwise.
+    """
+    if _FALLOCATE is None:
+        return False
+    if _FALLOCATE(fd, _PUNCH_HOLE, offset, length) != 0:
+        error = ctypes.get_errno()
+        if error in _UNSUPPORTED:
+            return False
+        raise OSError(error, os.strerror(error))
+    return True
 
 
 class _Writeback:

@@ -6,14 +6,21 @@ resumed on its own, an upstream that ignores Range, and ``segments = 1``.
 
 from __future__ import annotations
 
+import errno
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import treq
 from fakeregistry import FakeRegistry
 from memory import LAYER, Harness, image
 
+from regmirror import store as store_module
+from regmirror._segments import BATCH, PARTS_SUFFIX
 from regmirror.reference import parse_digest
+from regmirror.store import Spool
 
 #: LAYER (10 KiB) in four segments
 STEP = len(LAYER) // 4
@@ -256,3 +263,86 @@ def test_segments_skip_an_upstream_whose_breaker_is_open(tmp_path: Path) -> None
     assert first.count("GET", "/blobs/") + first.count("HEAD", "/blobs/") == 0
     assert sorted(second.ranges) == sorted(RANGES)
     assert cached(harness, layer) == LAYER
+
+
+def test_the_disk_holds_a_segmented_blob_about_once_while_it_comes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch moved from the side file into the spool is punched out of
+    the side file: with the first segment held until the other three are
+    in, the side file's allocated bytes drop as the spool grows, and their
+    sum peaks at the blob and one batch (a batch is in both files until
+    it is punched), not at twice the blob."""
+    size = 8 * 1024 * 1024
+    blob = bytes(range(256)) * (size // 256)
+    origin = FakeRegistry()
+    harness = Harness(
+        str(tmp_path / "cache"),
+        {"origin": origin},
+        {"origin": {"segments": 4, "segment_min_size": 4096}},
+    )
+    digest = origin.add_blob(blob)
+    origin.hold_range[(digest, 0)] = 100
+    side: list[int] = []
+    totals: list[int] = []
+    append = Spool.append
+
+    def measure(spool: Spool) -> None:
+        allocated = os.stat(spool.path + PARTS_SUFFIX).st_blocks * 512
+        side.append(allocated)
+        totals.append(allocated + os.stat(spool.path).st_size)
+
+    def measured(spool: Spool, buffers: Sequence[bytes]) -> int:
+        measure(spool)
+        count = append(spool, buffers)
+        measure(spool)
+        return count
+
+    monkeypatch.setattr(Spool, "append", measured)
+    received, ended = stream(harness, digest)
+    origin.release()
+    harness.settle()
+    assert ended == [None]
+    assert b"".join(received) == blob
+    assert cached(harness, digest) == blob
+    assert max(side) >= size - BATCH
+    assert side[-1] <= BATCH
+    assert max(totals) <= size + BATCH + 64 * 1024
+
+
+@pytest.mark.parametrize("fallocate", ["missing", "unsupported"])
+def test_where_holes_cannot_be_punched_the_side_file_keeps_its_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fallocate: str
+) -> None:
+    """Where the C library has no ``fallocate``, or the file system refuses
+    to punch holes (``EOPNOTSUPP``), a segmented download goes on as
+    before, the side file keeping every byte until the end; a refusal is
+    not asked again within the download."""
+    asked: list[tuple[int, int, int]] = []
+
+    def refuse(fd: int, mode: int, offset: int, length: int) -> int:
+        asked.append((mode, offset, length))
+        store_module.ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    monkeypatch.setattr(
+        store_module, "_FALLOCATE", None if fallocate == "missing" else refuse
+    )
+    harness, origin, layer = segmented(tmp_path)
+    kept: list[int] = []
+    append = Spool.append
+
+    def measured(spool: Spool, buffers: Sequence[bytes]) -> int:
+        count = append(spool, buffers)
+        kept.append(os.stat(spool.path + PARTS_SUFFIX).st_blocks * 512)
+        return count
+
+    monkeypatch.setattr(Spool, "append", measured)
+    received, ended = stream(harness, layer)
+    assert ended == [None]
+    assert b"".join(received) == LAYER
+    assert cached(harness, layer) == LAYER
+    assert spooled(harness) == []
+    assert kept[-1] >= len(LAYER)
+    # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE from the start, then no more
+    assert [a[:2] for a in asked] == ([] if fallocate == "missing" else [(3, 0)])
