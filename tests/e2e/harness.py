@@ -645,31 +645,19 @@ def mirror_config_upstreams(
     upstreams, tried in the order of *upstreams* (name → keys, ``url``
     included; short timeouts unless given).
     """
-    sections = []
-    for name, options in upstreams.items():
-        keys = {
-            "connect_timeout": "2s",
-            "response_timeout": "10s",
-            "idle_timeout": "10s",
-            **options,
-        }
-        body = "".join(f"{k} = {v}\n" for k, v in keys.items())
-        sections.append(f"[upstream:{name}]\n{body}")
-    return f"""\
-[server]
-listen = tcp:{port}:interface={LOCALHOST}
-
-[cache]
-directory = cache
-tag_ttl = {tag_ttl}
-
-{chr(10).join(sections)}
-[namespace:docker.io]
-upstreams = {" ".join(upstreams)}
-origin = {origin}
-default = true
-aliases = index.docker.io registry-1.docker.io
-"""
+    return mirror_config_namespaces(
+        port,
+        upstreams,
+        {
+            "docker.io": {
+                "upstreams": " ".join(upstreams),
+                "origin": origin,
+                "default": "true",
+                "aliases": "index.docker.io registry-1.docker.io",
+            }
+        },
+        tag_ttl=tag_ttl,
+    )
 
 
 def mirror_config_namespaces(
