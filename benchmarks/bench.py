@@ -1204,6 +1204,19 @@ def bench_system(ctx: Context, system: str, make: Factory) -> None:
     ctx.results[system] = results
 
 
+def bench_upstream(ctx: Context) -> None:
+    """
+    One client of the blob straight from the upstream registry: what any
+    cold client of a mirror or proxy could get at best on this machine.
+    """
+    print("  upstream: direct x1", flush=True)
+    size = ctx.image.layer.size
+    runs = [
+        blob_load(ctx.upstream.port, ctx.blob_path, 1, size) for _ in range(ctx.repeat)
+    ]
+    ctx.results["upstream"] = {"cold_x1": median_run(runs, "mib_s")}
+
+
 def bench_nginx(ctx: Context) -> None:
     print("  nginx: warm", flush=True)
     server = Nginx(ctx.workdir / "nginx", ctx.upstream_blob_file)
@@ -1869,8 +1882,14 @@ def cluster_warm(cl: Cluster, folder: Path, bucket: Bucket | None) -> dict[str, 
 
 # -- the table -----------------------------------------------------------------
 
-COLUMNS = ("regmirror", "cluster", "proxy", "nginx")
-HEADINGS = ("regmirror", "regmirror, 3 nodes", "reference proxy", "nginx")
+COLUMNS = ("regmirror", "cluster", "proxy", "upstream", "nginx")
+HEADINGS = (
+    "regmirror",
+    "regmirror, 3 nodes",
+    "reference proxy",
+    "upstream, direct",
+    "nginx",
+)
 
 
 def columns(
@@ -1878,12 +1897,13 @@ def columns(
 ) -> list[tuple[str, str]]:
     """
     The table's systems and headings: not those left out with ``--skip``,
-    the cluster's only if it ran.
+    the cluster's and the upstream's only if they ran.
     """
     return [
         (system, heading)
         for system, heading in zip(COLUMNS, HEADINGS, strict=True)
-        if system not in skip and (system != "cluster" or system in results)
+        if system not in skip
+        and (system not in ("cluster", "upstream") or system in results)
     ]
 
 
@@ -2156,7 +2176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--skip",
         action="append",
         default=[],
-        choices=("regmirror", "proxy", "nginx"),
+        choices=("regmirror", "proxy", "upstream", "nginx"),
         help="leave a system out (repeatable)",
     )
     parser.add_argument(
@@ -2255,6 +2275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "proxy",
                         lambda d: Registry(d, d / "storage", remote=upstream.url),
                     )
+                if "upstream" not in options.skip:
+                    bench_upstream(ctx)
                 if "nginx" in options.skip:
                     pass
                 elif have_nginx:
