@@ -21,7 +21,13 @@ sources in their order.  It is a guess, so it gives way:
 - none for a digest another worker process is downloading (its spool is
   locked): a client's request follows that download, as it would anyway;
 - none for a blob whose clients are sent to the cluster's bucket
-  (``redirect = true``).
+  (``redirect = true``);
+- and once running, a prefetch that no client has asked for is cancelled,
+  the newest first, when a download of another blob starts here for
+  anyone else (:meth:`Ahead.make_room`) and the downloads under way and
+  that one would take the cache past ``max_size`` or below ``min_free``:
+  its connection is closed and its spool discarded, and a client asking
+  for its blob later starts a download of its own.
 
 Each prefetch that is not started, and each that ends, is counted in
 ``regmirror_prefetch_total`` by namespace and result (:data:`RESULTS`).
@@ -56,7 +62,7 @@ from regmirror.store import Store
 IMAGE_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 
 #: The values of ``regmirror_prefetch_total``'s ``result`` label.
-RESULTS = ("fetched", "failed", "full", "down", "busy")
+RESULTS = ("fetched", "failed", "full", "down", "busy", "cancelled")
 
 #: Blobs waiting for their turn, per namespace; beyond, they are not queued.
 MAX_WAITING = 1000
@@ -102,8 +108,11 @@ class Ahead:
     _lanes: dict[str, _Lane] = field(factory=dict)
     #: the size each prefetch under way is expected to add to the cache
     _reserved: dict[Digest, int] = field(factory=dict)
-    #: the prefetches under way that no client has asked for yet
+    #: the prefetches under way that no client has asked for yet, the
+    #: oldest first
     _ahead: dict[Digest, _Lane] = field(factory=dict)
+    #: the prefetches cancelled for another download, until they end
+    _cancelled: set[Digest] = field(factory=set)
     #: (namespace, manifest) whose blobs were all here when last served,
     #: at most MAX_COMPLETE, the least recently served first
     _complete: OrderedDict[tuple[str, Digest], None] = field(factory=OrderedDict)
@@ -140,6 +149,26 @@ class Ahead:
         if lane is not None:
             lane.running -= 1
             self.clock.callLater(0, self._next, lane)
+
+    def make_room(self, digest: Digest, size: int | None) -> None:
+        """
+        A download of *digest*, *size* bytes (``None``: unknown, taken as
+        0), is starting here, not a prefetch's: while it and the downloads
+        under way would take the cache past ``max_size`` or below
+        ``min_free``, cancel the prefetches running that no client asked
+        for, the newest first.  Their places go to the next blobs waiting
+        once the reactor is free (when that download counts among those
+        under way).
+        """
+        if digest in self._ahead:
+            return  # a prefetch starting its own download
+        for ahead in reversed(list(self._ahead)):
+            if self._fits(size or 0, {}):
+                return
+            # Marked first: the prefetch may end within the call.
+            self._cancelled.add(ahead)
+            if not self.blobs.cancel(ahead, f"room for {digest}"):
+                self._cancelled.discard(ahead)  # not downloading yet
 
     def _queue(
         self, pool: UpstreamPool, repository: str, manifest: Manifest, limit: int
@@ -216,36 +245,39 @@ class Ahead:
 
     def _refused(self, wanted: _Wanted) -> str | None:
         """Why *wanted* is not to be fetched now (a result), if it is not."""
-        store = self.store
-        if not store.writable():
+        if not self.store.writable() or not self._fits(wanted.size, self._reserved):
             return "full"
-        # What the downloads under way will add once cached, and the
-        # prefetches starting (not yet downloads).
-        downloads = self.blobs.downloads
-        pending = sum(self._reserved.values()) + sum(
-            d.written if d.size is None else d.size
-            for d in downloads
-            if d.digest not in self._reserved
-        )
-        coming = pending - sum(d.written for d in downloads)
-        if (
-            store.max_size is not None
-            and store.size + pending + wanted.size > store.max_size
-        ):
-            return "full"
-        if store.min_free is not None:
-            try:
-                free = store.free_space()
-            except OSError:
-                return "full"
-            if free - coming - wanted.size < store.min_free:
-                return "full"
         if not any(
             u.breaker.opened == 0 and u.backing_off() is None
             for u in wanted.pool.upstreams
         ):
             return "down"
         return None
+
+    def _fits(self, size: int, reserved: dict[Digest, int]) -> bool:
+        """
+        Would *size* more bytes, with what the downloads under way and the
+        prefetches *reserved* (digest: size; downloads or not yet) will add
+        once cached, keep the cache within ``max_size`` and ``min_free``?
+        """
+        store = self.store
+        downloads = self.blobs.downloads
+        pending = sum(reserved.values()) + sum(
+            d.written if d.size is None else d.size
+            for d in downloads
+            if d.digest not in reserved
+        )
+        coming = pending - sum(d.written for d in downloads)
+        if store.max_size is not None and store.size + pending + size > store.max_size:
+            return False
+        if store.min_free is not None:
+            try:
+                free = store.free_space()
+            except OSError:
+                return False
+            if free - coming - size < store.min_free:
+                return False
+        return True
 
     async def _fetch(self, wanted: _Wanted) -> str | None:
         """Download *wanted* (or join its download); the result, if any."""
@@ -256,7 +288,7 @@ class Ahead:
                 # true``): the bytes are not to flow through this node.
                 return None
             source = await self.blobs.blob(
-                wanted.pool, wanted.repository, wanted.digest
+                wanted.pool, wanted.repository, wanted.digest, guess=True
             )
         except Exception as e:
             self.log.warn(
@@ -286,6 +318,13 @@ class Ahead:
             lane.running -= 1
         self._reserved.pop(wanted.digest, None)
         lane.planned.discard(wanted.digest)
+        if wanted.digest in self._cancelled:
+            self._cancelled.discard(wanted.digest)
+            self._count(wanted.pool.namespace, "cancelled")
+            # Once the download it made room for counts among those
+            # under way: it is not under way yet.
+            self.clock.callLater(0, self._next, lane)
+            return
         if result is not None:
             self._count(wanted.pool.namespace, result)
         self._next(lane)

@@ -16,11 +16,15 @@ they count as cached.  A transfer that breaks goes on where it stopped,
 from the sources again (the next upstream in the namespace's order, flaky
 ones taking turns), for as long as attempts bring new bytes
 (:class:`regmirror._attempts.Attempts` decides).
+
+Downloads started ahead of clients (:mod:`regmirror.ahead`) are guesses:
+a download that anyone else starts may :meth:`~Blobs.cancel` those that
+no one else asked for, when the cache has no room for both.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from attrs import Factory, define, field
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -90,6 +94,29 @@ class _Uncached(Exception):
         return response
 
 
+class Guesses(Protocol):
+    """The downloads started ahead of clients (:class:`regmirror.ahead.Ahead`),
+    told of everyone else's requests."""
+
+    def asked(self, digest: Digest) -> None:
+        """Someone, not a guess, asks for *digest*: a guess's download of it
+        is theirs now."""
+
+    def make_room(self, digest: Digest, size: int | None) -> None:
+        """A download of *digest* of *size* bytes (``None``: unknown) is
+        about to start in this process."""
+
+
+class _NoGuesses:
+    """Nothing is fetched ahead."""
+
+    def asked(self, digest: Digest) -> None:
+        pass
+
+    def make_room(self, digest: Digest, size: int | None) -> None:
+        pass
+
+
 @define(eq=False)
 class Blobs:
     """
@@ -114,6 +141,9 @@ class Blobs:
     #: (``reactor.callFromThread``; with a synchronous ``run_in_thread``,
     #: a plain call)
     call_from_thread: CallFromThread = call_here
+    #: the downloads started ahead of clients, which the others' requests
+    #: take over or cancel
+    guesses: Guesses = field(factory=_NoGuesses)
     _running: dict[Digest, Download] = field(factory=dict)
     #: the start of a download, one per namespace and digest: where the
     #: bytes come from (and a 404) is each namespace's own decision
@@ -139,7 +169,7 @@ class Blobs:
         return list(self._running.values())
 
     async def blob(
-        self, pool: UpstreamPool, repository: str, digest: Digest
+        self, pool: UpstreamPool, repository: str, digest: Digest, guess: bool = False
     ) -> BlobSource:
         """
         A source for the blob's bytes: the cached file, or a download that
@@ -147,8 +177,12 @@ class Blobs:
         served through *pool*'s namespace only once it vouches for it
         (:mod:`regmirror.vouches`): else its upstreams are asked first.
 
+        :param guess: for a download ahead of clients; else a guess's
+            download of the blob becomes the caller's (:meth:`Guesses.asked`).
         :raises BlobUnknown: when no upstream of the namespace has it.
         """
+        if not guess:
+            self.guesses.asked(digest)
         key = (pool.voucher(repository), digest)
         # A start of this namespace's own under way is joined: no asking
         # (of this repository's, in a namespace that vouches per
@@ -337,8 +371,10 @@ class Blobs:
         """
         What this node has of *digest* without asking anyone: its cache,
         its own download, another worker's.  For the other nodes, so never
-        what this node itself takes from another node.
+        what this node itself takes from another node; a guess's download
+        is theirs then (:meth:`Guesses.asked`).
         """
+        self.guesses.asked(digest)
         await self._opened(digest)
         running = self._running.get(digest)
         if running is None:
@@ -450,6 +486,8 @@ class Blobs:
         download.size = length if isinstance(length, int) else None
         if download.segments is not None:
             download.size = download.segments[-1][1]
+        # Before the look at min_free: what guesses give up is room for it.
+        self.guesses.make_room(digest, download.size)
         if download.size is not None and not self.store.room_for(
             download.size, self._coming()
         ):
@@ -476,7 +514,7 @@ class Blobs:
         if download.segments is None:
             self._receive(download, response, skip=0)
         else:
-            Segmented.start(self, download, response)
+            download.stop = Segmented.start(self, download, response).stop
         return download
 
     async def _relay(
@@ -502,7 +540,9 @@ class Blobs:
         idle = IDLE_TIMEOUT
         if download.upstream is not None:
             idle = download.upstream.config.idle_timeout
-        response.deliverBody(_SpoolWriter(self, download, self.clock, idle, skip))
+        writer = _SpoolWriter(self, download, self.clock, idle, skip)
+        download.stop = writer.stop
+        response.deliverBody(writer)
 
     async def _resume(self, download: Download, why: str) -> None:
         """
@@ -525,6 +565,9 @@ class Blobs:
             if response is None:
                 self._fail(download, f"{why}; cannot resume: {e}")
                 return
+        if download.state != "running":
+            discard(response)  # cancelled meanwhile
+            return
         self.log.info(
             "resuming {digest} at byte {offset} from {source} ({why})",
             digest=str(download.digest),
@@ -605,6 +648,7 @@ class Blobs:
 
     def _commit(self, download: Download) -> None:
         """Every byte is in the spool: verify, and into the cache."""
+        download.stop = None  # too late to cancel: the bytes are all here
         d = self.run_in_thread(download.writer.commit)
 
         def committed(_: None) -> None:
@@ -656,7 +700,38 @@ class Blobs:
         # The error itself is in the store's line, once per period.
         self._fail(download, "the cache folder cannot be written")
 
+    def cancel(self, digest: Digest, why: str) -> bool:
+        """
+        Cancel this process's download of *digest* (a guess that no one
+        else asked for: :mod:`regmirror.ahead`): its connections closed,
+        its spool discarded, so that the digest's lock is free and a later
+        request starts a fresh download.  Not a download whose bytes are
+        all in, nor another worker's.
+
+        :return: whether a download was cancelled.
+        """
+        download = self._running.get(digest)
+        if download is None or download.stop is None or download.follower:
+            return False
+        stop = download.stop
+        self.log.info(
+            "cancelled the download of {digest} from {source} after {written} "
+            "bytes: {why}",
+            digest=str(digest),
+            source=download.source,
+            written=download.written,
+            why=why,
+        )
+        download.attempts.ended(download.written)
+        # Failed first: the connection's end is then no broken transfer
+        # to resume.
+        self._end(download)
+        stop()
+        return True
+
     def _fail(self, download: Download, why: str) -> None:
+        if download.state != "running":
+            return  # cancelled: ended already
         download.attempts.ended(download.written)
         if download.cache_error is not None:
             self.log.warn(
@@ -674,9 +749,14 @@ class Blobs:
                 why=why,
                 sources=download.attempts.summary(),
             )
+        self._end(download)
+
+    def _end(self, download: Download) -> None:
+        """*download* failed: its spool goes, its readers are told."""
         self.sources.dropped(download)
         download.writer.discard()
         download.state = "failed"
+        download.stop = None
         self._running.pop(download.digest, None)
         download.notify()
 
@@ -778,6 +858,11 @@ class _SpoolWriter:
     def _abandon(self, why: str) -> None:
         self._appender.stop()
         self.blobs._fail(self.download, why)
+        self.stop()
+
+    def stop(self) -> None:
+        """The download ended: drop what comes, close the connection."""
+        self._appender.stop()
         if self._transport is not None:
             self._transport.stopProducing()
 

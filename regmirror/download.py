@@ -13,6 +13,7 @@ for a slow one.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
@@ -91,6 +92,10 @@ class Download:
     #: bounds how long a reader waits for more bytes; without it, every
     #: append wakes every reader
     clock: IReactorTime | None = None
+    #: closes the connections of the transfer under way, dropping what
+    #: they bring (set by what receives the bytes; ``None`` once every
+    #: byte is in): see :meth:`regmirror.blobs.Blobs.cancel`
+    stop: Callable[[], None] | None = None
     _waiting: list[_Waiter] = field(factory=list)
     _timer: IDelayedCall | None = None
 

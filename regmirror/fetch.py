@@ -124,6 +124,7 @@ class Fetcher:
         )
         self.manifests = Manifests(store, self.metrics, self.vouches, self.bucket)
         self.ahead = Ahead(self.blobs, store, clock, self.metrics)
+        self.blobs.guesses = self.ahead
         board: Board = NoBoard()
         if coordinator is not None:
             board = RedisBoard(coordinator, clock)
@@ -145,8 +146,8 @@ class Fetcher:
         self, pool: UpstreamPool, repository: str, digest: Digest
     ) -> BlobSource:
         """See :meth:`Blobs.blob`.  A client's request: a blob being
-        fetched ahead is no longer ahead (:meth:`Ahead.asked`)."""
-        self.ahead.asked(digest)
+        fetched ahead is no longer ahead (:meth:`Ahead.asked`), and one
+        that starts may cancel prefetches (:meth:`Ahead.make_room`)."""
         return await self.blobs.blob(pool, repository, digest)
 
     async def blob_size(

@@ -133,7 +133,8 @@ class Metrics:
             "Blobs of a served image manifest fetched ahead of the client, by "
             "result: fetched (now cached), failed, full (the cache's size "
             "limit would be passed, or it cannot be written), down (every "
-            "upstream of the namespace marked down), busy (too many waiting)",
+            "upstream of the namespace marked down), busy (too many waiting), "
+            "cancelled (to make room for another download)",
             ["namespace", "result"],
             registry=registry,
         )

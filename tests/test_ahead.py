@@ -10,6 +10,7 @@ prefetch that fails fails nothing a client asked, and each one is counted.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,12 @@ def blob_gets(fake: FakeRegistry) -> list[str]:
     return [
         p.rsplit("/", 1)[1] for m, p in fake.requests if m == "GET" and "/blobs/" in p
     ]
+
+
+def held_open(fake: FakeRegistry, digest: str) -> bool:
+    """Is the held GET of *digest* still connected?"""
+    (request,) = [r for r, _ in fake.held if r.path.decode().endswith(digest)]
+    return not request._disconnected
 
 
 def prefetched(harness: Harness, result: str, namespace: str = "docker.io") -> float:
@@ -261,6 +268,113 @@ def test_no_prefetch_takes_the_cache_past_its_size_limit(tmp_path: Path) -> None
     assert harness.store.size <= room
     served = harness.request("GET", f"/v2/app/blobs/{second}")
     assert harness.body(served) == layer(1)
+
+
+def _room_for_one_layer(tmp_path: Path) -> tuple[Harness, FakeRegistry, Any, str]:
+    """
+    A mirror whose ``max_size`` has room for an image's manifest, config
+    and one layer and a half, the image served with its layer's download
+    held (fetched ahead, 10 bytes in), and another layer that the image
+    does not name.
+    """
+    probe = FakeRegistry()
+    body = push(probe, 1)["body"]
+    room = len(body) + len(CONFIG) + LAYER_SIZE + LAYER_SIZE // 2
+    harness, origin = mirror(tmp_path, prefetch=3, max_size=room)
+    image = push(origin, 1)
+    (ahead_of,) = image["layers"]
+    origin.hold[ahead_of] = 10
+    other = origin.add_blob(layer(7))
+    harness.body(harness.request("GET", "/v2/app/manifests/latest"))
+    assert blob_gets(origin) == [image["config"], ahead_of]
+    assert prefetched(harness, "fetched") == 1
+    return harness, origin, image, other
+
+
+def test_a_clients_download_that_would_pass_max_size_cancels_a_prefetch(
+    tmp_path: Path,
+) -> None:
+    """
+    A client's download of another blob, which with the layer being
+    fetched ahead would take the cache past ``max_size``, cancels that
+    prefetch (counted ``cancelled``): its upstream connection is closed,
+    its spool gone, nothing evicted; the client's blob is cached, and a
+    later request for the cancelled layer downloads it anew.
+    """
+    harness, origin, image, other = _room_for_one_layer(tmp_path)
+    (cancelled,) = image["layers"]
+    served = harness.request("GET", f"/v2/app/blobs/{other}")
+    assert harness.body(served) == layer(7)
+    assert prefetched(harness, "cancelled") == 1
+    assert harness.metrics.total("regmirror_prefetch_total") == 2
+    assert not held_open(origin, cancelled)
+    origin.held.clear()
+    assert not os.path.exists(harness.store.spool_path(parse_digest(cancelled)))
+    assert harness.store.has_blob(parse_digest(other))
+    assert harness.store.has_blob(parse_digest(image["config"]))
+    assert not harness.fetcher.blobs.underway(parse_digest(cancelled))
+    del origin.hold[cancelled]
+    again = harness.request("GET", f"/v2/app/blobs/{cancelled}")
+    assert harness.body(again) == layer(0)
+    assert blob_gets(origin) == [image["config"], cancelled, other, cancelled]
+    assert harness.store.has_blob(parse_digest(cancelled))
+
+
+def test_a_prefetch_a_client_joined_is_never_cancelled(tmp_path: Path) -> None:
+    """
+    With two layers fetched ahead and a client having joined the second
+    (the newer), another client's download that would pass ``max_size``
+    cancels the first; even though that is not room enough, the one the
+    client joined goes on, and its client gets every byte.
+    """
+    probe = FakeRegistry()
+    body = push(probe, 2)["body"]
+    room = len(body) + len(CONFIG) + 2 * LAYER_SIZE + LAYER_SIZE // 2
+    harness, origin = mirror(tmp_path, prefetch=3, max_size=room)
+    image = push(origin, 2)
+    first, second = image["layers"]
+    origin.hold[first] = origin.hold[second] = 10
+    big = origin.add_blob(layer(7) * 2)
+    harness.body(harness.request("GET", "/v2/app/manifests/latest"))
+    assert blob_gets(origin) == [image["config"], first, second]
+    received: list[bytes] = []
+    done: list[object] = []
+    d = harness.client.get(f"http://mirror.test/v2/app/blobs/{second}", unbuffered=True)
+    d.addCallback(treq.collect, received.append).addBoth(done.append)
+    harness.settle()
+    served = harness.request("GET", f"/v2/app/blobs/{big}")
+    assert harness.body(served) == layer(7) * 2
+    assert not held_open(origin, first)
+    assert held_open(origin, second)
+    assert prefetched(harness, "cancelled") == 1
+    origin.held = [(r, rest) for r, rest in origin.held if not r._disconnected]
+    origin.release()
+    harness.settle()
+    assert done == [None]
+    assert b"".join(received) == layer(1)
+    assert prefetched(harness, "fetched") == 2
+    assert harness.store.has_blob(parse_digest(second))
+
+
+def test_a_clients_download_with_room_enough_cancels_no_prefetch(
+    tmp_path: Path,
+) -> None:
+    """With room in ``max_size`` for the client's download besides the
+    layer being fetched ahead, to the byte, the prefetch goes on and ends
+    cached."""
+    harness, origin, image, other = _room_for_one_layer(tmp_path)
+    (ahead_of,) = image["layers"]
+    assert harness.store.max_size is not None
+    harness.store.max_size += LAYER_SIZE // 2
+    served = harness.request("GET", f"/v2/app/blobs/{other}")
+    assert harness.body(served) == layer(7)
+    assert held_open(origin, ahead_of)
+    origin.release()
+    harness.settle()
+    assert prefetched(harness, "cancelled") == 0
+    assert prefetched(harness, "fetched") == 2
+    assert harness.store.has_blob(parse_digest(ahead_of))
+    assert harness.store.has_blob(parse_digest(other))
 
 
 def test_no_prefetch_below_min_free_or_into_a_cache_that_cannot_be_written(
