@@ -3,9 +3,11 @@ Where a process's listeners come from.
 
 The ``twistd`` process binds each endpoint description of ``[server]
 listen`` and ``metrics_listen`` (:class:`Bind`); a worker process adopts
-the listening sockets it inherited from it (:class:`Adopt`).  Either way a
-listener is a service, started and stopped with the rest of the tree, and
-an ``ssl:`` listener comes with the certificate that SIGHUP reloads.
+the listening sockets it inherited from it (:class:`Adopt`), and every
+process sharing a socket accepts one connection at a time on it
+(:class:`_SharedTCPPort`).  Either way a listener is a service, started
+and stopped with the rest of the tree, and an ``ssl:`` listener comes
+with the certificate that SIGHUP reloads.
 """
 
 from __future__ import annotations
@@ -265,22 +267,47 @@ class AdoptedListener(_Listening):
     def startService(self) -> None:
         super().startService()
         fd = self._inherited.fd
+        # What the reactor's adoptStreamPort does, with a port that shares
+        # the socket (and, for UNIX, leaves its file to the process that
+        # bound it).
         if self._inherited.family == socket.AF_UNIX:
-            # What adoptStreamPort does, with a port that leaves the
-            # socket's file to the process that bound it.
-            self.port = _SharedUNIXPort._fromListeningDescriptor(
+            self.port = _AdoptedUNIXPort._fromListeningDescriptor(
                 self._reactor, fd, self._factory
             )
-            self.port.startListening()
         else:
-            self.port = self._reactor.adoptStreamPort(
-                fd, self._inherited.family, self._factory
+            self.port = _SharedTCPPort._fromListeningDescriptor(
+                self._reactor, fd, self._inherited.family, self._factory
             )
+        self.port.startListening()
         # The port holds a socket of its own (a duplicate).
         os.close(fd)
 
 
-class _SharedUNIXPort(unix.Port):
+class _SharedTCPPort(tcp.Port):
+    """
+    A listening socket that other processes accept on too (``workers``):
+    one connection accepted each time it is readable.  Every process
+    waiting on the socket is woken for a new connection; Twisted's port
+    accepts all those pending at once (up to ``numberAccepts``, 100 at
+    first, 20 more after each time it took that many), so that one process
+    took a whole burst, and its TLS handshakes, while another sat idle.
+    Taking one at a time, a process busy with those it has leaves the next
+    to one that is waiting (a process woken for a connection another took
+    finds none, which Twisted ignores).
+    """
+
+    def doRead(self) -> None:
+        # Twisted's doRead raises it again after a full batch.
+        self.numberAccepts = 1
+        super().doRead()
+
+
+class _SharedUNIXPort(_SharedTCPPort, unix.Port):
+    """A UNIX socket that other processes accept on too
+    (:class:`_SharedTCPPort`), bound by this one."""
+
+
+class _AdoptedUNIXPort(_SharedUNIXPort):
     """
     A UNIX socket another process bound (``twistd``) and this one accepts
     on: Twisted's port removes the socket's file when it stops listening,
@@ -291,6 +318,46 @@ class _SharedUNIXPort(unix.Port):
 
     def connectionLost(self, reason: Failure) -> None:
         tcp.Port.connectionLost(self, reason)
+
+
+class _SharedListening:
+    """
+    *reactor*, whose ``listenTCP`` and ``listenUNIX`` make ports that other
+    processes can share (:class:`_SharedTCPPort`), as the reactor's own
+    methods make Twisted's: for the endpoints of the parent's listeners
+    when worker processes accept on them too.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def listenTCP(
+        self,
+        port: int,
+        factory: IProtocolFactory,
+        backlog: int = 50,
+        interface: str = "",
+    ) -> _SharedTCPPort:
+        listening = _SharedTCPPort(port, factory, backlog, interface, self._reactor)
+        listening.startListening()
+        return listening
+
+    def listenUNIX(
+        self,
+        address: Any,  # str from the endpoint, bytes in Twisted's hint
+        factory: IProtocolFactory,
+        backlog: int = 50,
+        mode: int = 0o666,
+        wantPID: int = 0,
+    ) -> _SharedUNIXPort:
+        listening = _SharedUNIXPort(
+            address, factory, backlog, mode, self._reactor, wantPID
+        )
+        listening.startListening()
+        return listening
 
 
 #: The listen queue of a listener whose description names none: Twisted's
@@ -336,10 +403,12 @@ def _forget_own_stale_lock(description: str) -> None:
 
 class Bind:
     """The parent's listeners: bound from their endpoint descriptions,
-    with a listen queue of :data:`DEFAULT_BACKLOG` unless they name one."""
+    with a listen queue of :data:`DEFAULT_BACKLOG` unless they name one;
+    *shared* when worker processes accept on them too, so that each
+    process takes one connection at a time (:class:`_SharedTCPPort`)."""
 
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
+    def __init__(self, reactor: Any, shared: bool = False) -> None:
+        self._reactor = _SharedListening(reactor) if shared else reactor
 
     def listener(
         self, description: str, factory: IProtocolFactory

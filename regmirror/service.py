@@ -544,7 +544,9 @@ def build_tree(config: Config, reactor: Any, worker: Worker | None) -> MirrorSer
             (d, listener_factory(metrics_site, d)) for d in config.server.metrics_listen
         ]
     source: Listeners = (
-        Bind(reactor) if worker is None else Adopt(reactor, worker.inherited)
+        Bind(reactor, shared=config.server.workers > 1)
+        if worker is None
+        else Adopt(reactor, worker.inherited)
     )
     bound = []
     for number, (description, factory) in enumerate(served):

@@ -3,13 +3,14 @@ Several processes, one mirror (``[server] workers = N``).
 
 The twistd process binds the listeners and serves on them; it then starts
 ``N - 1`` worker processes (``python -m regmirror.worker``) that are handed
-the same listening sockets and accept on them too, so the kernel spreads
-connections over every process.  Each process runs the same service tree
-(:func:`regmirror.service.build_tree`) from the same configuration: a
-worker reads the text twistd loaded at its start from its standard input,
-never the file again (edited since, a restarted worker would run another
-mirror, or none), and never from its command line or environment, which
-other users may read.  All of them share the cache
+the same listening sockets and accept on them too, each process one
+connection at a time (``regmirror.listeners._SharedTCPPort``), so that
+connections spread over the processes free to take them.  Each process
+runs the same service tree (:func:`regmirror.service.build_tree`) from
+the same configuration: a worker reads the text twistd loaded at its start
+from its standard input, never the file again (edited since, a restarted
+worker would run another mirror, or none), and never from its command line
+or environment, which other users may read.  All of them share the cache
 folder, where the spool lock gives one upstream download per digest
 machine-wide.  The parent restarts a worker that dies, asks them to
 reload on SIGHUP (over their channel: a signal would end one still

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import ssl, unix
+from twisted.internet import ssl
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
@@ -36,9 +36,12 @@ from regmirror.http.site import MirrorSite
 from regmirror.ini import load
 from regmirror.listeners import (
     DEFAULT_BACKLOG,
+    Adopt,
     AdoptedListener,
     Bind,
+    BoundListener,
     Inherited,
+    listen_address,
     with_backlog,
 )
 from regmirror.service import Worker, build_tree, make_service
@@ -379,8 +382,11 @@ def test_worker_tls_listeners_negotiate_http11(
     )
     service = build_tree(config, reactor, worker)
     service.startService()
-    adopted = {fd: factory for fd, _, factory in reactor.adoptedPorts}
-    plain, api, metrics = (adopted[i.fd] for i in worker.inherited)
+    plain, api, metrics = (
+        listener.port.factory
+        for listener in service
+        if isinstance(listener, AdoptedListener)
+    )
     for _ in range(2):
         pem = write_certificate(tmp_path)
         service.reload()
@@ -401,6 +407,7 @@ def test_worker_tls_listeners_negotiate_http11(
     assert transport.value().startswith(b"HTTP/1.0 400 Bad Request\r\n")
     assert isinstance(plain, PlainHTTPFactory)
     service.stopService()
+    reactor.advance(0)  # the ports close their sockets
 
 
 # -- the listen queue -----------------------------------------------------------
@@ -466,16 +473,6 @@ def test_other_listeners_are_left_as_given() -> None:
 # -- UNIX sockets shared with workers ---------------------------------------------
 
 
-class _AdoptingReactor(MemoryReactorClock):
-    """A memory reactor that adopts a UNIX socket as the real one does
-    (posixbase: Twisted's own port, started)."""
-
-    def adoptStreamPort(self, fd: int, family: int, factory: Any) -> Any:
-        port = unix.Port._fromListeningDescriptor(self, fd, factory)
-        port.startListening()
-        return port
-
-
 def test_a_workers_unix_listener_leaves_the_socket_file_to_twistd(
     tmp_path: Path,
 ) -> None:
@@ -490,7 +487,7 @@ def test_a_workers_unix_listener_leaves_the_socket_file_to_twistd(
     bound.bind(str(path))
     bound.listen(5)
     bound.setblocking(False)
-    reactor = _AdoptingReactor()
+    reactor = MemoryReactorClock()
     listener = AdoptedListener(
         reactor,
         Inherited(os.dup(bound.fileno()), socket.AF_UNIX, f"unix:{path}"),
@@ -502,6 +499,117 @@ def test_a_workers_unix_listener_leaves_the_socket_file_to_twistd(
     assert stopped is not None and stopped.called
     assert path.exists()
     bound.close()
+
+
+# -- sockets shared with workers: one connection at a time ---------------------
+
+
+class _Counting(Factory):
+    """Serves every connection with a bare protocol, and counts them."""
+
+    protocol = Protocol
+    built = 0
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        self.built += 1
+        return super().buildProtocol(addr)
+
+
+def _parent(
+    reactor: Any, description: str, factory: _Counting
+) -> tuple[Any, socket.socket | None]:
+    """The parent's listener of *description*, shared with workers, bound."""
+    listener, _ = Bind(reactor, shared=True).listener(description, factory)
+    listener.privilegedStartService()
+    return listener, None
+
+
+def _worker(
+    reactor: Any, description: str, factory: _Counting
+) -> tuple[Any, socket.socket | None]:
+    """A worker's listener of *description*, started, on a socket bound and
+    listening as twistd hands it over; that socket, which twistd keeps."""
+    address = listen_address(description)
+    assert address is not None
+    if address.path is None:
+        bound = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        bound.bind((address.interface, 0))
+    else:
+        bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound.bind(address.path)
+    bound.listen(5)
+    bound.setblocking(False)
+    inherited = Inherited(os.dup(bound.fileno()), bound.family, description)
+    listener, _ = Adopt(reactor, [inherited]).listener(description, factory)
+    listener.startService()
+    return listener, bound
+
+
+@pytest.mark.parametrize("listen", [_parent, _worker])
+@pytest.mark.parametrize(
+    "description",
+    [
+        "tcp:0:interface=127.0.0.1",
+        "ssl:0:interface=127.0.0.1:privateKey=key.pem:certKey=cert.pem",
+        "unix:mirror.sock",
+    ],
+)
+def test_a_listener_shared_with_workers_accepts_one_connection_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, listen: Any, description: str
+) -> None:
+    """
+    With ``workers``, every process waiting on the listening socket is
+    woken for a new connection; the parent's listeners and a worker's
+    (TCP, TLS, UNIX) accept one connection each time their socket is
+    readable, not every one pending as Twisted's port does (up to 100 at
+    once, more after a full batch), which gave one process a whole burst
+    of TLS handshakes while another sat idle.  Three clients connected at
+    once are accepted one at a time, also after the first (Twisted's port
+    raises its batch after a full one).
+    """
+    monkeypatch.chdir(tmp_path)
+    write_certificate(tmp_path)
+    reactor = MemoryReactorClock()
+    factory = _Counting()
+    listener, bound = listen(reactor, description, factory)
+    port = listener.port
+    clients = []
+    for _ in range(3):
+        if description.startswith("unix:"):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.connect("mirror.sock")
+        else:
+            client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        clients.append(client)
+    accepted = []
+    for _ in range(4):
+        port.doRead()
+        accepted.append(factory.built)
+    assert accepted == [1, 2, 3, 3]
+    for client in clients:
+        client.close()
+    for connection in reactor.readers - {port}:
+        connection.abortConnection()
+    listener.stopService()
+    reactor.advance(0)
+    if bound is not None:
+        bound.close()
+
+
+def test_the_parent_alone_listens_with_twisteds_own_ports(tmp_path: Path) -> None:
+    """With ``workers = 1`` the parent, alone on its sockets, listens
+    through the reactor (Twisted's ports, accepting a burst at once); with
+    workers it binds sockets they share."""
+    for workers, through_reactor in ((1, 1), (2, 0)):
+        reactor = MemoryReactorClock()
+        config = load(str(write_config(tmp_path, f"workers = {workers}")))
+        tree = make_service(config, reactor)
+        tree.privilegedStartService()
+        assert len(reactor.tcpServers) == through_reactor, workers
+        for service in tree:
+            if isinstance(service, BoundListener):
+                service.stopService()
+        reactor.advance(0)
 
 
 def test_a_stale_lock_naming_this_process_is_removed_before_listening(

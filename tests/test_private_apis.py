@@ -124,7 +124,7 @@ def test_tls_writes_go_through_the_methods_bulk_tls_overrides() -> None:
 
 
 def test_adopting_a_unix_socket_builds_the_port_from_a_class_method() -> None:
-    """``listeners._SharedUNIXPort`` is adopted as ``adoptStreamPort`` adopts
+    """``listeners._AdoptedUNIXPort`` is adopted as ``adoptStreamPort`` adopts
     UNIX sockets (``unix.Port._fromListeningDescriptor``, then
     ``startListening``), and overrides ``connectionLost``, where Twisted's
     port removes the socket's file before ``tcp.Port.connectionLost``."""
@@ -132,6 +132,33 @@ def test_adopting_a_unix_socket_builds_the_port_from_a_class_method() -> None:
 
     adopt = inspect.getsource(posixbase.PosixReactorBase.adoptStreamPort)
     assert "unix.Port._fromListeningDescriptor" in adopt
+    assert "p.startListening()" in adopt
     lost = inspect.getsource(unix.Port.connectionLost)
     assert "os.unlink(self._bindPath)" in lost
     assert "tcp.Port.connectionLost(self, reason)" in lost
+
+
+def test_shared_ports_are_made_as_the_reactor_makes_its_own() -> None:
+    """
+    ``listeners._SharedListening`` and ``AdoptedListener`` make ports as the
+    reactor's ``listenTCP``, ``listenUNIX`` and ``adoptStreamPort`` make
+    Twisted's (the port's constructor, or ``_fromListeningDescriptor``,
+    then ``startListening``); ``_SharedTCPPort`` pins ``numberAccepts``,
+    the number of connections ``doRead`` accepts at once, which
+    ``startListening`` sets and ``doRead`` raises after a full batch.
+    """
+    from twisted.internet import posixbase
+
+    reactor = posixbase.PosixReactorBase
+    listen_tcp = inspect.getsource(reactor.listenTCP)
+    assert "tcp.Port(port, factory, backlog, interface, self)" in listen_tcp
+    listen_unix = inspect.getsource(reactor.listenUNIX)
+    assert "unix.Port(address, factory, backlog, mode, self, wantPID)" in listen_unix
+    adopt = inspect.getsource(reactor.adoptStreamPort)
+    assert "tcp.Port._fromListeningDescriptor(" in adopt
+    for made in (listen_tcp, listen_unix, adopt):
+        assert "p.startListening()" in made
+    read = inspect.getsource(tcp.Port.doRead)
+    assert "numAccepts = self.numberAccepts" in read
+    assert "range(numAccepts)" in read
+    assert "self.numberAccepts += 20" in read

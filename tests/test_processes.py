@@ -64,22 +64,6 @@ def config_of(tmp_path: Path, workers: int = 3, extra: str = "") -> Config:
     return load(str(write_config(tmp_path, f"workers = {workers}", extra)))
 
 
-class _Port:
-    """A listening port of :class:`Machine`, with a descriptor to hand on."""
-
-    def __init__(self, port: Any) -> None:
-        self._port = port
-
-    def getHost(self) -> Any:
-        return self._port.getHost()
-
-    def fileno(self) -> int:
-        return 99
-
-    def stopListening(self) -> Any:
-        return self._port.stopListening()
-
-
 class _Process:
     def __init__(self, pid: int, env: dict[str, str]) -> None:
         self.pid = pid
@@ -134,9 +118,6 @@ class Machine(MemoryReactorClock):
         process = _Process(1000 + len(self.spawned), kwargs["env"])
         self.spawned.append((protocol, args, process))
         return process
-
-    def listenTCP(self, *args: Any, **kwargs: Any) -> Any:
-        return _Port(super().listenTCP(*args, **kwargs))
 
 
 def _worker_place(config: Config) -> Worker:
@@ -280,7 +261,9 @@ def test_worker_samples_history_and_recovers_upstreams(
     document = result(Deferred.fromCoroutine(mirror.status()))
     assert len(document["history"]) == 2
     assert mirror._recovery.running
-    result(tree.stopService())
+    stopped = tree.stopService()
+    reactor.advance(0)  # a listening port closes in the next turn
+    result(stopped)
     assert not mirror._recovery.running
     assert reactor.getDelayedCalls() == []
     assert reactor.hasStopped is False  # its own stop, not the parent's end
@@ -349,6 +332,7 @@ def test_counts_of_ended_workers_stay(tmp_path: Path, monkeypatch: Any) -> None:
     count(one, 10)  # not reported yet: given when it stops
     stopped = one.stopService()
     family.settle()
+    family.reactor.advance(0)
     result(stopped)
     count(two, 100)  # reported, then killed: lost with it
     assert family.requests_total(parent) == 115
@@ -502,6 +486,7 @@ def test_a_worker_runs_the_text_the_parent_loaded(
     assert len(reactor.spawned) == 2
     stopping = parent.stopService()
     reactor.spawned[-1][0].processEnded(Failure(ProcessDone(0)))
+    reactor.advance(0)
     result(stopping)
 
 
@@ -538,6 +523,7 @@ def test_a_worker_that_keeps_dying_at_start_is_restarted_less_often(
     assert dies_after(0.1) == 2 * RESTART_DELAY
     stopping = parent.stopService()
     reactor.spawned[-1][0].processEnded(Failure(ProcessDone(0)))
+    reactor.advance(0)
     result(stopping)
 
 
