@@ -1,7 +1,8 @@
 """
 Blob bodies from disk to a plain TCP socket with ``sendfile(2)``: the
 kernel copies from the page cache to the socket, and no byte of the body
-passes through Python or the transport's write buffer.
+passes through Python or the transport's write buffer (but for those of a
+download still on their way to the spool file, sent from memory).
 
 Twisted's TCP transport buffers whatever is written to it and sends it
 when the socket is writable; a *pull* producer registered with it is
@@ -119,6 +120,14 @@ class SocketSender(BlobTail):
 
     def _send_some(self, count: int) -> int:
         """Send up to *count* bytes from the current position."""
+        view = self._in_memory(count)
+        if view is not None:
+            # Not in the file yet: from the download's window.
+            sent: int = self._socket.send(view)
+            return sent
+        count = self._in_file(count)
+        if count == 0:
+            return 0
         if not self._copy:
             try:
                 return os.sendfile(
@@ -133,7 +142,7 @@ class SocketSender(BlobTail):
         data = os.pread(self._file.fileno(), count, self._position)
         if not data:
             return 0
-        sent: int = self._socket.send(data)
+        sent = self._socket.send(data)
         return sent
 
     def _release(self) -> None:

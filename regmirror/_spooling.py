@@ -9,8 +9,11 @@ writeback to the disk (:meth:`regmirror.store.Spool.put`), the other
 hashes them (:meth:`~regmirror.store.Spool.hash`).  Hashing, writing and the
 network each get a core when there is one, with no round trip through
 the reactor between batches.  After each batch written, the reactor
-thread counts the bytes for readers (``Spool.written``): never before they
-are in the file.  While more than :data:`PAUSE_AT` bytes are held (not yet
+thread counts the bytes in the file (``Spool.written``).  Until then the
+bytes received are in a :class:`Window`, which readers of this process
+send from: a client gets the bytes as they arrive, not once the disk took
+them (they are the same bytes objects the threads work on, so this costs
+no memory).  While more than :data:`PAUSE_AT` bytes are held (not yet
 both written and hashed), the source is paused: a disk or a thread pool
 slower than the network slows the download, it does not fill memory.
 """
@@ -126,6 +129,59 @@ class _Lane:
 
 
 @define(eq=False)
+class Window:
+    """
+    The bytes received for a spool and not yet in its file, in order: the
+    blob's bytes ``[start, end)``.  Used on the reactor thread only.
+    """
+
+    #: where the window starts in the blob: the file's end
+    start: int
+    _buffers: collections.deque[bytes] = field(factory=collections.deque)
+    _held: int = 0
+
+    @property
+    def end(self) -> int:
+        """Where the bytes received so far end in the blob."""
+        return self.start + self._held
+
+    def add(self, data: bytes) -> None:
+        self._buffers.append(data)
+        self._held += len(data)
+
+    def written(self, count: int) -> None:
+        """*count* more bytes are in the file: they leave the window."""
+        self.start += count
+        self._held -= count
+        while count:
+            first = self._buffers[0]
+            if len(first) > count:
+                self._buffers[0] = first[count:]
+                return
+            self._buffers.popleft()
+            count -= len(first)
+
+    def clear(self) -> None:
+        """Nothing more is to be read from here (the download ended)."""
+        self._buffers.clear()
+        self._held = 0
+
+    def peek(self, position: int, count: int) -> memoryview | None:
+        """
+        Up to *count* bytes from *position* of the blob (at least one),
+        or ``None`` if the window does not hold that byte.
+        """
+        offset = position - self.start
+        if offset < 0 or offset >= self._held:
+            return None
+        for data in self._buffers:
+            if offset < len(data):
+                return memoryview(data)[offset : offset + count]
+            offset -= len(data)
+        return None  # pragma: no cover - _held counts the buffers
+
+
+@define(eq=False)
 class Appender:
     """
     Appends one source's body to a spool in threads, in order, pausing
@@ -136,6 +192,7 @@ class Appender:
     :ivar failed: called once, on the reactor thread, when writing or
         hashing fails; what is queued is dropped, and so is whatever comes
         after.
+    :ivar window: the bytes received and not yet in the file.
     """
 
     spool: Spool
@@ -154,8 +211,10 @@ class Appender:
     _drained: list[Deferred[None]] = field(factory=list)
     _writing: _Lane = field(init=False)
     _hashing: _Lane = field(init=False)
+    window: Window = field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self.window = Window(self.spool.written)
         self._writing = _Lane(
             self.spool.put,
             self._wrote,
@@ -186,6 +245,7 @@ class Appender:
         if self._stopped or not data:
             return
         self._received += len(data)
+        self.window.add(data)
         self._writing.add(data)
         self._hashing.add(data)
         if not self._paused and (
@@ -209,6 +269,7 @@ class Appender:
         self._stopped = True
         self._writing.clear()
         self._hashing.clear()
+        self.window.clear()
         self._stop_waiting()
 
     def _hash(self, batch: list[bytes]) -> int:
@@ -221,6 +282,7 @@ class Appender:
         if self._stopped:
             return
         self._written += count
+        self.window.written(count)
         self.spool.written += count
         self._moved()
         self.appended()
@@ -245,6 +307,7 @@ class Appender:
         self._stopped = True
         self._writing.clear()
         self._hashing.clear()
+        self.window.clear()
         # Reported before whoever waits for the end is let go: the body
         # may have ended meanwhile, and its end, taken first, would blame
         # the source for the bytes the disk did not take.

@@ -794,6 +794,8 @@ class _SpoolWriter:
             self._appended,
             self._append_failed,
         )
+        # This process's readers send what came and is not yet written.
+        self.download.window = self._appender.window
 
     def makeConnection(self, transport: Any) -> None:
         self._transport = transport
@@ -829,6 +831,7 @@ class _SpoolWriter:
             self._abandon(f"the body went past {limit} bytes")
             return
         self._appender.add(data)
+        self.download.appended()
 
     def _appended(self) -> None:
         # Bytes reaching the spool are progress, even with the source paused.

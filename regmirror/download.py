@@ -5,9 +5,10 @@ A :class:`Download` is a spool file that grows (written here by
 :mod:`regmirror.blobs`, or by another worker process and only watched
 here: :mod:`regmirror.siblings`) and the readers of
 :mod:`regmirror.readers` that tail it.  It says how far they may read (one
-byte short of the end until the digest is verified) and wakes them when
-more is there: in a few large steps for a fast download, with little delay
-for a slow one.
+byte short of the end until the digest is verified), from the file or,
+for bytes received by this process and not yet written, from memory (its
+:attr:`~Download.window`), and wakes them when more is there: in a few
+large steps for a fast download, with little delay for a slow one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from regmirror._attempts import Attempts
+from regmirror._spooling import Window
 from regmirror.cluster import Lease
 from regmirror.pool import UpstreamPool
 from regmirror.reference import Digest
@@ -96,6 +98,9 @@ class Download:
     #: they bring (set by what receives the bytes; ``None`` once every
     #: byte is in): see :meth:`regmirror.blobs.Blobs.cancel`
     stop: Callable[[], None] | None = None
+    #: the bytes received by this process and not yet in the spool file,
+    #: for its readers (set by what receives them)
+    window: Window | None = None
     _waiting: list[_Waiter] = field(factory=list)
     _timer: IDelayedCall | None = None
 
@@ -115,11 +120,19 @@ class Download:
         return self.source.startswith(PEER_PREFIX)
 
     @property
+    def received(self) -> int:
+        """How many bytes this process has, in the file or in its window."""
+        window = self.window
+        if window is None or self.state != "running":
+            return self.written
+        return max(self.written, window.end)
+
+    @property
     def readable(self) -> int:
         """How many bytes readers may send: all once verified, else one less."""
         if self.state == "done":
             return self.written
-        return max(0, self.written - 1)
+        return max(0, self.received - 1)
 
     def changed(self, written: int = 0) -> Deferred[None]:
         """
@@ -141,7 +154,8 @@ class Download:
 
     def appended(self) -> None:
         """
-        Bytes were appended: wake the waiters whose bytes are there, and
+        Bytes were received or written: wake the waiters whose bytes are
+        there (:attr:`received`), and
         make sure the others are woken within :data:`WAKE_DELAY` (all of
         them at once without a clock).
         """
@@ -150,7 +164,7 @@ class Download:
             self.notify()
             return
         waking, staying = [], []
-        written = self.written
+        written = self.received
         late = clock.seconds() + WAKE_DELAY
         for waiter in self._waiting:
             if waiter.written <= written:

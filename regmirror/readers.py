@@ -4,15 +4,18 @@ The ways a blob's bytes reach a client.
 A :class:`BlobSource` says where to read: the cache file, a download's
 growing spool, or an upstream response relayed as it comes when the cache
 cannot be written.  A :class:`BlobTail` is one reader's place in a file or
-spool; :class:`SpoolReader` moves its bytes through twisted.web (the
-``sendfile`` sender of :mod:`regmirror._sendfile` is the other kind, for
-plain TCP); :class:`Relay` streams an upstream body straight through.
+spool (the bytes of this process's download not yet in the spool file come
+from its window in memory, :class:`regmirror._spooling.Window`);
+:class:`SpoolReader` moves its bytes through twisted.web (the ``sendfile``
+sender of :mod:`regmirror._sendfile` is the other kind, for plain TCP);
+:class:`Relay` streams an upstream body straight through.
 Each holds the last byte of a blob back until its digest is verified: a
 client never receives a complete body whose digest did not match.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -114,6 +117,28 @@ class BlobTail:
         readable = download.readable
         return readable if self._end is None else min(readable, self._end - 1)
 
+    def _in_memory(self, count: int) -> memoryview | None:
+        """
+        Up to *count* bytes from the position, when they are not in the
+        spool file yet but in this process's download window.
+        """
+        download = self._download
+        if (
+            download is None
+            or download.window is None
+            or download.state != "running"
+            or self._position < download.written
+        ):
+            return None
+        return download.window.peek(self._position, count)
+
+    def _in_file(self, count: int) -> int:
+        """How many of *count* bytes from the position the file may give."""
+        download = self._download
+        if download is None or download.state == "done":
+            return count
+        return max(0, min(count, download.written - self._position))
+
     def _sent(self, size: int) -> None:
         self._position += size
         if self._count is not None:
@@ -208,7 +233,6 @@ class SpoolReader(BlobTail):
         count: Callable[[int], object] | None = None,
     ) -> None:
         super().__init__(source, start, end, count)
-        self._file.seek(start)
         self._consumer = consumer
         self._clock = clock
         self._paused = False
@@ -231,7 +255,13 @@ class SpoolReader(BlobTail):
                 self._at_limit()
                 return
             size = CHUNK if limit is None else min(CHUNK, limit - self._position)
-            data = self._file.read(size)
+            view = self._in_memory(size)
+            if view is not None:
+                data = bytes(view)
+            else:
+                data = os.pread(
+                    self._file.fileno(), self._in_file(size), self._position
+                )
             if not data:
                 if self._download is None or self._download.state == "done":
                     self._complete()

@@ -32,6 +32,7 @@ from regmirror._spooling import (
     RESUME_AT,
     TURN,
     Appender,
+    Window,
     _Lane,
     call_here,
 )
@@ -106,8 +107,8 @@ def test_bytes_count_for_readers_once_written_and_the_end_waits_for_the_hash(
     tmp_path: Path,
 ) -> None:
     """What the source delivers waits for two threads, one writing, one
-    hashing: it is neither in the file nor in ``written`` (how far readers
-    may read) before the writing thread ran; then all of it, in order; the
+    hashing: it is neither in the file nor in ``written`` (how far the file
+    goes) before the writing thread ran; then all of it, in order; the
     end (drained) waits for the hashing thread too, whose hash covers
     every byte."""
     data = os.urandom(3 * MIB + 123)
@@ -130,6 +131,40 @@ def test_bytes_count_for_readers_once_written_and_the_end_waits_for_the_hash(
     threads.run()  # hashing
     assert drained.called
     spool.verify()  # raises if the hash missed or reordered a byte
+
+
+def test_the_window_holds_what_came_and_is_not_yet_written(tmp_path: Path) -> None:
+    """The appender's window: every byte received and not yet in the file,
+    at its place in the blob, across pieces, and none once written."""
+    data = os.urandom(3 * MIB + 123)
+    _, spool = spool_for(tmp_path, data)
+    threads = Threads()
+    a = appender(spool, threads)
+    pieces = [data[i : i + 65536] for i in range(0, len(data), 65536)]
+    for piece in pieces:
+        a.add(piece)
+    window = a.window
+    assert (window.start, window.end) == (0, len(data))
+    assert bytes(window.peek(0, 10)) == data[:10]
+    assert bytes(window.peek(65530, 100)) == data[65530:65536], "one piece a peek"
+    assert bytes(window.peek(len(data) - 1, 10)) == data[-1:]
+    assert window.peek(len(data), 1) is None
+    threads.run()  # writing: all of it
+    assert (window.start, window.end) == (len(data), len(data))
+    assert window.peek(0, 10) is None
+
+
+def test_a_window_gives_up_part_of_a_piece() -> None:
+    window = Window(100)
+    window.add(b"abcdef")
+    window.add(b"ghij")
+    window.written(4)
+    assert (window.start, window.end) == (104, 110)
+    assert bytes(window.peek(104, 10)) == b"ef"
+    assert bytes(window.peek(106, 10)) == b"ghij"
+    assert window.peek(103, 1) is None
+    window.clear()
+    assert window.end == window.start == 104
 
 
 def test_a_source_faster_than_the_threads_is_paused_until_they_catch_up(
@@ -306,9 +341,9 @@ def test_the_last_byte_waits_for_the_check_and_the_flush_in_a_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """
-    A client of a download gets the bytes once the thread appended them,
-    all but the last; the last only after the digest was checked, the spool
-    flushed to disk (``fsync``) and moved into the cache.
+    A client of a download gets the bytes all but the last; the last only
+    after the digest was checked, the spool flushed to disk (``fsync``) and
+    moved into the cache.
     """
     synced: list[int] = []
     real_fsync = os.fsync
@@ -331,6 +366,32 @@ def test_the_last_byte_waits_for_the_check_and_the_flush_in_a_thread(
     assert not mirror.store.has_blob(Digest.of(LAYER))
     threads.run()
     assert len(synced) == 1
+    mirror.settle()
+    result(done)
+    assert b"".join(received) == LAYER
+    assert mirror.store.has_blob(Digest.of(LAYER))
+
+
+def test_a_client_gets_the_bytes_as_they_come_before_the_disk_took_them(
+    mirror: Harness, origin: FakeRegistry, threads: Threads
+) -> None:
+    """
+    The threads have neither written nor hashed anything yet: a client of
+    the download already has every byte but the last, sent from the
+    download's window in memory (they are not in the spool file); the last
+    comes once written, checked, flushed and moved into the cache.
+    """
+    layer = image(origin)["layer"]
+    answer = mirror.client.get(f"http://mirror.test/v2/app/blobs/{layer}")
+    mirror.settle()
+    response = result(answer)
+    received: list[bytes] = []
+    done = treq.collect(response, received.append)
+    mirror.settle()
+    (download,) = mirror.fetcher.blobs.downloads
+    assert download.written == 0 and len(threads.jobs) == 2
+    assert b"".join(received) == LAYER[:-1]
+    threads.run_all()  # writing, hashing, the commit
     mirror.settle()
     result(done)
     assert b"".join(received) == LAYER
