@@ -28,6 +28,7 @@ from regmirror.config import (
     MAX_PREFETCH,
     MAX_SEGMENTS,
     MIN_KEEP_WARM_INTERVAL,
+    MIN_SEGMENT_MIN_SIZE,
     AccessConfig,
     CacheConfig,
     ClusterConfig,
@@ -375,6 +376,11 @@ def _upstream(reader: _Reader, name: str, base: str) -> UpstreamConfig:
     segments = reader.get("segments", positive_int, DEFAULT_SEGMENTS)
     if segments > MAX_SEGMENTS:
         raise reader.error("segments", f"at most {MAX_SEGMENTS}")
+    segment_min_size = reader.get(
+        "segment_min_size", parse_size, DEFAULT_SEGMENT_MIN_SIZE
+    )
+    if segment_min_size < MIN_SEGMENT_MIN_SIZE:
+        raise reader.error("segment_min_size", "at least 1MiB")
     url, prefix = reader.get("url", parse_registry_url, required=True)
     upstream = UpstreamConfig(
         name=name,
@@ -394,9 +400,7 @@ def _upstream(reader: _Reader, name: str, base: str) -> UpstreamConfig:
         breaker_failures=reader.get("breaker_failures", positive_int, 3),
         breaker_backoff=reader.get("breaker_backoff", positive_duration, 30.0),
         segments=segments,
-        segment_min_size=reader.get(
-            "segment_min_size", parse_size, DEFAULT_SEGMENT_MIN_SIZE
-        ),
+        segment_min_size=segment_min_size,
         prefix=prefix,
         ns=reader.get("ns", parse_hostname, None),
     )

@@ -1079,3 +1079,23 @@ def test_segments(tmp_path: Path) -> None:
     for value in ("0", "17", "some"):
         path = _write(tmp_path, with_segments.format(value))
         _assert_located(_error(path), path, "upstream:hub", "segments")
+
+
+@pytest.mark.parametrize("size", ["0", "1000", "1MB", "0.5MiB"])
+def test_segment_min_size_below_a_mebibyte_is_refused(
+    tmp_path: Path, size: str
+) -> None:
+    """A ``segment_min_size`` under 1 MiB would cut small blobs into
+    requests of a few bytes each (a fresh-eyes review: ``0`` with
+    ``segments = 16`` fetched a 137-byte config in 16 GETs of 9 bytes)."""
+    path = _write(
+        tmp_path,
+        MINIMAL.replace(
+            "url = https://registry-1.docker.io\n",
+            "url = https://registry-1.docker.io\nsegments = 4\n"
+            f"segment_min_size = {size}\n",
+        ),
+    )
+    error = _error(path)
+    _assert_located(error, path, "upstream:hub", "segment_min_size")
+    assert "at least 1MiB" in str(error)
