@@ -24,7 +24,7 @@ no one else asked for, when the cache has no room for both.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from attrs import Factory, define, field
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -64,6 +64,9 @@ IDLE_TIMEOUT = 60.0
 #: The largest blob taken from an upstream that does not say its size
 #: (``[cache] max_blob_size``).
 MAX_BLOB_SIZE = 64 * 1024**3
+#: How many blobs without a stated size that turned out too big for the
+#: cache a process remembers, to relay them rather than download them again.
+OVERSIZED_REMEMBERED = 1024
 #: How many times a start goes round again after another process's start
 #: of the same digest (for another namespace, maybe) came to nothing.
 START_ROUNDS = 3
@@ -79,9 +82,9 @@ class _StartAgain(Exception):
 
 class _Uncached(Exception):
     """
-    The blob is not to be cached (the disk would go below ``min_free``):
-    its response goes to the client who started it; the others who asked
-    meanwhile relay their own.
+    The blob is not to be cached (larger than the cache keeps, or the disk
+    would go below ``min_free``): its response goes to the client who
+    started it; the others who asked meanwhile relay their own.
     """
 
     def __init__(self, response: IResponse) -> None:
@@ -157,6 +160,9 @@ class Blobs:
     _confirming: SingleFlight[tuple[str, Digest], int | None] = field(
         factory=SingleFlight
     )
+    #: the blobs without a stated size that went past what the cache
+    #: keeps, oldest first: relayed (see :meth:`oversized`)
+    _oversized: dict[Digest, None] = field(factory=dict)
     _siblings: Siblings = field(init=False)
     log = Logger()
 
@@ -486,23 +492,30 @@ class Blobs:
         download.size = length if isinstance(length, int) else None
         if download.segments is not None:
             download.size = download.segments[-1][1]
+        target = self.store.eviction_target
+        if target is not None and download.size is not None and download.size > target:
+            self._not_caching(
+                download,
+                response,
+                "more than the cache keeps after eviction (90% of max_size, "
+                f"{target} bytes)",
+            )
+        if download.size is None and digest in self._oversized:
+            self._not_caching(
+                download,
+                response,
+                f"its body went past {target} bytes, 90% of max_size, last time",
+            )
         # Before the look at min_free: what guesses give up is room for it.
         self.guesses.make_room(digest, download.size)
         if download.size is not None and not self.store.room_for(
             download.size, self._coming()
         ):
-            self.sources.dropped(download)
-            spool.discard()
-            self.log.info(
-                "not caching {digest} ({size} bytes): the cache's file system "
-                "would have less than min_free left; relaying it",
-                digest=str(digest),
-                size=download.size,
+            self._not_caching(
+                download,
+                response,
+                "the cache's file system would have less than min_free left",
             )
-            if download.segments is not None or download.upstream is None:
-                discard(response)  # a segment, or no upstream's: relay anew
-                raise _CannotSpool()
-            raise _Uncached(response)
         spool.announce(download.size)
         self._running[digest] = download
         self.log.info(
@@ -516,6 +529,41 @@ class Blobs:
         else:
             download.stop = Segmented.start(self, download, response).stop
         return download
+
+    def _not_caching(
+        self, download: Download, response: IResponse, why: str
+    ) -> NoReturn:
+        """
+        *download* is not to be cached (too big for the cache, or for the
+        disk): nothing is written, nothing evicted, and its response goes
+        to the client as it comes (:class:`_Uncached`).
+        """
+        self.sources.dropped(download)
+        download.writer.discard()
+        size = download.size
+        self.log.info(
+            "not caching {digest} ({length}): {why}; relaying it",
+            digest=str(download.digest),
+            length="size not stated" if size is None else f"{size} bytes",
+            size=size,
+            why=why,
+        )
+        if download.segments is not None or download.upstream is None:
+            discard(response)  # a segment, or no upstream's: relay anew
+            raise _CannotSpool()
+        raise _Uncached(response)
+
+    def oversized(self, digest: Digest) -> None:
+        """
+        A body without a stated size went past what the cache keeps
+        (:attr:`Store.eviction_target`): the next requests for *digest*
+        are relayed, not downloaded into the cache again (remembered by
+        this process, for the last :data:`OVERSIZED_REMEMBERED` such blobs).
+        """
+        self._oversized.pop(digest, None)
+        self._oversized[digest] = None
+        while len(self._oversized) > OVERSIZED_REMEMBERED:
+            del self._oversized[next(iter(self._oversized))]
 
     async def _relay(
         self, pool: UpstreamPool, repository: str, digest: Digest
@@ -824,11 +872,22 @@ class _SpoolWriter:
             data = data[dropped:]
             if not data:
                 return
+        size = self.download.written + self._appender.pending + len(data)
         limit = self.download.size or self.blobs.max_blob_size
-        if self.download.written + self._appender.pending + len(data) > limit:
+        if size > limit:
             # More than announced, or an endless body without a length:
             # no blob is worth filling the disk for.
             self._abandon(f"the body went past {limit} bytes")
+            return
+        target = self.blobs.store.eviction_target
+        if self.download.size is None and target is not None and size > target:
+            # Caching it would evict it with everything else: its readers'
+            # responses break, and their retries are relayed.
+            self.blobs.oversized(self.download.digest)
+            self._abandon(
+                f"the body went past {target} bytes, more than the cache keeps "
+                "after eviction (90% of max_size); relaying it from now on"
+            )
             return
         self._appender.add(data)
         self.download.appended()

@@ -50,6 +50,9 @@ DEGRADED_PERIOD = 60.0
 #: Uses are recorded (as the file's mtime) at most this often per blob.
 ACCESS_GRANULARITY = 3600.0
 
+#: Eviction brings the cache back under this share of ``max_size``.
+EVICT_TO = 0.9
+
 #: A spool's bytes are handed to the disk as they come, so that the flush
 #: before the last byte waits for little: without ``sync_file_range``, an
 #: ``fdatasync`` every this many bytes.
@@ -485,6 +488,15 @@ class Store:
             f"serving without caching for {left}s more"
         )
 
+    @property
+    def eviction_target(self) -> int | None:
+        """
+        The size eviction brings the cache back under (90% of ``max_size``),
+        or ``None`` without a bound: also the largest blob the cache keeps,
+        since one larger would be evicted with everything else at once.
+        """
+        return None if self.max_size is None else int(self.max_size * EVICT_TO)
+
     def room_for(self, size: int, coming: int = 0) -> bool:
         """
         Would *size* more bytes (beside *coming*, what the downloads under
@@ -737,7 +749,7 @@ class Store:
         :param candidates: :meth:`by_last_use`, computed beforehand (in a
             thread) so that only the removals happen here.
         """
-        target = None if self.max_size is None else int(self.max_size * 0.9)
+        target = self.eviction_target
         evicted: list[Entry] = []
         for entry in self.by_last_use() if candidates is None else candidates:
             enough_room = target is None or self.size <= target

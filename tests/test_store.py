@@ -12,6 +12,7 @@ import pytest
 import treq
 from fakeregistry import FakeRegistry
 from memory import Harness, result
+from twisted.logger import LogEvent, formatEvent
 
 from regmirror.reference import Digest, parse_digest
 from regmirror.store import ACCESS_GRANULARITY, SIZE_SUFFIX, Store
@@ -315,3 +316,80 @@ def test_a_blob_that_would_leave_less_than_min_free_is_relayed_uncached(
     assert harness.store.writable()
     assert harness.body(harness.request("GET", f"/v2/app/blobs/{small}")) == b"s" * 3000
     assert harness.store.has_blob(parse_digest(small))
+
+
+def test_a_blob_larger_than_the_cache_keeps_is_relayed_and_evicts_nothing(
+    tmp_path: Path, logged: list[LogEvent]
+) -> None:
+    """
+    A blob whose stated size is more than the cache keeps after eviction
+    (90% of ``max_size``) is relayed, every time, and evicts nothing: once
+    cached, it would be evicted at once together with everything else.  A
+    blob of exactly that size is cached.
+    """
+    origin = FakeRegistry()
+    small = origin.add_blob(b"s" * 3000)
+    big = origin.add_blob(b"B" * 9001)
+    fits = origin.add_blob(b"f" * 9000)
+    harness = Harness(str(tmp_path), {"origin": origin})
+    harness.store.max_size = 10_000
+    harness.body(harness.request("GET", f"/v2/app/blobs/{small}"))
+    for _ in range(2):
+        response = harness.request("GET", f"/v2/app/blobs/{big}")
+        assert response.code == 200 and response.length == 9001
+        assert harness.body(response) == b"B" * 9001
+        assert not harness.store.has_blob(parse_digest(big))
+        assert harness.store.has_blob(parse_digest(small))
+        assert os.listdir(tmp_path / "spool") == []
+    assert origin.count("GET", big) == 2
+    registry = harness.metrics.registry
+    assert not registry.get_sample_value("regmirror_cache_evictions_total")
+    lines = [formatEvent(e) for e in logged if "not caching" in formatEvent(e)]
+    assert (
+        lines
+        == [
+            f"not caching {big} (9001 bytes): more than the cache keeps after "
+            "eviction (90% of max_size, 9000 bytes); relaying it"
+        ]
+        * 2
+    )
+    harness.body(harness.request("GET", f"/v2/app/blobs/{fits}"))
+    assert harness.store.has_blob(parse_digest(fits))
+
+
+def test_a_blob_without_length_past_what_the_cache_keeps_is_relayed_next_time(
+    tmp_path: Path,
+) -> None:
+    """
+    A blob without a stated size is downloaded into the cache until its
+    body passes what the cache keeps after eviction: then that download
+    is abandoned (its client's stream breaks, nothing is cached, nothing
+    evicted), and the next request for it is relayed whole.
+    """
+    origin = FakeRegistry()
+    small = origin.add_blob(b"s" * 3000)
+    data = b"endless" * 2000
+    big = origin.add_blob(data)
+    origin.unsized.add(big)
+    harness = Harness(str(tmp_path), {"origin": origin})
+    harness.store.max_size = 10_000
+    harness.body(harness.request("GET", f"/v2/app/blobs/{small}"))
+    response = harness.request("GET", f"/v2/app/blobs/{big}")
+    received: list[bytes] = []
+    outcome: list[object] = []
+    if response.code == 200:
+        treq.collect(response, received.append).addBoth(outcome.append)
+        harness.settle()
+        assert outcome and outcome[0] is not None  # the stream broke
+    else:
+        assert response.code == 502
+    assert len(b"".join(received)) <= 9000
+    assert not harness.store.has_blob(parse_digest(big))
+    assert harness.store.has_blob(parse_digest(small))
+    again = harness.request("GET", f"/v2/app/blobs/{big}")
+    assert again.code == 200
+    assert harness.body(again) == data
+    assert not harness.store.has_blob(parse_digest(big))
+    assert harness.store.has_blob(parse_digest(small))
+    assert os.listdir(tmp_path / "spool") == []
+    assert origin.count("GET", big) == 2
