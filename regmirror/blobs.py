@@ -87,9 +87,11 @@ class _Uncached(Exception):
     started it; the others who asked meanwhile relay their own.
     """
 
-    def __init__(self, response: IResponse) -> None:
+    def __init__(self, response: IResponse, upstream: str) -> None:
         super().__init__()
         self._response: IResponse | None = response
+        #: the upstream the response comes from
+        self.upstream = upstream
 
     def take(self) -> IResponse | None:
         """The response, to the first who asks."""
@@ -222,7 +224,7 @@ class Blobs:
             response = None if joining else uncached.take()
             if response is None:
                 return self._missed(await self._relay(pool, repository, digest))
-            return self._missed(_relayed(response))
+            return self._missed(_relayed(response, uncached.upstream))
         except AlreadyCached:
             self._lookup("hit")
             return BlobSource(
@@ -551,7 +553,7 @@ class Blobs:
         if download.segments is not None or download.upstream is None:
             discard(response)  # a segment, or no upstream's: relay anew
             raise _CannotSpool()
-        raise _Uncached(response)
+        raise _Uncached(response, download.source)
 
     def oversized(self, digest: Digest) -> None:
         """
@@ -570,10 +572,10 @@ class Blobs:
     ) -> BlobSource:
         """An upstream response to stream straight through, uncached."""
         try:
-            _, response = await pool.open_blob(repository, digest)
+            upstream, response = await pool.open_blob(repository, digest)
         except NotFoundAnywhere:
             raise BlobUnknown(f"blob {digest} is unknown to every upstream") from None
-        return _relayed(response)
+        return _relayed(response, upstream.name)
 
     def _coming(self) -> int:
         """The bytes the downloads under way here still add to the disk."""
@@ -809,10 +811,11 @@ class Blobs:
         download.notify()
 
 
-def _relayed(response: IResponse) -> BlobSource:
-    """An upstream response to stream straight through, uncached."""
+def _relayed(response: IResponse, upstream: str) -> BlobSource:
+    """*upstream*'s response to stream straight through, uncached."""
     length = response.length
-    return BlobSource(length if isinstance(length, int) else None, "", relay=response)
+    size = length if isinstance(length, int) else None
+    return BlobSource(size, "", relay=response, upstream=upstream)
 
 
 @define(eq=False)

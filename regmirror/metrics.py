@@ -82,8 +82,8 @@ class Metrics:
         )
         self.served_bytes = Counter(
             "regmirror_served_bytes",
-            "Blob bytes sent to clients, from finished cache files or from "
-            "downloads under way",
+            "Blob bytes sent to clients, from finished cache files, from "
+            "downloads under way, or relayed from upstream uncached",
             ["source"],
             registry=registry,
         )
@@ -102,7 +102,8 @@ class Metrics:
         )
         self.upstream_bytes = Counter(
             "regmirror_upstream_bytes",
-            "Blob bytes received from each upstream",
+            "Blob bytes received from each upstream (or the bucket, another "
+            "node), those relayed uncached too",
             ["upstream"],
             registry=registry,
         )

@@ -54,6 +54,8 @@ class BlobSource:
     #: an upstream response to relay as it comes, when the cache cannot
     #: be written
     relay: IResponse | None = None
+    #: the upstream *relay* comes from
+    upstream: str | None = None
     #: the download was under way or starting for another request (this
     #: process's, another worker's, one pulled ahead): joined, not started
     joined: bool = False
@@ -297,19 +299,30 @@ class Relay:
     """
 
     def __init__(
-        self, consumer: Any, digest: Digest, count: Callable[[int], object]
+        self,
+        consumer: Any,
+        digest: Digest,
+        count: Callable[[int], object],
+        received: Callable[[int], object] | None = None,
     ) -> None:
+        """
+        :param count: called with the size of each write to the client.
+        :param received: called with the size of each read from upstream.
+        """
         self.done: Deferred[None] = Deferred()
         self._consumer = consumer
         self._digest = digest
         self._hasher = digest.hasher()
         self._held = b""
         self._count = count
+        self._received = received
 
     def makeConnection(self, transport: Any) -> None:
         self._consumer.registerProducer(transport, True)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._received is not None:
+            self._received(len(data))
         self._hasher.update(data)
         if self._held:
             self._send(self._held)

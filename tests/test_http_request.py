@@ -7,6 +7,7 @@ every writer of an OCI error writes the same answer.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from regmirror.http.request import MirrorRequest
 from regmirror.http.site import MirrorSite
 from regmirror.ini_values import parse_networks
 from regmirror.metrics import Metrics
+from regmirror.reference import parse_digest
 
 
 def _get(mirror: Harness, target: str) -> tuple[bytes, list[Any]]:
@@ -85,6 +87,36 @@ def test_access_log_reads_the_request_info(
     _get(mirror, target)
     [line] = _access(logged)
     assert (line["cache"], line["upstream"]) == ("hit", "-")
+
+
+@pytest.mark.parametrize("why", ["too big", "cache unwritable"])
+def test_a_relayed_blob_counts_and_names_its_upstream(
+    mirror: Harness, origin: FakeRegistry, logged: list[LogEvent], why: str
+) -> None:
+    """
+    A blob relayed uncached (larger than the cache keeps, or the cache
+    folder refusing writes) was received from its upstream all the same:
+    its bytes count in ``regmirror_upstream_bytes_total`` for that
+    upstream (the status page's "fetched upstream"), and its access line
+    names the upstream beside ``cache=relay``.
+    """
+    content = image(origin)
+    if why == "too big":
+        mirror.store.max_size = len(LAYER)  # keeps 90% of it after eviction
+    else:
+        mirror.store.degrade(OSError(errno.EROFS, "Read-only file system"))
+    raw, _ = _get(mirror, f"/v2/library/app/blobs/{content['layer']}")
+    assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(LAYER)
+    assert not mirror.store.has_blob(parse_digest(content["layer"]))
+    [line] = _access(logged)
+    assert (line["cache"], line["upstream"]) == ("relay", "origin")
+    registry = mirror.metrics.registry
+    assert registry.get_sample_value(
+        "regmirror_served_bytes_total", {"source": "relay"}
+    ) == len(LAYER)
+    assert registry.get_sample_value(
+        "regmirror_upstream_bytes_total", {"upstream": "origin"}
+    ) == len(LAYER)
 
 
 def test_access_log_outside_the_api(mirror: Harness, logged: list[LogEvent]) -> None:

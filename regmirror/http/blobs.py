@@ -203,8 +203,11 @@ class BlobEndpoint:
         if source.download is not None:
             info.cache = "joined" if source.joined else "miss"
             info.upstream = source.download.source
+        elif source.relay is not None:
+            info.cache = "relay"
+            info.upstream = source.upstream
         else:
-            info.cache = "relay" if source.relay is not None else "hit"
+            info.cache = "hit"
         if source.relay is not None:
             await self._relay(request, source, digest)
             return
@@ -250,7 +253,13 @@ class BlobEndpoint:
         assert source.relay is not None
         if source.size is not None:
             request.setHeader("Content-Length", str(source.size))
-        relay = Relay(request, digest, self.metrics.served_bytes.labels("relay").inc)
+        received = None
+        if source.upstream is not None:
+            # Received all the same, though not cached.
+            received = self.metrics.upstream_bytes.labels(source.upstream).inc
+        relay = Relay(
+            request, digest, self.metrics.served_bytes.labels("relay").inc, received
+        )
         request.write(b"")  # the headers go now; the body follows as it comes
         source.relay.deliverBody(relay)
         await self._deliver(request, relay.done, digest)
