@@ -342,16 +342,27 @@ class Blobs:
         self, pool: UpstreamPool, repository: str, digest: Digest
     ) -> int | None:
         """
-        The blob's size without downloading it (HEAD).
+        The blob's size without downloading it (HEAD).  A download under
+        way in the namespace answers: with the size its source stated,
+        else once it is cached (its upstream may state none to a HEAD
+        either, and a HEAD answer without a length is no answer).
 
         :raises BlobUnknown: when no upstream of the namespace has it.
         """
+        # A start under way (its source's answer not in yet) is waited for:
+        # the download it makes answers.
+        await self._opened(digest)
         if not self._vouches_for(pool.voucher(repository), digest):
             # Its own upstreams, not what the bucket knows.
             return await self._confirm(pool, repository, digest)
         size = self._known(digest)
         if size is not None:
             return size
+        running = self._running.get(digest)
+        if running is not None:
+            size = await running.sized()
+            if size is not None:
+                return size
         return await self.sources.size(pool, repository, digest)
 
     async def redirect(

@@ -134,6 +134,18 @@ class Download:
             return self.written
         return max(0, self.received - 1)
 
+    async def sized(self) -> int | None:
+        """
+        The blob's size: the one announced, else (its source did not say
+        it) its length once every byte is in and verified; ``None`` if the
+        download failed first.
+        """
+        while self.size is None and self.state == "running":
+            await self.changed(UNTIL_END)
+        if self.size is not None:
+            return self.size
+        return self.written if self.state == "done" else None
+
     def changed(self, written: int = 0) -> Deferred[None]:
         """
         Fires when the download ends or a follower looks, at the first

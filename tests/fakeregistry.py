@@ -46,7 +46,7 @@ class FakeRegistry(Resource):
         self.corrupt: set[str] = set()
         self.hold: dict[str, int] = {}
         self.held: list[tuple[Request, bytes]] = []
-        #: digests served without a Content-Length (chunked)
+        #: digests served without a Content-Length (chunked), to a HEAD too
         self.unsized: set[str] = set()
         #: the Range header of every blob request that had one
         self.ranges: list[str] = []
@@ -198,9 +198,15 @@ class FakeRegistry(Resource):
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         request.setHeader("Content-Type", self.blob_type)
         request.setHeader("Docker-Content-Digest", digest)
-        if digest in self.unsized and request.method == b"GET":
-            for start in range(0, len(data), 1000):  # chunked, no length
-                request.write(data[start : start + 1000])
+        if digest in self.unsized:
+            if request.method == b"HEAD":
+                return b""  # no length: twisted.web adds none to a HEAD
+            split = self.hold.get(digest, len(data))
+            for start in range(0, split, 1000):  # chunked, no length
+                request.write(data[start : min(start + 1000, split)])
+            if split < len(data):
+                self.held.append((request, data[split:]))
+                return NOT_DONE_YET
             request.finish()
             return NOT_DONE_YET
         request.setHeader("Content-Length", str(len(data)))

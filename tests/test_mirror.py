@@ -356,6 +356,88 @@ def test_range_of_a_download_under_way_waits_for_the_digest(
     assert b"".join(received)[99:] == LAYER[100:200]
 
 
+def _answered(d: Any) -> bool:
+    """Has *d* its result (not merely fired, waiting on another Deferred)?"""
+    outcome: list[Any] = []
+
+    def seen(value: Any) -> Any:
+        outcome.append(value)
+        return value
+
+    d.addBoth(seen)
+    return bool(outcome)
+
+
+def test_a_download_without_length_answers_ranges_and_heads_once_it_ends(
+    mirror: Harness, origin: FakeRegistry
+) -> None:
+    """
+    While a blob whose upstream states no size (a chunked body, a HEAD
+    without length) downloads, a whole GET streams at once, but a Range
+    and a HEAD wait for the size, the end of the download: then the
+    ranges are answered as a cached blob's (206, or 416 past the end),
+    never with the whole body, and the HEAD is 200 with the length (not a
+    404 because the upstream's HEAD states none).
+    """
+    content = image(origin)
+    layer = content["layer"]
+    origin.unsized.add(layer)
+    origin.hold[layer] = 4096
+    url = f"http://mirror.test/v2/app/blobs/{layer}"
+    whole = mirror.client.get(url, unbuffered=True)
+    mirror.settle()
+    streaming = result(whole)
+    assert streaming.code == 200
+    asked = {
+        value: mirror.client.get(url, headers={"Range": value})
+        for value in ("bytes=-100", "bytes=100-199", f"bytes={len(LAYER)}-")
+    }
+    head = mirror.client.head(url)
+    mirror.settle()
+    assert not _answered(head)
+    assert not any(_answered(d) for d in asked.values())
+    origin.release()
+    mirror.settle()
+    assert mirror.body(streaming) == LAYER
+    answers = {value: result(d) for value, d in asked.items()}
+    for value, first, last in (
+        ("bytes=-100", 10140, 10240),
+        ("bytes=100-199", 100, 200),
+    ):
+        response = answers[value]
+        assert response.code == 206
+        assert response.headers.getRawHeaders("Content-Range") == [
+            f"bytes {first}-{last - 1}/{len(LAYER)}"
+        ]
+        assert mirror.body(response) == LAYER[first:last]
+    beyond = answers[f"bytes={len(LAYER)}-"]
+    assert beyond.code == 416
+    assert beyond.headers.getRawHeaders("Content-Range") == [f"bytes */{len(LAYER)}"]
+    sized = result(head)
+    assert sized.code == 200
+    assert sized.headers.getRawHeaders("Content-Length") == [str(len(LAYER))]
+    assert origin.count("GET", layer) == 1
+
+
+def test_a_range_waiting_for_a_download_without_length_that_fails_is_a_502(
+    mirror: Harness, origin: FakeRegistry
+) -> None:
+    """A Range waiting for the end of a download without a stated size is
+    answered 502 when that download fails, not left waiting."""
+    content = image(origin)
+    layer = content["layer"]
+    origin.unsized.add(layer)
+    origin.hold[layer] = 4096
+    url = f"http://mirror.test/v2/app/blobs/{layer}"
+    ranged = mirror.client.get(url, headers={"Range": "bytes=0-99"})
+    mirror.settle()
+    assert not _answered(ranged)
+    origin.cut()
+    mirror.settle()
+    assert result(ranged).code == 502
+    assert mirror.cached_files() == []
+
+
 def test_concurrent_pulls_share_one_download_and_stream_early(
     mirror: Harness, origin: FakeRegistry
 ) -> None:

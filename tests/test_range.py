@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from regmirror.errors import RangeInvalid
-from regmirror.http.blobs import parse_range
+from regmirror.http.blobs import asks_range, parse_range
 
 
 @pytest.mark.parametrize(
@@ -229,3 +229,32 @@ def test_zero_padding_changes_nothing(size: int, value: str, pad: int) -> None:
             return ("416", e.headers["Content-Range"])
 
     assert outcome(padded) == outcome(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "asks"),
+    [
+        (None, False),
+        ("bytes=0-1,5-6", False),
+        ("bytes=5-3", False),
+        ("bytes=-", False),
+        ("items=0-1", False),
+        ("bytes=2-5", True),
+        ("bytes=5-", True),
+        ("bytes=-3", True),
+        ("bytes=-0", True),
+        ("bytes=99999999-", True),
+    ],
+)
+def test_asks_range_before_the_size_is_known(value: str | None, asks: bool) -> None:
+    """
+    Whether a header asks for one range is known without the size (a
+    download that stated none waits for it only then): exactly the headers
+    :func:`parse_range` answers with a range or a 416 rather than ignores.
+    """
+    assert asks_range(value) is asks
+    try:
+        answered = parse_range(value, 10) is not None
+    except RangeInvalid:
+        answered = True
+    assert answered is asks

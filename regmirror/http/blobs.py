@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from attrs import define
+from attrs import define, evolve
 from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -25,6 +25,7 @@ from regmirror.cluster import CoordinatorDown
 from regmirror.errors import (
     BlobUnknown,
     Denied,
+    DownloadFailed,
     NotFound,
     RangeInvalid,
     UpstreamUnavailable,
@@ -38,7 +39,13 @@ from regmirror.readers import BlobSource, Relay, SpoolReader
 from regmirror.reference import Digest, parse_digest
 from regmirror.routing import Route
 
-__all__ = ["CLUSTER_BLOBS", "BlobEndpoint", "parse_range", "sendfile_transport"]
+__all__ = [
+    "CLUSTER_BLOBS",
+    "BlobEndpoint",
+    "asks_range",
+    "parse_range",
+    "sendfile_transport",
+]
 
 #: Where the other nodes of a cluster fetch blobs (see :mod:`regmirror.nodes`).
 CLUSTER_BLOBS = b"/" + nodes.PATH + b"/blobs/"
@@ -55,14 +62,10 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
         which RFC 9110 lets a server ignore).
     :raises RangeInvalid: when the single range cannot be satisfied.
     """
-    if value is None:
+    spec = _single_range(value)
+    if value is None or spec is None:
         return None
-    match = _RANGE.fullmatch(value.strip())
-    if match is None:
-        return None
-    first, last = match.groups()
-    if not first and not last:
-        return None
+    first, last = spec
     unsatisfiable = RangeInvalid(
         f"range {value[:80]} cannot be satisfied", _unsatisfied(size)
     )
@@ -73,12 +76,32 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
             raise unsatisfiable
         return max(0, size - length), size
     start = _number(first)
-    if last and _order(last) < _order(first):
-        return None
     if start >= size:
         raise unsatisfiable
     end = size if not last else min(_number(last) + 1, size)
     return start, end
+
+
+def asks_range(value: str | None) -> bool:
+    """Does a ``Range`` header ask for one range (which :func:`parse_range`
+    answers, or refuses, once the size is known)?"""
+    return _single_range(value) is not None
+
+
+def _single_range(value: str | None) -> tuple[str, str] | None:
+    """The first and last byte positions (either may be empty, not both) of
+    a single range, or ``None`` for a header to ignore."""
+    if value is None:
+        return None
+    match = _RANGE.fullmatch(value.strip())
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if first and last and _order(last) < _order(first):
+        return None
+    return first, last
 
 
 def _order(digits: str) -> tuple[int, str]:
@@ -211,6 +234,18 @@ class BlobEndpoint:
         if source.relay is not None:
             await self._relay(request, source, digest)
             return
+        download = source.download
+        if (
+            source.size is None
+            and download is not None
+            and asks_range(text_header(request, "Range"))
+        ):
+            # No source stated the size: the range waits for it (the end of
+            # the download), then is answered as a cached blob's, 206 or 416.
+            size = await download.sized()
+            if size is None:
+                raise DownloadFailed(f"download of {digest} failed")
+            source = evolve(source, size=size)
         start, end = 0, source.size
         if source.size is not None:
             wanted = parse_range(text_header(request, "Range"), source.size)
