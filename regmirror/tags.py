@@ -52,6 +52,7 @@ from regmirror.reference import (
     parse_digest,
     parse_timestamp,
 )
+from regmirror.responses import discard
 from regmirror.store import Store, TagRecord
 
 T = TypeVar("T")
@@ -572,6 +573,10 @@ class Tags:
             manifest = await self.manifests.get(pool, repository, child)
         config = parse_digest(load_json(manifest.body)["config"]["digest"])
         source = await self.blobs.blob(pool, repository, config)
+        if source.relay is not None:
+            # The cache would not take it: nothing to read it from here.
+            discard(source.relay)
+            raise DownloadFailed(f"config {config} is not cached")
         if source.download is not None:
             while source.download.state == "running":
                 await source.download.changed()

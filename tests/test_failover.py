@@ -5,6 +5,7 @@ resuming broken transfers, and the stale-mirror defence.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from memory import LAYER, Harness, error_code, image, result
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent
 
+from regmirror import tags
 from regmirror._attempts import MAX_FRUITLESS, max_attempts
 from regmirror.breaker import Breaker
 from regmirror.pool import TagAnswer
@@ -578,6 +580,29 @@ def test_origin_down_freshest_answer_wins(tmp_path: Path) -> None:
     ]
     assert response.headers.getRawHeaders("Regmirror-Tag-Source") == ["mirror"]
     assert cached["manifest"] != newer["manifest"]
+
+
+def test_a_candidate_whose_config_the_cache_refuses_loses_its_body_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dating the mirrors' answers while the cache cannot be written: the
+    newer image's config comes as a relay, which dating cannot read; that
+    candidate loses (the cached answer wins) and the relayed body is
+    dropped, its connection closed, not left open unread."""
+    dropped: list[object] = []
+    monkeypatch.setattr(tags, "discard", dropped.append)
+    harness, mirror_up, origin = two(tmp_path)
+    cached = image(origin, created=OLD)
+    assert harness.request("GET", "/v2/app/manifests/latest").code == 200
+    image(mirror_up, created=NEW)
+    harness.clock.advance(60)
+    origin.fault = failing
+    harness.store.degrade(OSError(errno.ENOSPC, "No space left on device"))
+    response = harness.request("GET", "/v2/app/manifests/latest")
+    assert response.headers.getRawHeaders("Docker-Content-Digest") == [
+        cached["manifest"]
+    ]
+    assert len(dropped) == 1
 
 
 def test_origin_down_cache_policy_and_max_stale(tmp_path: Path) -> None:
