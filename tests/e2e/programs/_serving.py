@@ -20,6 +20,31 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.web.http_headers import Headers
+
+#: Headers of one connection, not passed on by the relays.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+    }
+)
+
+
+def pass_on(source: Headers, target: Headers | None = None) -> Headers:
+    """Copy *source*'s end-to-end headers into *target* (a new one if none)."""
+    target = Headers() if target is None else target
+    for name, values in source.getAllRawHeaders():
+        if name.lower() not in HOP_BY_HOP:
+            target.setRawHeaders(name, values)
+    return target
 
 
 async def listen(factory: IProtocolFactory) -> int:

@@ -23,26 +23,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from _serving import listen, report_ready, run
+from _serving import listen, pass_on, report_ready, run
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
-from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
-
-HOP_BY_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-authenticate",
-    b"proxy-authorization",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-    b"host",
-}
 
 
 class Relay(Resource):
@@ -89,10 +76,7 @@ class Relay(Resource):
                 request.write(body)
             request.finish()
             return
-        headers = Headers()
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            if name.lower() not in HOP_BY_HOP:
-                headers.setRawHeaders(name, values)
+        headers = pass_on(request.requestHeaders)
         try:
             response = await self.agent.request(
                 request.method, self.target.encode() + request.uri, headers
@@ -106,9 +90,7 @@ class Relay(Resource):
         if request._disconnected:  # noqa: SLF001
             return
         request.setResponseCode(response.code, response.phrase)
-        for name, values in response.headers.getAllRawHeaders():
-            if name.lower() not in HOP_BY_HOP:
-                request.responseHeaders.setRawHeaders(name, values)
+        pass_on(response.headers, request.responseHeaders)
         # The client takes Content-Length out of the headers (but a HEAD
         # answer's, whose length it sets to 0).
         if request.method != b"HEAD":

@@ -24,26 +24,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from _serving import listen, report_ready, run
+from _serving import listen, pass_on, report_ready, run
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-HOP_BY_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-authenticate",
-    b"proxy-authorization",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-    b"host",
-}
 #: how long a cut body's last bytes are given to reach the client before
 #: the reset (which would discard them if still buffered)
 FLUSH_DELAY = 0.2
@@ -134,10 +122,7 @@ class Relay(Resource):
             "sent": 0,
             "cut": False,
         }
-        headers = Headers()
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            if name.lower() not in HOP_BY_HOP:
-                headers.setRawHeaders(name, values)
+        headers = pass_on(request.requestHeaders)
         try:
             response = await self.agent.request(
                 request.method, self.target.encode() + request.uri, headers
@@ -151,9 +136,7 @@ class Relay(Resource):
             return
         entry["status"] = response.code
         request.setResponseCode(response.code, response.phrase)
-        for name, values in response.headers.getAllRawHeaders():
-            if name.lower() not in HOP_BY_HOP:
-                request.responseHeaders.setRawHeaders(name, values)
+        pass_on(response.headers, request.responseHeaders)
         # The client takes Content-Length out of the headers (but a HEAD
         # answer's, whose length it sets to 0).
         if request.method != b"HEAD" and isinstance(response.length, int):
