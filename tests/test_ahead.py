@@ -19,7 +19,7 @@ import treq
 from fakeregistry import FakeRegistry, digest_of
 from hypothesis import given
 from hypothesis import strategies as st
-from memory import CONFIG, Harness, result
+from memory import CONFIG, Harness, image_manifest, index_manifest, result
 from test_fetch_cluster import Cluster, cached
 
 from regmirror import ahead
@@ -40,23 +40,9 @@ def push(fake: FakeRegistry, layers: int, tag: str = "latest") -> dict[str, Any]
     """An image of *layers* layers as ``library/app:<tag>`` in *fake*."""
     config = fake.add_blob(CONFIG)
     blobs = [fake.add_blob(layer(n)) for n in range(layers)]
-    document = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config,
-            "size": len(CONFIG),
-        },
-        "layers": [
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": digest,
-                "size": LAYER_SIZE,
-            }
-            for digest in blobs
-        ],
-    }
+    document = image_manifest(
+        (config, len(CONFIG)), [(digest, LAYER_SIZE) for digest in blobs]
+    )
     manifest, body = fake.add_manifest("library/app", tag, document, OCI_MANIFEST)
     return {"config": config, "layers": blobs, "manifest": manifest, "body": body}
 
@@ -223,18 +209,7 @@ def test_an_index_is_not_pulled_ahead(tmp_path: Path) -> None:
     """
     harness, origin = mirror(tmp_path, prefetch=3)
     image = push(origin, 1, tag="amd64")
-    index = {
-        "schemaVersion": 2,
-        "mediaType": OCI_INDEX,
-        "manifests": [
-            {
-                "mediaType": OCI_MANIFEST,
-                "digest": image["manifest"],
-                "size": len(image["body"]),
-                "platform": {"os": "linux", "architecture": "amd64"},
-            }
-        ],
-    }
+    index = index_manifest([(image, "amd64")])
     origin.add_manifest("library/app", "latest", index, OCI_INDEX)
     served = harness.request(
         "GET", "/v2/app/manifests/latest", headers={"Accept": OCI_INDEX}
