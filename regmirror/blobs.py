@@ -215,15 +215,15 @@ class Blobs:
         # none: the access log's cache=-).
         joining = key in self._starting
         if not self.store.writable():
-            return self._missed(await self._relay(pool, repository, digest))
+            return self._missed(await self.relay(pool, repository, digest))
         try:
             download = await self._starting.run(key, start)
         except _CannotSpool:
-            return self._missed(await self._relay(pool, repository, digest))
+            return self._missed(await self.relay(pool, repository, digest))
         except _Uncached as uncached:
             response = None if joining else uncached.take()
             if response is None:
-                return self._missed(await self._relay(pool, repository, digest))
+                return self._missed(await self.relay(pool, repository, digest))
             return self._missed(_relayed(response, uncached.upstream))
         except AlreadyCached:
             self._lookup("hit")
@@ -578,10 +578,16 @@ class Blobs:
         while len(self._oversized) > OVERSIZED_REMEMBERED:
             del self._oversized[next(iter(self._oversized))]
 
-    async def _relay(
+    async def relay(
         self, pool: UpstreamPool, repository: str, digest: Digest
     ) -> BlobSource:
-        """An upstream response to stream straight through, uncached."""
+        """
+        An upstream response to stream straight through, uncached: for a
+        client when the cache cannot take the blob, or to carry on with a
+        client's body once the cache refused its download's bytes.
+
+        :raises BlobUnknown: when no upstream of the namespace has it.
+        """
         try:
             upstream, response = await pool.open_blob(repository, digest)
         except NotFoundAnywhere:

@@ -150,6 +150,12 @@ class Fetcher:
         that starts may cancel prefetches (:meth:`Ahead.make_room`)."""
         return await self.blobs.blob(pool, repository, digest)
 
+    async def relay(
+        self, pool: UpstreamPool, repository: str, digest: Digest
+    ) -> BlobSource:
+        """See :meth:`Blobs.relay`."""
+        return await self.blobs.relay(pool, repository, digest)
+
     async def blob_size(
         self, pool: UpstreamPool, repository: str, digest: Digest
     ) -> int | None:

@@ -141,6 +141,11 @@ class BlobTail:
             return count
         return max(0, min(count, download.written - self._position))
 
+    @property
+    def position(self) -> int:
+        """Where in the blob the next byte sent comes from."""
+        return self._position
+
     def _sent(self, size: int) -> None:
         self._position += size
         if self._count is not None:
@@ -304,10 +309,13 @@ class Relay:
         digest: Digest,
         count: Callable[[int], object],
         received: Callable[[int], object] | None = None,
+        skip: int = 0,
     ) -> None:
         """
         :param count: called with the size of each write to the client.
         :param received: called with the size of each read from upstream.
+        :param skip: the bytes at the start the client already has: hashed,
+            not sent.
         """
         self.done: Deferred[None] = Deferred()
         self._consumer = consumer
@@ -316,6 +324,7 @@ class Relay:
         self._held = b""
         self._count = count
         self._received = received
+        self._skip = skip
 
     def makeConnection(self, transport: Any) -> None:
         self._consumer.registerProducer(transport, True)
@@ -324,6 +333,12 @@ class Relay:
         if self._received is not None:
             self._received(len(data))
         self._hasher.update(data)
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
+            if not data:
+                return
         if self._held:
             self._send(self._held)
         self._held = data

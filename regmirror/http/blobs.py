@@ -8,7 +8,7 @@ at ``/_cluster/blobs/``.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from attrs import define, evolve
@@ -22,6 +22,7 @@ from twisted.web.server import Request
 from regmirror import nodes
 from regmirror._sendfile import SocketSender
 from regmirror.cluster import CoordinatorDown
+from regmirror.download import Download
 from regmirror.errors import (
     BlobUnknown,
     Denied,
@@ -190,7 +191,11 @@ class BlobEndpoint:
             request.finish()
             return
         source = await self.fetcher.blob(route.pool, route.repository, digest)
-        await self._serve(request, info, source, digest)
+
+        async def carry_on() -> BlobSource:
+            return await self.fetcher.relay(route.pool, route.repository, digest)
+
+        await self._serve(request, info, source, digest, carry_on)
 
     async def peer_blob(
         self, request: Request, info: RequestInfo, reference: bytes
@@ -220,9 +225,18 @@ class BlobEndpoint:
         await self._serve(request, info, source, digest)
 
     async def _serve(
-        self, request: Request, info: RequestInfo, source: BlobSource, digest: Digest
+        self,
+        request: Request,
+        info: RequestInfo,
+        source: BlobSource,
+        digest: Digest,
+        carry_on: Callable[[], Awaitable[BlobSource]] | None = None,
     ) -> None:
-        """Stream a blob source, whole or the requested range."""
+        """
+        Stream a blob source, whole or the requested range.  With
+        *carry_on* (the blob anew from an upstream), a whole body whose
+        download the cache refused (a full disk) goes on from there.
+        """
         if source.download is not None:
             info.cache = "joined" if source.joined else "miss"
             info.upstream = source.download.source
@@ -232,7 +246,8 @@ class BlobEndpoint:
         else:
             info.cache = "hit"
         if source.relay is not None:
-            await self._relay(request, source, digest)
+            relayed = Deferred.fromCoroutine(self._relay(request, source, digest))
+            await self._deliver(request, relayed, digest)
             return
         download = source.download
         if (
@@ -276,28 +291,70 @@ class BlobEndpoint:
         store = self.fetcher.store
         store.acquire(digest)
         reader.begin()
+        done: Deferred[None] = reader.done
+        whole = start == 0 and end == source.size
+        if carry_on is not None and download is not None and whole:
+            done = Deferred.fromCoroutine(
+                self._carried_on(request, reader, download, digest, carry_on)
+            )
         try:
-            await self._deliver(request, reader.done, digest, reader.stopProducing)
+            await self._deliver(request, done, digest, reader.stopProducing)
         finally:
             store.release(digest)
 
-    async def _relay(
-        self, request: Request, source: BlobSource, digest: Digest
+    async def _carried_on(
+        self,
+        request: Request,
+        reader: SpoolReader | SocketSender,
+        download: Download,
+        digest: Digest,
+        carry_on: Callable[[], Awaitable[BlobSource]],
     ) -> None:
-        """Stream a blob straight from upstream (the cache cannot take it)."""
+        """
+        The whole body from *reader*; if its download failed because the
+        cache could not take the bytes, the rest from an upstream: the
+        blob anew, the bytes the client has hashed and skipped, the last
+        byte held until the digest matches, as any relay's.
+        """
+        try:
+            await reader.done
+        except DownloadFailed:
+            # (A request whose connection is gone has no channel.)
+            if download.cache_error is None or request.channel is None:
+                raise
+        else:
+            return
+        position = reader.position
+        self.log.info(
+            "the cache refused {digest}: its client's {position} bytes go on "
+            "from the upstream",
+            digest=str(digest),
+            position=position,
+        )
+        source = await carry_on()
         assert source.relay is not None
-        if source.size is not None:
-            request.setHeader("Content-Length", str(source.size))
+        await self._relay(request, source, digest, skip=position)
+
+    async def _relay(
+        self, request: Request, source: BlobSource, digest: Digest, skip: int = 0
+    ) -> None:
+        """
+        Stream a blob straight from upstream (the cache cannot take it); with
+        *skip*, the rest of a body whose first *skip* bytes the client has.
+        """
+        assert source.relay is not None
         received = None
         if source.upstream is not None:
             # Received all the same, though not cached.
             received = self.metrics.upstream_bytes.labels(source.upstream).inc
-        relay = Relay(
-            request, digest, self.metrics.served_bytes.labels("relay").inc, received
-        )
-        request.write(b"")  # the headers go now; the body follows as it comes
+        served = self.metrics.served_bytes.labels("relay").inc
+        relay = Relay(request, digest, served, received, skip)
+        if not skip:
+            if source.size is not None:
+                request.setHeader("Content-Length", str(source.size))
+            request.write(b"")  # the headers go now; the body follows as it comes
         source.relay.deliverBody(relay)
-        await self._deliver(request, relay.done, digest)
+        await relay.done
 
     async def _deliver(
         self,
