@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from regmirror import store as store_module
+from regmirror._receiving import SpoolWriter
 from regmirror._spooling import (
     BATCH,
     PAUSE_AT,
@@ -36,7 +37,6 @@ from regmirror._spooling import (
     _Lane,
     call_here,
 )
-from regmirror.blobs import _SpoolWriter
 from regmirror.download import Download
 from regmirror.reference import Digest
 from regmirror.store import WRITEBACK_STEP, Spool, SpoolClosed, Store
@@ -438,7 +438,7 @@ def test_an_upstream_faster_than_the_spool_is_paused(
         clock=mirror.clock,
     )
     blobs._running[digest] = download
-    writer = _SpoolWriter(blobs, download, mirror.clock, 60.0)
+    writer = SpoolWriter(blobs, download, mirror.clock, 60.0)
     transport = Producer()
     writer.makeConnection(transport)
     for offset in range(0, len(data), MIB):
