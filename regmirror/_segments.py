@@ -5,7 +5,7 @@ segments``), for upstreams that are slow per connection.
 Each segment's body is written, as it comes, at its place in a side file
 next to the spool (``<spool>.parts``).  The spool itself grows only in
 order: a thread moves the side file's contiguous prefix into it batch
-after batch (:meth:`regmirror.store.Spool.append`: written, hashed), so
+after batch (:meth:`regmirror._spool.Spool.append`: written, hashed), so
 that readers, other worker processes following the spool and the digest
 check see what one transfer would give them, and the last byte waits for
 the verification as ever.  The same thread then punches the moved bytes
@@ -33,12 +33,12 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from regmirror._attempts import Attempts
+from regmirror._spool import Spool, punch_hole
 from regmirror._timeout import Idle
 from regmirror.download import Download
 from regmirror.errors import RegistryError
 from regmirror.pool import NotFoundAnywhere
 from regmirror.responses import discard
-from regmirror.store import Spool, punch_hole
 from regmirror.upstream import Upstream, UpstreamFailure
 
 if TYPE_CHECKING:

@@ -5,8 +5,8 @@ thread.
 The reactor thread only queues what the source delivers, for two threads
 that each take their queue a batch at a time, in order, for as long as
 there is more: one writes the bytes to the spool and starts their
-writeback to the disk (:meth:`regmirror.store.Spool.put`), the other
-hashes them (:meth:`~regmirror.store.Spool.hash`).  Hashing, writing and the
+writeback to the disk (:meth:`regmirror._spool.Spool.put`), the other
+hashes them (:meth:`~regmirror._spool.Spool.hash`).  Hashing, writing and the
 network each get a core when there is one, with no round trip through
 the reactor between batches.  After each batch written, the reactor
 thread counts the bytes in the file (``Spool.written``).  Until then the
@@ -29,7 +29,7 @@ from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
-from regmirror.store import Spool
+from regmirror._spool import Spool
 
 #: The most bytes a thread takes from its queue at once.
 BATCH = 2 * 1024 * 1024

@@ -38,6 +38,7 @@ from twisted.web.iweb import IResponse
 from regmirror._flight import SingleFlight
 from regmirror._receiving import SpoolWriter
 from regmirror._segments import Segmented
+from regmirror._spool import SIZE_SUFFIX, DigestMismatch
 from regmirror._spooling import CallFromThread, call_here
 from regmirror.download import Download
 from regmirror.errors import BlobUnknown, DownloadFailed, RegistryError
@@ -49,13 +50,7 @@ from regmirror.reference import Digest
 from regmirror.responses import discard
 from regmirror.siblings import Siblings
 from regmirror.sources import Sources
-from regmirror.store import (
-    SIZE_SUFFIX,
-    AlreadyCached,
-    DigestMismatch,
-    SpoolBusy,
-    Store,
-)
+from regmirror.store import AlreadyCached, SpoolBusy, Store
 from regmirror.upstream import Upstream, UpstreamFailure
 from regmirror.vouches import Vouches
 

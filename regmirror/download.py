@@ -21,11 +21,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from regmirror._attempts import Attempts
+from regmirror._spool import Spool
 from regmirror._spooling import Window
 from regmirror.cluster import Lease
 from regmirror.pool import UpstreamPool
 from regmirror.reference import Digest
-from regmirror.store import Spool
 from regmirror.upstream import Upstream
 
 #: A reader waiting for a download under way is woken once this many more

@@ -18,9 +18,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
+from regmirror._spool import SIZE_SUFFIX
 from regmirror.download import Download, Followed
 from regmirror.reference import Digest
-from regmirror.store import SIZE_SUFFIX, Store
+from regmirror.store import Store
 
 #: How often another process's download is looked at, and for how many looks
 #: its size is awaited before serving without it.

@@ -17,10 +17,10 @@ import treq
 from fakeregistry import FakeRegistry
 from memory import LAYER, Harness, image
 
-from regmirror import store as store_module
+from regmirror import _spool as spool_module
 from regmirror._segments import BATCH, PARTS_SUFFIX
+from regmirror._spool import Spool
 from regmirror.reference import parse_digest
-from regmirror.store import Spool
 
 #: LAYER (10 KiB) in four segments
 STEP = len(LAYER) // 4
@@ -322,11 +322,11 @@ def test_where_holes_cannot_be_punched_the_side_file_keeps_its_bytes(
 
     def refuse(fd: int, mode: int, offset: int, length: int) -> int:
         asked.append((mode, offset, length))
-        store_module.ctypes.set_errno(errno.EOPNOTSUPP)
+        spool_module.ctypes.set_errno(errno.EOPNOTSUPP)
         return -1
 
     monkeypatch.setattr(
-        store_module, "_FALLOCATE", None if fallocate == "missing" else refuse
+        spool_module, "_FALLOCATE", None if fallocate == "missing" else refuse
     )
     harness, origin, layer = segmented(tmp_path)
     kept: list[int] = []

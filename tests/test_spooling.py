@@ -25,8 +25,9 @@ from twisted.logger import LogEvent, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from regmirror import store as store_module
+from regmirror import _spool as spool_module
 from regmirror._receiving import SpoolWriter
+from regmirror._spool import WRITEBACK_STEP, Spool, SpoolClosed
 from regmirror._spooling import (
     BATCH,
     PAUSE_AT,
@@ -39,7 +40,7 @@ from regmirror._spooling import (
 )
 from regmirror.download import Download
 from regmirror.reference import Digest
-from regmirror.store import WRITEBACK_STEP, Spool, SpoolClosed, Store
+from regmirror.store import Store
 
 MIB = 1024 * 1024
 
@@ -258,7 +259,7 @@ def test_a_spool_discarded_while_a_thread_writes_is_closed_by_that_thread(
     but once it ends; nothing more can be written."""
     data = b"z" * 5000
     _, spool = spool_for(tmp_path, data)
-    original = store_module._write_all
+    original = spool_module._write_all
     closed_during: list[bool] = []
 
     def write_all(fd: int, buffers: Any) -> int:
@@ -267,7 +268,7 @@ def test_a_spool_discarded_while_a_thread_writes_is_closed_by_that_thread(
         closed_during.append(spool._file.closed)
         return written
 
-    monkeypatch.setattr(store_module, "_write_all", write_all)
+    monkeypatch.setattr(spool_module, "_write_all", write_all)
     assert spool.put([data]) == len(data)
     assert closed_during == [False]
     assert spool._file.closed
@@ -287,7 +288,7 @@ def test_a_spools_bytes_are_handed_to_the_disk_as_they_come(
         calls.append((offset, count, flags))
         return 0
 
-    monkeypatch.setattr(store_module, "_SYNC_FILE_RANGE", sync_file_range)
+    monkeypatch.setattr(spool_module, "_SYNC_FILE_RANGE", sync_file_range)
     data = os.urandom(100_000)
     _, spool = spool_for(tmp_path, data)
     spool.append([data[:60_000]])
@@ -303,11 +304,11 @@ def test_without_sync_file_range_a_spool_is_flushed_every_step(
     an ``fdatasync`` every WRITEBACK_STEP bytes does the same job."""
 
     def refuse(fd: int, offset: int, count: int, flags: int) -> int:
-        store_module.ctypes.set_errno(errno.EINVAL)
+        spool_module.ctypes.set_errno(errno.EINVAL)
         return -1
 
     monkeypatch.setattr(
-        store_module,
+        spool_module,
         "_SYNC_FILE_RANGE",
         None if sync_file_range == "missing" else refuse,
     )

@@ -15,8 +15,9 @@ from fakeregistry import FakeRegistry
 from memory import Harness, result
 from twisted.logger import LogEvent, formatEvent
 
+from regmirror._spool import SIZE_SUFFIX
 from regmirror.reference import Digest, parse_digest
-from regmirror.store import ACCESS_GRANULARITY, SIZE_SUFFIX, Store
+from regmirror.store import ACCESS_GRANULARITY, Store
 
 
 class Now:
