@@ -57,8 +57,15 @@ class SocketSender(BlobTail):
         start: int,
         end: int,
         count: Callable[[int], object] | None = None,
+        kernel: Callable[[int], object] | None = None,
     ) -> None:
+        """
+        :param count: called with the bytes of each send, however sent.
+        :param kernel: called with the bytes of each ``sendfile`` (not
+            those sent from memory, or copied where it cannot be used).
+        """
         super().__init__(source, start, end, count)
+        self._kernel = kernel
         self._transport = transport
         self._socket = transport.getHandle()
         self._previous: tuple[Any, bool] | None = None
@@ -130,7 +137,7 @@ class SocketSender(BlobTail):
             return 0
         if not self._copy:
             try:
-                return os.sendfile(
+                sent = os.sendfile(
                     self._socket.fileno(), self._file.fileno(), self._position, count
                 )
             except OSError as e:
@@ -139,6 +146,10 @@ class SocketSender(BlobTail):
                 # A file system without sendfile support: copy, on the same
                 # socket, with the same back-pressure.
                 self._copy = True
+            else:
+                if self._kernel is not None:
+                    self._kernel(sent)
+                return sent
         data = os.pread(self._file.fileno(), count, self._position)
         if not data:
             return 0

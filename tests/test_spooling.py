@@ -10,8 +10,10 @@ The "thread" here is a queue of jobs the test runs when it chooses.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from twisted.web.client import ResponseDone
 
 from regmirror import _spool as spool_module
 from regmirror._receiving import SpoolWriter
+from regmirror._sendfile import SocketSender
 from regmirror._spool import WRITEBACK_STEP, Spool, SpoolClosed
 from regmirror._spooling import (
     BATCH,
@@ -39,6 +42,7 @@ from regmirror._spooling import (
     call_here,
 )
 from regmirror.download import Download
+from regmirror.readers import BlobSource
 from regmirror.reference import Digest
 from regmirror.store import Store
 
@@ -601,3 +605,88 @@ def test_a_range_whose_download_the_disk_refused_is_broken_not_carried_on(
         result(done)
     assert len(b"".join(received)) < 100
     assert origin.count("GET", layer) == 1
+
+
+class _PlainTCP:
+    """What :class:`SocketSender` uses of a plain TCP transport, over one
+    end of a real socket pair."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.producer: Any = None
+        self.streamingProducer = True
+        self.connected, self.disconnecting = True, False
+
+    def getHandle(self) -> socket.socket:
+        return self.sock
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer, self.streamingProducer = producer, streaming
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def startWriting(self) -> None:
+        pass
+
+
+def test_bytes_sent_from_memory_are_not_counted_as_sendfiles(
+    mirror: Harness, threads: Threads
+) -> None:
+    """
+    A plain-TCP client of a download whose bytes are not yet written gets
+    them from the window, with ``send``: counted as sent, not as sent by
+    ``sendfile`` (a fresh-eyes review: they were); the last byte, once the
+    blob is cached, goes with ``sendfile``.
+    """
+    data = os.urandom(3 * MIB)
+    digest = Digest.of(data)
+    blobs = mirror.fetcher.blobs
+    download = Download(
+        digest,
+        mirror.store.spool(digest),
+        mirror.router_pool("docker.io"),
+        "app",
+        size=len(data),
+        clock=mirror.clock,
+    )
+    blobs._running[digest] = download
+    writer = SpoolWriter(blobs, download, mirror.clock, 60.0)
+    writer.makeConnection(Producer())
+    writer.dataReceived(data)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    received = bytearray()
+    sent: list[int] = []
+    kernel: list[int] = []
+    try:
+        source = BlobSource(len(data), download.writer.path, download)
+        sender = SocketSender(
+            source, _PlainTCP(ours), 0, len(data), sent.append, kernel.append
+        )
+        sender.begin()
+
+        def drain() -> None:
+            theirs.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while chunk := theirs.recv(MIB):
+                    received.extend(chunk)
+
+        for _ in range(64):  # bounded: the socket pair's buffers are small
+            sender.resumeProducing()
+            drain()
+            if len(received) == len(data) - 1:
+                break
+        assert bytes(received) == data[:-1]
+        assert sum(sent) == len(data) - 1 and kernel == []
+        writer.connectionLost(Failure(ResponseDone()))
+        threads.run_all()  # written, hashed, committed
+        mirror.settle()
+        sender.resumeProducing()
+        drain()
+        result(sender.done)
+        assert bytes(received) == data
+        assert sum(kernel) == 1
+    finally:
+        ours.close()
+        theirs.close()

@@ -277,14 +277,14 @@ class BlobEndpoint:
         reader: SpoolReader | SocketSender
         transport = sendfile_transport(request)
         if transport is not None and end is not None:
-            kernel = self.metrics.sendfile_bytes
 
             def sent(size: int) -> None:
                 served.inc(size)
-                kernel.inc(size)
                 request.sentLength += size
 
-            reader = SocketSender(source, transport, start, end, sent)
+            reader = SocketSender(
+                source, transport, start, end, sent, self.metrics.sendfile_bytes.inc
+            )
             request.write(b"")  # the head, into the transport's buffer
         else:
             reader = SpoolReader(source, request, self.clock, start, end, served.inc)
