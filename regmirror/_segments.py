@@ -190,19 +190,24 @@ class Segmented:
             discard(response)
             return
         segment.upstream = upstream
+        skip = 0
         if response.code != 206:
-            # It ignores Range: its whole blob is no segment.
-            discard(response)
-            segment.attempts.began(upstream.name, segment.position)
-            segment.attempts.ended(segment.position)
-            self._broke(segment, f"upstream {upstream.name} ignored the Range")
-            return
-        self._receive(segment, response)
+            # It ignores Range: the next upstream, if any, is asked instead;
+            # the last one's whole blob gives the segment's bytes after
+            # those before them (fetched again: better than no blob).
+            if upstream is not order[-1]:
+                discard(response)
+                segment.attempts.began(upstream.name, segment.position)
+                segment.attempts.ended(segment.position)
+                self._broke(segment, f"upstream {upstream.name} ignored the Range")
+                return
+            skip = segment.position
+        self._receive(segment, response, skip)
 
-    def _receive(self, segment: _Segment, response: Any) -> None:
+    def _receive(self, segment: _Segment, response: Any, skip: int = 0) -> None:
         assert segment.upstream is not None
         segment.attempts.began(segment.upstream.name, segment.position)
-        segment.writer = _PartWriter(self, segment)
+        segment.writer = _PartWriter(self, segment, skip=skip)
         response.deliverBody(segment.writer)
 
     # -- a segment's end -----------------------------------------------------
@@ -370,6 +375,9 @@ class _PartWriter:
 
     segmented: Segmented
     segment: _Segment
+    #: bytes at the start of the body before the segment's position (an
+    #: upstream's whole blob, for one that ignores Range)
+    skip: int = 0
     _transport: Any = None
     _queue: list[bytes] = field(factory=list)
     _queued: int = 0
@@ -415,6 +423,12 @@ class _PartWriter:
         upstream = self.segment.upstream
         assert upstream is not None
         self.segmented.blobs.metrics.upstream_bytes.labels(upstream.name).inc(len(data))
+        if self.skip:
+            dropped = min(self.skip, len(data))
+            self.skip -= dropped
+            data = data[dropped:]
+            if not data:
+                return
         room = self.segment.end - self.segment.position - self._queued
         if len(data) > room:
             # More than the range asked for: what is past it is no part of

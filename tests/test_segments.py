@@ -215,6 +215,34 @@ def test_a_segment_answered_whole_is_dropped_and_asked_elsewhere(
     assert cached(harness, layer) == LAYER
 
 
+def test_a_segment_answered_whole_by_the_last_upstream_is_taken_from_it(
+    tmp_path: Path,
+) -> None:
+    """A segment breaks and its only upstream now ignores Range: the
+    resume's whole blob (200) gives the segment's bytes after those before
+    them, and the blob is cached, instead of every attempt being dropped
+    until the download fails (a fresh-eyes review, behind a CDN that
+    honours Range on some requests only)."""
+    origin = FakeRegistry()
+    harness = Harness(
+        str(tmp_path / "cache"),
+        {"origin": origin},
+        {"origin": {"segments": 4, "segment_min_size": 4096}},
+    )
+    layer = image(origin)["layer"]
+    origin.hold_range[(layer, STEP)] = 10
+    received, ended = stream(harness, layer)
+    assert ended == []
+    del origin.hold_range[(layer, STEP)]
+    origin.ignore_range = True
+    origin.cut()
+    harness.settle()
+    assert ended == [None]
+    assert b"".join(received) == LAYER
+    assert cached(harness, layer) == LAYER
+    assert origin.count("GET", layer) == len(RANGES) + 1
+
+
 def test_a_silent_segment_is_resumed_after_idle_timeout(tmp_path: Path) -> None:
     """A segment whose upstream stops sending without closing is given up
     after ``idle_timeout`` seconds of silence, not before, and asked for
