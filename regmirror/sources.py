@@ -40,6 +40,7 @@ from regmirror.errors import BlobUnknown, RegistryError
 from regmirror.nodes import Peers, PeerUnavailable
 from regmirror.pool import NotFoundAnywhere, UpstreamPool
 from regmirror.reference import Digest
+from regmirror.responses import discard, header
 from regmirror.upstream import Upstream, UpstreamFailure
 
 #: How many times a node asks again for a digest's lease while the node
@@ -78,6 +79,13 @@ class Place(Protocol):
         """The download failed, or never started."""
 
 
+def _range_total(response: IResponse) -> int | None:
+    """The blob's size a 206 answer's ``Content-Range`` gives, if it does."""
+    text = header(response, "Content-Range") or ""
+    total = text.rpartition("/")[2].strip()
+    return int(total) if total.isascii() and total.isdigit() else None
+
+
 @define(eq=False)
 class Upstreams:
     """
@@ -88,6 +96,7 @@ class Upstreams:
 
     #: digest → upstreams that served wrong bytes for it
     _tainted: dict[Digest, set[str]] = field(factory=dict)
+    log = Logger()
 
     async def open(self, download: Download) -> IResponse:
         """
@@ -111,10 +120,26 @@ class Upstreams:
             last_resort=download.resumed > 0,
             end=None if plan is None else plan[0][1],
         )
-        download.source, download.upstream = upstream.name, upstream
         if plan is not None and response.code == 206:
             # Else an upstream that ignores Range sends the whole blob: one GET.
-            download.segments = plan
+            total = _range_total(response)
+            if total == plan[-1][1]:
+                download.segments = plan
+            else:
+                # The HEAD's size was not the blob's: no plan holds, one GET.
+                self.log.warn(
+                    "upstream {upstream}: {digest} is {total} bytes by its "
+                    "ranges, not {size} as its HEAD said; fetching it in one GET",
+                    upstream=upstream.name,
+                    digest=str(download.digest),
+                    total=total,
+                    size=plan[-1][1],
+                )
+                discard(response)
+                upstream, response = await pool.open_blob(
+                    download.repository, download.digest, 0, [upstream]
+                )
+        download.source, download.upstream = upstream.name, upstream
         return response
 
     async def _plan(

@@ -48,6 +48,9 @@ class FakeRegistry(Resource):
         self.held: list[tuple[Request, bytes]] = []
         #: digests served without a Content-Length (chunked), to a HEAD too
         self.unsized: set[str] = set()
+        #: digest → the Content-Length a HEAD of it says (another than its
+        #: size: a broken upstream)
+        self.head_size: dict[str, int] = {}
         #: the Range header of every blob request that had one
         self.ranges: list[str] = []
         #: digests whose body breaks off after this many bytes
@@ -211,6 +214,8 @@ class FakeRegistry(Resource):
             return NOT_DONE_YET
         request.setHeader("Content-Length", str(len(data)))
         if request.method == b"HEAD":
+            size = self.head_size.get(digest, len(data))
+            request.setHeader("Content-Length", str(size))
             return b""
         wanted = request.getHeader("Range") or ""
         if wanted:

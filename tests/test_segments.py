@@ -243,6 +243,30 @@ def test_a_segment_answered_whole_by_the_last_upstream_is_taken_from_it(
     assert origin.count("GET", layer) == len(RANGES) + 1
 
 
+@pytest.mark.parametrize("error", [1000, -1000])
+def test_a_head_that_misstates_the_size_gets_one_get(
+    tmp_path: Path, error: int
+) -> None:
+    """An upstream whose HEAD gives another size than the blob's: the first
+    segment's answer (``Content-Range: bytes 0-B/<size>``) shows it, and
+    the blob is fetched in one GET instead of in segments of a size it
+    does not have (a fresh-eyes review: every download of it failed)."""
+    origin = FakeRegistry()
+    harness = Harness(
+        str(tmp_path / "cache"),
+        {"origin": origin},
+        {"origin": {"segments": 4, "segment_min_size": 4096}},
+    )
+    layer = image(origin)["layer"]
+    origin.head_size[layer] = len(LAYER) + error
+    received, ended = stream(harness, layer)
+    assert ended == [None]
+    assert b"".join(received) == LAYER
+    assert cached(harness, layer) == LAYER
+    assert origin.count("GET", layer) == 2
+    assert len(origin.ranges) == 1
+
+
 def test_a_silent_segment_is_resumed_after_idle_timeout(tmp_path: Path) -> None:
     """A segment whose upstream stops sending without closing is given up
     after ``idle_timeout`` seconds of silence, not before, and asked for
