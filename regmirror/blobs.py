@@ -574,17 +574,21 @@ class Blobs:
             del self._oversized[next(iter(self._oversized))]
 
     async def relay(
-        self, pool: UpstreamPool, repository: str, digest: Digest
+        self, pool: UpstreamPool, repository: str, digest: Digest, offset: int = 0
     ) -> BlobSource:
         """
         An upstream response to stream straight through, uncached: for a
-        client when the cache cannot take the blob, or to carry on with a
-        client's body once the cache refused its download's bytes.
+        client when the cache cannot take the blob, to carry on with a
+        client's body once the cache refused its download's bytes, or
+        from *offset* on, for a relay whose upstream broke off (a ``206``,
+        or a ``200`` with the whole blob).
 
         :raises BlobUnknown: when no upstream of the namespace has it.
         """
         try:
-            upstream, response = await pool.open_blob(repository, digest)
+            upstream, response = await pool.open_blob(
+                repository, digest, offset, last_resort=offset > 0
+            )
         except NotFoundAnywhere:
             raise BlobUnknown(f"blob {digest} is unknown to every upstream") from None
         return _relayed(response, upstream.name)

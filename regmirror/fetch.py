@@ -151,10 +151,10 @@ class Fetcher:
         return await self.blobs.blob(pool, repository, digest)
 
     async def relay(
-        self, pool: UpstreamPool, repository: str, digest: Digest
+        self, pool: UpstreamPool, repository: str, digest: Digest, offset: int = 0
     ) -> BlobSource:
         """See :meth:`Blobs.relay`."""
-        return await self.blobs.relay(pool, repository, digest)
+        return await self.blobs.relay(pool, repository, digest, offset)
 
     async def blob_size(
         self, pool: UpstreamPool, repository: str, digest: Digest

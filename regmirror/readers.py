@@ -16,7 +16,7 @@ client never receives a complete body whose digest did not match.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import IO, Any
 
 from attrs import frozen
@@ -36,6 +36,7 @@ from zope.interface import implementer
 from regmirror.download import UNTIL_END, WAKE_BYTES, Download
 from regmirror.errors import DownloadFailed
 from regmirror.reference import Digest
+from regmirror.responses import discard
 
 #: Bytes read from disk per write to a client.
 CHUNK = 256 * 1024
@@ -294,11 +295,19 @@ class SpoolReader(BlobTail):
                 self._pump()
 
 
+#: A relay whose upstream body breaks goes on from the byte it stopped at,
+#: until this many attempts in a row brought nothing new.
+RELAY_FRUITLESS = 3
+
+
 class Relay:
     """
     Streams an upstream body straight to a client (``deliverBody``), with
     back-pressure, checking the digest on the way: the last chunk is held
     back until it matches, so a client never gets a complete wrong blob.
+    With *resume*, a body that breaks goes on from the byte it stopped at
+    (a ``206``, or a ``200`` whose bytes before it are dropped), for as
+    long as the attempts bring new bytes.
 
     :ivar done: fires when the client has every byte, or fails.
     """
@@ -308,14 +317,19 @@ class Relay:
         consumer: Any,
         digest: Digest,
         count: Callable[[int], object],
-        received: Callable[[int], object] | None = None,
+        upstream: str | None = None,
+        received: Callable[[str, int], object] | None = None,
         skip: int = 0,
+        resume: Callable[[int], Awaitable[BlobSource]] | None = None,
     ) -> None:
         """
         :param count: called with the size of each write to the client.
-        :param received: called with the size of each read from upstream.
+        :param upstream: the upstream the body comes from, if known.
+        :param received: called with the upstream and the size of each read
+            from it.
         :param skip: the bytes at the start the client already has: hashed,
             not sent.
+        :param resume: the blob from an offset, anew from the upstreams.
         """
         self.done: Deferred[None] = Deferred()
         self._consumer = consumer
@@ -323,15 +337,32 @@ class Relay:
         self._hasher = digest.hasher()
         self._held = b""
         self._count = count
+        self._upstream = upstream
         self._received = received
         self._skip = skip
+        self._resume = resume
+        #: bytes of the blob received (and hashed) so far
+        self._total = 0
+        #: bytes at the start of the body under way that came before
+        self._repeated = 0
+        #: where the body broke last, and how many breaks in a row brought
+        #: nothing new
+        self._broke_at = -1
+        self._fruitless = 0
 
     def makeConnection(self, transport: Any) -> None:
         self._consumer.registerProducer(transport, True)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._received is not None:
-            self._received(len(data))
+        if self._received is not None and self._upstream is not None:
+            self._received(self._upstream, len(data))
+        if self._repeated:
+            dropped = min(self._repeated, len(data))
+            self._repeated -= dropped
+            data = data[dropped:]
+            if not data:
+                return
+        self._total += len(data)
         self._hasher.update(data)
         if self._skip:
             dropped = min(self._skip, len(data))
@@ -350,12 +381,33 @@ class Relay:
     def connectionLost(self, reason: Failure) -> None:
         self._consumer.unregisterProducer()
         if not reason.check(ResponseDone, PotentialDataLoss):
-            self.done.errback(
-                DownloadFailed(f"relay broke: {reason.getErrorMessage()}")
-            )
+            why = f"relay broke: {reason.getErrorMessage()}"
+            stuck = self._total == self._broke_at
+            self._fruitless = self._fruitless + 1 if stuck else 0
+            self._broke_at = self._total
+            if self._resume is None or self._fruitless >= RELAY_FRUITLESS:
+                self.done.errback(DownloadFailed(why))
+                return
+            Deferred.fromCoroutine(self._go_on(why)).addErrback(self.done.errback)
         elif self._hasher.hexdigest() != self._digest.hex:
             self.done.errback(DownloadFailed(f"relayed bytes are not {self._digest}"))
         else:
             if self._held:
                 self._send(self._held)
             self.done.callback(None)
+
+    async def _go_on(self, why: str) -> None:
+        """The body broke (*why*): the rest, from the byte it stopped at."""
+        assert self._resume is not None
+        start = self._total
+        try:
+            source = await self._resume(start)
+        except Exception as e:
+            raise DownloadFailed(f"{why}; cannot go on: {e}") from None
+        assert source.relay is not None
+        if getattr(self._consumer, "channel", True) is None or self.done.called:
+            discard(source.relay)  # the client went away meanwhile
+            return
+        self._repeated = start if source.relay.code == 200 else 0
+        self._upstream = source.upstream
+        source.relay.deliverBody(self)

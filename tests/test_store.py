@@ -16,6 +16,7 @@ from memory import Harness, result
 from twisted.logger import LogEvent, formatEvent
 
 from regmirror._spool import SIZE_SUFFIX
+from regmirror.readers import RELAY_FRUITLESS
 from regmirror.reference import Digest, parse_digest
 from regmirror.store import ACCESS_GRANULARITY, Store
 
@@ -393,3 +394,57 @@ def test_a_blob_without_length_past_what_the_cache_keeps_is_relayed_next_time(
     assert harness.store.has_blob(parse_digest(small))
     assert os.listdir(tmp_path / "spool") == []
     assert origin.count("GET", big) == 2
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_a_relay_whose_upstream_breaks_off_goes_on_from_there(
+    tmp_path: Path, ranges: bool
+) -> None:
+    """
+    A relayed blob (more than the cache keeps) whose upstream body breaks
+    off mid-way goes on from the byte it stopped at (a ranged GET; an
+    upstream that ignores Range sends it whole again, and the bytes before
+    are dropped): the client gets the whole blob, exact, in one response
+    (a fresh-eyes review: its response broke, and a retry started at 0
+    again); upstream bytes count every byte received.
+    """
+    origin = FakeRegistry()
+    data = bytes(range(256)) * 40
+    big = origin.add_blob(data)
+    origin.drop[big] = 3000
+    origin.ignore_range = not ranges
+    harness = Harness(str(tmp_path), {"origin": origin})
+    harness.store.max_size = 5000
+    response = harness.request("GET", f"/v2/app/blobs/{big}")
+    assert response.code == 200
+    assert harness.body(response) == data
+    assert not harness.store.has_blob(parse_digest(big))
+    assert origin.ranges == ["bytes=3000-"]
+    received = harness.metrics.registry.get_sample_value(
+        "regmirror_upstream_bytes_total", {"upstream": "origin"}
+    )
+    assert received == 3000 + (len(data) - 3000 if ranges else len(data))
+
+
+@pytest.mark.parametrize("cut", [1000, 0])
+def test_a_relay_goes_on_while_its_attempts_bring_bytes(
+    tmp_path: Path, cut: int
+) -> None:
+    """An upstream that breaks every body after *cut* bytes: while each
+    attempt brings bytes, the relay goes on until the blob is whole; one
+    that brings none is given up after RELAY_FRUITLESS attempts more, the
+    client's response broken, never complete."""
+    origin = FakeRegistry()
+    data = bytes(range(256)) * 40
+    big = origin.add_blob(data)
+    origin.flaky[big] = cut
+    harness = Harness(str(tmp_path), {"origin": origin})
+    harness.store.max_size = 5000
+    response = harness.request("GET", f"/v2/app/blobs/{big}")
+    assert response.code == 200
+    if cut:
+        assert harness.body(response) == data
+        assert origin.count("GET", big) == -(-len(data) // cut)
+    else:
+        assert len(broken(harness, response)) < len(data)
+        assert origin.count("GET", big) == 1 + RELAY_FRUITLESS

@@ -192,10 +192,12 @@ class BlobEndpoint:
             return
         source = await self.fetcher.blob(route.pool, route.repository, digest)
 
-        async def carry_on() -> BlobSource:
-            return await self.fetcher.relay(route.pool, route.repository, digest)
+        async def again(offset: int) -> BlobSource:
+            return await self.fetcher.relay(
+                route.pool, route.repository, digest, offset
+            )
 
-        await self._serve(request, info, source, digest, carry_on)
+        await self._serve(request, info, source, digest, again)
 
     async def peer_blob(
         self, request: Request, info: RequestInfo, reference: bytes
@@ -230,12 +232,13 @@ class BlobEndpoint:
         info: RequestInfo,
         source: BlobSource,
         digest: Digest,
-        carry_on: Callable[[], Awaitable[BlobSource]] | None = None,
+        again: Callable[[int], Awaitable[BlobSource]] | None = None,
     ) -> None:
         """
-        Stream a blob source, whole or the requested range.  With
-        *carry_on* (the blob anew from an upstream), a whole body whose
-        download the cache refused (a full disk) goes on from there.
+        Stream a blob source, whole or the requested range.  With *again*
+        (the blob from an offset, anew from the upstreams), a relay whose
+        upstream broke off goes on from where it stopped, and a whole body
+        whose download the cache refused (a full disk) from the upstream.
         """
         if source.download is not None:
             info.cache = "joined" if source.joined else "miss"
@@ -246,7 +249,9 @@ class BlobEndpoint:
         else:
             info.cache = "hit"
         if source.relay is not None:
-            relayed = Deferred.fromCoroutine(self._relay(request, source, digest))
+            relayed = Deferred.fromCoroutine(
+                self._relay(request, source, digest, again=again)
+            )
             await self._deliver(request, relayed, digest)
             return
         download = source.download
@@ -293,9 +298,9 @@ class BlobEndpoint:
         reader.begin()
         done: Deferred[None] = reader.done
         whole = start == 0 and end == source.size
-        if carry_on is not None and download is not None and whole:
+        if again is not None and download is not None and whole:
             done = Deferred.fromCoroutine(
-                self._carried_on(request, reader, download, digest, carry_on)
+                self._carried_on(request, reader, download, digest, again)
             )
         try:
             await self._deliver(request, done, digest, reader.stopProducing)
@@ -308,7 +313,7 @@ class BlobEndpoint:
         reader: SpoolReader | SocketSender,
         download: Download,
         digest: Digest,
-        carry_on: Callable[[], Awaitable[BlobSource]],
+        again: Callable[[int], Awaitable[BlobSource]],
     ) -> None:
         """
         The whole body from *reader*; if its download failed because the
@@ -331,24 +336,31 @@ class BlobEndpoint:
             digest=str(digest),
             position=position,
         )
-        source = await carry_on()
-        assert source.relay is not None
-        await self._relay(request, source, digest, skip=position)
+        # From the start: the relay hashes the bytes the client has.
+        source = await again(0)
+        await self._relay(request, source, digest, skip=position, again=again)
 
     async def _relay(
-        self, request: Request, source: BlobSource, digest: Digest, skip: int = 0
+        self,
+        request: Request,
+        source: BlobSource,
+        digest: Digest,
+        skip: int = 0,
+        again: Callable[[int], Awaitable[BlobSource]] | None = None,
     ) -> None:
         """
         Stream a blob straight from upstream (the cache cannot take it); with
-        *skip*, the rest of a body whose first *skip* bytes the client has.
+        *skip*, the rest of a body whose first *skip* bytes the client has;
+        with *again*, going on from where the upstream broke off.
         """
         assert source.relay is not None
-        received = None
-        if source.upstream is not None:
+
+        def received(upstream: str, size: int) -> None:
             # Received all the same, though not cached.
-            received = self.metrics.upstream_bytes.labels(source.upstream).inc
+            self.metrics.upstream_bytes.labels(upstream).inc(size)
+
         served = self.metrics.served_bytes.labels("relay").inc
-        relay = Relay(request, digest, served, received, skip)
+        relay = Relay(request, digest, served, source.upstream, received, skip, again)
         if not skip:
             if source.size is not None:
                 request.setHeader("Content-Length", str(source.size))
