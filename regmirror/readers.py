@@ -385,7 +385,8 @@ class Relay:
             stuck = self._total == self._broke_at
             self._fruitless = self._fruitless + 1 if stuck else 0
             self._broke_at = self._total
-            if self._resume is None or self._fruitless >= RELAY_FRUITLESS:
+            gone = getattr(self._consumer, "channel", True) is None
+            if self._resume is None or gone or self._fruitless >= RELAY_FRUITLESS:
                 self.done.errback(DownloadFailed(why))
                 return
             Deferred.fromCoroutine(self._go_on(why)).addErrback(self.done.errback)
@@ -407,6 +408,8 @@ class Relay:
         assert source.relay is not None
         if getattr(self._consumer, "channel", True) is None or self.done.called:
             discard(source.relay)  # the client went away meanwhile
+            if not self.done.called:
+                self.done.errback(DownloadFailed("the client went away"))
             return
         self._repeated = start if source.relay.code == 200 else 0
         self._upstream = source.upstream
