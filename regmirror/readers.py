@@ -319,7 +319,6 @@ class Relay:
         count: Callable[[int], object],
         upstream: str | None = None,
         received: Callable[[str, int], object] | None = None,
-        skip: int = 0,
         resume: Callable[[int], Awaitable[BlobSource]] | None = None,
     ) -> None:
         """
@@ -327,8 +326,6 @@ class Relay:
         :param upstream: the upstream the body comes from, if known.
         :param received: called with the upstream and the size of each read
             from it.
-        :param skip: the bytes at the start the client already has: hashed,
-            not sent.
         :param resume: the blob from an offset, anew from the upstreams.
         """
         self.done: Deferred[None] = Deferred()
@@ -339,7 +336,6 @@ class Relay:
         self._count = count
         self._upstream = upstream
         self._received = received
-        self._skip = skip
         self._resume = resume
         #: bytes of the blob received (and hashed) so far
         self._total = 0
@@ -364,12 +360,6 @@ class Relay:
                 return
         self._total += len(data)
         self._hasher.update(data)
-        if self._skip:
-            dropped = min(self._skip, len(data))
-            self._skip -= dropped
-            data = data[dropped:]
-            if not data:
-                return
         if self._held:
             self._send(self._held)
         self._held = data

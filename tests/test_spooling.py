@@ -533,9 +533,7 @@ def test_a_full_disk_is_the_caches_fault_and_the_next_pull_is_relayed(
     body ended or while it still comes: the log names the disk's error and
     blames no source, the upstream is not charged (no error, its breaker
     untouched), the store serves without caching for a while and says why,
-    nothing stays in the spool, the client's body goes on from the upstream
-    (the blob asked anew, the bytes it had skipped), and the next pull is
-    relayed whole.
+    nothing stays in the spool, and the next pull is relayed whole.
     """
     layer = image(origin)["layer"]
     monkeypatch.setattr(Spool, "put", no_space)
@@ -549,10 +547,7 @@ def test_a_full_disk_is_the_caches_fault_and_the_next_pull_is_relayed(
         # The mirror hung up: its transfer, not the upstream, had to end.
         assert origin.held[0][0]._disconnected
         del origin.held[0]
-        # The client's body goes on from the upstream: that GET comes whole.
         del origin.hold[layer]
-        origin.release()
-        mirror.settle()
     text = logged_text(logged)
     assert "No space left on device" in text
     assert "bytes (sources:" not in text and "failed: got" not in text
@@ -566,45 +561,24 @@ def test_a_full_disk_is_the_caches_fault_and_the_next_pull_is_relayed(
     degraded = mirror.store.degraded()
     assert degraded is not None and "No space left on device" in degraded
     assert os.listdir(os.path.join(mirror.store.root, "spool")) == []
-    # The first client's body went on from the upstream (the blob anew,
-    # what it had skipped): whole and right.
+    # The first client's stream is broken short of the end, never whole:
+    # going on from the upstream would send bytes its digest never covered
+    # (a fresh-eyes review: a corrupt first transfer, completed so, gave a
+    # complete wrong blob).
     received: list[bytes] = []
-    done = treq.collect(result(answer), received.append)
-    mirror.settle()
-    result(done)
-    assert b"".join(received) == LAYER
-    assert origin.count("GET", layer) == 2
+    if answer.called:
+        outcome: list[Any] = []
+        answer.addBoth(outcome.append)
+        if not isinstance(outcome[0], Failure):
+            done = treq.collect(outcome[0], received.append)
+            mirror.settle()
+            assert done.called
+    assert b"".join(received) != LAYER
+    assert origin.count("GET", layer) == 1
     again = mirror.request("GET", f"/v2/app/blobs/{layer}")
     assert again.code == 200
     assert mirror.body(again) == LAYER
     assert not mirror.store.has_blob(Digest.of(LAYER))
-
-
-def test_a_range_whose_download_the_disk_refused_is_broken_not_carried_on(
-    mirror: Harness,
-    origin: FakeRegistry,
-    threads: Threads,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Only a whole body goes on from the upstream once the cache refused
-    its download: a range's response is broken (its last byte waited for
-    the digest), and no other GET is made for it."""
-    layer = image(origin)["layer"]
-    monkeypatch.setattr(Spool, "put", no_space)
-    answer = mirror.client.get(
-        f"http://mirror.test/v2/app/blobs/{layer}", headers={"Range": "bytes=0-99"}
-    )
-    mirror.settle()
-    response = result(answer)
-    assert response.code == 206
-    received: list[bytes] = []
-    done = treq.collect(response, received.append)
-    threads.run_all()
-    mirror.settle()
-    with pytest.raises(Exception):  # noqa: B017 (a broken connection, whatever its class)
-        result(done)
-    assert len(b"".join(received)) < 100
-    assert origin.count("GET", layer) == 1
 
 
 class _PlainTCP:

@@ -22,7 +22,6 @@ from twisted.web.server import Request
 from regmirror import nodes
 from regmirror._sendfile import SocketSender
 from regmirror.cluster import CoordinatorDown
-from regmirror.download import Download
 from regmirror.errors import (
     BlobUnknown,
     Denied,
@@ -237,8 +236,7 @@ class BlobEndpoint:
         """
         Stream a blob source, whole or the requested range.  With *again*
         (the blob from an offset, anew from the upstreams), a relay whose
-        upstream broke off goes on from where it stopped, and a whole body
-        whose download the cache refused (a full disk) from the upstream.
+        upstream broke off goes on from where it stopped.
         """
         if source.download is not None:
             info.cache = "joined" if source.joined else "miss"
@@ -250,7 +248,7 @@ class BlobEndpoint:
             info.cache = "hit"
         if source.relay is not None:
             relayed = Deferred.fromCoroutine(
-                self._relay(request, source, digest, again=again)
+                self._relay(request, source, digest, again)
             )
             await self._deliver(request, relayed, digest)
             return
@@ -296,61 +294,20 @@ class BlobEndpoint:
         store = self.fetcher.store
         store.acquire(digest)
         reader.begin()
-        done: Deferred[None] = reader.done
-        whole = start == 0 and end == source.size
-        if again is not None and download is not None and whole:
-            done = Deferred.fromCoroutine(
-                self._carried_on(request, reader, download, digest, again)
-            )
         try:
-            await self._deliver(request, done, digest, reader.stopProducing)
+            await self._deliver(request, reader.done, digest, reader.stopProducing)
         finally:
             store.release(digest)
-
-    async def _carried_on(
-        self,
-        request: Request,
-        reader: SpoolReader | SocketSender,
-        download: Download,
-        digest: Digest,
-        again: Callable[[int], Awaitable[BlobSource]],
-    ) -> None:
-        """
-        The whole body from *reader*; if its download failed because the
-        cache could not take the bytes, the rest from an upstream: the
-        blob anew, the bytes the client has hashed and skipped, the last
-        byte held until the digest matches, as any relay's.
-        """
-        try:
-            await reader.done
-        except DownloadFailed:
-            # (A request whose connection is gone has no channel.)
-            if download.cache_error is None or request.channel is None:
-                raise
-        else:
-            return
-        position = reader.position
-        self.log.info(
-            "the cache refused {digest}: its client's {position} bytes go on "
-            "from the upstream",
-            digest=str(digest),
-            position=position,
-        )
-        # From the start: the relay hashes the bytes the client has.
-        source = await again(0)
-        await self._relay(request, source, digest, skip=position, again=again)
 
     async def _relay(
         self,
         request: Request,
         source: BlobSource,
         digest: Digest,
-        skip: int = 0,
         again: Callable[[int], Awaitable[BlobSource]] | None = None,
     ) -> None:
         """
-        Stream a blob straight from upstream (the cache cannot take it); with
-        *skip*, the rest of a body whose first *skip* bytes the client has;
+        Stream a blob straight from upstream (the cache cannot take it);
         with *again*, going on from where the upstream broke off.
         """
         assert source.relay is not None
@@ -360,11 +317,10 @@ class BlobEndpoint:
             self.metrics.upstream_bytes.labels(upstream).inc(size)
 
         served = self.metrics.served_bytes.labels("relay").inc
-        relay = Relay(request, digest, served, source.upstream, received, skip, again)
-        if not skip:
-            if source.size is not None:
-                request.setHeader("Content-Length", str(source.size))
-            request.write(b"")  # the headers go now; the body follows as it comes
+        relay = Relay(request, digest, served, source.upstream, received, again)
+        if source.size is not None:
+            request.setHeader("Content-Length", str(source.size))
+        request.write(b"")  # the headers go now; the body follows as it comes
         source.relay.deliverBody(relay)
         await relay.done
 
