@@ -24,6 +24,7 @@ no one else asked for, when the cache has no room for both.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NoReturn, Protocol
 
 from attrs import Factory, define, field
@@ -82,7 +83,7 @@ class _Uncached(Exception):
     started it; the others who asked meanwhile relay their own.
     """
 
-    def __init__(self, response: IResponse, upstream: str) -> None:
+    def __init__(self, response: IResponse, upstream: Upstream) -> None:
         super().__init__()
         self._response: IResponse | None = response
         #: the upstream the response comes from
@@ -559,7 +560,7 @@ class Blobs:
         if download.segments is not None or download.upstream is None:
             discard(response)  # a segment, or no upstream's: relay anew
             raise _CannotSpool()
-        raise _Uncached(response, download.source)
+        raise _Uncached(response, download.upstream)
 
     def oversized(self, digest: Digest) -> None:
         """
@@ -574,24 +575,31 @@ class Blobs:
             del self._oversized[next(iter(self._oversized))]
 
     async def relay(
-        self, pool: UpstreamPool, repository: str, digest: Digest, offset: int = 0
+        self,
+        pool: UpstreamPool,
+        repository: str,
+        digest: Digest,
+        offset: int = 0,
+        broke: Sequence[str] = (),
     ) -> BlobSource:
         """
         An upstream response to stream straight through, uncached: for a
         client when the cache cannot take the blob, to carry on with a
         client's body once the cache refused its download's bytes, or
         from *offset* on, for a relay whose upstream broke off (a ``206``,
-        or a ``200`` with the whole blob).
+        or a ``200`` with the whole blob), the upstreams that *broke* it
+        asked last.
 
         :raises BlobUnknown: when no upstream of the namespace has it.
         """
         try:
+            order = sorted(pool.upstreams, key=lambda u: u.name in broke)
             upstream, response = await pool.open_blob(
-                repository, digest, offset, last_resort=offset > 0
+                repository, digest, offset, order, last_resort=offset > 0
             )
         except NotFoundAnywhere:
             raise BlobUnknown(f"blob {digest} is unknown to every upstream") from None
-        return _relayed(response, upstream.name)
+        return _relayed(response, upstream)
 
     def _coming(self) -> int:
         """The bytes the downloads under way here still add to the disk."""
@@ -827,8 +835,14 @@ class Blobs:
         download.notify()
 
 
-def _relayed(response: IResponse, upstream: str) -> BlobSource:
+def _relayed(response: IResponse, upstream: Upstream) -> BlobSource:
     """*upstream*'s response to stream straight through, uncached."""
     length = response.length
     size = length if isinstance(length, int) else None
-    return BlobSource(size, "", relay=response, upstream=upstream)
+    return BlobSource(
+        size,
+        "",
+        relay=response,
+        upstream=upstream.name,
+        idle_timeout=upstream.config.idle_timeout,
+    )

@@ -22,6 +22,8 @@ given none, and its parts are built without them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 
@@ -151,10 +153,15 @@ class Fetcher:
         return await self.blobs.blob(pool, repository, digest)
 
     async def relay(
-        self, pool: UpstreamPool, repository: str, digest: Digest, offset: int = 0
+        self,
+        pool: UpstreamPool,
+        repository: str,
+        digest: Digest,
+        offset: int = 0,
+        broke: Sequence[str] = (),
     ) -> BlobSource:
         """See :meth:`Blobs.relay`."""
-        return await self.blobs.relay(pool, repository, digest, offset)
+        return await self.blobs.relay(pool, repository, digest, offset, broke)
 
     async def blob_size(
         self, pool: UpstreamPool, repository: str, digest: Digest

@@ -16,7 +16,7 @@ client never receives a complete body whose digest did not match.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import IO, Any
 
 from attrs import frozen
@@ -33,6 +33,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
+from regmirror._timeout import Idle
 from regmirror.download import UNTIL_END, WAKE_BYTES, Download
 from regmirror.errors import DownloadFailed
 from regmirror.reference import Digest
@@ -57,6 +58,8 @@ class BlobSource:
     relay: IResponse | None = None
     #: the upstream *relay* comes from
     upstream: str | None = None
+    #: its ``idle_timeout``: the longest silence of *relay*'s body
+    idle_timeout: float | None = None
     #: the download was under way or starting for another request (this
     #: process's, another worker's, one pulled ahead): joined, not started
     joined: bool = False
@@ -319,14 +322,19 @@ class Relay:
         count: Callable[[int], object],
         upstream: str | None = None,
         received: Callable[[str, int], object] | None = None,
-        resume: Callable[[int], Awaitable[BlobSource]] | None = None,
+        resume: Callable[[int, Sequence[str]], Awaitable[BlobSource]] | None = None,
+        clock: IReactorTime | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         """
         :param count: called with the size of each write to the client.
         :param upstream: the upstream the body comes from, if known.
         :param received: called with the upstream and the size of each read
             from it.
-        :param resume: the blob from an offset, anew from the upstreams.
+        :param resume: the blob from an offset, anew from the upstreams,
+            those that broke it off asked last.
+        :param idle_timeout: with *clock*, how long the body may be silent
+            before it counts as broken off.
         """
         self.done: Deferred[None] = Deferred()
         self._consumer = consumer
@@ -337,6 +345,9 @@ class Relay:
         self._upstream = upstream
         self._received = received
         self._resume = resume
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._idle: Idle | None = None
         #: bytes of the blob received (and hashed) so far
         self._total = 0
         #: bytes at the start of the body under way that came before
@@ -345,11 +356,19 @@ class Relay:
         #: nothing new
         self._broke_at = -1
         self._fruitless = 0
+        #: the upstreams whose bodies broke off, oldest first
+        self._broke: list[str] = []
 
     def makeConnection(self, transport: Any) -> None:
         self._consumer.registerProducer(transport, True)
+        if self._clock is not None and self._idle_timeout is not None:
+            self._idle = Idle(self._clock, self._idle_timeout)
+            # A silent upstream breaks the body off: it goes on elsewhere.
+            self._idle.start(transport.stopProducing)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._idle is not None:
+            self._idle.touch()
         if self._received is not None and self._upstream is not None:
             self._received(self._upstream, len(data))
         if self._repeated:
@@ -369,9 +388,14 @@ class Relay:
         self._count(len(data))
 
     def connectionLost(self, reason: Failure) -> None:
-        self._consumer.unregisterProducer()
+        if self._idle is not None:
+            self._idle.stop()
+        if getattr(self._consumer, "channel", True) is not None:
+            self._consumer.unregisterProducer()
         if not reason.check(ResponseDone, PotentialDataLoss):
             why = f"relay broke: {reason.getErrorMessage()}"
+            if self._upstream is not None:
+                self._broke.append(self._upstream)
             stuck = self._total == self._broke_at
             self._fruitless = self._fruitless + 1 if stuck else 0
             self._broke_at = self._total
@@ -392,7 +416,7 @@ class Relay:
         assert self._resume is not None
         start = self._total
         try:
-            source = await self._resume(start)
+            source = await self._resume(start, self._broke)
         except Exception as e:
             raise DownloadFailed(f"{why}; cannot go on: {e}") from None
         assert source.relay is not None
@@ -403,4 +427,5 @@ class Relay:
             return
         self._repeated = start if source.relay.code == 200 else 0
         self._upstream = source.upstream
+        self._idle_timeout = source.idle_timeout
         source.relay.deliverBody(self)

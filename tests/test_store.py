@@ -448,3 +448,47 @@ def test_a_relay_goes_on_while_its_attempts_bring_bytes(
     else:
         assert len(broken(harness, response)) < len(data)
         assert origin.count("GET", big) == 1 + RELAY_FRUITLESS
+
+
+def test_a_relay_whose_upstream_falls_silent_goes_on_after_idle_timeout(
+    tmp_path: Path,
+) -> None:
+    """A relayed blob's upstream that stops sending without closing: after
+    its ``idle_timeout`` of silence (not before) the body counts as broken
+    off, and the relay goes on from that byte (a fresh-eyes review: the
+    client waited until its own timeout, the connection left open)."""
+    origin = FakeRegistry()
+    data = bytes(range(256)) * 40
+    big = origin.add_blob(data)
+    origin.hold[big] = 3000
+    harness = Harness(str(tmp_path), {"origin": origin})
+    harness.store.max_size = 5000
+    idle = harness.upstreams["origin"].config.idle_timeout
+    response = harness.request("GET", f"/v2/app/blobs/{big}")
+    received: list[bytes] = []
+    done = treq.collect(response, received.append)
+    harness.clock.advance(idle - 0.1)
+    harness.settle()
+    assert not done.called and origin.ranges == []
+    harness.clock.advance(0.1)
+    harness.settle()
+    result(done)
+    assert b"".join(received) == data
+    assert origin.ranges == ["bytes=3000-"]
+
+
+def test_a_relay_goes_on_from_the_next_upstream(tmp_path: Path) -> None:
+    """The rest of a relayed blob whose upstream broke off is asked of the
+    next upstream in the namespace's order first (a fresh-eyes review: it
+    went back to the one that broke, three times, and gave up)."""
+    first, second = FakeRegistry(), FakeRegistry()
+    data = bytes(range(256)) * 40
+    big = first.add_blob(data)
+    second.add_blob(data)
+    first.flaky[big] = 3000
+    harness = Harness(str(tmp_path), {"first": first, "second": second})
+    harness.store.max_size = 5000
+    response = harness.request("GET", f"/v2/app/blobs/{big}")
+    assert harness.body(response) == data
+    assert first.count("GET", big) == 1
+    assert second.ranges == ["bytes=3000-"]

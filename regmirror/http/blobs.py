@@ -8,7 +8,7 @@ at ``/_cluster/blobs/``.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from attrs import define, evolve
@@ -191,9 +191,9 @@ class BlobEndpoint:
             return
         source = await self.fetcher.blob(route.pool, route.repository, digest)
 
-        async def again(offset: int) -> BlobSource:
+        async def again(offset: int, broke: Sequence[str]) -> BlobSource:
             return await self.fetcher.relay(
-                route.pool, route.repository, digest, offset
+                route.pool, route.repository, digest, offset, broke
             )
 
         await self._serve(request, info, source, digest, again)
@@ -231,7 +231,7 @@ class BlobEndpoint:
         info: RequestInfo,
         source: BlobSource,
         digest: Digest,
-        again: Callable[[int], Awaitable[BlobSource]] | None = None,
+        again: Callable[[int, Sequence[str]], Awaitable[BlobSource]] | None = None,
     ) -> None:
         """
         Stream a blob source, whole or the requested range.  With *again*
@@ -304,7 +304,7 @@ class BlobEndpoint:
         request: Request,
         source: BlobSource,
         digest: Digest,
-        again: Callable[[int], Awaitable[BlobSource]] | None = None,
+        again: Callable[[int, Sequence[str]], Awaitable[BlobSource]] | None = None,
     ) -> None:
         """
         Stream a blob straight from upstream (the cache cannot take it);
@@ -317,7 +317,16 @@ class BlobEndpoint:
             self.metrics.upstream_bytes.labels(upstream).inc(size)
 
         served = self.metrics.served_bytes.labels("relay").inc
-        relay = Relay(request, digest, served, source.upstream, received, again)
+        relay = Relay(
+            request,
+            digest,
+            served,
+            source.upstream,
+            received,
+            again,
+            self.clock,
+            source.idle_timeout,
+        )
         if source.size is not None:
             request.setHeader("Content-Length", str(source.size))
         request.write(b"")  # the headers go now; the body follows as it comes
