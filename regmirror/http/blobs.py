@@ -247,6 +247,8 @@ class BlobEndpoint:
         else:
             info.cache = "hit"
         if source.relay is not None:
+            # Sent whole, as it comes: no range of it is answered.
+            request.setHeader("Accept-Ranges", "none")
             relayed = Deferred.fromCoroutine(
                 self._relay(request, source, digest, again)
             )
