@@ -401,15 +401,20 @@ class Relay:
             self._broke_at = self._total
             gone = getattr(self._consumer, "channel", True) is None
             if self._resume is None or gone or self._fruitless >= RELAY_FRUITLESS:
-                self.done.errback(DownloadFailed(why))
+                self._fail(DownloadFailed(why))
                 return
-            Deferred.fromCoroutine(self._go_on(why)).addErrback(self.done.errback)
+            Deferred.fromCoroutine(self._go_on(why)).addErrback(self._fail)
         elif self._hasher.hexdigest() != self._digest.hex:
-            self.done.errback(DownloadFailed(f"relayed bytes are not {self._digest}"))
-        else:
+            self._fail(DownloadFailed(f"relayed bytes are not {self._digest}"))
+        elif not self.done.called:
             if self._held:
                 self._send(self._held)
             self.done.callback(None)
+
+    def _fail(self, error: Exception | Failure) -> None:
+        """Fail :attr:`done`, unless it was cancelled (the client left)."""
+        if not self.done.called:
+            self.done.errback(error)
 
     async def _go_on(self, why: str) -> None:
         """The body broke (*why*): the rest, from the byte it stopped at."""
@@ -422,8 +427,7 @@ class Relay:
         assert source.relay is not None
         if getattr(self._consumer, "channel", True) is None or self.done.called:
             discard(source.relay)  # the client went away meanwhile
-            if not self.done.called:
-                self.done.errback(DownloadFailed("the client went away"))
+            self._fail(DownloadFailed("the client went away"))
             return
         self._repeated = start if source.relay.code == 200 else 0
         self._upstream = source.upstream
