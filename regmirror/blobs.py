@@ -588,12 +588,15 @@ class Blobs:
         client's body once the cache refused its download's bytes, or
         from *offset* on, for a relay whose upstream broke off (a ``206``,
         or a ``200`` with the whole blob), the upstreams that *broke* it
-        asked last.
+        (oldest first) asked last, the one that broke it longest ago first.
 
         :raises BlobUnknown: when no upstream of the namespace has it.
         """
         try:
-            order = sorted(pool.upstreams, key=lambda u: u.name in broke)
+            # Those that never broke it first, then the one that broke
+            # longest ago: flaky ones take turns.
+            last = {name: i for i, name in enumerate(broke)}
+            order = sorted(pool.upstreams, key=lambda u: last.get(u.name, -1))
             upstream, response = await pool.open_blob(
                 repository, digest, offset, order, last_resort=offset > 0
             )

@@ -303,6 +303,7 @@ class SpoolReader(BlobTail):
 RELAY_FRUITLESS = 3
 
 
+@implementer(IPushProducer)
 class Relay:
     """
     Streams an upstream body straight to a client (``deliverBody``), with
@@ -348,6 +349,7 @@ class Relay:
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._idle: Idle | None = None
+        self._transport: Any = None
         #: bytes of the blob received (and hashed) so far
         self._total = 0
         #: bytes at the start of the body under way that came before
@@ -360,11 +362,28 @@ class Relay:
         self._broke: list[str] = []
 
     def makeConnection(self, transport: Any) -> None:
-        self._consumer.registerProducer(transport, True)
+        self._transport = transport
+        # The client's back-pressure comes through here: a body paused for
+        # a slow client is not a silent upstream.
+        self._consumer.registerProducer(self, True)
         if self._clock is not None and self._idle_timeout is not None:
             self._idle = Idle(self._clock, self._idle_timeout)
             # A silent upstream breaks the body off: it goes on elsewhere.
             self._idle.start(transport.stopProducing)
+
+    def pauseProducing(self) -> None:
+        if self._idle is not None:
+            self._idle.stop()
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self._idle is not None:
+            self._idle.stop()
+            self._idle.start(self._transport.stopProducing)
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self._idle is not None:

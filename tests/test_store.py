@@ -13,10 +13,11 @@ import pytest
 import treq
 from fakeregistry import FakeRegistry
 from memory import Harness, result
+from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent
 
 from regmirror._spool import SIZE_SUFFIX
-from regmirror.readers import RELAY_FRUITLESS
+from regmirror.readers import RELAY_FRUITLESS, Relay
 from regmirror.reference import Digest, parse_digest
 from regmirror.store import ACCESS_GRANULARITY, Store
 
@@ -494,3 +495,73 @@ def test_a_relay_goes_on_from_the_next_upstream(tmp_path: Path) -> None:
     assert harness.body(response) == data
     assert first.count("GET", big) == 1
     assert second.ranges == ["bytes=3000-"]
+
+
+def test_a_relays_resumes_take_turns_between_upstreams_that_break(
+    tmp_path: Path,
+) -> None:
+    """Both upstreams break every body off: the rest is asked of the one
+    that broke it longest ago, so they take turns (a fresh-eyes review:
+    once both had broken, it went back to the first every time)."""
+    first, second = FakeRegistry(), FakeRegistry()
+    data = bytes(range(256)) * 40
+    big = first.add_blob(data)
+    second.add_blob(data)
+    first.flaky[big] = second.flaky[big] = 3000
+    harness = Harness(str(tmp_path), {"first": first, "second": second})
+    harness.store.max_size = 5000
+    assert harness.body(harness.request("GET", f"/v2/app/blobs/{big}")) == data
+    assert first.ranges == ["bytes=6000-"]
+    assert second.ranges == ["bytes=3000-", "bytes=9000-"]
+
+
+class _Body:
+    """An upstream body's transport, as a relay drives it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:
+        self.calls.append("stop")
+
+
+class _Client:
+    def __init__(self) -> None:
+        self.channel = object()
+        self.producer: Any = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
+def test_a_relay_paused_for_a_slow_client_is_not_a_silent_upstream() -> None:
+    """While the client's back-pressure holds the body, its upstream's
+    silence is the relay's doing: the idle count stops, and starts again
+    on resuming (a fresh-eyes review: a slow client cost one upstream GET
+    per idle_timeout)."""
+    clock = Clock()
+    client, body = _Client(), _Body()
+    relay = Relay(
+        client, Digest.of(b"x"), lambda n: None, clock=clock, idle_timeout=5.0
+    )
+    relay.makeConnection(body)
+    client.producer.pauseProducing()
+    clock.advance(60)
+    assert body.calls == ["pause"]
+    client.producer.resumeProducing()
+    clock.advance(4.9)
+    assert body.calls == ["pause", "resume"]
+    clock.advance(0.1)
+    assert body.calls == ["pause", "resume", "stop"]
