@@ -425,13 +425,9 @@ def test_wrong_bytes_appended_in_a_thread_fail_and_leave_nothing(
     assert mirror.cached_files() == []
 
 
-def test_an_upstream_faster_than_the_spool_is_paused(
-    mirror: Harness, threads: Threads
-) -> None:
-    """The body's source (the upstream connection) is paused while the
-    threads are behind, resumed when they caught up, and the blob is cached
-    whole once the body ended."""
-    data = os.urandom(PAUSE_AT + 3 * MIB)
+def receiving(mirror: Harness, data: bytes) -> tuple[Download, SpoolWriter]:
+    """A download of *data* under way in *mirror*, and what receives its
+    body (not yet connected to a source)."""
     digest = Digest.of(data)
     blobs = mirror.fetcher.blobs
     download = Download(
@@ -443,7 +439,18 @@ def test_an_upstream_faster_than_the_spool_is_paused(
         clock=mirror.clock,
     )
     blobs._running[digest] = download
-    writer = SpoolWriter(blobs, download, mirror.clock, 60.0)
+    return download, SpoolWriter(blobs, download, mirror.clock, 60.0)
+
+
+def test_an_upstream_faster_than_the_spool_is_paused(
+    mirror: Harness, threads: Threads
+) -> None:
+    """The body's source (the upstream connection) is paused while the
+    threads are behind, resumed when they caught up, and the blob is cached
+    whole once the body ended."""
+    data = os.urandom(PAUSE_AT + 3 * MIB)
+    digest = Digest.of(data)
+    download, writer = receiving(mirror, data)
     transport = Producer()
     writer.makeConnection(transport)
     for offset in range(0, len(data), MIB):
@@ -614,18 +621,7 @@ def test_bytes_sent_from_memory_are_not_counted_as_sendfiles(
     blob is cached, goes with ``sendfile``.
     """
     data = os.urandom(3 * MIB)
-    digest = Digest.of(data)
-    blobs = mirror.fetcher.blobs
-    download = Download(
-        digest,
-        mirror.store.spool(digest),
-        mirror.router_pool("docker.io"),
-        "app",
-        size=len(data),
-        clock=mirror.clock,
-    )
-    blobs._running[digest] = download
-    writer = SpoolWriter(blobs, download, mirror.clock, 60.0)
+    download, writer = receiving(mirror, data)
     writer.makeConnection(Producer())
     writer.dataReceived(data)
     ours, theirs = socket.socketpair()
