@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from regmirror._spooling import Appender
 from regmirror._timeout import Idle
 from regmirror.download import Download
+from regmirror.responses import skipping
 
 if TYPE_CHECKING:
     from regmirror.blobs import Blobs
@@ -76,9 +77,7 @@ class SpoolWriter:
         self._idle.touch()
         self.blobs.metrics.upstream_bytes.labels(self.download.source).inc(len(data))
         if self.skip:
-            dropped = min(self.skip, len(data))
-            self.skip -= dropped
-            data = data[dropped:]
+            data, self.skip = skipping(data, self.skip)
             if not data:
                 return
         size = self.download.written + self._appender.pending + len(data)

@@ -38,7 +38,7 @@ from regmirror._timeout import Idle
 from regmirror.download import Download
 from regmirror.errors import RegistryError
 from regmirror.pool import NotFoundAnywhere
-from regmirror.responses import discard
+from regmirror.responses import discard, skipping
 from regmirror.upstream import Upstream, UpstreamFailure
 
 if TYPE_CHECKING:
@@ -424,9 +424,7 @@ class _PartWriter:
         assert upstream is not None
         self.segmented.blobs.metrics.upstream_bytes.labels(upstream.name).inc(len(data))
         if self.skip:
-            dropped = min(self.skip, len(data))
-            self.skip -= dropped
-            data = data[dropped:]
+            data, self.skip = skipping(data, self.skip)
             if not data:
                 return
         room = self.segment.end - self.segment.position - self._queued

@@ -37,7 +37,7 @@ from regmirror._timeout import Idle
 from regmirror.download import UNTIL_END, WAKE_BYTES, Download
 from regmirror.errors import DownloadFailed
 from regmirror.reference import Digest
-from regmirror.responses import discard
+from regmirror.responses import discard, skipping
 
 #: Bytes read from disk per write to a client.
 CHUNK = 256 * 1024
@@ -391,9 +391,7 @@ class Relay:
         if self._received is not None and self._upstream is not None:
             self._received(self._upstream, len(data))
         if self._repeated:
-            dropped = min(self._repeated, len(data))
-            self._repeated -= dropped
-            data = data[dropped:]
+            data, self._repeated = skipping(data, self._repeated)
             if not data:
                 return
         self._total += len(data)

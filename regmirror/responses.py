@@ -1,7 +1,8 @@
 """
 Reading what an HTTP server answered, for any client of the mirror's
 (upstreams, the bucket, other nodes): a header's value, a small body read
-whole within a size and an idle limit, a body dropped unread.
+whole within a size and an idle limit, a body dropped unread, the bytes at
+a body's start that the reader already has.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ def header(response: IResponse, name: str) -> str | None:
         return None
     first: bytes = values[0]
     return first.decode("latin-1")
+
+
+def skipping(data: bytes, skip: int) -> tuple[bytes, int]:
+    """
+    *data*, a piece of a body, without what is left of the *skip* bytes at
+    the body's start a reader does not want (it has them); and how many of
+    those are still to come.
+    """
+    dropped = min(skip, len(data))
+    return data[dropped:], skip - dropped
 
 
 class _Collect:
