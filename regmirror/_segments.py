@@ -326,9 +326,9 @@ class Segmented:
             return
         error = failure.value
         if isinstance(error, OSError):
-            self.download.cache_error = error
-            self.blobs.store.degrade(error)
-            self._fail("the cache folder cannot be written")
+            # The cache's fault, not the segments' sources'.
+            self.blobs.cache_failed(self.download, error)
+            self.stop()
             return
         self.blobs.log.failure(
             "cannot write {digest} to the spool",

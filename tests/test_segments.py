@@ -398,3 +398,37 @@ def test_where_holes_cannot_be_punched_the_side_file_keeps_its_bytes(
     assert kept[-1] >= len(LAYER)
     # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE from the start, then no more
     assert [a[:2] for a in asked] == ([] if fallocate == "missing" else [(3, 0)])
+
+
+def test_a_full_disk_fails_a_segmented_download_as_the_caches_fault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool refuses the segments' bytes (no space left): the download
+    fails as the cache's fault (the store serves without caching, its
+    upstream is not charged), the client gets a 502 or a response broken
+    short of the end, no spool or side file is left, and the next GET is
+    relayed whole."""
+
+    def no_space(self: Spool, buffers: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    harness, origin, layer = segmented(tmp_path)
+    monkeypatch.setattr(Spool, "append", no_space)
+    response = harness.request("GET", f"/v2/app/blobs/{layer}")
+    if response.code == 200:
+        received: list[bytes] = []
+        ended: list[Any] = []
+        treq.collect(response, received.append).addBoth(ended.append)
+        harness.settle()
+        assert len(ended) == 1 and ended[0] is not None
+        assert b"".join(received) != LAYER
+    else:
+        assert response.code == 502
+    degraded = harness.store.degraded()
+    assert degraded is not None and "No space left on device" in degraded
+    assert harness.upstreams["origin"].breaker.health().failures == 0
+    assert os.listdir(os.path.join(harness.store.root, "spool")) == []
+    monkeypatch.undo()
+    again = harness.request("GET", f"/v2/app/blobs/{layer}")
+    assert harness.body(again) == LAYER
+    assert cached(harness, layer) is None
