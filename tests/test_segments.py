@@ -223,13 +223,7 @@ def test_a_segment_answered_whole_by_the_last_upstream_is_taken_from_it(
     them, and the blob is cached, instead of every attempt being dropped
     until the download fails (a fresh-eyes review, behind a CDN that
     honours Range on some requests only)."""
-    origin = FakeRegistry()
-    harness = Harness(
-        str(tmp_path / "cache"),
-        {"origin": origin},
-        {"origin": {"segments": 4, "segment_min_size": 4096}},
-    )
-    layer = image(origin)["layer"]
+    harness, origin, layer = segmented(tmp_path)
     origin.hold_range[(layer, STEP)] = 10
     received, ended = stream(harness, layer)
     assert ended == []
@@ -251,13 +245,7 @@ def test_a_head_that_misstates_the_size_gets_one_get(
     segment's answer (``Content-Range: bytes 0-B/<size>``) shows it, and
     the blob is fetched in one GET instead of in segments of a size it
     does not have (a fresh-eyes review: every download of it failed)."""
-    origin = FakeRegistry()
-    harness = Harness(
-        str(tmp_path / "cache"),
-        {"origin": origin},
-        {"origin": {"segments": 4, "segment_min_size": 4096}},
-    )
-    layer = image(origin)["layer"]
+    harness, origin, layer = segmented(tmp_path)
     origin.head_size[layer] = len(LAYER) + error
     received, ended = stream(harness, layer)
     assert ended == [None]

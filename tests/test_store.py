@@ -397,6 +397,21 @@ def test_a_blob_without_length_past_what_the_cache_keeps_is_relayed_next_time(
     assert origin.count("GET", big) == 2
 
 
+#: A blob more than a cache of :func:`relaying` keeps: relayed uncached.
+RELAYED = bytes(range(256)) * 40
+
+
+def relaying(tmp_path: Path, *names: str) -> tuple[Harness, list[FakeRegistry], str]:
+    """A mirror whose cache keeps too little for :data:`RELAYED`, over
+    upstreams *names* (``origin`` by default) that each have it; the
+    fakes, and its digest."""
+    upstreams = {name: FakeRegistry() for name in names or ("origin",)}
+    (digest,) = {fake.add_blob(RELAYED) for fake in upstreams.values()}
+    harness = Harness(str(tmp_path), upstreams)
+    harness.store.max_size = 5000
+    return harness, list(upstreams.values()), digest
+
+
 @pytest.mark.parametrize("ranges", [True, False])
 def test_a_relay_whose_upstream_breaks_off_goes_on_from_there(
     tmp_path: Path, ranges: bool
@@ -409,13 +424,10 @@ def test_a_relay_whose_upstream_breaks_off_goes_on_from_there(
     (a fresh-eyes review: its response broke, and a retry started at 0
     again); upstream bytes count every byte received.
     """
-    origin = FakeRegistry()
-    data = bytes(range(256)) * 40
-    big = origin.add_blob(data)
+    harness, (origin,), big = relaying(tmp_path)
+    data = RELAYED
     origin.drop[big] = 3000
     origin.ignore_range = not ranges
-    harness = Harness(str(tmp_path), {"origin": origin})
-    harness.store.max_size = 5000
     response = harness.request("GET", f"/v2/app/blobs/{big}")
     assert response.code == 200
     # Sent whole: it says it answers no range (a fresh-eyes review).
@@ -437,12 +449,9 @@ def test_a_relay_goes_on_while_its_attempts_bring_bytes(
     attempt brings bytes, the relay goes on until the blob is whole; one
     that brings none is given up after RELAY_FRUITLESS attempts more, the
     client's response broken, never complete."""
-    origin = FakeRegistry()
-    data = bytes(range(256)) * 40
-    big = origin.add_blob(data)
+    harness, (origin,), big = relaying(tmp_path)
+    data = RELAYED
     origin.flaky[big] = cut
-    harness = Harness(str(tmp_path), {"origin": origin})
-    harness.store.max_size = 5000
     response = harness.request("GET", f"/v2/app/blobs/{big}")
     assert response.code == 200
     if cut:
@@ -460,12 +469,9 @@ def test_a_relay_whose_upstream_falls_silent_goes_on_after_idle_timeout(
     its ``idle_timeout`` of silence (not before) the body counts as broken
     off, and the relay goes on from that byte (a fresh-eyes review: the
     client waited until its own timeout, the connection left open)."""
-    origin = FakeRegistry()
-    data = bytes(range(256)) * 40
-    big = origin.add_blob(data)
+    harness, (origin,), big = relaying(tmp_path)
+    data = RELAYED
     origin.hold[big] = 3000
-    harness = Harness(str(tmp_path), {"origin": origin})
-    harness.store.max_size = 5000
     idle = harness.upstreams["origin"].config.idle_timeout
     response = harness.request("GET", f"/v2/app/blobs/{big}")
     received: list[bytes] = []
@@ -484,15 +490,10 @@ def test_a_relay_goes_on_from_the_next_upstream(tmp_path: Path) -> None:
     """The rest of a relayed blob whose upstream broke off is asked of the
     next upstream in the namespace's order first (a fresh-eyes review: it
     went back to the one that broke, three times, and gave up)."""
-    first, second = FakeRegistry(), FakeRegistry()
-    data = bytes(range(256)) * 40
-    big = first.add_blob(data)
-    second.add_blob(data)
+    harness, (first, second), big = relaying(tmp_path, "first", "second")
     first.flaky[big] = 3000
-    harness = Harness(str(tmp_path), {"first": first, "second": second})
-    harness.store.max_size = 5000
     response = harness.request("GET", f"/v2/app/blobs/{big}")
-    assert harness.body(response) == data
+    assert harness.body(response) == RELAYED
     assert first.count("GET", big) == 1
     assert second.ranges == ["bytes=3000-"]
 
@@ -503,14 +504,9 @@ def test_a_relays_resumes_take_turns_between_upstreams_that_break(
     """Both upstreams break every body off: the rest is asked of the one
     that broke it longest ago, so they take turns (a fresh-eyes review:
     once both had broken, it went back to the first every time)."""
-    first, second = FakeRegistry(), FakeRegistry()
-    data = bytes(range(256)) * 40
-    big = first.add_blob(data)
-    second.add_blob(data)
+    harness, (first, second), big = relaying(tmp_path, "first", "second")
     first.flaky[big] = second.flaky[big] = 3000
-    harness = Harness(str(tmp_path), {"first": first, "second": second})
-    harness.store.max_size = 5000
-    assert harness.body(harness.request("GET", f"/v2/app/blobs/{big}")) == data
+    assert harness.body(harness.request("GET", f"/v2/app/blobs/{big}")) == RELAYED
     assert first.ranges == ["bytes=6000-"]
     assert second.ranges == ["bytes=3000-", "bytes=9000-"]
 
